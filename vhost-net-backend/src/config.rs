@@ -1,0 +1,314 @@
+//! The switch configuration: from a TOML file or from `--port` specs on the command line.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer};
+use thiserror::Error;
+
+/// Largest number of queue pairs one port may offer.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+/// Largest frame payload the switch forwards when no `--mtu` is given: jumbo frames work
+/// out of the box.
+pub const DEFAULT_FORWARD_MTU: u16 = 9000;
+pub const DEFAULT_MAC_AGEING_SECS: u64 = 300;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("port spec '{spec}': {message} (expected name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N])")]
+    PortSpec { spec: String, message: String },
+    #[error("port '{port}': {message}")]
+    Port { port: String, message: String },
+    #[error("no ports configured: give --port name=NAME,socket=PATH (or --socket-path, --fd, --config FILE)")]
+    NoPorts,
+    #[error("mtu {0} is out of range: use 68..=65521")]
+    Mtu(u32),
+}
+
+/// An Ethernet MAC address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl MacAddr {
+    pub fn is_multicast(&self) -> bool {
+        self.0[0] & 1 != 0
+    }
+}
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl fmt::Debug for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = [0u8; 6];
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!("'{s}' is not a MAC address like 52:54:00:12:34:56"));
+        }
+        for (o, p) in out.iter_mut().zip(parts) {
+            *o = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("'{s}' is not a MAC address like 52:54:00:12:34:56"))?;
+        }
+        Ok(MacAddr(out))
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_queues() -> u16 {
+    1
+}
+
+/// One switch port: a vhost-user socket that one VM NIC connects to.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortConfig {
+    pub name: String,
+    pub socket: PathBuf,
+    /// Access VLAN; frames never cross from one VLAN to another. None: the untagged segment.
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    /// MAC offered to the guest through the device config space.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// Queue pairs offered (QEMU `queues=`).
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+    /// Already-listening socket inherited from the parent (`--fd`); not from files.
+    #[serde(skip)]
+    pub listen_fd: Option<i32>,
+}
+
+impl PortConfig {
+    /// Parses `name=web1,socket=/run/web1.sock[,vlan=10][,mac=..][,queues=2]`.
+    pub fn parse_spec(spec: &str) -> Result<PortConfig, ConfigError> {
+        let err = |message: String| ConfigError::PortSpec {
+            spec: spec.to_string(),
+            message,
+        };
+        let (mut name, mut socket, mut vlan, mut mac, mut queues) = (None, None, None, None, 1);
+        for item in spec.split(',').filter(|s| !s.is_empty()) {
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| err(format!("'{item}' is not key=value")))?;
+            match k {
+                "name" => name = Some(v.to_string()),
+                "socket" => socket = Some(PathBuf::from(v)),
+                "vlan" => {
+                    vlan = Some(
+                        v.parse()
+                            .map_err(|_| err(format!("vlan '{v}' is not a number")))?,
+                    )
+                }
+                "mac" => mac = Some(v.parse().map_err(err)?),
+                "queues" => {
+                    queues = v
+                        .parse()
+                        .map_err(|_| err(format!("queues '{v}' is not a number")))?
+                }
+                _ => return Err(err(format!("unknown key '{k}'"))),
+            }
+        }
+        Ok(PortConfig {
+            name: name.ok_or_else(|| err("missing name=".into()))?,
+            socket: socket.ok_or_else(|| err("missing socket=".into()))?,
+            vlan,
+            mac,
+            queues,
+            listen_fd: None,
+        })
+    }
+
+    /// The VLAN the port belongs to; 0 stands for the untagged segment.
+    pub fn segment(&self) -> u16 {
+        self.vlan.unwrap_or(0)
+    }
+}
+
+fn default_ageing() -> u64 {
+    DEFAULT_MAC_AGEING_SECS
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchConfig {
+    /// Largest IP MTU forwarded, and advertised to guests (VIRTIO_NET_F_MTU). None: forward
+    /// up to 9000 bytes and advertise nothing.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    #[serde(default = "default_ageing")]
+    pub mac_ageing_secs: u64,
+    /// Unix socket answering `stats` with the counters as JSON.
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
+    #[serde(default, rename = "port")]
+    pub ports: Vec<PortConfig>,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        SwitchConfig {
+            mtu: None,
+            mac_ageing_secs: DEFAULT_MAC_AGEING_SECS,
+            control_socket: None,
+            ports: Vec::new(),
+        }
+    }
+}
+
+impl SwitchConfig {
+    pub fn from_file(path: &Path) -> Result<SwitchConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<SwitchConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Largest Ethernet frame (without the virtio-net header) forwarded as one frame.
+    pub fn max_frame_len(&self) -> usize {
+        usize::from(self.mtu.unwrap_or(DEFAULT_FORWARD_MTU)) + 14
+    }
+
+    /// Checks everything a running switch relies on.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ports.is_empty() {
+            return Err(ConfigError::NoPorts);
+        }
+        if let Some(mtu) = self.mtu {
+            if !(68..=65521).contains(&mtu) {
+                return Err(ConfigError::Mtu(u32::from(mtu)));
+            }
+        }
+        let mut names = HashSet::new();
+        let mut sockets = HashSet::new();
+        for p in &self.ports {
+            let err = |message: String| ConfigError::Port {
+                port: p.name.clone(),
+                message,
+            };
+            if p.name.is_empty() || p.name.contains(|c: char| c.is_whitespace() || c == ',') {
+                return Err(err("name must be non-empty, without spaces or commas".into()));
+            }
+            if !names.insert(&p.name) {
+                return Err(err("name is used by two ports; give each port its own".into()));
+            }
+            if p.listen_fd.is_none() && !sockets.insert(&p.socket) {
+                return Err(err(format!(
+                    "socket {} is used by two ports; give each port its own",
+                    p.socket.display()
+                )));
+            }
+            if let Some(v) = p.vlan {
+                if !(1..=4094).contains(&v) {
+                    return Err(err(format!("vlan {v} is out of range: use 1..=4094")));
+                }
+            }
+            if !(1..=MAX_QUEUE_PAIRS).contains(&p.queues) {
+                return Err(err(format!(
+                    "queues {} is out of range: use 1..={MAX_QUEUE_PAIRS}",
+                    p.queues
+                )));
+            }
+            if let Some(m) = p.mac {
+                if m.is_multicast() || m == MacAddr::default() {
+                    return Err(err(format!("mac {m} must be a unicast, non-zero address")));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_port_specs() {
+        let p = PortConfig::parse_spec("name=web1,socket=/tmp/w.sock,vlan=10,mac=52:54:00:00:00:01,queues=4")
+            .unwrap();
+        assert_eq!(p.name, "web1");
+        assert_eq!(p.socket, PathBuf::from("/tmp/w.sock"));
+        assert_eq!(p.vlan, Some(10));
+        assert_eq!(p.mac.unwrap().to_string(), "52:54:00:00:00:01");
+        assert_eq!(p.queues, 4);
+        for (bad, needle) in [
+            ("socket=/x", "missing name"),
+            ("name=a", "missing socket"),
+            ("name=a,socket=/x,vlan=ten", "vlan 'ten'"),
+            ("name=a,socket=/x,colour=red", "unknown key 'colour'"),
+            ("name=a,socket=/x,mac=zz", "not a MAC"),
+            ("name=a,socket", "not key=value"),
+        ] {
+            let e = PortConfig::parse_spec(bad).unwrap_err().to_string();
+            assert!(e.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn parses_and_validates_files() {
+        let c = SwitchConfig::from_toml(
+            "mtu = 1500\n[[port]]\nname = \"a\"\nsocket = \"/a\"\nvlan = 10\n[[port]]\nname = \"b\"\nsocket = \"/b\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.max_frame_len(), 1514);
+        assert_eq!(c.ports[1].segment(), 0);
+        assert!(SwitchConfig::from_toml("[[port]]\nname = \"a\"\nsocket = \"/a\"\nspeed = 1\n")
+            .unwrap_err()
+            .contains("speed"));
+
+        let mut dup = c.clone();
+        dup.ports[1].socket = "/a".into();
+        assert!(dup.validate().unwrap_err().to_string().contains("socket /a is used by two"));
+        let mut v = c.clone();
+        v.ports[0].vlan = Some(4095);
+        assert!(v.validate().unwrap_err().to_string().contains("vlan 4095"));
+        let mut q = c.clone();
+        q.ports[0].queues = 17;
+        assert!(q.validate().is_err());
+        let mut m = c.clone();
+        m.mtu = Some(20);
+        assert!(m.validate().is_err());
+        assert!(matches!(SwitchConfig::default().validate(), Err(ConfigError::NoPorts)));
+        let e = SwitchConfig::from_file(Path::new("/nonexistent/x.toml")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x.toml"));
+    }
+}

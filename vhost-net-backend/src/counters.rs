@@ -1,0 +1,126 @@
+//! Per-port counters, named from the guest's point of view like its virtio queues:
+//! `tx_*` is what the guest sent into the switch, `rx_*` what the switch delivered to it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+/// Why a frame was not delivered. Counted on the port where the problem lies: the sender for
+/// a malformed frame, the receiver for a full or missing RX queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The destination had no free RX buffer (or not enough for a mergeable frame).
+    NoRxBuffer,
+    /// The destination's single RX buffer was too small and it did not negotiate MRG_RXBUF.
+    RxBufferTooSmall,
+    /// The sender's TX descriptor chain was malformed.
+    BadTxDescriptor,
+    /// The receiver's RX descriptor chain was malformed.
+    BadRxDescriptor,
+    /// An 802.1Q-tagged frame arrived on an access port.
+    VlanMismatch,
+    /// Larger than the switch MTU.
+    Oversize,
+    /// Too short for a virtio-net header and an Ethernet header, or a multicast source MAC.
+    Malformed,
+    /// A checksum or GSO request the switch cannot honour (bad offsets, UFO, not TCP).
+    BadOffload,
+    /// The destination port has no guest attached or its queue is not enabled.
+    PortDown,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 9] = [
+        DropReason::NoRxBuffer,
+        DropReason::RxBufferTooSmall,
+        DropReason::BadTxDescriptor,
+        DropReason::BadRxDescriptor,
+        DropReason::VlanMismatch,
+        DropReason::Oversize,
+        DropReason::Malformed,
+        DropReason::BadOffload,
+        DropReason::PortDown,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::NoRxBuffer => "no_rx_buffer",
+            DropReason::RxBufferTooSmall => "rx_buffer_too_small",
+            DropReason::BadTxDescriptor => "bad_tx_descriptor",
+            DropReason::BadRxDescriptor => "bad_rx_descriptor",
+            DropReason::VlanMismatch => "vlan_mismatch",
+            DropReason::Oversize => "oversize",
+            DropReason::Malformed => "malformed",
+            DropReason::BadOffload => "bad_offload",
+            DropReason::PortDown => "port_down",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PortCounters {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl PortCounters {
+    pub fn count_rx(&self, bytes: usize) {
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn count_tx(&self, bytes: usize) {
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    pub fn count_drop(&self, reason: DropReason) {
+        self.drops[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            rx_packets: load(&self.rx_packets),
+            rx_bytes: load(&self.rx_bytes),
+            tx_packets: load(&self.tx_packets),
+            tx_bytes: load(&self.tx_bytes),
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| (r.name(), load(&self.drops[*r as usize])))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CounterSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub drops: std::collections::BTreeMap<&'static str, u64>,
+}
+
+impl CounterSnapshot {
+    pub fn drop_count(&self, reason: DropReason) -> u64 {
+        self.drops.get(reason.name()).copied().unwrap_or(0)
+    }
+}
+
+impl std::fmt::Display for CounterSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rx {} pkts {} bytes, tx {} pkts {} bytes",
+            self.rx_packets, self.rx_bytes, self.tx_packets, self.tx_bytes
+        )?;
+        for (name, n) in self.drops.iter().filter(|(_, n)| **n > 0) {
+            write!(f, ", {name} {n}")?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,276 @@
+//! Running the switch: one listening socket per port that keeps accepting after each
+//! disconnect, MAC ageing, and the control socket that reports counters.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use log::{error, info, warn};
+use serde::Serialize;
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::config::{ConfigError, SwitchConfig};
+use crate::counters::CounterSnapshot;
+use crate::port::Port;
+use crate::switch::{PortId, Switch};
+
+#[derive(Debug, Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("port '{port}': cannot listen on {path}: {source} (is the directory there and writable?)")]
+    Listen {
+        port: String,
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+#[derive(Serialize)]
+struct PortStats<'a> {
+    name: &'a str,
+    vlan: u16,
+    connected: bool,
+    #[serde(flatten)]
+    counters: CounterSnapshot,
+}
+
+#[derive(Serialize)]
+struct Stats<'a> {
+    ports: Vec<PortStats<'a>>,
+    mac_entries: usize,
+}
+
+/// Counters of every port as one JSON document.
+pub fn stats_json(switch: &Switch) -> String {
+    let stats = Stats {
+        ports: switch
+            .ports
+            .iter()
+            .map(|p| PortStats {
+                name: &p.name,
+                vlan: p.segment,
+                connected: p.rx_read().mem.is_some(),
+                counters: p.counters.snapshot(),
+            })
+            .collect(),
+        mac_entries: switch.macs.len(),
+    };
+    serde_json::to_string(&stats).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// A running switch. Dropping it (or calling `stop`) closes every connection and removes
+/// the sockets it created.
+pub struct Server {
+    switch: Arc<Switch>,
+    stop: Arc<AtomicBool>,
+    /// Listening fds, shut down to wake the threads blocked in accept().
+    wake_fds: Vec<RawFd>,
+    threads: Vec<JoinHandle<()>>,
+    ticker: Option<mpsc::Sender<()>>,
+    control_path: Option<PathBuf>,
+}
+
+impl Server {
+    /// Validates the config, binds every socket (so errors surface before anything runs)
+    /// and starts serving.
+    pub fn start(config: &SwitchConfig) -> Result<Server, ServerError> {
+        config.validate()?;
+        let switch = Switch::new(config);
+        let mut listeners = Vec::new();
+        for p in &config.ports {
+            let listener = match p.listen_fd {
+                // SAFETY: the caller handed us this fd (`--fd`) as a listening socket we own.
+                Some(fd) => unsafe { Listener::from_raw_fd(fd) },
+                None => Listener::new(&p.socket, true).map_err(|source| ServerError::Listen {
+                    port: p.name.clone(),
+                    path: p.socket.clone(),
+                    source,
+                })?,
+            };
+            listeners.push(listener);
+        }
+        let control = match &config.control_socket {
+            Some(path) => {
+                let _ = std::fs::remove_file(path);
+                Some(
+                    UnixListener::bind(path).map_err(|source| ServerError::Control {
+                        path: path.clone(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut server = Server {
+            switch: switch.clone(),
+            stop: stop.clone(),
+            wake_fds: Vec::new(),
+            threads: Vec::new(),
+            ticker: None,
+            control_path: config.control_socket.clone(),
+        };
+        for (i, listener) in listeners.into_iter().enumerate() {
+            server.wake_fds.push(listener.as_raw_fd());
+            let (switch, stop) = (switch.clone(), stop.clone());
+            let name = format!("port-{}", config.ports[i].name);
+            let t = thread::Builder::new()
+                .name(name)
+                .spawn(move || serve_port(switch, i as PortId, listener, stop))
+                .map_err(ServerError::Thread)?;
+            server.threads.push(t);
+        }
+        if let Some(control) = control {
+            server.wake_fds.push(control.as_raw_fd());
+            let (switch, stop) = (switch.clone(), stop.clone());
+            let t = thread::Builder::new()
+                .name("control".into())
+                .spawn(move || serve_control(switch, control, stop))
+                .map_err(ServerError::Thread)?;
+            server.threads.push(t);
+        }
+        let (tx, rx) = mpsc::channel::<()>();
+        let ageing = switch.clone();
+        let t = thread::Builder::new()
+            .name("mac-ageing".into())
+            .spawn(move || {
+                // A closed channel is the stop signal; a timeout is a tick.
+                while let Err(mpsc::RecvTimeoutError::Timeout) =
+                    rx.recv_timeout(Duration::from_secs(1))
+                {
+                    ageing.macs.tick(1);
+                }
+            })
+            .map_err(ServerError::Thread)?;
+        server.threads.push(t);
+        server.ticker = Some(tx);
+        info!(
+            "switch up: {} ports, forwarding frames up to {} bytes",
+            config.ports.len(),
+            switch.max_frame_len
+        );
+        Ok(server)
+    }
+
+    pub fn switch(&self) -> &Arc<Switch> {
+        &self.switch
+    }
+
+    pub fn stats_json(&self) -> String {
+        stats_json(&self.switch)
+    }
+
+    /// Closes every connection, stops the threads and removes the sockets.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if self.stop.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        for p in &self.switch.ports {
+            p.reset_connection();
+        }
+        for fd in &self.wake_fds {
+            // SAFETY: shutting down a listening socket we own; it wakes a blocked accept().
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+        self.ticker.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        if let Some(path) = &self.control_path {
+            let _ = std::fs::remove_file(path);
+        }
+        for p in &self.switch.ports {
+            info!("port {}: {}", p.name, p.counters.snapshot());
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn serve_port(switch: Arc<Switch>, id: PortId, mut listener: Listener, stop: Arc<AtomicBool>) {
+    let shared = switch.ports[usize::from(id)].clone();
+    while !stop.load(Ordering::SeqCst) {
+        let port = Port::new(switch.clone(), id);
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = match VhostUserDaemon::new(shared.name.clone(), port, mem) {
+            Ok(d) => d,
+            Err(e) => {
+                error!("port {}: cannot set up the device: {e}", shared.name);
+                thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if let Err(e) = daemon.start(&mut listener) {
+            if !stop.load(Ordering::SeqCst) {
+                error!("port {}: accept failed: {e}", shared.name);
+                thread::sleep(Duration::from_millis(100));
+            }
+            continue;
+        }
+        *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        if stop.load(Ordering::SeqCst) {
+            daemon.request_shutdown();
+        }
+        info!("port {}: frontend connected", shared.name);
+        let result = daemon.wait();
+        *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        shared.detach();
+        switch.macs.forget_port(id);
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        match result {
+            Ok(()) => info!("port {}: frontend disconnected", shared.name),
+            Err(e) => warn!("port {}: connection ended: {e}", shared.name),
+        }
+    }
+    // Dropping the listener removes its socket file.
+}
+
+fn serve_control(switch: Arc<Switch>, listener: UnixListener, stop: Arc<AtomicBool>) {
+    for conn in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut line = String::new();
+        let mut reader = BufReader::new(&conn);
+        if reader.by_ref().take(256).read_line(&mut line).is_err() {
+            continue;
+        }
+        let reply = match line.trim() {
+            "stats" => stats_json(&switch),
+            other => format!("{{\"error\":\"unknown command '{other}', try 'stats'\"}}"),
+        };
+        let _ = conn.write_all(reply.as_bytes());
+        let _ = conn.write_all(b"\n");
+    }
+}
+

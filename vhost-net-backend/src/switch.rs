@@ -1,0 +1,383 @@
+//! The switch: the MAC table with ageing, VLAN segments and the forwarding decision, and the
+//! table of ports whose RX queues other ports deliver into. No guest memory is read here.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vhost_user_backend::{ShutdownHandle, VringRwLock};
+use vm_memory::GuestMemoryAtomic;
+
+use crate::config::{MacAddr, SwitchConfig};
+use crate::counters::PortCounters;
+use crate::virtio::GuestMemory;
+
+pub type PortId = u16;
+
+/// Most MAC entries kept; a guest spraying random source addresses cannot grow the table
+/// past this (new addresses are then flooded to, as unknown).
+pub const MAC_TABLE_CAPACITY: usize = 16 * 1024;
+
+struct MacEntry {
+    port: AtomicU16,
+    seen: AtomicU64,
+}
+
+/// Learned (VLAN, MAC) to port mappings. Lookups and refreshes take the read lock only.
+pub struct MacTable {
+    entries: RwLock<HashMap<(u16, MacAddr), MacEntry>>,
+    ageing_secs: u64,
+    /// Coarse clock in seconds, advanced by `tick`, so the hot path makes no clock call.
+    now: AtomicU64,
+}
+
+impl MacTable {
+    pub fn new(ageing_secs: u64) -> Self {
+        MacTable {
+            entries: RwLock::new(HashMap::with_capacity(256)),
+            ageing_secs,
+            now: AtomicU64::new(0),
+        }
+    }
+
+    fn fresh(&self, e: &MacEntry, now: u64) -> bool {
+        now.saturating_sub(e.seen.load(Ordering::Relaxed)) <= self.ageing_secs
+    }
+
+    pub fn learn(&self, vlan: u16, mac: MacAddr, port: PortId) {
+        let now = self.now.load(Ordering::Relaxed);
+        {
+            let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = entries.get(&(vlan, mac)) {
+                if e.port.load(Ordering::Relaxed) == port {
+                    e.seen.store(now, Ordering::Relaxed);
+                    return;
+                }
+            } else if entries.len() >= MAC_TABLE_CAPACITY {
+                return;
+            }
+        }
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= MAC_TABLE_CAPACITY && !entries.contains_key(&(vlan, mac)) {
+            return;
+        }
+        // A station that moved to another port is re-learned there at once.
+        entries.insert(
+            (vlan, mac),
+            MacEntry {
+                port: AtomicU16::new(port),
+                seen: AtomicU64::new(now),
+            },
+        );
+    }
+
+    pub fn lookup(&self, vlan: u16, mac: MacAddr) -> Option<PortId> {
+        let now = self.now.load(Ordering::Relaxed);
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(&(vlan, mac))
+            .filter(|e| self.fresh(e, now))
+            .map(|e| e.port.load(Ordering::Relaxed))
+    }
+
+    /// Advances the clock by `secs` and drops the entries that aged out.
+    pub fn tick(&self, secs: u64) {
+        let now = self.now.fetch_add(secs, Ordering::Relaxed) + secs;
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|_, e| self.fresh(e, now));
+    }
+
+    /// Forgets everything learned on a port (its guest went away).
+    pub fn forget_port(&self, port: PortId) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|_, e| e.port.load(Ordering::Relaxed) != port);
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a port exposes to the others while a guest is attached: its memory, negotiated
+/// features and RX vrings (one slot per queue pair).
+#[derive(Default)]
+pub struct RxEndpoint {
+    pub mem: Option<GuestMemoryAtomic<GuestMemory>>,
+    pub features: u64,
+    pub features_acked: bool,
+    pub queues: Vec<Option<VringRwLock<GuestMemoryAtomic<GuestMemory>>>>,
+}
+
+impl RxEndpoint {
+    /// Number of RX queues published so far.
+    pub fn queue_count(&self) -> usize {
+        self.queues.iter().filter(|q| q.is_some()).count()
+    }
+
+    /// The `n`-th published RX queue, and its queue-pair index.
+    pub fn nth_queue(
+        &self,
+        n: usize,
+    ) -> Option<(usize, &VringRwLock<GuestMemoryAtomic<GuestMemory>>)> {
+        self.queues
+            .iter()
+            .enumerate()
+            .filter_map(|(i, q)| q.as_ref().map(|q| (i, q)))
+            .nth(n)
+    }
+}
+
+/// The state of one port that outlives a guest connection.
+pub struct PortShared {
+    pub id: PortId,
+    pub name: String,
+    pub segment: u16,
+    pub queue_pairs: u16,
+    pub mac: Option<MacAddr>,
+    pub counters: PortCounters,
+    pub rx: RwLock<RxEndpoint>,
+    /// Closes the current vhost-user connection (a guest that broke the protocol).
+    pub connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl PortShared {
+    pub fn rx_read(&self) -> std::sync::RwLockReadGuard<'_, RxEndpoint> {
+        self.rx.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn rx_write(&self) -> std::sync::RwLockWriteGuard<'_, RxEndpoint> {
+        self.rx.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Withdraws everything a guest connection published, so that no other port writes
+    /// into memory that is no longer this guest's.
+    pub fn detach(&self) {
+        let mut rx = self.rx_write();
+        *rx = RxEndpoint {
+            queues: vec![None; usize::from(self.queue_pairs)],
+            ..Default::default()
+        };
+    }
+
+    /// Drops the current connection; the frontend reconnects and renegotiates.
+    pub fn reset_connection(&self) {
+        if let Some(h) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            h.shutdown();
+        }
+    }
+}
+
+/// The forwarding decision for one frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Forward {
+    To(PortId),
+    Flood,
+    /// The destination sits behind the source port itself: nothing to do.
+    Local,
+}
+
+pub struct Switch {
+    pub ports: Vec<Arc<PortShared>>,
+    pub macs: MacTable,
+    pub mtu: Option<u16>,
+    pub max_frame_len: usize,
+}
+
+impl Switch {
+    pub fn new(config: &SwitchConfig) -> Arc<Switch> {
+        let ports = config
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                Arc::new(PortShared {
+                    id: i as PortId,
+                    name: p.name.clone(),
+                    segment: p.segment(),
+                    queue_pairs: p.queues,
+                    mac: p.mac,
+                    counters: PortCounters::default(),
+                    rx: RwLock::new(RxEndpoint {
+                        queues: vec![None; usize::from(p.queues)],
+                        ..Default::default()
+                    }),
+                    connection: Mutex::new(None),
+                })
+            })
+            .collect();
+        Arc::new(Switch {
+            ports,
+            macs: MacTable::new(config.mac_ageing_secs),
+            mtu: config.mtu,
+            max_frame_len: config.max_frame_len(),
+        })
+    }
+
+    pub fn port_by_name(&self, name: &str) -> Option<&Arc<PortShared>> {
+        self.ports.iter().find(|p| p.name == name)
+    }
+
+    /// Learns the source and decides where a frame from `src` goes.
+    pub fn decide(&self, src: PortId, src_mac: MacAddr, dst_mac: MacAddr) -> Forward {
+        let segment = self.ports[usize::from(src)].segment;
+        self.macs.learn(segment, src_mac, src);
+        if dst_mac.is_multicast() {
+            return Forward::Flood;
+        }
+        match self.macs.lookup(segment, dst_mac) {
+            Some(p) if p == src => Forward::Local,
+            Some(p) => Forward::To(p),
+            None => Forward::Flood,
+        }
+    }
+
+    /// The ports a flooded frame from `src` reaches: same segment, never back to the source.
+    pub fn flood_targets(&self, src: PortId) -> impl Iterator<Item = &Arc<PortShared>> {
+        let segment = self.ports[usize::from(src)].segment;
+        self.ports
+            .iter()
+            .filter(move |p| p.id != src && p.segment == segment)
+    }
+}
+
+/// A hash of a frame's flow (MACs, IP addresses, TCP/UDP ports) that picks the destination
+/// RX queue, so one flow stays on one queue and in order.
+pub fn flow_hash(frame: &[u8]) -> u32 {
+    const FNV_PRIME: u32 = 0x0100_0193;
+    let mut h: u32 = 0x811c_9dc5;
+    let mut mix = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ u32::from(*b)).wrapping_mul(FNV_PRIME);
+        }
+    };
+    if frame.len() < 14 {
+        mix(frame);
+        return h;
+    }
+    mix(&frame[..12]);
+    let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
+    let (proto, l4) = match ethertype {
+        0x0800 if frame.len() >= 34 => {
+            mix(&frame[26..34]);
+            let ihl = usize::from(frame[14] & 0x0f) * 4;
+            let fragment = u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff != 0;
+            (if fragment { 0 } else { frame[23] }, 14 + ihl)
+        }
+        0x86dd if frame.len() >= 54 => {
+            mix(&frame[22..54]);
+            (frame[20], 54)
+        }
+        _ => (0, 0),
+    };
+    if (proto == 6 || proto == 17) && frame.len() >= l4 + 4 {
+        mix(&frame[l4..l4 + 4]);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PortConfig;
+
+    fn mac(last: u8) -> MacAddr {
+        MacAddr([2, 0, 0, 0, 0, last])
+    }
+
+    fn switch(vlans: &[Option<u16>]) -> Arc<Switch> {
+        let ports = vlans
+            .iter()
+            .enumerate()
+            .map(|(i, v)| PortConfig {
+                name: format!("p{i}"),
+                socket: format!("/tmp/p{i}").into(),
+                vlan: *v,
+                mac: None,
+                queues: 1,
+                listen_fd: None,
+            })
+            .collect();
+        Switch::new(&SwitchConfig {
+            ports,
+            mac_ageing_secs: 10,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn learns_floods_and_never_hairpins() {
+        let s = switch(&[None, None, None]);
+        assert_eq!(s.decide(0, mac(1), mac(2)), Forward::Flood);
+        let targets: Vec<_> = s.flood_targets(0).map(|p| p.id).collect();
+        assert_eq!(targets, vec![1, 2]);
+        assert_eq!(s.decide(1, mac(2), mac(1)), Forward::To(0));
+        assert_eq!(s.decide(0, mac(1), mac(2)), Forward::To(1));
+        assert_eq!(s.decide(0, mac(1), MacAddr([0xff; 6])), Forward::Flood);
+        assert_eq!(s.decide(0, mac(3), mac(1)), Forward::Local);
+        // A station that moves is learned at its new port.
+        assert_eq!(s.decide(2, mac(2), mac(1)), Forward::To(0));
+        assert_eq!(s.macs.lookup(0, mac(2)), Some(2));
+        s.macs.forget_port(2);
+        assert_eq!(s.macs.lookup(0, mac(2)), None);
+    }
+
+    #[test]
+    fn vlans_are_separate_segments() {
+        let s = switch(&[Some(10), Some(10), Some(20)]);
+        let t: Vec<_> = s.flood_targets(0).map(|p| p.id).collect();
+        assert_eq!(t, vec![1]);
+        assert_eq!(s.flood_targets(2).count(), 0);
+        s.decide(2, mac(9), mac(1));
+        // Learned on VLAN 20 only: VLAN 10 still floods for it.
+        assert_eq!(s.decide(0, mac(1), mac(9)), Forward::Flood);
+    }
+
+    #[test]
+    fn flow_hash_follows_the_flow() {
+        let mut a = vec![0u8; 60];
+        a[12] = 0x08;
+        a[14] = 0x45;
+        a[23] = 6;
+        let base = flow_hash(&a);
+        let mut payload_changed = a.clone();
+        payload_changed[50] = 9;
+        assert_eq!(flow_hash(&payload_changed), base);
+        let mut port_changed = a.clone();
+        port_changed[35] = 1;
+        assert_ne!(flow_hash(&port_changed), base);
+        assert_ne!(flow_hash(&a[..5]), 0);
+    }
+
+    #[test]
+    fn entries_age_out() {
+        let t = MacTable::new(10);
+        t.learn(0, mac(1), 3);
+        t.tick(5);
+        assert_eq!(t.lookup(0, mac(1)), Some(3));
+        t.learn(0, mac(1), 3); // refreshed at 5
+        t.tick(10);
+        assert_eq!(t.lookup(0, mac(1)), Some(3));
+        t.tick(1);
+        assert_eq!(t.lookup(0, mac(1)), None);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn table_is_bounded() {
+        let t = MacTable::new(10);
+        for i in 0..(MAC_TABLE_CAPACITY + 10) as u32 {
+            let b = i.to_be_bytes();
+            t.learn(0, MacAddr([2, 0, b[0], b[1], b[2], b[3]]), 1);
+        }
+        assert_eq!(t.len(), MAC_TABLE_CAPACITY);
+    }
+}

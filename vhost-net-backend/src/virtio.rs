@@ -1,0 +1,584 @@
+//! Virtio-net building blocks: feature bits, the `virtio_net_hdr`, descriptor chain walking
+//! with full validation of guest-provided values, and copying between guest memories.
+//!
+//! Nothing here knows about switching; `port` drives these pieces.
+
+use std::fmt;
+
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, MemoryRegionAddress, VolatileSlice,
+};
+
+/// Guest memory as mapped by the backend (no dirty-page bitmap).
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Virtio-net and ring feature bits (virtio 1.2, section 5.1.3 and 6).
+pub mod features {
+    pub const CSUM: u64 = 1 << 0;
+    pub const GUEST_CSUM: u64 = 1 << 1;
+    pub const MTU: u64 = 1 << 3;
+    pub const MAC: u64 = 1 << 5;
+    pub const GUEST_TSO4: u64 = 1 << 7;
+    pub const GUEST_TSO6: u64 = 1 << 8;
+    pub const GUEST_ECN: u64 = 1 << 9;
+    pub const HOST_TSO4: u64 = 1 << 11;
+    pub const HOST_TSO6: u64 = 1 << 12;
+    pub const HOST_ECN: u64 = 1 << 13;
+    pub const MRG_RXBUF: u64 = 1 << 15;
+    pub const STATUS: u64 = 1 << 16;
+    pub const MQ: u64 = 1 << 22;
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    /// vhost-user: the frontend may negotiate protocol features.
+    pub const PROTOCOL_FEATURES: u64 = 1 << 30;
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+pub const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
+pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+pub const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+pub const VIRTIO_NET_HDR_GSO_UDP: u8 = 3;
+pub const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
+pub const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
+
+const VIRTQ_DESC_F_NEXT: u16 = 1;
+const VIRTQ_DESC_F_WRITE: u16 = 2;
+const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+const DESC_SIZE: u64 = 16;
+
+/// Length of the virtio-net header for a set of negotiated features: 12 bytes once
+/// `num_buffers` is present (VERSION_1 or MRG_RXBUF), 10 for a legacy driver.
+pub fn net_hdr_len(features: u64) -> usize {
+    if features & (features::VERSION_1 | features::MRG_RXBUF) != 0 {
+        12
+    } else {
+        10
+    }
+}
+
+/// `struct virtio_net_hdr_v1`, decoded from little-endian guest bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+    pub num_buffers: u16,
+}
+
+impl NetHdr {
+    /// Decodes the first 10 or 12 bytes of `buf` (`num_buffers` is 0 for a 10-byte header).
+    pub fn parse(buf: &[u8]) -> NetHdr {
+        let le = |i: usize| u16::from_le_bytes([buf[i], buf[i + 1]]);
+        NetHdr {
+            flags: buf[0],
+            gso_type: buf[1],
+            hdr_len: le(2),
+            gso_size: le(4),
+            csum_start: le(6),
+            csum_offset: le(8),
+            num_buffers: if buf.len() >= 12 { le(10) } else { 0 },
+        }
+    }
+
+    pub fn to_bytes(&self) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        out[0] = self.flags;
+        out[1] = self.gso_type;
+        out[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        out[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        out[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        out[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        out[10..12].copy_from_slice(&self.num_buffers.to_le_bytes());
+        out
+    }
+
+    pub fn needs_csum(&self) -> bool {
+        self.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0
+    }
+
+    /// GSO type without the ECN flag.
+    pub fn gso_kind(&self) -> u8 {
+        self.gso_type & !VIRTIO_NET_HDR_GSO_ECN
+    }
+
+    pub fn is_gso(&self) -> bool {
+        self.gso_kind() != VIRTIO_NET_HDR_GSO_NONE
+    }
+}
+
+/// One guest buffer of a descriptor chain, already checked to lie inside guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// What is wrong with a descriptor chain a guest offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChainError {
+    /// A `next` index (or the head) is not below the table size.
+    IndexOutOfRange(u16),
+    /// The chain visits more descriptors than its table holds: a loop.
+    Loop,
+    /// The descriptor table itself, or a buffer, is not inside guest memory.
+    OutsideMemory(u64, u64),
+    /// An indirect descriptor inside an indirect table, or with NEXT set.
+    NestedIndirect,
+    /// An indirect table whose length is zero or not a multiple of 16.
+    BadIndirectTable(u32),
+    /// A device-writable buffer in a TX chain, or a read-only one in an RX chain.
+    WrongDirection,
+    /// The buffers add up to more than 4 GiB.
+    LengthOverflow,
+    /// More buffers than the backend is prepared to track for one chain.
+    TooManySegments,
+}
+
+impl fmt::Display for ChainError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChainError::IndexOutOfRange(i) => write!(f, "descriptor index {i} out of range"),
+            ChainError::Loop => write!(f, "descriptor chain loops"),
+            ChainError::OutsideMemory(a, l) => {
+                write!(f, "buffer {a:#x}+{l:#x} is outside guest memory")
+            }
+            ChainError::NestedIndirect => write!(f, "nested or chained indirect descriptor"),
+            ChainError::BadIndirectTable(l) => write!(f, "indirect table length {l} is invalid"),
+            ChainError::WrongDirection => write!(f, "buffer has the wrong direction"),
+            ChainError::LengthOverflow => write!(f, "chain length overflows"),
+            ChainError::TooManySegments => write!(f, "chain has too many buffers"),
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+struct VirtqDesc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+// SAFETY: VirtqDesc is plain old data with no padding (8 + 4 + 2 + 2 bytes).
+unsafe impl ByteValued for VirtqDesc {}
+
+/// Most buffers one chain may have; Linux uses at most MAX_SKB_FRAGS + 2 for TX and one per
+/// page of a big RX buffer, so this leaves ample room while bounding per-frame work.
+pub const MAX_CHAIN_SEGMENTS: usize = 1024;
+
+/// Walks the chain starting at `head` in the descriptor table at `table` (of `size` entries),
+/// following indirect tables, and appends its buffers to `segs`. Every index, address and
+/// length comes from the guest and is checked. Returns the total length of the buffers.
+pub fn walk_chain(
+    mem: &GuestMemory,
+    table: GuestAddress,
+    size: u16,
+    head: u16,
+    device_writable: bool,
+    segs: &mut Vec<Segment>,
+) -> Result<u32, ChainError> {
+    let mut table = table;
+    let mut table_size = size;
+    let mut index = head;
+    let mut budget = size;
+    let mut indirect = false;
+    let mut total: u32 = 0;
+
+    loop {
+        if index >= table_size {
+            return Err(ChainError::IndexOutOfRange(index));
+        }
+        let desc_addr = table.unchecked_add(u64::from(index) * DESC_SIZE);
+        let desc: VirtqDesc = mem
+            .read_obj(desc_addr)
+            .map_err(|_| ChainError::OutsideMemory(desc_addr.raw_value(), DESC_SIZE))?;
+        let (addr, len, flags) = (
+            u64::from_le(desc.addr),
+            u32::from_le(desc.len),
+            u16::from_le(desc.flags),
+        );
+
+        if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            if indirect || flags & VIRTQ_DESC_F_NEXT != 0 {
+                return Err(ChainError::NestedIndirect);
+            }
+            if len == 0 || u64::from(len) % DESC_SIZE != 0 || u64::from(len) / DESC_SIZE > 65535 {
+                return Err(ChainError::BadIndirectTable(len));
+            }
+            check_range(mem, addr, u64::from(len))?;
+            table = GuestAddress(addr);
+            table_size = (u64::from(len) / DESC_SIZE) as u16;
+            budget = table_size;
+            index = 0;
+            indirect = true;
+            continue;
+        }
+
+        if (flags & VIRTQ_DESC_F_WRITE != 0) != device_writable {
+            return Err(ChainError::WrongDirection);
+        }
+        if len > 0 {
+            check_range(mem, addr, u64::from(len))?;
+            if segs.len() >= MAX_CHAIN_SEGMENTS {
+                return Err(ChainError::TooManySegments);
+            }
+            total = total.checked_add(len).ok_or(ChainError::LengthOverflow)?;
+            segs.push(Segment {
+                addr: GuestAddress(addr),
+                len,
+            });
+        }
+
+        budget -= 1;
+        if flags & VIRTQ_DESC_F_NEXT == 0 {
+            return Ok(total);
+        }
+        if budget == 0 {
+            return Err(ChainError::Loop);
+        }
+        index = u16::from_le(desc.next);
+    }
+}
+
+fn check_range(mem: &GuestMemory, addr: u64, len: u64) -> Result<(), ChainError> {
+    let outside = ChainError::OutsideMemory(addr, len);
+    let end = addr.checked_add(len).ok_or(outside)?;
+    // Buffers may span adjacent regions; walk them region by region.
+    let mut cur = addr;
+    while cur < end {
+        let region = mem.find_region(GuestAddress(cur)).ok_or(outside)?;
+        let region_end = region
+            .start_addr()
+            .raw_value()
+            .checked_add(region.len())
+            .ok_or(outside)?;
+        cur = region_end.min(end);
+    }
+    Ok(())
+}
+
+/// The host mapping of up to `len` bytes at `addr`, cut at the end of the region.
+pub fn region_slice(
+    mem: &GuestMemory,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<VolatileSlice<'_, <() as vm_memory::bitmap::WithBitmapSlice<'_>>::S>> {
+    let region = mem.find_region(addr)?;
+    let offset = addr.raw_value() - region.start_addr().raw_value();
+    let avail = usize::try_from(region.len() - offset).ok()?;
+    region
+        .get_slice(MemoryRegionAddress(offset), len.min(avail))
+        .ok()
+}
+
+/// A read position inside a list of guest segments.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cursor {
+    seg: usize,
+    off: usize,
+}
+
+impl Cursor {
+    /// Skips `n` bytes; returns false if the segments end first.
+    pub fn advance(&mut self, segs: &[Segment], mut n: usize) -> bool {
+        while n > 0 {
+            let Some(s) = segs.get(self.seg) else {
+                return false;
+            };
+            let left = s.len as usize - self.off;
+            if n < left {
+                self.off += n;
+                return true;
+            }
+            n -= left;
+            self.seg += 1;
+            self.off = 0;
+        }
+        true
+    }
+}
+
+/// Where frame bytes come from: a guest's TX buffers, or a local buffer (after software
+/// offload work).
+#[derive(Clone, Copy)]
+pub enum FrameSource<'a> {
+    Guest {
+        mem: &'a GuestMemory,
+        segs: &'a [Segment],
+        start: Cursor,
+        len: usize,
+    },
+    Local(&'a [u8]),
+}
+
+impl FrameSource<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            FrameSource::Guest { len, .. } => *len,
+            FrameSource::Local(b) => b.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies the first `out.len()` bytes (or fewer) into `out`; returns how many.
+    pub fn peek(&self, out: &mut [u8]) -> usize {
+        match *self {
+            FrameSource::Local(b) => {
+                let n = b.len().min(out.len());
+                out[..n].copy_from_slice(&b[..n]);
+                n
+            }
+            FrameSource::Guest {
+                mem,
+                segs,
+                start,
+                len,
+            } => {
+                let want = len.min(out.len());
+                let mut done = 0;
+                let mut cur = start;
+                while done < want {
+                    let Some(s) = segs.get(cur.seg) else { break };
+                    let addr = s.addr.unchecked_add(cur.off as u64);
+                    let n = (s.len as usize - cur.off).min(want - done);
+                    let Some(slice) = region_slice(mem, addr, n) else {
+                        break;
+                    };
+                    let got = slice.copy_to(&mut out[done..done + slice.len()]);
+                    done += got;
+                    cur.advance(segs, got);
+                }
+                done
+            }
+        }
+    }
+}
+
+/// Writes into a destination guest's RX buffers, front to back.
+pub struct GuestWriter<'a> {
+    mem: &'a GuestMemory,
+    segs: &'a [Segment],
+    cur: Cursor,
+    written: usize,
+}
+
+impl<'a> GuestWriter<'a> {
+    pub fn new(mem: &'a GuestMemory, segs: &'a [Segment]) -> Self {
+        GuestWriter {
+            mem,
+            segs,
+            cur: Cursor::default(),
+            written: 0,
+        }
+    }
+
+    pub fn written(&self) -> usize {
+        self.written
+    }
+
+    /// The next writable slice of at most `max` bytes.
+    fn next_slice(&self, max: usize) -> Option<VolatileSlice<'a, impl BitmapSlice + 'a>> {
+        let s = self.segs.get(self.cur.seg)?;
+        let addr = s.addr.unchecked_add(self.cur.off as u64);
+        region_slice(self.mem, addr, (s.len as usize - self.cur.off).min(max))
+    }
+
+    /// Writes all of `buf`; returns false if the buffers are too small.
+    pub fn write(&mut self, mut buf: &[u8]) -> bool {
+        while !buf.is_empty() {
+            let Some(dst) = self.next_slice(buf.len()) else {
+                return false;
+            };
+            let n = dst.len();
+            dst.copy_from(&buf[..n]);
+            buf = &buf[n..];
+            self.cur.advance(self.segs, n);
+            self.written += n;
+        }
+        true
+    }
+
+    /// Copies `src` in, straight from the source guest's memory when it is one: this is the
+    /// single copy on the VM-to-VM path.
+    pub fn copy_from(&mut self, src: FrameSource<'_>) -> bool {
+        match src {
+            FrameSource::Local(b) => self.write(b),
+            FrameSource::Guest {
+                mem,
+                segs,
+                start,
+                len,
+            } => {
+                let mut cur = start;
+                let mut left = len;
+                while left > 0 {
+                    let Some(s) = segs.get(cur.seg) else {
+                        return false;
+                    };
+                    let src_addr = s.addr.unchecked_add(cur.off as u64);
+                    let want = (s.len as usize - cur.off).min(left);
+                    let Some(src_slice) = region_slice(mem, src_addr, want) else {
+                        return false;
+                    };
+                    let Some(dst) = self.next_slice(src_slice.len()) else {
+                        return false;
+                    };
+                    let n = dst.len();
+                    let Ok(part) = src_slice.subslice(0, n) else {
+                        return false;
+                    };
+                    part.copy_to_volatile_slice(dst);
+                    cur.advance(segs, n);
+                    self.cur.advance(self.segs, n);
+                    self.written += n;
+                    left -= n;
+                }
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemory {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
+            .unwrap()
+    }
+
+    fn put_desc(mem: &GuestMemory, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = VirtqDesc {
+            addr: addr.to_le(),
+            len: len.to_le(),
+            flags: flags.to_le(),
+            next: next.to_le(),
+        };
+        mem.write_obj(d, GuestAddress(table + u64::from(i) * 16)).unwrap();
+    }
+
+    #[test]
+    fn header_round_trip() {
+        let h = NetHdr {
+            flags: 1,
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV6 | VIRTIO_NET_HDR_GSO_ECN,
+            hdr_len: 74,
+            gso_size: 1440,
+            csum_start: 54,
+            csum_offset: 16,
+            num_buffers: 3,
+        };
+        assert_eq!(NetHdr::parse(&h.to_bytes()), h);
+        assert_eq!(NetHdr::parse(&h.to_bytes()[..10]).num_buffers, 0);
+        assert!(h.is_gso() && h.needs_csum());
+        assert_eq!(h.gso_kind(), VIRTIO_NET_HDR_GSO_TCPV6);
+        assert_eq!(net_hdr_len(features::VERSION_1), 12);
+        assert_eq!(net_hdr_len(0), 10);
+    }
+
+    #[test]
+    fn walks_direct_and_indirect_chains() {
+        let m = mem();
+        put_desc(&m, 0, 0, 0x1000, 100, VIRTQ_DESC_F_NEXT, 1);
+        put_desc(&m, 0, 1, 0x2000, 200, VIRTQ_DESC_F_NEXT, 2);
+        put_desc(&m, 0, 2, 0x3000, 3 * 16, VIRTQ_DESC_F_INDIRECT, 0);
+        put_desc(&m, 0x3000, 0, 0xff00, 0x200, VIRTQ_DESC_F_NEXT, 1); // spans both regions
+        put_desc(&m, 0x3000, 1, 0x5000, 0, VIRTQ_DESC_F_NEXT, 2); // empty buffers are skipped
+        put_desc(&m, 0x3000, 2, 0x6000, 50, 0, 0);
+        let mut segs = Vec::new();
+        let total = walk_chain(&m, GuestAddress(0), 8, 0, false, &mut segs).unwrap();
+        assert_eq!(total, 100 + 200 + 0x200 + 50);
+        assert_eq!(segs.len(), 4);
+        assert_eq!(segs[2].addr, GuestAddress(0xff00));
+    }
+
+    #[test]
+    fn rejects_hostile_chains() {
+        let m = mem();
+        let walk = |head| walk_chain(&m, GuestAddress(0), 8, head, false, &mut Vec::new());
+        // A loop: 0 -> 1 -> 0.
+        put_desc(&m, 0, 0, 0x1000, 10, VIRTQ_DESC_F_NEXT, 1);
+        put_desc(&m, 0, 1, 0x1000, 10, VIRTQ_DESC_F_NEXT, 0);
+        assert_eq!(walk(0), Err(ChainError::Loop));
+        // Outside memory, and an address that wraps.
+        put_desc(&m, 0, 2, 0x1f000, 0x2000, 0, 0);
+        assert_eq!(walk(2), Err(ChainError::OutsideMemory(0x1f000, 0x2000)));
+        put_desc(&m, 0, 2, u64::MAX - 4, 16, 0, 0);
+        assert!(matches!(walk(2), Err(ChainError::OutsideMemory(..))));
+        // Next index beyond the table, and a head beyond the table.
+        put_desc(&m, 0, 3, 0x1000, 10, VIRTQ_DESC_F_NEXT, 9);
+        assert_eq!(walk(3), Err(ChainError::IndexOutOfRange(9)));
+        assert_eq!(walk(8), Err(ChainError::IndexOutOfRange(8)));
+        // Writable buffer in a TX chain.
+        put_desc(&m, 0, 4, 0x1000, 10, VIRTQ_DESC_F_WRITE, 0);
+        assert_eq!(walk(4), Err(ChainError::WrongDirection));
+        // Lengths that overflow 32 bits.
+        put_desc(&m, 0x4000, 0, 0x1000, 0xffff_0000, VIRTQ_DESC_F_NEXT, 1);
+        let big = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0001_0000)]);
+        if let Ok(big) = big {
+            put_desc(&big, 0, 0, 0x1000, 0xffff_0000, VIRTQ_DESC_F_NEXT, 1);
+            put_desc(&big, 0, 1, 0x1000, 0xffff_0000, 0, 0);
+            assert_eq!(
+                walk_chain(&big, GuestAddress(0), 8, 0, false, &mut Vec::new()),
+                Err(ChainError::LengthOverflow)
+            );
+        }
+        // Indirect tables: bad length, nested, chained.
+        put_desc(&m, 0, 5, 0x3000, 20, VIRTQ_DESC_F_INDIRECT, 0);
+        assert_eq!(walk(5), Err(ChainError::BadIndirectTable(20)));
+        put_desc(&m, 0, 5, 0x3000, 16, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 0);
+        assert_eq!(walk(5), Err(ChainError::NestedIndirect));
+        put_desc(&m, 0, 5, 0x3000, 16, VIRTQ_DESC_F_INDIRECT, 0);
+        put_desc(&m, 0x3000, 0, 0x3000, 16, VIRTQ_DESC_F_INDIRECT, 0);
+        assert_eq!(walk(5), Err(ChainError::NestedIndirect));
+        // A loop inside an indirect table.
+        put_desc(&m, 0x3000, 0, 0x1000, 10, VIRTQ_DESC_F_NEXT, 0);
+        assert_eq!(walk(5), Err(ChainError::Loop));
+    }
+
+    #[test]
+    fn copies_across_segments_and_regions() {
+        let src_mem = mem();
+        let dst_mem = mem();
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        src_mem.write_slice(&data[..300], GuestAddress(0xfe00)).unwrap();
+        src_mem.write_slice(&data[300..], GuestAddress(0x100)).unwrap();
+        let src_segs = [
+            Segment { addr: GuestAddress(0xfe00), len: 300 },
+            Segment { addr: GuestAddress(0x100), len: 700 },
+        ];
+        let dst_segs = [
+            Segment { addr: GuestAddress(0x8000), len: 10 },
+            Segment { addr: GuestAddress(0xff80), len: 2000 },
+        ];
+        let mut start = Cursor::default();
+        assert!(start.advance(&src_segs, 4));
+        let src = FrameSource::Guest { mem: &src_mem, segs: &src_segs, start, len: 996 };
+        let mut peek = [0u8; 400];
+        assert_eq!(src.peek(&mut peek), 400);
+        assert_eq!(&peek[..], &data[4..404]);
+        let mut w = GuestWriter::new(&dst_mem, &dst_segs);
+        assert!(w.write(&[1, 2]));
+        assert!(w.copy_from(src));
+        assert_eq!(w.written(), 998);
+        let mut out = vec![0u8; 998];
+        dst_mem.read_slice(&mut out[..10], GuestAddress(0x8000)).unwrap();
+        dst_mem.read_slice(&mut out[10..], GuestAddress(0xff80)).unwrap();
+        assert_eq!(&out[..2], &[1, 2]);
+        assert_eq!(&out[2..], &data[4..]);
+        // Too small a destination is reported, not overrun.
+        let mut w = GuestWriter::new(&dst_mem, &dst_segs[..1]);
+        assert!(!w.copy_from(src));
+    }
+}
