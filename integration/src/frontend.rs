@@ -1,0 +1,600 @@
+//! A vhost-user frontend that plays a guest's virtio-net driver: it shares memfd-backed
+//! memory with the backend over a real Unix socket, lays out split virtqueues in it, and
+//! sends and receives frames the way a guest driver does.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost_net_backend::virtio::{features as f, net_hdr_len, NetHdr};
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap,
+    MmapRegion,
+};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub const DESC_F_NEXT: u16 = 1;
+pub const DESC_F_WRITE: u16 = 2;
+pub const DESC_F_INDIRECT: u16 = 4;
+
+/// Room for the largest frame a guest sends: 12-byte header plus a 64 KiB TSO frame.
+const TX_BUF_SIZE: u64 = 68 * 1024;
+const PAGE: u64 = 4096;
+
+#[derive(Debug, Error)]
+pub enum FrontendError {
+    #[error("vhost-user: {0}")]
+    VhostUser(#[from] vhost::Error),
+    #[error("memory: {0}")]
+    Memory(String),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("queue pair {0} does not exist")]
+    NoQueue(u16),
+    #[error("no free descriptors on queue {0}")]
+    QueueFull(usize),
+    #[error("frame of {0} bytes does not fit a buffer")]
+    TooBig(usize),
+}
+
+pub type Result<T> = std::result::Result<T, FrontendError>;
+
+/// What the driver asks for; the backend's offer is intersected with `features`.
+#[derive(Clone, Debug)]
+pub struct DeviceOptions {
+    pub features: u64,
+    pub queue_pairs: u16,
+    pub queue_size: u16,
+    /// Size of each RX buffer the driver posts.
+    pub rx_buf_size: u32,
+    /// Re-post RX buffers as frames are received (a running driver does).
+    pub auto_repost: bool,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            features: ALL_FEATURES,
+            queue_pairs: 1,
+            queue_size: 256,
+            rx_buf_size: 2048,
+            auto_repost: true,
+        }
+    }
+}
+
+/// Everything the backend can offer.
+pub const ALL_FEATURES: u64 = f::VERSION_1
+    | f::MRG_RXBUF
+    | f::RING_EVENT_IDX
+    | f::RING_INDIRECT_DESC
+    | f::CSUM
+    | f::GUEST_CSUM
+    | f::HOST_TSO4
+    | f::HOST_TSO6
+    | f::HOST_ECN
+    | f::GUEST_TSO4
+    | f::GUEST_TSO6
+    | f::GUEST_ECN
+    | f::MQ
+    | f::MTU
+    | f::MAC
+    | f::PROTOCOL_FEATURES;
+
+/// A driver with no offloads: VERSION_1 and protocol features only.
+pub const PLAIN_FEATURES: u64 = f::VERSION_1 | f::PROTOCOL_FEATURES;
+
+/// A descriptor written verbatim, for tests of malformed chains.
+#[derive(Clone, Copy, Debug)]
+pub struct RawDesc {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u16,
+    pub next: RawNext,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum RawNext {
+    /// The descriptor at this position of the list.
+    Pos(usize),
+    /// This exact index (possibly out of range).
+    Index(u16),
+}
+
+/// A received frame.
+#[derive(Clone, Debug)]
+pub struct RxFrame {
+    pub hdr: NetHdr,
+    pub frame: Vec<u8>,
+    pub buffers: u16,
+}
+
+struct DriverQueue {
+    size: u16,
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    bufs: GuestAddress,
+    buf_size: u64,
+    kick: EventFd,
+    call: EventFd,
+    avail_idx: u16,
+    last_used: u16,
+    free: Vec<u16>,
+    /// Descriptor indices of each in-flight chain, by head.
+    chains: Vec<Vec<u16>>,
+}
+
+impl DriverQueue {
+    fn buf(&self, i: u16) -> GuestAddress {
+        GuestAddress(self.bufs.0 + u64::from(i) * self.buf_size)
+    }
+}
+
+/// One virtio-net device as a guest driver sees it.
+pub struct VirtioNetDevice {
+    frontend: Frontend,
+    mem: GuestMemoryMmap,
+    mem_size: u64,
+    pub features: u64,
+    pub protocol_features: VhostUserProtocolFeatures,
+    hdr_len: usize,
+    queues: Vec<DriverQueue>,
+    opts: DeviceOptions,
+}
+
+fn memfd(size: u64) -> Result<File> {
+    // SAFETY: memfd_create with a valid NUL-terminated name; the fd is checked and owned below.
+    let fd = unsafe { libc::memfd_create(c"vnet-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: fd is a fresh descriptor that nothing else owns.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
+}
+
+impl VirtioNetDevice {
+    /// Connects to a backend socket and brings the device up: negotiation, memory table,
+    /// every queue set up and enabled. RX queues start empty.
+    pub fn connect(path: impl AsRef<Path>, opts: DeviceOptions) -> Result<Self> {
+        let nq = usize::from(opts.queue_pairs) * 2;
+        let qsize = u64::from(opts.queue_size);
+        let ring_bytes = (16 * qsize).next_multiple_of(PAGE)
+            + (6 + 2 * qsize).next_multiple_of(PAGE)
+            + (6 + 8 * qsize).next_multiple_of(PAGE);
+        let rx_buf = u64::from(opts.rx_buf_size).next_multiple_of(64);
+        let per_pair = 2 * ring_bytes + qsize * (rx_buf + TX_BUF_SIZE);
+        let mem_size = (PAGE + per_pair * opts.queue_pairs as u64).next_multiple_of(2 << 20);
+
+        let file = memfd(mem_size)?;
+        let region = MmapRegion::from_file(FileOffset::new(file, 0), mem_size as usize)
+            .map_err(|e| FrontendError::Memory(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| FrontendError::Memory("region".into()))?;
+        let info = VhostUserMemoryRegionInfo::from_guest_region(&region)?;
+        let host_base = info.userspace_addr;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| FrontendError::Memory(e.to_string()))?;
+
+        let mut frontend = Frontend::connect(path, nq as u64)?;
+        frontend.set_owner()?;
+        let offered = frontend.get_features()?;
+        let features = offered & opts.features;
+        let mut protocol_features = VhostUserProtocolFeatures::empty();
+        if features & f::PROTOCOL_FEATURES != 0 {
+            let pf = frontend.get_protocol_features()?;
+            protocol_features = pf
+                & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::CONFIG);
+            frontend.set_protocol_features(protocol_features)?;
+        }
+        frontend.set_features(features)?;
+        frontend.set_mem_table(&[info])?;
+
+        let mut queues = Vec::with_capacity(nq);
+        let mut next = PAGE;
+        for i in 0..nq {
+            let desc = GuestAddress(next);
+            next += (16 * qsize).next_multiple_of(PAGE);
+            let avail = GuestAddress(next);
+            next += (6 + 2 * qsize).next_multiple_of(PAGE);
+            let used = GuestAddress(next);
+            next += (6 + 8 * qsize).next_multiple_of(PAGE);
+            let buf_size = if i % 2 == 0 { rx_buf } else { TX_BUF_SIZE };
+            let bufs = GuestAddress(next);
+            next += qsize * buf_size;
+            let q = DriverQueue {
+                size: opts.queue_size,
+                desc,
+                avail,
+                used,
+                bufs,
+                buf_size,
+                kick: EventFd::new(EFD_NONBLOCK)?,
+                call: EventFd::new(EFD_NONBLOCK)?,
+                avail_idx: 0,
+                last_used: 0,
+                free: (0..opts.queue_size).rev().collect(),
+                chains: vec![Vec::new(); usize::from(opts.queue_size)],
+            };
+            frontend.set_vring_num(i, opts.queue_size)?;
+            frontend.set_vring_addr(
+                i,
+                &VringConfigData {
+                    queue_max_size: opts.queue_size,
+                    queue_size: opts.queue_size,
+                    flags: 0,
+                    desc_table_addr: host_base + desc.0,
+                    used_ring_addr: host_base + used.0,
+                    avail_ring_addr: host_base + avail.0,
+                    log_addr: None,
+                },
+            )?;
+            frontend.set_vring_base(i, 0)?;
+            frontend.set_vring_call(i, &q.call)?;
+            frontend.set_vring_kick(i, &q.kick)?;
+            queues.push(q);
+        }
+        if features & f::PROTOCOL_FEATURES != 0 {
+            for i in 0..nq {
+                frontend.set_vring_enable(i, true)?;
+            }
+        }
+        Ok(VirtioNetDevice {
+            frontend,
+            mem,
+            mem_size,
+            features,
+            protocol_features,
+            hdr_len: net_hdr_len(features),
+            queues,
+            opts,
+        })
+    }
+
+    pub fn hdr_len(&self) -> usize {
+        self.hdr_len
+    }
+
+    /// Size of the shared guest memory; addresses at or past it are outside.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    pub fn frontend(&mut self) -> &mut Frontend {
+        &mut self.frontend
+    }
+
+    /// Reads `size` bytes of the device config space.
+    pub fn config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>> {
+        let buf = vec![0u8; size as usize];
+        let (_, payload) =
+            self.frontend
+                .get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf)?;
+        Ok(payload.to_vec())
+    }
+
+    /// Enables or disables one vring (QEMU does this as the guest changes queue pairs).
+    pub fn set_vring_enable(&mut self, queue: usize, enable: bool) -> Result<()> {
+        Ok(self.frontend.set_vring_enable(queue, enable)?)
+    }
+
+    fn queue(&mut self, index: usize) -> Result<&mut DriverQueue> {
+        let pairs = self.opts.queue_pairs;
+        self.queues
+            .get_mut(index)
+            .ok_or(FrontendError::NoQueue((index / 2) as u16 % pairs.max(1)))
+    }
+
+    fn write_desc(&self, q: usize, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(self.queues[q].desc.0 + u64::from(i) * 16);
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        self.mem.write_slice(&d, at).expect("descriptor table is in memory");
+    }
+
+    /// Makes the chain at `head` available and kicks the queue.
+    fn publish(&mut self, q: usize, head: u16) -> Result<()> {
+        let (avail, size, idx) = {
+            let dq = &self.queues[q];
+            (dq.avail, dq.size, dq.avail_idx)
+        };
+        let slot = GuestAddress(avail.0 + 4 + u64::from(idx % size) * 2);
+        self.mem.write_obj(head.to_le(), slot).unwrap();
+        fence(Ordering::Release);
+        let idx = idx.wrapping_add(1);
+        self.mem
+            .store(idx.to_le(), GuestAddress(avail.0 + 2), Ordering::Release)
+            .unwrap();
+        let dq = &mut self.queues[q];
+        dq.avail_idx = idx;
+        fence(Ordering::SeqCst);
+        dq.kick.write(1)?;
+        Ok(())
+    }
+
+    fn take_descs(&mut self, q: usize, n: usize) -> Result<Vec<u16>> {
+        if self.queues[q].free.len() < n {
+            self.reclaim_tx(q);
+        }
+        let dq = self.queue(q)?;
+        if dq.free.len() < n {
+            return Err(FrontendError::QueueFull(q));
+        }
+        let at = dq.free.len() - n;
+        Ok(dq.free.split_off(at))
+    }
+
+    /// Frees the descriptors of TX chains the backend has returned.
+    pub fn reclaim_tx(&mut self, q: usize) -> usize {
+        let mut n = 0;
+        while let Some((head, _)) = self.pop_used(q) {
+            let dq = &mut self.queues[q];
+            let slot = usize::from(head) % dq.chains.len();
+            let chain = std::mem::take(&mut dq.chains[slot]);
+            dq.free.extend(chain);
+            n += 1;
+        }
+        n
+    }
+
+    fn pop_used(&mut self, q: usize) -> Option<(u16, u32)> {
+        let dq = &self.queues[q];
+        let used_idx: u16 = self
+            .mem
+            .load(GuestAddress(dq.used.0 + 2), Ordering::Acquire)
+            .ok()?;
+        if u16::from_le(used_idx) == dq.last_used {
+            return None;
+        }
+        let elem = GuestAddress(dq.used.0 + 4 + u64::from(dq.last_used % dq.size) * 8);
+        let id: u32 = self.mem.read_obj(elem).ok()?;
+        let len: u32 = self.mem.read_obj(GuestAddress(elem.0 + 4)).ok()?;
+        let dq = &mut self.queues[q];
+        dq.last_used = dq.last_used.wrapping_add(1);
+        // Ask for an interrupt at the next used entry (EVENT_IDX used_event).
+        let used_event = GuestAddress(dq.avail.0 + 4 + 2 * u64::from(dq.size));
+        let last = dq.last_used;
+        let _ = self.mem.write_obj(last.to_le(), used_event);
+        Some((u32::from_le(id) as u16, u32::from_le(len)))
+    }
+
+    /// Sends one frame on queue pair `qp` as a single descriptor holding header and frame.
+    pub fn send(&mut self, qp: u16, hdr: &NetHdr, frame: &[u8]) -> Result<()> {
+        let h = hdr.to_bytes();
+        self.send_pieces(qp, &[&h[..self.hdr_len], frame], false)
+    }
+
+    /// Sends a frame split over several descriptors (`pieces` concatenated), directly or
+    /// through an indirect table.
+    pub fn send_pieces(&mut self, qp: u16, pieces: &[&[u8]], indirect: bool) -> Result<()> {
+        let q = usize::from(qp) * 2 + 1;
+        self.queue(q)?;
+        let total: usize = pieces.iter().map(|p| p.len()).sum();
+        if indirect {
+            let descs = self.take_descs(q, 1)?;
+            let head = descs[0];
+            let base = self.queues[q].buf(head).0;
+            if total as u64 + PAGE > TX_BUF_SIZE || pieces.len() > 256 {
+                return Err(FrontendError::TooBig(total));
+            }
+            let mut data = base + PAGE;
+            let mut table = Vec::new();
+            for (i, p) in pieces.iter().enumerate() {
+                self.mem.write_slice(p, GuestAddress(data)).unwrap();
+                let last = i + 1 == pieces.len();
+                let mut d = [0u8; 16];
+                d[0..8].copy_from_slice(&data.to_le_bytes());
+                d[8..12].copy_from_slice(&(p.len() as u32).to_le_bytes());
+                let flags = if last { 0 } else { DESC_F_NEXT };
+                d[12..14].copy_from_slice(&flags.to_le_bytes());
+                d[14..16].copy_from_slice(&((i + 1) as u16).to_le_bytes());
+                table.extend_from_slice(&d);
+                data += p.len() as u64;
+            }
+            self.mem.write_slice(&table, GuestAddress(base)).unwrap();
+            self.write_desc(q, head, base, table.len() as u32, DESC_F_INDIRECT, 0);
+            self.queues[q].chains[usize::from(head)] = descs;
+            return self.publish(q, head);
+        }
+        let descs = self.take_descs(q, pieces.len())?;
+        for (i, p) in pieces.iter().enumerate() {
+            if p.len() as u64 > TX_BUF_SIZE {
+                return Err(FrontendError::TooBig(p.len()));
+            }
+            let addr = self.queues[q].buf(descs[i]);
+            self.mem.write_slice(p, addr).unwrap();
+            let last = i + 1 == pieces.len();
+            let next = if last { 0 } else { descs[i + 1] };
+            let flags = if last { 0 } else { DESC_F_NEXT };
+            self.write_desc(q, descs[i], addr.0, p.len() as u32, flags, next);
+        }
+        let head = descs[0];
+        self.queues[q].chains[usize::from(head)] = descs;
+        self.publish(q, head)
+    }
+
+    /// Writes the given descriptors verbatim into free slots of TX queue `qp` and makes the
+    /// first one available: for malformed chains.
+    pub fn send_raw(&mut self, qp: u16, descs: &[RawDesc]) -> Result<()> {
+        let q = usize::from(qp) * 2 + 1;
+        self.queue(q)?;
+        let slots = self.take_descs(q, descs.len())?;
+        for (i, d) in descs.iter().enumerate() {
+            let next = match d.next {
+                RawNext::Pos(p) => slots[p],
+                RawNext::Index(n) => n,
+            };
+            self.write_desc(q, slots[i], d.addr, d.len, d.flags, next);
+        }
+        let head = slots[0];
+        self.queues[q].chains[usize::from(head)] = slots;
+        self.publish(q, head)
+    }
+
+    /// Address of a TX data buffer the test may fill and point raw descriptors at.
+    pub fn scratch_addr(&mut self, qp: u16) -> u64 {
+        // The last TX buffer of the queue: take_descs hands out low indices first.
+        let q = usize::from(qp) * 2 + 1;
+        let dq = &self.queues[q];
+        dq.buf(dq.size - 1).0
+    }
+
+    pub fn write_mem(&self, addr: u64, data: &[u8]) {
+        self.mem.write_slice(data, GuestAddress(addr)).unwrap();
+    }
+
+    /// Waits until every TX chain sent on `qp` came back from the backend.
+    pub fn wait_tx_done(&mut self, qp: u16, timeout: Duration) -> bool {
+        let q = usize::from(qp) * 2 + 1;
+        let end = Instant::now() + timeout;
+        loop {
+            self.reclaim_tx(q);
+            let dq = &self.queues[q];
+            if dq.free.len() == usize::from(dq.size) {
+                return true;
+            }
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Posts `n` RX buffers of `rx_buf_size` bytes, each one writable descriptor.
+    pub fn post_rx(&mut self, qp: u16, n: usize) -> Result<()> {
+        let q = usize::from(qp) * 2;
+        self.queue(q)?;
+        for _ in 0..n {
+            let slot = {
+                let dq = &mut self.queues[q];
+                dq.free.pop().ok_or(FrontendError::QueueFull(q))?
+            };
+            self.post_rx_slot(q, slot)?;
+        }
+        Ok(())
+    }
+
+    fn post_rx_slot(&mut self, q: usize, slot: u16) -> Result<()> {
+        let addr = self.queues[q].buf(slot);
+        let len = self.opts.rx_buf_size;
+        self.write_desc(q, slot, addr.0, len, DESC_F_WRITE, 0);
+        self.queues[q].chains[usize::from(slot)] = vec![slot];
+        self.publish(q, slot)
+    }
+
+    /// Posts one raw RX chain (for malformed RX buffer tests).
+    pub fn post_rx_raw(&mut self, qp: u16, descs: &[RawDesc]) -> Result<()> {
+        let q = usize::from(qp) * 2;
+        let slots = {
+            let dq = self.queue(q)?;
+            if dq.free.len() < descs.len() {
+                return Err(FrontendError::QueueFull(q));
+            }
+            let at = dq.free.len() - descs.len();
+            dq.free.split_off(at)
+        };
+        for (i, d) in descs.iter().enumerate() {
+            let next = match d.next {
+                RawNext::Pos(p) => slots[p],
+                RawNext::Index(n) => n,
+            };
+            self.write_desc(q, slots[i], d.addr, d.len, d.flags, next);
+        }
+        let head = slots[0];
+        self.queues[q].chains[usize::from(head)] = slots;
+        self.publish(q, head)
+    }
+
+    /// Receives one frame from RX queue pair `qp`, gathering mergeable buffers.
+    pub fn recv(&mut self, qp: u16, timeout: Duration) -> Option<RxFrame> {
+        let q = usize::from(qp) * 2;
+        self.queues.get(q)?;
+        let end = Instant::now() + timeout;
+        let mut first = None;
+        let mut data = Vec::new();
+        let mut want = 1u16;
+        let mut got = 0u16;
+        loop {
+            while got < want {
+                let Some((head, len)) = self.pop_used(q) else { break };
+                let addr = self.queues[q].buf(head);
+                let mut buf = vec![0u8; len as usize];
+                if len as u64 <= self.queues[q].buf_size {
+                    self.mem.read_slice(&mut buf, addr).ok()?;
+                }
+                if first.is_none() {
+                    if buf.len() < self.hdr_len {
+                        // Returned unused (a frame the backend dropped): not a frame.
+                        self.recycle_rx(q, head);
+                        continue;
+                    }
+                    let hdr = NetHdr::parse(&buf[..self.hdr_len]);
+                    if self.features & f::MRG_RXBUF != 0 {
+                        want = hdr.num_buffers.max(1);
+                    }
+                    first = Some(hdr);
+                    data.extend_from_slice(&buf[self.hdr_len..]);
+                } else {
+                    data.extend_from_slice(&buf);
+                }
+                got += 1;
+                self.recycle_rx(q, head);
+            }
+            if let Some(hdr) = first.filter(|_| got >= want) {
+                return Some(RxFrame {
+                    hdr,
+                    frame: data,
+                    buffers: got,
+                });
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            self.wait_call(q, Duration::from_millis(2));
+        }
+    }
+
+    fn recycle_rx(&mut self, q: usize, head: u16) {
+        let chain = std::mem::take(&mut self.queues[q].chains[usize::from(head)]);
+        if self.opts.auto_repost && chain.len() == 1 {
+            let _ = self.post_rx_slot(q, head);
+        } else {
+            self.queues[q].free.extend(chain);
+        }
+    }
+
+    /// Collects every frame that arrives within `window`.
+    pub fn recv_all(&mut self, qp: u16, window: Duration) -> Vec<RxFrame> {
+        let end = Instant::now() + window;
+        let mut out = Vec::new();
+        while let Some(fr) = self.recv(qp, end.saturating_duration_since(Instant::now())) {
+            out.push(fr);
+        }
+        out
+    }
+
+    fn wait_call(&self, q: usize, timeout: Duration) {
+        let fd = self.queues[q].call.as_raw_fd();
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        let _ = self.queues[q].call.read();
+    }
+}
