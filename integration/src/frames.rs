@@ -14,7 +14,9 @@ pub fn mac(n: u8) -> [u8; 6] {
 
 /// A UDP/IPv4 frame of exactly `len` bytes (at least 42) with a patterned payload.
 pub fn udp_frame(src: [u8; 6], dst: [u8; 6], len: usize) -> Vec<u8> {
-    let payload: Vec<u8> = (0..len.saturating_sub(42)).map(|i| (i % 253) as u8).collect();
+    let payload: Vec<u8> = (0..len.saturating_sub(42))
+        .map(|i| (i % 253) as u8)
+        .collect();
     let mut out = Vec::with_capacity(len);
     PacketBuilder::ethernet2(src, dst)
         .ipv4([10, 0, 0, src[5]], [10, 0, 0, dst[5]], 64)
@@ -29,7 +31,11 @@ pub fn tcp_frame(src: [u8; 6], dst: [u8; 6], ipv6: bool, payload_len: usize) -> 
     let payload: Vec<u8> = (0..payload_len).map(|i| (i % 251) as u8).collect();
     let b = PacketBuilder::ethernet2(src, dst);
     let b = if ipv6 {
-        b.ipv6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, src[5]], [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, dst[5]], 64)
+        b.ipv6(
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, src[5]],
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, dst[5]],
+            64,
+        )
     } else {
         b.ipv4([10, 0, 0, src[5]], [10, 0, 0, dst[5]], 64)
     };

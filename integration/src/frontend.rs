@@ -13,10 +13,7 @@ use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_net_backend::virtio::{features as f, net_hdr_len, NetHdr};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap,
-    MmapRegion,
-};
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const DESC_F_NEXT: u16 = 1;
@@ -302,7 +299,9 @@ impl VirtioNetDevice {
         d[8..12].copy_from_slice(&len.to_le_bytes());
         d[12..14].copy_from_slice(&flags.to_le_bytes());
         d[14..16].copy_from_slice(&next.to_le_bytes());
-        self.mem.write_slice(&d, at).expect("descriptor table is in memory");
+        self.mem
+            .write_slice(&d, at)
+            .expect("descriptor table is in memory");
     }
 
     /// Makes the chain at `head` available and kicks the queue.
@@ -529,7 +528,9 @@ impl VirtioNetDevice {
         let mut got = 0u16;
         loop {
             while got < want {
-                let Some((head, len)) = self.pop_used(q) else { break };
+                let Some((head, len)) = self.pop_used(q) else {
+                    break;
+                };
                 let addr = self.queues[q].buf(head);
                 let mut buf = vec![0u8; len as usize];
                 if len as u64 <= self.queues[q].buf_size {

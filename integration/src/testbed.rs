@@ -24,7 +24,11 @@ pub struct TestPort {
 
 impl TestPort {
     pub fn new(name: &'static str) -> Self {
-        TestPort { name, vlan: None, queues: 1 }
+        TestPort {
+            name,
+            vlan: None,
+            queues: 1,
+        }
     }
 
     pub fn vlan(mut self, vlan: u16) -> Self {
@@ -57,7 +61,11 @@ impl TestSwitch {
             ..Default::default()
         };
         let server = Server::start(&config).expect("switch starts");
-        TestSwitch { dir, server: Some(server), config }
+        TestSwitch {
+            dir,
+            server: Some(server),
+            config,
+        }
     }
 
     pub fn socket(&self, port: &str) -> PathBuf {

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use integration::frames::{as_partial_tcp, mac, tcp_frame, udp_frame, BROADCAST};
-use integration::frontend::{ALL_FEATURES, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, PLAIN_FEATURES};
+use integration::frontend::{
+    ALL_FEATURES, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, PLAIN_FEATURES,
+};
 use integration::testbed::TestPort;
 use integration::{DeviceOptions, RawDesc, RawNext, TestSwitch, VirtioNetDevice};
 use vhost_net_backend::virtio::{features as f, NetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM};
@@ -94,7 +96,8 @@ fn vlans_isolate_segments() {
     assert!(c.recv(0, QUIET).is_none(), "VLAN 20 must not see VLAN 10");
 
     // c learns nothing from VLAN 10, and its frames to a's MAC go nowhere.
-    c.send(0, &plain(), &udp_frame(mac(3), mac(1), 120)).unwrap();
+    c.send(0, &plain(), &udp_frame(mac(3), mac(1), 120))
+        .unwrap();
     assert!(a.recv(0, QUIET).is_none());
     assert!(b.recv(0, Duration::from_millis(50)).is_none());
 
@@ -127,7 +130,8 @@ fn jumbo_frames_pass_by_default_and_oversize_is_dropped() {
     assert_eq!(got.frame, jumbo);
     assert_eq!(got.buffers, 1);
 
-    a.send(0, &plain(), &udp_frame(mac(1), mac(2), 9015)).unwrap();
+    a.send(0, &plain(), &udp_frame(mac(1), mac(2), 9015))
+        .unwrap();
     assert!(b.recv(0, QUIET).is_none());
     assert_eq!(sw.counters("a").drop_count(DropReason::Oversize), 1);
 }
@@ -140,9 +144,11 @@ fn mtu_option_is_advertised_and_enforced() {
     assert_ne!(a.features & f::MTU, 0, "MTU feature offered with --mtu");
     let cfg = a.config(0, 12).unwrap();
     assert_eq!(u16::from_le_bytes([cfg[10], cfg[11]]), 1500);
-    a.send(0, &plain(), &udp_frame(mac(1), mac(2), 1514)).unwrap();
+    a.send(0, &plain(), &udp_frame(mac(1), mac(2), 1514))
+        .unwrap();
     assert!(b.recv(0, WAIT).is_some());
-    a.send(0, &plain(), &udp_frame(mac(1), mac(2), 1515)).unwrap();
+    a.send(0, &plain(), &udp_frame(mac(1), mac(2), 1515))
+        .unwrap();
     assert!(b.recv(0, QUIET).is_none());
     assert_eq!(sw.counters("a").drop_count(DropReason::Oversize), 1);
 
@@ -219,7 +225,10 @@ fn check_tso(ipv6: bool) {
     assert_eq!(got.hdr.gso_type, hdr.gso_type);
     assert_eq!(got.hdr.gso_size, 1448);
     assert_eq!(got.hdr.csum_start, hdr.csum_start);
-    assert_eq!(got.hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_F_NEEDS_CSUM);
+    assert_eq!(
+        got.hdr.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM,
+        VIRTIO_NET_HDR_F_NEEDS_CSUM
+    );
 
     // The plain port gets what a NIC puts on the wire: MSS-sized segments, all checksummed.
     let mut payload = Vec::new();
@@ -227,17 +236,31 @@ fn check_tso(ipv6: bool) {
     let mut next_seq = 7_000_000u32;
     while payload.len() < 62000 {
         let seg = plain_port.recv(0, WAIT).expect("segment arrives");
-        assert_eq!(seg.hdr, NetHdr { num_buffers: seg.hdr.num_buffers, ..NetHdr::default() });
+        assert_eq!(
+            seg.hdr,
+            NetHdr {
+                num_buffers: seg.hdr.num_buffers,
+                ..NetHdr::default()
+            }
+        );
         let p = SlicedPacket::from_ethernet(&seg.frame).expect("segment parses");
-        let Some(TransportSlice::Tcp(tcp)) = p.transport else { panic!("not TCP") };
+        let Some(TransportSlice::Tcp(tcp)) = p.transport else {
+            panic!("not TCP")
+        };
         let h = tcp.to_header();
         let want = match p.net.unwrap() {
             NetSlice::Ipv4(ip) => {
                 let iph = ip.header().to_header();
-                assert_eq!(iph.header_checksum, iph.calc_header_checksum(), "IPv4 checksum");
+                assert_eq!(
+                    iph.header_checksum,
+                    iph.calc_header_checksum(),
+                    "IPv4 checksum"
+                );
                 h.calc_checksum_ipv4(&iph, tcp.payload()).unwrap()
             }
-            NetSlice::Ipv6(ip) => h.calc_checksum_ipv6(&ip.header().to_header(), tcp.payload()).unwrap(),
+            NetSlice::Ipv6(ip) => h
+                .calc_checksum_ipv6(&ip.header().to_header(), tcp.payload())
+                .unwrap(),
             _ => panic!("no IP"),
         };
         assert_eq!(tcp.checksum(), want, "TCP checksum of segment {segments}");
@@ -249,7 +272,9 @@ fn check_tso(ipv6: bool) {
     }
     assert_eq!(segments, 62000usize.div_ceil(1448));
     let orig = SlicedPacket::from_ethernet(&original).unwrap();
-    let Some(TransportSlice::Tcp(otcp)) = orig.transport else { panic!() };
+    let Some(TransportSlice::Tcp(otcp)) = orig.transport else {
+        panic!()
+    };
     assert_eq!(payload, otcp.payload());
     assert_eq!(sw.counters("plain").rx_packets, segments as u64);
 }
@@ -275,9 +300,13 @@ fn checksum_is_completed_for_ports_without_guest_csum() {
     let hdr = as_partial_tcp(&mut partial, 0);
     // Sent in three pieces through an indirect table, as Linux does for scattered skbs.
     let h = hdr.to_bytes();
-    a.send_pieces(0, &[&h, &partial[..100], &partial[100..]], true).unwrap();
+    a.send_pieces(0, &[&h, &partial[..100], &partial[100..]], true)
+        .unwrap();
     let got = csum.recv(0, WAIT).unwrap();
-    assert_eq!(got.frame, partial, "passed on with the checksum left to the receiver");
+    assert_eq!(
+        got.frame, partial,
+        "passed on with the checksum left to the receiver"
+    );
     assert!(got.hdr.needs_csum());
     let got = plain_port.recv(0, WAIT).unwrap();
     assert_eq!(got.frame, original, "checksum completed in software");
@@ -291,10 +320,14 @@ fn a_port_without_rx_buffers_drops_without_blocking_others() {
     let mut full = sw.connect("full", DeviceOptions::default()).unwrap();
     let mut c = device(&sw, "c", DeviceOptions::default());
     for i in 0..20 {
-        a.send(0, &plain(), &udp_frame(mac(1), BROADCAST, 100 + i)).unwrap();
+        a.send(0, &plain(), &udp_frame(mac(1), BROADCAST, 100 + i))
+            .unwrap();
     }
     for i in 0..20 {
-        assert_eq!(c.recv(0, WAIT).expect("c keeps receiving").frame.len(), 100 + i);
+        assert_eq!(
+            c.recv(0, WAIT).expect("c keeps receiving").frame.len(),
+            100 + i
+        );
     }
     assert!(a.wait_tx_done(0, WAIT));
     assert_eq!(sw.counters("full").drop_count(DropReason::NoRxBuffer), 20);
@@ -317,31 +350,72 @@ fn malformed_chains_are_counted_and_survived() {
     let scratch = bad.scratch_addr(0);
     bad.write_mem(scratch, &good_with_hdr);
     let outside = bad.mem_size() + 0x1000;
-    let d = |addr, len, flags, next| RawDesc { addr, len, flags, next };
+    let d = |addr, len, flags, next| RawDesc {
+        addr,
+        len,
+        flags,
+        next,
+    };
 
     let cases: Vec<(&str, Vec<RawDesc>)> = vec![
-        ("address outside guest memory", vec![d(outside, 200, 0, RawNext::Index(0))]),
-        ("buffer running past the end", vec![d(bad.mem_size() - 10, 200, 0, RawNext::Index(0))]),
-        ("a loop", vec![d(scratch, 20, DESC_F_NEXT, RawNext::Pos(1)), d(scratch, 20, DESC_F_NEXT, RawNext::Pos(0))]),
-        ("a length overflow", vec![d(scratch, u32::MAX, DESC_F_NEXT, RawNext::Pos(1)), d(scratch, u32::MAX, 0, RawNext::Index(0))]),
-        ("next index out of range", vec![d(scratch, 20, DESC_F_NEXT, RawNext::Index(999))]),
-        ("writable buffer in a TX chain", vec![d(scratch, 120, DESC_F_WRITE, RawNext::Index(0))]),
-        ("indirect table of bad length", vec![d(scratch, 20, DESC_F_INDIRECT, RawNext::Index(0))]),
+        (
+            "address outside guest memory",
+            vec![d(outside, 200, 0, RawNext::Index(0))],
+        ),
+        (
+            "buffer running past the end",
+            vec![d(bad.mem_size() - 10, 200, 0, RawNext::Index(0))],
+        ),
+        (
+            "a loop",
+            vec![
+                d(scratch, 20, DESC_F_NEXT, RawNext::Pos(1)),
+                d(scratch, 20, DESC_F_NEXT, RawNext::Pos(0)),
+            ],
+        ),
+        (
+            "a length overflow",
+            vec![
+                d(scratch, u32::MAX, DESC_F_NEXT, RawNext::Pos(1)),
+                d(scratch, u32::MAX, 0, RawNext::Index(0)),
+            ],
+        ),
+        (
+            "next index out of range",
+            vec![d(scratch, 20, DESC_F_NEXT, RawNext::Index(999))],
+        ),
+        (
+            "writable buffer in a TX chain",
+            vec![d(scratch, 120, DESC_F_WRITE, RawNext::Index(0))],
+        ),
+        (
+            "indirect table of bad length",
+            vec![d(scratch, 20, DESC_F_INDIRECT, RawNext::Index(0))],
+        ),
     ];
     let n = cases.len() as u64;
     for (what, descs) in cases {
-        bad.send_raw(0, &descs).unwrap_or_else(|e| panic!("{what}: {e}"));
+        bad.send_raw(0, &descs)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
     }
     // Too short for a header plus an Ethernet header.
-    bad.send_raw(0, &[d(scratch, 5, 0, RawNext::Index(0))]).unwrap();
-    assert!(bad.wait_tx_done(0, WAIT), "every bad chain is returned to the guest");
+    bad.send_raw(0, &[d(scratch, 5, 0, RawNext::Index(0))])
+        .unwrap();
+    assert!(
+        bad.wait_tx_done(0, WAIT),
+        "every bad chain is returned to the guest"
+    );
     let counters = sw.counters("bad");
     assert_eq!(counters.drop_count(DropReason::BadTxDescriptor), n);
     assert_eq!(counters.drop_count(DropReason::Malformed), 1);
     assert!(b.recv(0, QUIET).is_none());
 
     // The same queue still works, and so do the other ports.
-    bad.send_raw(0, &[d(scratch, good_with_hdr.len() as u32, 0, RawNext::Index(0))]).unwrap();
+    bad.send_raw(
+        0,
+        &[d(scratch, good_with_hdr.len() as u32, 0, RawNext::Index(0))],
+    )
+    .unwrap();
     assert_eq!(b.recv(0, WAIT).unwrap().frame, good);
     assert_eq!(c.recv(0, WAIT).unwrap().frame, good);
     c.send(0, &plain(), &udp_frame(mac(3), mac(2), 90)).unwrap();
@@ -355,13 +429,34 @@ fn malformed_rx_buffers_are_counted_and_survived() {
     let mut b = sw.connect("b", DeviceOptions::default()).unwrap();
     let outside = b.mem_size() + 4096;
     // A read-only RX buffer, then one outside memory, then good ones.
-    b.post_rx_raw(0, &[RawDesc { addr: 4096, len: 2048, flags: 0, next: RawNext::Index(0) }]).unwrap();
-    b.post_rx_raw(0, &[RawDesc { addr: outside, len: 2048, flags: DESC_F_WRITE, next: RawNext::Index(0) }]).unwrap();
+    b.post_rx_raw(
+        0,
+        &[RawDesc {
+            addr: 4096,
+            len: 2048,
+            flags: 0,
+            next: RawNext::Index(0),
+        }],
+    )
+    .unwrap();
+    b.post_rx_raw(
+        0,
+        &[RawDesc {
+            addr: outside,
+            len: 2048,
+            flags: DESC_F_WRITE,
+            next: RawNext::Index(0),
+        }],
+    )
+    .unwrap();
     b.post_rx(0, 8).unwrap();
     for _ in 0..3 {
-        a.send(0, &plain(), &udp_frame(mac(1), mac(2), 100)).unwrap();
+        a.send(0, &plain(), &udp_frame(mac(1), mac(2), 100))
+            .unwrap();
     }
-    let got = b.recv(0, WAIT).expect("the third frame lands in a good buffer");
+    let got = b
+        .recv(0, WAIT)
+        .expect("the third frame lands in a good buffer");
     assert_eq!(got.frame.len(), 100);
     assert_eq!(sw.counters("b").drop_count(DropReason::BadRxDescriptor), 2);
 }
@@ -372,15 +467,18 @@ fn a_reconnecting_frontend_gets_a_working_port() {
     let mut a = device(&sw, "a", DeviceOptions::default());
     {
         let mut b = device(&sw, "b", DeviceOptions::default());
-        a.send(0, &plain(), &udp_frame(mac(1), mac(2), 100)).unwrap();
+        a.send(0, &plain(), &udp_frame(mac(1), mac(2), 100))
+            .unwrap();
         assert!(b.recv(0, WAIT).is_some());
-        b.send(0, &plain(), &udp_frame(mac(2), mac(1), 100)).unwrap();
+        b.send(0, &plain(), &udp_frame(mac(2), mac(1), 100))
+            .unwrap();
         assert!(a.recv(0, WAIT).is_some());
     } // b's frontend goes away: socket closed, memory unmapped on our side.
 
     // While b is gone, frames to it are dropped and counted, nothing else breaks.
     std::thread::sleep(Duration::from_millis(200));
-    a.send(0, &plain(), &udp_frame(mac(1), mac(2), 100)).unwrap();
+    a.send(0, &plain(), &udp_frame(mac(1), mac(2), 100))
+        .unwrap();
     assert!(a.wait_tx_done(0, WAIT));
 
     let mut b = device(&sw, "b", opts(PLAIN_FEATURES));
@@ -393,7 +491,10 @@ fn a_reconnecting_frontend_gets_a_working_port() {
 
 #[test]
 fn multiqueue_pairs_carry_traffic() {
-    let sw = TestSwitch::start(vec![TestPort::new("a").queues(2), TestPort::new("b").queues(2)], None);
+    let sw = TestSwitch::start(
+        vec![TestPort::new("a").queues(2), TestPort::new("b").queues(2)],
+        None,
+    );
     let mq = DeviceOptions {
         queue_pairs: 2,
         ..Default::default()

@@ -224,10 +224,14 @@ impl SwitchConfig {
                 message,
             };
             if p.name.is_empty() || p.name.contains(|c: char| c.is_whitespace() || c == ',') {
-                return Err(err("name must be non-empty, without spaces or commas".into()));
+                return Err(err(
+                    "name must be non-empty, without spaces or commas".into()
+                ));
             }
             if !names.insert(&p.name) {
-                return Err(err("name is used by two ports; give each port its own".into()));
+                return Err(err(
+                    "name is used by two ports; give each port its own".into()
+                ));
             }
             if p.listen_fd.is_none() && !sockets.insert(&p.socket) {
                 return Err(err(format!(
@@ -262,8 +266,10 @@ mod tests {
 
     #[test]
     fn parses_port_specs() {
-        let p = PortConfig::parse_spec("name=web1,socket=/tmp/w.sock,vlan=10,mac=52:54:00:00:00:01,queues=4")
-            .unwrap();
+        let p = PortConfig::parse_spec(
+            "name=web1,socket=/tmp/w.sock,vlan=10,mac=52:54:00:00:00:01,queues=4",
+        )
+        .unwrap();
         assert_eq!(p.name, "web1");
         assert_eq!(p.socket, PathBuf::from("/tmp/w.sock"));
         assert_eq!(p.vlan, Some(10));
@@ -291,13 +297,19 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.max_frame_len(), 1514);
         assert_eq!(c.ports[1].segment(), 0);
-        assert!(SwitchConfig::from_toml("[[port]]\nname = \"a\"\nsocket = \"/a\"\nspeed = 1\n")
-            .unwrap_err()
-            .contains("speed"));
+        assert!(
+            SwitchConfig::from_toml("[[port]]\nname = \"a\"\nsocket = \"/a\"\nspeed = 1\n")
+                .unwrap_err()
+                .contains("speed")
+        );
 
         let mut dup = c.clone();
         dup.ports[1].socket = "/a".into();
-        assert!(dup.validate().unwrap_err().to_string().contains("socket /a is used by two"));
+        assert!(dup
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("socket /a is used by two"));
         let mut v = c.clone();
         v.ports[0].vlan = Some(4095);
         assert!(v.validate().unwrap_err().to_string().contains("vlan 4095"));
@@ -307,7 +319,10 @@ mod tests {
         let mut m = c.clone();
         m.mtu = Some(20);
         assert!(m.validate().is_err());
-        assert!(matches!(SwitchConfig::default().validate(), Err(ConfigError::NoPorts)));
+        assert!(matches!(
+            SwitchConfig::default().validate(),
+            Err(ConfigError::NoPorts)
+        ));
         let e = SwitchConfig::from_file(Path::new("/nonexistent/x.toml")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/x.toml"));
     }

@@ -129,7 +129,8 @@ fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let config = build_config(&args)?;
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1]).context("installing signal handlers")?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGUSR1]).context("installing signal handlers")?;
     let server = Server::start(&config)?;
     for p in &config.ports {
         info!(

@@ -17,7 +17,11 @@ const TCP_CWR: u8 = 0x80;
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
 pub enum OffloadError {
     #[error("checksum start {start} + offset {offset} lies outside the {len}-byte frame")]
-    ChecksumOutOfFrame { start: usize, offset: usize, len: usize },
+    ChecksumOutOfFrame {
+        start: usize,
+        offset: usize,
+        len: usize,
+    },
     #[error("GSO frame is not TCP over IPv4/IPv6 matching its gso_type {0}")]
     NotTcp(u8),
     #[error("GSO frame headers are truncated or malformed")]
@@ -53,7 +57,11 @@ pub fn checksum_fold(mut sum: u32) -> u16 {
 
 /// Completes a partial checksum the way a NIC does for CHECKSUM_PARTIAL: the field at
 /// `csum_start + csum_offset` already holds the pseudo-header sum.
-pub fn complete_checksum(frame: &mut [u8], csum_start: usize, csum_offset: usize) -> Result<(), OffloadError> {
+pub fn complete_checksum(
+    frame: &mut [u8],
+    csum_start: usize,
+    csum_offset: usize,
+) -> Result<(), OffloadError> {
     let field = csum_start.checked_add(csum_offset);
     let err = OffloadError::ChecksumOutOfFrame {
         start: csum_start,
@@ -66,7 +74,11 @@ pub fn complete_checksum(frame: &mut [u8], csum_start: usize, csum_offset: usize
     };
     let sum = !checksum_fold(checksum_add(0, &frame[csum_start..]));
     // UDP uses 0 for "no checksum"; a computed 0 is sent as 0xffff (RFC 768).
-    let sum = if sum == 0 && csum_offset == 6 { 0xffff } else { sum };
+    let sum = if sum == 0 && csum_offset == 6 {
+        0xffff
+    } else {
+        sum
+    };
     frame[field..field + 2].copy_from_slice(&sum.to_be_bytes());
     Ok(())
 }
@@ -270,7 +282,11 @@ mod tests {
         let frame = tcp_frame(ipv6, &payload, true);
         let hdr = NetHdr {
             flags: VIRTIO_NET_HDR_F_NEEDS_CSUM,
-            gso_type: if ipv6 { VIRTIO_NET_HDR_GSO_TCPV6 } else { VIRTIO_NET_HDR_GSO_TCPV4 },
+            gso_type: if ipv6 {
+                VIRTIO_NET_HDR_GSO_TCPV6
+            } else {
+                VIRTIO_NET_HDR_GSO_TCPV4
+            },
             gso_size: 1448,
             ..Default::default()
         };
@@ -279,7 +295,9 @@ mod tests {
         let mut segs = 0;
         let n = segment_tcp(&frame, &hdr, &mut out, |seg| -> Result<(), ()> {
             let p = SlicedPacket::from_ethernet(seg).unwrap();
-            let Some(TransportSlice::Tcp(tcp)) = p.transport else { panic!("not tcp") };
+            let Some(TransportSlice::Tcp(tcp)) = p.transport else {
+                panic!("not tcp")
+            };
             let h = tcp.to_header();
             let want = match p.net.unwrap() {
                 NetSlice::Ipv4(ip) => {
@@ -322,14 +340,27 @@ mod tests {
     fn rejects_bad_gso_frames() {
         let frame = tcp_frame(false, &[1; 100], false);
         let mut out = vec![0u8; 2000];
-        let mut hdr = NetHdr { gso_type: VIRTIO_NET_HDR_GSO_TCPV6, gso_size: 10, ..Default::default() };
+        let mut hdr = NetHdr {
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV6,
+            gso_size: 10,
+            ..Default::default()
+        };
         let emit = |_: &[u8]| -> Result<(), ()> { Ok(()) };
-        assert!(matches!(segment_tcp(&frame, &hdr, &mut out, emit), Err(OffloadError::NotTcp(_))));
+        assert!(matches!(
+            segment_tcp(&frame, &hdr, &mut out, emit),
+            Err(OffloadError::NotTcp(_))
+        ));
         hdr.gso_type = VIRTIO_NET_HDR_GSO_TCPV4;
         hdr.gso_size = 0;
-        assert_eq!(segment_tcp(&frame, &hdr, &mut out, emit).unwrap_err(), OffloadError::ZeroMss);
+        assert_eq!(
+            segment_tcp(&frame, &hdr, &mut out, emit).unwrap_err(),
+            OffloadError::ZeroMss
+        );
         hdr.gso_size = 10;
-        assert_eq!(segment_tcp(&frame[..40], &hdr, &mut out, emit).unwrap_err(), OffloadError::BadHeaders);
+        assert_eq!(
+            segment_tcp(&frame[..40], &hdr, &mut out, emit).unwrap_err(),
+            OffloadError::BadHeaders
+        );
         assert!(segment_tcp(&frame, &hdr, &mut out[..20], emit).is_err());
     }
 }

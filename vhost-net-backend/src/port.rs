@@ -13,7 +13,9 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::config::MacAddr;
 use crate::counters::DropReason;
@@ -180,7 +182,9 @@ impl VhostUserBackend for Port {
         config[10..12].copy_from_slice(&inner.switch.mtu.unwrap_or(0).to_le_bytes());
         let mut out = vec![0u8; size as usize];
         let start = (offset as usize).min(config.len());
-        let end = (offset as usize).saturating_add(size as usize).min(config.len());
+        let end = (offset as usize)
+            .saturating_add(size as usize)
+            .min(config.len());
         out[..end - start].copy_from_slice(&config[start..end]);
         out
     }
@@ -464,7 +468,16 @@ impl PortInner {
         let frame = std::mem::take(d.frame);
         let mut out = std::mem::take(d.out);
         let result = segment_tcp(&frame[..len], hdr, &mut out, |seg| -> Result<(), ()> {
-            self.write_rx(dst, vring, qidx, &dmem, features, &plain, FrameSource::Local(seg), d);
+            self.write_rx(
+                dst,
+                vring,
+                qidx,
+                &dmem,
+                features,
+                &plain,
+                FrameSource::Local(seg),
+                d,
+            );
             Ok(())
         });
         *d.frame = frame;

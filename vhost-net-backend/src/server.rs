@@ -27,7 +27,9 @@ use crate::switch::{PortId, Switch};
 pub enum ServerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("port '{port}': cannot listen on {path}: {source} (is the directory there and writable?)")]
+    #[error(
+        "port '{port}': cannot listen on {path}: {source} (is the directory there and writable?)"
+    )]
     Listen {
         port: String,
         path: PathBuf,
@@ -273,4 +275,3 @@ fn serve_control(switch: Arc<Switch>, listener: UnixListener, stop: Arc<AtomicBo
         let _ = conn.write_all(b"\n");
     }
 }
-

@@ -454,8 +454,11 @@ mod tests {
     use super::*;
 
     fn mem() -> GuestMemory {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
-            .unwrap()
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10000),
+            (GuestAddress(0x10000), 0x10000),
+        ])
+        .unwrap()
     }
 
     fn put_desc(mem: &GuestMemory, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -465,7 +468,8 @@ mod tests {
             flags: flags.to_le(),
             next: next.to_le(),
         };
-        mem.write_obj(d, GuestAddress(table + u64::from(i) * 16)).unwrap();
+        mem.write_obj(d, GuestAddress(table + u64::from(i) * 16))
+            .unwrap();
     }
 
     #[test]
@@ -537,7 +541,15 @@ mod tests {
         // Indirect tables: bad length, nested, chained.
         put_desc(&m, 0, 5, 0x3000, 20, VIRTQ_DESC_F_INDIRECT, 0);
         assert_eq!(walk(5), Err(ChainError::BadIndirectTable(20)));
-        put_desc(&m, 0, 5, 0x3000, 16, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 0);
+        put_desc(
+            &m,
+            0,
+            5,
+            0x3000,
+            16,
+            VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT,
+            0,
+        );
         assert_eq!(walk(5), Err(ChainError::NestedIndirect));
         put_desc(&m, 0, 5, 0x3000, 16, VIRTQ_DESC_F_INDIRECT, 0);
         put_desc(&m, 0x3000, 0, 0x3000, 16, VIRTQ_DESC_F_INDIRECT, 0);
@@ -552,19 +564,40 @@ mod tests {
         let src_mem = mem();
         let dst_mem = mem();
         let data: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
-        src_mem.write_slice(&data[..300], GuestAddress(0xfe00)).unwrap();
-        src_mem.write_slice(&data[300..], GuestAddress(0x100)).unwrap();
+        src_mem
+            .write_slice(&data[..300], GuestAddress(0xfe00))
+            .unwrap();
+        src_mem
+            .write_slice(&data[300..], GuestAddress(0x100))
+            .unwrap();
         let src_segs = [
-            Segment { addr: GuestAddress(0xfe00), len: 300 },
-            Segment { addr: GuestAddress(0x100), len: 700 },
+            Segment {
+                addr: GuestAddress(0xfe00),
+                len: 300,
+            },
+            Segment {
+                addr: GuestAddress(0x100),
+                len: 700,
+            },
         ];
         let dst_segs = [
-            Segment { addr: GuestAddress(0x8000), len: 10 },
-            Segment { addr: GuestAddress(0xff80), len: 2000 },
+            Segment {
+                addr: GuestAddress(0x8000),
+                len: 10,
+            },
+            Segment {
+                addr: GuestAddress(0xff80),
+                len: 2000,
+            },
         ];
         let mut start = Cursor::default();
         assert!(start.advance(&src_segs, 4));
-        let src = FrameSource::Guest { mem: &src_mem, segs: &src_segs, start, len: 996 };
+        let src = FrameSource::Guest {
+            mem: &src_mem,
+            segs: &src_segs,
+            start,
+            len: 996,
+        };
         let mut peek = [0u8; 400];
         assert_eq!(src.peek(&mut peek), 400);
         assert_eq!(&peek[..], &data[4..404]);
@@ -573,8 +606,12 @@ mod tests {
         assert!(w.copy_from(src));
         assert_eq!(w.written(), 998);
         let mut out = vec![0u8; 998];
-        dst_mem.read_slice(&mut out[..10], GuestAddress(0x8000)).unwrap();
-        dst_mem.read_slice(&mut out[10..], GuestAddress(0xff80)).unwrap();
+        dst_mem
+            .read_slice(&mut out[..10], GuestAddress(0x8000))
+            .unwrap();
+        dst_mem
+            .read_slice(&mut out[10..], GuestAddress(0xff80))
+            .unwrap();
         assert_eq!(&out[..2], &[1, 2]);
         assert_eq!(&out[2..], &data[4..]);
         // Too small a destination is reported, not overrun.

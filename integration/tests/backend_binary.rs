@@ -1,0 +1,241 @@
+//! The `vhost-net-backend` binary as a user runs it: command line, errors, the control
+//! socket, the vhost-user program conventions and a clean exit on signals.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use integration::frames::{mac, udp_frame};
+use integration::{DeviceOptions, VirtioNetDevice};
+use vhost_net_backend::virtio::NetHdr;
+
+/// The backend binary, built by `cargo test --workspace` beside this test's own binary.
+fn backend_bin() -> PathBuf {
+    let mut dir = std::env::current_exe().unwrap();
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("vhost-net-backend");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(backend_bin()).args(args).output().unwrap()
+}
+
+fn wait_for(path: &Path) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < end, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("backend did not exit within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+fn control(path: &Path, command: &str) -> serde_json::Value {
+    let mut s = UnixStream::connect(path).unwrap();
+    writeln!(s, "{command}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+#[test]
+fn prints_capabilities() {
+    let out = run(&["--print-capabilities"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["type"], "net");
+}
+
+#[test]
+fn help_explains_options_with_a_qemu_example() {
+    let out = run(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--port",
+        "--config",
+        "--mtu",
+        "--socket-path",
+        "--fd",
+        "-netdev vhost-user",
+        "share=on",
+    ] {
+        assert!(text.contains(needle), "--help lacks {needle}");
+    }
+}
+
+#[test]
+fn bad_input_fails_with_a_message_that_names_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "[[port]]\nname = \"a\"\nsocket = \"/tmp/a.sock\"\nvlan = 5000\n",
+    )
+    .unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec![], "no ports configured"),
+        (vec!["--port".into(), "name=a".into()], "missing socket"),
+        (
+            vec!["--port".into(), "name=a,socket=/tmp/x.sock,vlan=x".into()],
+            "vlan 'x'",
+        ),
+        (
+            vec!["--config".into(), "/nonexistent/switch.toml".into()],
+            "/nonexistent/switch.toml",
+        ),
+        (
+            vec!["--config".into(), cfg.display().to_string()],
+            "vlan 5000",
+        ),
+        (
+            vec![
+                "--port".into(),
+                "name=a,socket=/nonexistent-dir/a.sock".into(),
+            ],
+            "cannot listen on /nonexistent-dir/a.sock",
+        ),
+        (vec!["--fd".into(), "57".into()], "--fd 57"),
+    ];
+    for (args, needle) in cases {
+        let out = Command::new(backend_bin()).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: stderr lacks '{needle}': {stderr}"
+        );
+    }
+}
+
+#[test]
+fn serves_ports_reports_counters_and_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb, ctl) = (
+        dir.path().join("a.sock"),
+        dir.path().join("b.sock"),
+        dir.path().join("ctl.sock"),
+    );
+    let mut child = Command::new(backend_bin())
+        .arg("--port")
+        .arg(format!("name=a,socket={}", sa.display()))
+        .arg("--port")
+        .arg(format!("name=b,socket={}", sb.display()))
+        .arg("--control-socket")
+        .arg(&ctl)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&sa);
+    wait_for(&sb);
+    wait_for(&ctl);
+
+    let mut a = VirtioNetDevice::connect(&sa, DeviceOptions::default()).unwrap();
+    let mut b = VirtioNetDevice::connect(&sb, DeviceOptions::default()).unwrap();
+    a.post_rx(0, 16).unwrap();
+    b.post_rx(0, 16).unwrap();
+    let frame = udp_frame(mac(1), mac(2), 128);
+    let end = Instant::now() + Duration::from_secs(10);
+    // The port's workers pick up the rings asynchronously: retry until the frame passes.
+    let got = loop {
+        a.send(0, &NetHdr::default(), &frame).unwrap();
+        if let Some(f) = b.recv(0, Duration::from_millis(200)) {
+            break f;
+        }
+        assert!(Instant::now() < end, "frame never arrived");
+    };
+    assert_eq!(got.frame, frame);
+
+    let stats = control(&ctl, "stats");
+    let ports = stats["ports"].as_array().unwrap();
+    assert_eq!(ports[0]["name"], "a");
+    assert!(ports[0]["tx_packets"].as_u64().unwrap() >= 1);
+    assert_eq!(ports[1]["rx_packets"], 1);
+    assert_eq!(ports[1]["rx_bytes"], 128);
+    assert_eq!(ports[1]["connected"], true);
+    assert!(control(&ctl, "frobnicate")["error"]
+        .as_str()
+        .unwrap()
+        .contains("stats"));
+
+    signal(&child, libc::SIGUSR1);
+    signal(&child, libc::SIGTERM);
+    let status = wait_exit(&mut child);
+    assert!(status.success(), "exit status {status}");
+    for p in [&sa, &sb, &ctl] {
+        assert!(!p.exists(), "{} left behind", p.display());
+    }
+}
+
+#[test]
+fn vhost_user_conventions_socket_path_and_fd() {
+    let dir = tempfile::tempdir().unwrap();
+    // --socket-path PATH
+    let sp = dir.path().join("vm.sock");
+    let mut child = Command::new(backend_bin())
+        .arg("--socket-path")
+        .arg(&sp)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&sp);
+    let dev = VirtioNetDevice::connect(&sp, DeviceOptions::default()).unwrap();
+    assert_ne!(dev.features, 0);
+    drop(dev);
+    signal(&child, libc::SIGINT);
+    assert!(wait_exit(&mut child).success());
+    assert!(!sp.exists());
+
+    // --fd N: a listening socket inherited from the parent (as QEMU or systemd pass it).
+    let fdp = dir.path().join("inherited.sock");
+    let listener = UnixListener::bind(&fdp).unwrap();
+    let raw = listener.as_raw_fd();
+    let mut cmd = Command::new(backend_bin());
+    cmd.args(["--fd", "3"]).stderr(Stdio::null());
+    // SAFETY: dup2 in the child between fork and exec; it only touches fd numbers.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    drop(listener);
+    let dev = VirtioNetDevice::connect(&fdp, DeviceOptions::default())
+        .expect("served on the inherited fd");
+    assert_ne!(dev.features, 0);
+    drop(dev);
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
+}
