@@ -9,7 +9,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
 use thiserror::Error;
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vhost_net_backend::virtio::{features as f, net_hdr_len, NetHdr};
@@ -188,10 +188,8 @@ impl VirtioNetDevice {
         let mut protocol_features = VhostUserProtocolFeatures::empty();
         if features & f::PROTOCOL_FEATURES != 0 {
             let pf = frontend.get_protocol_features()?;
-            protocol_features = pf
-                & (VhostUserProtocolFeatures::MQ
-                    | VhostUserProtocolFeatures::REPLY_ACK
-                    | VhostUserProtocolFeatures::CONFIG);
+            protocol_features =
+                pf & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK);
             frontend.set_protocol_features(protocol_features)?;
         }
         frontend.set_features(features)?;
@@ -269,15 +267,6 @@ impl VirtioNetDevice {
 
     pub fn frontend(&mut self) -> &mut Frontend {
         &mut self.frontend
-    }
-
-    /// Reads `size` bytes of the device config space.
-    pub fn config(&mut self, offset: u32, size: u32) -> Result<Vec<u8>> {
-        let buf = vec![0u8; size as usize];
-        let (_, payload) =
-            self.frontend
-                .get_config(offset, size, VhostUserConfigFlags::WRITABLE, &buf)?;
-        Ok(payload.to_vec())
     }
 
     /// Enables or disables one vring (QEMU does this as the guest changes queue pairs).

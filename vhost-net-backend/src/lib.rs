@@ -12,12 +12,14 @@
 //! - `switch`: MAC table, VLAN segments, forwarding decision, the port table.
 //! - `port`: the `VhostUserBackend` of a port and its per-queue-pair data path.
 //! - `counters`: per-port counters and drop reasons.
+//! - `relay`: the vhost-user control channel between QEMU and the protocol handler.
 //! - `server`: listening sockets, reconnects, MAC ageing, the control socket.
 
 pub mod config;
 pub mod counters;
 pub mod offload;
 pub mod port;
+pub mod relay;
 pub mod server;
 pub mod switch;
 pub mod virtio;

@@ -159,9 +159,9 @@ impl VhostUserBackend for Port {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
-            | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
+        // No CONFIG: QEMU's virtio-net keeps its own config space (mac=, host_mtu=) and
+        // warns about backends that offer it.
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
     }
 
     fn reset_device(&self) {
@@ -170,23 +170,6 @@ impl VhostUserBackend for Port {
 
     fn set_event_idx(&self, _enabled: bool) {
         // Each queue knows whether EVENT_IDX is on; the workers ask it.
-    }
-
-    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        // struct virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu.
-        let inner = self.inner();
-        let mut config = [0u8; 12];
-        config[..6].copy_from_slice(&inner.shared.mac.unwrap_or_default().0);
-        config[6..8].copy_from_slice(&1u16.to_le_bytes()); // VIRTIO_NET_S_LINK_UP
-        config[8..10].copy_from_slice(&inner.shared.queue_pairs.to_le_bytes());
-        config[10..12].copy_from_slice(&inner.switch.mtu.unwrap_or(0).to_le_bytes());
-        let mut out = vec![0u8; size as usize];
-        let start = (offset as usize).min(config.len());
-        let end = (offset as usize)
-            .saturating_add(size as usize)
-            .min(config.len());
-        out[..end - start].copy_from_slice(&config[start..end]);
-        out
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {

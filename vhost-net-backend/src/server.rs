@@ -3,8 +3,8 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -21,6 +21,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use crate::config::{ConfigError, SwitchConfig};
 use crate::counters::CounterSnapshot;
 use crate::port::Port;
+use crate::relay;
 use crate::switch::{PortId, Switch};
 
 #[derive(Debug, Error)]
@@ -35,7 +36,7 @@ pub enum ServerError {
         path: PathBuf,
         source: vhost::vhost_user::Error,
     },
-    #[error("control socket {path}: {source}")]
+    #[error("{path}: {source}")]
     Control {
         path: PathBuf,
         source: std::io::Error,
@@ -87,6 +88,25 @@ pub struct Server {
     threads: Vec<JoinHandle<()>>,
     ticker: Option<mpsc::Sender<()>>,
     control_path: Option<PathBuf>,
+    /// Holds the protocol handlers' internal sockets; only we can reach it.
+    private_dir: PathBuf,
+}
+
+fn make_private_dir() -> Result<PathBuf, ServerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!("vnet-{}-{nanos}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| ServerError::Control {
+            path: dir.clone(),
+            source,
+        })?;
+    Ok(dir)
 }
 
 impl Server {
@@ -121,8 +141,10 @@ impl Server {
             None => None,
         };
 
+        let private_dir = make_private_dir()?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut server = Server {
+            private_dir: private_dir.clone(),
             switch: switch.clone(),
             stop: stop.clone(),
             wake_fds: Vec::new(),
@@ -133,10 +155,11 @@ impl Server {
         for (i, listener) in listeners.into_iter().enumerate() {
             server.wake_fds.push(listener.as_raw_fd());
             let (switch, stop) = (switch.clone(), stop.clone());
+            let internal = private_dir.join(format!("{i}.sock"));
             let name = format!("port-{}", config.ports[i].name);
             let t = thread::Builder::new()
                 .name(name)
-                .spawn(move || serve_port(switch, i as PortId, listener, stop))
+                .spawn(move || serve_port(switch, i as PortId, listener, internal, stop))
                 .map_err(ServerError::Thread)?;
             server.threads.push(t);
         }
@@ -203,6 +226,7 @@ impl Server {
         if let Some(path) = &self.control_path {
             let _ = std::fs::remove_file(path);
         }
+        let _ = std::fs::remove_dir_all(&self.private_dir);
         for p in &self.switch.ports {
             info!("port {}: {}", p.name, p.counters.snapshot());
         }
@@ -215,44 +239,83 @@ impl Drop for Server {
     }
 }
 
-fn serve_port(switch: Arc<Switch>, id: PortId, mut listener: Listener, stop: Arc<AtomicBool>) {
+fn serve_port(
+    switch: Arc<Switch>,
+    id: PortId,
+    public: Listener,
+    internal_path: PathBuf,
+    stop: Arc<AtomicBool>,
+) {
     let shared = switch.ports[usize::from(id)].clone();
+    // The protocol handler accepts on a private socket; the relay joins it to the frontend.
+    let mut internal = match Listener::new(&internal_path, true) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(
+                "port {}: cannot create {}: {e}",
+                shared.name,
+                internal_path.display()
+            );
+            return;
+        }
+    };
     while !stop.load(Ordering::SeqCst) {
-        let port = Port::new(switch.clone(), id);
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = match VhostUserDaemon::new(shared.name.clone(), port, mem) {
-            Ok(d) => d,
+        let frontend = match public.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
             Err(e) => {
-                error!("port {}: cannot set up the device: {e}", shared.name);
-                thread::sleep(Duration::from_secs(1));
+                if !stop.load(Ordering::SeqCst) {
+                    error!("port {}: accept failed: {e}", shared.name);
+                    thread::sleep(Duration::from_millis(100));
+                }
                 continue;
             }
         };
-        if let Err(e) = daemon.start(&mut listener) {
-            if !stop.load(Ordering::SeqCst) {
-                error!("port {}: accept failed: {e}", shared.name);
-                thread::sleep(Duration::from_millis(100));
-            }
-            continue;
-        }
-        *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
         if stop.load(Ordering::SeqCst) {
-            daemon.request_shutdown();
+            break;
         }
-        info!("port {}: frontend connected", shared.name);
-        let result = daemon.wait();
-        *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        shared.detach();
-        switch.macs.forget_port(id);
-        for handler in daemon.get_epoll_handlers() {
-            handler.send_exit_event();
-        }
-        match result {
-            Ok(()) => info!("port {}: frontend disconnected", shared.name),
-            Err(e) => warn!("port {}: connection ended: {e}", shared.name),
+        if let Err(e) = serve_connection(&switch, id, frontend, &mut internal, &internal_path) {
+            error!("port {}: {e}", shared.name);
         }
     }
-    // Dropping the listener removes its socket file.
+    // Dropping the listeners removes their socket files.
+}
+
+/// Serves one frontend connection until it ends.
+fn serve_connection(
+    switch: &Arc<Switch>,
+    id: PortId,
+    frontend: UnixStream,
+    internal: &mut Listener,
+    internal_path: &Path,
+) -> Result<(), String> {
+    let shared = switch.ports[usize::from(id)].clone();
+    let port = Port::new(switch.clone(), id);
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new(shared.name.clone(), port, mem)
+        .map_err(|e| format!("cannot set up the device: {e}"))?;
+    // Connecting first leaves the connection in the backlog for the daemon's accept.
+    let handler_side = UnixStream::connect(internal_path)
+        .map_err(|e| format!("cannot reach {}: {e}", internal_path.display()))?;
+    daemon
+        .start(internal)
+        .map_err(|e| format!("cannot start the protocol handler: {e}"))?;
+    let relay = relay::spawn(frontend, handler_side).map_err(|e| format!("relay: {e}"))?;
+    *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+    info!("port {}: frontend connected", shared.name);
+    let result = daemon.wait();
+    *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    shared.detach();
+    switch.macs.forget_port(id);
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    let _ = relay.join();
+    match result {
+        Ok(()) => info!("port {}: frontend disconnected", shared.name),
+        Err(e) => warn!("port {}: connection ended: {e}", shared.name),
+    }
+    Ok(())
 }
 
 fn serve_control(switch: Arc<Switch>, listener: UnixListener, stop: Arc<AtomicBool>) {

@@ -1,0 +1,325 @@
+//! Relays vhost-user messages between a frontend (QEMU) and the protocol handler.
+//!
+//! QEMU's virtio-net enables queue pairs with SET_VRING_ENABLE as soon as the guest driver
+//! picks them, which is before the device starts and sends SET_FEATURES. The `vhost` crate's
+//! request handler refuses SET_VRING_ENABLE until PROTOCOL_FEATURES has been acked and drops
+//! the connection, so no QEMU guest could ever start. Until SET_FEATURES passes, this relay
+//! answers those requests itself and remembers them; right after SET_FEATURES it replays the
+//! last state of each ring (QEMU 7.2 does not enable the rings again when it starts the
+//! device). Every other message, with its file descriptors, passes through unchanged. Only the
+//! control channel goes through here: rings, kicks and memory are shared directly.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use libc::iovec;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+const HDR_LEN: usize = 12;
+/// Larger than any vhost-user message (the memory table with 8 regions is 264 bytes).
+const MAX_PAYLOAD: usize = 64 * 1024;
+const MAX_FDS: usize = 32;
+
+const REQ_SET_FEATURES: u32 = 2;
+const REQ_SET_VRING_ENABLE: u32 = 18;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// One vhost-user message: header, payload and the descriptors that came with it.
+#[derive(Debug)]
+pub struct Message {
+    pub request: u32,
+    pub flags: u32,
+    pub payload: Vec<u8>,
+    pub fds: Vec<File>,
+}
+
+fn invalid(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Reads one message; `Ok(None)` at a clean end of stream.
+pub fn read_message(sock: &UnixStream) -> io::Result<Option<Message>> {
+    let mut hdr = [0u8; HDR_LEN];
+    let mut raw_fds = [-1 as RawFd; MAX_FDS];
+    let mut iov = [iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: HDR_LEN,
+    }];
+    // SAFETY: the iovec points into `hdr`, which outlives the call; received fds are written
+    // into `raw_fds` and owned by us from here on.
+    let (got, nfds) = unsafe { sock.recv_with_fds(&mut iov, &mut raw_fds) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    // SAFETY: the kernel handed us these descriptors; nothing else owns them.
+    let fds: Vec<File> = raw_fds[..nfds]
+        .iter()
+        .map(|fd| unsafe { File::from_raw_fd(*fd) })
+        .collect();
+    if got == 0 {
+        return Ok(None);
+    }
+    let mut reader = sock;
+    reader.read_exact(&mut hdr[got..])?;
+    let request = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+    let flags = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+    let size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]) as usize;
+    if size > MAX_PAYLOAD {
+        return Err(invalid(format!(
+            "vhost-user message {request} claims a {size}-byte payload"
+        )));
+    }
+    let mut payload = vec![0u8; size];
+    reader.read_exact(&mut payload)?;
+    Ok(Some(Message {
+        request,
+        flags,
+        payload,
+        fds,
+    }))
+}
+
+pub fn write_message(sock: &UnixStream, msg: &Message) -> io::Result<()> {
+    let mut buf = Vec::with_capacity(HDR_LEN + msg.payload.len());
+    buf.extend_from_slice(&msg.request.to_le_bytes());
+    buf.extend_from_slice(&msg.flags.to_le_bytes());
+    buf.extend_from_slice(&(msg.payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(&msg.payload);
+    let fds: Vec<RawFd> = msg.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let sent = sock
+        .send_with_fds(&[&buf[..]], &fds)
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+    let mut writer = sock;
+    writer.write_all(&buf[sent..])
+}
+
+/// What to do with a message from the frontend.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    /// Answer it here (with an ack if it asked for one) and do not forward it.
+    Absorb {
+        ack: bool,
+    },
+}
+
+/// vhost-user's bit in the virtio feature word: the frontend speaks protocol features.
+const F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// Tracks the frontend's side of the handshake.
+#[derive(Default)]
+pub struct Filter {
+    features_set: bool,
+    /// Ring enable states absorbed before SET_FEATURES, by ring index.
+    early_enables: BTreeMap<u32, Vec<u8>>,
+}
+
+impl Filter {
+    pub fn judge(&mut self, msg: &Message) -> Verdict {
+        match msg.request {
+            REQ_SET_FEATURES => {
+                self.features_set = true;
+                Verdict::Forward
+            }
+            REQ_SET_VRING_ENABLE if !self.features_set => {
+                if msg.payload.len() >= 8 {
+                    let index = u32::from_le_bytes([
+                        msg.payload[0],
+                        msg.payload[1],
+                        msg.payload[2],
+                        msg.payload[3],
+                    ]);
+                    self.early_enables.insert(index, msg.payload.clone());
+                }
+                Verdict::Absorb {
+                    ack: msg.flags & FLAG_NEED_REPLY != 0,
+                }
+            }
+            _ => Verdict::Forward,
+        }
+    }
+
+    /// The enable requests to send after `set_features` went through. Without
+    /// PROTOCOL_FEATURES the handler enables every ring by itself.
+    pub fn replay(&mut self, set_features: &Message) -> Vec<Message> {
+        let mut word = [0u8; 8];
+        let n = set_features.payload.len().min(8);
+        word[..n].copy_from_slice(&set_features.payload[..n]);
+        let early = std::mem::take(&mut self.early_enables);
+        if u64::from_le_bytes(word) & F_PROTOCOL_FEATURES == 0 {
+            return Vec::new();
+        }
+        early
+            .into_values()
+            .map(|payload| Message {
+                request: REQ_SET_VRING_ENABLE,
+                flags: FLAG_VERSION,
+                payload,
+                fds: Vec::new(),
+            })
+            .collect()
+    }
+}
+
+/// Relays between `frontend` and `backend` until either side closes; then closes both.
+pub fn spawn(frontend: UnixStream, backend: UnixStream) -> io::Result<JoinHandle<()>> {
+    let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
+    let backend_rx = backend.try_clone()?;
+    let replies = to_frontend.clone();
+    let (f2, b2) = (frontend.try_clone()?, backend.try_clone()?);
+    let back = thread::Builder::new()
+        .name("vhost-user-relay".into())
+        .spawn(move || {
+            while let Ok(Some(msg)) = read_message(&backend_rx) {
+                let out = replies.lock().unwrap_or_else(|e| e.into_inner());
+                if write_message(&out, &msg).is_err() {
+                    break;
+                }
+            }
+            let _ = f2.shutdown(Shutdown::Both);
+            let _ = b2.shutdown(Shutdown::Both);
+        })?;
+    thread::Builder::new()
+        .name("vhost-user-relay".into())
+        .spawn(move || {
+            let mut filter = Filter::default();
+            while let Ok(Some(msg)) = read_message(&frontend) {
+                let verdict = filter.judge(&msg);
+                log::debug!(
+                    "vhost-user request {} flags {:#x} size {} fds {}: {verdict:?}",
+                    msg.request,
+                    msg.flags,
+                    msg.payload.len(),
+                    msg.fds.len()
+                );
+                let ok = match verdict {
+                    Verdict::Forward if msg.request == REQ_SET_FEATURES => {
+                        write_message(&backend, &msg).is_ok()
+                            && filter
+                                .replay(&msg)
+                                .iter()
+                                .all(|m| write_message(&backend, m).is_ok())
+                    }
+                    Verdict::Forward => write_message(&backend, &msg).is_ok(),
+                    Verdict::Absorb { ack: false } => true,
+                    Verdict::Absorb { ack: true } => {
+                        let reply = Message {
+                            request: msg.request,
+                            flags: FLAG_VERSION | FLAG_REPLY,
+                            payload: 0u64.to_le_bytes().to_vec(),
+                            fds: Vec::new(),
+                        };
+                        let out = to_frontend.lock().unwrap_or_else(|e| e.into_inner());
+                        write_message(&out, &reply).is_ok()
+                    }
+                };
+                if !ok {
+                    break;
+                }
+            }
+            let _ = frontend.shutdown(Shutdown::Both);
+            let _ = backend.shutdown(Shutdown::Both);
+            let _ = back.join();
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(request: u32, flags: u32, payload: &[u8]) -> Message {
+        Message {
+            request,
+            flags,
+            payload: payload.to_vec(),
+            fds: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn absorbs_early_vring_enable_and_forwards_the_rest() {
+        let (qemu, relay_front) = UnixStream::pair().unwrap();
+        let (relay_back, handler) = UnixStream::pair().unwrap();
+        let t = spawn(relay_front, relay_back).unwrap();
+
+        let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
+        let disable_early = [0u8, 0, 0, 0, 0, 0, 0, 0];
+        write_message(
+            &qemu,
+            &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &disable_early),
+        )
+        .unwrap();
+        // Early enable asking for an ack: answered by the relay, not forwarded.
+        write_message(
+            &qemu,
+            &msg(
+                REQ_SET_VRING_ENABLE,
+                FLAG_VERSION | FLAG_NEED_REPLY,
+                &enable,
+            ),
+        )
+        .unwrap();
+        let ack = read_message(&qemu).unwrap().unwrap();
+        assert_eq!(ack.request, REQ_SET_VRING_ENABLE);
+        assert_eq!(ack.flags, FLAG_VERSION | FLAG_REPLY);
+        assert_eq!(ack.payload, 0u64.to_le_bytes());
+        // Early enable without ack: silently absorbed.
+        write_message(&qemu, &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &enable)).unwrap();
+
+        // A message with an fd passes through with its fd.
+        let file = File::open("/dev/null").unwrap();
+        let with_fd = Message {
+            fds: vec![file],
+            ..msg(5, FLAG_VERSION, &[1, 2, 3])
+        };
+        write_message(&qemu, &with_fd).unwrap();
+        let got = read_message(&handler).unwrap().unwrap();
+        assert_eq!((got.request, got.payload.len(), got.fds.len()), (5, 3, 1));
+
+        // SET_FEATURES with PROTOCOL_FEATURES: forwarded, then the early enable replayed.
+        let features = (F_PROTOCOL_FEATURES | 1 << 32).to_le_bytes();
+        write_message(&qemu, &msg(REQ_SET_FEATURES, FLAG_VERSION, &features)).unwrap();
+        assert_eq!(
+            read_message(&handler).unwrap().unwrap().request,
+            REQ_SET_FEATURES
+        );
+        let replayed = read_message(&handler).unwrap().unwrap();
+        assert_eq!(
+            (replayed.request, replayed.flags),
+            (REQ_SET_VRING_ENABLE, FLAG_VERSION)
+        );
+        assert_eq!(replayed.payload, enable);
+        write_message(&qemu, &msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &enable)).unwrap();
+        assert_eq!(
+            read_message(&handler).unwrap().unwrap().request,
+            REQ_SET_VRING_ENABLE
+        );
+
+        // Replies flow back.
+        write_message(&handler, &msg(1, FLAG_VERSION | FLAG_REPLY, &[9; 8])).unwrap();
+        assert_eq!(read_message(&qemu).unwrap().unwrap().payload, vec![9; 8]);
+
+        // A closed frontend closes the handler's side too.
+        drop(qemu);
+        assert!(read_message(&handler).unwrap().is_none());
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn rejects_oversized_payloads() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut w = &a;
+        w.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f])
+            .unwrap();
+        assert_eq!(
+            read_message(&b).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+    }
+}
