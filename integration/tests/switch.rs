@@ -515,3 +515,66 @@ fn multiqueue_pairs_carry_traffic() {
     }
     assert_eq!(got, 16);
 }
+
+#[test]
+fn offload_requests_are_checked_and_headers_rebuilt() {
+    let sw = TestSwitch::start(ports(&["a", "nocsum", "b"]), None);
+    let mut a = device(&sw, "a", DeviceOptions::default());
+    let mut nocsum = device(&sw, "nocsum", opts(PLAIN_FEATURES));
+    let mut b = device(&sw, "b", DeviceOptions::default());
+    let mut partial = tcp_frame(mac(2), mac(3), false, 3000);
+    let mut hdr = as_partial_tcp(&mut partial, 1448);
+
+    // GSO with an absurd MSS, and a checksum request from a port that never negotiated CSUM.
+    hdr.gso_size = 8;
+    a.send(0, &hdr, &partial).unwrap();
+    let csum_only = NetHdr {
+        gso_type: 0,
+        gso_size: 0,
+        ..hdr
+    };
+    nocsum.send(0, &csum_only, &partial).unwrap();
+    assert!(b.recv(0, QUIET).is_none());
+    assert!(a.wait_tx_done(0, WAIT) && nocsum.wait_tx_done(0, WAIT));
+    assert_eq!(sw.counters("a").drop_count(DropReason::BadOffload), 1);
+    assert_eq!(sw.counters("nocsum").drop_count(DropReason::BadOffload), 1);
+
+    // A sender's DATA_VALID (or stray flag bits) never reaches a receiver.
+    let frame = udp_frame(mac(1), mac(3), 200);
+    let lying = NetHdr {
+        flags: 0x02 | 0x40,
+        ..NetHdr::default()
+    };
+    a.send(0, &lying, &frame).unwrap();
+    let got = b.recv(0, WAIT).unwrap();
+    assert_eq!(got.frame, frame);
+    assert_eq!(got.hdr.flags, 0);
+}
+
+#[test]
+fn traffic_follows_the_queue_pairs_the_guest_enabled() {
+    let sw = TestSwitch::start(
+        vec![TestPort::new("a").queues(2), TestPort::new("b").queues(2)],
+        None,
+    );
+    let mq = DeviceOptions {
+        queue_pairs: 2,
+        ..Default::default()
+    };
+    let mut a = sw.connect("a", mq.clone()).unwrap();
+    let mut b = sw.connect("b", mq).unwrap();
+    for qp in 0..2 {
+        b.post_rx(qp, 32).unwrap();
+    }
+    // The guest goes down to one queue pair (ethtool -L combined 1): QEMU disables the rest.
+    b.set_vring_enable(2, false).unwrap();
+    b.set_vring_enable(3, false).unwrap();
+    for i in 0..16u8 {
+        let mut fr = udp_frame(mac(1), mac(2), 100);
+        fr[35] = i;
+        a.send(0, &plain(), &fr).unwrap();
+    }
+    assert_eq!(b.recv_all(0, Duration::from_millis(500)).len(), 16);
+    assert!(b.recv_all(1, Duration::from_millis(100)).is_empty());
+    assert_eq!(sw.counters("b").drop_count(DropReason::PortDown), 0);
+}

@@ -4,7 +4,7 @@
 
 use std::io;
 use std::num::Wrapping;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
@@ -22,8 +22,9 @@ use crate::counters::DropReason;
 use crate::offload::{complete_checksum, segment_tcp};
 use crate::switch::{flow_hash, Forward, PortId, PortShared, Switch};
 use crate::virtio::{
-    features as f, net_hdr_len, walk_chain, Cursor, FrameSource, GuestMemory, GuestWriter, NetHdr,
-    Segment, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    features as f, needs_interrupt, net_hdr_len, push_used, walk_chain, Cursor, FrameSource,
+    GuestMemory, GuestWriter, NetHdr, Segment, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
@@ -73,7 +74,7 @@ struct Worker {
     /// One software-finished frame (checksummed copy or TCP segment).
     out: Vec<u8>,
     /// RX queues written during this burst, notified once at its end.
-    touched: Vec<(PortId, usize)>,
+    touched: Vec<Touched>,
 }
 
 impl Worker {
@@ -98,13 +99,27 @@ struct Delivery<'a> {
     frame: &'a mut Vec<u8>,
     frame_gathered: &'a mut bool,
     out: &'a mut Vec<u8>,
-    touched: &'a mut Vec<(PortId, usize)>,
+    touched: &'a mut Vec<Touched>,
+    /// The Ethernet header as checked and switched: delivered from this copy, so a guest
+    /// rewriting its buffer meanwhile cannot change what the decision was made on.
+    eth: [u8; 14],
+}
+
+/// An RX queue written during a burst, and its used index before the first write.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Touched {
+    port: PortId,
+    queue: usize,
+    old_used: u16,
 }
 
 struct PortInner {
     switch: Arc<Switch>,
     shared: Arc<PortShared>,
     workers: Vec<Mutex<Worker>>,
+    /// False once the connection ended: old workers still draining must not touch the
+    /// port's shared state, which may already belong to the next connection.
+    alive: AtomicBool,
 }
 
 /// The `VhostUserBackend` of one port for one frontend connection.
@@ -121,7 +136,13 @@ impl Port {
             switch,
             shared,
             workers,
+            alive: AtomicBool::new(true),
         }))
+    }
+
+    /// Marks the connection as ended; its workers stop at their next step.
+    pub fn retire(&self) {
+        self.0.alive.store(false, Ordering::SeqCst);
     }
 
     fn inner(&self) -> &PortInner {
@@ -201,9 +222,13 @@ impl VhostUserBackend for Port {
         let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
         if !worker.published {
             // The framework hands a queue pair's vrings only to its own worker: publish the
-            // RX one so that other ports can deliver into it.
+            // RX one so that other ports can deliver into it. Checked under the lock that
+            // detaching takes, so a retired connection never publishes into the next one.
             if let Some(rx) = vrings.first() {
                 let mut ep = inner.shared.rx_write();
+                if !inner.alive.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
                 if let Some(slot) = ep.queues.get_mut(thread_id) {
                     *slot = Some(rx.clone());
                 }
@@ -232,6 +257,10 @@ impl PortInner {
         self.shared.id
     }
 
+    fn alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
     fn process_tx(&self, vring: &Vring, w: &mut Worker) {
         let (atomic, features) = {
             let rx = self.shared.rx_read();
@@ -242,20 +271,25 @@ impl PortInner {
         };
         let mem = atomic.memory();
         let hdr_len = net_hdr_len(features);
-        loop {
+        while self.alive() {
             let mut state = vring.get_mut();
+            if !state.is_enabled() {
+                return;
+            }
             let queue = state.get_queue_mut();
             if !queue.ready() {
                 return;
             }
             let event_idx = queue.event_idx_enabled();
-            match queue.avail_idx(&*mem, Ordering::Acquire) {
-                Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size() => {}
+            let pending = match queue.avail_idx(&*mem, Ordering::Acquire) {
+                Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size() => {
+                    (avail - Wrapping(queue.next_avail())).0
+                }
                 _ => {
                     drop(state);
                     return self.broken("TX avail index out of range");
                 }
-            }
+            };
             if event_idx {
                 let _ = queue.disable_notification(&*mem);
             }
@@ -265,12 +299,16 @@ impl PortInner {
             let mut outcome = TxOutcome::Done;
             while handled < TX_BURST {
                 let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+                    if handled < usize::from(pending) {
+                        // Entries announced but unreadable: do not spin on them.
+                        outcome = TxOutcome::Broken("TX avail ring unreadable");
+                    }
                     break;
                 };
                 let head = chain.head_index();
                 w.tx_segs.clear();
                 match walk_chain(&mem, table, size, head, false, &mut w.tx_segs) {
-                    Ok(total) => self.forward(&mem, total as usize, hdr_len, w),
+                    Ok(total) => self.forward(&mem, total as usize, hdr_len, features, w),
                     Err(e) => {
                         debug!("port {}: bad TX chain {head}: {e}", self.shared.name);
                         self.shared.counters.count_drop(DropReason::BadTxDescriptor);
@@ -283,8 +321,9 @@ impl PortInner {
                 }
             }
             let notify = queue.needs_notification(&*mem).unwrap_or(true);
-            let more = handled == TX_BURST
-                || (event_idx && queue.enable_notification(&*mem).unwrap_or(false));
+            let more = matches!(outcome, TxOutcome::Done)
+                && (handled == TX_BURST
+                    || (event_idx && queue.enable_notification(&*mem).unwrap_or(false)));
             drop(state);
             self.flush_notifications(&mut w.touched);
             if notify {
@@ -300,6 +339,9 @@ impl PortInner {
     }
 
     fn broken(&self, why: &str) {
+        if !self.alive() {
+            return;
+        }
         warn!(
             "port {}: guest driver broke the virtio protocol ({why}); resetting the connection",
             self.shared.name
@@ -309,7 +351,14 @@ impl PortInner {
     }
 
     /// Switches one frame whose buffers are in `w.tx_segs`.
-    fn forward(&self, mem: &GuestMemory, total: usize, hdr_len: usize, w: &mut Worker) {
+    fn forward(
+        &self,
+        mem: &GuestMemory,
+        total: usize,
+        hdr_len: usize,
+        features: u64,
+        w: &mut Worker,
+    ) {
         let counters = &self.shared.counters;
         if total < hdr_len + 14 {
             return counters.count_drop(DropReason::Malformed);
@@ -324,26 +373,21 @@ impl PortInner {
         };
         whole.peek(&mut hdr_bytes[..hdr_len]);
         let hdr = NetHdr::parse(&hdr_bytes[..hdr_len]);
-        let mut start = Cursor::default();
-        start.advance(segs, hdr_len);
-        let frame_len = total - hdr_len;
-        let src = FrameSource::Guest {
-            mem,
-            segs,
-            start,
-            len: frame_len,
-        };
+        let src = whole.skip(hdr_len);
+        let frame_len = src.len();
         let mut peek = [0u8; PEEK_LEN];
         let peeked = src.peek(&mut peek);
         let peek = &peek[..peeked];
         counters.count_tx(frame_len);
-        if let Err(reason) = self.check_frame(&hdr, peek, frame_len) {
+        if let Err(reason) = self.check_frame(&hdr, peek, frame_len, features) {
             return counters.count_drop(reason);
         }
+        let mut eth = [0u8; 14];
+        eth.copy_from_slice(&peek[..14]);
         let mut dst_mac = MacAddr::default();
         let mut src_mac = MacAddr::default();
-        dst_mac.0.copy_from_slice(&peek[0..6]);
-        src_mac.0.copy_from_slice(&peek[6..12]);
+        dst_mac.0.copy_from_slice(&eth[0..6]);
+        src_mac.0.copy_from_slice(&eth[6..12]);
         let hash = flow_hash(peek);
 
         let mut d = Delivery {
@@ -353,6 +397,7 @@ impl PortInner {
             frame_gathered: &mut w.frame_gathered,
             out: &mut w.out,
             touched: &mut w.touched,
+            eth,
         };
         *d.frame_gathered = false;
         match self.switch.decide(self.id(), src_mac, dst_mac) {
@@ -368,7 +413,13 @@ impl PortInner {
         }
     }
 
-    fn check_frame(&self, hdr: &NetHdr, peek: &[u8], frame_len: usize) -> Result<(), DropReason> {
+    fn check_frame(
+        &self,
+        hdr: &NetHdr,
+        peek: &[u8],
+        frame_len: usize,
+        features: u64,
+    ) -> Result<(), DropReason> {
         let ethertype = u16::from_be_bytes([peek[12], peek[13]]);
         if ethertype == 0x8100 || ethertype == 0x88a8 {
             // Access ports carry untagged frames only; a tag could hop segments.
@@ -378,9 +429,20 @@ impl PortInner {
             return Err(DropReason::Malformed);
         }
         if hdr.is_gso() {
-            let kind = hdr.gso_kind();
-            if (kind != VIRTIO_NET_HDR_GSO_TCPV4 && kind != VIRTIO_NET_HDR_GSO_TCPV6)
-                || hdr.gso_size == 0
+            let needed = match hdr.gso_kind() {
+                VIRTIO_NET_HDR_GSO_TCPV4 => f::HOST_TSO4,
+                VIRTIO_NET_HDR_GSO_TCPV6 => f::HOST_TSO6,
+                _ => return Err(DropReason::BadOffload),
+            } | if hdr.gso_type & VIRTIO_NET_HDR_GSO_ECN != 0 {
+                f::HOST_ECN
+            } else {
+                0
+            };
+            // The MSS bounds the work of segmenting and the size of each segment.
+            let mss = usize::from(hdr.gso_size);
+            if features & needed != needed
+                || mss < MIN_GSO_SIZE
+                || mss + 14 > self.switch.max_frame_len
             {
                 return Err(DropReason::BadOffload);
             }
@@ -391,7 +453,8 @@ impl PortInner {
             return Err(DropReason::Oversize);
         }
         if hdr.needs_csum()
-            && usize::from(hdr.csum_start) + usize::from(hdr.csum_offset) + 2 > frame_len
+            && (features & f::CSUM == 0
+                || usize::from(hdr.csum_start) + usize::from(hdr.csum_offset) + 2 > frame_len)
         {
             return Err(DropReason::BadOffload);
         }
@@ -412,8 +475,7 @@ impl PortInner {
         let (Some(atomic), true) = (rx.mem.as_ref(), rx.features_acked) else {
             return dst.counters.count_drop(DropReason::PortDown);
         };
-        let count = rx.queue_count();
-        let Some((qidx, vring)) = rx.nth_queue(hash as usize % count.max(1)) else {
+        let Some((qidx, vring)) = rx.pick_queue(hash) else {
             return dst.counters.count_drop(DropReason::PortDown);
         };
         let dmem = atomic.memory();
@@ -422,16 +484,15 @@ impl PortInner {
         let segment = hdr.is_gso() && !gso_supported(features, hdr);
         let finish_csum = !segment && hdr.needs_csum() && features & f::GUEST_CSUM == 0;
         if !segment && !finish_csum {
-            let out = NetHdr {
-                num_buffers: 0,
-                ..*hdr
-            };
-            return self.write_rx(dst, vring, qidx, &dmem, features, &out, src, d);
+            let out = passed_header(hdr);
+            self.write_rx(dst, vring, qidx, &dmem, features, &out, src, d);
+            return;
         }
 
         let len = src.len();
         if !*d.frame_gathered {
             src.peek(&mut d.frame[..len]);
+            d.frame[..14].copy_from_slice(&d.eth);
             *d.frame_gathered = true;
         }
         let plain = NetHdr::default();
@@ -450,8 +511,9 @@ impl PortInner {
         }
         let frame = std::mem::take(d.frame);
         let mut out = std::mem::take(d.out);
-        let result = segment_tcp(&frame[..len], hdr, &mut out, |seg| -> Result<(), ()> {
-            self.write_rx(
+        let result = segment_tcp(&frame[..len], hdr, &mut out, |seg| {
+            // Stop at the first segment that cannot be delivered: the rest would not be.
+            let delivered = self.write_rx(
                 dst,
                 vring,
                 qidx,
@@ -461,7 +523,11 @@ impl PortInner {
                 FrameSource::Local(seg),
                 d,
             );
-            Ok(())
+            if delivered {
+                Ok(())
+            } else {
+                Err(())
+            }
         });
         *d.frame = frame;
         *d.out = out;
@@ -471,7 +537,7 @@ impl PortInner {
     }
 
     /// Takes RX buffers from `vring` (several when mergeable), writes the header and the
-    /// frame, and returns the buffers as used. Counts a drop on `dst` when it cannot.
+    /// frame, and puts the buffers on the used ring. Counts a drop on `dst` when it cannot.
     #[allow(clippy::too_many_arguments)]
     fn write_rx(
         &self,
@@ -483,15 +549,27 @@ impl PortInner {
         hdr: &NetHdr,
         src: FrameSource<'_>,
         d: &mut Delivery<'_>,
-    ) {
+    ) -> bool {
         match write_rx_buffers(vring, mem, features, hdr, src, d) {
-            Ok(()) => {
+            Ok(old_used) => {
                 dst.counters.count_rx(src.len());
-                if !d.touched.contains(&(dst.id, qidx)) {
-                    d.touched.push((dst.id, qidx));
+                if !d
+                    .touched
+                    .iter()
+                    .any(|t| t.port == dst.id && t.queue == qidx)
+                {
+                    d.touched.push(Touched {
+                        port: dst.id,
+                        queue: qidx,
+                        old_used,
+                    });
                 }
+                true
             }
-            Err(RxError::Drop(reason)) => dst.counters.count_drop(reason),
+            Err(RxError::Drop(reason)) => {
+                dst.counters.count_drop(reason);
+                false
+            }
             Err(RxError::Broken) => {
                 dst.counters.count_drop(DropReason::BadRxDescriptor);
                 warn!(
@@ -499,21 +577,35 @@ impl PortInner {
                     dst.name
                 );
                 dst.reset_connection();
+                false
             }
         }
     }
 
-    /// Notifies each RX queue written in this burst once, with no lock held while signalling.
-    fn flush_notifications(&self, touched: &mut Vec<(PortId, usize)>) {
-        for (port, qidx) in touched.drain(..) {
-            let vring = {
-                let rx = self.switch.ports[usize::from(port)].rx_read();
-                match rx.queues.get(qidx) {
-                    Some(Some(v)) => v.clone(),
+    /// Interrupts each RX queue written in this burst once, if its driver wants it, with no
+    /// lock held while signalling.
+    fn flush_notifications(&self, touched: &mut Vec<Touched>) {
+        for t in touched.drain(..) {
+            let (vring, atomic) = {
+                let rx = self.switch.ports[usize::from(t.port)].rx_read();
+                match (rx.queues.get(t.queue), rx.mem.as_ref()) {
+                    (Some(Some(v)), Some(m)) => (v.clone(), m.clone()),
                     _ => continue,
                 }
             };
-            if vring.needs_notification().unwrap_or(true) {
+            let notify = {
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                needs_interrupt(
+                    &atomic.memory(),
+                    GuestAddress(q.avail_ring()),
+                    q.size(),
+                    q.event_idx_enabled(),
+                    t.old_used,
+                    q.next_used(),
+                )
+            };
+            if notify {
                 let _ = vring.signal_used_queue();
             }
         }
@@ -524,6 +616,9 @@ enum RxError {
     Drop(DropReason),
     Broken,
 }
+
+/// Smallest MSS accepted for segmentation (Linux's `tcp_min_snd_mss` default is 48).
+const MIN_GSO_SIZE: usize = 48;
 
 fn gso_supported(features: u64, hdr: &NetHdr) -> bool {
     let kind = match hdr.gso_kind() {
@@ -540,6 +635,25 @@ fn gso_supported(features: u64, hdr: &NetHdr) -> bool {
     features & needed == needed
 }
 
+/// The header a receiver gets for a frame passed on with its offloads: only the checksum
+/// and GSO requests, rebuilt field by field (a sender's DATA_VALID or stray bits are not
+/// passed on).
+fn passed_header(hdr: &NetHdr) -> NetHdr {
+    let mut out = NetHdr::default();
+    if hdr.needs_csum() {
+        out.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        out.csum_start = hdr.csum_start;
+        out.csum_offset = hdr.csum_offset;
+    }
+    if hdr.is_gso() {
+        out.gso_type = hdr.gso_type;
+        out.gso_size = hdr.gso_size;
+        out.hdr_len = hdr.hdr_len;
+    }
+    out
+}
+
+/// Writes one frame into the RX queue; returns the used index from before the write.
 fn write_rx_buffers(
     vring: &Vring,
     mem: &GuestMemory,
@@ -547,7 +661,7 @@ fn write_rx_buffers(
     hdr: &NetHdr,
     src: FrameSource<'_>,
     d: &mut Delivery<'_>,
-) -> Result<(), RxError> {
+) -> Result<u16, RxError> {
     let hdr_len = net_hdr_len(features);
     let need = hdr_len + src.len();
     let mergeable = features & f::MRG_RXBUF != 0;
@@ -565,8 +679,10 @@ fn write_rx_buffers(
         _ => return Err(RxError::Broken),
     }
     let table = GuestAddress(queue.desc_table());
+    let used_ring = GuestAddress(queue.used_ring());
     let size = queue.size();
     let saved = queue.next_avail();
+    let old_used = queue.next_used();
     d.rx_segs.clear();
     d.rx_chains.clear();
     let mut cap: usize = 0;
@@ -580,23 +696,27 @@ fn write_rx_buffers(
             return Err(RxError::Drop(DropReason::NoRxBuffer));
         };
         let head = chain.head_index();
-        match walk_chain(mem, table, size, head, true, d.rx_segs) {
-            Ok(len) => {
-                cap += len as usize;
-                d.rx_chains.push(RxChain { head, cap: len });
+        let walked = walk_chain(mem, table, size, head, true, d.rx_segs);
+        // A chain that cannot hold even the header is as useless as a malformed one.
+        let bad = match walked {
+            Ok(len) if len as usize >= hdr_len || !d.rx_chains.is_empty() && len > 0 => None,
+            Ok(_) => Some("RX buffer too small for the virtio-net header".to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = bad {
+            debug!("bad RX chain {head}: {why}");
+            if head >= size {
+                return Err(RxError::Broken);
             }
-            Err(e) => {
-                debug!("bad RX chain {head}: {e}");
-                // Hand back every chain taken for this frame, unused, so none leaks.
-                for c in d.rx_chains.iter() {
-                    let _ = queue.add_used(mem, c.head, 0);
-                }
-                return match queue.add_used(mem, head, 0) {
-                    Ok(()) => Err(RxError::Drop(DropReason::BadRxDescriptor)),
-                    Err(_) => Err(RxError::Broken),
-                };
-            }
+            // Hand back every chain taken for this frame, unused, so none leaks.
+            let unused = d.rx_chains.iter().map(|c| (c.head, 0)).chain([(head, 0)]);
+            let next = push_used(mem, used_ring, size, old_used, unused).ok_or(RxError::Broken)?;
+            queue.set_next_used(next);
+            return Err(RxError::Drop(DropReason::BadRxDescriptor));
         }
+        let len = walked.unwrap_or(0);
+        cap += len as usize;
+        d.rx_chains.push(RxChain { head, cap: len });
         if !mergeable && cap < need {
             // Keep the buffer for a frame that fits; this one cannot be delivered.
             queue.set_next_avail(saved);
@@ -609,17 +729,21 @@ fn write_rx_buffers(
         ..*hdr
     };
     let mut writer = GuestWriter::new(mem, d.rx_segs);
-    let ok = writer.write(&out_hdr.to_bytes()[..hdr_len]) && writer.copy_from(src);
+    let ok = writer.write(&out_hdr.to_bytes()[..hdr_len])
+        && match src {
+            FrameSource::Guest { .. } => writer.write(&d.eth) && writer.copy_from(src.skip(14)),
+            FrameSource::Local(b) => writer.write(b),
+        };
     let mut left = if ok { need } else { 0 };
-    for c in d.rx_chains.iter() {
-        let used = left.min(c.cap as usize);
-        left -= used;
-        if queue.add_used(mem, c.head, used as u32).is_err() {
-            return Err(RxError::Broken);
-        }
-    }
+    let used = d.rx_chains.iter().map(|c| {
+        let n = left.min(c.cap as usize);
+        left -= n;
+        (c.head, n as u32)
+    });
+    let next = push_used(mem, used_ring, size, old_used, used).ok_or(RxError::Broken)?;
+    queue.set_next_used(next);
     if ok {
-        Ok(())
+        Ok(old_used)
     } else {
         Err(RxError::Drop(DropReason::BadRxDescriptor))
     }

@@ -274,7 +274,9 @@ fn serve_port(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        if let Err(e) = serve_connection(&switch, id, frontend, &mut internal, &internal_path) {
+        if let Err(e) =
+            serve_connection(&switch, id, frontend, &mut internal, &internal_path, &stop)
+        {
             error!("port {}: {e}", shared.name);
         }
     }
@@ -288,11 +290,12 @@ fn serve_connection(
     frontend: UnixStream,
     internal: &mut Listener,
     internal_path: &Path,
+    stop: &AtomicBool,
 ) -> Result<(), String> {
     let shared = switch.ports[usize::from(id)].clone();
     let port = Port::new(switch.clone(), id);
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new(shared.name.clone(), port, mem)
+    let mut daemon = VhostUserDaemon::new(shared.name.clone(), port.clone(), mem)
         .map_err(|e| format!("cannot set up the device: {e}"))?;
     // Connecting first leaves the connection in the backlog for the daemon's accept.
     let handler_side = UnixStream::connect(internal_path)
@@ -302,14 +305,19 @@ fn serve_connection(
         .map_err(|e| format!("cannot start the protocol handler: {e}"))?;
     let relay = relay::spawn(frontend, handler_side).map_err(|e| format!("relay: {e}"))?;
     *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+    if stop.load(Ordering::SeqCst) {
+        // Shutdown began before the handle was stored: it could not close this connection.
+        daemon.request_shutdown();
+    }
     info!("port {}: frontend connected", shared.name);
     let result = daemon.wait();
     *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    shared.detach();
-    switch.macs.forget_port(id);
+    port.retire();
     for handler in daemon.get_epoll_handlers() {
         handler.send_exit_event();
     }
+    shared.detach();
+    switch.macs.forget_port(id);
     let _ = relay.join();
     match result {
         Ok(()) => info!("port {}: frontend disconnected", shared.name),

@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use vhost_user_backend::{ShutdownHandle, VringRwLock};
+use vhost_user_backend::{ShutdownHandle, VringRwLock, VringT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryAtomic;
 
 use crate::config::{MacAddr, SwitchConfig};
@@ -113,21 +114,33 @@ pub struct RxEndpoint {
 }
 
 impl RxEndpoint {
+    /// The RX queue a flow goes to, among those the guest has enabled now (a guest may use
+    /// fewer queue pairs than offered, and change that at run time).
+    pub fn pick_queue(
+        &self,
+        hash: u32,
+    ) -> Option<(usize, &VringRwLock<GuestMemoryAtomic<GuestMemory>>)> {
+        let mut enabled = [0u8; crate::config::MAX_QUEUE_PAIRS as usize];
+        let mut n = 0;
+        for (i, q) in self.queues.iter().enumerate() {
+            if let Some(v) = q {
+                let state = v.get_ref();
+                if state.is_enabled() && state.get_queue().ready() && n < enabled.len() {
+                    enabled[n] = i as u8;
+                    n += 1;
+                }
+            }
+        }
+        if n == 0 {
+            return None;
+        }
+        let i = usize::from(enabled[hash as usize % n]);
+        self.queues[i].as_ref().map(|v| (i, v))
+    }
+
     /// Number of RX queues published so far.
     pub fn queue_count(&self) -> usize {
         self.queues.iter().filter(|q| q.is_some()).count()
-    }
-
-    /// The `n`-th published RX queue, and its queue-pair index.
-    pub fn nth_queue(
-        &self,
-        n: usize,
-    ) -> Option<(usize, &VringRwLock<GuestMemoryAtomic<GuestMemory>>)> {
-        self.queues
-            .iter()
-            .enumerate()
-            .filter_map(|(i, q)| q.as_ref().map(|q| (i, q)))
-            .nth(n)
     }
 }
 

@@ -4,6 +4,7 @@
 //! Nothing here knows about switching; `port` drives these pieces.
 
 use std::fmt;
+use std::sync::atomic::{fence, Ordering};
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
@@ -190,8 +191,14 @@ pub fn walk_chain(
     let mut budget = size;
     let mut indirect = false;
     let mut total: u32 = 0;
+    // Every descriptor visited counts, empty ones too: an indirect table may hold 65535.
+    let mut visits = 0usize;
 
     loop {
+        visits += 1;
+        if visits > MAX_CHAIN_SEGMENTS {
+            return Err(ChainError::TooManySegments);
+        }
         if index >= table_size {
             return Err(ChainError::IndexOutOfRange(index));
         }
@@ -226,9 +233,6 @@ pub fn walk_chain(
         }
         if len > 0 {
             check_range(mem, addr, u64::from(len))?;
-            if segs.len() >= MAX_CHAIN_SEGMENTS {
-                return Err(ChainError::TooManySegments);
-            }
             total = total.checked_add(len).ok_or(ChainError::LengthOverflow)?;
             segs.push(Segment {
                 addr: GuestAddress(addr),
@@ -263,6 +267,60 @@ fn check_range(mem: &GuestMemory, addr: u64, len: u64) -> Result<(), ChainError>
     }
     Ok(())
 }
+
+/// Puts finished chains `(head, used length)` on the used ring at `next_used` and makes them
+/// visible with a single index update, so that the buffers of one mergeable frame appear
+/// together. Returns the new `next_used`.
+pub fn push_used(
+    mem: &GuestMemory,
+    used_ring: GuestAddress,
+    size: u16,
+    next_used: u16,
+    elems: impl Iterator<Item = (u16, u32)>,
+) -> Option<u16> {
+    let mut idx = next_used;
+    for (head, len) in elems {
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        let slot = used_ring.checked_add(4 + 8 * u64::from(idx % size.max(1)))?;
+        mem.write_slice(&elem, slot).ok()?;
+        idx = idx.wrapping_add(1);
+    }
+    mem.store(idx.to_le(), used_ring.checked_add(2)?, Ordering::Release)
+        .ok()?;
+    Some(idx)
+}
+
+/// Whether the driver wants an interrupt for used entries `old..new` (EVENT_IDX's
+/// `used_event`, or the NO_INTERRUPT flag without it). When in doubt, yes.
+pub fn needs_interrupt(
+    mem: &GuestMemory,
+    avail_ring: GuestAddress,
+    size: u16,
+    event_idx: bool,
+    old: u16,
+    new: u16,
+) -> bool {
+    fence(Ordering::SeqCst);
+    if event_idx {
+        let at = avail_ring.checked_add(4 + 2 * u64::from(size));
+        match at.and_then(|a| mem.load::<u16>(a, Ordering::Acquire).ok()) {
+            Some(used_event) => {
+                let used_event = u16::from_le(used_event);
+                new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
+            }
+            None => true,
+        }
+    } else {
+        match mem.load::<u16>(avail_ring, Ordering::Acquire) {
+            Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
+            Err(_) => true,
+        }
+    }
+}
+
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// The host mapping of up to `len` bytes at `addr`, cut at the end of the region.
 pub fn region_slice(
@@ -318,7 +376,7 @@ pub enum FrameSource<'a> {
     Local(&'a [u8]),
 }
 
-impl FrameSource<'_> {
+impl<'a> FrameSource<'a> {
     pub fn len(&self) -> usize {
         match self {
             FrameSource::Guest { len, .. } => *len,
@@ -328,6 +386,28 @@ impl FrameSource<'_> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The same frame without its first `n` bytes.
+    pub fn skip(&self, n: usize) -> FrameSource<'a> {
+        match *self {
+            FrameSource::Local(b) => FrameSource::Local(&b[n.min(b.len())..]),
+            FrameSource::Guest {
+                mem,
+                segs,
+                mut start,
+                len,
+            } => {
+                let n = n.min(len);
+                start.advance(segs, n);
+                FrameSource::Guest {
+                    mem,
+                    segs,
+                    start,
+                    len: len - n,
+                }
+            }
+        }
     }
 
     /// Copies the first `out.len()` bytes (or fewer) into `out`; returns how many.
@@ -557,6 +637,36 @@ mod tests {
         // A loop inside an indirect table.
         put_desc(&m, 0x3000, 0, 0x1000, 10, VIRTQ_DESC_F_NEXT, 0);
         assert_eq!(walk(5), Err(ChainError::Loop));
+        // A huge indirect table of empty buffers: bounded, not walked to the end.
+        for i in 0..2000u16 {
+            put_desc(&m, 0x8000, i, 0, 0, VIRTQ_DESC_F_NEXT, i + 1);
+        }
+        put_desc(&m, 0, 6, 0x8000, 2000 * 16, VIRTQ_DESC_F_INDIRECT, 0);
+        assert_eq!(walk(6), Err(ChainError::TooManySegments));
+    }
+
+    #[test]
+    fn used_entries_appear_together_and_interrupts_follow_used_event() {
+        let m = mem();
+        let used = GuestAddress(0x2000);
+        let avail = GuestAddress(0x1000);
+        let next = push_used(&m, used, 4, 3, [(7u16, 100u32), (2, 50)].into_iter()).unwrap();
+        assert_eq!(next, 5);
+        let idx: u16 = m.read_obj(GuestAddress(0x2002)).unwrap();
+        assert_eq!(idx, 5);
+        let e: [u32; 2] = m.read_obj(GuestAddress(0x2000 + 4 + 8 * 3)).unwrap();
+        assert_eq!(e, [7, 100]);
+        let e: [u32; 2] = m.read_obj(GuestAddress(0x2000 + 4)).unwrap(); // wrapped to slot 0
+        assert_eq!(e, [2, 50]);
+        // used_event sits after the 4 avail entries.
+        m.write_obj(3u16, GuestAddress(0x1000 + 4 + 8)).unwrap();
+        assert!(needs_interrupt(&m, avail, 4, true, 3, 5));
+        m.write_obj(9u16, GuestAddress(0x1000 + 4 + 8)).unwrap();
+        assert!(!needs_interrupt(&m, avail, 4, true, 3, 5));
+        m.write_obj(1u16, avail).unwrap(); // NO_INTERRUPT
+        assert!(!needs_interrupt(&m, avail, 4, false, 3, 5));
+        m.write_obj(0u16, avail).unwrap();
+        assert!(needs_interrupt(&m, avail, 4, false, 3, 5));
     }
 
     #[test]
