@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs the system packages the suite needs, then checks formatting,
-# lints and runs every test (unit, frontend, binary, and QEMU end-to-end once present).
+# lints and runs every test: unit, frontend, binary, and QEMU guests end to end on QEMU 7.2
+# and again on QEMU 10.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,5 +12,8 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo test --workspace"
+echo "== cargo test --workspace (QEMU 7.2 guests)"
 cargo test --workspace -- --test-threads=2
+echo "== end-to-end guests on QEMU 10"
+VNET_QEMU=10 cargo test -p integration --test guests -- --nocapture 2>&1 \
+    | grep -vE '^\s+(at |[0-9]+: )'

@@ -4,6 +4,8 @@
 
 pub mod frames;
 pub mod frontend;
+pub mod guest_image;
+pub mod qemu;
 pub mod testbed;
 
 pub use frontend::{DeviceOptions, RawDesc, RawNext, RxFrame, VirtioNetDevice};

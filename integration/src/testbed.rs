@@ -103,3 +103,99 @@ impl TestSwitch {
             .snapshot()
     }
 }
+
+/// The `vhost-net-backend` binary built beside the running test or tool
+/// (`cargo test --workspace` builds it); `VNET_BACKEND` overrides.
+pub fn backend_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("VNET_BACKEND") {
+        return PathBuf::from(p);
+    }
+    let mut dir = std::env::current_exe().expect("current exe");
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let bin = dir.join("vhost-net-backend");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p vhost-net-backend` (cargo test --workspace does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The backend binary running as its own process, as users run it.
+pub struct BackendProcess {
+    child: Option<std::process::Child>,
+    args: Vec<String>,
+    sockets: Vec<PathBuf>,
+    pub log: PathBuf,
+}
+
+impl BackendProcess {
+    /// Starts the binary with `args` and waits for `sockets` to appear.
+    pub fn start(args: Vec<String>, sockets: Vec<PathBuf>, log: PathBuf) -> BackendProcess {
+        let mut p = BackendProcess { child: None, args, sockets, log };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("backend log");
+        let child = std::process::Command::new(backend_binary())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stderr(log)
+            .spawn()
+            .expect("backend starts");
+        self.child = Some(child);
+        let end = Instant::now() + Duration::from_secs(10);
+        while !self.sockets.iter().all(|s| s.exists()) {
+            assert!(Instant::now() < end, "backend sockets never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the process outright (no cleanup: what a crash looks like) and starts it again.
+    pub fn crash_and_restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.spawn();
+    }
+
+    /// SIGTERM and wait; returns whether it exited with status 0.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        // SAFETY: signalling our own child process.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for BackendProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,21 +13,7 @@ use integration::frames::{mac, udp_frame};
 use integration::{DeviceOptions, VirtioNetDevice};
 use vhost_net_backend::virtio::NetHdr;
 
-/// The backend binary, built by `cargo test --workspace` beside this test's own binary.
-fn backend_bin() -> PathBuf {
-    let mut dir = std::env::current_exe().unwrap();
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let bin = dir.join("vhost-net-backend");
-    assert!(
-        bin.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`",
-        bin.display()
-    );
-    bin
-}
+use integration::testbed::backend_binary as backend_bin;
 
 fn run(args: &[&str]) -> Output {
     Command::new(backend_bin()).args(args).output().unwrap()

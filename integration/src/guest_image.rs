@@ -1,0 +1,329 @@
+//! A tiny guest image built from Debian packages: the cloud kernel, its virtio-net modules,
+//! a static busybox, and iperf3 and ethtool with their libraries, in an initramfs whose
+//! init configures the NICs from the kernel command line and then runs commands read from
+//! the serial console. Built once and cached.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use thiserror::Error;
+
+/// Modules in load order (there is no modprobe in the image).
+const MODULES: &[&str] = &[
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
+];
+
+/// Host programs copied into the image with the shared libraries they need.
+const PROGRAMS: &[&str] = &["/usr/bin/iperf3", "/usr/sbin/ethtool", "/usr/bin/ping"];
+
+/// Bump when the image layout or init changes, so caches are rebuilt.
+const IMAGE_VERSION: &str = "5";
+
+pub const READY_MARKER: &str = "VNET-GUEST-READY";
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /tmp /run
+dmesg -n 1
+for m in MODULES; do insmod /lib/modules/$m || echo "insmod $m failed"; done
+arg() { sed -n "s/.*vnet\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+ip link set lo up
+mtu=$(arg mtu)
+i=0
+for a in $(arg ip | tr , ' '); do
+    [ -n "$mtu" ] && ip link set eth$i mtu $mtu
+    ip link set eth$i up
+    ip addr add $a dev eth$i
+    i=$((i+1))
+done
+if grep -q 'vnet.shell=1' /proc/cmdline; then
+    echo "guest ready: $(ip -o -4 addr show | awk '{print $2, $4}' | tr '\n' ' ')(poweroff -f to leave)"
+    exec setsid cttyhack sh
+fi
+stty -echo
+echo READY
+while read -r line; do eval "$line"; done
+poweroff -f
+"#;
+
+#[derive(Debug, Error)]
+pub enum ImageError {
+    #[error("{what} failed: {detail} (are the packages from ci/install-deps.sh installed?)")]
+    Command { what: String, detail: String },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Missing(String),
+}
+
+/// A bootable guest: kernel and initramfs.
+#[derive(Clone, Debug)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<String, ImageError> {
+    let out = cmd.output().map_err(|e| ImageError::Command {
+        what: what.to_string(),
+        detail: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(ImageError::Command {
+            what: what.to_string(),
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Where cached artefacts (guest image, unpacked QEMU 10) live: `VNET_CACHE`, or
+/// `target/vnet-cache` of this workspace.
+pub fn cache_root() -> PathBuf {
+    match std::env::var_os("VNET_CACHE") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("target")
+            .join("vnet-cache"),
+    }
+}
+
+/// Builds the guest image under `cache_root()/guest`, or returns the cached one.
+pub fn guest_image() -> Result<GuestImage, ImageError> {
+    build_guest_image(&cache_root().join("guest"))
+}
+
+/// Builds the guest image in `dir` unless a complete one is already there. Safe to call
+/// from several processes at once (a file lock serialises the builds).
+pub fn build_guest_image(dir: &Path) -> Result<GuestImage, ImageError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let image = GuestImage {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initrd.cpio"),
+    };
+    let stamp = dir.join("version");
+    let lock_path = dir.join(".lock");
+    let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
+    // SAFETY: flock on a file we hold open; released when `lock` is closed.
+    unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(IMAGE_VERSION)
+        && image.kernel.exists()
+        && image.initrd.exists()
+    {
+        return Ok(image);
+    }
+
+    let work = dir.join("work");
+    let _ = fs::remove_dir_all(&work);
+    fs::create_dir_all(&work).map_err(io_err(&work))?;
+    let deb = download_kernel(&work)?;
+    let kx = work.join("kernel");
+    run(
+        "dpkg -x (kernel package)",
+        Command::new("dpkg").arg("-x").arg(&deb).arg(&kx),
+    )?;
+    let (vmlinuz, modules) = find_kernel(&kx)?;
+    fs::copy(&vmlinuz, &image.kernel).map_err(io_err(&vmlinuz))?;
+
+    let mut cpio = Cpio::default();
+    for d in [
+        "bin", "sbin", "dev", "proc", "sys", "tmp", "lib", "lib64", "usr", "usr/bin", "usr/sbin",
+        "usr/lib", "lib/modules",
+    ] {
+        cpio.dir(d);
+    }
+    let busybox = Path::new("/bin/busybox");
+    // ldd fails on a static binary, which is what the image needs.
+    if run("ldd /bin/busybox", Command::new("ldd").arg(busybox)).is_ok() {
+        return Err(ImageError::Missing(
+            "/bin/busybox is not static: install busybox-static".into(),
+        ));
+    }
+    cpio.file("bin/busybox", &read(busybox)?, 0o755);
+    let mut names = Vec::new();
+    for m in MODULES {
+        let src = modules.join(m);
+        let name = Path::new(m).file_name().unwrap().to_string_lossy().to_string();
+        cpio.file(&format!("lib/modules/{name}"), &read(&src)?, 0o644);
+        names.push(name);
+    }
+    let mut libs = std::collections::BTreeSet::new();
+    for prog in PROGRAMS {
+        let p = Path::new(prog);
+        cpio.file(prog.trim_start_matches('/'), &read(p)?, 0o755);
+        let ldd = run(&format!("ldd {prog}"), Command::new("ldd").arg(p))?;
+        for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
+            libs.insert(lib.to_string());
+        }
+    }
+    for lib in &libs {
+        let real = fs::canonicalize(lib).map_err(io_err(Path::new(lib)))?;
+        let rel = lib.trim_start_matches('/');
+        if let Some(parent) = Path::new(rel).parent() {
+            cpio.dir_all(parent);
+        }
+        cpio.file(rel, &read(&real)?, 0o755);
+    }
+    let init = INIT
+        .replace("MODULES", &names.join(" "))
+        .replace("echo READY", &format!("echo {READY_MARKER}"));
+    cpio.file("init", init.as_bytes(), 0o755);
+
+    let tmp = dir.join("initrd.cpio.tmp");
+    fs::write(&tmp, cpio.finish()).map_err(io_err(&tmp))?;
+    fs::rename(&tmp, &image.initrd).map_err(io_err(&image.initrd))?;
+    fs::write(&stamp, IMAGE_VERSION).map_err(io_err(&stamp))?;
+    let _ = fs::remove_dir_all(&work);
+    Ok(image)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ImageError> {
+    fs::read(path).map_err(io_err(path))
+}
+
+/// Fetches the current Debian cloud kernel package into `work`.
+fn download_kernel(work: &Path) -> Result<PathBuf, ImageError> {
+    let deps = run(
+        "apt-cache depends linux-image-cloud-amd64",
+        Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]),
+    )?;
+    let pkg = deps
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("Depends: "))
+        .find(|p| p.starts_with("linux-image-"))
+        .ok_or_else(|| {
+            ImageError::Missing("no linux-image-*-cloud-amd64 package: run apt-get update".into())
+        })?
+        .to_string();
+    run(
+        &format!("apt-get download {pkg}"),
+        Command::new("apt-get").args(["download", "-q", &pkg]).current_dir(work),
+    )?;
+    fs::read_dir(work)
+        .map_err(io_err(work))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .ok_or_else(|| ImageError::Missing(format!("apt-get download {pkg} left no .deb")))
+}
+
+/// The vmlinuz and the module tree of an unpacked kernel package.
+fn find_kernel(root: &Path) -> Result<(PathBuf, PathBuf), ImageError> {
+    let boot = root.join("boot");
+    let vmlinuz = fs::read_dir(&boot)
+        .map_err(io_err(&boot))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .ok_or_else(|| ImageError::Missing("kernel package has no vmlinuz".into()))?;
+    let version = vmlinuz.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
+    let modules = root.join("lib/modules").join(version).join("kernel");
+    Ok((vmlinuz, modules))
+}
+
+/// A `newc` cpio archive, the initramfs format the kernel unpacks.
+#[derive(Default)]
+pub struct Cpio {
+    out: Vec<u8>,
+    ino: u32,
+    dirs: std::collections::BTreeSet<String>,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.ino += 1;
+        let fields = [
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len() as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
+        let mut hdr = String::from("070701");
+        for f in fields {
+            hdr.push_str(&format!("{f:08x}"));
+        }
+        self.out.extend_from_slice(hdr.as_bytes());
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while self.out.len() % 4 != 0 {
+            self.out.push(0);
+        }
+    }
+
+    pub fn dir(&mut self, name: &str) {
+        if self.dirs.insert(name.to_string()) {
+            self.entry(name, 0o040755, &[]);
+        }
+    }
+
+    pub fn dir_all(&mut self, path: &Path) {
+        let mut acc = PathBuf::new();
+        for c in path.components() {
+            acc.push(c);
+            self.dir(&acc.to_string_lossy());
+        }
+    }
+
+    pub fn file(&mut self, name: &str, data: &[u8], perm: u32) {
+        self.entry(name, 0o100000 | perm, data);
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_entries_are_newc_and_aligned() {
+        let mut c = Cpio::default();
+        c.dir_all(Path::new("lib/x86_64-linux-gnu"));
+        c.file("init", b"#!/bin/sh\n", 0o755);
+        let out = c.finish();
+        assert!(out.starts_with(b"070701"));
+        assert_eq!(out.len() % 4, 0);
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("lib/x86_64-linux-gnu\0"));
+        assert!(text.contains("TRAILER!!!"));
+        // The file's mode field: regular file 0755.
+        assert!(text.contains(&format!("{:08x}", 0o100755)));
+    }
+}
