@@ -13,7 +13,6 @@ cargo fmt --all --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test --workspace (QEMU 7.2 guests)"
-cargo test --workspace -- --test-threads=2
+cargo test --workspace -- --test-threads=2 --nocapture
 echo "== end-to-end guests on QEMU 10"
-VNET_QEMU=10 cargo test -p integration --test guests -- --nocapture 2>&1 \
-    | grep -vE '^\s+(at |[0-9]+: )'
+VNET_QEMU=10 cargo test -p integration --test guests -- --nocapture

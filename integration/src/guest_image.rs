@@ -148,8 +148,19 @@ pub fn build_guest_image(dir: &Path) -> Result<GuestImage, ImageError> {
 
     let mut cpio = Cpio::default();
     for d in [
-        "bin", "sbin", "dev", "proc", "sys", "tmp", "lib", "lib64", "usr", "usr/bin", "usr/sbin",
-        "usr/lib", "lib/modules",
+        "bin",
+        "sbin",
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "lib",
+        "lib64",
+        "usr",
+        "usr/bin",
+        "usr/sbin",
+        "usr/lib",
+        "lib/modules",
     ] {
         cpio.dir(d);
     }
@@ -164,7 +175,11 @@ pub fn build_guest_image(dir: &Path) -> Result<GuestImage, ImageError> {
     let mut names = Vec::new();
     for m in MODULES {
         let src = modules.join(m);
-        let name = Path::new(m).file_name().unwrap().to_string_lossy().to_string();
+        let name = Path::new(m)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .to_string();
         cpio.file(&format!("lib/modules/{name}"), &read(&src)?, 0o644);
         names.push(name);
     }
@@ -218,7 +233,9 @@ fn download_kernel(work: &Path) -> Result<PathBuf, ImageError> {
         .to_string();
     run(
         &format!("apt-get download {pkg}"),
-        Command::new("apt-get").args(["download", "-q", &pkg]).current_dir(work),
+        Command::new("apt-get")
+            .args(["download", "-q", &pkg])
+            .current_dir(work),
     )?;
     fs::read_dir(work)
         .map_err(io_err(work))?
@@ -233,7 +250,10 @@ fn find_kernel(root: &Path) -> Result<(PathBuf, PathBuf), ImageError> {
     let vmlinuz = fs::read_dir(&boot)
         .map_err(io_err(&boot))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
         .ok_or_else(|| ImageError::Missing("kernel package has no vmlinuz".into()))?;
     let version = vmlinuz.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
     let modules = root.join("lib/modules").join(version).join("kernel");
@@ -279,7 +299,7 @@ impl Cpio {
     }
 
     fn pad(&mut self) {
-        while self.out.len() % 4 != 0 {
+        while !self.out.len().is_multiple_of(4) {
             self.out.push(0);
         }
     }
@@ -319,7 +339,7 @@ mod tests {
         c.file("init", b"#!/bin/sh\n", 0o755);
         let out = c.finish();
         assert!(out.starts_with(b"070701"));
-        assert_eq!(out.len() % 4, 0);
+        assert!(out.len().is_multiple_of(4));
         let text = String::from_utf8_lossy(&out);
         assert!(text.contains("lib/x86_64-linux-gnu\0"));
         assert!(text.contains("TRAILER!!!"));

@@ -87,10 +87,18 @@ impl Qemu {
             PathBuf::from("/usr/share/seabios"),
             PathBuf::from("/usr/share/qemu"),
         ];
-        Self::at(binary, Some(root.join("usr/lib/x86_64-linux-gnu/qemu")), data)
+        Self::at(
+            binary,
+            Some(root.join("usr/lib/x86_64-linux-gnu/qemu")),
+            data,
+        )
     }
 
-    fn at(binary: PathBuf, module_dir: Option<PathBuf>, data_dirs: Vec<PathBuf>) -> Result<Qemu, QemuError> {
+    fn at(
+        binary: PathBuf,
+        module_dir: Option<PathBuf>,
+        data_dirs: Vec<PathBuf>,
+    ) -> Result<Qemu, QemuError> {
         let name = binary.display().to_string();
         let mut cmd = Command::new(&binary);
         if let Some(m) = &module_dir {
@@ -238,7 +246,10 @@ pub fn guest_args(qemu: &Qemu, accel: Accel, image: &GuestImage, spec: &GuestSpe
             qemu.reconnect_option()
         ));
         args.push("-netdev".into());
-        args.push(format!("vhost-user,id=net{i},chardev=chr{i},queues={}", nic.queues));
+        args.push(format!(
+            "vhost-user,id=net{i},chardev=chr{i},queues={}",
+            nic.queues
+        ));
         let mut dev = format!("virtio-net-pci,netdev=net{i},mac={mac}");
         if nic.queues > 1 {
             dev.push_str(",mq=on");
@@ -284,7 +295,10 @@ pub fn detect_accel(qemu: &Qemu, image: &GuestImage) -> Accel {
                     Accel::Kvm
                 }
                 Err(e) => {
-                    log::info!("KVM probe failed, using TCG: {}", e.to_string().lines().next().unwrap_or(""));
+                    log::info!(
+                        "KVM probe failed, using TCG: {}",
+                        e.to_string().lines().next().unwrap_or("")
+                    );
                     Accel::Tcg
                 }
             }
@@ -320,7 +334,12 @@ static NONCE: AtomicU64 = AtomicU64::new(1);
 
 impl Guest {
     /// Boots a guest and waits until its init is ready for commands.
-    pub fn boot(qemu: &Qemu, accel: Accel, image: &GuestImage, spec: &GuestSpec) -> Result<Guest, QemuError> {
+    pub fn boot(
+        qemu: &Qemu,
+        accel: Accel,
+        image: &GuestImage,
+        spec: &GuestSpec,
+    ) -> Result<Guest, QemuError> {
         let timeout = if accel == Accel::Kvm { 30 } else { 90 };
         Self::boot_with(qemu, accel, image, spec, Duration::from_secs(timeout))
     }
@@ -385,7 +404,13 @@ impl Guest {
     }
 
     /// Waits until `needle` appears in the console after `from`; returns the position after it.
-    fn wait_for(&mut self, needle: &str, from: usize, timeout: Duration, what: &str) -> Result<usize, QemuError> {
+    fn wait_for(
+        &mut self,
+        needle: &str,
+        from: usize,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<usize, QemuError> {
         let end = Instant::now() + timeout;
         let mut text = self.console.text.lock().unwrap();
         loop {
@@ -394,7 +419,11 @@ impl Guest {
             }
             if let Ok(Some(status)) = self.child.try_wait() {
                 let stderr = self.stderr.lock().unwrap().clone();
-                return Err(QemuError::Exited(self.name.clone(), status.to_string(), format!("{stderr}\n{text}")));
+                return Err(QemuError::Exited(
+                    self.name.clone(),
+                    status.to_string(),
+                    format!("{stderr}\n{text}"),
+                ));
             }
             let now = Instant::now();
             if now >= end {
@@ -402,7 +431,11 @@ impl Guest {
                     name: self.name.clone(),
                     what: what.to_string(),
                     secs: timeout.as_secs(),
-                    console: format!("{}\nQEMU stderr:\n{}", tail(&text, 3000), self.stderr.lock().unwrap()),
+                    console: format!(
+                        "{}\nQEMU stderr:\n{}",
+                        tail(&text, 3000),
+                        self.stderr.lock().unwrap()
+                    ),
                 });
             }
             let wait = (end - now).min(Duration::from_millis(200));
@@ -416,9 +449,8 @@ impl Guest {
         let start_mark = format!("@@S{n}@@");
         let end_mark = format!("@@E{n}:");
         // The markers are built by the shell so the echoed command line never matches them.
-        let line = format!(
-            "echo @@S{n}\"@@\"; ( {command} ) </dev/null 2>&1; echo \"@@E{n}\"\":$?@@\"\n"
-        );
+        let line =
+            format!("echo @@S{n}\"@@\"; ( {command} ) </dev/null 2>&1; echo \"@@E{n}\"\":$?@@\"\n");
         self.stdin
             .write_all(line.as_bytes())
             .and_then(|_| self.stdin.flush())
@@ -428,7 +460,9 @@ impl Guest {
         let end = self.wait_for(&end_mark, begin, timeout, &what)?;
         let status_end = self.wait_for("@@", end, timeout, &what)?;
         let text = self.console.text.lock().unwrap();
-        let output = text[begin..end - end_mark.len()].trim_matches('\n').to_string();
+        let output = text[begin..end - end_mark.len()]
+            .trim_matches('\n')
+            .to_string();
         let status = text[end..status_end - 2].trim().parse().unwrap_or(-1);
         drop(text);
         self.read_pos = status_end;
@@ -439,7 +473,10 @@ impl Guest {
     pub fn ok(&mut self, command: &str, timeout: Duration) -> String {
         match self.run(command, timeout) {
             Ok(out) if out.status == 0 => out.output,
-            Ok(out) => panic!("guest {}: `{command}` exited {}:\n{}", self.name, out.status, out.output),
+            Ok(out) => panic!(
+                "guest {}: `{command}` exited {}:\n{}",
+                self.name, out.status, out.output
+            ),
             Err(e) => panic!("{e}"),
         }
     }
@@ -499,8 +536,14 @@ mod tests {
 
     #[test]
     fn parses_versions() {
-        assert_eq!(parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)"), Some((7, 2)));
-        assert_eq!(parse_version("QEMU emulator version 10.0.2 (Debian)"), Some((10, 0)));
+        assert_eq!(
+            parse_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7)"),
+            Some((7, 2))
+        );
+        assert_eq!(
+            parse_version("QEMU emulator version 10.0.2 (Debian)"),
+            Some((10, 0))
+        );
         assert_eq!(parse_version("nonsense"), None);
     }
 

@@ -135,7 +135,12 @@ pub struct BackendProcess {
 impl BackendProcess {
     /// Starts the binary with `args` and waits for `sockets` to appear.
     pub fn start(args: Vec<String>, sockets: Vec<PathBuf>, log: PathBuf) -> BackendProcess {
-        let mut p = BackendProcess { child: None, args, sockets, log };
+        let mut p = BackendProcess {
+            child: None,
+            args,
+            sockets,
+            log,
+        };
         p.spawn();
         p
     }

@@ -27,7 +27,13 @@ fn env() -> Env {
     let image = guest_image().expect("guest image builds");
     let qemu = Qemu::from_env().expect("QEMU is available");
     let accel = detect_accel(&qemu, &image);
-    eprintln!("QEMU {}.{} ({}), accel {}", qemu.version.0, qemu.version.1, qemu.binary.display(), accel.name());
+    eprintln!(
+        "QEMU {}.{} ({}), accel {}",
+        qemu.version.0,
+        qemu.version.1,
+        qemu.binary.display(),
+        accel.name()
+    );
     Env {
         qemu,
         accel,
@@ -47,7 +53,10 @@ impl Env {
         let mut sockets = Vec::new();
         for (name, spec) in ports {
             args.push("--port".to_string());
-            args.push(format!("name={name},socket={}{spec}", self.sock(name).display()));
+            args.push(format!(
+                "name={name},socket={}{spec}",
+                self.sock(name).display()
+            ));
             sockets.push(self.sock(name));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -56,7 +65,10 @@ impl Env {
 
     fn boot(&self, spec: GuestSpec) -> Guest {
         Guest::boot(&self.qemu, self.accel, &self.image, &spec).unwrap_or_else(|e| {
-            panic!("{e}\nbackend log:\n{}", std::fs::read_to_string(self.dir.path().join("backend.log")).unwrap_or_default())
+            panic!(
+                "{e}\nbackend log:\n{}",
+                std::fs::read_to_string(self.dir.path().join("backend.log")).unwrap_or_default()
+            )
         })
     }
 
@@ -75,7 +87,10 @@ fn finish(env: Env, guests: Vec<Guest>, mut backend: BackendProcess) {
     let pids: Vec<u32> = guests.iter().map(|g| g.pid()).collect();
     for g in guests {
         let name = g.name.clone();
-        assert!(g.shutdown(Duration::from_secs(30)), "guest {name} did not power off");
+        assert!(
+            g.shutdown(Duration::from_secs(30)),
+            "guest {name} did not power off"
+        );
     }
     for pid in pids {
         assert!(!pid_alive(pid), "QEMU {pid} still running");
@@ -93,7 +108,10 @@ fn finish(env: Env, guests: Vec<Guest>, mut backend: BackendProcess) {
 /// `ping` from iputils (busybox's lacks `-M do`; busybox's shell runs its own
 /// applets first, whatever PATH says, hence the full path).
 fn ping_ok(g: &mut Guest, args: &str) -> bool {
-    g.run(&format!("/usr/bin/ping -c 3 -W 2 {args}"), CMD).unwrap().status == 0
+    g.run(&format!("/usr/bin/ping -c 3 -W 2 {args}"), CMD)
+        .unwrap()
+        .status
+        == 0
 }
 
 /// Waits until `from` can ping `addr` (the first ARP/ICMP may race the link coming up).
@@ -130,12 +148,22 @@ fn guests_ping_jumbo_isolated_vlans_offloads_and_iperf3() {
 
     // MTU 9000 end to end, without fragmentation.
     assert!(a.ok("cat /sys/class/net/eth0/mtu", CMD).trim() == "9000");
-    assert!(ping_ok(&mut a, "-s 8972 -M do 10.0.0.2"), "9000-byte ping failed");
-    assert!(!ping_ok(&mut a, "-s 8973 -M do 10.0.0.2"), "oversize DF ping passed");
+    assert!(
+        ping_ok(&mut a, "-s 8972 -M do 10.0.0.2"),
+        "9000-byte ping failed"
+    );
+    assert!(
+        !ping_ok(&mut a, "-s 8973 -M do 10.0.0.2"),
+        "oversize DF ping passed"
+    );
 
     // Offloads were negotiated: the guest's driver has them on.
     let k = a.ok("ethtool -k eth0", CMD);
-    for feature in ["tx-checksumming: on", "tcp-segmentation-offload: on", "rx-checksumming: on"] {
+    for feature in [
+        "tx-checksumming: on",
+        "tcp-segmentation-offload: on",
+        "rx-checksumming: on",
+    ] {
         assert!(k.contains(feature), "ethtool -k lacks '{feature}':\n{k}");
     }
 
@@ -153,7 +181,11 @@ fn guests_ping_jumbo_isolated_vlans_offloads_and_iperf3() {
         .find(|(_, unit)| *unit == "Mbits/sec")
         .and_then(|(v, _)| v.parse().ok())
         .expect("throughput figure");
-    eprintln!("iperf3 guest a -> b ({} {}): {mbits:.0} Mbit/s", env.accel.name(), env.qemu.version.0);
+    eprintln!(
+        "iperf3 guest a -> b ({} {}): {mbits:.0} Mbit/s",
+        env.accel.name(),
+        env.qemu.version.0
+    );
     assert!(mbits > 0.0);
 
     finish(env, vec![a, b, c], backend);
@@ -164,7 +196,10 @@ fn multiqueue_guest_sees_and_uses_two_channels() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let env = env();
     let backend = env.backend(&[("a", ",queues=2"), ("b", ",queues=2")], &[]);
-    let mut specs = [env.guest("a", 1, "10.0.1.1/24"), env.guest("b", 2, "10.0.1.2/24")];
+    let mut specs = [
+        env.guest("a", 1, "10.0.1.1/24"),
+        env.guest("b", 2, "10.0.1.2/24"),
+    ];
     for s in &mut specs {
         s.nics[0].queues = 2;
         s.cpus = 2;
@@ -178,7 +213,13 @@ fn multiqueue_guest_sees_and_uses_two_channels() {
     a.ok("ethtool -L eth0 combined 2", CMD);
     b.ok("ethtool -L eth0 combined 2", CMD);
     let l = a.ok("ethtool -l eth0", CMD);
-    assert!(l.split("Current hardware settings").nth(1).unwrap().contains("Combined:\t2"), "{l}");
+    assert!(
+        l.split("Current hardware settings")
+            .nth(1)
+            .unwrap()
+            .contains("Combined:\t2"),
+        "{l}"
+    );
     wait_ping(&mut a, "10.0.1.2");
     b.ok("iperf3 -s -D -1", CMD);
     std::thread::sleep(Duration::from_millis(500));
@@ -203,6 +244,9 @@ fn backend_restart_is_picked_up_by_running_guests() {
     // QEMU reconnects within its reconnect interval; the guests were never restarted.
     wait_ping(&mut a, "10.0.2.2");
     let log = std::fs::read_to_string(env.dir.path().join("backend.log")).unwrap();
-    assert!(log.matches("port a: frontend connected").count() >= 2, "{log}");
+    assert!(
+        log.matches("port a: frontend connected").count() >= 2,
+        "{log}"
+    );
     finish(env, vec![a, b], backend);
 }

@@ -30,14 +30,20 @@ fn main() -> ExitCode {
     };
     match args.first().map(String::as_str) {
         Some("image") => {
-            println!("kernel {}\ninitrd {}", image.kernel.display(), image.initrd.display());
+            println!(
+                "kernel {}\ninitrd {}",
+                image.kernel.display(),
+                image.initrd.display()
+            );
             ExitCode::SUCCESS
         }
         Some("boot") => {
             let (mut socket, mut ip, mut mac, mut queues, mut mtu) = (None, None, 1u8, 1u16, None);
             let mut it = args[1..].iter();
             while let Some(flag) = it.next() {
-                let Some(value) = it.next() else { return usage() };
+                let Some(value) = it.next() else {
+                    return usage();
+                };
                 let ok = match flag.as_str() {
                     "--socket" => {
                         socket = Some(PathBuf::from(value));
@@ -57,7 +63,9 @@ fn main() -> ExitCode {
                     return usage();
                 }
             }
-            let (Some(socket), Some(ip)) = (socket, ip) else { return usage() };
+            let (Some(socket), Some(ip)) = (socket, ip) else {
+                return usage();
+            };
             if !socket.exists() {
                 eprintln!("vnet-guest: {} does not exist: start vhost-net-backend with a port on it first", socket.display());
                 return ExitCode::FAILURE;
@@ -75,7 +83,10 @@ fn main() -> ExitCode {
             spec.cpus = u32::from(queues.max(1));
             spec.mtu = mtu;
             spec.shell = true;
-            let err = qemu.command().args(guest_args(&qemu, accel, &image, &spec)).exec();
+            let err = qemu
+                .command()
+                .args(guest_args(&qemu, accel, &image, &spec))
+                .exec();
             eprintln!("vnet-guest: cannot run {}: {err}", qemu.binary.display());
             ExitCode::FAILURE
         }
