@@ -12,6 +12,8 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo build --workspace --bins (the tests run the backend binary)"
+cargo build --workspace --bins
 echo "== cargo test --workspace (QEMU 7.2 guests)"
 cargo test --workspace -- --test-threads=2 --nocapture
 echo "== end-to-end guests on QEMU 10"

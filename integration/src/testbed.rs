@@ -104,8 +104,8 @@ impl TestSwitch {
     }
 }
 
-/// The `vhost-net-backend` binary built beside the running test or tool
-/// (`cargo test --workspace` builds it); `VNET_BACKEND` overrides.
+/// The `vhost-net-backend` binary built beside the running test or tool (build it with
+/// `cargo build --workspace --bins`, as ci/test.sh does); `VNET_BACKEND` overrides.
 pub fn backend_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("VNET_BACKEND") {
         return PathBuf::from(p);
@@ -118,7 +118,7 @@ pub fn backend_binary() -> PathBuf {
     let bin = dir.join("vhost-net-backend");
     assert!(
         bin.exists(),
-        "{} is missing: build it with `cargo build -p vhost-net-backend` (cargo test --workspace does)",
+        "{} is missing: build it first with `cargo build --workspace --bins`",
         bin.display()
     );
     bin
