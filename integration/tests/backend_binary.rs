@@ -210,7 +210,13 @@ fn vhost_user_conventions_socket_path_and_fd() {
     // SAFETY: dup2 in the child between fork and exec; it only touches fd numbers.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(raw, 3) < 0 {
+            // dup2 onto itself keeps FD_CLOEXEC, so clear it explicitly in that case.
+            let ok = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(raw, 3) >= 0
+            };
+            if !ok {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
