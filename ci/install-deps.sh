@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (Rust toolchain)" >&2; exit 1; }
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(qemu-system-x86 busybox-static iperf3 ethtool iputils-ping socat)
+packages=(qemu-system-x86 busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,359 @@
+//! A small synchronous rtnetlink client: links, bridge ports, bridge VLANs and addresses.
+
+use std::net::IpAddr;
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
+    NLM_F_REQUEST,
+};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{
+    AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData,
+    InfoKind, InfoPortData, InfoPortKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum NetlinkError {
+    #[error("netlink socket: {0}")]
+    Socket(std::io::Error),
+    #[error("{what}: {source}")]
+    Kernel {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("no network interface named {0}")]
+    NoSuchLink(String),
+    #[error("netlink reply could not be decoded: {0}")]
+    Decode(String),
+}
+
+impl NetlinkError {
+    /// The kernel's errno, if this is a refusal from the kernel.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NetlinkError::Kernel { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, NetlinkError>;
+
+/// What the kernel reports about a link.
+#[derive(Clone, Debug, Default)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mtu: u32,
+    pub up: bool,
+    pub controller: Option<u32>,
+    pub kind: Option<String>,
+}
+
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+}
+
+impl Netlink {
+    pub fn open() -> Result<Netlink> {
+        let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
+        socket.bind_auto().map_err(NetlinkError::Socket)?;
+        socket
+            .connect(&SocketAddr::new(0, 0))
+            .map_err(NetlinkError::Socket)?;
+        Ok(Netlink { socket, seq: 1 })
+    }
+
+    /// Sends one request and collects the replies until the ACK (or the end of a dump).
+    fn request(
+        &mut self,
+        what: &str,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>> {
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | flags;
+        self.seq += 1;
+        header.sequence_number = self.seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        packet.finalize();
+        let mut buf = vec![0u8; packet.buffer_len()];
+        packet.serialize(&mut buf);
+        self.socket.send(&buf, 0).map_err(NetlinkError::Socket)?;
+
+        let mut replies = Vec::new();
+        loop {
+            let (data, _) = self.socket.recv_from_full().map_err(NetlinkError::Socket)?;
+            let mut offset = 0;
+            while offset < data.len() {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                    .map_err(|e| NetlinkError::Decode(e.to_string()))?;
+                let len = reply.header.length as usize;
+                if len == 0 {
+                    return Err(NetlinkError::Decode("zero-length message".into()));
+                }
+                offset += len;
+                if reply.header.sequence_number != self.seq {
+                    continue;
+                }
+                match reply.payload {
+                    NetlinkPayload::Error(e) => {
+                        return match e.code {
+                            None => Ok(replies),
+                            Some(code) => Err(NetlinkError::Kernel {
+                                what: what.to_string(),
+                                source: std::io::Error::from_raw_os_error(-code.get()),
+                            }),
+                        };
+                    }
+                    NetlinkPayload::Done(_) => return Ok(replies),
+                    NetlinkPayload::InnerMessage(m) => {
+                        replies.push(m);
+                        if flags & NLM_F_DUMP != NLM_F_DUMP {
+                            // A plain GET answers with one message and no ACK.
+                            if flags & NLM_F_ACK == 0 {
+                                return Ok(replies);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    pub fn links(&mut self) -> Result<Vec<Link>> {
+        let replies = self.request(
+            "list links",
+            RouteNetlinkMessage::GetLink(LinkMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(link_from(&l)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    pub fn link(&mut self, name: &str) -> Result<Link> {
+        self.links()?
+            .into_iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| NetlinkError::NoSuchLink(name.to_string()))
+    }
+
+    pub fn link_exists(&mut self, name: &str) -> Result<bool> {
+        Ok(self.links()?.iter().any(|l| l.name == name))
+    }
+
+    pub fn index(&mut self, name: &str) -> Result<u32> {
+        Ok(self.link(name)?.index)
+    }
+
+    /// Creates a bridge (optionally VLAN-filtering).
+    pub fn add_bridge(&mut self, name: &str, vlan_filtering: bool) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.attributes.push(LinkAttribute::IfName(name.to_string()));
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Bridge),
+            LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::VlanFiltering(
+                vlan_filtering,
+            )])),
+        ]));
+        self.request(
+            &format!("create bridge {name}"),
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )
+        .map(|_| ())
+    }
+
+    pub fn delete_link(&mut self, name: &str) -> Result<()> {
+        let index = self.index(name)?;
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        self.request(
+            &format!("delete {name}"),
+            RouteNetlinkMessage::DelLink(msg),
+            NLM_F_ACK,
+        )
+        .map(|_| ())
+    }
+
+    fn set_link(
+        &mut self,
+        what: String,
+        index: u32,
+        attrs: Vec<LinkAttribute>,
+        up: Option<bool>,
+    ) -> Result<()> {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        if let Some(up) = up {
+            msg.header.change_mask = LinkFlags::Up;
+            msg.header.flags = if up {
+                LinkFlags::Up
+            } else {
+                LinkFlags::empty()
+            };
+        }
+        msg.attributes = attrs;
+        self.request(&what, RouteNetlinkMessage::SetLink(msg), NLM_F_ACK)
+            .map(|_| ())
+    }
+
+    pub fn set_up(&mut self, name: &str) -> Result<()> {
+        let index = self.index(name)?;
+        self.set_link(format!("bring {name} up"), index, Vec::new(), Some(true))
+    }
+
+    pub fn set_mtu(&mut self, name: &str, mtu: u32) -> Result<()> {
+        let index = self.index(name)?;
+        self.set_link(
+            format!("set the MTU of {name} to {mtu}"),
+            index,
+            vec![LinkAttribute::Mtu(mtu)],
+            None,
+        )
+    }
+
+    /// Makes `port` a port of `bridge`.
+    pub fn set_controller(&mut self, port: &str, bridge: &str) -> Result<()> {
+        let (port_index, bridge_index) = (self.index(port)?, self.index(bridge)?);
+        self.set_link(
+            format!("attach {port} to {bridge}"),
+            port_index,
+            vec![LinkAttribute::Controller(bridge_index)],
+            None,
+        )
+    }
+
+    /// Isolated bridge ports cannot talk to each other, only to non-isolated ports.
+    pub fn set_port_isolated(&mut self, port: &str, isolated: bool) -> Result<()> {
+        // Port (slave) data is only applied by RTM_NEWLINK on the existing link, as
+        // `ip link set PORT type bridge_slave isolated on` does; RTM_SETLINK ignores it.
+        let mut msg = LinkMessage::default();
+        msg.header.index = self.index(port)?;
+        msg.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::PortKind(InfoPortKind::Bridge),
+            LinkInfo::PortData(InfoPortData::BridgePort(vec![InfoBridgePort::Isolated(
+                isolated,
+            )])),
+        ]));
+        self.request(
+            &format!("set port isolation on {port}"),
+            RouteNetlinkMessage::NewLink(msg),
+            NLM_F_ACK,
+        )
+        .map(|_| ())
+    }
+
+    fn bridge_vlan(
+        &mut self,
+        port: &str,
+        vid: u16,
+        flags: BridgeVlanInfoFlags,
+        add: bool,
+    ) -> Result<()> {
+        let index = self.index(port)?;
+        let mut msg = LinkMessage::default();
+        msg.header.interface_family = AddressFamily::Bridge;
+        msg.header.index = index;
+        msg.attributes
+            .push(LinkAttribute::AfSpecBridge(vec![AfSpecBridge::VlanInfo(
+                BridgeVlanInfo { flags, vid },
+            )]));
+        let (verb, req) = if add {
+            ("add", RouteNetlinkMessage::SetLink(msg))
+        } else {
+            ("remove", RouteNetlinkMessage::DelLink(msg))
+        };
+        self.request(&format!("{verb} VLAN {vid} on {port}"), req, NLM_F_ACK)
+            .map(|_| ())
+    }
+
+    /// Makes `port` an access port of VLAN `vid`: untagged in and out, and nothing else.
+    pub fn set_access_vlan(&mut self, port: &str, vid: u16) -> Result<()> {
+        let _ = self.bridge_vlan(port, 1, BridgeVlanInfoFlags::empty(), false);
+        self.bridge_vlan(
+            port,
+            vid,
+            BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged,
+            true,
+        )
+    }
+
+    /// Adds `vid` to the bridge device itself (so the host's address on it sees that VLAN).
+    pub fn add_bridge_self_vlan(&mut self, bridge: &str, vid: u16, pvid: bool) -> Result<()> {
+        let mut flags = BridgeVlanInfoFlags::empty();
+        if pvid {
+            flags |= BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged;
+        }
+        let index = self.index(bridge)?;
+        let mut msg = LinkMessage::default();
+        msg.header.interface_family = AddressFamily::Bridge;
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::AfSpecBridge(vec![
+            AfSpecBridge::Flags(netlink_packet_route::link::BridgeFlag::LowerDev),
+            AfSpecBridge::VlanInfo(BridgeVlanInfo { flags, vid }),
+        ]));
+        self.request(
+            &format!("add VLAN {vid} to bridge {bridge} itself"),
+            RouteNetlinkMessage::SetLink(msg),
+            NLM_F_ACK,
+        )
+        .map(|_| ())
+    }
+
+    pub fn add_address(&mut self, name: &str, addr: IpAddr, prefix: u8) -> Result<()> {
+        let index = self.index(name)?;
+        let mut msg = AddressMessage::default();
+        msg.header.family = match addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.prefix_len = prefix;
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(addr));
+        msg.attributes.push(AddressAttribute::Address(addr));
+        match self.request(
+            &format!("add {addr}/{prefix} to {name}"),
+            RouteNetlinkMessage::NewAddress(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        ) {
+            // Already there: `up` is idempotent.
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+}
+
+fn link_from(l: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: l.header.index,
+        up: l.header.flags.contains(LinkFlags::Up),
+        ..Default::default()
+    };
+    for a in &l.attributes {
+        match a {
+            LinkAttribute::IfName(n) => link.name = n.clone(),
+            LinkAttribute::Mtu(m) => link.mtu = *m,
+            LinkAttribute::Controller(c) => link.controller = Some(*c),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    if let LinkInfo::Kind(k) = i {
+                        link.kind = Some(k.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}

@@ -1,0 +1,217 @@
+//! The helper protocol as QEMU speaks it: a socketpair, the helper run with QEMU's
+//! arguments inside a namespace, the tap fd received and checked.
+
+mod common;
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+
+use bridge_plugin::tap::tap_info;
+use common::{bin, Netns};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+struct Outcome {
+    code: i32,
+    stderr: String,
+    tap: Option<File>,
+}
+
+/// Runs the helper as QEMU does (`--use-vnet --fd=N --br=BR`, plus `extra`) in `ns`.
+fn run_helper(ns: &Netns, bridge: &str, acl: &Path, extra: &[&str], wrapper: &[&str]) -> Outcome {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let raw = theirs.as_raw_fd();
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.name])
+        .args(wrapper)
+        .arg(bin("qemu-bridge-plugin"));
+    cmd.args([
+        "--use-vnet",
+        "--fd=3",
+        &format!("--br={bridge}"),
+        &format!("--acl={}", acl.display()),
+    ]);
+    cmd.arg(format!("--config-dir={}", acl.parent().unwrap().display()));
+    cmd.args(extra);
+    // SAFETY: only fd operations between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ok = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(raw, 3) >= 0
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let out = cmd.output().unwrap();
+    drop(theirs);
+    let mut byte = [0u8; 1];
+    let tap = match ours.recv_with_fd(&mut byte) {
+        Ok((1, Some(f))) => Some(f),
+        _ => None,
+    };
+    Outcome {
+        code: out.status.code().unwrap_or(-1),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        tap,
+    }
+}
+
+fn setup(acl: &str) -> (Netns, tempfile::TempDir) {
+    let ns = Netns::new("helper");
+    ns.sh("ip link add br0 type bridge && ip link set br0 mtu 1400 up");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bridge.conf"), acl).unwrap();
+    (ns, dir)
+}
+
+#[test]
+fn hands_qemu_a_tap_attached_to_the_bridge() {
+    let (ns, dir) = setup("allow br0\n");
+    std::fs::write(
+        dir.path().join("br0.toml"),
+        "isolated = true\ningress_mbit = 100\n",
+    )
+    .unwrap();
+    let acl = dir.path().join("bridge.conf");
+    let out = run_helper(&ns, "br0", &acl, &["--egress-mbit=50"], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let tap = out.tap.expect("the tap fd came back");
+    let (name, vnet_hdr) = tap_info(&tap).unwrap();
+    assert!(vnet_hdr, "--use-vnet asks for vnet headers");
+    let link = ns.link_json(&name);
+    assert_eq!(link["master"], "br0");
+    assert_eq!(link["mtu"], 1400, "the tap takes the bridge's MTU");
+    assert!(link["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
+    assert_eq!(link["linkinfo"]["info_slave_data"]["isolated"], true);
+    let qdiscs = ns.sh(&format!("tc qdisc show dev {name}"));
+    assert!(
+        qdiscs.contains("tbf") && qdiscs.contains("rate 100Mbit"),
+        "{qdiscs}"
+    );
+    let rules = ns.sh("nft list table bridge bridge_plugin");
+    assert!(
+        rules.contains(&format!(
+            "iifname \"{name}\" limit rate over 6250 kbytes/second"
+        )),
+        "{rules}"
+    );
+
+    // Closing the fd removes the tap (QEMU's side of its lifetime).
+    drop(tap);
+    assert!(!ns
+        .try_sh(&format!("ip link show dev {name}"))
+        .status
+        .success());
+
+    // An explicit MTU wins over the bridge's.
+    let out = run_helper(&ns, "br0", &acl, &["--mtu=1300"], &[]);
+    let (name, _) = tap_info(out.tap.as_ref().unwrap()).unwrap();
+    assert_eq!(ns.link_json(&name)["mtu"], 1300);
+}
+
+#[test]
+fn vlan_access_ports_or_a_clear_refusal() {
+    let (ns, dir) = setup("allow all\n");
+    let acl = dir.path().join("bridge.conf");
+    let filtering = ns
+        .try_sh("ip link add brv type bridge vlan_filtering 1")
+        .status
+        .success();
+    if filtering {
+        ns.sh("ip link set brv up");
+        let out = run_helper(&ns, "brv", &acl, &["--vlan=20"], &[]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let (name, _) = tap_info(out.tap.as_ref().unwrap()).unwrap();
+        let vlans = ns.sh(&format!("bridge -j vlan show dev {name}"));
+        assert!(
+            vlans.contains("\"vlan\":20") && vlans.contains("PVID"),
+            "{vlans}"
+        );
+        assert!(!vlans.contains("\"vlan\":1,"), "{vlans}");
+    } else {
+        // This kernel lacks CONFIG_BRIDGE_VLAN_FILTERING: the helper says so, sends nothing.
+        let out = run_helper(&ns, "br0", &acl, &["--vlan=20"], &[]);
+        assert_ne!(out.code, 0);
+        assert!(out.tap.is_none());
+        assert!(
+            out.stderr.contains("VLAN 20") && out.stderr.contains("not supported"),
+            "{}",
+            out.stderr
+        );
+        assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    }
+}
+
+#[test]
+fn refusals_name_the_bridge_the_file_and_the_line() {
+    let (ns, dir) = setup("allow br0\ninclude more.conf\n");
+    std::fs::write(dir.path().join("more.conf"), "# more\ndeny br1\n").unwrap();
+    let acl = dir.path().join("bridge.conf");
+    ns.sh("ip link add br1 type bridge");
+
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        ("br1", vec![], "more.conf:2"),
+        ("br9", vec![], "add 'allow br9'"),
+        ("br0", vec!["--vlan=9999"], "vlan 9999"),
+        ("br0", vec!["--speed=3"], "unknown option --speed"),
+    ];
+    for (bridge, extra, needle) in cases {
+        let out = run_helper(&ns, bridge, &acl, &extra, &[]);
+        assert_ne!(out.code, 0, "{bridge} {extra:?}");
+        assert!(out.tap.is_none());
+        assert!(out.stderr.contains(needle), "{bridge}: {}", out.stderr);
+        assert!(out.stderr.contains(bridge), "{}", out.stderr);
+    }
+    // Allowed, but no such bridge.
+    std::fs::write(&acl, "allow all\n").unwrap();
+    let out = run_helper(&ns, "nobr", &acl, &[], &[]);
+    assert!(
+        out.stderr.contains("bridge nobr does not exist"),
+        "{}",
+        out.stderr
+    );
+    // Include loops and missing files.
+    std::fs::write(&acl, "include loop.conf\n").unwrap();
+    std::fs::write(dir.path().join("loop.conf"), "include bridge.conf\n").unwrap();
+    let out = run_helper(&ns, "br0", &acl, &[], &[]);
+    assert!(
+        out.stderr.contains("include loop") && out.stderr.contains("loop.conf:1"),
+        "{}",
+        out.stderr
+    );
+    std::fs::write(&acl, "include gone.conf\n").unwrap();
+    let out = run_helper(&ns, "br0", &acl, &[], &[]);
+    assert!(
+        out.stderr.contains("gone.conf") && out.stderr.contains("bridge.conf:1"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn without_cap_net_admin_it_says_so_in_one_line() {
+    let (ns, dir) = setup("allow br0\n");
+    let acl = dir.path().join("bridge.conf");
+    let drop_caps = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ];
+    let out = run_helper(&ns, "br0", &acl, &[], &drop_caps);
+    assert_ne!(out.code, 0);
+    assert!(out.tap.is_none());
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.contains("CAP_NET_ADMIN"), "{}", out.stderr);
+}
