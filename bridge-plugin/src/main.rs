@@ -1,6 +1,90 @@
-//! `bridge-plugin`: the kernel network modes for QEMU/KVM guests.
+//! `bridge-plugin net up|down|show FILE`: the kernel network modes for QEMU/KVM guests.
+//! (The bridge helper QEMU runs is the `qemu-bridge-plugin` binary.)
 
-fn main() {
-    eprintln!("bridge-plugin: the `net` and `tap` subcommands are not built yet; qemu-bridge-plugin is the bridge helper");
-    std::process::exit(2);
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use bridge_plugin::net::{counters, NetFile};
+use bridge_plugin::netlink::Netlink;
+use bridge_plugin::port::has_net_admin;
+
+const USAGE: &str = "usage: bridge-plugin net up|down|show FILE [--json]
+
+  up    create the file's bridges, addresses, NAT and the rules between segments
+        (default deny, counters on every rule); running it again changes nothing
+  down  remove our nftables table and the file's bridges, nothing else
+  show  bridges and rule counters (what was allowed and dropped)";
+
+fn run(args: &[String]) -> Result<(), String> {
+    let json = args.iter().any(|a| a == "--json");
+    let rest: Vec<&String> = args.iter().filter(|a| *a != "--json").collect();
+    let (Some(group), Some(verb), Some(file)) = (rest.first(), rest.get(1), rest.get(2)) else {
+        return Err(USAGE.into());
+    };
+    if group.as_str() != "net" {
+        return Err(USAGE.into());
+    }
+    let file_path = PathBuf::from(file.as_str());
+    let net = NetFile::load(&file_path).map_err(|e| e.to_string())?;
+    if !has_net_admin() {
+        return Err("needs CAP_NET_ADMIN: run it as root".into());
+    }
+    match verb.as_str() {
+        "up" => net.up().map_err(|e| e.to_string()),
+        "down" => net.down().map_err(|e| e.to_string()),
+        "show" => {
+            let mut nl = Netlink::open().map_err(|e| e.to_string())?;
+            let links = nl.links().map_err(|e| e.to_string())?;
+            let rules = counters().map_err(|e| e.to_string())?;
+            if json {
+                let bridges: Vec<_> = net
+                    .networks
+                    .iter()
+                    .map(|n| {
+                        let l = links.iter().find(|l| l.name == n.bridge);
+                        serde_json::json!({"network": n.name, "bridge": n.bridge, "mode": n.mode,
+                            "present": l.is_some(), "up": l.is_some_and(|l| l.up),
+                            "mtu": l.map(|l| l.mtu)})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"networks": bridges, "rules": rules})
+                );
+            } else {
+                for n in &net.networks {
+                    let state = match links.iter().find(|l| l.name == n.bridge) {
+                        Some(l) => format!("{} mtu {}", if l.up { "up" } else { "down" }, l.mtu),
+                        None => "absent".into(),
+                    };
+                    println!(
+                        "{:<12} {:<10} {:<16} {state}",
+                        n.name,
+                        format!("{:?}", n.mode),
+                        n.bridge
+                    );
+                }
+                for r in &rules {
+                    println!(
+                        "{:>10} pkts {:>12} bytes  {:<12} {}",
+                        r.packets, r.bytes, r.chain, r.rule
+                    );
+                }
+            }
+            Ok(())
+        }
+        _ => Err(USAGE.into()),
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bridge-plugin: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -160,12 +160,14 @@ impl Netlink {
     pub fn add_bridge(&mut self, name: &str, vlan_filtering: bool) -> Result<()> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
-        msg.attributes.push(LinkAttribute::LinkInfo(vec![
-            LinkInfo::Kind(InfoKind::Bridge),
-            LinkInfo::Data(InfoData::Bridge(vec![InfoBridge::VlanFiltering(
-                vlan_filtering,
-            )])),
-        ]));
+        let mut info = vec![LinkInfo::Kind(InfoKind::Bridge)];
+        // Only when asked: kernels without CONFIG_BRIDGE_VLAN_FILTERING refuse the attribute.
+        if vlan_filtering {
+            info.push(LinkInfo::Data(InfoData::Bridge(vec![
+                InfoBridge::VlanFiltering(true),
+            ])));
+        }
+        msg.attributes.push(LinkAttribute::LinkInfo(info));
         self.request(
             &format!("create bridge {name}"),
             RouteNetlinkMessage::NewLink(msg),

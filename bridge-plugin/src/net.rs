@@ -1,0 +1,533 @@
+//! The network modes: a file of networks (NAT, bridged, internal, host-only) and the flows
+//! allowed between them; `up` builds bridges, addresses and one nftables table (default
+//! deny between segments, counters on every rule), `down` removes exactly that.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use thiserror::Error;
+
+use crate::netlink::{Netlink, NetlinkError};
+use crate::nft::{self, iifname, oifname, NftError, TABLE};
+
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("network '{network}': {message}")]
+    Invalid { network: String, message: String },
+    #[error("{0}")]
+    Netlink(#[from] NetlinkError),
+    #[error("{0}")]
+    Nft(#[from] NftError),
+    #[error("cannot enable IPv4 forwarding: {0}")]
+    Forwarding(std::io::Error),
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// A bridge with a host address, masqueraded out of `uplink`, with optional port forwards.
+    Nat,
+    /// An existing host NIC (`uplink`) enslaved to the bridge: guests sit on its LAN.
+    Bridged,
+    /// No host address, no uplink: VM to VM only.
+    Internal,
+    /// A host address and no forwarding anywhere else.
+    HostOnly,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+        }
+    }
+}
+
+/// Exposes one guest port on the host's uplink address (NAT networks).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    pub proto: Proto,
+    pub host_port: u16,
+    pub guest: Ipv4Addr,
+    pub guest_port: u16,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Network {
+    pub name: String,
+    pub mode: Mode,
+    pub bridge: String,
+    /// Host address on the bridge, CIDR (nat, host-only).
+    pub address: Option<String>,
+    /// The host NIC: masquerade out of it (nat) or enslave it (bridged).
+    pub uplink: Option<String>,
+    pub mtu: Option<u32>,
+    #[serde(default)]
+    pub forward: Vec<PortForward>,
+}
+
+/// A flow allowed from one network to another; everything else between them is dropped.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Allow {
+    pub from: String,
+    pub to: String,
+    pub proto: Proto,
+    pub port: Option<u16>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetFile {
+    #[serde(rename = "network")]
+    pub networks: Vec<Network>,
+    #[serde(default, rename = "allow")]
+    pub allows: Vec<Allow>,
+}
+
+fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+    let (a, p) = s.split_once('/')?;
+    let p: u8 = p.parse().ok()?;
+    (p <= 32).then_some(())?;
+    Some((a.parse().ok()?, p))
+}
+
+fn subnet(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
+    Ipv4Addr::from(u32::from(addr) & mask)
+}
+
+impl NetFile {
+    pub fn load(path: &Path) -> Result<NetFile, NetError> {
+        let text = std::fs::read_to_string(path).map_err(|source| NetError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file: NetFile = toml::from_str(&text).map_err(|e| NetError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        file.validate()?;
+        Ok(file)
+    }
+
+    pub fn validate(&self) -> Result<(), NetError> {
+        let mut names = HashSet::new();
+        let mut bridges = HashSet::new();
+        for n in &self.networks {
+            let bad = |message: String| NetError::Invalid {
+                network: n.name.clone(),
+                message,
+            };
+            if !names.insert(&n.name) {
+                return Err(bad("two networks have this name".into()));
+            }
+            if n.bridge.is_empty() || n.bridge.len() > 15 || n.bridge.contains(char::is_whitespace)
+            {
+                return Err(bad(format!(
+                    "bridge name '{}' must have 1 to 15 characters, no spaces",
+                    n.bridge
+                )));
+            }
+            if !bridges.insert(&n.bridge) {
+                return Err(bad(format!("bridge {} is used by two networks", n.bridge)));
+            }
+            if let Some(a) = &n.address {
+                if parse_cidr(a).is_none() {
+                    return Err(bad(format!(
+                        "address '{a}' is not an IPv4 CIDR like 10.0.0.1/24"
+                    )));
+                }
+            }
+            let needs = |what: &str, present: bool| {
+                if present {
+                    Ok(())
+                } else {
+                    Err(bad(format!("mode {:?} needs {what}", n.mode)))
+                }
+            };
+            let forbids = |what: &str, present: bool| {
+                if present {
+                    Err(bad(format!("mode {:?} takes no {what}", n.mode)))
+                } else {
+                    Ok(())
+                }
+            };
+            match n.mode {
+                Mode::Nat => {
+                    needs("address = \"CIDR\"", n.address.is_some())?;
+                    needs("uplink = \"NIC\"", n.uplink.is_some())?;
+                }
+                Mode::Bridged => {
+                    needs("uplink = \"NIC\"", n.uplink.is_some())?;
+                    forbids("address (the uplink keeps its LAN)", n.address.is_some())?;
+                }
+                Mode::Internal => {
+                    forbids("address", n.address.is_some())?;
+                    forbids("uplink", n.uplink.is_some())?;
+                }
+                Mode::HostOnly => {
+                    needs("address = \"CIDR\"", n.address.is_some())?;
+                    forbids("uplink", n.uplink.is_some())?;
+                }
+            }
+            if n.mode != Mode::Nat && !n.forward.is_empty() {
+                return Err(bad("port forwards need mode = \"nat\"".into()));
+            }
+        }
+        for a in &self.allows {
+            for end in [&a.from, &a.to] {
+                if !names.contains(end) {
+                    return Err(NetError::Invalid {
+                        network: end.clone(),
+                        message: format!(
+                            "allow {} -> {} names a network that is not defined",
+                            a.from, a.to
+                        ),
+                    });
+                }
+            }
+            if a.port.is_some() && a.proto == Proto::Icmp {
+                return Err(NetError::Invalid {
+                    network: a.from.clone(),
+                    message: "icmp has no port".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn network(&self, name: &str) -> &Network {
+        self.networks
+            .iter()
+            .find(|n| n.name == name)
+            .expect("validated")
+    }
+
+    /// The nftables batch that `up` applies: our table, rebuilt from scratch.
+    pub fn ruleset(&self) -> Vec<Value> {
+        let t = |o: Value| o;
+        let rule = |chain: &str, comment: String, expr: Vec<Value>| {
+            json!({"add": {"rule": {"family": "inet", "table": TABLE, "chain": chain,
+                "comment": comment, "expr": expr}}})
+        };
+        let mut cmds = vec![
+            // add + delete + add: the table is recreated whether or not it existed.
+            t(json!({"add": {"table": {"family": "inet", "name": TABLE}}})),
+            t(json!({"delete": {"table": {"family": "inet", "name": TABLE}}})),
+            t(json!({"add": {"table": {"family": "inet", "name": TABLE}}})),
+            json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "forward",
+                "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}}),
+            json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "prerouting",
+                "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}}}),
+            json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "postrouting",
+                "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}}),
+        ];
+        cmds.push(rule(
+            "forward",
+            "replies to allowed flows".into(),
+            vec![
+                json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}}),
+                json!({"accept": null}),
+            ],
+        ));
+        // Within a segment everything passes. (With br_netfilter loaded, frames bridged
+        // between two ports of one bridge show up here with the bridge as in and out.)
+        for n in &self.networks {
+            cmds.push(rule(
+                "forward",
+                format!("within {}", n.name),
+                vec![
+                    iifname(&n.bridge),
+                    oifname(&n.bridge),
+                    json!({"counter": null}),
+                    json!({"accept": null}),
+                ],
+            ));
+        }
+        for n in self.networks.iter().filter(|n| n.mode == Mode::Nat) {
+            let uplink = n.uplink.as_deref().expect("validated");
+            let (addr, prefix) =
+                parse_cidr(n.address.as_deref().expect("validated")).expect("validated");
+            cmds.push(rule(
+                "forward",
+                format!("{} out through {uplink}", n.name),
+                vec![
+                    iifname(&n.bridge),
+                    oifname(uplink),
+                    json!({"counter": null}),
+                    json!({"accept": null}),
+                ],
+            ));
+            cmds.push(rule(
+                "postrouting",
+                format!("{} masquerade", n.name),
+                vec![
+                    json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}},
+                        "right": {"prefix": {"addr": subnet(addr, prefix).to_string(), "len": prefix}}}}),
+                    oifname(uplink),
+                    json!({"counter": null}),
+                    json!({"masquerade": null}),
+                ],
+            ));
+            for f in &n.forward {
+                let p = f.proto.name();
+                cmds.push(rule(
+                    "prerouting",
+                    format!("{} forward {p}/{} to {}:{}", n.name, f.host_port, f.guest, f.guest_port),
+                    vec![
+                        iifname(uplink),
+                        json!({"match": {"op": "==", "left": {"payload": {"protocol": p, "field": "dport"}}, "right": f.host_port}}),
+                        json!({"counter": null}),
+                        json!({"dnat": {"family": "ip", "addr": f.guest.to_string(), "port": f.guest_port}}),
+                    ],
+                ));
+                cmds.push(rule(
+                    "forward",
+                    format!("{} forwarded {p}/{}", n.name, f.guest_port),
+                    vec![
+                        oifname(&n.bridge),
+                        json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}}, "right": f.guest.to_string()}}),
+                        json!({"match": {"op": "==", "left": {"payload": {"protocol": p, "field": "dport"}}, "right": f.guest_port}}),
+                        json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
+                        json!({"counter": null}),
+                        json!({"accept": null}),
+                    ],
+                ));
+            }
+        }
+        for a in &self.allows {
+            let (from, to) = (self.network(&a.from), self.network(&a.to));
+            let mut expr = vec![iifname(&from.bridge), oifname(&to.bridge)];
+            let p = a.proto.name();
+            match a.port {
+                Some(port) => expr.push(json!({"match": {"op": "==",
+                    "left": {"payload": {"protocol": p, "field": "dport"}}, "right": port}})),
+                None => expr.push(json!({"match": {"op": "==",
+                    "left": {"meta": {"key": "l4proto"}}, "right": p}})),
+            }
+            expr.push(json!({"counter": null}));
+            expr.push(json!({"accept": null}));
+            let port = a.port.map(|p| format!("/{p}")).unwrap_or_default();
+            cmds.push(rule(
+                "forward",
+                format!("allow {} -> {} {p}{port}", a.from, a.to),
+                expr,
+            ));
+        }
+        let ours: Vec<&str> = self.networks.iter().map(|n| n.bridge.as_str()).collect();
+        for (dir, key) in [("from", "iifname"), ("to", "oifname")] {
+            cmds.push(rule(
+                "forward",
+                format!("deny {dir} segments"),
+                vec![
+                    json!({"match": {"op": "==", "left": {"meta": {"key": key}}, "right": {"set": ours}}}),
+                    json!({"counter": null}),
+                    json!({"drop": null}),
+                ],
+            ));
+        }
+        cmds
+    }
+
+    /// Builds everything; running it again changes nothing.
+    pub fn up(&self) -> Result<(), NetError> {
+        let mut nl = Netlink::open()?;
+        for n in &self.networks {
+            match nl.link(&n.bridge) {
+                Ok(l) if l.kind.as_deref() == Some("bridge") => {}
+                Ok(_) => {
+                    return Err(NetError::Invalid {
+                        network: n.name.clone(),
+                        message: format!(
+                            "{} exists and is not a bridge: choose another bridge name",
+                            n.bridge
+                        ),
+                    })
+                }
+                Err(NetlinkError::NoSuchLink(_)) => nl.add_bridge(&n.bridge, false)?,
+                Err(e) => return Err(e.into()),
+            }
+            if let Some(mtu) = n.mtu {
+                nl.set_mtu(&n.bridge, mtu)?;
+            }
+            if let Some(a) = &n.address {
+                let (addr, prefix) = parse_cidr(a).expect("validated");
+                nl.add_address(&n.bridge, IpAddr::V4(addr), prefix)?;
+            }
+            if n.mode == Mode::Bridged {
+                let uplink = n.uplink.as_deref().expect("validated");
+                nl.link(uplink).map_err(|_| NetError::Invalid {
+                    network: n.name.clone(),
+                    message: format!("uplink {uplink} does not exist"),
+                })?;
+                nl.set_controller(uplink, &n.bridge)?;
+                nl.set_up(uplink)?;
+            }
+            nl.set_up(&n.bridge)?;
+        }
+        if self.networks.iter().any(|n| n.mode == Mode::Nat) || !self.allows.is_empty() {
+            std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(NetError::Forwarding)?;
+        }
+        nft::apply(self.ruleset())?;
+        Ok(())
+    }
+
+    /// Removes our table and the bridges this file names; nothing else.
+    pub fn down(&self) -> Result<(), NetError> {
+        if nft::table_exists("inet") {
+            nft::apply(vec![
+                json!({"delete": {"table": {"family": "inet", "name": TABLE}}}),
+            ])?;
+        }
+        let mut nl = Netlink::open()?;
+        for n in &self.networks {
+            if let Ok(l) = nl.link(&n.bridge) {
+                if l.kind.as_deref() == Some("bridge") {
+                    nl.delete_link(&n.bridge)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One rule's counters, for `show`.
+#[derive(Debug, Serialize)]
+pub struct RuleCounter {
+    pub chain: String,
+    pub rule: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The counters of our rules (empty when the networks are down).
+pub fn counters() -> Result<Vec<RuleCounter>, NetError> {
+    if !nft::table_exists("inet") {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for item in nft::list(&["table", "inet", TABLE])? {
+        let Some(rule) = item.get("rule") else {
+            continue;
+        };
+        let Some(counter) = rule["expr"]
+            .as_array()
+            .and_then(|e| e.iter().find_map(|x| x.get("counter")))
+        else {
+            continue;
+        };
+        out.push(RuleCounter {
+            chain: rule["chain"].as_str().unwrap_or("").to_string(),
+            rule: rule["comment"].as_str().unwrap_or("").to_string(),
+            packets: counter["packets"].as_u64().unwrap_or(0),
+            bytes: counter["bytes"].as_u64().unwrap_or(0),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = r#"
+[[network]]
+name = "web"
+mode = "nat"
+bridge = "br-web"
+address = "10.1.0.1/24"
+uplink = "eth0"
+[[network.forward]]
+proto = "tcp"
+host_port = 8080
+guest = "10.1.0.10"
+guest_port = 80
+
+[[network]]
+name = "app"
+mode = "host-only"
+bridge = "br-app"
+address = "10.2.0.1/24"
+
+[[allow]]
+from = "web"
+to = "app"
+proto = "tcp"
+port = 8080
+"#;
+
+    #[test]
+    fn parses_validates_and_renders_rules() {
+        let f: NetFile = toml::from_str(FILE).unwrap();
+        f.validate().unwrap();
+        let rules = serde_json::to_string(&f.ruleset()).unwrap();
+        for needle in [
+            "\"masquerade\":null",
+            "\"addr\":\"10.1.0.0\",\"len\":24",
+            "\"dnat\":{\"addr\":\"10.1.0.10\",\"family\":\"ip\",\"port\":80}",
+            "allow web -> app tcp/8080",
+            "deny from segments",
+            "\"set\":[\"br-web\",\"br-app\"]",
+        ] {
+            assert!(rules.contains(needle), "{needle} missing in {rules}");
+        }
+    }
+
+    #[test]
+    fn refuses_bad_files_with_the_fix() {
+        let cases = [
+            (FILE.replace("uplink = \"eth0\"", ""), "needs uplink"),
+            (
+                FILE.replace("mode = \"host-only\"", "mode = \"internal\""),
+                "takes no address",
+            ),
+            (FILE.replace("to = \"app\"", "to = \"db\""), "not defined"),
+            (FILE.replace("br-app", "br-web"), "used by two networks"),
+            (FILE.replace("10.2.0.1/24", "10.2.0.1"), "not an IPv4 CIDR"),
+        ];
+        for (text, needle) in cases {
+            let f: NetFile = toml::from_str(&text).unwrap();
+            let e = f.validate().unwrap_err().to_string();
+            assert!(e.contains(needle), "{needle}: {e}");
+        }
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("net.toml");
+        std::fs::write(
+            &p,
+            "[[network]]\nname = \"x\"\nmode = \"fancy\"\nbridge = \"b\"\n",
+        )
+        .unwrap();
+        let e = NetFile::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("net.toml") && e.contains("fancy") && e.contains("line 3"),
+            "{e}"
+        );
+    }
+}
