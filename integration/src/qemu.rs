@@ -133,7 +133,19 @@ impl Qemu {
 
     /// A command for this QEMU with its module and firmware folders set.
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.binary);
+        self.command_in(None)
+    }
+
+    /// The same, run inside a network namespace.
+    pub fn command_in(&self, netns: Option<&str>) -> Command {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
         if let Some(m) = &self.module_dir {
             cmd.env("QEMU_MODULE_DIR", m);
         }
@@ -156,9 +168,18 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
 /// One NIC of a guest: a vhost-user socket of the switch.
 #[derive(Clone, Debug)]
 pub struct Nic {
-    pub socket: PathBuf,
+    pub backend: NicBackend,
     pub mac: [u8; 6],
     pub queues: u16,
+}
+
+/// Where a NIC's frames go.
+#[derive(Clone, Debug)]
+pub enum NicBackend {
+    /// A vhost-user socket of the switch.
+    VhostUser(PathBuf),
+    /// A tap on a kernel bridge, made by a bridge helper (`-netdev bridge`).
+    Bridge { bridge: String, helper: String },
 }
 
 /// What to boot.
@@ -173,6 +194,8 @@ pub struct GuestSpec {
     pub cpus: u32,
     /// An interactive shell on the console instead of the command loop (for people).
     pub shell: bool,
+    /// Network namespace to run QEMU in.
+    pub netns: Option<String>,
 }
 
 impl GuestSpec {
@@ -180,7 +203,7 @@ impl GuestSpec {
         GuestSpec {
             name: name.to_string(),
             nics: vec![Nic {
-                socket: socket.to_path_buf(),
+                backend: NicBackend::VhostUser(socket.to_path_buf()),
                 mac: [0x52, 0x54, 0x00, 0x00, 0x00, mac_last],
                 queues: 1,
             }],
@@ -189,6 +212,7 @@ impl GuestSpec {
             mem_mb: 256,
             cpus: 1,
             shell: false,
+            netns: None,
         }
     }
 }
@@ -239,25 +263,37 @@ pub fn guest_args(qemu: &Qemu, accel: Accel, image: &GuestImage, spec: &GuestSpe
             "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
             m[0], m[1], m[2], m[3], m[4], m[5]
         );
-        args.push("-chardev".into());
-        args.push(format!(
-            "socket,id=chr{i},path={},{}",
-            nic.socket.display(),
-            qemu.reconnect_option()
-        ));
-        args.push("-netdev".into());
-        args.push(format!(
-            "vhost-user,id=net{i},chardev=chr{i},queues={}",
-            nic.queues
-        ));
         let mut dev = format!("virtio-net-pci,netdev=net{i},mac={mac}");
-        if nic.queues > 1 {
-            dev.push_str(",mq=on");
-        }
-        if qemu.needs_intx(accel) {
-            dev.push_str(",vectors=0");
-        } else {
-            dev.push_str(&format!(",vectors={}", 2 * nic.queues + 2));
+        match &nic.backend {
+            NicBackend::VhostUser(socket) => {
+                args.push("-chardev".into());
+                args.push(format!(
+                    "socket,id=chr{i},path={},{}",
+                    socket.display(),
+                    qemu.reconnect_option()
+                ));
+                args.push("-netdev".into());
+                args.push(format!(
+                    "vhost-user,id=net{i},chardev=chr{i},queues={}",
+                    nic.queues
+                ));
+                if nic.queues > 1 {
+                    dev.push_str(",mq=on");
+                }
+                if qemu.needs_intx(accel) {
+                    dev.push_str(",vectors=0");
+                } else {
+                    dev.push_str(&format!(",vectors={}", 2 * nic.queues + 2));
+                }
+            }
+            NicBackend::Bridge { bridge, helper } => {
+                // QemuOpts: a comma inside a value is written twice.
+                args.push("-netdev".into());
+                args.push(format!(
+                    "bridge,id=net{i},br={bridge},helper={}",
+                    helper.replace(',', ",,")
+                ));
+            }
         }
         if let Some(mtu) = spec.mtu {
             dev.push_str(&format!(",host_mtu={mtu}"));
@@ -288,6 +324,7 @@ pub fn detect_accel(qemu: &Qemu, image: &GuestImage) -> Accel {
                 mem_mb: 128,
                 cpus: 1,
                 shell: false,
+                netns: None,
             };
             match Guest::boot_with(qemu, Accel::Kvm, image, &spec, Duration::from_secs(8)) {
                 Ok(g) => {
@@ -351,7 +388,7 @@ impl Guest {
         spec: &GuestSpec,
         timeout: Duration,
     ) -> Result<Guest, QemuError> {
-        let mut cmd = qemu.command();
+        let mut cmd = qemu.command_in(spec.netns.as_deref());
         cmd.args(guest_args(qemu, accel, image, spec))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -1,0 +1,70 @@
+//! A real QEMU guest on a `nat` network through `-netdev bridge,helper=qemu-bridge-plugin`,
+//! all inside a namespace: the guest gets its tap from our helper and reaches the host and,
+//! through the host's NAT, the outside.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{bin, Netns};
+use integration::guest_image::guest_image;
+use integration::qemu::{detect_accel, Guest, GuestSpec, NicBackend, Qemu};
+
+#[test]
+fn guest_on_a_nat_network_through_the_helper_reaches_host_and_outside() {
+    let host = Netns::new("ghost");
+    let outside = Netns::new("gout");
+    host.sh(&format!(
+        "ip link add up0 type veth peer name eth0 netns {}",
+        outside.name
+    ));
+    host.sh("ip addr add 192.0.2.1/24 dev up0 && ip link set up0 up");
+    outside.sh("ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up");
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net.toml");
+    std::fs::write(
+        &net,
+        "[[network]]\nname = \"web\"\nmode = \"nat\"\nbridge = \"bp-web\"\naddress = \"10.1.0.1/24\"\nuplink = \"up0\"\n",
+    )
+    .unwrap();
+    host.sh(&format!(
+        "{} net up {}",
+        bin("bridge-plugin"),
+        net.display()
+    ));
+    let acl = dir.path().join("bridge.conf");
+    std::fs::write(&acl, "allow bp-web\n").unwrap();
+
+    let image = guest_image().expect("guest image");
+    let qemu = Qemu::from_env().expect("QEMU");
+    let accel = detect_accel(&qemu, &image);
+    let mut spec = GuestSpec::new("web1", dir.path(), 10, "10.1.0.10/24");
+    spec.nics[0].backend = NicBackend::Bridge {
+        bridge: "bp-web".into(),
+        helper: format!(
+            "{} --acl={} --config-dir={}",
+            bin("qemu-bridge-plugin"),
+            acl.display(),
+            dir.path().display()
+        ),
+    };
+    spec.netns = Some(host.name.clone());
+    let mut g = Guest::boot(&qemu, accel, &image, &spec).unwrap_or_else(|e| panic!("{e}"));
+    let cmd = Duration::from_secs(60);
+    let tap = host.sh("ip -j link show master bp-web");
+    assert!(
+        tap.contains("tap"),
+        "the helper's tap is on the bridge: {tap}"
+    );
+    g.ok("ping -c 2 -W 3 10.1.0.1", cmd);
+    g.ok("ip route add default via 10.1.0.1", cmd);
+    g.ok("ping -c 2 -W 3 192.0.2.2", cmd);
+    assert!(g.shutdown(Duration::from_secs(30)));
+    // QEMU closed the tap: it is gone.
+    assert!(!host.sh("ip -j link show master bp-web").contains("tap"));
+    host.sh(&format!(
+        "{} net down {}",
+        bin("bridge-plugin"),
+        net.display()
+    ));
+}
