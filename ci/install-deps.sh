@@ -3,6 +3,7 @@
 # Idempotent: a second run installs nothing new.
 #  - qemu-system-x86 (7.2), busybox-static, iperf3, ethtool, iputils-ping: guests and the
 #    guest image built from them (integration::guest_image);
+#  - nftables, iproute2, util-linux (setpriv): bridge-plugin and its namespace tests;
 #  - QEMU 10 from bookworm-backports, unpacked beside 7.2 under target/vnet-cache/qemu10
 #    (VNET_QEMU=10 selects it).
 set -euo pipefail

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command: installs the system packages the suite needs, then checks formatting,
-# lints and runs every test: unit, frontend, binary, and QEMU guests end to end on QEMU 7.2
-# and again on QEMU 10.
+# lints and runs every test: unit, frontend, binary, network namespaces (root), and QEMU
+# guests end to end on QEMU 7.2 and again on QEMU 10.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,3 +18,4 @@ echo "== cargo test --workspace (QEMU 7.2 guests)"
 cargo test --workspace -- --test-threads=2 --nocapture
 echo "== end-to-end guests on QEMU 10"
 VNET_QEMU=10 cargo test -p integration --test guests -- --nocapture
+VNET_QEMU=10 cargo test -p bridge-plugin --test guest

@@ -6,6 +6,7 @@
 //! ports and VLANs, addresses), `nft` (nftables JSON), `port` (attaching a tap to a bridge).
 
 pub mod acl;
+pub mod launch;
 pub mod net;
 pub mod netlink;
 pub mod nft;

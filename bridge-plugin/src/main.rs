@@ -4,18 +4,63 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use bridge_plugin::launch::Launch;
 use bridge_plugin::net::{counters, NetFile};
 use bridge_plugin::netlink::Netlink;
-use bridge_plugin::port::has_net_admin;
+use bridge_plugin::port::{has_net_admin, PortSettings};
 
 const USAGE: &str = "usage: bridge-plugin net up|down|show FILE [--json]
+       bridge-plugin tap --br=BRIDGE [--queues=N] [--id=NETDEV] [--vlan=ID] [--mtu=N]
+                         [--isolated=1] [--ingress-mbit=N] [--egress-mbit=N] -- QEMU ARGS...
 
   up    create the file's bridges, addresses, NAT and the rules between segments
         (default deny, counters on every rule); running it again changes nothing
   down  remove our nftables table and the file's bridges, nothing else
-  show  bridges and rule counters (what was allowed and dropped)";
+  show  bridges and rule counters (what was allowed and dropped)
+  tap   create a multi-queue tap on BRIDGE (vnet headers, vhost-net where the kernel has it)
+        and run QEMU with it as `-netdev tap,id=NETDEV,fds=...`: give the device
+        netdev=NETDEV (default net0), mq=on,vectors=2N+2";
+
+fn tap(args: &[String]) -> Result<(), String> {
+    let split = args.iter().position(|a| a == "--").ok_or(USAGE)?;
+    let mut launch = Launch {
+        bridge: String::new(),
+        queues: 1,
+        netdev_id: "net0".into(),
+        settings: PortSettings::default(),
+        qemu: args[split + 1..].to_vec(),
+    };
+    for arg in &args[1..split] {
+        let (k, v) = arg
+            .strip_prefix("--")
+            .and_then(|a| a.split_once('='))
+            .ok_or_else(|| format!("unexpected argument '{arg}'\n{USAGE}"))?;
+        match k {
+            "br" => launch.bridge = v.to_string(),
+            "id" => launch.netdev_id = v.to_string(),
+            "queues" => {
+                launch.queues = v
+                    .parse()
+                    .ok()
+                    .filter(|q| (1..=16).contains(q))
+                    .ok_or_else(|| format!("--queues={v}: use 1 to 16"))?
+            }
+            _ => launch.settings.set(k, v)?,
+        }
+    }
+    if launch.bridge.is_empty() {
+        return Err(format!("missing --br=BRIDGE\n{USAGE}"));
+    }
+    if !has_net_admin() {
+        return Err("needs CAP_NET_ADMIN: run it as root".into());
+    }
+    Err(launch.exec())
+}
 
 fn run(args: &[String]) -> Result<(), String> {
+    if args.first().map(String::as_str) == Some("tap") {
+        return tap(args);
+    }
     let json = args.iter().any(|a| a == "--json");
     let rest: Vec<&String> = args.iter().filter(|a| *a != "--json").collect();
     let (Some(group), Some(verb), Some(file)) = (rest.first(), rest.get(1), rest.get(2)) else {

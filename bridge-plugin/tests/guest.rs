@@ -68,3 +68,59 @@ fn guest_on_a_nat_network_through_the_helper_reaches_host_and_outside() {
         net.display()
     ));
 }
+
+#[test]
+fn tap_subcommand_gives_qemu_a_multiqueue_tap() {
+    let host = Netns::new("mq");
+    let dir = tempfile::tempdir().unwrap();
+    let net = dir.path().join("net.toml");
+    std::fs::write(
+        &net,
+        "[[network]]\nname = \"mq\"\nmode = \"host-only\"\nbridge = \"bp-mq\"\naddress = \"10.5.0.1/24\"\n",
+    )
+    .unwrap();
+    host.sh(&format!(
+        "{} net up {}",
+        bin("bridge-plugin"),
+        net.display()
+    ));
+
+    let image = guest_image().expect("guest image");
+    let qemu = Qemu::from_env().expect("QEMU");
+    let accel = detect_accel(&qemu, &image);
+    let mut spec = GuestSpec::new("mq1", dir.path(), 11, "10.5.0.10/24");
+    spec.nics[0].backend = NicBackend::Provided("net0".into());
+    spec.nics[0].queues = 2;
+    spec.cpus = 2;
+    spec.netns = Some(host.name.clone());
+    spec.wrapper = vec![
+        bin("bridge-plugin"),
+        "tap".into(),
+        "--br=bp-mq".into(),
+        "--queues=2".into(),
+        "--".into(),
+    ];
+    let mut g = Guest::boot(&qemu, accel, &image, &spec).unwrap_or_else(|e| panic!("{e}"));
+    let cmd = Duration::from_secs(60);
+    let l = g.ok("ethtool -l eth0", cmd);
+    assert!(
+        l.split("Current hardware settings")
+            .next()
+            .unwrap()
+            .contains("Combined:\t2"),
+        "{l}"
+    );
+    g.ok("ethtool -L eth0 combined 2", cmd);
+    g.ok("ping -c 2 -W 3 10.5.0.1", cmd);
+    let tap = host.sh("ip -j -d link show master bp-mq");
+    assert!(
+        tap.contains("\"multi_queue\":true") || tap.contains("multi_queue"),
+        "{tap}"
+    );
+    assert!(g.shutdown(Duration::from_secs(30)));
+    host.sh(&format!(
+        "{} net down {}",
+        bin("bridge-plugin"),
+        net.display()
+    ));
+}

@@ -133,19 +133,19 @@ impl Qemu {
 
     /// A command for this QEMU with its module and firmware folders set.
     pub fn command(&self) -> Command {
-        self.command_in(None)
+        self.command_in(None, &[])
     }
 
-    /// The same, run inside a network namespace.
-    pub fn command_in(&self, netns: Option<&str>) -> Command {
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&self.binary);
-                c
-            }
-            None => Command::new(&self.binary),
-        };
+    /// The same, run inside a network namespace and through a wrapper program.
+    pub fn command_in(&self, netns: Option<&str>, wrapper: &[String]) -> Command {
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(ns) = netns {
+            argv.extend(["ip", "netns", "exec", ns].map(Into::into));
+        }
+        argv.extend(wrapper.iter().map(Into::into));
+        argv.push(self.binary.clone().into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
         if let Some(m) = &self.module_dir {
             cmd.env("QEMU_MODULE_DIR", m);
         }
@@ -180,6 +180,8 @@ pub enum NicBackend {
     VhostUser(PathBuf),
     /// A tap on a kernel bridge, made by a bridge helper (`-netdev bridge`).
     Bridge { bridge: String, helper: String },
+    /// A `-netdev` with this id that the command's `wrapper` adds (multi-queue taps).
+    Provided(String),
 }
 
 /// What to boot.
@@ -196,6 +198,8 @@ pub struct GuestSpec {
     pub shell: bool,
     /// Network namespace to run QEMU in.
     pub netns: Option<String>,
+    /// A program QEMU is started through (it gets QEMU's command line as its arguments).
+    pub wrapper: Vec<String>,
 }
 
 impl GuestSpec {
@@ -213,6 +217,7 @@ impl GuestSpec {
             cpus: 1,
             shell: false,
             netns: None,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -286,6 +291,12 @@ pub fn guest_args(qemu: &Qemu, accel: Accel, image: &GuestImage, spec: &GuestSpe
                     dev.push_str(&format!(",vectors={}", 2 * nic.queues + 2));
                 }
             }
+            NicBackend::Provided(id) => {
+                dev = format!("virtio-net-pci,netdev={id},mac={mac}");
+                if nic.queues > 1 {
+                    dev.push_str(&format!(",mq=on,vectors={}", 2 * nic.queues + 2));
+                }
+            }
             NicBackend::Bridge { bridge, helper } => {
                 // QemuOpts: a comma inside a value is written twice.
                 args.push("-netdev".into());
@@ -325,6 +336,7 @@ pub fn detect_accel(qemu: &Qemu, image: &GuestImage) -> Accel {
                 cpus: 1,
                 shell: false,
                 netns: None,
+                wrapper: Vec::new(),
             };
             match Guest::boot_with(qemu, Accel::Kvm, image, &spec, Duration::from_secs(8)) {
                 Ok(g) => {
@@ -388,7 +400,7 @@ impl Guest {
         spec: &GuestSpec,
         timeout: Duration,
     ) -> Result<Guest, QemuError> {
-        let mut cmd = qemu.command_in(spec.netns.as_deref());
+        let mut cmd = qemu.command_in(spec.netns.as_deref(), &spec.wrapper);
         cmd.args(guest_args(qemu, accel, image, spec))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
