@@ -159,7 +159,7 @@ fn count_changes_go_through_zero() {
     let fake = Fake::new();
     two_vfs(&fake);
     let sysfs = fake.sysfs();
-    let d = desired(&format!("[[pf]]\ndevice = \"eth1\"\nnum_vfs = 4\n"));
+    let d = desired("[[pf]]\ndevice = \"eth1\"\nnum_vfs = 4\n");
     let changes = plan_counts(&sysfs, &d).unwrap();
     assert_eq!(
         changes,
