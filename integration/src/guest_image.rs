@@ -10,23 +10,37 @@ use std::process::Command;
 
 use thiserror::Error;
 
-/// Modules in load order (there is no modprobe in the image).
-const MODULES: &[&str] = &[
-    "drivers/virtio/virtio_ring.ko",
-    "drivers/virtio/virtio.ko",
-    "drivers/virtio/virtio_pci_modern_dev.ko",
-    "drivers/virtio/virtio_pci_legacy_dev.ko",
-    "drivers/virtio/virtio_pci.ko",
-    "net/core/failover.ko",
-    "drivers/net/net_failover.ko",
-    "drivers/net/virtio_net.ko",
-];
+/// What goes into an image: which Debian kernel, which modules (their dependencies are
+/// found and loaded first; there is no modprobe in the image) and which host programs.
+#[derive(Clone, Debug)]
+pub struct ImageSpec {
+    /// Cache folder name under `cache_root()`.
+    pub name: &'static str,
+    /// The Debian metapackage naming the current kernel (`linux-image-cloud-amd64`).
+    pub kernel: &'static str,
+    /// Module names, loaded in this order after their dependencies.
+    pub modules: Vec<&'static str>,
+    /// Host programs copied in at their own paths, with their shared libraries.
+    pub programs: Vec<PathBuf>,
+}
 
-/// Host programs copied into the image with the shared libraries they need.
-const PROGRAMS: &[&str] = &["/usr/bin/iperf3", "/usr/sbin/ethtool", "/usr/bin/ping"];
+impl ImageSpec {
+    /// The virtio-net guest the end-to-end suites boot: the cloud kernel, its virtio-net
+    /// driver, iperf3, ethtool and ping.
+    pub fn virtio_net() -> ImageSpec {
+        ImageSpec {
+            name: "guest",
+            kernel: "linux-image-cloud-amd64",
+            modules: vec!["virtio_pci", "virtio_net"],
+            programs: ["/usr/bin/iperf3", "/usr/sbin/ethtool", "/usr/bin/ping"]
+                .map(PathBuf::from)
+                .to_vec(),
+        }
+    }
+}
 
 /// Bump when the image layout or init changes, so caches are rebuilt.
-const IMAGE_VERSION: &str = "5";
+const IMAGE_VERSION: &str = "6";
 
 pub const READY_MARKER: &str = "VNET-GUEST-READY";
 
@@ -38,7 +52,7 @@ mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 mkdir -p /tmp /run
 dmesg -n 1
-for m in MODULES; do insmod /lib/modules/$m || echo "insmod $m failed"; done
+for m in MODULES; do insmod /lib/modules/$m.ko || echo "insmod $m failed"; done
 arg() { sed -n "s/.*vnet\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 ip link set lo up
 mtu=$(arg mtu)
@@ -109,25 +123,30 @@ pub fn cache_root() -> PathBuf {
     }
 }
 
-/// Builds the guest image under `cache_root()/guest`, or returns the cached one.
+/// Builds the virtio-net guest image under `cache_root()/guest`, or returns the cached one.
 pub fn guest_image() -> Result<GuestImage, ImageError> {
-    build_guest_image(&cache_root().join("guest"))
+    build_image(&ImageSpec::virtio_net())
 }
 
-/// Builds the guest image in `dir` unless a complete one is already there. Safe to call
-/// from several processes at once (a file lock serialises the builds).
-pub fn build_guest_image(dir: &Path) -> Result<GuestImage, ImageError> {
+/// Builds the image `spec` describes under `cache_root()/NAME` unless a complete one is
+/// already there. Safe to call from several processes at once (a file lock serialises it).
+pub fn build_image(spec: &ImageSpec) -> Result<GuestImage, ImageError> {
+    let dir = &cache_root().join(spec.name);
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let image = GuestImage {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.cpio"),
     };
     let stamp = dir.join("version");
+    let version = format!(
+        "{IMAGE_VERSION} {} {:?} {:?}",
+        spec.kernel, spec.modules, spec.programs
+    );
     let lock_path = dir.join(".lock");
     let lock = fs::File::create(&lock_path).map_err(io_err(&lock_path))?;
     // SAFETY: flock on a file we hold open; released when `lock` is closed.
     unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-    if fs::read_to_string(&stamp).ok().as_deref() == Some(IMAGE_VERSION)
+    if fs::read_to_string(&stamp).ok().as_deref() == Some(version.as_str())
         && image.kernel.exists()
         && image.initrd.exists()
     {
@@ -137,7 +156,7 @@ pub fn build_guest_image(dir: &Path) -> Result<GuestImage, ImageError> {
     let work = dir.join("work");
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).map_err(io_err(&work))?;
-    let deb = download_kernel(&work)?;
+    let deb = download_kernel(&work, spec.kernel)?;
     let kx = work.join("kernel");
     run(
         "dpkg -x (kernel package)",
@@ -172,20 +191,26 @@ pub fn build_guest_image(dir: &Path) -> Result<GuestImage, ImageError> {
         ));
     }
     cpio.file("bin/busybox", &read(busybox)?, 0o755);
+    let index = module_index(&modules)?;
+    let mut order = Vec::new();
+    for m in &spec.modules {
+        resolve_module(&index, m, &mut order, 0)?;
+    }
     let mut names = Vec::new();
-    for m in MODULES {
-        let src = modules.join(m);
-        let name = Path::new(m)
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .to_string();
-        cpio.file(&format!("lib/modules/{name}"), &read(&src)?, 0o644);
-        names.push(name);
+    for name in &order {
+        cpio.file(
+            &format!("lib/modules/{name}.ko"),
+            &read(&index[name])?,
+            0o644,
+        );
+        names.push(name.clone());
     }
     let mut libs = std::collections::BTreeSet::new();
-    for prog in PROGRAMS {
-        let p = Path::new(prog);
+    for p in &spec.programs {
+        let prog = p.to_string_lossy();
+        if let Some(parent) = Path::new(prog.trim_start_matches('/')).parent() {
+            cpio.dir_all(parent);
+        }
         cpio.file(prog.trim_start_matches('/'), &read(p)?, 0o755);
         let ldd = run(&format!("ldd {prog}"), Command::new("ldd").arg(p))?;
         for lib in ldd.split_whitespace().filter(|w| w.starts_with('/')) {
@@ -208,7 +233,7 @@ pub fn build_guest_image(dir: &Path) -> Result<GuestImage, ImageError> {
     let tmp = dir.join("initrd.cpio.tmp");
     fs::write(&tmp, cpio.finish()).map_err(io_err(&tmp))?;
     fs::rename(&tmp, &image.initrd).map_err(io_err(&image.initrd))?;
-    fs::write(&stamp, IMAGE_VERSION).map_err(io_err(&stamp))?;
+    fs::write(&stamp, &version).map_err(io_err(&stamp))?;
     let _ = fs::remove_dir_all(&work);
     Ok(image)
 }
@@ -217,18 +242,20 @@ fn read(path: &Path) -> Result<Vec<u8>, ImageError> {
     fs::read(path).map_err(io_err(path))
 }
 
-/// Fetches the current Debian cloud kernel package into `work`.
-fn download_kernel(work: &Path) -> Result<PathBuf, ImageError> {
+/// Fetches the kernel package the metapackage `meta` currently names into `work`.
+fn download_kernel(work: &Path, meta: &str) -> Result<PathBuf, ImageError> {
     let deps = run(
-        "apt-cache depends linux-image-cloud-amd64",
-        Command::new("apt-cache").args(["depends", "linux-image-cloud-amd64"]),
+        &format!("apt-cache depends {meta}"),
+        Command::new("apt-cache").args(["depends", meta]),
     )?;
     let pkg = deps
         .lines()
         .filter_map(|l| l.trim().strip_prefix("Depends: "))
         .find(|p| p.starts_with("linux-image-"))
         .ok_or_else(|| {
-            ImageError::Missing("no linux-image-*-cloud-amd64 package: run apt-get update".into())
+            ImageError::Missing(format!(
+                "{meta} names no kernel package: run apt-get update"
+            ))
         })?
         .to_string();
     run(
@@ -258,6 +285,78 @@ fn find_kernel(root: &Path) -> Result<(PathBuf, PathBuf), ImageError> {
     let version = vmlinuz.file_name().unwrap().to_string_lossy()["vmlinuz-".len()..].to_string();
     let modules = root.join("lib/modules").join(version).join("kernel");
     Ok((vmlinuz, modules))
+}
+
+/// Module name (dashes as underscores) to its file, for a kernel's module tree.
+fn module_index(root: &Path) -> Result<std::collections::HashMap<String, PathBuf>, ImageError> {
+    let mut index = std::collections::HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in fs::read_dir(&dir)
+            .map_err(io_err(&dir))?
+            .filter_map(|e| e.ok())
+        {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(stem) = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".ko"))
+            {
+                index.insert(stem.replace('-', "_"), p);
+            }
+        }
+    }
+    Ok(index)
+}
+
+/// A module's dependencies, from the `depends=` entry of its `.modinfo` section.
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    let Some(at) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let rest = &ko[at + key.len()..];
+    let end = rest.iter().position(|b| *b == 0).unwrap_or(rest.len());
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|d| !d.is_empty())
+        .map(|d| d.replace('-', "_"))
+        .collect()
+}
+
+/// Appends `name` to `order` after its dependencies (each once).
+fn resolve_module(
+    index: &std::collections::HashMap<String, PathBuf>,
+    name: &str,
+    order: &mut Vec<String>,
+    depth: usize,
+) -> Result<(), ImageError> {
+    let name = name.replace('-', "_");
+    if order.contains(&name) {
+        return Ok(());
+    }
+    // Built-in modules have no file: nothing to load.
+    let Some(path) = index.get(&name) else {
+        return if depth == 0 {
+            Err(ImageError::Missing(format!(
+                "kernel module {name} is not in the package"
+            )))
+        } else {
+            Ok(())
+        };
+    };
+    if depth > 32 {
+        return Err(ImageError::Missing(format!(
+            "module dependencies of {name} loop"
+        )));
+    }
+    for dep in module_depends(&read(path)?) {
+        resolve_module(index, &dep, order, depth + 1)?;
+    }
+    order.push(name);
+    Ok(())
 }
 
 /// A `newc` cpio archive, the initramfs format the kernel unpacks.
@@ -331,6 +430,23 @@ impl Cpio {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_dependencies_come_from_modinfo() {
+        let ko = b"\x7fELF....license=GPL\0depends=dca,i2c-algo-bit\0vermagic=6.1\0";
+        assert_eq!(module_depends(ko), vec!["dca", "i2c_algo_bit"]);
+        assert!(module_depends(b"license=GPL\0depends=\0").is_empty());
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("net")).unwrap();
+        std::fs::write(d.path().join("net/a.ko"), b"depends=b,c\0").unwrap();
+        std::fs::write(d.path().join("net/b.ko"), b"depends=c\0").unwrap();
+        std::fs::write(d.path().join("c.ko"), b"depends=\0").unwrap();
+        let index = module_index(d.path()).unwrap();
+        let mut order = Vec::new();
+        resolve_module(&index, "a", &mut order, 0).unwrap();
+        assert_eq!(order, vec!["c", "b", "a"]);
+        assert!(resolve_module(&index, "zz", &mut order, 0).is_err());
+    }
 
     #[test]
     fn cpio_entries_are_newc_and_aligned() {

@@ -200,6 +200,11 @@ pub struct GuestSpec {
     pub netns: Option<String>,
     /// A program QEMU is started through (it gets QEMU's command line as its arguments).
     pub wrapper: Vec<String>,
+    /// QEMU machine type (`pc`, or `q35` for PCIe devices such as igb with SR-IOV).
+    pub machine: String,
+    /// More QEMU arguments (devices), and more kernel command-line words.
+    pub extra_args: Vec<String>,
+    pub kernel_args: String,
 }
 
 impl GuestSpec {
@@ -218,6 +223,9 @@ impl GuestSpec {
             shell: false,
             netns: None,
             wrapper: Vec::new(),
+            machine: "pc".into(),
+            extra_args: Vec::new(),
+            kernel_args: String::new(),
         }
     }
 }
@@ -227,7 +235,7 @@ pub fn guest_args(qemu: &Qemu, accel: Accel, image: &GuestImage, spec: &GuestSpe
     let mem = spec.mem_mb;
     let mut args: Vec<String> = vec![
         "-machine".into(),
-        format!("pc,accel={}", accel.name()),
+        format!("{},accel={}", spec.machine, accel.name()),
         "-cpu".into(),
         if accel == Accel::Kvm { "host" } else { "max" }.into(),
         "-smp".into(),
@@ -259,6 +267,10 @@ pub fn guest_args(qemu: &Qemu, accel: Accel, image: &GuestImage, spec: &GuestSpe
     }
     if spec.shell {
         cmdline.push_str(" vnet.shell=1");
+    }
+    if !spec.kernel_args.is_empty() {
+        cmdline.push(' ');
+        cmdline.push_str(&spec.kernel_args);
     }
     args.push("-append".into());
     args.push(cmdline);
@@ -312,6 +324,7 @@ pub fn guest_args(qemu: &Qemu, accel: Accel, image: &GuestImage, spec: &GuestSpe
         args.push("-device".into());
         args.push(dev);
     }
+    args.extend(spec.extra_args.iter().cloned());
     args
 }
 
@@ -337,6 +350,9 @@ pub fn detect_accel(qemu: &Qemu, image: &GuestImage) -> Accel {
                 shell: false,
                 netns: None,
                 wrapper: Vec::new(),
+                machine: "pc".into(),
+                extra_args: Vec::new(),
+                kernel_args: String::new(),
             };
             match Guest::boot_with(qemu, Accel::Kvm, image, &spec, Duration::from_secs(8)) {
                 Ok(g) => {
