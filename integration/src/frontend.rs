@@ -269,6 +269,13 @@ impl VirtioNetDevice {
         &mut self.frontend
     }
 
+    /// Waits until the backend has handled every message sent so far (a request with a
+    /// reply; messages are handled in order). SET_VRING_ENABLE, like QEMU sends it, has none.
+    pub fn sync(&mut self) -> Result<()> {
+        self.frontend.get_features()?;
+        Ok(())
+    }
+
     /// Enables or disables one vring (QEMU does this as the guest changes queue pairs).
     pub fn set_vring_enable(&mut self, queue: usize, enable: bool) -> Result<()> {
         Ok(self.frontend.set_vring_enable(queue, enable)?)

@@ -5,6 +5,7 @@
 pub mod frames;
 pub mod frontend;
 pub mod guest_image;
+pub mod netns;
 pub mod qemu;
 pub mod testbed;
 

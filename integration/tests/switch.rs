@@ -569,12 +569,14 @@ fn traffic_follows_the_queue_pairs_the_guest_enabled() {
     // The guest goes down to one queue pair (ethtool -L combined 1): QEMU disables the rest.
     b.set_vring_enable(2, false).unwrap();
     b.set_vring_enable(3, false).unwrap();
+    b.sync().unwrap();
     for i in 0..16u8 {
         let mut fr = udp_frame(mac(1), mac(2), 100);
         fr[35] = i;
         a.send(0, &plain(), &fr).unwrap();
     }
-    assert_eq!(b.recv_all(0, Duration::from_millis(500)).len(), 16);
+    let got = b.recv_all(0, Duration::from_millis(500)).len();
+    assert_eq!(got, 16, "a {:?} b {:?}", sw.counters("a"), sw.counters("b"));
     assert!(b.recv_all(1, Duration::from_millis(100)).is_empty());
     assert_eq!(sw.counters("b").drop_count(DropReason::PortDown), 0);
 }

@@ -30,6 +30,8 @@ pub enum ConfigError {
     Port { port: String, message: String },
     #[error("no ports configured: give --port name=NAME,socket=PATH (or --socket-path, --fd, --config FILE)")]
     NoPorts,
+    #[error("uplink '{spec}': {message} (expected tap:NAME[,vlan=ID][,trunk][,queues=N])")]
+    Uplink { spec: String, message: String },
     #[error("mtu {0} is out of range: use 68..=65521")]
     Mtu(u32),
 }
@@ -154,6 +156,62 @@ impl PortConfig {
     }
 }
 
+/// The tap uplink between the switch and the host kernel.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    /// Tap name; created if missing, attached to if it exists (multi-queue, vnet headers).
+    pub tap: String,
+    /// Access VLAN of the uplink (untagged on the wire).
+    #[serde(default)]
+    pub vlan: Option<u16>,
+    /// Carry every VLAN as 802.1Q-tagged frames; untagged frames are the untagged segment.
+    #[serde(default)]
+    pub trunk: bool,
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+}
+
+impl UplinkConfig {
+    /// Parses `tap:NAME[,vlan=ID][,trunk][,queues=N]`.
+    pub fn parse_spec(spec: &str) -> Result<UplinkConfig, ConfigError> {
+        let err = |message: String| ConfigError::Uplink {
+            spec: spec.to_string(),
+            message,
+        };
+        let mut items = spec.split(',');
+        let tap = items
+            .next()
+            .and_then(|k| k.strip_prefix("tap:"))
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| err("it must start with tap:NAME".into()))?;
+        let mut up = UplinkConfig {
+            tap: tap.to_string(),
+            vlan: None,
+            trunk: false,
+            queues: 1,
+        };
+        for item in items {
+            match item.split_once('=') {
+                None if item == "trunk" => up.trunk = true,
+                Some(("vlan", v)) => {
+                    up.vlan = Some(
+                        v.parse()
+                            .map_err(|_| err(format!("vlan '{v}' is not a number")))?,
+                    )
+                }
+                Some(("queues", v)) => {
+                    up.queues = v
+                        .parse()
+                        .map_err(|_| err(format!("queues '{v}' is not a number")))?
+                }
+                _ => return Err(err(format!("unknown option '{item}'"))),
+            }
+        }
+        Ok(up)
+    }
+}
+
 fn default_ageing() -> u64 {
     DEFAULT_MAC_AGEING_SECS
 }
@@ -172,6 +230,8 @@ pub struct SwitchConfig {
     pub control_socket: Option<PathBuf>,
     #[serde(default, rename = "port")]
     pub ports: Vec<PortConfig>,
+    #[serde(default)]
+    pub uplink: Option<UplinkConfig>,
 }
 
 impl Default for SwitchConfig {
@@ -181,6 +241,7 @@ impl Default for SwitchConfig {
             mac_ageing_secs: DEFAULT_MAC_AGEING_SECS,
             control_socket: None,
             ports: Vec::new(),
+            uplink: None,
         }
     }
 }
@@ -214,6 +275,26 @@ impl SwitchConfig {
         if let Some(mtu) = self.mtu {
             if !(68..=65521).contains(&mtu) {
                 return Err(ConfigError::Mtu(u32::from(mtu)));
+            }
+        }
+        if let Some(up) = &self.uplink {
+            let bad = |message: &str| ConfigError::Uplink {
+                spec: up.tap.clone(),
+                message: message.to_string(),
+            };
+            if up.tap.is_empty() || up.tap.len() > 15 {
+                return Err(bad("the tap name must have 1 to 15 characters"));
+            }
+            if up.trunk && up.vlan.is_some() {
+                return Err(bad(
+                    "trunk carries every VLAN: give vlan= or trunk, not both",
+                ));
+            }
+            if up.vlan.is_some_and(|v| !(1..=4094).contains(&v)) {
+                return Err(bad("vlan is out of range: use 1..=4094"));
+            }
+            if !(1..=MAX_QUEUE_PAIRS).contains(&up.queues) {
+                return Err(bad("queues is out of range: use 1..=16"));
             }
         }
         let mut names = HashSet::new();

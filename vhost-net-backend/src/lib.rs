@@ -13,15 +13,19 @@
 //! - `port`: the `VhostUserBackend` of a port and its per-queue-pair data path.
 //! - `counters`: per-port counters and drop reasons.
 //! - `relay`: the vhost-user control channel between QEMU and the protocol handler.
+//! - `forward`: delivering a switched frame to RX queues or the uplink.
+//! - `uplink`: the tap uplink (vnet headers, offloads, VLAN trunk or access).
 //! - `server`: listening sockets, reconnects, MAC ageing, the control socket.
 
 pub mod config;
 pub mod counters;
+pub mod forward;
 pub mod offload;
 pub mod port;
 pub mod relay;
 pub mod server;
 pub mod switch;
+pub mod uplink;
 pub mod virtio;
 
 pub use config::{MacAddr, PortConfig, SwitchConfig};

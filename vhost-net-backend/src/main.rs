@@ -7,6 +7,7 @@ use log::{error, info};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
+use vhost_net_backend::config::UplinkConfig;
 use vhost_net_backend::{PortConfig, Server, SwitchConfig};
 
 const EXAMPLES: &str = "\
@@ -53,6 +54,12 @@ struct Args {
     /// host_mtu=N on the device). Without it frames up to 9000 bytes pass and no MTU is imposed.
     #[arg(long, value_name = "N")]
     mtu: Option<u16>,
+
+    /// An uplink to the host kernel: tap:NAME[,vlan=ID|,trunk][,queues=N]. The tap is created
+    /// (or attached to) with vnet headers and offloads on; put it on a host bridge to reach
+    /// the host and, through its NAT, the outside.
+    #[arg(long, value_name = "SPEC")]
+    uplink: Option<String>,
 
     /// A socket answering the line `stats` with every port's counters as JSON.
     #[arg(long, value_name = "PATH")]
@@ -115,6 +122,9 @@ fn build_config(args: &Args) -> Result<SwitchConfig> {
     }
     if args.mtu.is_some() {
         config.mtu = args.mtu;
+    }
+    if let Some(spec) = &args.uplink {
+        config.uplink = Some(UplinkConfig::parse_spec(spec)?);
     }
     if args.control_socket.is_some() {
         config.control_socket = args.control_socket.clone();

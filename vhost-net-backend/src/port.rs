@@ -17,14 +17,12 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use crate::config::MacAddr;
 use crate::counters::DropReason;
-use crate::offload::{complete_checksum, segment_tcp};
-use crate::switch::{flow_hash, Forward, PortId, PortShared, Switch};
+use crate::forward::{flush_notifications, switch_frame, Frame, Scratch, MIN_GSO_SIZE};
+use crate::switch::{flow_hash, PortId, PortShared, Switch};
 use crate::virtio::{
-    features as f, needs_interrupt, net_hdr_len, push_used, walk_chain, Cursor, FrameSource,
-    GuestMemory, GuestWriter, NetHdr, Segment, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
-    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    features as f, net_hdr_len, walk_chain, Cursor, FrameSource, GuestMemory, NetHdr, Segment,
+    VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
@@ -37,8 +35,6 @@ const TX_BURST: usize = 256;
 const PEEK_LEN: usize = 96;
 /// Largest frame a guest may hand over for segmentation: a 64 KiB IP packet plus Ethernet.
 pub const MAX_GSO_FRAME: usize = 65535 + 14;
-/// Most RX buffers one mergeable frame may use.
-const MAX_MERGED_BUFFERS: usize = 256;
 
 /// Features every port offers; all of them are honoured for every destination, in software
 /// where the destination lacks an offload.
@@ -57,24 +53,11 @@ pub const BASE_FEATURES: u64 = f::VERSION_1
     | f::MQ
     | f::PROTOCOL_FEATURES;
 
-struct RxChain {
-    head: u16,
-    cap: u32,
-}
-
-/// Per-queue-pair scratch space, allocated once so the data path never allocates.
+/// Per-queue-pair state of one connection.
 struct Worker {
     published: bool,
     tx_segs: Vec<Segment>,
-    rx_segs: Vec<Segment>,
-    rx_chains: Vec<RxChain>,
-    /// The whole frame, gathered only when a destination needs software offload.
-    frame: Vec<u8>,
-    frame_gathered: bool,
-    /// One software-finished frame (checksummed copy or TCP segment).
-    out: Vec<u8>,
-    /// RX queues written during this burst, notified once at its end.
-    touched: Vec<Touched>,
+    scratch: Scratch,
 }
 
 impl Worker {
@@ -82,35 +65,9 @@ impl Worker {
         Worker {
             published: false,
             tx_segs: Vec::with_capacity(64),
-            rx_segs: Vec::with_capacity(MAX_MERGED_BUFFERS),
-            rx_chains: Vec::with_capacity(MAX_MERGED_BUFFERS),
-            frame: vec![0; MAX_GSO_FRAME],
-            frame_gathered: false,
-            out: vec![0; MAX_GSO_FRAME],
-            touched: Vec::with_capacity(64),
+            scratch: Scratch::new(),
         }
     }
-}
-
-/// Buffers used while delivering; split from `Worker` so the TX segments stay borrowed.
-struct Delivery<'a> {
-    rx_segs: &'a mut Vec<Segment>,
-    rx_chains: &'a mut Vec<RxChain>,
-    frame: &'a mut Vec<u8>,
-    frame_gathered: &'a mut bool,
-    out: &'a mut Vec<u8>,
-    touched: &'a mut Vec<Touched>,
-    /// The Ethernet header as checked and switched: delivered from this copy, so a guest
-    /// rewriting its buffer meanwhile cannot change what the decision was made on.
-    eth: [u8; 14],
-}
-
-/// An RX queue written during a burst, and its used index before the first write.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Touched {
-    port: PortId,
-    queue: usize,
-    old_used: u16,
 }
 
 struct PortInner {
@@ -253,10 +210,6 @@ enum TxOutcome {
 }
 
 impl PortInner {
-    fn id(&self) -> PortId {
-        self.shared.id
-    }
-
     fn alive(&self) -> bool {
         self.alive.load(Ordering::Relaxed)
     }
@@ -325,7 +278,7 @@ impl PortInner {
                 && (handled == TX_BURST
                     || (event_idx && queue.enable_notification(&*mem).unwrap_or(false)));
             drop(state);
-            self.flush_notifications(&mut w.touched);
+            flush_notifications(&self.switch, &mut w.scratch.touched);
             if notify {
                 let _ = vring.signal_used_queue();
             }
@@ -384,33 +337,14 @@ impl PortInner {
         }
         let mut eth = [0u8; 14];
         eth.copy_from_slice(&peek[..14]);
-        let mut dst_mac = MacAddr::default();
-        let mut src_mac = MacAddr::default();
-        dst_mac.0.copy_from_slice(&eth[0..6]);
-        src_mac.0.copy_from_slice(&eth[6..12]);
-        let hash = flow_hash(peek);
-
-        let mut d = Delivery {
-            rx_segs: &mut w.rx_segs,
-            rx_chains: &mut w.rx_chains,
-            frame: &mut w.frame,
-            frame_gathered: &mut w.frame_gathered,
-            out: &mut w.out,
-            touched: &mut w.touched,
+        let frame = Frame {
+            hdr,
+            src,
             eth,
+            hash: flow_hash(peek),
+            segment: self.shared.segment,
         };
-        *d.frame_gathered = false;
-        match self.switch.decide(self.id(), src_mac, dst_mac) {
-            Forward::Local => {}
-            Forward::To(p) => {
-                self.deliver(&self.switch.ports[usize::from(p)], &hdr, src, hash, &mut d)
-            }
-            Forward::Flood => {
-                for p in self.switch.flood_targets(self.id()) {
-                    self.deliver(p, &hdr, src, hash, &mut d);
-                }
-            }
-        }
+        switch_frame(&self.switch, &self.shared, &frame, &mut w.scratch);
     }
 
     fn check_frame(
@@ -459,292 +393,5 @@ impl PortInner {
             return Err(DropReason::BadOffload);
         }
         Ok(())
-    }
-
-    /// Delivers one frame to `dst`, finishing offloads in software where `dst` did not
-    /// negotiate them.
-    fn deliver(
-        &self,
-        dst: &PortShared,
-        hdr: &NetHdr,
-        src: FrameSource<'_>,
-        hash: u32,
-        d: &mut Delivery<'_>,
-    ) {
-        let rx = dst.rx_read();
-        let (Some(atomic), true) = (rx.mem.as_ref(), rx.features_acked) else {
-            return dst.counters.count_drop(DropReason::PortDown);
-        };
-        let Some((qidx, vring)) = rx.pick_queue(hash) else {
-            return dst.counters.count_drop(DropReason::PortDown);
-        };
-        let dmem = atomic.memory();
-        let features = rx.features;
-
-        let segment = hdr.is_gso() && !gso_supported(features, hdr);
-        let finish_csum = !segment && hdr.needs_csum() && features & f::GUEST_CSUM == 0;
-        if !segment && !finish_csum {
-            let out = passed_header(hdr);
-            self.write_rx(dst, vring, qidx, &dmem, features, &out, src, d);
-            return;
-        }
-
-        let len = src.len();
-        if !*d.frame_gathered {
-            src.peek(&mut d.frame[..len]);
-            d.frame[..14].copy_from_slice(&d.eth);
-            *d.frame_gathered = true;
-        }
-        let plain = NetHdr::default();
-        if finish_csum {
-            d.out[..len].copy_from_slice(&d.frame[..len]);
-            let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
-            if complete_checksum(&mut d.out[..len], start, off).is_err() {
-                return self.shared.counters.count_drop(DropReason::BadOffload);
-            }
-            // Taken out of `d` for the call: write_rx needs the rest of `d`.
-            let out = std::mem::take(d.out);
-            let finished = FrameSource::Local(&out[..len]);
-            self.write_rx(dst, vring, qidx, &dmem, features, &plain, finished, d);
-            *d.out = out;
-            return;
-        }
-        let frame = std::mem::take(d.frame);
-        let mut out = std::mem::take(d.out);
-        let result = segment_tcp(&frame[..len], hdr, &mut out, |seg| {
-            // Stop at the first segment that cannot be delivered: the rest would not be.
-            let delivered = self.write_rx(
-                dst,
-                vring,
-                qidx,
-                &dmem,
-                features,
-                &plain,
-                FrameSource::Local(seg),
-                d,
-            );
-            if delivered {
-                Ok(())
-            } else {
-                Err(())
-            }
-        });
-        *d.frame = frame;
-        *d.out = out;
-        if result.is_err() {
-            self.shared.counters.count_drop(DropReason::BadOffload);
-        }
-    }
-
-    /// Takes RX buffers from `vring` (several when mergeable), writes the header and the
-    /// frame, and puts the buffers on the used ring. Counts a drop on `dst` when it cannot.
-    #[allow(clippy::too_many_arguments)]
-    fn write_rx(
-        &self,
-        dst: &PortShared,
-        vring: &Vring,
-        qidx: usize,
-        mem: &GuestMemory,
-        features: u64,
-        hdr: &NetHdr,
-        src: FrameSource<'_>,
-        d: &mut Delivery<'_>,
-    ) -> bool {
-        match write_rx_buffers(vring, mem, features, hdr, src, d) {
-            Ok(old_used) => {
-                dst.counters.count_rx(src.len());
-                if !d
-                    .touched
-                    .iter()
-                    .any(|t| t.port == dst.id && t.queue == qidx)
-                {
-                    d.touched.push(Touched {
-                        port: dst.id,
-                        queue: qidx,
-                        old_used,
-                    });
-                }
-                true
-            }
-            Err(RxError::Drop(reason)) => {
-                dst.counters.count_drop(reason);
-                false
-            }
-            Err(RxError::Broken) => {
-                dst.counters.count_drop(DropReason::BadRxDescriptor);
-                warn!(
-                    "port {}: guest driver broke the virtio protocol on RX; resetting the connection",
-                    dst.name
-                );
-                dst.reset_connection();
-                false
-            }
-        }
-    }
-
-    /// Interrupts each RX queue written in this burst once, if its driver wants it, with no
-    /// lock held while signalling.
-    fn flush_notifications(&self, touched: &mut Vec<Touched>) {
-        for t in touched.drain(..) {
-            let (vring, atomic) = {
-                let rx = self.switch.ports[usize::from(t.port)].rx_read();
-                match (rx.queues.get(t.queue), rx.mem.as_ref()) {
-                    (Some(Some(v)), Some(m)) => (v.clone(), m.clone()),
-                    _ => continue,
-                }
-            };
-            let notify = {
-                let state = vring.get_ref();
-                let q = state.get_queue();
-                needs_interrupt(
-                    &atomic.memory(),
-                    GuestAddress(q.avail_ring()),
-                    q.size(),
-                    q.event_idx_enabled(),
-                    t.old_used,
-                    q.next_used(),
-                )
-            };
-            if notify {
-                let _ = vring.signal_used_queue();
-            }
-        }
-    }
-}
-
-enum RxError {
-    Drop(DropReason),
-    Broken,
-}
-
-/// Smallest MSS accepted for segmentation (Linux's `tcp_min_snd_mss` default is 48).
-const MIN_GSO_SIZE: usize = 48;
-
-fn gso_supported(features: u64, hdr: &NetHdr) -> bool {
-    let kind = match hdr.gso_kind() {
-        VIRTIO_NET_HDR_GSO_TCPV4 => f::GUEST_TSO4,
-        VIRTIO_NET_HDR_GSO_TCPV6 => f::GUEST_TSO6,
-        _ => return false,
-    };
-    let ecn = if hdr.gso_type & VIRTIO_NET_HDR_GSO_ECN != 0 {
-        f::GUEST_ECN
-    } else {
-        0
-    };
-    let needed = kind | ecn | f::GUEST_CSUM;
-    features & needed == needed
-}
-
-/// The header a receiver gets for a frame passed on with its offloads: only the checksum
-/// and GSO requests, rebuilt field by field (a sender's DATA_VALID or stray bits are not
-/// passed on).
-fn passed_header(hdr: &NetHdr) -> NetHdr {
-    let mut out = NetHdr::default();
-    if hdr.needs_csum() {
-        out.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-        out.csum_start = hdr.csum_start;
-        out.csum_offset = hdr.csum_offset;
-    }
-    if hdr.is_gso() {
-        out.gso_type = hdr.gso_type;
-        out.gso_size = hdr.gso_size;
-        out.hdr_len = hdr.hdr_len;
-    }
-    out
-}
-
-/// Writes one frame into the RX queue; returns the used index from before the write.
-fn write_rx_buffers(
-    vring: &Vring,
-    mem: &GuestMemory,
-    features: u64,
-    hdr: &NetHdr,
-    src: FrameSource<'_>,
-    d: &mut Delivery<'_>,
-) -> Result<u16, RxError> {
-    let hdr_len = net_hdr_len(features);
-    let need = hdr_len + src.len();
-    let mergeable = features & f::MRG_RXBUF != 0;
-
-    let mut state = vring.get_mut();
-    if !state.is_enabled() {
-        return Err(RxError::Drop(DropReason::PortDown));
-    }
-    let queue = state.get_queue_mut();
-    if !queue.ready() {
-        return Err(RxError::Drop(DropReason::PortDown));
-    }
-    match queue.avail_idx(mem, Ordering::Acquire) {
-        Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size() => {}
-        _ => return Err(RxError::Broken),
-    }
-    let table = GuestAddress(queue.desc_table());
-    let used_ring = GuestAddress(queue.used_ring());
-    let size = queue.size();
-    let saved = queue.next_avail();
-    let old_used = queue.next_used();
-    d.rx_segs.clear();
-    d.rx_chains.clear();
-    let mut cap: usize = 0;
-    while cap < need {
-        if d.rx_chains.len() == MAX_MERGED_BUFFERS {
-            queue.set_next_avail(saved);
-            return Err(RxError::Drop(DropReason::RxBufferTooSmall));
-        }
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            queue.set_next_avail(saved);
-            return Err(RxError::Drop(DropReason::NoRxBuffer));
-        };
-        let head = chain.head_index();
-        let walked = walk_chain(mem, table, size, head, true, d.rx_segs);
-        // A chain that cannot hold even the header is as useless as a malformed one.
-        let bad = match walked {
-            Ok(len) if len as usize >= hdr_len || !d.rx_chains.is_empty() && len > 0 => None,
-            Ok(_) => Some("RX buffer too small for the virtio-net header".to_string()),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(why) = bad {
-            debug!("bad RX chain {head}: {why}");
-            if head >= size {
-                return Err(RxError::Broken);
-            }
-            // Hand back every chain taken for this frame, unused, so none leaks.
-            let unused = d.rx_chains.iter().map(|c| (c.head, 0)).chain([(head, 0)]);
-            let next = push_used(mem, used_ring, size, old_used, unused).ok_or(RxError::Broken)?;
-            queue.set_next_used(next);
-            return Err(RxError::Drop(DropReason::BadRxDescriptor));
-        }
-        let len = walked.unwrap_or(0);
-        cap += len as usize;
-        d.rx_chains.push(RxChain { head, cap: len });
-        if !mergeable && cap < need {
-            // Keep the buffer for a frame that fits; this one cannot be delivered.
-            queue.set_next_avail(saved);
-            return Err(RxError::Drop(DropReason::RxBufferTooSmall));
-        }
-    }
-
-    let out_hdr = NetHdr {
-        num_buffers: d.rx_chains.len() as u16,
-        ..*hdr
-    };
-    let mut writer = GuestWriter::new(mem, d.rx_segs);
-    let ok = writer.write(&out_hdr.to_bytes()[..hdr_len])
-        && match src {
-            FrameSource::Guest { .. } => writer.write(&d.eth) && writer.copy_from(src.skip(14)),
-            FrameSource::Local(b) => writer.write(b),
-        };
-    let mut left = if ok { need } else { 0 };
-    let used = d.rx_chains.iter().map(|c| {
-        let n = left.min(c.cap as usize);
-        left -= n;
-        (c.head, n as u32)
-    });
-    let next = push_used(mem, used_ring, size, old_used, used).ok_or(RxError::Broken)?;
-    queue.set_next_used(next);
-    if ok {
-        Ok(old_used)
-    } else {
-        Err(RxError::Drop(DropReason::BadRxDescriptor))
     }
 }

@@ -23,6 +23,7 @@ use crate::counters::CounterSnapshot;
 use crate::port::Port;
 use crate::relay;
 use crate::switch::{PortId, Switch};
+use crate::uplink::Uplink;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -41,6 +42,8 @@ pub enum ServerError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("uplink tap {tap}: {source} (creating a tap needs CAP_NET_ADMIN)")]
+    Uplink { tap: String, source: std::io::Error },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -69,7 +72,7 @@ pub fn stats_json(switch: &Switch) -> String {
             .map(|p| PortStats {
                 name: &p.name,
                 vlan: p.segment,
-                connected: p.rx_read().mem.is_some(),
+                connected: p.rx_read().mem.is_some() || p.uplink.get().is_some(),
                 counters: p.counters.snapshot(),
             })
             .collect(),
@@ -171,6 +174,27 @@ impl Server {
                 .spawn(move || serve_control(switch, control, stop))
                 .map_err(ServerError::Thread)?;
             server.threads.push(t);
+        }
+        if let Some(up) = &config.uplink {
+            let uplink = Arc::new(Uplink::open(up).map_err(|source| ServerError::Uplink {
+                tap: up.tap.clone(),
+                source,
+            })?);
+            let port = switch.ports.last().expect("the uplink port").clone();
+            let _ = port.uplink.set(uplink.clone());
+            let readers = uplink
+                .spawn_readers(switch.clone(), port, stop.clone())
+                .map_err(ServerError::Thread)?;
+            server.threads.extend(readers);
+            info!(
+                "uplink: tap {} ({})",
+                up.tap,
+                if up.trunk {
+                    "trunk".to_string()
+                } else {
+                    format!("vlan {}", up.vlan.unwrap_or(0))
+                }
+            );
         }
         let (tx, rx) = mpsc::channel::<()>();
         let ageing = switch.clone();

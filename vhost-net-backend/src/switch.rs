@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use vhost_user_backend::{ShutdownHandle, VringRwLock, VringT};
 use virtio_queue::QueueT;
@@ -11,9 +11,13 @@ use vm_memory::GuestMemoryAtomic;
 
 use crate::config::{MacAddr, SwitchConfig};
 use crate::counters::PortCounters;
+use crate::uplink::Uplink;
 use crate::virtio::GuestMemory;
 
 pub type PortId = u16;
+
+/// The segment of a trunk port: it carries every VLAN, tagged.
+pub const TRUNK: u16 = u16::MAX;
 
 /// Most MAC entries kept; a guest spraying random source addresses cannot grow the table
 /// past this (new addresses are then flooded to, as unknown).
@@ -155,6 +159,8 @@ pub struct PortShared {
     pub rx: RwLock<RxEndpoint>,
     /// Closes the current vhost-user connection (a guest that broke the protocol).
     pub connection: Mutex<Option<ShutdownHandle>>,
+    /// Set when this port is the uplink instead of a VM port.
+    pub uplink: OnceLock<Arc<Uplink>>,
 }
 
 impl PortShared {
@@ -206,24 +212,32 @@ pub struct Switch {
 }
 
 impl Switch {
+    /// The VM ports of `config`, then the uplink (if any) as the last port.
     pub fn new(config: &SwitchConfig) -> Arc<Switch> {
+        let uplink = config
+            .uplink
+            .as_ref()
+            .map(|u| ("uplink".to_string(), Uplink::segment(u), u.queues, None));
         let ports = config
             .ports
             .iter()
+            .map(|p| (p.name.clone(), p.segment(), p.queues, p.mac))
+            .chain(uplink)
             .enumerate()
-            .map(|(i, p)| {
+            .map(|(i, (name, segment, queues, mac))| {
                 Arc::new(PortShared {
                     id: i as PortId,
-                    name: p.name.clone(),
-                    segment: p.segment(),
-                    queue_pairs: p.queues,
-                    mac: p.mac,
+                    name,
+                    segment,
+                    queue_pairs: queues,
+                    mac,
                     counters: PortCounters::default(),
                     rx: RwLock::new(RxEndpoint {
-                        queues: vec![None; usize::from(p.queues)],
+                        queues: vec![None; usize::from(queues)],
                         ..Default::default()
                     }),
                     connection: Mutex::new(None),
+                    uplink: OnceLock::new(),
                 })
             })
             .collect();
@@ -239,9 +253,8 @@ impl Switch {
         self.ports.iter().find(|p| p.name == name)
     }
 
-    /// Learns the source and decides where a frame from `src` goes.
-    pub fn decide(&self, src: PortId, src_mac: MacAddr, dst_mac: MacAddr) -> Forward {
-        let segment = self.ports[usize::from(src)].segment;
+    /// Learns the source and decides where a frame from `src`, in `segment`, goes.
+    pub fn decide(&self, src: PortId, segment: u16, src_mac: MacAddr, dst_mac: MacAddr) -> Forward {
         self.macs.learn(segment, src_mac, src);
         if dst_mac.is_multicast() {
             return Forward::Flood;
@@ -253,12 +266,16 @@ impl Switch {
         }
     }
 
-    /// The ports a flooded frame from `src` reaches: same segment, never back to the source.
-    pub fn flood_targets(&self, src: PortId) -> impl Iterator<Item = &Arc<PortShared>> {
-        let segment = self.ports[usize::from(src)].segment;
+    /// The ports a flooded frame from `src` in `segment` reaches: that segment's ports and
+    /// any trunk, never back to the source.
+    pub fn flood_targets(
+        &self,
+        src: PortId,
+        segment: u16,
+    ) -> impl Iterator<Item = &Arc<PortShared>> {
         self.ports
             .iter()
-            .filter(move |p| p.id != src && p.segment == segment)
+            .filter(move |p| p.id != src && (p.segment == segment || p.segment == TRUNK))
     }
 }
 
@@ -329,15 +346,15 @@ mod tests {
     #[test]
     fn learns_floods_and_never_hairpins() {
         let s = switch(&[None, None, None]);
-        assert_eq!(s.decide(0, mac(1), mac(2)), Forward::Flood);
-        let targets: Vec<_> = s.flood_targets(0).map(|p| p.id).collect();
+        assert_eq!(s.decide(0, 0, mac(1), mac(2)), Forward::Flood);
+        let targets: Vec<_> = s.flood_targets(0, 0).map(|p| p.id).collect();
         assert_eq!(targets, vec![1, 2]);
-        assert_eq!(s.decide(1, mac(2), mac(1)), Forward::To(0));
-        assert_eq!(s.decide(0, mac(1), mac(2)), Forward::To(1));
-        assert_eq!(s.decide(0, mac(1), MacAddr([0xff; 6])), Forward::Flood);
-        assert_eq!(s.decide(0, mac(3), mac(1)), Forward::Local);
+        assert_eq!(s.decide(1, 0, mac(2), mac(1)), Forward::To(0));
+        assert_eq!(s.decide(0, 0, mac(1), mac(2)), Forward::To(1));
+        assert_eq!(s.decide(0, 0, mac(1), MacAddr([0xff; 6])), Forward::Flood);
+        assert_eq!(s.decide(0, 0, mac(3), mac(1)), Forward::Local);
         // A station that moves is learned at its new port.
-        assert_eq!(s.decide(2, mac(2), mac(1)), Forward::To(0));
+        assert_eq!(s.decide(2, 0, mac(2), mac(1)), Forward::To(0));
         assert_eq!(s.macs.lookup(0, mac(2)), Some(2));
         s.macs.forget_port(2);
         assert_eq!(s.macs.lookup(0, mac(2)), None);
@@ -346,12 +363,12 @@ mod tests {
     #[test]
     fn vlans_are_separate_segments() {
         let s = switch(&[Some(10), Some(10), Some(20)]);
-        let t: Vec<_> = s.flood_targets(0).map(|p| p.id).collect();
+        let t: Vec<_> = s.flood_targets(0, 10).map(|p| p.id).collect();
         assert_eq!(t, vec![1]);
-        assert_eq!(s.flood_targets(2).count(), 0);
-        s.decide(2, mac(9), mac(1));
+        assert_eq!(s.flood_targets(2, 20).count(), 0);
+        s.decide(2, 20, mac(9), mac(1));
         // Learned on VLAN 20 only: VLAN 10 still floods for it.
-        assert_eq!(s.decide(0, mac(1), mac(9)), Forward::Flood);
+        assert_eq!(s.decide(0, 10, mac(1), mac(9)), Forward::Flood);
     }
 
     #[test]

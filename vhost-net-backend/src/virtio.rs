@@ -344,6 +344,16 @@ pub struct Cursor {
 }
 
 impl Cursor {
+    /// Index of the current segment.
+    pub fn segment(&self) -> usize {
+        self.seg
+    }
+
+    /// Offset inside the current segment.
+    pub fn offset(&self) -> usize {
+        self.off
+    }
+
     /// Skips `n` bytes; returns false if the segments end first.
     pub fn advance(&mut self, segs: &[Segment], mut n: usize) -> bool {
         while n > 0 {
