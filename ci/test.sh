@@ -16,6 +16,9 @@ echo "== cargo build --workspace --bins (the tests run the backend binary)"
 cargo build --workspace --bins
 echo "== cargo test --workspace (QEMU 7.2 guests)"
 cargo test --workspace -- --test-threads=2 --nocapture
+echo "== benchmark, short mode (one second per case)"
+cargo build --release -q -p vhost-net-backend -p integration --bins
+target/release/vnet-bench --seconds 1
 echo "== end-to-end guests on QEMU 10"
 VNET_QEMU=10 cargo test -p integration --test guests -- --nocapture
 VNET_QEMU=10 cargo test -p bridge-plugin --test guest

@@ -105,12 +105,18 @@ fn hands_qemu_a_tap_attached_to_the_bridge() {
         "{rules}"
     );
 
-    // Closing the fd removes the tap (QEMU's side of its lifetime).
+    // Closing the fd removes the tap (QEMU's side of its lifetime); the kernel may take a
+    // moment to unregister it.
     drop(tap);
-    assert!(!ns
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while ns
         .try_sh(&format!("ip link show dev {name}"))
         .status
-        .success());
+        .success()
+    {
+        assert!(std::time::Instant::now() < end, "{name} outlived its fd");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 
     // An explicit MTU wins over the bridge's.
     let out = run_helper(&ns, "br0", &acl, &["--mtu=1300"], &[]);

@@ -52,6 +52,8 @@ pub struct DeviceOptions {
     pub rx_buf_size: u32,
     /// Re-post RX buffers as frames are received (a running driver does).
     pub auto_repost: bool,
+    /// The driver polls its rings and asks for no interrupts (benchmarks).
+    pub polling: bool,
 }
 
 impl Default for DeviceOptions {
@@ -62,6 +64,7 @@ impl Default for DeviceOptions {
             queue_size: 256,
             rx_buf_size: 2048,
             auto_repost: true,
+            polling: false,
         }
     }
 }
@@ -359,6 +362,9 @@ impl VirtioNetDevice {
         let len: u32 = self.mem.read_obj(GuestAddress(elem.0 + 4)).ok()?;
         let dq = &mut self.queues[q];
         dq.last_used = dq.last_used.wrapping_add(1);
+        if self.opts.polling {
+            return Some((u32::from_le(id) as u16, u32::from_le(len)));
+        }
         // Ask for an interrupt at the next used entry (EVENT_IDX used_event).
         let used_event = GuestAddress(dq.avail.0 + 4 + 2 * u64::from(dq.size));
         let last = dq.last_used;
@@ -437,6 +443,112 @@ impl VirtioNetDevice {
         let head = slots[0];
         self.queues[q].chains[usize::from(head)] = slots;
         self.publish(q, head)
+    }
+
+    /// Benchmark path: writes `hdr` + `frame` into every TX buffer of `qp` once, with one
+    /// descriptor per buffer, so that sending is only publishing heads.
+    pub fn tx_fill(&mut self, qp: u16, hdr: &NetHdr, frame: &[u8]) -> Result<()> {
+        let q = usize::from(qp) * 2 + 1;
+        self.queue(q)?;
+        let mut bytes = hdr.to_bytes()[..self.hdr_len].to_vec();
+        bytes.extend_from_slice(frame);
+        if bytes.len() as u64 > TX_BUF_SIZE {
+            return Err(FrontendError::TooBig(bytes.len()));
+        }
+        for i in 0..self.queues[q].size {
+            let addr = self.queues[q].buf(i);
+            self.mem.write_slice(&bytes, addr).unwrap();
+            self.write_desc(q, i, addr.0, bytes.len() as u32, 0, 0);
+            self.queues[q].chains[usize::from(i)] = vec![i];
+        }
+        Ok(())
+    }
+
+    /// Benchmark path: publishes up to `max` prepared frames on `qp` with one index update
+    /// and at most one kick (only if the backend asked for it). Returns how many.
+    pub fn tx_burst(&mut self, qp: u16, max: usize) -> usize {
+        let q = usize::from(qp) * 2 + 1;
+        // Reclaim: prepared chains are single descriptors, head = slot.
+        while let Some((head, _)) = self.pop_used(q) {
+            self.queues[q].free.push(head);
+        }
+        let n = max.min(self.queues[q].free.len());
+        if n == 0 {
+            return 0;
+        }
+        let (avail, size, old) = {
+            let dq = &self.queues[q];
+            (dq.avail, dq.size, dq.avail_idx)
+        };
+        for k in 0..n {
+            let head = self.queues[q].free.pop().expect("counted");
+            let slot = GuestAddress(avail.0 + 4 + u64::from(old.wrapping_add(k as u16) % size) * 2);
+            self.mem.write_obj(head.to_le(), slot).unwrap();
+        }
+        self.publish_idx(q, old.wrapping_add(n as u16));
+        n
+    }
+
+    /// Stores a new avail index and kicks if the backend wants it (EVENT_IDX avail_event or
+    /// the NO_NOTIFY flag).
+    fn publish_idx(&mut self, q: usize, new: u16) {
+        let (avail, used, size, old) = {
+            let dq = &self.queues[q];
+            (dq.avail, dq.used, dq.size, dq.avail_idx)
+        };
+        fence(Ordering::Release);
+        self.mem
+            .store(new.to_le(), GuestAddress(avail.0 + 2), Ordering::Release)
+            .unwrap();
+        self.queues[q].avail_idx = new;
+        fence(Ordering::SeqCst);
+        let kick = if self.features & f::RING_EVENT_IDX != 0 {
+            let event: u16 = self
+                .mem
+                .load(
+                    GuestAddress(used.0 + 4 + 8 * u64::from(size)),
+                    Ordering::Acquire,
+                )
+                .unwrap_or(0);
+            new.wrapping_sub(u16::from_le(event)).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = self
+                .mem
+                .load(GuestAddress(used.0), Ordering::Acquire)
+                .unwrap_or(0);
+            u16::from_le(flags) & 1 == 0
+        };
+        if kick {
+            let _ = self.queues[q].kick.write(1);
+        }
+    }
+
+    /// Benchmark path: takes every received buffer off `qp`'s RX queue and posts it again
+    /// (one index update). Returns (frames, frame bytes); RX buffers must be large enough
+    /// for one frame each (no MRG_RXBUF).
+    pub fn rx_drain(&mut self, qp: u16) -> (u64, u64) {
+        let q = usize::from(qp) * 2;
+        let (mut frames, mut bytes) = (0u64, 0u64);
+        let (avail, size, mut idx) = {
+            let dq = &self.queues[q];
+            (dq.avail, dq.size, dq.avail_idx)
+        };
+        while let Some((head, len)) = self.pop_used(q) {
+            frames += 1;
+            bytes += u64::from(len).saturating_sub(self.hdr_len as u64);
+            let slot = GuestAddress(avail.0 + 4 + u64::from(idx % size) * 2);
+            self.mem.write_obj(head.to_le(), slot).unwrap();
+            idx = idx.wrapping_add(1);
+        }
+        if frames > 0 {
+            self.publish_idx(q, idx);
+        }
+        (frames, bytes)
+    }
+
+    /// Waits up to `timeout` for the call eventfd of `qp`'s RX queue.
+    pub fn wait_rx(&self, qp: u16, timeout: Duration) {
+        self.wait_call(usize::from(qp) * 2, timeout);
     }
 
     /// Address of a TX data buffer the test may fill and point raw descriptors at.

@@ -16,8 +16,8 @@ use crate::offload::{complete_checksum, segment_tcp};
 use crate::port::{Vring, MAX_GSO_FRAME};
 use crate::switch::{Forward, PortId, PortShared, Switch};
 use crate::virtio::{
-    features as f, needs_interrupt, net_hdr_len, push_used, walk_chain, FrameSource, GuestMemory,
-    GuestWriter, NetHdr, Segment, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    avail_head, features as f, needs_interrupt, net_hdr_len, push_used, walk_chain, FrameSource,
+    GuestMemory, GuestWriter, NetHdr, Segment, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
@@ -50,6 +50,8 @@ pub(crate) struct Scratch {
     out: Vec<u8>,
     /// RX queues written during this burst, notified once at its end.
     pub(crate) touched: Vec<Touched>,
+    /// Avail indexes of RX queues read during this burst.
+    avail_cache: Vec<((PortId, usize), u16)>,
 }
 
 impl Scratch {
@@ -61,6 +63,7 @@ impl Scratch {
             frame_gathered: false,
             out: vec![0; MAX_GSO_FRAME],
             touched: Vec::with_capacity(64),
+            avail_cache: Vec::with_capacity(64),
         }
     }
 }
@@ -195,7 +198,7 @@ impl Deliverer<'_> {
         eth: &[u8; 14],
         d: &mut Scratch,
     ) -> bool {
-        match write_rx_buffers(vring, mem, features, hdr, src, eth, d) {
+        match write_rx_buffers(vring, mem, features, hdr, src, eth, d, (dst.id, qidx)) {
             Ok(old_used) => {
                 dst.counters.count_rx(src.len());
                 if !d
@@ -230,8 +233,9 @@ impl Deliverer<'_> {
 
 /// Interrupts each RX queue written in this burst once, if its driver wants it, with no
 /// lock held while signalling.
-pub(crate) fn flush_notifications(switch: &Switch, touched: &mut Vec<Touched>) {
-    for t in touched.drain(..) {
+pub(crate) fn flush_notifications(switch: &Switch, scratch: &mut Scratch) {
+    scratch.avail_cache.clear();
+    for t in scratch.touched.drain(..) {
         let (vring, atomic) = {
             let rx = switch.ports[usize::from(t.port)].rx_read();
             match (rx.queues.get(t.queue), rx.mem.as_ref()) {
@@ -295,7 +299,22 @@ fn passed_header(hdr: &NetHdr) -> NetHdr {
     out
 }
 
+fn read_avail(queue: &virtio_queue::Queue, mem: &GuestMemory) -> Result<u16, RxError> {
+    match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size() => Ok(avail.0),
+        _ => Err(RxError::Broken),
+    }
+}
+
+fn remember_avail(d: &mut Scratch, key: (PortId, usize), avail: u16) {
+    match d.avail_cache.iter_mut().find(|c| c.0 == key) {
+        Some(c) => c.1 = avail,
+        None => d.avail_cache.push((key, avail)),
+    }
+}
+
 /// Writes one frame into the RX queue; returns the used index from before the write.
+#[allow(clippy::too_many_arguments)]
 fn write_rx_buffers(
     vring: &Vring,
     mem: &GuestMemory,
@@ -304,6 +323,7 @@ fn write_rx_buffers(
     src: FrameSource<'_>,
     eth: &[u8; 14],
     d: &mut Scratch,
+    key: (PortId, usize),
 ) -> Result<u16, RxError> {
     let hdr_len = net_hdr_len(features);
     let need = hdr_len + src.len();
@@ -317,14 +337,17 @@ fn write_rx_buffers(
     if !queue.ready() {
         return Err(RxError::Drop(DropReason::PortDown));
     }
-    match queue.avail_idx(mem, Ordering::Acquire) {
-        Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size() => {}
-        _ => return Err(RxError::Broken),
-    }
     let table = GuestAddress(queue.desc_table());
     let used_ring = GuestAddress(queue.used_ring());
+    let avail_ring = GuestAddress(queue.avail_ring());
     let size = queue.size();
     let saved = queue.next_avail();
+    // The avail index seen earlier in this burst still holds (it only grows); re-read it
+    // only when those entries are used up, as each read pulls a contended cache line.
+    let mut avail = match d.avail_cache.iter().find(|c| c.0 == key) {
+        Some(c) if c.1.wrapping_sub(saved) <= size => c.1,
+        _ => read_avail(queue, mem)?,
+    };
     let old_used = queue.next_used();
     d.rx_segs.clear();
     d.rx_chains.clear();
@@ -334,11 +357,20 @@ fn write_rx_buffers(
             queue.set_next_avail(saved);
             return Err(RxError::Drop(DropReason::RxBufferTooSmall));
         }
-        let Some(chain) = queue.pop_descriptor_chain(mem) else {
-            queue.set_next_avail(saved);
-            return Err(RxError::Drop(DropReason::NoRxBuffer));
+        let next = queue.next_avail();
+        if next == avail {
+            avail = read_avail(queue, mem)?;
+        }
+        let head = match (next != avail).then(|| avail_head(mem, avail_ring, size, next)) {
+            Some(Some(h)) => h,
+            Some(None) => return Err(RxError::Broken),
+            None => {
+                queue.set_next_avail(saved);
+                remember_avail(d, key, avail);
+                return Err(RxError::Drop(DropReason::NoRxBuffer));
+            }
         };
-        let head = chain.head_index();
+        queue.set_next_avail(next.wrapping_add(1));
         let walked = walk_chain(mem, table, size, head, true, &mut d.rx_segs);
         // A chain that cannot hold even the header is as useless as a malformed one.
         let bad = match walked {
@@ -385,6 +417,7 @@ fn write_rx_buffers(
     });
     let next = push_used(mem, used_ring, size, old_used, used).ok_or(RxError::Broken)?;
     queue.set_next_used(next);
+    remember_avail(d, key, avail);
     if ok {
         Ok(old_used)
     } else {

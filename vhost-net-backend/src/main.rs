@@ -61,6 +61,11 @@ struct Args {
     #[arg(long, value_name = "SPEC")]
     uplink: Option<String>,
 
+    /// After each TX burst, busy-poll the ring this many microseconds before sleeping:
+    /// lower latency at the cost of CPU. Default 0 (off).
+    #[arg(long, value_name = "US")]
+    poll_us: Option<u64>,
+
     /// A socket answering the line `stats` with every port's counters as JSON.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -122,6 +127,9 @@ fn build_config(args: &Args) -> Result<SwitchConfig> {
     }
     if args.mtu.is_some() {
         config.mtu = args.mtu;
+    }
+    if let Some(us) = args.poll_us {
+        config.poll_us = us;
     }
     if let Some(spec) = &args.uplink {
         config.uplink = Some(UplinkConfig::parse_spec(spec)?);

@@ -23,6 +23,41 @@ pub const TRUNK: u16 = u16::MAX;
 /// past this (new addresses are then flooded to, as unknown).
 pub const MAC_TABLE_CAPACITY: usize = 16 * 1024;
 
+/// A fast keyed hash for MAC table keys: SipHash cost more than the rest of a lookup. The
+/// per-process random seed keeps a guest from choosing colliding addresses.
+#[derive(Clone, Copy)]
+struct MacHasher(u64);
+
+impl std::hash::Hasher for MacHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        let h = self.0 ^ (self.0 >> 31);
+        h.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (h >> 29)
+    }
+}
+
+#[derive(Clone)]
+struct MacHashBuilder(u64);
+
+impl std::hash::BuildHasher for MacHashBuilder {
+    type Hasher = MacHasher;
+    fn build_hasher(&self) -> MacHasher {
+        MacHasher(self.0)
+    }
+}
+
+impl MacHashBuilder {
+    fn random() -> Self {
+        use std::hash::BuildHasher;
+        MacHashBuilder(std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64) | 1)
+    }
+}
+
 struct MacEntry {
     port: AtomicU16,
     seen: AtomicU64,
@@ -30,7 +65,7 @@ struct MacEntry {
 
 /// Learned (VLAN, MAC) to port mappings. Lookups and refreshes take the read lock only.
 pub struct MacTable {
-    entries: RwLock<HashMap<(u16, MacAddr), MacEntry>>,
+    entries: RwLock<HashMap<(u16, MacAddr), MacEntry, MacHashBuilder>>,
     ageing_secs: u64,
     /// Coarse clock in seconds, advanced by `tick`, so the hot path makes no clock call.
     now: AtomicU64,
@@ -39,7 +74,10 @@ pub struct MacTable {
 impl MacTable {
     pub fn new(ageing_secs: u64) -> Self {
         MacTable {
-            entries: RwLock::new(HashMap::with_capacity(256)),
+            entries: RwLock::new(HashMap::with_capacity_and_hasher(
+                256,
+                MacHashBuilder::random(),
+            )),
             ageing_secs,
             now: AtomicU64::new(0),
         }
@@ -209,6 +247,8 @@ pub struct Switch {
     pub macs: MacTable,
     pub mtu: Option<u16>,
     pub max_frame_len: usize,
+    /// Busy-poll window of the TX workers after a burst, microseconds (0: none).
+    pub poll_us: u64,
 }
 
 impl Switch {
@@ -246,6 +286,7 @@ impl Switch {
             macs: MacTable::new(config.mac_ageing_secs),
             mtu: config.mtu,
             max_frame_len: config.max_frame_len(),
+            poll_us: config.poll_us,
         })
     }
 

@@ -266,7 +266,7 @@ impl Uplink {
                         segment,
                     };
                     switch_frame(switch, port, &frame, &mut scratch);
-                    flush_notifications(switch, &mut scratch.touched);
+                    flush_notifications(switch, &mut scratch);
                 }
                 Err(reason) => port.counters.count_drop(reason),
             }

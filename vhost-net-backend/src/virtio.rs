@@ -322,6 +322,20 @@ pub fn needs_interrupt(
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
+/// Reads the head of avail ring entry `index` (the caller has already read an avail index
+/// covering it with Acquire, so the entry is published).
+pub fn avail_head(
+    mem: &GuestMemory,
+    avail_ring: GuestAddress,
+    size: u16,
+    index: u16,
+) -> Option<u16> {
+    let at = avail_ring.checked_add(4 + 2 * u64::from(index % size.max(1)))?;
+    mem.load::<u16>(at, Ordering::Relaxed)
+        .ok()
+        .map(u16::from_le)
+}
+
 /// The host mapping of up to `len` bytes at `addr`, cut at the end of the region.
 pub fn region_slice(
     mem: &GuestMemory,

@@ -1,0 +1,355 @@
+//! Benchmark of the switch: the backend binary runs as its own process and the integration
+//! frontend drives it as two guests would (port A sends, port B receives), from one thread
+//! on the other core. Reports Mpps, Gbit/s and the CPU time per frame of the backend and of
+//! the frontend (so a frontend bottleneck shows), round-trip latency with and without
+//! `--poll-us`, and a memcpy baseline of the same bytes measured in the same run.
+//!
+//!   vnet-bench [--seconds S] [--json]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration::frames::{as_partial_tcp, mac, tcp_frame, udp_frame, BROADCAST};
+use integration::frontend::ALL_FEATURES;
+use integration::testbed::backend_binary;
+use integration::{DeviceOptions, VirtioNetDevice};
+use serde::Serialize;
+use vhost_net_backend::virtio::{features as f, NetHdr};
+
+#[derive(Serialize)]
+struct Throughput {
+    case: String,
+    queue_pairs: u16,
+    frame_bytes: usize,
+    frames: u64,
+    mpps: f64,
+    gbit_s: f64,
+    backend_ns_per_frame: f64,
+    frontend_ns_per_frame: f64,
+    memcpy_gbit_s: f64,
+    backend_to_memcpy: f64,
+    drops: u64,
+}
+
+#[derive(Serialize)]
+struct Latency {
+    poll_us: u64,
+    round_trips: usize,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    seconds_per_case: f64,
+    throughput: Vec<Throughput>,
+    latency: Vec<Latency>,
+}
+
+struct Backend {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Backend {
+    fn start(extra: &[&str]) -> Backend {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut cmd = Command::new(backend_binary());
+        for p in ["a", "b"] {
+            cmd.arg("--port").arg(format!(
+                "name={p},socket={},queues=2",
+                dir.path().join(format!("{p}.sock")).display()
+            ));
+        }
+        cmd.args(extra).stderr(Stdio::null());
+        let child = cmd.spawn().expect("backend starts");
+        let b = Backend { child, dir };
+        let end = Instant::now() + Duration::from_secs(10);
+        while !(b.sock("a").exists() && b.sock("b").exists()) {
+            assert!(Instant::now() < end, "backend sockets never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        b
+    }
+
+    fn sock(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.sock"))
+    }
+
+    /// CPU time of every backend thread so far, in nanoseconds.
+    fn cpu_ns(&self) -> u64 {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        std::fs::read_dir(tasks)
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+                    .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into our timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn connect(path: &Path, opts: DeviceOptions) -> VirtioNetDevice {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match VirtioNetDevice::connect(path, opts.clone()) {
+            Ok(d) => return d,
+            Err(e) if Instant::now() > end => panic!("cannot connect to {}: {e}", path.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Copies `frames` frames of `size` bytes between two rings of buffers; Gbit/s.
+fn memcpy_gbit_s(size: usize, frames: u64) -> f64 {
+    let ring = 256usize;
+    let src: Vec<Vec<u8>> = (0..ring).map(|i| vec![i as u8; size]).collect();
+    let mut dst: Vec<Vec<u8>> = (0..ring).map(|_| vec![0u8; size]).collect();
+    let start = Instant::now();
+    for i in 0..frames as usize {
+        dst[i % ring].copy_from_slice(&src[(i * 7) % ring]);
+    }
+    std::hint::black_box(&dst);
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    (frames as f64 * size as f64 * 8.0) / secs / 1e9
+}
+
+fn throughput(
+    backend: &Backend,
+    case: &str,
+    size: usize,
+    tso: bool,
+    qps: u16,
+    seconds: f64,
+) -> Throughput {
+    let sender_opts = DeviceOptions {
+        queue_pairs: qps,
+        queue_size: 1024,
+        polling: true,
+        ..Default::default()
+    };
+    let receiver_opts = DeviceOptions {
+        features: ALL_FEATURES & !f::MRG_RXBUF,
+        queue_pairs: qps,
+        queue_size: 1024,
+        rx_buf_size: if tso { 65562 } else { 2048 },
+        auto_repost: false,
+        polling: true,
+    };
+    let mut a = connect(&backend.sock("a"), sender_opts);
+    let mut b = connect(&backend.sock("b"), receiver_opts);
+    for qp in 0..qps {
+        b.post_rx(qp, 1024).unwrap();
+    }
+    // Let the switch learn B, so A's frames are unicast.
+    std::thread::sleep(Duration::from_millis(200));
+    b.send(0, &NetHdr::default(), &udp_frame(mac(2), BROADCAST, 60))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = a.recv_all(0, Duration::from_millis(50));
+    for qp in 0..qps {
+        let (hdr, mut frame) = if tso {
+            let mut fr = tcp_frame(mac(1), mac(2), false, 65000);
+            let h = as_partial_tcp(&mut fr, 1448);
+            (h, fr)
+        } else {
+            (NetHdr::default(), udp_frame(mac(1), mac(2), size))
+        };
+        // A different flow per queue pair, so they spread over B's queues too.
+        frame[35] = qp as u8;
+        if tso {
+            frame[36] ^= qp as u8;
+        }
+        a.tx_fill(qp, &hdr, &frame).unwrap();
+    }
+    let frame_len = if tso { 65000 + 54 } else { size };
+
+    let cpu0 = backend.cpu_ns();
+    let fe0 = thread_cpu_ns();
+    let start = Instant::now();
+    let (mut frames, mut bytes) = (0u64, 0u64);
+    let deadline = Duration::from_secs_f64(seconds);
+    while start.elapsed() < deadline {
+        for qp in 0..qps {
+            a.tx_burst(qp, 256);
+        }
+        for qp in 0..qps {
+            let (n, by) = b.rx_drain(qp);
+            frames += n;
+            bytes += by;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let backend_ns = backend.cpu_ns().saturating_sub(cpu0);
+    let frontend_ns = thread_cpu_ns().saturating_sub(fe0);
+    let mpps = frames as f64 / secs / 1e6;
+    let gbit_s = bytes as f64 * 8.0 / secs / 1e9;
+    let memcpy = memcpy_gbit_s(frame_len, frames.max(1));
+    let per = |ns: u64| {
+        if frames == 0 {
+            0.0
+        } else {
+            ns as f64 / frames as f64
+        }
+    };
+    Throughput {
+        case: case.to_string(),
+        queue_pairs: qps,
+        frame_bytes: frame_len,
+        frames,
+        mpps,
+        gbit_s,
+        backend_ns_per_frame: per(backend_ns),
+        frontend_ns_per_frame: per(frontend_ns),
+        memcpy_gbit_s: memcpy,
+        backend_to_memcpy: if memcpy > 0.0 { gbit_s / memcpy } else { 0.0 },
+        drops: 0,
+    }
+}
+
+fn latency(backend: &Backend, poll_us: u64, round_trips: usize) -> Latency {
+    let opts = DeviceOptions::default();
+    let mut a = connect(&backend.sock("a"), opts.clone());
+    let mut b = connect(&backend.sock("b"), opts);
+    a.post_rx(0, 128).unwrap();
+    b.post_rx(0, 128).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let ab = udp_frame(mac(1), mac(2), 64);
+    let ba = udp_frame(mac(2), mac(1), 64);
+    // Learn both sides first.
+    b.send(0, &NetHdr::default(), &ba).unwrap();
+    let _ = a.recv(0, Duration::from_secs(2));
+    let mut samples = Vec::with_capacity(round_trips);
+    for _ in 0..round_trips {
+        let t0 = Instant::now();
+        a.send(0, &NetHdr::default(), &ab).unwrap();
+        let spin = |d: &mut VirtioNetDevice| {
+            let end = Instant::now() + Duration::from_secs(2);
+            while Instant::now() < end {
+                if d.recv(0, Duration::ZERO).is_some() {
+                    return true;
+                }
+            }
+            false
+        };
+        if !spin(&mut b) {
+            continue;
+        }
+        b.send(0, &NetHdr::default(), &ba).unwrap();
+        if !spin(&mut a) {
+            continue;
+        }
+        samples.push(t0.elapsed().as_secs_f64() * 1e6);
+        a.reclaim_tx(1);
+        b.reclaim_tx(1);
+    }
+    samples.sort_by(|x, y| x.total_cmp(y));
+    let pct = |p: f64| {
+        samples
+            .get(((samples.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Latency {
+        poll_us,
+        round_trips: samples.len(),
+        p50_us: pct(0.5),
+        p99_us: pct(0.99),
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let json = args.iter().any(|a| a == "--json");
+    let seconds: f64 = args
+        .iter()
+        .position(|a| a == "--seconds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+
+    let mut report = Report {
+        seconds_per_case: seconds,
+        throughput: Vec::new(),
+        latency: Vec::new(),
+    };
+    {
+        let backend = Backend::start(&[]);
+        for qps in [1u16, 2] {
+            for (case, size, tso) in [
+                ("64 B", 64, false),
+                ("1518 B", 1518, false),
+                ("64 KiB TSO", 0, true),
+            ] {
+                report
+                    .throughput
+                    .push(throughput(&backend, case, size, tso, qps, seconds));
+            }
+        }
+        let trips = (seconds * 2000.0) as usize;
+        report.latency.push(latency(&backend, 0, trips.max(200)));
+    }
+    {
+        let backend = Backend::start(&["--poll-us", "50"]);
+        let trips = (seconds * 2000.0) as usize;
+        report.latency.push(latency(&backend, 50, trips.max(200)));
+    }
+
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+        return;
+    }
+    println!("vhost-net-backend, {seconds} s per case; A sends, B receives, one frontend thread");
+    println!(
+        "{:<12} {:>3} {:>8} {:>8} {:>12} {:>12} {:>10} {:>9}",
+        "case",
+        "qps",
+        "Mpps",
+        "Gbit/s",
+        "backend ns/f",
+        "frontend ns/f",
+        "memcpy Gb/s",
+        "vs memcpy"
+    );
+    for t in &report.throughput {
+        println!(
+            "{:<12} {:>3} {:>8.3} {:>8.2} {:>12.0} {:>12.0} {:>10.1} {:>9.2}",
+            t.case,
+            t.queue_pairs,
+            t.mpps,
+            t.gbit_s,
+            t.backend_ns_per_frame,
+            t.frontend_ns_per_frame,
+            t.memcpy_gbit_s,
+            t.backend_to_memcpy
+        );
+    }
+    for l in &report.latency {
+        println!(
+            "round trip A->B->A, poll-us {:>3}: p50 {:>7.1} us  p99 {:>7.1} us  ({} trips)",
+            l.poll_us, l.p50_us, l.p99_us, l.round_trips
+        );
+    }
+}
