@@ -4,6 +4,7 @@
 #  - qemu-system-x86 (7.2), busybox-static, iperf3, ethtool, iputils-ping: guests and the
 #    guest image built from them (integration::guest_image);
 #  - nftables, iproute2, util-linux (setpriv): bridge-plugin and its namespace tests;
+#  - dpdk-dev (dpdk-testpmd) with the vhost PMD: the benchmark's reference backend;
 #  - QEMU 10 from bookworm-backports, unpacked beside 7.2 under target/vnet-cache/qemu10
 #    (VNET_QEMU=10 selects it).
 set -euo pipefail
@@ -11,7 +12,8 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (Rust toolchain)" >&2; exit 1; }
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(qemu-system-x86 busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux)
+packages=(qemu-system-x86 busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux
+          dpdk-dev librte-net-vhost23 librte-mempool-ring23)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

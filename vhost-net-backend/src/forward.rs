@@ -16,9 +16,10 @@ use crate::offload::{complete_checksum, segment_tcp};
 use crate::port::{Vring, MAX_GSO_FRAME};
 use crate::switch::{Forward, PortId, PortShared, Switch};
 use crate::virtio::{
-    avail_head, features as f, needs_interrupt, net_hdr_len, push_used, walk_chain, FrameSource,
-    GuestMemory, GuestWriter, NetHdr, Segment, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
-    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    avail_head, features as f, needs_interrupt, net_hdr_len, publish_used, push_used, walk_chain,
+    write_used, FrameSource, GuestMemory, GuestWriter, NetHdr, Segment,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
 /// Most RX buffers one mergeable frame may use.
@@ -244,10 +245,16 @@ pub(crate) fn flush_notifications(switch: &Switch, scratch: &mut Scratch) {
             }
         };
         let notify = {
+            // Under the lock: next_used only grows, so this store never goes back, whichever
+            // worker wrote the last entries.
             let state = vring.get_ref();
             let q = state.get_queue();
+            let mem = atomic.memory();
+            if publish_used(&mem, GuestAddress(q.used_ring()), q.next_used()).is_none() {
+                continue;
+            }
             needs_interrupt(
-                &atomic.memory(),
+                &mem,
                 GuestAddress(q.avail_ring()),
                 q.size(),
                 q.event_idx_enabled(),
@@ -415,7 +422,8 @@ fn write_rx_buffers(
         left -= n;
         (c.head, n as u32)
     });
-    let next = push_used(mem, used_ring, size, old_used, used).ok_or(RxError::Broken)?;
+    // Published at the end of the burst (flush_notifications), with one index store.
+    let next = write_used(mem, used_ring, size, old_used, used).ok_or(RxError::Broken)?;
     queue.set_next_used(next);
     remember_avail(d, key, avail);
     if ok {

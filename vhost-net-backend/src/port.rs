@@ -21,8 +21,9 @@ use crate::counters::DropReason;
 use crate::forward::{flush_notifications, switch_frame, Frame, Scratch, MIN_GSO_SIZE};
 use crate::switch::{flow_hash, PortId, PortShared, Switch};
 use crate::virtio::{
-    avail_head, features as f, net_hdr_len, walk_chain, Cursor, FrameSource, GuestMemory, NetHdr,
-    Segment, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    avail_head, features as f, needs_interrupt, net_hdr_len, push_used, walk_chain, Cursor,
+    FrameSource, GuestMemory, NetHdr, Segment, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
@@ -57,6 +58,8 @@ pub const BASE_FEATURES: u64 = f::VERSION_1
 struct Worker {
     published: bool,
     tx_segs: Vec<Segment>,
+    /// Chains finished in this burst, returned together.
+    tx_used: Vec<(u16, u32)>,
     scratch: Scratch,
 }
 
@@ -65,6 +68,7 @@ impl Worker {
         Worker {
             published: false,
             tx_segs: Vec::with_capacity(64),
+            tx_used: Vec::with_capacity(TX_BURST),
             scratch: Scratch::new(),
         }
     }
@@ -203,6 +207,17 @@ impl VhostUserBackend for Port {
     }
 }
 
+/// Turns guest kicks back on; true if chains arrived meanwhile (process them first).
+fn rearm(queue: &mut virtio_queue::Queue, mem: &GuestMemory, event_idx: bool) -> bool {
+    if event_idx {
+        queue.enable_notification(mem).unwrap_or(false)
+    } else {
+        queue
+            .avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|a| a != Wrapping(queue.next_avail()))
+    }
+}
+
 enum TxOutcome {
     Done,
     /// The ring itself is unusable: the driver broke the protocol.
@@ -247,6 +262,9 @@ impl PortInner {
                 let _ = queue.disable_notification(&*mem);
             }
             let table = GuestAddress(queue.desc_table());
+            let used_ring = GuestAddress(queue.used_ring());
+            let old_used = queue.next_used();
+            w.tx_used.clear();
             let avail_ring = GuestAddress(queue.avail_ring());
             let size = queue.size();
             let mut handled = 0;
@@ -270,20 +288,36 @@ impl PortInner {
                     }
                 }
                 handled += 1;
-                if queue.add_used(&*mem, head, 0).is_err() {
+                if head >= size {
                     outcome = TxOutcome::Broken("TX head index out of range");
                     break;
                 }
+                // TX descriptors are device-readable only: used length 0.
+                w.tx_used.push((head, 0));
             }
-            let notify = queue.needs_notification(&*mem).unwrap_or(true);
-            let more = matches!(outcome, TxOutcome::Done)
-                && (handled == TX_BURST
-                    || handled < usize::from(pending)
-                    || (event_idx && queue.enable_notification(&*mem).unwrap_or(false))
-                    || (!event_idx
-                        && queue
-                            .avail_idx(&*mem, Ordering::Acquire)
-                            .is_ok_and(|a| a != Wrapping(queue.next_avail()))));
+            // Returned to the guest in one go, with one index store.
+            let new_used =
+                match push_used(&mem, used_ring, size, old_used, w.tx_used.iter().copied()) {
+                    Some(n) => n,
+                    None => {
+                        drop(state);
+                        return self.broken("TX used ring outside memory");
+                    }
+                };
+            queue.set_next_used(new_used);
+            let notify = needs_interrupt(
+                &mem,
+                GuestAddress(queue.avail_ring()),
+                size,
+                event_idx,
+                old_used,
+                new_used,
+            );
+            let done = matches!(outcome, TxOutcome::Done);
+            let burst_left = handled == TX_BURST || handled < usize::from(pending);
+            // While polling, kicks stay off: the guest need not make a syscall per burst.
+            let polling = done && !burst_left && self.switch.poll_us > 0;
+            let more = done && (burst_left || (!polling && rearm(queue, &mem, event_idx)));
             drop(state);
             flush_notifications(&self.switch, &mut w.scratch);
             if notify {
@@ -292,9 +326,17 @@ impl PortInner {
             if let TxOutcome::Broken(why) = outcome {
                 return self.broken(why);
             }
-            if !more && !self.poll_for_tx(vring, &mem) {
-                return;
+            if more || (polling && self.poll_for_tx(vring, &mem)) {
+                continue;
             }
+            if polling {
+                // The window closed empty: ask for kicks again, unless work slipped in.
+                let mut state = vring.get_mut();
+                if rearm(state.get_queue_mut(), &mem, event_idx) {
+                    continue;
+                }
+            }
+            return;
         }
     }
 

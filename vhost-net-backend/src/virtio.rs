@@ -268,10 +268,10 @@ fn check_range(mem: &GuestMemory, addr: u64, len: u64) -> Result<(), ChainError>
     Ok(())
 }
 
-/// Puts finished chains `(head, used length)` on the used ring at `next_used` and makes them
-/// visible with a single index update, so that the buffers of one mergeable frame appear
-/// together. Returns the new `next_used`.
-pub fn push_used(
+/// Writes finished chains `(head, used length)` into the used ring from `next_used` on,
+/// without publishing them; returns the new `next_used`. `publish_used` makes everything
+/// written so far visible with one index store.
+pub fn write_used(
     mem: &GuestMemory,
     used_ring: GuestAddress,
     size: u16,
@@ -287,8 +287,30 @@ pub fn push_used(
         mem.write_slice(&elem, slot).ok()?;
         idx = idx.wrapping_add(1);
     }
-    mem.store(idx.to_le(), used_ring.checked_add(2)?, Ordering::Release)
-        .ok()?;
+    Some(idx)
+}
+
+/// Stores the used index: the driver sees every entry before it. One store per burst: the
+/// driver polls this cache line, and every store takes it away from the driver's core.
+pub fn publish_used(mem: &GuestMemory, used_ring: GuestAddress, next_used: u16) -> Option<()> {
+    mem.store(
+        next_used.to_le(),
+        used_ring.checked_add(2)?,
+        Ordering::Release,
+    )
+    .ok()
+}
+
+/// `write_used` and `publish_used` in one: the entries appear together.
+pub fn push_used(
+    mem: &GuestMemory,
+    used_ring: GuestAddress,
+    size: u16,
+    next_used: u16,
+    elems: impl Iterator<Item = (u16, u32)>,
+) -> Option<u16> {
+    let idx = write_used(mem, used_ring, size, next_used, elems)?;
+    publish_used(mem, used_ring, idx)?;
     Some(idx)
 }
 

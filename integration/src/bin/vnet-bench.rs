@@ -19,6 +19,7 @@ use vhost_net_backend::virtio::{features as f, NetHdr};
 
 #[derive(Serialize)]
 struct Throughput {
+    backend: &'static str,
     case: String,
     queue_pairs: u16,
     frame_bytes: usize,
@@ -45,6 +46,9 @@ struct Report {
     seconds_per_case: f64,
     throughput: Vec<Throughput>,
     latency: Vec<Latency>,
+    /// Ours over DPDK testpmd (io forwarding), Mpps, same case and queue pairs.
+    vs_dpdk: Vec<(String, u16, f64)>,
+    dpdk: Option<String>,
 }
 
 struct Backend {
@@ -66,28 +70,135 @@ impl Backend {
         let child = cmd.spawn().expect("backend starts");
         let b = Backend { child, dir };
         let end = Instant::now() + Duration::from_secs(10);
-        while !(b.sock("a").exists() && b.sock("b").exists()) {
+        while !(b.dir.path().join("a.sock").exists() && b.dir.path().join("b.sock").exists()) {
             assert!(Instant::now() < end, "backend sockets never appeared");
             std::thread::sleep(Duration::from_millis(10));
         }
         b
     }
+}
 
+/// DPDK's testpmd with two vhost-user ports, io forwarding: the reference backend.
+struct Dpdk {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+const DPDK_PMDS: &str = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0";
+
+impl Dpdk {
+    fn start() -> Option<Dpdk> {
+        let dir = tempfile::tempdir().ok()?;
+        let vdev = |i: u32, name: &str| {
+            format!(
+                "net_vhost{i},iface={},queues=2,tso=1",
+                dir.path().join(format!("{name}.sock")).display()
+            )
+        };
+        let child = Command::new("dpdk-testpmd")
+            .args([
+                "-l",
+                "0-1",
+                "--no-huge",
+                "-m",
+                "1024",
+                "--no-pci",
+                "--file-prefix",
+                "vnetbench",
+            ])
+            .arg("-d")
+            .arg(format!("{DPDK_PMDS}/librte_mempool_ring.so"))
+            .arg("-d")
+            .arg(format!("{DPDK_PMDS}/librte_net_vhost.so"))
+            .arg("--vdev")
+            .arg(vdev(0, "a"))
+            .arg("--vdev")
+            .arg(vdev(1, "b"))
+            .args([
+                "--",
+                "--forward-mode=io",
+                "--auto-start",
+                "--stats-period",
+                "60",
+                "--nb-cores=1",
+            ])
+            .args(["--rxq=2", "--txq=2"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let d = Dpdk { child, dir };
+        let end = Instant::now() + Duration::from_secs(15);
+        while !(d.sock("a").exists() && d.sock("b").exists()) {
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(d)
+    }
+}
+
+impl Drop for Dpdk {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child: SIGINT lets testpmd release its vhost sockets.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let end = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < end {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A backend under test: its two sockets and the CPU time its threads used.
+trait Target {
+    fn sock(&self, name: &str) -> PathBuf;
+    fn cpu_ns(&self) -> u64;
+}
+
+fn process_cpu_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+impl Target for Backend {
     fn sock(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.sock"))
     }
-
-    /// CPU time of every backend thread so far, in nanoseconds.
     fn cpu_ns(&self) -> u64 {
-        let tasks = format!("/proc/{}/task", self.child.id());
-        std::fs::read_dir(tasks)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter_map(|e| std::fs::read_to_string(e.path().join("schedstat")).ok())
-                    .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                    .sum()
-            })
-            .unwrap_or(0)
+        process_cpu_ns(self.child.id())
+    }
+}
+
+impl Target for Dpdk {
+    fn sock(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.sock"))
+    }
+    fn cpu_ns(&self) -> u64 {
+        process_cpu_ns(self.child.id())
+    }
+}
+
+/// Keeps the frontend on CPU 0, so the backend under test has CPU 1 (testpmd pins its
+/// forwarding core there; our workers go where the scheduler finds room).
+fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
@@ -134,7 +245,7 @@ fn memcpy_gbit_s(size: usize, frames: u64) -> f64 {
 }
 
 fn throughput(
-    backend: &Backend,
+    backend: &dyn Target,
     case: &str,
     size: usize,
     tso: bool,
@@ -212,6 +323,7 @@ fn throughput(
         }
     };
     Throughput {
+        backend: "",
         case: case.to_string(),
         queue_pairs: qps,
         frame_bytes: frame_len,
@@ -226,7 +338,7 @@ fn throughput(
     }
 }
 
-fn latency(backend: &Backend, poll_us: u64, round_trips: usize) -> Latency {
+fn latency(backend: &dyn Target, poll_us: u64, round_trips: usize) -> Latency {
     let opts = DeviceOptions::default();
     let mut a = connect(&backend.sock("a"), opts.clone());
     let mut b = connect(&backend.sock("b"), opts);
@@ -287,24 +399,34 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
 
+    pin_to_cpu0();
     let mut report = Report {
         seconds_per_case: seconds,
         throughput: Vec::new(),
         latency: Vec::new(),
+        vs_dpdk: Vec::new(),
+        dpdk: None,
     };
-    {
-        let backend = Backend::start(&[]);
+    let cases = [
+        ("64 B", 64, false),
+        ("1518 B", 1518, false),
+        ("64 KiB TSO", 0, true),
+    ];
+    for (label, extra) in [
+        ("vhost-net-backend", &[][..]),
+        ("  --poll-us 50", &["--poll-us", "50"][..]),
+    ] {
+        let backend = Backend::start(extra);
         for qps in [1u16, 2] {
-            for (case, size, tso) in [
-                ("64 B", 64, false),
-                ("1518 B", 1518, false),
-                ("64 KiB TSO", 0, true),
-            ] {
-                report
-                    .throughput
-                    .push(throughput(&backend, case, size, tso, qps, seconds));
+            for (case, size, tso) in cases {
+                let mut t = throughput(&backend, case, size, tso, qps, seconds);
+                t.backend = label;
+                report.throughput.push(t);
             }
         }
+    }
+    {
+        let backend = Backend::start(&[]);
         let trips = (seconds * 2000.0) as usize;
         report.latency.push(latency(&backend, 0, trips.max(200)));
     }
@@ -314,6 +436,36 @@ fn main() {
         report.latency.push(latency(&backend, 50, trips.max(200)));
     }
 
+    match Dpdk::start() {
+        Some(dpdk) => {
+            for qps in [1u16, 2] {
+                for (case, size, tso) in cases {
+                    let mut t = throughput(&dpdk, case, size, tso, qps, seconds);
+                    t.backend = "dpdk-testpmd";
+                    let ours = report
+                        .throughput
+                        .iter()
+                        .filter(|o| o.case == case && o.queue_pairs == qps)
+                        .map(|o| o.mpps)
+                        .fold(0.0, f64::max);
+                    let ratio = if t.mpps > 0.0 { ours / t.mpps } else { 0.0 };
+                    report.vs_dpdk.push((case.to_string(), qps, ratio));
+                    report.throughput.push(t);
+                }
+            }
+            report.dpdk = Some(
+                "dpdk-testpmd 22.11, two net_vhost ports, io forwarding, one forwarding core, --no-huge"
+                    .into(),
+            );
+        }
+        None => {
+            report.dpdk = Some(
+                "not run: dpdk-testpmd missing (apt-get install dpdk-dev librte-net-vhost23)"
+                    .into(),
+            );
+        }
+    }
+
     if json {
         println!(
             "{}",
@@ -321,9 +473,10 @@ fn main() {
         );
         return;
     }
-    println!("vhost-net-backend, {seconds} s per case; A sends, B receives, one frontend thread");
+    println!("{seconds} s per case; A sends, B receives through the backend, one frontend thread on CPU 0");
     println!(
-        "{:<12} {:>3} {:>8} {:>8} {:>12} {:>12} {:>10} {:>9}",
+        "{:<18} {:<11} {:>3} {:>7} {:>7} {:>12} {:>13} {:>11} {:>9}",
+        "backend",
         "case",
         "qps",
         "Mpps",
@@ -335,7 +488,8 @@ fn main() {
     );
     for t in &report.throughput {
         println!(
-            "{:<12} {:>3} {:>8.3} {:>8.2} {:>12.0} {:>12.0} {:>10.1} {:>9.2}",
+            "{:<18} {:<11} {:>3} {:>7.3} {:>7.2} {:>12.0} {:>13.0} {:>11.1} {:>9.2}",
+            t.backend,
             t.case,
             t.queue_pairs,
             t.mpps,
@@ -346,9 +500,15 @@ fn main() {
             t.backend_to_memcpy
         );
     }
+    for (case, qps, ratio) in &report.vs_dpdk {
+        println!("ours (best of both modes) / DPDK testpmd, Mpps, {case}, {qps} queue pair(s): {ratio:.2}");
+    }
+    if let Some(d) = &report.dpdk {
+        println!("DPDK reference: {d}");
+    }
     for l in &report.latency {
         println!(
-            "round trip A->B->A, poll-us {:>3}: p50 {:>7.1} us  p99 {:>7.1} us  ({} trips)",
+            "round trip A->B->A, vhost-net-backend --poll-us {:>2}: p50 {:>7.1} us  p99 {:>7.1} us  ({} trips)",
             l.poll_us, l.p50_us, l.p99_us, l.round_trips
         );
     }
