@@ -6,6 +6,7 @@
 //!
 //!   vnet-bench [--seconds S] [--json]
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -67,6 +68,16 @@ impl Backend {
             ));
         }
         cmd.args(extra).stderr(Stdio::null());
+        // Like testpmd's forwarding core: the backend gets CPU 1, the frontend CPU 0.
+        // SAFETY: only sched_setaffinity between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(1, &mut set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                Ok(())
+            });
+        }
         let child = cmd.spawn().expect("backend starts");
         let b = Backend { child, dir };
         let end = Instant::now() + Duration::from_secs(10);
