@@ -70,22 +70,7 @@ impl Default for DeviceOptions {
 }
 
 /// Everything the backend can offer.
-pub const ALL_FEATURES: u64 = f::VERSION_1
-    | f::MRG_RXBUF
-    | f::RING_EVENT_IDX
-    | f::RING_INDIRECT_DESC
-    | f::CSUM
-    | f::GUEST_CSUM
-    | f::HOST_TSO4
-    | f::HOST_TSO6
-    | f::HOST_ECN
-    | f::GUEST_TSO4
-    | f::GUEST_TSO6
-    | f::GUEST_ECN
-    | f::MQ
-    | f::MTU
-    | f::MAC
-    | f::PROTOCOL_FEATURES;
+pub const ALL_FEATURES: u64 = vhost_net_backend::port::BASE_FEATURES | f::MTU | f::MAC;
 
 /// A driver with no offloads: VERSION_1 and protocol features only.
 pub const PLAIN_FEATURES: u64 = f::VERSION_1 | f::PROTOCOL_FEATURES;
@@ -433,6 +418,11 @@ impl VirtioNetDevice {
         let q = usize::from(qp) * 2 + 1;
         self.queue(q)?;
         let slots = self.take_descs(q, descs.len())?;
+        self.publish_raw(q, slots, descs)
+    }
+
+    /// Writes `descs` into `slots` (`RawNext::Pos` resolved to slots) and publishes the chain.
+    fn publish_raw(&mut self, q: usize, slots: Vec<u16>, descs: &[RawDesc]) -> Result<()> {
         for (i, d) in descs.iter().enumerate() {
             let next = match d.next {
                 RawNext::Pos(p) => slots[p],
@@ -613,16 +603,7 @@ impl VirtioNetDevice {
             let at = dq.free.len() - descs.len();
             dq.free.split_off(at)
         };
-        for (i, d) in descs.iter().enumerate() {
-            let next = match d.next {
-                RawNext::Pos(p) => slots[p],
-                RawNext::Index(n) => n,
-            };
-            self.write_desc(q, slots[i], d.addr, d.len, d.flags, next);
-        }
-        let head = slots[0];
-        self.queues[q].chains[usize::from(head)] = slots;
-        self.publish(q, head)
+        self.publish_raw(q, slots, descs)
     }
 
     /// Receives one frame from RX queue pair `qp`, gathering mergeable buffers.

@@ -101,6 +101,15 @@ pub(crate) fn switch_frame(switch: &Switch, from: &PortShared, frame: &Frame<'_>
     }
 }
 
+/// The destination RX queue of one delivery.
+struct RxQueue<'a> {
+    port: &'a PortShared,
+    vring: &'a Vring,
+    index: usize,
+    mem: &'a GuestMemory,
+    features: u64,
+}
+
 struct Deliverer<'a> {
     from: &'a PortShared,
 }
@@ -125,12 +134,19 @@ impl Deliverer<'_> {
         };
         let dmem = atomic.memory();
         let features = rx.features;
+        let rxq = RxQueue {
+            port: dst,
+            vring,
+            index: qidx,
+            mem: &dmem,
+            features,
+        };
 
         let segment = hdr.is_gso() && !gso_supported(features, hdr);
         let finish_csum = !segment && hdr.needs_csum() && features & f::GUEST_CSUM == 0;
         if !segment && !finish_csum {
             let out = passed_header(hdr);
-            self.write_rx(dst, vring, qidx, &dmem, features, &out, src, &frame.eth, d);
+            self.write_rx(&rxq, &out, src, &frame.eth, d);
             return;
         }
 
@@ -150,9 +166,7 @@ impl Deliverer<'_> {
             // Taken out of `d` for the call: write_rx needs the rest of `d`.
             let out = std::mem::take(&mut d.out);
             let finished = FrameSource::Local(&out[..len]);
-            self.write_rx(
-                dst, vring, qidx, &dmem, features, &plain, finished, &frame.eth, d,
-            );
+            self.write_rx(&rxq, &plain, finished, &frame.eth, d);
             d.out = out;
             return;
         }
@@ -160,17 +174,7 @@ impl Deliverer<'_> {
         let mut out = std::mem::take(&mut d.out);
         let result = segment_tcp(&whole[..len], hdr, &mut out, |seg| {
             // Stop at the first segment that cannot be delivered: the rest would not be.
-            let delivered = self.write_rx(
-                dst,
-                vring,
-                qidx,
-                &dmem,
-                features,
-                &plain,
-                FrameSource::Local(seg),
-                &frame.eth,
-                d,
-            );
+            let delivered = self.write_rx(&rxq, &plain, FrameSource::Local(seg), &frame.eth, d);
             if delivered {
                 Ok(())
             } else {
@@ -189,17 +193,14 @@ impl Deliverer<'_> {
     #[allow(clippy::too_many_arguments)]
     fn write_rx(
         &self,
-        dst: &PortShared,
-        vring: &Vring,
-        qidx: usize,
-        mem: &GuestMemory,
-        features: u64,
+        rxq: &RxQueue<'_>,
         hdr: &NetHdr,
         src: FrameSource<'_>,
         eth: &[u8; 14],
         d: &mut Scratch,
     ) -> bool {
-        match write_rx_buffers(vring, mem, features, hdr, src, eth, d, (dst.id, qidx)) {
+        let (dst, qidx) = (rxq.port, rxq.index);
+        match write_rx_buffers(rxq, hdr, src, eth, d) {
             Ok(old_used) => {
                 dst.counters.count_rx(src.len());
                 if !d
@@ -321,17 +322,15 @@ fn remember_avail(d: &mut Scratch, key: (PortId, usize), avail: u16) {
 }
 
 /// Writes one frame into the RX queue; returns the used index from before the write.
-#[allow(clippy::too_many_arguments)]
 fn write_rx_buffers(
-    vring: &Vring,
-    mem: &GuestMemory,
-    features: u64,
+    rxq: &RxQueue<'_>,
     hdr: &NetHdr,
     src: FrameSource<'_>,
     eth: &[u8; 14],
     d: &mut Scratch,
-    key: (PortId, usize),
 ) -> Result<u16, RxError> {
+    let (vring, mem, features) = (rxq.vring, rxq.mem, rxq.features);
+    let key = (rxq.port.id, rxq.index);
     let hdr_len = net_hdr_len(features);
     let need = hdr_len + src.len();
     let mergeable = features & f::MRG_RXBUF != 0;
