@@ -88,18 +88,46 @@ impl MacTable {
     }
 
     pub fn learn(&self, vlan: u16, mac: MacAddr, port: PortId) {
+        self.learn_and_lookup(vlan, mac, port, None);
+    }
+
+    /// Learns `mac` on `port` and looks `dst` up, under one read lock in the common case
+    /// (the source already known there).
+    pub fn learn_and_lookup(
+        &self,
+        vlan: u16,
+        mac: MacAddr,
+        port: PortId,
+        dst: Option<MacAddr>,
+    ) -> Option<PortId> {
         let now = self.now.load(Ordering::Relaxed);
         {
             let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(e) = entries.get(&(vlan, mac)) {
-                if e.port.load(Ordering::Relaxed) == port {
-                    e.seen.store(now, Ordering::Relaxed);
-                    return;
+            let known = match entries.get(&(vlan, mac)) {
+                Some(e) if e.port.load(Ordering::Relaxed) == port => {
+                    // Refresh only when the clock moved: no write to a shared line per frame.
+                    if e.seen.load(Ordering::Relaxed) != now {
+                        e.seen.store(now, Ordering::Relaxed);
+                    }
+                    true
                 }
-            } else if entries.len() >= MAC_TABLE_CAPACITY {
-                return;
+                Some(_) => false,
+                None => entries.len() >= MAC_TABLE_CAPACITY,
+            };
+            if known {
+                return dst.and_then(|d| {
+                    entries
+                        .get(&(vlan, d))
+                        .filter(|e| self.fresh(e, now))
+                        .map(|e| e.port.load(Ordering::Relaxed))
+                });
             }
         }
+        self.insert(vlan, mac, port, now);
+        dst.and_then(|d| self.lookup(vlan, d))
+    }
+
+    fn insert(&self, vlan: u16, mac: MacAddr, port: PortId, now: u64) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= MAC_TABLE_CAPACITY && !entries.contains_key(&(vlan, mac)) {
             return;
@@ -296,11 +324,12 @@ impl Switch {
 
     /// Learns the source and decides where a frame from `src`, in `segment`, goes.
     pub fn decide(&self, src: PortId, segment: u16, src_mac: MacAddr, dst_mac: MacAddr) -> Forward {
-        self.macs.learn(segment, src_mac, src);
-        if dst_mac.is_multicast() {
+        let dst = (!dst_mac.is_multicast()).then_some(dst_mac);
+        let found = self.macs.learn_and_lookup(segment, src_mac, src, dst);
+        if dst.is_none() {
             return Forward::Flood;
         }
-        match self.macs.lookup(segment, dst_mac) {
+        match found {
             Some(p) if p == src => Forward::Local,
             Some(p) => Forward::To(p),
             None => Forward::Flood,
@@ -321,38 +350,45 @@ impl Switch {
 }
 
 /// A hash of a frame's flow (MACs, IP addresses, TCP/UDP ports) that picks the destination
-/// RX queue, so one flow stays on one queue and in order.
+/// RX queue, so one flow stays on one queue and in order. Mixes whole words: it runs for
+/// every frame.
 pub fn flow_hash(frame: &[u8]) -> u32 {
-    const FNV_PRIME: u32 = 0x0100_0193;
-    let mut h: u32 = 0x811c_9dc5;
-    let mut mix = |bytes: &[u8]| {
-        for b in bytes {
-            h = (h ^ u32::from(*b)).wrapping_mul(FNV_PRIME);
-        }
-    };
-    if frame.len() < 14 {
-        mix(frame);
-        return h;
+    fn mix(h: u64, v: u64) -> u64 {
+        (h ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)
     }
-    mix(&frame[..12]);
+    fn word(b: &[u8]) -> u64 {
+        let mut w = [0u8; 8];
+        let n = b.len().min(8);
+        w[..n].copy_from_slice(&b[..n]);
+        u64::from_le_bytes(w)
+    }
+    if frame.len() < 14 {
+        return mix(0x51_7cc1_b727_220a, word(frame)) as u32;
+    }
+    let mut h = mix(
+        mix(0x51_7cc1_b727_220a, word(&frame[0..8])),
+        word(&frame[8..12]),
+    );
     let ethertype = u16::from_be_bytes([frame[12], frame[13]]);
     let (proto, l4) = match ethertype {
         0x0800 if frame.len() >= 34 => {
-            mix(&frame[26..34]);
+            h = mix(h, word(&frame[26..34]));
             let ihl = usize::from(frame[14] & 0x0f) * 4;
             let fragment = u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff != 0;
             (if fragment { 0 } else { frame[23] }, 14 + ihl)
         }
         0x86dd if frame.len() >= 54 => {
-            mix(&frame[22..54]);
+            for chunk in frame[22..54].chunks(8) {
+                h = mix(h, word(chunk));
+            }
             (frame[20], 54)
         }
         _ => (0, 0),
     };
     if (proto == 6 || proto == 17) && frame.len() >= l4 + 4 {
-        mix(&frame[l4..l4 + 4]);
+        h = mix(h, word(&frame[l4..l4 + 4]));
     }
-    h
+    (h ^ (h >> 32)) as u32
 }
 
 #[cfg(test)]

@@ -194,6 +194,8 @@ pub fn walk_chain(
     // Every descriptor visited counts, empty ones too: an indirect table may hold 65535.
     let mut visits = 0usize;
 
+    // The table's host mapping, looked up once per table rather than per descriptor.
+    let mut table_map = region_slice(mem, table, usize::from(table_size) * DESC_SIZE as usize);
     loop {
         visits += 1;
         if visits > MAX_CHAIN_SEGMENTS {
@@ -203,9 +205,15 @@ pub fn walk_chain(
             return Err(ChainError::IndexOutOfRange(index));
         }
         let desc_addr = table.unchecked_add(u64::from(index) * DESC_SIZE);
-        let desc: VirtqDesc = mem
-            .read_obj(desc_addr)
-            .map_err(|_| ChainError::OutsideMemory(desc_addr.raw_value(), DESC_SIZE))?;
+        let outside = ChainError::OutsideMemory(desc_addr.raw_value(), DESC_SIZE);
+        let offset = usize::from(index) * DESC_SIZE as usize;
+        let desc: VirtqDesc = match &table_map {
+            Some(m) if offset + DESC_SIZE as usize <= m.len() => {
+                m.read_obj(offset).map_err(|_| outside)?
+            }
+            // A table crossing regions (or not mapped at all): the general path.
+            _ => mem.read_obj(desc_addr).map_err(|_| outside)?,
+        };
         let (addr, len, flags) = (
             u64::from_le(desc.addr),
             u32::from_le(desc.len),
@@ -222,6 +230,7 @@ pub fn walk_chain(
             check_range(mem, addr, u64::from(len))?;
             table = GuestAddress(addr);
             table_size = (u64::from(len) / DESC_SIZE) as u16;
+            table_map = region_slice(mem, table, len as usize);
             budget = table_size;
             index = 0;
             indirect = true;
