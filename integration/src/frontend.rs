@@ -308,6 +308,29 @@ impl VirtioNetDevice {
         Ok(())
     }
 
+    /// Breaks the ring protocol on purpose (hostile-driver tests): makes `head` available
+    /// on TX queue `qp` as is (it may be out of range), and/or moves the avail index by
+    /// `extra` more entries than were written.
+    pub fn publish_bogus(&mut self, qp: u16, head: u16, extra: u16) -> Result<()> {
+        let q = usize::from(qp) * 2 + 1;
+        self.queue(q)?;
+        let (avail, size, idx) = {
+            let dq = &self.queues[q];
+            (dq.avail, dq.size, dq.avail_idx)
+        };
+        let slot = GuestAddress(avail.0 + 4 + u64::from(idx % size) * 2);
+        self.mem.write_obj(head.to_le(), slot).unwrap();
+        fence(Ordering::Release);
+        let idx = idx.wrapping_add(1).wrapping_add(extra);
+        self.mem
+            .store(idx.to_le(), GuestAddress(avail.0 + 2), Ordering::Release)
+            .unwrap();
+        self.queues[q].avail_idx = idx;
+        fence(Ordering::SeqCst);
+        self.queues[q].kick.write(1)?;
+        Ok(())
+    }
+
     fn take_descs(&mut self, q: usize, n: usize) -> Result<Vec<u16>> {
         if self.queues[q].free.len() < n {
             self.reclaim_tx(q);

@@ -580,3 +580,43 @@ fn traffic_follows_the_queue_pairs_the_guest_enabled() {
     assert!(b.recv_all(1, Duration::from_millis(100)).is_empty());
     assert_eq!(sw.counters("b").drop_count(DropReason::PortDown), 0);
 }
+
+#[test]
+fn a_driver_that_breaks_the_ring_protocol_is_reset_and_can_come_back() {
+    let sw = TestSwitch::start(ports(&["bad", "b", "c"]), None);
+    let mut b = device(&sw, "b", DeviceOptions::default());
+    let mut c = device(&sw, "c", DeviceOptions::default());
+    for (what, head, extra) in [
+        ("head index out of range", 4000u16, 0u16),
+        ("avail index jumps past the ring", 0, 5000),
+    ] {
+        let mut bad = device(&sw, "bad", DeviceOptions::default());
+        bad.publish_bogus(0, head, extra).unwrap();
+        // The backend closes that connection: the frontend's next request fails.
+        let end = std::time::Instant::now() + WAIT;
+        while bad.sync().is_ok() {
+            assert!(
+                std::time::Instant::now() < end,
+                "{what}: connection not reset"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // Every other port goes on.
+        b.send(0, &plain(), &udp_frame(mac(2), mac(3), 100))
+            .unwrap();
+        assert_eq!(c.recv(0, WAIT).expect("c still receives").frame.len(), 100);
+    }
+    assert!(sw.counters("bad").drop_count(DropReason::BadTxDescriptor) >= 2);
+    // And the port takes a new, well-behaved connection.
+    let mut again = device(&sw, "bad", DeviceOptions::default());
+    again
+        .send(0, &plain(), &udp_frame(mac(1), mac(2), 77))
+        .unwrap();
+    assert_eq!(
+        b.recv(0, WAIT)
+            .expect("the reset port works again")
+            .frame
+            .len(),
+        77
+    );
+}
