@@ -27,10 +27,12 @@ pub enum DropReason {
     BadOffload,
     /// The destination port has no guest attached or its queue is not enabled.
     PortDown,
+    /// The source MAC is configured (`mac=`) on another port.
+    SpoofedMac,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::NoRxBuffer,
         DropReason::RxBufferTooSmall,
         DropReason::BadTxDescriptor,
@@ -40,6 +42,7 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::BadOffload,
         DropReason::PortDown,
+        DropReason::SpoofedMac,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +56,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::BadOffload => "bad_offload",
             DropReason::PortDown => "port_down",
+            DropReason::SpoofedMac => "spoofed_mac",
         }
     }
 }

@@ -92,6 +92,7 @@ pub(crate) fn switch_frame(switch: &Switch, from: &PortShared, frame: &Frame<'_>
     let d = Deliverer { from };
     match switch.decide(from.id, frame.segment, src_mac, dst_mac) {
         Forward::Local => {}
+        Forward::Spoofed => from.counters.count_drop(DropReason::SpoofedMac),
         Forward::To(p) => d.deliver(&switch.ports[usize::from(p)], frame, s),
         Forward::Flood => {
             for p in switch.flood_targets(from.id, frame.segment) {

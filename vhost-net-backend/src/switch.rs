@@ -63,9 +63,42 @@ struct MacEntry {
     seen: AtomicU64,
 }
 
+/// Most MAC entries one port may hold, so one guest spraying source addresses cannot crowd
+/// the others out of the table.
+pub const MAC_PER_PORT_LIMIT: usize = 1024;
+
+/// The table and, per port, how many entries it holds (both under one lock).
+struct Entries {
+    map: HashMap<(u16, MacAddr), MacEntry, MacHashBuilder>,
+    per_port: Vec<usize>,
+}
+
+impl Entries {
+    fn count(&mut self, port: PortId) -> &mut usize {
+        let i = usize::from(port);
+        if self.per_port.len() <= i {
+            self.per_port.resize(i + 1, 0);
+        }
+        &mut self.per_port[i]
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&MacEntry) -> bool) {
+        let per_port = &mut self.per_port;
+        self.map.retain(|_, e| {
+            let k = keep(e);
+            if !k {
+                if let Some(c) = per_port.get_mut(usize::from(e.port.load(Ordering::Relaxed))) {
+                    *c = c.saturating_sub(1);
+                }
+            }
+            k
+        });
+    }
+}
+
 /// Learned (VLAN, MAC) to port mappings. Lookups and refreshes take the read lock only.
 pub struct MacTable {
-    entries: RwLock<HashMap<(u16, MacAddr), MacEntry, MacHashBuilder>>,
+    entries: RwLock<Entries>,
     ageing_secs: u64,
     /// Coarse clock in seconds, advanced by `tick`, so the hot path makes no clock call.
     now: AtomicU64,
@@ -74,10 +107,10 @@ pub struct MacTable {
 impl MacTable {
     pub fn new(ageing_secs: u64) -> Self {
         MacTable {
-            entries: RwLock::new(HashMap::with_capacity_and_hasher(
-                256,
-                MacHashBuilder::random(),
-            )),
+            entries: RwLock::new(Entries {
+                map: HashMap::with_capacity_and_hasher(256, MacHashBuilder::random()),
+                per_port: Vec::new(),
+            }),
             ageing_secs,
             now: AtomicU64::new(0),
         }
@@ -103,7 +136,7 @@ impl MacTable {
         let now = self.now.load(Ordering::Relaxed);
         {
             let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-            let known = match entries.get(&(vlan, mac)) {
+            let known = match entries.map.get(&(vlan, mac)) {
                 Some(e) if e.port.load(Ordering::Relaxed) == port => {
                     // Refresh only when the clock moved: no write to a shared line per frame.
                     if e.seen.load(Ordering::Relaxed) != now {
@@ -112,11 +145,20 @@ impl MacTable {
                     true
                 }
                 Some(_) => false,
-                None => entries.len() >= MAC_TABLE_CAPACITY,
+                None => {
+                    entries.map.len() >= MAC_TABLE_CAPACITY
+                        || entries
+                            .per_port
+                            .get(usize::from(port))
+                            .copied()
+                            .unwrap_or(0)
+                            >= MAC_PER_PORT_LIMIT
+                }
             };
             if known {
                 return dst.and_then(|d| {
                     entries
+                        .map
                         .get(&(vlan, d))
                         .filter(|e| self.fresh(e, now))
                         .map(|e| e.port.load(Ordering::Relaxed))
@@ -129,11 +171,25 @@ impl MacTable {
 
     fn insert(&self, vlan: u16, mac: MacAddr, port: PortId, now: u64) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= MAC_TABLE_CAPACITY && !entries.contains_key(&(vlan, mac)) {
+        let previous = entries
+            .map
+            .get(&(vlan, mac))
+            .map(|e| e.port.load(Ordering::Relaxed));
+        if previous == Some(port) {
+            return;
+        }
+        if *entries.count(port) >= MAC_PER_PORT_LIMIT
+            || (previous.is_none() && entries.map.len() >= MAC_TABLE_CAPACITY)
+        {
             return;
         }
         // A station that moved to another port is re-learned there at once.
-        entries.insert(
+        if let Some(old) = previous {
+            let c = entries.count(old);
+            *c = c.saturating_sub(1);
+        }
+        *entries.count(port) += 1;
+        entries.map.insert(
             (vlan, mac),
             MacEntry {
                 port: AtomicU16::new(port),
@@ -146,6 +202,7 @@ impl MacTable {
         let now = self.now.load(Ordering::Relaxed);
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         entries
+            .map
             .get(&(vlan, mac))
             .filter(|e| self.fresh(e, now))
             .map(|e| e.port.load(Ordering::Relaxed))
@@ -155,17 +212,21 @@ impl MacTable {
     pub fn tick(&self, secs: u64) {
         let now = self.now.fetch_add(secs, Ordering::Relaxed) + secs;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        entries.retain(|_, e| self.fresh(e, now));
+        entries.retain(|e| self.fresh(e, now));
     }
 
     /// Forgets everything learned on a port (its guest went away).
     pub fn forget_port(&self, port: PortId) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        entries.retain(|_, e| e.port.load(Ordering::Relaxed) != port);
+        entries.retain(|e| e.port.load(Ordering::Relaxed) != port);
     }
 
     pub fn len(&self) -> usize {
-        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .map
+            .len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -268,10 +329,14 @@ pub enum Forward {
     Flood,
     /// The destination sits behind the source port itself: nothing to do.
     Local,
+    /// The source MAC is configured on another port: a spoofed frame.
+    Spoofed,
 }
 
 pub struct Switch {
     pub ports: Vec<Arc<PortShared>>,
+    /// MACs configured on ports (`mac=`): only that port may send from them.
+    pinned: HashMap<MacAddr, PortId>,
     pub macs: MacTable,
     pub mtu: Option<u16>,
     pub max_frame_len: usize,
@@ -286,7 +351,7 @@ impl Switch {
             .uplink
             .as_ref()
             .map(|u| ("uplink".to_string(), Uplink::segment(u), u.queues, None));
-        let ports = config
+        let ports: Vec<Arc<PortShared>> = config
             .ports
             .iter()
             .map(|p| (p.name.clone(), p.segment(), p.queues, p.mac))
@@ -309,7 +374,12 @@ impl Switch {
                 })
             })
             .collect();
+        let pinned = ports
+            .iter()
+            .filter_map(|p| p.mac.map(|m| (m, p.id)))
+            .collect();
         Arc::new(Switch {
+            pinned,
             ports,
             macs: MacTable::new(config.mac_ageing_secs),
             mtu: config.mtu,
@@ -324,6 +394,9 @@ impl Switch {
 
     /// Learns the source and decides where a frame from `src`, in `segment`, goes.
     pub fn decide(&self, src: PortId, segment: u16, src_mac: MacAddr, dst_mac: MacAddr) -> Forward {
+        if self.pinned.get(&src_mac).is_some_and(|p| *p != src) {
+            return Forward::Spoofed;
+        }
         let dst = (!dst_mac.is_multicast()).then_some(dst_mac);
         let found = self.macs.learn_and_lookup(segment, src_mac, src, dst);
         if dst.is_none() {
@@ -479,11 +552,51 @@ mod tests {
     }
 
     #[test]
+    fn configured_macs_are_pinned_and_ports_are_bounded() {
+        let ports = (0..3)
+            .map(|i| PortConfig {
+                name: format!("p{i}"),
+                socket: format!("/tmp/p{i}").into(),
+                vlan: None,
+                mac: (i == 0).then_some(mac(1)),
+                queues: 1,
+                listen_fd: None,
+            })
+            .collect();
+        let s = Switch::new(&SwitchConfig {
+            ports,
+            ..Default::default()
+        });
+        assert_eq!(s.decide(1, 0, mac(1), mac(2)), Forward::Spoofed);
+        assert_eq!(s.decide(0, 0, mac(1), mac(2)), Forward::Flood);
+        assert_eq!(s.macs.lookup(0, mac(1)), Some(0));
+        for i in 0..(MAC_PER_PORT_LIMIT + 50) as u32 {
+            let b = i.to_be_bytes();
+            s.macs.learn(0, MacAddr([2, 9, b[0], b[1], b[2], b[3]]), 1);
+        }
+        assert_eq!(s.macs.len(), 1 + MAC_PER_PORT_LIMIT);
+        s.macs.learn(0, mac(7), 2);
+        assert_eq!(s.macs.lookup(0, mac(7)), Some(2), "other ports still learn");
+        s.macs.forget_port(1);
+        s.macs.learn(0, mac(8), 1);
+        assert_eq!(
+            s.macs.lookup(0, mac(8)),
+            Some(1),
+            "forgetting frees the port's share"
+        );
+    }
+
+    #[test]
     fn table_is_bounded() {
         let t = MacTable::new(10);
         for i in 0..(MAC_TABLE_CAPACITY + 10) as u32 {
             let b = i.to_be_bytes();
-            t.learn(0, MacAddr([2, 0, b[0], b[1], b[2], b[3]]), 1);
+            // Spread over ports: each port's own limit is lower than the table's.
+            t.learn(
+                0,
+                MacAddr([2, 0, b[0], b[1], b[2], b[3]]),
+                (i % 64) as PortId,
+            );
         }
         assert_eq!(t.len(), MAC_TABLE_CAPACITY);
     }
