@@ -127,6 +127,8 @@ pub fn backend_binary() -> PathBuf {
 /// The backend binary running as its own process, as users run it.
 pub struct BackendProcess {
     child: Option<std::process::Child>,
+    /// Network namespace to run it in (for an uplink tap there).
+    pub netns: Option<String>,
     args: Vec<String>,
     sockets: Vec<PathBuf>,
     pub log: PathBuf,
@@ -135,8 +137,19 @@ pub struct BackendProcess {
 impl BackendProcess {
     /// Starts the binary with `args` and waits for `sockets` to appear.
     pub fn start(args: Vec<String>, sockets: Vec<PathBuf>, log: PathBuf) -> BackendProcess {
+        Self::start_in(None, args, sockets, log)
+    }
+
+    /// The same, inside a network namespace.
+    pub fn start_in(
+        netns: Option<String>,
+        args: Vec<String>,
+        sockets: Vec<PathBuf>,
+        log: PathBuf,
+    ) -> BackendProcess {
         let mut p = BackendProcess {
             child: None,
+            netns,
             args,
             sockets,
             log,
@@ -151,7 +164,15 @@ impl BackendProcess {
             .append(true)
             .open(&self.log)
             .expect("backend log");
-        let child = std::process::Command::new(backend_binary())
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(backend_binary());
+                c
+            }
+            None => std::process::Command::new(backend_binary()),
+        };
+        let child = cmd
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stderr(log)

@@ -7,8 +7,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use integration::guest_image::{guest_image, GuestImage};
+use integration::netns::Netns;
 use integration::qemu::{detect_accel, Accel, Guest, GuestSpec, Qemu};
-use integration::testbed::BackendProcess;
+use integration::testbed::{backend_binary, BackendProcess};
 use tempfile::TempDir;
 
 /// Guests are CPU-heavy under TCG on 2 cores: one test at a time.
@@ -249,4 +250,69 @@ fn backend_restart_is_picked_up_by_running_guests() {
         "{log}"
     );
     finish(env, vec![a, b], backend);
+}
+
+/// The `bridge-plugin` binary from the same target folder.
+fn bridge_plugin_binary() -> PathBuf {
+    backend_binary().with_file_name("bridge-plugin")
+}
+
+#[test]
+fn guest_reaches_host_and_outside_through_the_uplink_on_a_nat_bridge() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let env = env();
+    // The host side lives in a namespace: a NAT network made by bridge-plugin, with an
+    // "outside" namespace behind its uplink.
+    let host = Netns::new("uphost");
+    let outside = Netns::new("upout");
+    host.sh(&format!(
+        "ip link add up0 type veth peer name eth0 netns {}",
+        outside.name
+    ));
+    host.sh("ip addr add 192.0.2.1/24 dev up0 && ip link set up0 up");
+    outside.sh("ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up");
+    let net = env.dir.path().join("net.toml");
+    std::fs::write(
+        &net,
+        "[[network]]\nname = \"web\"\nmode = \"nat\"\nbridge = \"bp-web\"\naddress = \"10.1.0.1/24\"\nuplink = \"up0\"\n",
+    )
+    .unwrap();
+    host.sh(&format!(
+        "{} net up {}",
+        bridge_plugin_binary().display(),
+        net.display()
+    ));
+    let sock = env.sock("web1");
+    let mut backend = BackendProcess::start_in(
+        Some(host.name.clone()),
+        vec![
+            "--port".into(),
+            format!("name=web1,socket={}", sock.display()),
+            "--uplink".into(),
+            "tap:vnet0".into(),
+        ],
+        vec![sock],
+        env.dir.path().join("backend.log"),
+    );
+    host.sh("ip link set vnet0 master bp-web");
+
+    let mut web1 = env.boot(env.guest("web1", 1, "10.1.0.10/24"));
+    wait_ping(&mut web1, "10.1.0.1");
+    web1.ok("ip route add default via 10.1.0.1", CMD);
+    assert!(
+        ping_ok(&mut web1, "192.0.2.2"),
+        "the outside through the host's NAT"
+    );
+    let k = web1.ok("ethtool -k eth0", CMD);
+    assert!(k.contains("tcp-segmentation-offload: on"), "{k}");
+
+    assert!(web1.shutdown(Duration::from_secs(30)));
+    assert!(backend.stop(), "backend did not exit cleanly");
+    host.sh(&format!(
+        "{} net down {}",
+        bridge_plugin_binary().display(),
+        net.display()
+    ));
+    std::fs::remove_file(env.dir.path().join("net.toml")).unwrap();
+    finish(env, Vec::new(), backend);
 }
