@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
 use log::warn;
-use vm_memory::Address;
 
 use crate::config::UplinkConfig;
 use crate::counters::DropReason;
@@ -19,7 +18,7 @@ use crate::forward::{flush_notifications, switch_frame, Frame, Scratch, MIN_GSO_
 use crate::port::MAX_GSO_FRAME;
 use crate::switch::{flow_hash, PortShared, Switch, TRUNK};
 use crate::virtio::{
-    region_slice, FrameSource, NetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
+    FrameSource, GuestSlices, NetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
@@ -175,15 +174,8 @@ impl Uplink {
                 len,
             } => {
                 // Guest buffers go to the kernel as they are: no copy here.
-                let mut cur = start;
-                let mut left = len;
-                while left > 0 {
-                    let (Some(s), true) = (segs.get(cur.segment()), n < MAX_IOVECS) else {
-                        return Err(DropReason::BadTxDescriptor);
-                    };
-                    let addr = s.addr.unchecked_add(cur.offset() as u64);
-                    let want = (s.len as usize - cur.offset()).min(left);
-                    let Some(slice) = region_slice(mem, addr, want) else {
+                for slice in GuestSlices::new(mem, segs, start, len) {
+                    let (Ok(slice), true) = (slice, n < MAX_IOVECS) else {
                         return Err(DropReason::BadTxDescriptor);
                     };
                     iov[n] = libc::iovec {
@@ -191,8 +183,6 @@ impl Uplink {
                         iov_len: slice.len(),
                     };
                     n += 1;
-                    cur.advance(segs, slice.len());
-                    left -= slice.len();
                 }
             }
         }

@@ -368,17 +368,61 @@ pub fn avail_head(
 }
 
 /// The host mapping of up to `len` bytes at `addr`, cut at the end of the region.
-pub fn region_slice(
-    mem: &GuestMemory,
-    addr: GuestAddress,
-    len: usize,
-) -> Option<VolatileSlice<'_, <() as vm_memory::bitmap::WithBitmapSlice<'_>>::S>> {
+pub fn region_slice(mem: &GuestMemory, addr: GuestAddress, len: usize) -> Option<GuestSlice<'_>> {
     let region = mem.find_region(addr)?;
     let offset = addr.raw_value() - region.start_addr().raw_value();
     let avail = usize::try_from(region.len() - offset).ok()?;
     region
         .get_slice(MemoryRegionAddress(offset), len.min(avail))
         .ok()
+}
+
+/// Host mapping of guest bytes.
+pub type GuestSlice<'a> = VolatileSlice<'a, <() as vm_memory::bitmap::WithBitmapSlice<'a>>::S>;
+
+/// The host mappings of `len` guest bytes from `start`, one piece per buffer and region;
+/// `Err(())` where a piece cannot be mapped (the walk stops there).
+pub struct GuestSlices<'a> {
+    mem: &'a GuestMemory,
+    segs: &'a [Segment],
+    cur: Cursor,
+    left: usize,
+}
+
+impl<'a> GuestSlices<'a> {
+    pub fn new(mem: &'a GuestMemory, segs: &'a [Segment], start: Cursor, len: usize) -> Self {
+        GuestSlices {
+            mem,
+            segs,
+            cur: start,
+            left: len,
+        }
+    }
+}
+
+impl<'a> Iterator for GuestSlices<'a> {
+    type Item = Result<GuestSlice<'a>, ()>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        let piece = self.segs.get(self.cur.seg).and_then(|s| {
+            let addr = s.addr.unchecked_add(self.cur.off as u64);
+            region_slice(
+                self.mem,
+                addr,
+                (s.len as usize - self.cur.off).min(self.left),
+            )
+        });
+        let Some(slice) = piece else {
+            self.left = 0;
+            return Some(Err(()));
+        };
+        self.cur.advance(self.segs, slice.len());
+        self.left -= slice.len();
+        Some(Ok(slice))
+    }
 }
 
 /// A read position inside a list of guest segments.
@@ -389,16 +433,6 @@ pub struct Cursor {
 }
 
 impl Cursor {
-    /// Index of the current segment.
-    pub fn segment(&self) -> usize {
-        self.seg
-    }
-
-    /// Offset inside the current segment.
-    pub fn offset(&self) -> usize {
-        self.off
-    }
-
     /// Skips `n` bytes; returns false if the segments end first.
     pub fn advance(&mut self, segs: &[Segment], mut n: usize) -> bool {
         while n > 0 {
@@ -479,19 +513,10 @@ impl<'a> FrameSource<'a> {
                 start,
                 len,
             } => {
-                let want = len.min(out.len());
                 let mut done = 0;
-                let mut cur = start;
-                while done < want {
-                    let Some(s) = segs.get(cur.seg) else { break };
-                    let addr = s.addr.unchecked_add(cur.off as u64);
-                    let n = (s.len as usize - cur.off).min(want - done);
-                    let Some(slice) = region_slice(mem, addr, n) else {
-                        break;
-                    };
-                    let got = slice.copy_to(&mut out[done..done + slice.len()]);
-                    done += got;
-                    cur.advance(segs, got);
+                for slice in GuestSlices::new(mem, segs, start, len.min(out.len())) {
+                    let Ok(slice) = slice else { break };
+                    done += slice.copy_to(&mut out[done..done + slice.len()]);
                 }
                 done
             }
@@ -554,29 +579,23 @@ impl<'a> GuestWriter<'a> {
                 start,
                 len,
             } => {
-                let mut cur = start;
-                let mut left = len;
-                while left > 0 {
-                    let Some(s) = segs.get(cur.seg) else {
+                for piece in GuestSlices::new(mem, segs, start, len) {
+                    let Ok(mut piece) = piece else {
                         return false;
                     };
-                    let src_addr = s.addr.unchecked_add(cur.off as u64);
-                    let want = (s.len as usize - cur.off).min(left);
-                    let Some(src_slice) = region_slice(mem, src_addr, want) else {
-                        return false;
-                    };
-                    let Some(dst) = self.next_slice(src_slice.len()) else {
-                        return false;
-                    };
-                    let n = dst.len();
-                    let Ok(part) = src_slice.subslice(0, n) else {
-                        return false;
-                    };
-                    part.copy_to_volatile_slice(dst);
-                    cur.advance(segs, n);
-                    self.cur.advance(self.segs, n);
-                    self.written += n;
-                    left -= n;
+                    while !piece.is_empty() {
+                        let Some(dst) = self.next_slice(piece.len()) else {
+                            return false;
+                        };
+                        let n = dst.len();
+                        let (Ok(part), Ok(rest)) = (piece.subslice(0, n), piece.offset(n)) else {
+                            return false;
+                        };
+                        part.copy_to_volatile_slice(dst);
+                        piece = rest;
+                        self.cur.advance(self.segs, n);
+                        self.written += n;
+                    }
                 }
                 true
             }
