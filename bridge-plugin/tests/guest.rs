@@ -12,14 +12,7 @@ use integration::qemu::{detect_accel, Guest, GuestSpec, NicBackend, Qemu};
 
 #[test]
 fn guest_on_a_nat_network_through_the_helper_reaches_host_and_outside() {
-    let host = Netns::new("ghost");
-    let outside = Netns::new("gout");
-    host.sh(&format!(
-        "ip link add up0 type veth peer name eth0 netns {}",
-        outside.name
-    ));
-    host.sh("ip addr add 192.0.2.1/24 dev up0 && ip link set up0 up");
-    outside.sh("ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up");
+    let (host, _outside) = Netns::host_with_outside("ghost");
     let dir = tempfile::tempdir().unwrap();
     let net = dir.path().join("net.toml");
     std::fs::write(

@@ -135,14 +135,7 @@ port = 5432
 
 #[test]
 fn nat_segments_default_deny_internal_and_host_only() {
-    let host = Netns::new("host");
-    let outside = Netns::new("out");
-    host.sh(&format!(
-        "ip link add up0 type veth peer name eth0 netns {}",
-        outside.name
-    ));
-    host.sh("ip addr add 192.0.2.1/24 dev up0 && ip link set up0 up");
-    outside.sh("ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up");
+    let (host, outside) = Netns::host_with_outside("host");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("net.toml");
     std::fs::write(&file, NETWORKS).unwrap();
@@ -251,11 +244,7 @@ fn nat_segments_default_deny_internal_and_host_only() {
 fn bridged_mode_puts_guests_on_the_lan() {
     let host = Netns::new("bhost");
     let lan = Netns::new("lan");
-    host.sh(&format!(
-        "ip link add lan0 type veth peer name eth0 netns {}",
-        lan.name
-    ));
-    lan.sh("ip addr add 192.168.77.1/24 dev eth0 && ip link set eth0 up");
+    host.link_to(&lan, "lan0", None, "192.168.77.1/24");
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("net.toml");
     std::fs::write(&file, "[[network]]\nname = \"lan\"\nmode = \"bridged\"\nbridge = \"bp-lan\"\nuplink = \"lan0\"\nmtu = 1500\n").unwrap();

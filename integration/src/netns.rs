@@ -43,6 +43,31 @@ impl Netns {
             .unwrap()
     }
 
+    /// A veth pair from this namespace (`local`, optionally addressed) to `peer`'s `eth0`
+    /// (addressed `peer_addr`), both up.
+    pub fn link_to(&self, peer: &Netns, local: &str, local_addr: Option<&str>, peer_addr: &str) {
+        self.sh(&format!(
+            "ip link add {local} type veth peer name eth0 netns {}",
+            peer.name
+        ));
+        if let Some(a) = local_addr {
+            self.sh(&format!("ip addr add {a} dev {local}"));
+        }
+        self.sh(&format!("ip link set {local} up"));
+        peer.sh(&format!(
+            "ip addr add {peer_addr} dev eth0 && ip link set eth0 up"
+        ));
+    }
+
+    /// A host namespace and an "outside" one behind its uplink `up0` (192.0.2.1/24, the
+    /// outside at 192.0.2.2/24).
+    pub fn host_with_outside(tag: &str) -> (Netns, Netns) {
+        let host = Netns::new(&format!("{tag}h"));
+        let outside = Netns::new(&format!("{tag}o"));
+        host.link_to(&outside, "up0", Some("192.0.2.1/24"), "192.0.2.2/24");
+        (host, outside)
+    }
+
     /// `ip -j -d link show dev NAME` as JSON.
     pub fn link_json(&self, dev: &str) -> serde_json::Value {
         let out = self.sh(&format!("ip -j -d link show dev {dev}"));

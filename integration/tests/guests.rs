@@ -263,14 +263,7 @@ fn guest_reaches_host_and_outside_through_the_uplink_on_a_nat_bridge() {
     let env = env();
     // The host side lives in a namespace: a NAT network made by bridge-plugin, with an
     // "outside" namespace behind its uplink.
-    let host = Netns::new("uphost");
-    let outside = Netns::new("upout");
-    host.sh(&format!(
-        "ip link add up0 type veth peer name eth0 netns {}",
-        outside.name
-    ));
-    host.sh("ip addr add 192.0.2.1/24 dev up0 && ip link set up0 up");
-    outside.sh("ip addr add 192.0.2.2/24 dev eth0 && ip link set eth0 up");
+    let (host, _outside) = Netns::host_with_outside("uphost");
     let net = env.dir.path().join("net.toml");
     std::fs::write(
         &net,
