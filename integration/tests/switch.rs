@@ -487,22 +487,36 @@ fn a_reconnecting_frontend_gets_a_working_port() {
     assert_eq!(a.recv(0, WAIT).unwrap().frame.len(), 70);
 }
 
-#[test]
-fn multiqueue_pairs_carry_traffic() {
+/// Ports a and b with `pairs` queue pairs each, both connected with all of them; each RX
+/// queue of a and b gets `rx_a` and `rx_b` buffers.
+fn multiqueue_pair(
+    pairs: u16,
+    rx_a: usize,
+    rx_b: usize,
+) -> (TestSwitch, VirtioNetDevice, VirtioNetDevice) {
     let sw = TestSwitch::start(
-        vec![TestPort::new("a").queues(2), TestPort::new("b").queues(2)],
+        vec![
+            TestPort::new("a").queues(pairs),
+            TestPort::new("b").queues(pairs),
+        ],
         None,
     );
     let mq = DeviceOptions {
-        queue_pairs: 2,
+        queue_pairs: pairs,
         ..Default::default()
     };
     let mut a = sw.connect("a", mq.clone()).unwrap();
     let mut b = sw.connect("b", mq).unwrap();
-    for qp in 0..2 {
-        a.post_rx(qp, 32).unwrap();
-        b.post_rx(qp, 32).unwrap();
+    for qp in 0..pairs {
+        a.post_rx(qp, rx_a).unwrap();
+        b.post_rx(qp, rx_b).unwrap();
     }
+    (sw, a, b)
+}
+
+#[test]
+fn multiqueue_pairs_carry_traffic() {
+    let (_sw, mut a, mut b) = multiqueue_pair(2, 32, 32);
     // Different flows (UDP source ports) from both TX queues of a.
     let mut got = 0;
     for i in 0..16u8 {
@@ -553,19 +567,7 @@ fn offload_requests_are_checked_and_headers_rebuilt() {
 
 #[test]
 fn traffic_follows_the_queue_pairs_the_guest_enabled() {
-    let sw = TestSwitch::start(
-        vec![TestPort::new("a").queues(4), TestPort::new("b").queues(4)],
-        None,
-    );
-    let mq = DeviceOptions {
-        queue_pairs: 4,
-        ..Default::default()
-    };
-    let mut a = sw.connect("a", mq.clone()).unwrap();
-    let mut b = sw.connect("b", mq).unwrap();
-    for qp in 0..4 {
-        b.post_rx(qp, 64).unwrap();
-    }
+    let (sw, mut a, mut b) = multiqueue_pair(4, 0, 64);
     // The guest uses 2 of its 4 queue pairs (ethtool -L combined 2): QEMU disables the rest.
     for vring in 4..8 {
         b.set_vring_enable(vring, false).unwrap();
@@ -596,19 +598,7 @@ fn traffic_follows_the_queue_pairs_the_guest_enabled() {
 
 #[test]
 fn a_flow_stays_on_one_rx_queue_and_in_order() {
-    let sw = TestSwitch::start(
-        vec![TestPort::new("a").queues(4), TestPort::new("b").queues(4)],
-        None,
-    );
-    let mq = DeviceOptions {
-        queue_pairs: 4,
-        ..Default::default()
-    };
-    let mut a = sw.connect("a", mq.clone()).unwrap();
-    let mut b = sw.connect("b", mq).unwrap();
-    for qp in 0..4 {
-        b.post_rx(qp, 128).unwrap();
-    }
+    let (_sw, mut a, mut b) = multiqueue_pair(4, 0, 128);
     // One flow (as a guest sends it: from one TX queue), numbered in its payload.
     for seq in 0..100u8 {
         let mut fr = udp_frame(mac(1), mac(2), 100);
