@@ -148,10 +148,6 @@ impl Netlink {
             .ok_or_else(|| NetlinkError::NoSuchLink(name.to_string()))
     }
 
-    pub fn link_exists(&mut self, name: &str) -> Result<bool> {
-        Ok(self.links()?.iter().any(|l| l.name == name))
-    }
-
     pub fn index(&mut self, name: &str) -> Result<u32> {
         Ok(self.link(name)?.index)
     }
@@ -289,28 +285,6 @@ impl Netlink {
             BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged,
             true,
         )
-    }
-
-    /// Adds `vid` to the bridge device itself (so the host's address on it sees that VLAN).
-    pub fn add_bridge_self_vlan(&mut self, bridge: &str, vid: u16, pvid: bool) -> Result<()> {
-        let mut flags = BridgeVlanInfoFlags::empty();
-        if pvid {
-            flags |= BridgeVlanInfoFlags::Pvid | BridgeVlanInfoFlags::Untagged;
-        }
-        let index = self.index(bridge)?;
-        let mut msg = LinkMessage::default();
-        msg.header.interface_family = AddressFamily::Bridge;
-        msg.header.index = index;
-        msg.attributes.push(LinkAttribute::AfSpecBridge(vec![
-            AfSpecBridge::Flags(netlink_packet_route::link::BridgeFlag::LowerDev),
-            AfSpecBridge::VlanInfo(BridgeVlanInfo { flags, vid }),
-        ]));
-        self.request(
-            &format!("add VLAN {vid} to bridge {bridge} itself"),
-            RouteNetlinkMessage::SetLink(msg),
-            NLM_F_ACK,
-        )
-        .map(|_| ())
     }
 
     pub fn add_address(&mut self, name: &str, addr: IpAddr, prefix: u8) -> Result<()> {

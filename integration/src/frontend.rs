@@ -253,10 +253,6 @@ impl VirtioNetDevice {
         self.mem_size
     }
 
-    pub fn frontend(&mut self) -> &mut Frontend {
-        &mut self.frontend
-    }
-
     /// Waits until the backend has handled every message sent so far (a request with a
     /// reply; messages are handled in order). SET_VRING_ENABLE, like QEMU sends it, has none.
     pub fn sync(&mut self) -> Result<()> {
@@ -557,11 +553,6 @@ impl VirtioNetDevice {
             self.publish_idx(q, idx);
         }
         (frames, bytes)
-    }
-
-    /// Waits up to `timeout` for the call eventfd of `qp`'s RX queue.
-    pub fn wait_rx(&self, qp: u16, timeout: Duration) {
-        self.wait_call(usize::from(qp) * 2, timeout);
     }
 
     /// Address of a TX data buffer the test may fill and point raw descriptors at.

@@ -563,10 +563,6 @@ impl Guest {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
-
-    pub fn console(&self) -> String {
-        self.console.text.lock().unwrap().clone()
-    }
 }
 
 impl Drop for Guest {
