@@ -72,13 +72,23 @@ pub struct PortCounters {
 
 impl PortCounters {
     pub fn count_rx(&self, bytes: usize) {
-        self.rx_packets.fetch_add(1, Ordering::Relaxed);
-        self.rx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.add_rx(1, bytes as u64);
     }
 
     pub fn count_tx(&self, bytes: usize) {
-        self.tx_packets.fetch_add(1, Ordering::Relaxed);
-        self.tx_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.add_tx(1, bytes as u64);
+    }
+
+    /// A burst's worth at once: these lines are shared with the stats reader and, for RX,
+    /// with every worker delivering to the port.
+    pub fn add_rx(&self, packets: u64, bytes: u64) {
+        self.rx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn add_tx(&self, packets: u64, bytes: u64) {
+        self.tx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
     pub fn count_drop(&self, reason: DropReason) {

@@ -14,7 +14,7 @@ use crate::config::MacAddr;
 use crate::counters::DropReason;
 use crate::offload::{complete_checksum, segment_tcp};
 use crate::port::{Vring, MAX_GSO_FRAME};
-use crate::switch::{Forward, PortId, PortShared, Switch};
+use crate::switch::{DecisionCache, Forward, PortId, PortShared, Switch};
 use crate::virtio::{
     avail_head, features as f, needs_interrupt, net_hdr_len, publish_used, push_used, walk_chain,
     write_used, FrameSource, GuestMemory, GuestWriter, NetHdr, Segment,
@@ -38,6 +38,9 @@ pub(crate) struct Touched {
     port: PortId,
     queue: usize,
     old_used: u16,
+    /// Frames and bytes delivered to it, counted at the end of the burst.
+    packets: u64,
+    bytes: u64,
 }
 
 /// Buffers for delivering, allocated once per worker so the data path never allocates.
@@ -53,6 +56,7 @@ pub(crate) struct Scratch {
     pub(crate) touched: Vec<Touched>,
     /// Avail indexes of RX queues read during this burst.
     avail_cache: Vec<((PortId, usize), u16)>,
+    decisions: DecisionCache,
 }
 
 impl Scratch {
@@ -65,6 +69,7 @@ impl Scratch {
             out: vec![0; MAX_GSO_FRAME],
             touched: Vec::with_capacity(64),
             avail_cache: Vec::with_capacity(64),
+            decisions: DecisionCache::default(),
         }
     }
 }
@@ -90,7 +95,7 @@ pub(crate) fn switch_frame(switch: &Switch, from: &PortShared, frame: &Frame<'_>
     src_mac.0.copy_from_slice(&frame.eth[6..12]);
     s.frame_gathered = false;
     let d = Deliverer { from };
-    match switch.decide(from.id, frame.segment, src_mac, dst_mac) {
+    match switch.decide_cached(&mut s.decisions, from.id, frame.segment, src_mac, dst_mac) {
         Forward::Local => {}
         Forward::Spoofed => from.counters.count_drop(DropReason::SpoofedMac),
         Forward::To(p) => d.deliver(&switch.ports[usize::from(p)], frame, s),
@@ -203,17 +208,23 @@ impl Deliverer<'_> {
         let (dst, qidx) = (rxq.port, rxq.index);
         match write_rx_buffers(rxq, hdr, src, eth, d) {
             Ok(old_used) => {
-                dst.counters.count_rx(src.len());
-                if !d
+                let bytes = src.len() as u64;
+                match d
                     .touched
-                    .iter()
-                    .any(|t| t.port == dst.id && t.queue == qidx)
+                    .iter_mut()
+                    .find(|t| t.port == dst.id && t.queue == qidx)
                 {
-                    d.touched.push(Touched {
+                    Some(t) => {
+                        t.packets += 1;
+                        t.bytes += bytes;
+                    }
+                    None => d.touched.push(Touched {
                         port: dst.id,
                         queue: qidx,
                         old_used,
-                    });
+                        packets: 1,
+                        bytes,
+                    }),
                 }
                 true
             }
@@ -239,8 +250,10 @@ impl Deliverer<'_> {
 pub(crate) fn flush_notifications(switch: &Switch, scratch: &mut Scratch) {
     scratch.avail_cache.clear();
     for t in scratch.touched.drain(..) {
+        let port = &switch.ports[usize::from(t.port)];
+        port.counters.add_rx(t.packets, t.bytes);
         let (vring, atomic) = {
-            let rx = switch.ports[usize::from(t.port)].rx_read();
+            let rx = port.rx_read();
             match (rx.queues.get(t.queue), rx.mem.as_ref()) {
                 (Some(Some(v)), Some(m)) => (v.clone(), m.clone()),
                 _ => continue,

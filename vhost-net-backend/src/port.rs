@@ -60,6 +60,9 @@ struct Worker {
     tx_segs: Vec<Segment>,
     /// Chains finished in this burst, returned together.
     tx_used: Vec<(u16, u32)>,
+    /// Frames and bytes sent in this burst, counted at its end.
+    tx_packets: u64,
+    tx_bytes: u64,
     scratch: Scratch,
 }
 
@@ -69,6 +72,8 @@ impl Worker {
             published: false,
             tx_segs: Vec::with_capacity(64),
             tx_used: Vec::with_capacity(TX_BURST),
+            tx_packets: 0,
+            tx_bytes: 0,
             scratch: Scratch::new(),
         }
     }
@@ -295,6 +300,9 @@ impl PortInner {
                 // TX descriptors are device-readable only: used length 0.
                 w.tx_used.push((head, 0));
             }
+            // Counted before the guest can see its chains returned.
+            self.shared.counters.add_tx(w.tx_packets, w.tx_bytes);
+            (w.tx_packets, w.tx_bytes) = (0, 0);
             // Returned to the guest in one go, with one index store.
             let new_used =
                 match push_used(&mem, used_ring, size, old_used, w.tx_used.iter().copied()) {
@@ -392,21 +400,21 @@ impl PortInner {
             return counters.count_drop(DropReason::Malformed);
         }
         let segs = &w.tx_segs;
-        let mut hdr_bytes = [0u8; 12];
         let whole = FrameSource::Guest {
             mem,
             segs,
             start: Cursor::default(),
             len: total,
         };
-        whole.peek(&mut hdr_bytes[..hdr_len]);
-        let hdr = NetHdr::parse(&hdr_bytes[..hdr_len]);
+        // The header and the frame's first bytes in one pass over the guest's buffers.
+        let mut head = [0u8; 12 + PEEK_LEN];
+        let peeked = whole.peek(&mut head[..hdr_len + PEEK_LEN]);
+        let hdr = NetHdr::parse(&head[..hdr_len]);
+        let peek = &head[hdr_len..peeked];
         let src = whole.skip(hdr_len);
         let frame_len = src.len();
-        let mut peek = [0u8; PEEK_LEN];
-        let peeked = src.peek(&mut peek);
-        let peek = &peek[..peeked];
-        counters.count_tx(frame_len);
+        w.tx_packets += 1;
+        w.tx_bytes += frame_len as u64;
         if let Err(reason) = self.check_frame(&hdr, peek, frame_len, features) {
             return counters.count_drop(reason);
         }

@@ -102,6 +102,9 @@ pub struct MacTable {
     ageing_secs: u64,
     /// Coarse clock in seconds, advanced by `tick`, so the hot path makes no clock call.
     now: AtomicU64,
+    /// Changes whenever a lookup could answer differently: an entry added or moved, the
+    /// clock advanced, entries removed. Workers' `DecisionCache`s are valid while it stays.
+    version: AtomicU64,
 }
 
 impl MacTable {
@@ -113,6 +116,7 @@ impl MacTable {
             }),
             ageing_secs,
             now: AtomicU64::new(0),
+            version: AtomicU64::new(0),
         }
     }
 
@@ -196,6 +200,7 @@ impl MacTable {
                 seen: AtomicU64::new(now),
             },
         );
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     pub fn lookup(&self, vlan: u16, mac: MacAddr) -> Option<PortId> {
@@ -213,12 +218,14 @@ impl MacTable {
         let now = self.now.fetch_add(secs, Ordering::Relaxed) + secs;
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         entries.retain(|e| self.fresh(e, now));
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     /// Forgets everything learned on a port (its guest went away).
     pub fn forget_port(&self, port: PortId) {
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
         entries.retain(|e| e.port.load(Ordering::Relaxed) != port);
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     pub fn len(&self) -> usize {
@@ -322,6 +329,27 @@ impl PortShared {
     }
 }
 
+/// A worker's recent forwarding decisions, reused while the MAC table's version stays the
+/// same: a flow's frames come in bursts, and a hit skips the table's lock and two lookups.
+/// A hit needs no refresh of the entries' `seen` time either: the clock has not moved since
+/// the decision that refreshed them, or the version would have changed.
+#[derive(Default)]
+pub struct DecisionCache {
+    slots: [Option<CachedDecision>; DECISION_SLOTS],
+}
+
+const DECISION_SLOTS: usize = 8;
+
+#[derive(Clone, Copy)]
+struct CachedDecision {
+    version: u64,
+    src: PortId,
+    segment: u16,
+    src_mac: MacAddr,
+    dst_mac: MacAddr,
+    forward: Forward,
+}
+
 /// The forwarding decision for one frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Forward {
@@ -390,6 +418,41 @@ impl Switch {
 
     pub fn port_by_name(&self, name: &str) -> Option<&Arc<PortShared>> {
         self.ports.iter().find(|p| p.name == name)
+    }
+
+    /// `decide`, answered from `cache` when the same decision was made since the MAC table
+    /// last changed.
+    pub fn decide_cached(
+        &self,
+        cache: &mut DecisionCache,
+        src: PortId,
+        segment: u16,
+        src_mac: MacAddr,
+        dst_mac: MacAddr,
+    ) -> Forward {
+        // Read before deciding: a change made meanwhile leaves this entry stale, not wrong.
+        let version = self.macs.version.load(Ordering::Acquire);
+        let slot = &mut cache.slots[usize::from(src_mac.0[5] ^ dst_mac.0[5]) % DECISION_SLOTS];
+        if let Some(c) = slot {
+            if c.version == version
+                && c.src == src
+                && c.segment == segment
+                && c.src_mac == src_mac
+                && c.dst_mac == dst_mac
+            {
+                return c.forward;
+            }
+        }
+        let forward = self.decide(src, segment, src_mac, dst_mac);
+        *slot = Some(CachedDecision {
+            version,
+            src,
+            segment,
+            src_mac,
+            dst_mac,
+            forward,
+        });
+        forward
     }
 
     /// Learns the source and decides where a frame from `src`, in `segment`, goes.
@@ -508,6 +571,31 @@ mod tests {
         assert_eq!(s.macs.lookup(0, mac(2)), Some(2));
         s.macs.forget_port(2);
         assert_eq!(s.macs.lookup(0, mac(2)), None);
+    }
+
+    #[test]
+    fn cached_decisions_follow_every_table_change() {
+        let s = switch(&[None, None, None]);
+        let mut c = DecisionCache::default();
+        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::Flood);
+        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::Flood);
+        // mac(2) learned on port 1: the cached flood is stale.
+        s.decide(1, 0, mac(2), mac(1));
+        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::To(1));
+        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::To(1));
+        // Moved to port 2.
+        s.decide(2, 0, mac(2), mac(1));
+        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::To(2));
+        // Same MACs, another segment or source port: not the cached answer.
+        assert_eq!(s.decide_cached(&mut c, 0, 5, mac(1), mac(2)), Forward::Flood);
+        assert_eq!(s.decide_cached(&mut c, 2, 0, mac(1), mac(2)), Forward::Local);
+        s.macs.forget_port(2);
+        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::Flood);
+        s.decide(1, 0, mac(2), mac(1));
+        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::To(1));
+        // Aged out (ageing is 10 s here): the clock moving invalidates the cache too.
+        s.macs.tick(11);
+        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::Flood);
     }
 
     #[test]

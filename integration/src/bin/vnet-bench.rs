@@ -267,6 +267,7 @@ fn throughput(
         queue_pairs: qps,
         queue_size: 1024,
         polling: true,
+        hugepages: std::env::var_os("SMALL").is_none(),
         ..Default::default()
     };
     let receiver_opts = DeviceOptions {
@@ -276,6 +277,7 @@ fn throughput(
         rx_buf_size: if tso { 65562 } else { 2048 },
         auto_repost: false,
         polling: true,
+        hugepages: std::env::var_os("SMALL").is_none(),
     };
     let mut a = connect(&backend.sock("a"), sender_opts);
     let mut b = connect(&backend.sock("b"), receiver_opts);
