@@ -8,13 +8,13 @@ use std::sync::atomic::Ordering;
 use log::{debug, warn};
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace};
+use vm_memory::GuestAddress;
 
 use crate::config::MacAddr;
 use crate::counters::DropReason;
 use crate::offload::{complete_checksum, segment_tcp};
 use crate::port::{Vring, MAX_GSO_FRAME};
-use crate::switch::{DecisionCache, Forward, PortId, PortShared, Switch};
+use crate::switch::{DecisionCache, Forward, OpenEndpoint, PortId, PortShared, Switch};
 use crate::virtio::{
     avail_head, features as f, needs_interrupt, net_hdr_len, publish_used, push_used, walk_chain,
     write_used, FrameSource, GuestMemory, GuestWriter, NetHdr, Segment,
@@ -56,6 +56,8 @@ pub(crate) struct Scratch {
     pub(crate) touched: Vec<Touched>,
     /// Avail indexes of RX queues read during this burst.
     avail_cache: Vec<((PortId, usize), u16)>,
+    /// Destination ports' RX sides as this burst found them.
+    open: Vec<OpenEndpoint>,
     decisions: DecisionCache,
 }
 
@@ -69,6 +71,7 @@ impl Scratch {
             out: vec![0; MAX_GSO_FRAME],
             touched: Vec::with_capacity(64),
             avail_cache: Vec::with_capacity(64),
+            open: Vec::with_capacity(64),
             decisions: DecisionCache::default(),
         }
     }
@@ -131,28 +134,41 @@ impl Deliverer<'_> {
                 Err(reason) => dst.counters.count_drop(reason),
             };
         }
-        let rx = dst.rx_read();
-        let (Some(atomic), true) = (rx.mem.as_ref(), rx.features_acked) else {
-            return dst.counters.count_drop(DropReason::PortDown);
+        // Taken out of `d` for the call: write_rx needs the rest of `d`.
+        let mut open = std::mem::take(&mut d.open);
+        let i = match open.iter().position(|o| o.port == dst.id) {
+            Some(i) => i,
+            None => {
+                open.push(dst.rx_read().open(dst.id));
+                open.len() - 1
+            }
         };
-        let Some((qidx, vring)) = rx.pick_queue(hash) else {
-            return dst.counters.count_drop(DropReason::PortDown);
-        };
-        let dmem = atomic.memory();
-        let features = rx.features;
-        let rxq = RxQueue {
-            port: dst,
-            vring,
-            index: qidx,
-            mem: &dmem,
-            features,
-        };
+        let ep = &open[i];
+        match (ep.mem.as_deref(), ep.pick_queue(hash)) {
+            (Some(mem), Some((index, vring))) => {
+                let rxq = RxQueue {
+                    port: dst,
+                    vring,
+                    index: *index,
+                    mem,
+                    features: ep.features,
+                };
+                self.deliver_to(&rxq, frame, d);
+            }
+            _ => dst.counters.count_drop(DropReason::PortDown),
+        }
+        d.open = open;
+    }
+
+    /// `deliver` once the destination queue is chosen.
+    fn deliver_to(&self, rxq: &RxQueue<'_>, frame: &Frame<'_>, d: &mut Scratch) {
+        let (hdr, src, features) = (&frame.hdr, frame.src, rxq.features);
 
         let segment = hdr.is_gso() && !gso_supported(features, hdr);
         let finish_csum = !segment && hdr.needs_csum() && features & f::GUEST_CSUM == 0;
         if !segment && !finish_csum {
             let out = passed_header(hdr);
-            self.write_rx(&rxq, &out, src, &frame.eth, d);
+            self.write_rx(rxq, &out, src, &frame.eth, d);
             return;
         }
 
@@ -172,7 +188,7 @@ impl Deliverer<'_> {
             // Taken out of `d` for the call: write_rx needs the rest of `d`.
             let out = std::mem::take(&mut d.out);
             let finished = FrameSource::Local(&out[..len]);
-            self.write_rx(&rxq, &plain, finished, &frame.eth, d);
+            self.write_rx(rxq, &plain, finished, &frame.eth, d);
             d.out = out;
             return;
         }
@@ -180,7 +196,7 @@ impl Deliverer<'_> {
         let mut out = std::mem::take(&mut d.out);
         let result = segment_tcp(&whole[..len], hdr, &mut out, |seg| {
             // Stop at the first segment that cannot be delivered: the rest would not be.
-            let delivered = self.write_rx(&rxq, &plain, FrameSource::Local(seg), &frame.eth, d);
+            let delivered = self.write_rx(rxq, &plain, FrameSource::Local(seg), &frame.eth, d);
             if delivered {
                 Ok(())
             } else {
@@ -250,26 +266,28 @@ impl Deliverer<'_> {
 pub(crate) fn flush_notifications(switch: &Switch, scratch: &mut Scratch) {
     scratch.avail_cache.clear();
     for t in scratch.touched.drain(..) {
-        let port = &switch.ports[usize::from(t.port)];
-        port.counters.add_rx(t.packets, t.bytes);
-        let (vring, atomic) = {
-            let rx = port.rx_read();
-            match (rx.queues.get(t.queue), rx.mem.as_ref()) {
-                (Some(Some(v)), Some(m)) => (v.clone(), m.clone()),
-                _ => continue,
-            }
+        switch.ports[usize::from(t.port)]
+            .counters
+            .add_rx(t.packets, t.bytes);
+        // Touched queues were written through an endpoint opened in this burst.
+        let Some((vring, mem)) = scratch
+            .open
+            .iter()
+            .find(|o| o.port == t.port)
+            .and_then(|o| Some((o.queue(t.queue)?, o.mem.as_deref()?)))
+        else {
+            continue;
         };
         let notify = {
             // Under the lock: next_used only grows, so this store never goes back, whichever
             // worker wrote the last entries.
             let state = vring.get_ref();
             let q = state.get_queue();
-            let mem = atomic.memory();
-            if publish_used(&mem, GuestAddress(q.used_ring()), q.next_used()).is_none() {
+            if publish_used(mem, GuestAddress(q.used_ring()), q.next_used()).is_none() {
                 continue;
             }
             needs_interrupt(
-                &mem,
+                mem,
                 GuestAddress(q.avail_ring()),
                 q.size(),
                 q.event_idx_enabled(),
@@ -281,6 +299,7 @@ pub(crate) fn flush_notifications(switch: &Switch, scratch: &mut Scratch) {
             let _ = vring.signal_used_queue();
         }
     }
+    scratch.open.clear();
 }
 
 enum RxError {

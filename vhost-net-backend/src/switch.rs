@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use vhost_user_backend::{ShutdownHandle, VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryAtomic;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::config::{MacAddr, SwitchConfig};
 use crate::counters::PortCounters;
@@ -252,33 +252,71 @@ pub struct RxEndpoint {
 }
 
 impl RxEndpoint {
-    /// The RX queue a flow goes to, among those the guest has enabled now (a guest may use
-    /// fewer queue pairs than offered, and change that at run time).
-    pub fn pick_queue(
-        &self,
-        hash: u32,
-    ) -> Option<(usize, &VringRwLock<GuestMemoryAtomic<GuestMemory>>)> {
-        let mut enabled = [0u8; crate::config::MAX_QUEUE_PAIRS as usize];
-        let mut n = 0;
+    /// Takes what deliveries to this port need for one burst.
+    pub fn open(&self, port: PortId) -> OpenEndpoint {
+        let mut open = OpenEndpoint {
+            port,
+            mem: None,
+            features: self.features,
+            queues: Default::default(),
+            enabled: 0,
+        };
+        let (Some(atomic), true) = (self.mem.as_ref(), self.features_acked) else {
+            return open;
+        };
         for (i, q) in self.queues.iter().enumerate() {
             if let Some(v) = q {
                 let state = v.get_ref();
-                if state.is_enabled() && state.get_queue().ready() && n < enabled.len() {
-                    enabled[n] = i as u8;
-                    n += 1;
+                if state.is_enabled() && state.get_queue().ready() && open.enabled < MAX_QP {
+                    open.queues[open.enabled] = Some((i, v.clone()));
+                    open.enabled += 1;
                 }
             }
         }
-        if n == 0 {
-            return None;
+        if open.enabled > 0 {
+            open.mem = Some(atomic.memory().into_inner());
         }
-        let i = usize::from(enabled[hash as usize % n]);
-        self.queues[i].as_ref().map(|v| (i, v))
+        open
     }
 
     /// Number of RX queues published so far.
     pub fn queue_count(&self) -> usize {
         self.queues.iter().filter(|q| q.is_some()).count()
+    }
+}
+
+const MAX_QP: usize = crate::config::MAX_QUEUE_PAIRS as usize;
+
+/// A port's RX side as one burst of deliveries sees it: its memory, features and the RX
+/// queues its guest has enabled (a guest may use fewer queue pairs than offered, and change
+/// that at run time). Taken once per burst, so the port's lock, its memory handle and its
+/// queues' states are not touched again for every frame; each write still takes the queue's
+/// own lock and checks that it is enabled.
+pub struct OpenEndpoint {
+    pub port: PortId,
+    /// None when no guest is attached, its features are not acked or no queue is enabled.
+    pub mem: Option<Arc<GuestMemory>>,
+    pub features: u64,
+    queues: [Option<(usize, VringRwLock<GuestMemoryAtomic<GuestMemory>>)>; MAX_QP],
+    enabled: usize,
+}
+
+impl OpenEndpoint {
+    /// The RX queue a flow goes to, among the enabled ones.
+    pub fn pick_queue(&self, hash: u32) -> Option<&(usize, VringRwLock<GuestMemoryAtomic<GuestMemory>>)> {
+        if self.enabled == 0 {
+            return None;
+        }
+        self.queues[hash as usize % self.enabled].as_ref()
+    }
+
+    /// RX queue `index`, if it was enabled when the endpoint was opened.
+    pub fn queue(&self, index: usize) -> Option<&VringRwLock<GuestMemoryAtomic<GuestMemory>>> {
+        self.queues[..self.enabled]
+            .iter()
+            .flatten()
+            .find(|(i, _)| *i == index)
+            .map(|(_, v)| v)
     }
 }
 

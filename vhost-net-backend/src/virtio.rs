@@ -6,7 +6,6 @@
 use std::fmt;
 use std::sync::atomic::{fence, Ordering};
 
-use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
     Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
     GuestMemoryRegion, MemoryRegionAddress, VolatileSlice,
@@ -529,6 +528,9 @@ pub struct GuestWriter<'a> {
     mem: &'a GuestMemory,
     segs: &'a [Segment],
     cur: Cursor,
+    /// The host mapping of the rest of the current buffer (up to its region's end), kept
+    /// between writes: a virtio header, an Ethernet header and a payload cost one lookup.
+    mapped: Option<GuestSlice<'a>>,
     written: usize,
 }
 
@@ -538,6 +540,7 @@ impl<'a> GuestWriter<'a> {
             mem,
             segs,
             cur: Cursor::default(),
+            mapped: None,
             written: 0,
         }
     }
@@ -546,11 +549,28 @@ impl<'a> GuestWriter<'a> {
         self.written
     }
 
-    /// The next writable slice of at most `max` bytes.
-    fn next_slice(&self, max: usize) -> Option<VolatileSlice<'a, impl BitmapSlice + 'a>> {
-        let s = self.segs.get(self.cur.seg)?;
-        let addr = s.addr.unchecked_add(self.cur.off as u64);
-        region_slice(self.mem, addr, (s.len as usize - self.cur.off).min(max))
+    /// The next writable slice of at most `max` bytes (`max` > 0).
+    fn next_slice(&mut self, max: usize) -> Option<GuestSlice<'a>> {
+        let rest = match self.mapped.take() {
+            Some(m) if !m.is_empty() => m,
+            _ => {
+                let s = self.segs.get(self.cur.seg)?;
+                let addr = s.addr.unchecked_add(self.cur.off as u64);
+                region_slice(self.mem, addr, s.len as usize - self.cur.off)?
+            }
+        };
+        let n = rest.len().min(max);
+        let now = rest.subslice(0, n).ok()?;
+        // What is left of this mapping; at its end (the buffer's or a region's) the next
+        // write looks the rest up again.
+        self.mapped = if n < rest.len() {
+            Some(rest.offset(n).ok()?)
+        } else {
+            None
+        };
+        self.cur.advance(self.segs, n);
+        self.written += n;
+        Some(now)
     }
 
     /// Writes all of `buf`; returns false if the buffers are too small.
@@ -562,8 +582,6 @@ impl<'a> GuestWriter<'a> {
             let n = dst.len();
             dst.copy_from(&buf[..n]);
             buf = &buf[n..];
-            self.cur.advance(self.segs, n);
-            self.written += n;
         }
         true
     }
@@ -593,8 +611,6 @@ impl<'a> GuestWriter<'a> {
                         };
                         part.copy_to_volatile_slice(dst);
                         piece = rest;
-                        self.cur.advance(self.segs, n);
-                        self.written += n;
                     }
                 }
                 true
