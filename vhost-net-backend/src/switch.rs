@@ -303,7 +303,10 @@ pub struct OpenEndpoint {
 
 impl OpenEndpoint {
     /// The RX queue a flow goes to, among the enabled ones.
-    pub fn pick_queue(&self, hash: u32) -> Option<&(usize, VringRwLock<GuestMemoryAtomic<GuestMemory>>)> {
+    pub fn pick_queue(
+        &self,
+        hash: u32,
+    ) -> Option<&(usize, VringRwLock<GuestMemoryAtomic<GuestMemory>>)> {
         if self.enabled == 0 {
             return None;
         }
@@ -615,25 +618,55 @@ mod tests {
     fn cached_decisions_follow_every_table_change() {
         let s = switch(&[None, None, None]);
         let mut c = DecisionCache::default();
-        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::Flood);
-        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::Flood);
+        assert_eq!(
+            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
+            Forward::Flood
+        );
+        assert_eq!(
+            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
+            Forward::Flood
+        );
         // mac(2) learned on port 1: the cached flood is stale.
         s.decide(1, 0, mac(2), mac(1));
-        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::To(1));
-        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::To(1));
+        assert_eq!(
+            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
+            Forward::To(1)
+        );
+        assert_eq!(
+            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
+            Forward::To(1)
+        );
         // Moved to port 2.
         s.decide(2, 0, mac(2), mac(1));
-        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::To(2));
+        assert_eq!(
+            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
+            Forward::To(2)
+        );
         // Same MACs, another segment or source port: not the cached answer.
-        assert_eq!(s.decide_cached(&mut c, 0, 5, mac(1), mac(2)), Forward::Flood);
-        assert_eq!(s.decide_cached(&mut c, 2, 0, mac(1), mac(2)), Forward::Local);
+        assert_eq!(
+            s.decide_cached(&mut c, 0, 5, mac(1), mac(2)),
+            Forward::Flood
+        );
+        assert_eq!(
+            s.decide_cached(&mut c, 2, 0, mac(1), mac(2)),
+            Forward::Local
+        );
         s.macs.forget_port(2);
-        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::Flood);
+        assert_eq!(
+            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
+            Forward::Flood
+        );
         s.decide(1, 0, mac(2), mac(1));
-        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::To(1));
+        assert_eq!(
+            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
+            Forward::To(1)
+        );
         // Aged out (ageing is 10 s here): the clock moving invalidates the cache too.
         s.macs.tick(11);
-        assert_eq!(s.decide_cached(&mut c, 0, 0, mac(1), mac(2)), Forward::Flood);
+        assert_eq!(
+            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
+            Forward::Flood
+        );
     }
 
     #[test]

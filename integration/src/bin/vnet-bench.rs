@@ -1,8 +1,10 @@
 //! Benchmark of the switch: the backend binary runs as its own process and the integration
-//! frontend drives it as two guests would (port A sends, port B receives), from one thread
-//! on the other core. Reports Mpps, Gbit/s and the CPU time per frame of the backend and of
-//! the frontend (so a frontend bottleneck shows), round-trip latency with and without
-//! `--poll-us`, and a memcpy baseline of the same bytes measured in the same run.
+//! frontend drives it as two guests would (port A sends, port B receives; or both ways at
+//! once, frames summed), from one thread on the other core, guest memory on 2 MiB pages
+//! where the host has them reserved. Reports Mpps, Gbit/s, the CPU time per frame of the
+//! backend and the frontend's busy time per frame (so a frontend bottleneck shows),
+//! round-trip latency with and without `--poll-us`, and a memcpy baseline of the same bytes
+//! measured in the same run.
 //!
 //!   vnet-bench [--seconds S] [--json]
 
@@ -28,10 +30,10 @@ struct Throughput {
     mpps: f64,
     gbit_s: f64,
     backend_ns_per_frame: f64,
-    frontend_ns_per_frame: f64,
+    /// Time the frontend spent in loop rounds that moved frames, per frame.
+    frontend_busy_ns_per_frame: f64,
     memcpy_gbit_s: f64,
     backend_to_memcpy: f64,
-    drops: u64,
 }
 
 #[derive(Serialize)]
@@ -45,6 +47,8 @@ struct Latency {
 #[derive(Serialize)]
 struct Report {
     seconds_per_case: f64,
+    /// "2 MiB" or "4 KiB": the frontend's guest memory pages.
+    guest_pages: &'static str,
     throughput: Vec<Throughput>,
     latency: Vec<Latency>,
     /// Ours over DPDK testpmd (io forwarding), Mpps, same case and queue pairs.
@@ -220,16 +224,6 @@ impl Drop for Backend {
     }
 }
 
-fn thread_cpu_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into our timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 fn connect(path: &Path, opts: DeviceOptions) -> VirtioNetDevice {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
@@ -255,21 +249,57 @@ fn memcpy_gbit_s(size: usize, frames: u64) -> f64 {
     (frames as f64 * size as f64 * 8.0) / secs / 1e9
 }
 
-fn throughput(
-    backend: &dyn Target,
-    case: &str,
+/// One throughput case.
+#[derive(Clone, Copy)]
+struct Case {
+    name: &'static str,
+    /// Frame size; ignored for TSO (65000 bytes of TCP payload).
     size: usize,
     tso: bool,
-    qps: u16,
-    seconds: f64,
-) -> Throughput {
-    let sender_opts = DeviceOptions {
-        queue_pairs: qps,
-        queue_size: 1024,
-        polling: true,
-        hugepages: std::env::var_os("SMALL").is_none(),
-        ..Default::default()
-    };
+    /// B sends to A at the same time as A to B; frames are summed over both directions.
+    both_ways: bool,
+}
+
+const CASES: [Case; 5] = [
+    Case {
+        name: "64 B",
+        size: 64,
+        tso: false,
+        both_ways: false,
+    },
+    Case {
+        name: "1518 B",
+        size: 1518,
+        tso: false,
+        both_ways: false,
+    },
+    Case {
+        name: "64 KiB TSO",
+        size: 0,
+        tso: true,
+        both_ways: false,
+    },
+    Case {
+        name: "64 B <->",
+        size: 64,
+        tso: false,
+        both_ways: true,
+    },
+    Case {
+        name: "1518 B <->",
+        size: 1518,
+        tso: false,
+        both_ways: true,
+    },
+];
+
+fn throughput(backend: &dyn Target, case: Case, qps: u16, seconds: f64) -> (Throughput, bool) {
+    let Case {
+        name,
+        size,
+        tso,
+        both_ways,
+    } = case;
     let receiver_opts = DeviceOptions {
         features: ALL_FEATURES & !f::MRG_RXBUF,
         queue_pairs: qps,
@@ -277,19 +307,38 @@ fn throughput(
         rx_buf_size: if tso { 65562 } else { 2048 },
         auto_repost: false,
         polling: true,
-        hugepages: std::env::var_os("SMALL").is_none(),
+        hugepages: true,
+    };
+    let sender_opts = if both_ways {
+        receiver_opts.clone()
+    } else {
+        DeviceOptions {
+            queue_pairs: qps,
+            queue_size: 1024,
+            polling: true,
+            hugepages: true,
+            ..Default::default()
+        }
     };
     let mut a = connect(&backend.sock("a"), sender_opts);
     let mut b = connect(&backend.sock("b"), receiver_opts);
     for qp in 0..qps {
         b.post_rx(qp, 1024).unwrap();
+        if both_ways {
+            a.post_rx(qp, 1024).unwrap();
+        }
     }
-    // Let the switch learn B, so A's frames are unicast.
+    // Let the switch learn both, so the frames are unicast.
     std::thread::sleep(Duration::from_millis(200));
     b.send(0, &NetHdr::default(), &udp_frame(mac(2), BROADCAST, 60))
         .unwrap();
+    a.send(0, &NetHdr::default(), &udp_frame(mac(1), BROADCAST, 60))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(100));
     let _ = a.recv_all(0, Duration::from_millis(50));
+    let _ = b.recv_all(0, Duration::from_millis(50));
+    a.reclaim_tx(1);
+    b.reclaim_tx(1);
     for qp in 0..qps {
         let (hdr, mut frame) = if tso {
             let mut fr = tcp_frame(mac(1), mac(2), false, 65000);
@@ -304,27 +353,46 @@ fn throughput(
             frame[36] ^= qp as u8;
         }
         a.tx_fill(qp, &hdr, &frame).unwrap();
+        if both_ways {
+            let mut back = udp_frame(mac(2), mac(1), size);
+            back[35] = qp as u8;
+            b.tx_fill(qp, &hdr, &back).unwrap();
+        }
     }
     let frame_len = if tso { 65000 + 54 } else { size };
 
     let cpu0 = backend.cpu_ns();
-    let fe0 = thread_cpu_ns();
+    let mut busy = Duration::ZERO;
     let start = Instant::now();
     let (mut frames, mut bytes) = (0u64, 0u64);
     let deadline = Duration::from_secs_f64(seconds);
-    while start.elapsed() < deadline {
+    loop {
+        let round = Instant::now();
+        if round - start >= deadline {
+            break;
+        }
+        let mut moved = 0;
         for qp in 0..qps {
-            a.tx_burst(qp, 256);
+            moved += a.tx_burst(qp, 256);
+            if both_ways {
+                moved += b.tx_burst(qp, 256);
+            }
         }
         for qp in 0..qps {
             let (n, by) = b.rx_drain(qp);
-            frames += n;
-            bytes += by;
+            let (m, bm) = if both_ways { a.rx_drain(qp) } else { (0, 0) };
+            frames += n + m;
+            bytes += by + bm;
+            moved += (n + m) as usize;
+        }
+        if moved > 0 {
+            busy += round.elapsed();
         }
     }
     let secs = start.elapsed().as_secs_f64();
     let backend_ns = backend.cpu_ns().saturating_sub(cpu0);
-    let frontend_ns = thread_cpu_ns().saturating_sub(fe0);
+    let frontend_ns = busy.as_nanos() as u64;
+    let huge = a.on_hugepages && b.on_hugepages;
     let mpps = frames as f64 / secs / 1e6;
     let gbit_s = bytes as f64 * 8.0 / secs / 1e9;
     let memcpy = memcpy_gbit_s(frame_len, frames.max(1));
@@ -335,20 +403,20 @@ fn throughput(
             ns as f64 / frames as f64
         }
     };
-    Throughput {
+    let t = Throughput {
         backend: "",
-        case: case.to_string(),
+        case: name.to_string(),
         queue_pairs: qps,
         frame_bytes: frame_len,
         frames,
         mpps,
         gbit_s,
         backend_ns_per_frame: per(backend_ns),
-        frontend_ns_per_frame: per(frontend_ns),
+        frontend_busy_ns_per_frame: per(frontend_ns),
         memcpy_gbit_s: memcpy,
         backend_to_memcpy: if memcpy > 0.0 { gbit_s / memcpy } else { 0.0 },
-        drops: 0,
-    }
+    };
+    (t, huge)
 }
 
 fn latency(backend: &dyn Target, poll_us: u64, round_trips: usize) -> Latency {
@@ -402,6 +470,16 @@ fn latency(backend: &dyn Target, poll_us: u64, round_trips: usize) -> Latency {
     }
 }
 
+impl Report {
+    fn record(&mut self, mut t: Throughput, huge: bool, backend: &'static str) {
+        t.backend = backend;
+        if !huge {
+            self.guest_pages = "4 KiB";
+        }
+        self.throughput.push(t);
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let json = args.iter().any(|a| a == "--json");
@@ -415,26 +493,21 @@ fn main() {
     pin_to_cpu0();
     let mut report = Report {
         seconds_per_case: seconds,
+        guest_pages: "2 MiB",
         throughput: Vec::new(),
         latency: Vec::new(),
         vs_dpdk: Vec::new(),
         dpdk: None,
     };
-    let cases = [
-        ("64 B", 64, false),
-        ("1518 B", 1518, false),
-        ("64 KiB TSO", 0, true),
-    ];
     for (label, extra) in [
         ("vhost-net-backend", &[][..]),
         ("  --poll-us 50", &["--poll-us", "50"][..]),
     ] {
         let backend = Backend::start(extra);
         for qps in [1u16, 2] {
-            for (case, size, tso) in cases {
-                let mut t = throughput(&backend, case, size, tso, qps, seconds);
-                t.backend = label;
-                report.throughput.push(t);
+            for case in CASES {
+                let (t, huge) = throughput(&backend, case, qps, seconds);
+                report.record(t, huge, label);
             }
         }
     }
@@ -452,18 +525,17 @@ fn main() {
     match Dpdk::start() {
         Some(dpdk) => {
             for qps in [1u16, 2] {
-                for (case, size, tso) in cases {
-                    let mut t = throughput(&dpdk, case, size, tso, qps, seconds);
-                    t.backend = "dpdk-testpmd";
+                for case in CASES {
+                    let (t, huge) = throughput(&dpdk, case, qps, seconds);
                     let ours = report
                         .throughput
                         .iter()
-                        .filter(|o| o.case == case && o.queue_pairs == qps)
+                        .filter(|o| o.case == case.name && o.queue_pairs == qps)
                         .map(|o| o.mpps)
                         .fold(0.0, f64::max);
                     let ratio = if t.mpps > 0.0 { ours / t.mpps } else { 0.0 };
-                    report.vs_dpdk.push((case.to_string(), qps, ratio));
-                    report.throughput.push(t);
+                    report.vs_dpdk.push((case.name.to_string(), qps, ratio));
+                    report.record(t, huge, "dpdk-testpmd");
                 }
             }
             report.dpdk = Some(
@@ -486,7 +558,11 @@ fn main() {
         );
         return;
     }
-    println!("{seconds} s per case; A sends, B receives through the backend, one frontend thread on CPU 0");
+    println!(
+        "{seconds} s per case; A sends, B receives through the backend (<->: both at once, summed); \
+         one frontend thread on CPU 0; guest memory on {} pages",
+        report.guest_pages
+    );
     println!(
         "{:<18} {:<11} {:>3} {:>7} {:>7} {:>12} {:>13} {:>11} {:>9}",
         "backend",
@@ -495,7 +571,7 @@ fn main() {
         "Mpps",
         "Gbit/s",
         "backend ns/f",
-        "frontend ns/f",
+        "frontend busy",
         "memcpy Gb/s",
         "vs memcpy"
     );
@@ -508,7 +584,7 @@ fn main() {
             t.mpps,
             t.gbit_s,
             t.backend_ns_per_frame,
-            t.frontend_ns_per_frame,
+            t.frontend_busy_ns_per_frame,
             t.memcpy_gbit_s,
             t.backend_to_memcpy
         );
