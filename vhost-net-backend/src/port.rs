@@ -369,7 +369,9 @@ impl PortInner {
                     return true;
                 }
             }
-            std::hint::spin_loop();
+            // Let other workers sharing this core run: a polling worker that kept the core
+            // would delay the very frames it is waiting for.
+            std::thread::yield_now();
         }
         false
     }
