@@ -77,25 +77,35 @@ impl Scratch {
     }
 }
 
+/// Most bytes of a frame's start kept in `Frame::head`.
+pub(crate) const MAX_HEAD: usize = 128;
+
 /// A frame that passed the sender's checks, ready to be switched.
 #[derive(Clone, Copy)]
 pub(crate) struct Frame<'a> {
     pub hdr: NetHdr,
     pub src: FrameSource<'a>,
-    /// The Ethernet header as checked and switched: delivered from this copy, so a guest
-    /// rewriting its buffer meanwhile cannot change what the decision was made on.
-    pub eth: [u8; 14],
+    /// The frame's first bytes (at least its Ethernet header) as checked and switched:
+    /// delivered from this copy, so a guest rewriting its buffer meanwhile cannot change
+    /// what the decision was made on. A small frame is all here, and goes out in one write.
+    pub head: &'a [u8],
     pub hash: u32,
     /// The VLAN segment the frame belongs to.
     pub segment: u16,
+}
+
+impl Frame<'_> {
+    pub fn eth(&self) -> &[u8; 14] {
+        self.head[..14].try_into().expect("a frame's head holds its Ethernet header")
+    }
 }
 
 /// Switches one frame from port `from`: learns, decides, delivers.
 pub(crate) fn switch_frame(switch: &Switch, from: &PortShared, frame: &Frame<'_>, s: &mut Scratch) {
     let mut dst_mac = MacAddr::default();
     let mut src_mac = MacAddr::default();
-    dst_mac.0.copy_from_slice(&frame.eth[0..6]);
-    src_mac.0.copy_from_slice(&frame.eth[6..12]);
+    dst_mac.0.copy_from_slice(&frame.head[0..6]);
+    src_mac.0.copy_from_slice(&frame.head[6..12]);
     s.frame_gathered = false;
     let d = Deliverer { from };
     match switch.decide_cached(&mut s.decisions, from.id, frame.segment, src_mac, dst_mac) {
@@ -129,7 +139,7 @@ impl Deliverer<'_> {
     fn deliver(&self, dst: &PortShared, frame: &Frame<'_>, d: &mut Scratch) {
         let (hdr, src, hash) = (&frame.hdr, frame.src, frame.hash);
         if let Some(uplink) = dst.uplink.get() {
-            return match uplink.send(hash, hdr, src, &frame.eth, frame.segment) {
+            return match uplink.send(hash, hdr, src, frame.eth(), frame.segment) {
                 Ok(()) => dst.counters.count_rx(src.len()),
                 Err(reason) => dst.counters.count_drop(reason),
             };
@@ -168,14 +178,14 @@ impl Deliverer<'_> {
         let finish_csum = !segment && hdr.needs_csum() && features & f::GUEST_CSUM == 0;
         if !segment && !finish_csum {
             let out = passed_header(hdr);
-            self.write_rx(rxq, &out, src, &frame.eth, d);
+            self.write_rx(rxq, &out, src, frame.head, d);
             return;
         }
 
         let len = src.len();
         if !d.frame_gathered {
             src.peek(&mut d.frame[..len]);
-            d.frame[..14].copy_from_slice(&frame.eth);
+            d.frame[..frame.head.len()].copy_from_slice(frame.head);
             d.frame_gathered = true;
         }
         let plain = NetHdr::default();
@@ -188,7 +198,7 @@ impl Deliverer<'_> {
             // Taken out of `d` for the call: write_rx needs the rest of `d`.
             let out = std::mem::take(&mut d.out);
             let finished = FrameSource::Local(&out[..len]);
-            self.write_rx(rxq, &plain, finished, &frame.eth, d);
+            self.write_rx(rxq, &plain, finished, frame.head, d);
             d.out = out;
             return;
         }
@@ -196,7 +206,7 @@ impl Deliverer<'_> {
         let mut out = std::mem::take(&mut d.out);
         let result = segment_tcp(&whole[..len], hdr, &mut out, |seg| {
             // Stop at the first segment that cannot be delivered: the rest would not be.
-            let delivered = self.write_rx(rxq, &plain, FrameSource::Local(seg), &frame.eth, d);
+            let delivered = self.write_rx(rxq, &plain, FrameSource::Local(seg), frame.head, d);
             if delivered {
                 Ok(())
             } else {
@@ -218,11 +228,11 @@ impl Deliverer<'_> {
         rxq: &RxQueue<'_>,
         hdr: &NetHdr,
         src: FrameSource<'_>,
-        eth: &[u8; 14],
+        head: &[u8],
         d: &mut Scratch,
     ) -> bool {
         let (dst, qidx) = (rxq.port, rxq.index);
-        match write_rx_buffers(rxq, hdr, src, eth, d) {
+        match write_rx_buffers(rxq, hdr, src, head, d) {
             Ok(old_used) => {
                 let bytes = src.len() as u64;
                 match d
@@ -359,7 +369,7 @@ fn write_rx_buffers(
     rxq: &RxQueue<'_>,
     hdr: &NetHdr,
     src: FrameSource<'_>,
-    eth: &[u8; 14],
+    head: &[u8],
     d: &mut Scratch,
 ) -> Result<u16, RxError> {
     let (vring, mem, features) = (rxq.vring, rxq.mem, rxq.features);
@@ -443,11 +453,18 @@ fn write_rx_buffers(
         ..*hdr
     };
     let mut writer = GuestWriter::new(mem, &d.rx_segs);
-    let ok = writer.write(&out_hdr.to_bytes()[..hdr_len])
-        && match src {
-            FrameSource::Guest { .. } => writer.write(eth) && writer.copy_from(src.skip(14)),
-            FrameSource::Local(b) => writer.write(b),
-        };
+    let ok = match src {
+        FrameSource::Guest { .. } => {
+            // Header and the checked first bytes in one write; the rest straight from the
+            // sender's memory.
+            let mut first = [0u8; 12 + MAX_HEAD];
+            let n = hdr_len + head.len();
+            first[..hdr_len].copy_from_slice(&out_hdr.to_bytes()[..hdr_len]);
+            first[hdr_len..n].copy_from_slice(head);
+            writer.write(&first[..n]) && writer.copy_from(src.skip(head.len()))
+        }
+        FrameSource::Local(b) => writer.write(&out_hdr.to_bytes()[..hdr_len]) && writer.write(b),
+    };
     let mut left = if ok { need } else { 0 };
     let used = d.rx_chains.iter().map(|c| {
         let n = left.min(c.cap as usize);

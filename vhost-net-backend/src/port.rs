@@ -18,7 +18,9 @@ use vmm_sys_util::event::{
 };
 
 use crate::counters::DropReason;
-use crate::forward::{flush_notifications, switch_frame, Frame, Scratch, MIN_GSO_SIZE};
+use crate::forward::{
+    flush_notifications, switch_frame, Frame, Scratch, MAX_HEAD, MIN_GSO_SIZE,
+};
 use crate::switch::{flow_hash, PortId, PortShared, Switch};
 use crate::virtio::{
     avail_head, features as f, needs_interrupt, net_hdr_len, push_used, walk_chain, Cursor,
@@ -32,8 +34,9 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Chains handled per TX wake-up before notifying and looking again.
 const TX_BURST: usize = 256;
-/// Bytes of each frame read up front: virtio header aside, enough for Ethernet, IPv6 and ports.
-const PEEK_LEN: usize = 96;
+/// Bytes of each frame read up front: virtio header aside, enough for Ethernet, IPv6 and
+/// ports; a frame this short is then delivered from this copy in one write.
+const PEEK_LEN: usize = MAX_HEAD;
 /// Largest frame a guest may hand over for segmentation: a 64 KiB IP packet plus Ethernet.
 pub const MAX_GSO_FRAME: usize = 65535 + 14;
 
@@ -420,12 +423,10 @@ impl PortInner {
         if let Err(reason) = self.check_frame(&hdr, peek, frame_len, features) {
             return counters.count_drop(reason);
         }
-        let mut eth = [0u8; 14];
-        eth.copy_from_slice(&peek[..14]);
         let frame = Frame {
             hdr,
             src,
-            eth,
+            head: peek,
             hash: flow_hash(peek),
             segment: self.shared.segment,
         };

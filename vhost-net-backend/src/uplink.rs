@@ -246,12 +246,10 @@ impl Uplink {
                 Ok((hdr, start, segment)) => {
                     let frame_bytes = &buf[start..n];
                     port.counters.count_tx(frame_bytes.len());
-                    let mut eth = [0u8; 14];
-                    eth.copy_from_slice(&frame_bytes[..14]);
                     let frame = Frame {
                         hdr,
                         src: FrameSource::Local(frame_bytes),
-                        eth,
+                        head: &frame_bytes[..14],
                         hash: flow_hash(frame_bytes),
                         segment,
                     };
