@@ -17,7 +17,7 @@ use crate::port::{Vring, MAX_GSO_FRAME};
 use crate::switch::{DecisionCache, Forward, OpenEndpoint, PortId, PortShared, Switch};
 use crate::virtio::{
     avail_head, features as f, needs_interrupt, net_hdr_len, publish_used, push_used, walk_chain,
-    write_used, FrameSource, GuestMemory, GuestWriter, NetHdr, Segment,
+    write_used, DescTable, FrameSource, GuestMemory, GuestWriter, NetHdr, Segment,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
 };
@@ -96,7 +96,9 @@ pub(crate) struct Frame<'a> {
 
 impl Frame<'_> {
     pub fn eth(&self) -> &[u8; 14] {
-        self.head[..14].try_into().expect("a frame's head holds its Ethernet header")
+        self.head[..14]
+            .try_into()
+            .expect("a frame's head holds its Ethernet header")
     }
 }
 
@@ -386,7 +388,7 @@ fn write_rx_buffers(
     if !queue.ready() {
         return Err(RxError::Drop(DropReason::PortDown));
     }
-    let table = GuestAddress(queue.desc_table());
+    let table = DescTable::new(mem, GuestAddress(queue.desc_table()), queue.size());
     let used_ring = GuestAddress(queue.used_ring());
     let avail_ring = GuestAddress(queue.avail_ring());
     let size = queue.size();
@@ -420,7 +422,7 @@ fn write_rx_buffers(
             }
         };
         queue.set_next_avail(next.wrapping_add(1));
-        let walked = walk_chain(mem, table, size, head, true, &mut d.rx_segs);
+        let walked = walk_chain(mem, &table, head, true, &mut d.rx_segs);
         // A chain that cannot hold even the header is as useless as a malformed one.
         let bad = match walked {
             Ok(len) if len as usize >= hdr_len || !d.rx_chains.is_empty() && len > 0 => None,

@@ -18,14 +18,12 @@ use vmm_sys_util::event::{
 };
 
 use crate::counters::DropReason;
-use crate::forward::{
-    flush_notifications, switch_frame, Frame, Scratch, MAX_HEAD, MIN_GSO_SIZE,
-};
+use crate::forward::{flush_notifications, switch_frame, Frame, Scratch, MAX_HEAD, MIN_GSO_SIZE};
 use crate::switch::{flow_hash, PortId, PortShared, Switch};
 use crate::virtio::{
     avail_head, features as f, needs_interrupt, net_hdr_len, push_used, walk_chain, Cursor,
-    FrameSource, GuestMemory, NetHdr, Segment, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6,
+    DescTable, FrameSource, GuestMemory, NetHdr, Segment, VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
 pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
@@ -269,7 +267,7 @@ impl PortInner {
             if event_idx {
                 let _ = queue.disable_notification(&*mem);
             }
-            let table = GuestAddress(queue.desc_table());
+            let table = DescTable::new(&mem, GuestAddress(queue.desc_table()), queue.size());
             let used_ring = GuestAddress(queue.used_ring());
             let old_used = queue.next_used();
             w.tx_used.clear();
@@ -288,7 +286,7 @@ impl PortInner {
                 };
                 queue.set_next_avail(next.wrapping_add(1));
                 w.tx_segs.clear();
-                match walk_chain(&mem, table, size, head, false, &mut w.tx_segs) {
+                match walk_chain(&mem, &table, head, false, &mut w.tx_segs) {
                     Ok(total) => self.forward(&mem, total as usize, hdr_len, features, w),
                     Err(e) => {
                         debug!("port {}: bad TX chain {head}: {e}", self.shared.name);

@@ -173,18 +173,37 @@ unsafe impl ByteValued for VirtqDesc {}
 /// page of a big RX buffer, so this leaves ample room while bounding per-frame work.
 pub const MAX_CHAIN_SEGMENTS: usize = 1024;
 
-/// Walks the chain starting at `head` in the descriptor table at `table` (of `size` entries),
-/// following indirect tables, and appends its buffers to `segs`. Every index, address and
-/// length comes from the guest and is checked. Returns the total length of the buffers.
+/// A queue's descriptor table with its host mapping, looked up once and walked for every
+/// chain of a burst.
+#[derive(Clone, Copy)]
+pub struct DescTable<'a> {
+    addr: GuestAddress,
+    size: u16,
+    map: Option<GuestSlice<'a>>,
+}
+
+impl<'a> DescTable<'a> {
+    pub fn new(mem: &'a GuestMemory, addr: GuestAddress, size: u16) -> Self {
+        DescTable {
+            addr,
+            size,
+            map: region_slice(mem, addr, usize::from(size) * DESC_SIZE as usize),
+        }
+    }
+}
+
+/// Walks the chain starting at `head` in the queue's descriptor table, following indirect
+/// tables, and appends its buffers to `segs`. Every index, address and length comes from
+/// the guest and is checked. Returns the total length of the buffers.
 pub fn walk_chain(
     mem: &GuestMemory,
-    table: GuestAddress,
-    size: u16,
+    queue_table: &DescTable<'_>,
     head: u16,
     device_writable: bool,
     segs: &mut Vec<Segment>,
 ) -> Result<u32, ChainError> {
-    let mut table = table;
+    let size = queue_table.size;
+    let mut table = queue_table.addr;
     let mut table_size = size;
     let mut index = head;
     let mut budget = size;
@@ -193,8 +212,7 @@ pub fn walk_chain(
     // Every descriptor visited counts, empty ones too: an indirect table may hold 65535.
     let mut visits = 0usize;
 
-    // The table's host mapping, looked up once per table rather than per descriptor.
-    let mut table_map = region_slice(mem, table, usize::from(table_size) * DESC_SIZE as usize);
+    let mut table_map = queue_table.map;
     loop {
         visits += 1;
         if visits > MAX_CHAIN_SEGMENTS {
@@ -671,7 +689,8 @@ mod tests {
         put_desc(&m, 0x3000, 1, 0x5000, 0, VIRTQ_DESC_F_NEXT, 2); // empty buffers are skipped
         put_desc(&m, 0x3000, 2, 0x6000, 50, 0, 0);
         let mut segs = Vec::new();
-        let total = walk_chain(&m, GuestAddress(0), 8, 0, false, &mut segs).unwrap();
+        let t = DescTable::new(&m, GuestAddress(0), 8);
+        let total = walk_chain(&m, &t, 0, false, &mut segs).unwrap();
         assert_eq!(total, 100 + 200 + 0x200 + 50);
         assert_eq!(segs.len(), 4);
         assert_eq!(segs[2].addr, GuestAddress(0xff00));
@@ -680,7 +699,8 @@ mod tests {
     #[test]
     fn rejects_hostile_chains() {
         let m = mem();
-        let walk = |head| walk_chain(&m, GuestAddress(0), 8, head, false, &mut Vec::new());
+        let t = DescTable::new(&m, GuestAddress(0), 8);
+        let walk = |head| walk_chain(&m, &t, head, false, &mut Vec::new());
         // A loop: 0 -> 1 -> 0.
         put_desc(&m, 0, 0, 0x1000, 10, VIRTQ_DESC_F_NEXT, 1);
         put_desc(&m, 0, 1, 0x1000, 10, VIRTQ_DESC_F_NEXT, 0);
@@ -704,7 +724,13 @@ mod tests {
             put_desc(&big, 0, 0, 0x1000, 0xffff_0000, VIRTQ_DESC_F_NEXT, 1);
             put_desc(&big, 0, 1, 0x1000, 0xffff_0000, 0, 0);
             assert_eq!(
-                walk_chain(&big, GuestAddress(0), 8, 0, false, &mut Vec::new()),
+                walk_chain(
+                    &big,
+                    &DescTable::new(&big, GuestAddress(0), 8),
+                    0,
+                    false,
+                    &mut Vec::new()
+                ),
                 Err(ChainError::LengthOverflow)
             );
         }
