@@ -107,14 +107,16 @@ pub struct NetFile {
     pub allows: Vec<Allow>,
 }
 
-fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
+/// `10.0.0.1/24` as an address and a prefix length.
+pub fn parse_cidr(s: &str) -> Option<(Ipv4Addr, u8)> {
     let (a, p) = s.split_once('/')?;
     let p: u8 = p.parse().ok()?;
     (p <= 32).then_some(())?;
     Some((a.parse().ok()?, p))
 }
 
-fn subnet(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
+/// The network address of `addr` with a `prefix`-bit mask.
+pub fn subnet(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
     let mask = if prefix == 0 {
         0
     } else {

@@ -40,7 +40,7 @@ impl ImageSpec {
 }
 
 /// Bump when the image layout or init changes, so caches are rebuilt.
-const IMAGE_VERSION: &str = "6";
+const IMAGE_VERSION: &str = "7";
 
 pub const READY_MARKER: &str = "VNET-GUEST-READY";
 
@@ -63,6 +63,14 @@ for a in $(arg ip | tr , ' '); do
     ip addr add $a dev eth$i
     i=$((i+1))
 done
+gw=$(arg gw)
+[ -n "$gw" ] && ip route add default via $gw
+# A command to start at boot (a service), base64-encoded so it fits one cmdline word.
+run=$(arg run)
+if [ -n "$run" ]; then
+    echo "$run" | base64 -d > /run/vnet-run.sh
+    sh /run/vnet-run.sh > /dev/null 2>&1 &
+fi
 if grep -q 'vnet.shell=1' /proc/cmdline; then
     echo "guest ready: $(ip -o -4 addr show | awk '{print $2, $4}' | tr '\n' ' ')(poweroff -f to leave)"
     exec setsid cttyhack sh

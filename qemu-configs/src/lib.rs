@@ -1,0 +1,10 @@
+//! A declarative topology for QEMU/KVM guests (networks, the flows allowed between them,
+//! the VMs on them) rendered into host networks (through bridge-plugin) and QEMU command
+//! lines, and brought up and down in one command.
+//!
+//! Modules: `topology` (the file and its checks), `render` (QEMU arguments), `run` (up and
+//! down).
+
+pub mod render;
+pub mod run;
+pub mod topology;

@@ -1,0 +1,162 @@
+//! `qemu-configs check|render|up|down TOPOLOGY.toml`
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use log::{error, info};
+use qemu_configs::render::{qemu_args, shell_line, Layout};
+use qemu_configs::run::{down_leftovers, up};
+use qemu_configs::topology::Topology;
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::iterator::Signals;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Networks and VMs of one topology file, up and down in one command"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load the file and report the first problem, or nothing.
+    Check { file: PathBuf },
+    /// Print each VM's QEMU command line.
+    Render {
+        file: PathBuf,
+        #[command(flatten)]
+        where_: Where,
+    },
+    /// Build the networks, start every VM, and keep them up until SIGINT/SIGTERM (then take
+    /// everything down). SIGUSR1 logs the rules' counters and which VMs run.
+    Up {
+        file: PathBuf,
+        #[command(flatten)]
+        where_: Where,
+    },
+    /// Undo an `up` that did not end cleanly.
+    Down {
+        file: PathBuf,
+        #[command(flatten)]
+        where_: Where,
+    },
+}
+
+#[derive(clap::Args)]
+struct Where {
+    /// Consoles, logs and pid files [default: /run/qemu-configs/NAME]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The bridge helper QEMU runs for each tap [default: qemu-bridge-plugin beside this
+    /// program]
+    #[arg(long)]
+    helper: Option<PathBuf>,
+}
+
+impl Where {
+    fn layout(&self, topo: &Topology) -> Layout {
+        let helper = self.helper.clone().unwrap_or_else(|| {
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| Some(p.parent()?.join("qemu-bridge-plugin")))
+                .unwrap_or_else(|| "qemu-bridge-plugin".into())
+        });
+        Layout {
+            state_dir: self
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/run/qemu-configs").join(&topo.name)),
+            helper,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Cmd::Check { file } => {
+            let t = Topology::load(&file)?;
+            println!(
+                "{}: {} networks, {} allowed flows, {} VMs",
+                t.name,
+                t.networks.len(),
+                t.allows.len(),
+                t.vms.len()
+            );
+        }
+        Cmd::Render { file, where_ } => {
+            let t = Topology::load(&file)?;
+            let layout = where_.layout(&t);
+            for vm in &t.vms {
+                println!("# {}", vm.name);
+                println!("{}", shell_line(&t.guest.qemu, &qemu_args(&t, vm, &layout)));
+            }
+        }
+        Cmd::Down { file, where_ } => {
+            let t = Topology::load(&file)?;
+            let stopped = down_leftovers(&t, &where_.layout(&t));
+            println!("{}: down (stopped: {})", t.name, stopped.join(" "));
+        }
+        Cmd::Up { file, where_ } => {
+            let t = Topology::load(&file)?;
+            let layout = where_.layout(&t);
+            let mut signals =
+                Signals::new([SIGINT, SIGTERM, SIGUSR1]).context("installing signal handlers")?;
+            let mut running = up(&t, &layout)?;
+            info!(
+                "{}: up; consoles: {}/NAME.console (socat - UNIX-CONNECT:...), logs NAME.log",
+                t.name,
+                layout.state_dir.display()
+            );
+            loop {
+                for signal in signals.pending() {
+                    if signal == SIGUSR1 {
+                        report(&running.vm_names());
+                        continue;
+                    }
+                    info!("signal {signal}: taking {} down", t.name);
+                    running.down();
+                    return Ok(());
+                }
+                while let Some((vm, status)) = running.exited() {
+                    running.report_exit(&vm, status);
+                }
+                if running.vm_names().is_empty() {
+                    info!("every VM has stopped: taking {} down", t.name);
+                    running.down();
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn report(vms: &[String]) {
+    info!("running: {}", vms.join(" "));
+    match bridge_plugin::net::counters() {
+        Ok(rules) => {
+            for r in rules {
+                info!("{} {}: {} packets", r.chain, r.rule, r.packets);
+            }
+        }
+        Err(e) => error!("rule counters: {e}"),
+    }
+}

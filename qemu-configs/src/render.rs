@@ -1,0 +1,205 @@
+//! A topology's VMs as QEMU command lines: each NIC a tap on its network's bridge, handed
+//! over by the bridge helper (`-netdev bridge,helper=...`), the console on a socket that
+//! also logs to a file.
+
+use std::path::{Path, PathBuf};
+
+use crate::topology::{base64, Topology, Vm};
+
+/// Where a running topology keeps its files, and the helper QEMU runs for its taps.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub state_dir: PathBuf,
+    /// `qemu-bridge-plugin` (or `qemu-bridge-helper`).
+    pub helper: PathBuf,
+}
+
+impl Layout {
+    /// The helper's ACL: exactly the topology's bridges.
+    pub fn acl(&self) -> PathBuf {
+        self.state_dir.join("bridge.conf")
+    }
+
+    /// The console socket (`socat - UNIX-CONNECT:PATH` for a shell) and its log.
+    pub fn console(&self, vm: &str) -> PathBuf {
+        self.state_dir.join(format!("{vm}.console"))
+    }
+
+    pub fn console_log(&self, vm: &str) -> PathBuf {
+        self.state_dir.join(format!("{vm}.log"))
+    }
+
+    pub fn acl_text(topo: &Topology) -> String {
+        topo.networks
+            .iter()
+            .map(|n| format!("allow {}\n", n.bridge))
+            .collect()
+    }
+}
+
+/// QemuOpts escapes a comma inside a value by doubling it.
+fn opt(value: &Path) -> String {
+    value.display().to_string().replace(',', ",,")
+}
+
+/// The QEMU arguments for `vm` (without the binary).
+pub fn qemu_args(topo: &Topology, vm: &Vm, layout: &Layout) -> Vec<String> {
+    let g = &topo.guest;
+    let net = topo
+        .network(&vm.network)
+        .expect("validated: the VM's network exists");
+    let mem = vm.memory_mib.unwrap_or(g.memory_mib);
+    let mut args: Vec<String> = [
+        "-name",
+        &vm.name,
+        "-machine",
+        &format!("pc,accel={}", g.accel),
+        "-cpu",
+        "max",
+        "-smp",
+        &g.cpus.to_string(),
+        "-m",
+        &format!("{mem}M"),
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-chardev",
+        &format!(
+            "socket,id=console,path={},server=on,wait=off,logfile={}",
+            opt(&layout.console(&vm.name)),
+            opt(&layout.console_log(&vm.name))
+        ),
+        "-serial",
+        "chardev:console",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(kernel) = &g.kernel {
+        args.extend(["-kernel".into(), kernel.display().to_string()]);
+        if let Some(initrd) = &g.initrd {
+            args.extend(["-initrd".into(), initrd.display().to_string()]);
+        }
+        let append = g
+            .append
+            .replace("{name}", &vm.name)
+            .replace("{address}", &vm.address)
+            .replace(
+                "{gateway}",
+                &topo.gateway(vm).map(|a| a.to_string()).unwrap_or_default(),
+            )
+            .replace(
+                "{run}",
+                &vm.run
+                    .as_deref()
+                    .map(|r| base64(r.as_bytes()))
+                    .unwrap_or_default(),
+            );
+        args.extend(["-append".into(), append]);
+    }
+    if let Some(disk) = &g.disk {
+        args.extend(["-drive".into(), format!("file={},if=virtio", opt(disk))]);
+    }
+    let helper = format!(
+        "{} --acl={}",
+        layout.helper.display(),
+        layout.acl().display()
+    );
+    args.extend([
+        "-netdev".into(),
+        format!(
+            "bridge,id=net0,br={},helper={}",
+            net.bridge,
+            helper.replace(',', ",,")
+        ),
+    ]);
+    let mut dev = format!("virtio-net-pci,netdev=net0,mac={}", topo.mac(vm));
+    if let Some(mtu) = net.mtu {
+        dev.push_str(&format!(",host_mtu={mtu}"));
+    }
+    args.extend(["-device".into(), dev]);
+    args.extend(g.qemu_args.iter().cloned());
+    args
+}
+
+/// A command line a shell would take back as the same words.
+pub fn shell_line(program: &str, args: &[String]) -> String {
+    std::iter::once(program)
+        .chain(args.iter().map(String::as_str))
+        .map(|w| {
+            if !w.is_empty()
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c))
+            {
+                w.to_string()
+            } else {
+                format!("'{}'", w.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::tests::THREE_TIER;
+
+    fn layout() -> Layout {
+        Layout {
+            state_dir: "/run/qemu-configs/shop".into(),
+            helper: "/usr/lib/qemu-bridge-plugin".into(),
+        }
+    }
+
+    #[test]
+    fn renders_a_vm_on_its_bridge_with_its_boot_arguments() {
+        let t = Topology::parse(THREE_TIER).unwrap();
+        let args = qemu_args(&t, &t.vms[0], &layout());
+        let line = shell_line("qemu-system-x86_64", &args);
+        for want in [
+            "-name web1",
+            "-machine pc,accel=kvm:tcg",
+            "-m 256M",
+            "socket,id=console,path=/run/qemu-configs/shop/web1.console,server=on,wait=off,logfile=/run/qemu-configs/shop/web1.log",
+            "-kernel /boot/vmlinuz -initrd /boot/initrd",
+            // httpd -p 80, base64.
+            "'console=ttyS0 vnet.ip=10.10.1.10/24 vnet.gw=10.10.1.1 vnet.run=aHR0cGQgLXAgODA='",
+            "'bridge,id=net0,br=br-web,helper=/usr/lib/qemu-bridge-plugin --acl=/run/qemu-configs/shop/bridge.conf'",
+            "-device virtio-net-pci,netdev=net0,mac=52:54:00:0a:00:01",
+        ] {
+            assert!(line.contains(want), "{want}\nnot in\n{line}");
+        }
+        // No run: an empty word, which the guest reads as nothing to start.
+        let app = qemu_args(&t, &t.vms[1], &layout());
+        assert!(app.iter().any(|a| a.ends_with("vnet.run=")), "{app:?}");
+        assert_eq!(Layout::acl_text(&t), "allow br-web\nallow br-app\n");
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped_for_qemu() {
+        let text = THREE_TIER.replace(
+            "kernel = \"/boot/vmlinuz\"\ninitrd = \"/boot/initrd\"",
+            "disk = \"/vm/a,b.qcow2\"",
+        );
+        let t = Topology::parse(&text).unwrap();
+        let args = qemu_args(&t, &t.vms[0], &layout());
+        assert!(
+            args.contains(&"file=/vm/a,,b.qcow2,if=virtio".to_string()),
+            "{args:?}"
+        );
+        assert!(!args.contains(&"-kernel".to_string()));
+    }
+
+    #[test]
+    fn shell_lines_quote_what_needs_it() {
+        assert_eq!(
+            shell_line(
+                "q",
+                &["a b".into(), "it's".into(), "x=1,y".into(), "".into()]
+            ),
+            r"q 'a b' 'it'\''s' x=1,y ''"
+        );
+    }
+}

@@ -1,0 +1,391 @@
+//! The topology file: networks and the flows allowed between them (bridge-plugin's network
+//! file), the VMs on them, and how to boot those VMs. Loaded and checked as a whole, so
+//! `up` never starts half of a wrong file.
+
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use bridge_plugin::net::{parse_cidr, subnet, Allow, NetFile, Network};
+use serde::Deserialize;
+use thiserror::Error;
+use vhost_net_backend::config::MacAddr;
+
+#[derive(Debug, Error)]
+pub enum TopologyError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Network(#[from] bridge_plugin::net::NetError),
+    #[error("vm {vm}: {message}")]
+    Vm { vm: String, message: String },
+    #[error("[guest]: {0}")]
+    Guest(String),
+}
+
+/// How every VM boots, unless the VM says otherwise.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Guest {
+    /// The QEMU binary.
+    #[serde(default = "default_qemu")]
+    pub qemu: String,
+    /// `kvm`, `tcg`, or QEMU's fallback list `kvm:tcg`.
+    #[serde(default = "default_accel")]
+    pub accel: String,
+    /// Direct kernel boot: kernel and initrd...
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// ...with this command line. `{name}`, `{address}`, `{gateway}` and `{run}` (the VM's
+    /// `run`, base64-encoded) are filled in per VM.
+    #[serde(default = "default_append")]
+    pub append: String,
+    /// Or a disk image to boot from.
+    pub disk: Option<PathBuf>,
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    /// More QEMU arguments for every VM.
+    #[serde(default)]
+    pub qemu_args: Vec<String>,
+}
+
+fn default_qemu() -> String {
+    "qemu-system-x86_64".into()
+}
+fn default_accel() -> String {
+    "kvm:tcg".into()
+}
+fn default_append() -> String {
+    "console=ttyS0".into()
+}
+fn default_memory() -> u32 {
+    256
+}
+fn default_cpus() -> u32 {
+    1
+}
+
+/// One VM with one NIC on one network.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vm {
+    pub name: String,
+    pub network: String,
+    /// Its address, CIDR, inside the network's subnet.
+    pub address: String,
+    /// Default: 52:54:00:0a:NN:VV from the network's and the VM's place in the file.
+    pub mac: Option<MacAddr>,
+    /// A command the guest starts at boot (handed over as `{run}` in `append`).
+    pub run: Option<String>,
+    pub memory_mib: Option<u32>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topology {
+    pub name: String,
+    pub guest: Guest,
+    #[serde(rename = "network")]
+    pub networks: Vec<Network>,
+    #[serde(default, rename = "allow")]
+    pub allows: Vec<Allow>,
+    #[serde(default, rename = "vm")]
+    pub vms: Vec<Vm>,
+}
+
+impl Topology {
+    pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            TopologyError::Parse { message, .. } => TopologyError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Topology, TopologyError> {
+        let topo: Topology = toml::from_str(text).map_err(|e| TopologyError::Parse {
+            path: PathBuf::from("topology"),
+            message: e.to_string().trim().replace('\n', " "),
+        })?;
+        topo.validate()?;
+        Ok(topo)
+    }
+
+    /// The host side: bridges, addresses, NAT and the rules between networks.
+    pub fn net_file(&self) -> NetFile {
+        NetFile {
+            networks: self.networks.clone(),
+            allows: self.allows.clone(),
+        }
+    }
+
+    pub fn network(&self, name: &str) -> Option<&Network> {
+        self.networks.iter().find(|n| n.name == name)
+    }
+
+    /// The VM's MAC: configured, or derived from its place in the file.
+    pub fn mac(&self, vm: &Vm) -> MacAddr {
+        if let Some(m) = vm.mac {
+            return m;
+        }
+        let net = self.networks.iter().position(|n| n.name == vm.network);
+        let idx = self.vms.iter().position(|v| v.name == vm.name);
+        MacAddr([
+            0x52,
+            0x54,
+            0x00,
+            0x0a,
+            net.unwrap_or(0) as u8,
+            idx.unwrap_or(0) as u8 + 1,
+        ])
+    }
+
+    /// The host's address on the VM's network, where it has one: the VM's gateway.
+    pub fn gateway(&self, vm: &Vm) -> Option<Ipv4Addr> {
+        let a = self.network(&vm.network)?.address.as_deref()?;
+        parse_cidr(a).map(|(addr, _)| addr)
+    }
+
+    fn validate(&self) -> Result<(), TopologyError> {
+        self.net_file().validate()?;
+        let g = &self.guest;
+        match (&g.kernel, &g.initrd, &g.disk) {
+            (Some(_), _, None) | (None, None, Some(_)) => {}
+            (None, Some(_), _) => {
+                return Err(TopologyError::Guest(
+                    "initrd needs a kernel (kernel = \"PATH\")".into(),
+                ))
+            }
+            (Some(_), _, Some(_)) => {
+                return Err(TopologyError::Guest(
+                    "give either kernel (and initrd) or disk, not both".into(),
+                ))
+            }
+            (None, None, None) => {
+                return Err(TopologyError::Guest(
+                    "nothing to boot: give kernel = \"PATH\" (and initrd) or disk = \"PATH\""
+                        .into(),
+                ))
+            }
+        }
+        if !matches!(g.accel.as_str(), "kvm" | "tcg" | "kvm:tcg" | "tcg:kvm") {
+            return Err(TopologyError::Guest(format!(
+                "accel '{}' is not kvm, tcg or kvm:tcg",
+                g.accel
+            )));
+        }
+        if self.vms.len() > 250 {
+            return Err(TopologyError::Guest("more than 250 VMs in one file".into()));
+        }
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        let mut macs = HashSet::new();
+        for vm in &self.vms {
+            let bad = |message: String| TopologyError::Vm {
+                vm: vm.name.clone(),
+                message,
+            };
+            if vm.name.is_empty()
+                || vm.name.len() > 32
+                || !vm
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(bad(
+                    "a name has 1 to 32 letters, digits, '-' or '_' (it names files)".into(),
+                ));
+            }
+            if !names.insert(&vm.name) {
+                return Err(bad("two VMs have this name".into()));
+            }
+            let Some(net) = self.network(&vm.network) else {
+                let known: Vec<_> = self.networks.iter().map(|n| n.name.as_str()).collect();
+                return Err(bad(format!(
+                    "network '{}' is not in the file (networks: {})",
+                    vm.network,
+                    known.join(", ")
+                )));
+            };
+            let Some((addr, prefix)) = parse_cidr(&vm.address) else {
+                return Err(bad(format!(
+                    "address '{}' is not an IPv4 CIDR like 10.0.0.10/24",
+                    vm.address
+                )));
+            };
+            if let Some((host, host_prefix)) = net.address.as_deref().and_then(parse_cidr) {
+                if prefix != host_prefix || subnet(addr, prefix) != subnet(host, host_prefix) {
+                    return Err(bad(format!(
+                        "address {} is outside network {} ({})",
+                        vm.address,
+                        net.name,
+                        net.address.as_deref().unwrap_or_default()
+                    )));
+                }
+                if addr == host {
+                    return Err(bad(format!(
+                        "address {addr} is the host's own address on {}",
+                        net.name
+                    )));
+                }
+            }
+            if !addrs.insert(addr) {
+                return Err(bad(format!("address {addr} is taken by another VM")));
+            }
+            let mac = self.mac(vm);
+            if mac.0[0] & 1 != 0 {
+                return Err(bad(format!("MAC {mac} is a multicast address")));
+            }
+            if !macs.insert(mac) {
+                return Err(bad(format!("MAC {mac} is taken by another VM")));
+            }
+            if vm.run.as_deref().is_some_and(|r| r.len() > 1024) {
+                return Err(bad(
+                    "run is longer than 1024 bytes: put a script in the image instead".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Standard base64, for handing a command over as one kernel command-line word.
+pub fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub const THREE_TIER: &str = r#"
+name = "shop"
+[guest]
+kernel = "/boot/vmlinuz"
+initrd = "/boot/initrd"
+append = "console=ttyS0 vnet.ip={address} vnet.gw={gateway} vnet.run={run}"
+
+[[network]]
+name = "web"
+mode = "nat"
+bridge = "br-web"
+address = "10.10.1.1/24"
+uplink = "eth0"
+[[network.forward]]
+proto = "tcp"
+host_port = 8080
+guest = "10.10.1.10"
+guest_port = 80
+
+[[network]]
+name = "app"
+mode = "host-only"
+bridge = "br-app"
+address = "10.10.2.1/24"
+
+[[allow]]
+from = "web"
+to = "app"
+proto = "tcp"
+port = 8080
+
+[[vm]]
+name = "web1"
+network = "web"
+address = "10.10.1.10/24"
+run = "httpd -p 80"
+
+[[vm]]
+name = "app1"
+network = "app"
+address = "10.10.2.10/24"
+"#;
+
+    fn err(text: &str) -> String {
+        Topology::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn loads_and_derives_macs_and_gateways() {
+        let t = Topology::parse(THREE_TIER).unwrap();
+        assert_eq!(t.vms.len(), 2);
+        assert_eq!(t.mac(&t.vms[0]).to_string(), "52:54:00:0a:00:01");
+        assert_eq!(t.mac(&t.vms[1]).to_string(), "52:54:00:0a:01:02");
+        assert_eq!(t.gateway(&t.vms[1]), Some(Ipv4Addr::new(10, 10, 2, 1)));
+        assert_eq!(t.net_file().allows.len(), 1);
+    }
+
+    #[test]
+    fn bad_files_name_the_problem() {
+        let e = err(&THREE_TIER.replace("network = \"app\"", "network = \"ap\""));
+        assert!(
+            e.contains("vm app1") && e.contains("'ap'") && e.contains("web, app"),
+            "{e}"
+        );
+        let e = err(&THREE_TIER.replace("10.10.2.10/24", "10.10.3.10/24"));
+        assert!(e.contains("outside network app"), "{e}");
+        let e = err(&THREE_TIER.replace("10.10.2.10/24", "10.10.2.1/24"));
+        assert!(e.contains("host's own address"), "{e}");
+        let e = err(&THREE_TIER.replace("name = \"app1\"", "name = \"web1\""));
+        assert!(e.contains("two VMs have this name"), "{e}");
+        let e = err(&THREE_TIER.replace("kernel = \"/boot/vmlinuz\"\n", ""));
+        assert!(e.contains("initrd needs a kernel"), "{e}");
+        let e = err(&THREE_TIER.replace(
+            "address = \"10.10.2.10/24\"",
+            "address = \"10.10.2.10/24\"\nmac = \"52:54:00:0a:00:01\"",
+        ));
+        assert!(e.contains("MAC 52:54:00:0a:00:01 is taken"), "{e}");
+        let e = err(&THREE_TIER.replace("name = \"app1\"", "name = \"app 1\""));
+        assert!(e.contains("letters, digits"), "{e}");
+        let e = err(&THREE_TIER.replace(
+            "[[vm]]\nname = \"web1\"",
+            "[[vm]]\nname = \"web1\"\ncolor = \"red\"",
+        ));
+        assert!(e.contains("unknown field") && e.contains("color"), "{e}");
+        // The network part is bridge-plugin's own check.
+        let e = err(&THREE_TIER.replace("uplink = \"eth0\"\n", ""));
+        assert!(e.contains("needs uplink"), "{e}");
+    }
+
+    #[test]
+    fn base64_matches_the_standard() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(
+            base64(b"httpd -p 80 -h /www"),
+            "aHR0cGQgLXAgODAgLWggL3d3dw=="
+        );
+    }
+}
