@@ -305,6 +305,9 @@ impl NetFile {
                     format!("{} forward {p}/{} to {}:{}", n.name, f.host_port, f.guest, f.guest_port),
                     vec![
                         iifname(uplink),
+                        // Only what is addressed to the host itself: traffic the host routes
+                        // elsewhere on the same port is not taken over.
+                        json!({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}),
                         json!({"match": {"op": "==", "left": {"payload": {"protocol": p, "field": "dport"}}, "right": f.host_port}}),
                         json!({"counter": null}),
                         json!({"dnat": {"family": "ip", "addr": f.guest.to_string(), "port": f.guest_port}}),
