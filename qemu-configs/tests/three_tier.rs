@@ -128,9 +128,11 @@ fn three_tier_example_enforces_its_policy_with_real_guests() {
     let mut db = Console::connect(&state.join("db1.console"));
     // Busybox's static wget crashes in glibc's resolver; nc speaks enough HTTP. The body is
     // the answer's last line.
-    const HTTP_GET: &str = "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3";
+    const REQUEST: &str = "printf 'GET / HTTP/1.0\\r\\n\\r\\n'";
     let get = |c: &mut Console, host: &str, port: u16| {
-        c.run(&format!("{HTTP_GET} {host} {port} | tail -n 1 | grep ."))
+        c.run(&format!(
+            "{REQUEST} | nc -w 3 {host} {port} | tail -n 1 | grep ."
+        ))
     };
 
     // The services started at boot; wait until each answers locally.
@@ -138,7 +140,9 @@ fn three_tier_example_enforces_its_policy_with_real_guests() {
         let end = Instant::now() + Duration::from_secs(30);
         while get(c, "127.0.0.1", port).0 != 0 {
             if Instant::now() > end {
-                let (_, why) = c.run(&format!("{HTTP_GET} 127.0.0.1 {port}; netstat -ltn"));
+                let (_, why) = c.run(&format!(
+                    "{REQUEST} | nc -w 3 127.0.0.1 {port}; netstat -ltn"
+                ));
                 panic!("the boot-time service on port {port} never answered:\n{why}");
             }
             std::thread::sleep(Duration::from_millis(300));
@@ -154,7 +158,7 @@ fn three_tier_example_enforces_its_policy_with_real_guests() {
     assert_ne!(get(&mut db, "10.10.2.10", 8080).0, 0, "db -> app");
     assert_ne!(get(&mut app, "10.10.1.10", 80).0, 0, "app -> web");
     // The outside reaches web's forwarded port on the host's uplink address, nothing else.
-    let http = format!("busybox {HTTP_GET}");
+    let http = format!("{REQUEST} | busybox nc -w 3");
     let from_outside = outside.try_sh(&format!("{http} 192.0.2.1 8080 | tail -n 1"));
     assert_eq!(
         String::from_utf8_lossy(&from_outside.stdout).trim(),
