@@ -1,12 +1,49 @@
 #!/usr/bin/env bash
-# The main job: build the switch and serve two example VM ports (web1, web2 on one segment)
-# plus a control socket, until Ctrl-C. Attach VMs with the QEMU line from README.md.
+# The main job: the three-tier example (examples/three-tier.toml) with three real QEMU
+# guests. web1 serves on port 80, reachable from outside only through NAT on port 8080;
+# app1 (8080) only from web; db1 (5432) only from app; everything else between the tiers is
+# dropped and counted. It runs in a network namespace of its own ("vnet-3tier"), whose
+# uplink is a veth to this host, so the host's own networking is left as it is; this host
+# plays "outside". Ctrl-C takes it all down. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-RUN_DIR=${RUN_DIR:-/tmp/vnet}
-mkdir -p "$RUN_DIR"
-cargo build --release -q -p vhost-net-backend
-exec target/release/vhost-net-backend \
-    --port "name=web1,socket=$RUN_DIR/web1.sock,vlan=10" \
-    --port "name=web2,socket=$RUN_DIR/web2.sock,vlan=10" \
-    --control-socket "$RUN_DIR/control.sock" "$@"
+
+bash ci/install-deps.sh
+cargo build --release -q -p qemu-configs -p bridge-plugin -p integration --bins
+
+guest=$(target/release/vnet-guest image)
+kernel=$(awk '$1 == "kernel" {print $2}' <<<"$guest")
+initrd=$(awk '$1 == "initrd" {print $2}' <<<"$guest")
+accel=$(awk '$1 == "accel" {print $2}' <<<"$guest")
+
+ns=vnet-3tier
+run_dir=${RUN_DIR:-/tmp/vnet-3tier}
+mkdir -p "$run_dir"
+cleanup() {
+    ip netns del "$ns" 2>/dev/null || true
+    ip link del vnet-3t-out 2>/dev/null || true
+}
+cleanup
+trap cleanup EXIT
+ip netns add "$ns"
+ip link add vnet-3t-out type veth peer name up0 netns "$ns"
+ip addr add 198.51.100.1/30 dev vnet-3t-out
+ip link set vnet-3t-out up
+ip -n "$ns" addr add 198.51.100.2/30 dev up0
+ip -n "$ns" link set up0 up
+ip -n "$ns" link set lo up
+ip -n "$ns" route add default via 198.51.100.1
+
+sed -e "s|@KERNEL@|$kernel|" -e "s|@INITRD@|$initrd|" -e "s|@ACCEL@|$accel|" -e "s|@UPLINK@|up0|" \
+    examples/three-tier.toml > "$run_dir/three-tier.toml"
+
+cat <<INFO
+three-tier: booting web1, app1, db1 ($accel) in namespace $ns.
+  from this host, web through NAT:  printf 'GET / HTTP/1.0\r\n\r\n' | busybox nc 198.51.100.2 8080
+  a guest's console:                socat - UNIX-CONNECT:$run_dir/state/web1.console
+                                    (then e.g.: printf 'GET / HTTP/1.0\r\n\r\n' | nc 10.10.3.10 5432   # denied)
+  allowed and dropped, counted:     kill -USR1 \$(pgrep -f 'qemu-configs up')
+  Ctrl-C stops the guests and removes the networks.
+INFO
+ip netns exec "$ns" target/release/qemu-configs up "$run_dir/three-tier.toml" \
+    --state-dir "$run_dir/state" --helper "$PWD/target/release/qemu-bridge-plugin"

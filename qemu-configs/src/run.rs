@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -129,7 +130,16 @@ impl Running {
         info!("vm {}: {}", vm.name, shell_line(qemu, &args));
         let log_path = self.qemu_log(&vm.name);
         let log = fs::File::create(&log_path).map_err(io(&log_path))?;
-        let child = Command::new(qemu)
+        let mut cmd = Command::new(qemu);
+        // SAFETY: only prctl between fork and exec. The VMs end with this process even when
+        // it is killed outright (its networks stay until `qemu-configs down`).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io(&log_path))?)

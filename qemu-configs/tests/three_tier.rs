@@ -72,7 +72,14 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
 struct Up(Child);
 
 impl Drop for Up {
+    /// A failed test still takes its VMs and networks down: SIGTERM first.
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(20);
+        while !matches!(self.0.try_wait(), Ok(Some(_))) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

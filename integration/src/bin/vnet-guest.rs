@@ -1,6 +1,6 @@
 //! Builds the tiny guest image, and boots a guest by hand on a switch port.
 //!
-//!   vnet-guest image
+//!   vnet-guest image      (prints kernel, initrd, and the accelerator that boots them here)
 //!   vnet-guest boot --socket /tmp/vnet/web1.sock --ip 10.0.0.1/24 [--mac 1] [--queues 2] [--mtu 9000]
 
 use std::os::unix::process::CommandExt;
@@ -30,8 +30,16 @@ fn main() -> ExitCode {
     };
     match args.first().map(String::as_str) {
         Some("image") => {
+            // Which accelerator boots it here, for launchers of their own (ci/example.sh).
+            let accel = match Qemu::from_env() {
+                Ok(q) => detect_accel(&q, &image).name(),
+                Err(e) => {
+                    eprintln!("vnet-guest: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             println!(
-                "kernel {}\ninitrd {}",
+                "kernel {}\ninitrd {}\naccel {accel}",
                 image.kernel.display(),
                 image.initrd.display()
             );
