@@ -213,3 +213,55 @@ fn three_tier_example_enforces_its_policy_with_real_guests() {
         .sh("ps -eo args")
         .contains(&state.join("web1.console").display().to_string()));
 }
+
+#[test]
+fn a_failed_up_names_the_cause_and_leaves_nothing_behind() {
+    let host = Netns::new("3tf");
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinuz");
+    let topo = |kernel: &Path, extra: &str| {
+        format!(
+            "name = \"t\"\n[guest]\nkernel = \"{}\"\naccel = \"tcg\"\n{extra}\n\
+             [[network]]\nname = \"app\"\nmode = \"host-only\"\nbridge = \"tf-app\"\naddress = \"10.20.0.1/24\"\n\
+             [[vm]]\nname = \"app1\"\nnetwork = \"app\"\naddress = \"10.20.0.10/24\"\n",
+            kernel.display()
+        )
+    };
+    let up = |text: String| {
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, text).unwrap();
+        Command::new("ip")
+            .args(["netns", "exec", &host.name])
+            .arg(bin("qemu-configs"))
+            .arg("up")
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--helper")
+            .arg(bin("qemu-bridge-plugin"))
+            .output()
+            .unwrap()
+    };
+
+    // A missing kernel: refused before anything is built.
+    let out = up(topo(&kernel, ""));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("kernel {} does not exist", kernel.display())),
+        "{err}"
+    );
+    assert!(!host.try_sh("ip link show tf-app").status.success());
+
+    // QEMU refusing its arguments: its own words, and the network taken down again.
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let out = up(topo(&kernel, "qemu_args = [\"-no-such-option\"]"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("vm app1: QEMU exited at once") && err.contains("no-such-option"),
+        "{err}"
+    );
+    assert!(!host.try_sh("ip link show tf-app").status.success());
+    assert!(!dir.path().join("state/app1.console").exists());
+}

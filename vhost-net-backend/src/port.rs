@@ -310,6 +310,8 @@ impl PortInner {
                     Some(n) => n,
                     None => {
                         drop(state);
+                        // What this burst delivered to others still reaches them.
+                        flush_notifications(&self.switch, &mut w.scratch);
                         return self.broken("TX used ring outside memory");
                     }
                 };
