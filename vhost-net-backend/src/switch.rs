@@ -618,54 +618,36 @@ mod tests {
     fn cached_decisions_follow_every_table_change() {
         let s = switch(&[None, None, None]);
         let mut c = DecisionCache::default();
-        assert_eq!(
-            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
-            Forward::Flood
-        );
-        assert_eq!(
-            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
-            Forward::Flood
-        );
+        // Port 0's frames from mac(1) to mac(2), decided through the cache.
+        let mut one_to_two = |segment| s.decide_cached(&mut c, 0, segment, mac(1), mac(2));
+        assert_eq!(one_to_two(0), Forward::Flood);
+        assert_eq!(one_to_two(0), Forward::Flood);
         // mac(2) learned on port 1: the cached flood is stale.
         s.decide(1, 0, mac(2), mac(1));
-        assert_eq!(
-            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
-            Forward::To(1)
-        );
-        assert_eq!(
-            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
-            Forward::To(1)
-        );
+        assert_eq!(one_to_two(0), Forward::To(1));
+        assert_eq!(one_to_two(0), Forward::To(1));
         // Moved to port 2.
         s.decide(2, 0, mac(2), mac(1));
-        assert_eq!(
-            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
-            Forward::To(2)
-        );
-        // Same MACs, another segment or source port: not the cached answer.
-        assert_eq!(
-            s.decide_cached(&mut c, 0, 5, mac(1), mac(2)),
-            Forward::Flood
-        );
-        assert_eq!(
-            s.decide_cached(&mut c, 2, 0, mac(1), mac(2)),
-            Forward::Local
-        );
+        assert_eq!(one_to_two(0), Forward::To(2));
+        // Same MACs in another segment: not the cached answer.
+        assert_eq!(one_to_two(5), Forward::Flood);
         s.macs.forget_port(2);
-        assert_eq!(
-            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
-            Forward::Flood
-        );
+        assert_eq!(one_to_two(0), Forward::Flood);
         s.decide(1, 0, mac(2), mac(1));
-        assert_eq!(
-            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
-            Forward::To(1)
-        );
+        assert_eq!(one_to_two(0), Forward::To(1));
         // Aged out (ageing is 10 s here): the clock moving invalidates the cache too.
         s.macs.tick(11);
+        assert_eq!(one_to_two(0), Forward::Flood);
+        // Another source port with the same MACs: not the cached answer either.
+        let mut c2 = DecisionCache::default();
+        s.decide(1, 0, mac(2), mac(1));
         assert_eq!(
-            s.decide_cached(&mut c, 0, 0, mac(1), mac(2)),
-            Forward::Flood
+            s.decide_cached(&mut c2, 0, 0, mac(1), mac(2)),
+            Forward::To(1)
+        );
+        assert_eq!(
+            s.decide_cached(&mut c2, 1, 0, mac(1), mac(2)),
+            Forward::Local
         );
     }
 
