@@ -129,6 +129,8 @@ struct RxQueue<'a> {
     index: usize,
     mem: &'a GuestMemory,
     features: u64,
+    /// The endpoint's generation: writes stop once the port has changed.
+    generation: u64,
 }
 
 struct Deliverer<'a> {
@@ -151,7 +153,7 @@ impl Deliverer<'_> {
         let i = match open.iter().position(|o| o.port == dst.id) {
             Some(i) => i,
             None => {
-                open.push(dst.rx_read().open(dst.id));
+                open.push(dst.open_rx());
                 open.len() - 1
             }
         };
@@ -164,6 +166,7 @@ impl Deliverer<'_> {
                     index: *index,
                     mem,
                     features: ep.features,
+                    generation: ep.generation,
                 };
                 self.deliver_to(&rxq, frame, d);
             }
@@ -278,15 +281,14 @@ impl Deliverer<'_> {
 pub(crate) fn flush_notifications(switch: &Switch, scratch: &mut Scratch) {
     scratch.avail_cache.clear();
     for t in scratch.touched.drain(..) {
-        switch.ports[usize::from(t.port)]
-            .counters
-            .add_rx(t.packets, t.bytes);
+        let port = &switch.ports[usize::from(t.port)];
+        port.counters.add_rx(t.packets, t.bytes);
         // Touched queues were written through an endpoint opened in this burst.
-        let Some((vring, mem)) = scratch
+        let Some((vring, mem, generation)) = scratch
             .open
             .iter()
             .find(|o| o.port == t.port)
-            .and_then(|o| Some((o.queue(t.queue)?, o.mem.as_deref()?)))
+            .and_then(|o| Some((o.queue(t.queue)?, o.mem.as_deref()?, o.generation)))
         else {
             continue;
         };
@@ -295,6 +297,10 @@ pub(crate) fn flush_notifications(switch: &Switch, scratch: &mut Scratch) {
             // worker wrote the last entries.
             let state = vring.get_ref();
             let q = state.get_queue();
+            // A port that changed meanwhile (its guest gone or renegotiating) is not written.
+            if !q.ready() || !port.is_current(generation) {
+                continue;
+            }
             if publish_used(mem, GuestAddress(q.used_ring()), q.next_used()).is_none() {
                 continue;
             }
@@ -381,7 +387,7 @@ fn write_rx_buffers(
     let mergeable = features & f::MRG_RXBUF != 0;
 
     let mut state = vring.get_mut();
-    if !state.is_enabled() {
+    if !state.is_enabled() || !rxq.port.is_current(rxq.generation) {
         return Err(RxError::Drop(DropReason::PortDown));
     }
     let queue = state.get_queue_mut();

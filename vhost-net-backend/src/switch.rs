@@ -252,10 +252,10 @@ pub struct RxEndpoint {
 }
 
 impl RxEndpoint {
-    /// Takes what deliveries to this port need for one burst.
-    pub fn open(&self, port: PortId) -> OpenEndpoint {
+    fn open(&self, port: PortId, generation: u64) -> OpenEndpoint {
         let mut open = OpenEndpoint {
             port,
+            generation,
             mem: None,
             features: self.features,
             queues: Default::default(),
@@ -294,6 +294,8 @@ const MAX_QP: usize = crate::config::MAX_QUEUE_PAIRS as usize;
 /// own lock and checks that it is enabled.
 pub struct OpenEndpoint {
     pub port: PortId,
+    /// The port's `generation` when this was taken.
+    pub generation: u64,
     /// None when no guest is attached, its features are not acked or no queue is enabled.
     pub mem: Option<Arc<GuestMemory>>,
     pub features: u64,
@@ -331,7 +333,10 @@ pub struct PortShared {
     pub queue_pairs: u16,
     pub mac: Option<MacAddr>,
     pub counters: PortCounters,
-    pub rx: RwLock<RxEndpoint>,
+    rx: RwLock<RxEndpoint>,
+    /// Changes with every change of `rx`: an endpoint opened for a burst is used only while
+    /// it is still the port's current one.
+    generation: AtomicU64,
     /// Closes the current vhost-user connection (a guest that broke the protocol).
     pub connection: Mutex<Option<ShutdownHandle>>,
     /// Set when this port is the uplink instead of a VM port.
@@ -343,18 +348,41 @@ impl PortShared {
         self.rx.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The RX side for a change; whatever was opened before is stale from now on.
     pub fn rx_write(&self) -> std::sync::RwLockWriteGuard<'_, RxEndpoint> {
-        self.rx.write().unwrap_or_else(|e| e.into_inner())
+        let rx = self.rx.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        rx
+    }
+
+    /// Takes what deliveries to this port need for one burst.
+    pub fn open_rx(&self) -> OpenEndpoint {
+        let rx = self.rx_read();
+        // Read under the read lock: no change is half made.
+        rx.open(self.id, self.generation.load(Ordering::Acquire))
+    }
+
+    /// Whether `ep` is still this port's current RX side. Checked under the destination
+    /// queue's lock before writing or publishing, which `detach` takes after a change.
+    pub fn is_current(&self, ep_generation: u64) -> bool {
+        self.generation.load(Ordering::Acquire) == ep_generation
     }
 
     /// Withdraws everything a guest connection published, so that no other port writes
     /// into memory that is no longer this guest's.
     pub fn detach(&self) {
-        let mut rx = self.rx_write();
-        *rx = RxEndpoint {
-            queues: vec![None; usize::from(self.queue_pairs)],
-            ..Default::default()
-        };
+        let old = std::mem::replace(
+            &mut *self.rx_write(),
+            RxEndpoint {
+                queues: vec![None; usize::from(self.queue_pairs)],
+                ..Default::default()
+            },
+        );
+        // A delivery that checked the generation before it changed is finishing under its
+        // queue's lock: taking each lock once waits for it. Later ones see the change.
+        for vring in old.queues.iter().flatten() {
+            drop(vring.get_mut());
+        }
     }
 
     /// Drops the current connection; the frontend reconnects and renegotiates.
@@ -438,6 +466,7 @@ impl Switch {
                         queues: vec![None; usize::from(queues)],
                         ..Default::default()
                     }),
+                    generation: AtomicU64::new(0),
                     connection: Mutex::new(None),
                     uplink: OnceLock::new(),
                 })

@@ -123,7 +123,11 @@ impl Uplink {
         let shift = if tag { 4 } else { 0 };
         if hdr.needs_csum() {
             out.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-            out.csum_start = hdr.csum_start + shift;
+            // A guest's offset near 64 KiB must not wrap once the tag moves it.
+            out.csum_start = hdr
+                .csum_start
+                .checked_add(shift)
+                .ok_or(DropReason::BadOffload)?;
             out.csum_offset = hdr.csum_offset;
         }
         if hdr.is_gso() {
