@@ -150,10 +150,16 @@ impl NetFile {
             if !names.insert(&n.name) {
                 return Err(bad("two networks have this name".into()));
             }
-            if n.bridge.is_empty() || n.bridge.len() > 15 || n.bridge.contains(char::is_whitespace)
+            // Names end up in QEMU's helper command line and in nftables rules: plain ones.
+            if n.bridge.is_empty()
+                || n.bridge.len() > 15
+                || !n
+                    .bridge
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
             {
                 return Err(bad(format!(
-                    "bridge name '{}' must have 1 to 15 characters, no spaces",
+                    "bridge name '{}' must have 1 to 15 letters, digits, '-', '_' or '.'",
                     n.bridge
                 )));
             }
@@ -364,6 +370,22 @@ impl NetFile {
     /// Builds everything; running it again changes nothing.
     pub fn up(&self) -> Result<(), NetError> {
         let mut nl = Netlink::open()?;
+        // Before anything is made. A NAT uplink that does not exist would come up and
+        // never match a packet.
+        for n in &self.networks {
+            if let Some(uplink) = n.uplink.as_deref() {
+                if nl.link(uplink).is_err() {
+                    let names: Vec<String> = nl.links()?.into_iter().map(|l| l.name).collect();
+                    return Err(NetError::Invalid {
+                        network: n.name.clone(),
+                        message: format!(
+                            "uplink {uplink} does not exist (interfaces here: {})",
+                            names.join(", ")
+                        ),
+                    });
+                }
+            }
+        }
         for n in &self.networks {
             match nl.link(&n.bridge) {
                 Ok(l) if l.kind.as_deref() == Some("bridge") => {}
@@ -388,10 +410,6 @@ impl NetFile {
             }
             if n.mode == Mode::Bridged {
                 let uplink = n.uplink.as_deref().expect("validated");
-                nl.link(uplink).map_err(|_| NetError::Invalid {
-                    network: n.name.clone(),
-                    message: format!("uplink {uplink} does not exist"),
-                })?;
                 nl.set_controller(uplink, &n.bridge)?;
                 nl.set_up(uplink)?;
             }
@@ -402,6 +420,23 @@ impl NetFile {
         }
         nft::apply(self.ruleset())?;
         Ok(())
+    }
+
+    /// What `up` would take over rather than create: bridges of this file that exist already,
+    /// and our nftables table if another file's rules are in it. `up` itself reuses them
+    /// (it is idempotent); a caller that will later `down` everything asks first.
+    pub fn existing(&self) -> Result<Vec<String>, NetError> {
+        let mut nl = Netlink::open()?;
+        let mut found: Vec<String> = self
+            .networks
+            .iter()
+            .filter(|n| nl.link(&n.bridge).is_ok())
+            .map(|n| format!("bridge {}", n.bridge))
+            .collect();
+        if nft::table_exists("inet") {
+            found.push(format!("nftables table inet {TABLE}"));
+        }
+        Ok(found)
     }
 
     /// Removes our table and the bridges this file names; nothing else.

@@ -10,7 +10,7 @@ use log::{error, info};
 use qemu_configs::render::{qemu_args, shell_line, Layout};
 use qemu_configs::run::{down_leftovers, up};
 use qemu_configs::topology::Topology;
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 #[derive(Parser)]
@@ -53,8 +53,8 @@ struct Where {
     /// Consoles, logs and pid files [default: /run/qemu-configs/NAME]
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// The bridge helper QEMU runs for each tap [default: qemu-bridge-plugin beside this
-    /// program]
+    /// qemu-bridge-plugin, which QEMU runs for each tap (with --acl=, which the stock
+    /// qemu-bridge-helper does not take) [default: the one beside this program]
     #[arg(long)]
     helper: Option<PathBuf>,
 }
@@ -110,14 +110,15 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Down { file, where_ } => {
             let t = Topology::load(&file)?;
-            let stopped = down_leftovers(&t, &where_.layout(&t));
+            let stopped = down_leftovers(&t, &where_.layout(&t))?;
             println!("{}: down (stopped: {})", t.name, stopped.join(" "));
         }
         Cmd::Up { file, where_ } => {
             let t = Topology::load(&file)?;
             let layout = where_.layout(&t);
-            let mut signals =
-                Signals::new([SIGINT, SIGTERM, SIGUSR1]).context("installing signal handlers")?;
+            // A closed terminal (SIGHUP) takes the topology down like Ctrl-C does.
+            let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1])
+                .context("installing signal handlers")?;
             let mut running = up(&t, &layout)?;
             info!(
                 "{}: up; consoles: {}/NAME.console (socat - UNIX-CONNECT:...), logs NAME.log",

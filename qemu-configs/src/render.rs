@@ -10,7 +10,7 @@ use crate::topology::{base64, Topology, Vm};
 #[derive(Clone, Debug)]
 pub struct Layout {
     pub state_dir: PathBuf,
-    /// `qemu-bridge-plugin` (or `qemu-bridge-helper`).
+    /// `qemu-bridge-plugin` (it takes `--acl=`).
     pub helper: PathBuf,
 }
 
@@ -98,13 +98,14 @@ pub fn qemu_args(topo: &Topology, vm: &Vm, layout: &Layout) -> Vec<String> {
             );
         args.extend(["-append".into(), append]);
     }
-    if let Some(disk) = &g.disk {
+    if let Some(disk) = topo.disk(vm) {
         args.extend(["-drive".into(), format!("file={},if=virtio", opt(disk))]);
     }
+    // QEMU runs a helper string with spaces through /bin/sh: every path quoted.
     let helper = format!(
-        "{} --acl={}",
-        layout.helper.display(),
-        layout.acl().display()
+        "{} {}",
+        shell_word(&layout.helper.display().to_string()),
+        shell_word(&format!("--acl={}", layout.acl().display()))
     );
     args.extend([
         "-netdev".into(),
@@ -123,20 +124,23 @@ pub fn qemu_args(topo: &Topology, vm: &Vm, layout: &Layout) -> Vec<String> {
     args
 }
 
+/// One word as a shell takes it back.
+pub fn shell_word(w: &str) -> String {
+    if !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c))
+    {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', r"'\''"))
+    }
+}
+
 /// A command line a shell would take back as the same words.
 pub fn shell_line(program: &str, args: &[String]) -> String {
     std::iter::once(program)
         .chain(args.iter().map(String::as_str))
-        .map(|w| {
-            if !w.is_empty()
-                && w.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c))
-            {
-                w.to_string()
-            } else {
-                format!("'{}'", w.replace('\'', r"'\''"))
-            }
-        })
+        .map(shell_word)
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -178,11 +182,31 @@ mod tests {
     }
 
     #[test]
-    fn commas_in_paths_are_escaped_for_qemu() {
-        let text = THREE_TIER.replace(
-            "kernel = \"/boot/vmlinuz\"\ninitrd = \"/boot/initrd\"",
-            "disk = \"/vm/a,b.qcow2\"",
+    fn the_helper_string_survives_the_shell_qemu_runs_it_through() {
+        let t = Topology::parse(THREE_TIER).unwrap();
+        let odd = Layout {
+            state_dir: "/run/my vms/it's".into(),
+            helper: "/opt/q b/qemu-bridge-plugin".into(),
+        };
+        let args = qemu_args(&t, &t.vms[0], &odd);
+        let netdev = args.iter().find(|a| a.starts_with("bridge,")).unwrap();
+        assert_eq!(
+            netdev,
+            r"bridge,id=net0,br=br-web,helper='/opt/q b/qemu-bridge-plugin' '--acl=/run/my vms/it'\''s/bridge.conf'"
         );
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped_for_qemu() {
+        let text = THREE_TIER
+            .replace(
+                "kernel = \"/boot/vmlinuz\"\ninitrd = \"/boot/initrd\"",
+                "disk = \"/vm/a,b.qcow2\"",
+            )
+            .replace(
+                "network = \"app\"\n",
+                "network = \"app\"\ndisk = \"/vm/app1.qcow2\"\n",
+            );
         let t = Topology::parse(&text).unwrap();
         let args = qemu_args(&t, &t.vms[0], &layout());
         assert!(

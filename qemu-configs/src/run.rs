@@ -3,6 +3,7 @@
 
 use std::fs;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,10 @@ pub enum UpError {
     },
     #[error("host networks: {0}")]
     Network(#[from] bridge_plugin::net::NetError),
+    #[error("{0} already exist(s): another topology (or bridge-plugin net file) or the host uses it, and `down` would remove it; if an earlier `up` of this file left it, run `qemu-configs down FILE`, or choose other bridge names")]
+    Taken(String),
+    #[error("{0} is in use by another qemu-configs up or down of this topology")]
+    Busy(PathBuf),
     #[error("cannot start {qemu} for vm {vm}: {source} (set [guest] qemu = \"PATH\")")]
     Spawn {
         vm: String,
@@ -56,6 +61,24 @@ pub struct Running {
     topo: Topology,
     layout: Layout,
     vms: Vec<(String, Child)>,
+    /// Held while up: a second `up` or a `down` of the same state folder is refused.
+    _lock: fs::File,
+}
+
+/// Locks the state folder (created if needed) for one `up` or `down` at a time.
+pub fn lock_state(layout: &Layout) -> Result<fs::File, UpError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&layout.state_dir)
+        .map_err(io(&layout.state_dir))?;
+    let path = layout.state_dir.join("lock");
+    let file = fs::File::create(&path).map_err(io(&path))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(UpError::Busy(layout.state_dir.clone()));
+    }
+    Ok(file)
 }
 
 /// Brings `topo` up. On any failure, what was already made is taken down again.
@@ -85,21 +108,28 @@ pub fn up(topo: &Topology, layout: &Layout) -> Result<Running, UpError> {
             fix: "build qemu-bridge-plugin (cargo build -p bridge-plugin) or pass --helper PATH",
         });
     }
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&layout.state_dir)
-        .map_err(io(&layout.state_dir))?;
+    let lock = lock_state(layout)?;
+    let net = topo.net_file();
+    // `down` removes the bridges and the table: only take over none of someone else's.
+    let taken = net.existing()?;
+    if !taken.is_empty() {
+        return Err(UpError::Taken(taken.join(", ")));
+    }
     let acl = layout.acl();
     fs::write(&acl, Layout::acl_text(topo)).map_err(io(&acl))?;
 
-    let net = topo.net_file();
-    net.up()?;
+    if let Err(e) = net.up() {
+        // Whatever it made before failing is ours (nothing existed): take it down again.
+        let _ = net.down();
+        let _ = fs::remove_file(&acl);
+        return Err(e.into());
+    }
     info!("{}: networks up", topo.name);
     let mut running = Running {
         topo: topo.clone(),
         layout: layout.clone(),
         vms: Vec::new(),
+        _lock: lock,
     };
     for vm in &topo.vms {
         match running.start(vm) {
@@ -131,6 +161,9 @@ impl Running {
         let log_path = self.qemu_log(&vm.name);
         let log = fs::File::create(&log_path).map_err(io(&log_path))?;
         let mut cmd = Command::new(qemu);
+        // Its own process group: a Ctrl-C meant for `up` reaches `up`, which stops the VMs
+        // in order, not every QEMU at once.
+        cmd.process_group(0);
         // SAFETY: only prctl between fork and exec. The VMs end with this process even when
         // it is killed outright (its networks stay until `qemu-configs down`).
         unsafe {
@@ -227,7 +260,8 @@ fn clean_state(topo: &Topology, layout: &Layout) {
 
 /// Undoes an `up` that did not end cleanly: stops the QEMUs its pid files name (only if
 /// they are still this topology's VMs), then takes the networks down.
-pub fn down_leftovers(topo: &Topology, layout: &Layout) -> Vec<String> {
+pub fn down_leftovers(topo: &Topology, layout: &Layout) -> Result<Vec<String>, UpError> {
+    let _lock = lock_state(layout)?;
     let mut stopped = Vec::new();
     for vm in &topo.vms {
         let pid_path = layout.state_dir.join(format!("{}.pid", vm.name));
@@ -256,13 +290,29 @@ pub fn down_leftovers(topo: &Topology, layout: &Layout) -> Vec<String> {
     while Instant::now() < end && stopped.iter().any(|vm| alive(layout, vm)) {
         std::thread::sleep(Duration::from_millis(100));
     }
+    for vm in stopped.iter().filter(|vm| alive(layout, vm)) {
+        warn!("vm {vm}: QEMU ignored SIGTERM for 10 s; killing it");
+        if let Some(pid) = pid_of(layout, vm) {
+            // SAFETY: kill(2) on the pid checked above to be this VM's QEMU.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+    }
     clean_state(topo, layout);
-    stopped
+    Ok(stopped)
 }
 
-fn alive(layout: &Layout, vm: &str) -> bool {
+fn pid_of(layout: &Layout, vm: &str) -> Option<u32> {
     fs::read_to_string(layout.state_dir.join(format!("{vm}.pid")))
         .ok()
-        .and_then(|s| s.trim().parse::<u32>().ok())
-        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Running, not a zombie waiting for its parent.
+fn alive(layout: &Layout, vm: &str) -> bool {
+    pid_of(layout, vm).is_some_and(|pid| {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| Some(s.rsplit_once(") ")?.1.starts_with('Z')))
+            .is_some_and(|zombie| !zombie)
+    })
 }

@@ -45,7 +45,7 @@ pub struct Guest {
     /// `run`, base64-encoded) are filled in per VM.
     #[serde(default = "default_append")]
     pub append: String,
-    /// Or a disk image to boot from.
+    /// Or a disk image to boot from (one VM's; others give their own `disk`).
     pub disk: Option<PathBuf>,
     #[serde(default = "default_memory")]
     pub memory_mib: u32,
@@ -85,6 +85,8 @@ pub struct Vm {
     /// A command the guest starts at boot (handed over as `{run}` in `append`).
     pub run: Option<String>,
     pub memory_mib: Option<u32>,
+    /// This VM's disk image, when VMs boot from disks.
+    pub disk: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -159,26 +161,55 @@ impl Topology {
         parse_cidr(a).map(|(addr, _)| addr)
     }
 
+    /// The disk `vm` boots from, if VMs boot from disks.
+    pub fn disk<'a>(&'a self, vm: &'a Vm) -> Option<&'a Path> {
+        vm.disk.as_deref().or(self.guest.disk.as_deref())
+    }
+
     fn validate(&self) -> Result<(), TopologyError> {
         self.net_file().validate()?;
+        // It names the state folder and goes into the helper's command line: plain.
+        if self.name.is_empty()
+            || self.name.len() > 32
+            || self.name.starts_with('.')
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(TopologyError::Guest(format!(
+                "name '{}': 1 to 32 letters, digits, '-', '_' or '.', not starting with '.'",
+                self.name
+            )));
+        }
         let g = &self.guest;
-        match (&g.kernel, &g.initrd, &g.disk) {
-            (Some(_), _, None) | (None, None, Some(_)) => {}
-            (None, Some(_), _) => {
-                return Err(TopologyError::Guest(
-                    "initrd needs a kernel (kernel = \"PATH\")".into(),
-                ))
-            }
-            (Some(_), _, Some(_)) => {
-                return Err(TopologyError::Guest(
-                    "give either kernel (and initrd) or disk, not both".into(),
-                ))
-            }
-            (None, None, None) => {
-                return Err(TopologyError::Guest(
-                    "nothing to boot: give kernel = \"PATH\" (and initrd) or disk = \"PATH\""
-                        .into(),
-                ))
+        if g.initrd.is_some() && g.kernel.is_none() {
+            return Err(TopologyError::Guest(
+                "initrd needs a kernel (kernel = \"PATH\")".into(),
+            ));
+        }
+        let mut disks = HashSet::new();
+        for vm in &self.vms {
+            let bad = |message: &str| TopologyError::Vm {
+                vm: vm.name.clone(),
+                message: message.into(),
+            };
+            match (&g.kernel, self.disk(vm)) {
+                (Some(_), Some(_)) => {
+                    return Err(bad("give either [guest] kernel (and initrd) or a disk, not both"))
+                }
+                (None, None) => {
+                    return Err(bad(
+                        "nothing to boot: give [guest] kernel = \"PATH\" (and initrd), or disk = \"PATH\"",
+                    ))
+                }
+                (None, Some(d)) if !disks.insert(d) => {
+                    return Err(bad(&format!(
+                        "disk {} is another VM's too: two VMs writing one image corrupt it; give each VM its own disk = \"PATH\"",
+                        d.display()
+                    )))
+                }
+                _ => {}
             }
         }
         if !matches!(g.accel.as_str(), "kvm" | "tcg" | "kvm:tcg" | "tcg:kvm") {
@@ -375,6 +406,25 @@ address = "10.10.2.10/24"
         // The network part is bridge-plugin's own check.
         let e = err(&THREE_TIER.replace("uplink = \"eth0\"\n", ""));
         assert!(e.contains("needs uplink"), "{e}");
+        let e = err(&THREE_TIER.replace("br-app", "br$(reboot)"));
+        assert!(e.contains("letters, digits"), "{e}");
+        let e = err(&THREE_TIER.replace("name = \"shop\"", "name = \"../etc\""));
+        assert!(e.contains("name '../etc'"), "{e}");
+        // Disks: one per VM.
+        let disks = THREE_TIER.replace(
+            "kernel = \"/boot/vmlinuz\"\ninitrd = \"/boot/initrd\"",
+            "disk = \"/vm/base.qcow2\"",
+        );
+        let e = err(&disks);
+        assert!(
+            e.contains("vm app1: disk /vm/base.qcow2 is another VM's too"),
+            "{e}"
+        );
+        let own = disks.replace(
+            "network = \"app\"\n",
+            "network = \"app\"\ndisk = \"/vm/app1.qcow2\"\n",
+        );
+        Topology::parse(&own).unwrap();
     }
 
     #[test]

@@ -253,8 +253,17 @@ fn a_failed_up_names_the_cause_and_leaves_nothing_behind() {
     );
     assert!(!host.try_sh("ip link show tf-app").status.success());
 
-    // QEMU refusing its arguments: its own words, and the network taken down again.
+    // Someone else's bridge of the same name: refused, and left as it was.
     std::fs::write(&kernel, b"not a kernel").unwrap();
+    host.sh("ip link add tf-app type bridge");
+    let out = up(topo(&kernel, ""));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("bridge tf-app already exist"), "{err}");
+    assert!(host.try_sh("ip link show tf-app").status.success());
+    host.sh("ip link del tf-app");
+
+    // QEMU refusing its arguments: its own words, and the network taken down again.
     let out = up(topo(&kernel, "qemu_args = [\"-no-such-option\"]"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
