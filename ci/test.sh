@@ -20,8 +20,10 @@ echo "== benchmark, short mode (one second per case)"
 cargo build --release -q -p vhost-net-backend -p integration --bins
 # Guest memory on 2 MiB pages, as the reference figures were taken; the bench falls
 # back to 4 KiB pages (and says so) where none can be reserved.
+hugepages=$(cat /proc/sys/vm/nr_hugepages)
 sysctl -qw vm.nr_hugepages=512 || true
 target/release/vnet-bench --seconds 1
+sysctl -qw vm.nr_hugepages="$hugepages" || true
 echo "== end-to-end guests on QEMU 10"
 VNET_QEMU=10 cargo test -p integration --test guests -- --nocapture
 VNET_QEMU=10 cargo test -p bridge-plugin --test guest
