@@ -80,7 +80,7 @@ fn run(args: &[String]) -> Result<(), String> {
         "show" => {
             let mut nl = Netlink::open().map_err(|e| e.to_string())?;
             let links = nl.links().map_err(|e| e.to_string())?;
-            let rules = counters().map_err(|e| e.to_string())?;
+            let rules = counters(&net.table).map_err(|e| e.to_string())?;
             if json {
                 let bridges: Vec<_> = net
                     .networks

@@ -105,6 +105,14 @@ pub struct NetFile {
     pub networks: Vec<Network>,
     #[serde(default, rename = "allow")]
     pub allows: Vec<Allow>,
+    /// The inet nftables table holding these networks' rules (`bridge_plugin`; another
+    /// name lets several sets of networks live side by side).
+    #[serde(skip, default = "default_table")]
+    pub table: String,
+}
+
+fn default_table() -> String {
+    TABLE.to_string()
 }
 
 /// `10.0.0.1/24` as an address and a prefix length.
@@ -240,21 +248,22 @@ impl NetFile {
 
     /// The nftables batch that `up` applies: our table, rebuilt from scratch.
     pub fn ruleset(&self) -> Vec<Value> {
+        let table = self.table.as_str();
         let t = |o: Value| o;
         let rule = |chain: &str, comment: String, expr: Vec<Value>| {
-            json!({"add": {"rule": {"family": "inet", "table": TABLE, "chain": chain,
+            json!({"add": {"rule": {"family": "inet", "table": table, "chain": chain,
                 "comment": comment, "expr": expr}}})
         };
         let mut cmds = vec![
             // add + delete + add: the table is recreated whether or not it existed.
-            t(json!({"add": {"table": {"family": "inet", "name": TABLE}}})),
-            t(json!({"delete": {"table": {"family": "inet", "name": TABLE}}})),
-            t(json!({"add": {"table": {"family": "inet", "name": TABLE}}})),
-            json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "forward",
+            t(json!({"add": {"table": {"family": "inet", "name": table}}})),
+            t(json!({"delete": {"table": {"family": "inet", "name": table}}})),
+            t(json!({"add": {"table": {"family": "inet", "name": table}}})),
+            json!({"add": {"chain": {"family": "inet", "table": table, "name": "forward",
                 "type": "filter", "hook": "forward", "prio": 0, "policy": "accept"}}}),
-            json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "prerouting",
+            json!({"add": {"chain": {"family": "inet", "table": table, "name": "prerouting",
                 "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}}}),
-            json!({"add": {"chain": {"family": "inet", "table": TABLE, "name": "postrouting",
+            json!({"add": {"chain": {"family": "inet", "table": table, "name": "postrouting",
                 "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}}}),
         ];
         cmds.push(rule(
@@ -433,17 +442,17 @@ impl NetFile {
             .filter(|n| nl.link(&n.bridge).is_ok())
             .map(|n| format!("bridge {}", n.bridge))
             .collect();
-        if nft::table_exists("inet") {
-            found.push(format!("nftables table inet {TABLE}"));
+        if nft::table_exists("inet", &self.table) {
+            found.push(format!("nftables table inet {}", self.table));
         }
         Ok(found)
     }
 
     /// Removes our table and the bridges this file names; nothing else.
     pub fn down(&self) -> Result<(), NetError> {
-        if nft::table_exists("inet") {
+        if nft::table_exists("inet", &self.table) {
             nft::apply(vec![
-                json!({"delete": {"table": {"family": "inet", "name": TABLE}}}),
+                json!({"delete": {"table": {"family": "inet", "name": self.table}}}),
             ])?;
         }
         let mut nl = Netlink::open()?;
@@ -467,13 +476,13 @@ pub struct RuleCounter {
     pub bytes: u64,
 }
 
-/// The counters of our rules (empty when the networks are down).
-pub fn counters() -> Result<Vec<RuleCounter>, NetError> {
-    if !nft::table_exists("inet") {
+/// The counters of the rules in `table` (empty when the networks are down).
+pub fn counters(table: &str) -> Result<Vec<RuleCounter>, NetError> {
+    if !nft::table_exists("inet", table) {
         return Ok(Vec::new());
     }
     let mut out = Vec::new();
-    for item in nft::list(&["table", "inet", TABLE])? {
+    for item in nft::list(&["table", "inet", table])? {
         let Some(rule) = item.get("rule") else {
             continue;
         };

@@ -65,9 +65,9 @@ pub fn list(args: &[&str]) -> Result<Vec<Value>, NftError> {
     Ok(v["nftables"].as_array().cloned().unwrap_or_default())
 }
 
-/// Whether one of our tables exists in `family`.
-pub fn table_exists(family: &str) -> bool {
-    list(&["table", family, TABLE]).is_ok()
+/// Whether `table` exists in `family`.
+pub fn table_exists(family: &str, table: &str) -> bool {
+    list(&["table", family, table]).is_ok()
 }
 
 pub fn iifname(name: &str) -> Value {

@@ -128,7 +128,7 @@ fn run(cli: Cli) -> Result<()> {
             loop {
                 for signal in signals.pending() {
                     if signal == SIGUSR1 {
-                        report(&running.vm_names());
+                        report(&running.vm_names(), &t.net_file().table);
                         continue;
                     }
                     info!("signal {signal}: taking {} down", t.name);
@@ -150,9 +150,9 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn report(vms: &[String]) {
+fn report(vms: &[String], table: &str) {
     info!("running: {}", vms.join(" "));
-    match bridge_plugin::net::counters() {
+    match bridge_plugin::net::counters(table) {
         Ok(rules) => {
             for r in rules {
                 info!("{} {}: {} packets", r.chain, r.rule, r.packets);

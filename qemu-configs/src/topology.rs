@@ -126,11 +126,13 @@ impl Topology {
         Ok(topo)
     }
 
-    /// The host side: bridges, addresses, NAT and the rules between networks.
+    /// The host side: bridges, addresses, NAT and the rules between networks, in an
+    /// nftables table of this topology's own, so that topologies live side by side.
     pub fn net_file(&self) -> NetFile {
         NetFile {
             networks: self.networks.clone(),
             allows: self.allows.clone(),
+            table: format!("qemu_configs_{}", self.name.replace(['-', '.'], "_")),
         }
     }
 
@@ -374,6 +376,7 @@ address = "10.10.2.10/24"
         assert_eq!(t.mac(&t.vms[1]).to_string(), "52:54:00:0a:01:02");
         assert_eq!(t.gateway(&t.vms[1]), Some(Ipv4Addr::new(10, 10, 2, 1)));
         assert_eq!(t.net_file().allows.len(), 1);
+        assert_eq!(t.net_file().table, "qemu_configs_shop");
     }
 
     #[test]
