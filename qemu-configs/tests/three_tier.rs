@@ -4,6 +4,7 @@
 //! everything down again.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -273,4 +274,69 @@ fn a_failed_up_names_the_cause_and_leaves_nothing_behind() {
     );
     assert!(!host.try_sh("ip link show tf-app").status.success());
     assert!(!dir.path().join("state/app1.console").exists());
+}
+
+#[test]
+fn two_topologies_live_side_by_side() {
+    let host = Netns::new("3ts");
+    let dir = tempfile::tempdir().unwrap();
+    // A stand-in for QEMU that just stays up: this test is about the host side.
+    let fake_qemu = dir.path().join("fake-qemu");
+    std::fs::write(&fake_qemu, "#!/bin/sh\nexec sleep 600\n").unwrap();
+    std::fs::set_permissions(&fake_qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"").unwrap();
+    let start = |name: &str, net: u8| {
+        let file = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!(
+                "name = \"{name}\"\n[guest]\nqemu = \"{}\"\nkernel = \"{}\"\n\
+                 [[network]]\nname = \"n\"\nmode = \"host-only\"\nbridge = \"{name}-br\"\naddress = \"10.3{net}.0.1/24\"\n\
+                 [[vm]]\nname = \"{name}1\"\nnetwork = \"n\"\naddress = \"10.3{net}.0.10/24\"\n",
+                fake_qemu.display(),
+                kernel.display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &host.name])
+            .arg(bin("qemu-configs"))
+            .arg("up")
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(dir.path().join(name))
+            .arg("--helper")
+            .arg(bin("qemu-bridge-plugin"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let up = Up(child);
+        wait_for(&format!("{name}'s table"), Duration::from_secs(20), || {
+            host.try_sh(&format!("nft list table inet qemu_configs_{name}"))
+                .status
+                .success()
+        });
+        up
+    };
+    let a = start("ta", 1);
+    let b = start("tb", 2);
+    drop(b);
+    // b's down removed b's table and bridge, and nothing of a's.
+    assert!(!host
+        .try_sh("nft list table inet qemu_configs_tb")
+        .status
+        .success());
+    assert!(!host.try_sh("ip link show tb-br").status.success());
+    assert!(host
+        .try_sh("nft list table inet qemu_configs_ta")
+        .status
+        .success());
+    assert!(host.try_sh("ip link show ta-br").status.success());
+    drop(a);
+    assert!(!host
+        .try_sh("nft list table inet qemu_configs_ta")
+        .status
+        .success());
 }
