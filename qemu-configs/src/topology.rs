@@ -190,30 +190,6 @@ impl Topology {
                 "initrd needs a kernel (kernel = \"PATH\")".into(),
             ));
         }
-        let mut disks = HashSet::new();
-        for vm in &self.vms {
-            let bad = |message: &str| TopologyError::Vm {
-                vm: vm.name.clone(),
-                message: message.into(),
-            };
-            match (&g.kernel, self.disk(vm)) {
-                (Some(_), Some(_)) => {
-                    return Err(bad("give either [guest] kernel (and initrd) or a disk, not both"))
-                }
-                (None, None) => {
-                    return Err(bad(
-                        "nothing to boot: give [guest] kernel = \"PATH\" (and initrd), or disk = \"PATH\"",
-                    ))
-                }
-                (None, Some(d)) if !disks.insert(d) => {
-                    return Err(bad(&format!(
-                        "disk {} is another VM's too: two VMs writing one image corrupt it; give each VM its own disk = \"PATH\"",
-                        d.display()
-                    )))
-                }
-                _ => {}
-            }
-        }
         if !matches!(g.accel.as_str(), "kvm" | "tcg" | "kvm:tcg" | "tcg:kvm") {
             return Err(TopologyError::Guest(format!(
                 "accel '{}' is not kvm, tcg or kvm:tcg",
@@ -226,6 +202,7 @@ impl Topology {
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
         let mut macs = HashSet::new();
+        let mut disks = HashSet::new();
         for vm in &self.vms {
             let bad = |message: String| TopologyError::Vm {
                 vm: vm.name.clone(),
@@ -289,6 +266,25 @@ impl Topology {
                 return Err(bad(
                     "run is longer than 1024 bytes: put a script in the image instead".into(),
                 ));
+            }
+            match (&g.kernel, self.disk(vm)) {
+                (Some(_), Some(_)) => {
+                    return Err(bad(
+                        "give either [guest] kernel (and initrd) or a disk, not both".into(),
+                    ))
+                }
+                (None, None) => {
+                    return Err(bad(
+                        "nothing to boot: give [guest] kernel = \"PATH\" (and initrd), or disk = \"PATH\"".into(),
+                    ))
+                }
+                (None, Some(d)) if !disks.insert(d) => {
+                    return Err(bad(format!(
+                        "disk {} is another VM's too: two VMs writing one image corrupt it; give each VM its own disk = \"PATH\"",
+                        d.display()
+                    )))
+                }
+                _ => {}
             }
         }
         Ok(())

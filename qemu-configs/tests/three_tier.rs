@@ -70,6 +70,20 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// `qemu-configs up FILE` inside `host`, its state in `state`.
+fn up_command(host: &Netns, file: &Path, state: &Path) -> Command {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &host.name])
+        .arg(bin("qemu-configs"))
+        .arg("up")
+        .arg(file)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--helper")
+        .arg(bin("qemu-bridge-plugin"));
+    cmd
+}
+
 struct Up(Child);
 
 impl Drop for Up {
@@ -105,15 +119,7 @@ fn three_tier_example_enforces_its_policy_with_real_guests() {
     let state = dir.path().join("state");
     let log = dir.path().join("up.log");
 
-    let child = Command::new("ip")
-        .args(["netns", "exec", &host.name])
-        .arg(bin("qemu-configs"))
-        .arg("up")
-        .arg(&file)
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--helper")
-        .arg(bin("qemu-bridge-plugin"))
+    let child = up_command(&host, &file, &state)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -231,15 +237,7 @@ fn a_failed_up_names_the_cause_and_leaves_nothing_behind() {
     let up = |text: String| {
         let file = dir.path().join("t.toml");
         std::fs::write(&file, text).unwrap();
-        Command::new("ip")
-            .args(["netns", "exec", &host.name])
-            .arg(bin("qemu-configs"))
-            .arg("up")
-            .arg(&file)
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--helper")
-            .arg(bin("qemu-bridge-plugin"))
+        up_command(&host, &file, &dir.path().join("state"))
             .output()
             .unwrap()
     };
@@ -299,15 +297,7 @@ fn two_topologies_live_side_by_side() {
             ),
         )
         .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &host.name])
-            .arg(bin("qemu-configs"))
-            .arg("up")
-            .arg(&file)
-            .arg("--state-dir")
-            .arg(dir.path().join(name))
-            .arg("--helper")
-            .arg(bin("qemu-bridge-plugin"))
+        let child = up_command(&host, &file, &dir.path().join(name))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
