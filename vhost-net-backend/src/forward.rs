@@ -2,9 +2,6 @@
 //! finished in software where the receiver lacks them) or to the uplink. Shared by the
 //! vhost-user ports' workers and the uplink's readers.
 
-use std::num::Wrapping;
-use std::sync::atomic::Ordering;
-
 use log::{debug, warn};
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
@@ -14,10 +11,11 @@ use crate::config::MacAddr;
 use crate::counters::DropReason;
 use crate::offload::{complete_checksum, segment_tcp};
 use crate::port::{Vring, MAX_GSO_FRAME};
+use crate::ram::Ram;
 use crate::switch::{DecisionCache, Forward, OpenEndpoint, PortId, PortShared, Switch};
 use crate::virtio::{
-    avail_head, features as f, needs_interrupt, net_hdr_len, publish_used, push_used, walk_chain,
-    write_used, DescTable, FrameSource, GuestMemory, GuestWriter, NetHdr, Segment,
+    avail_head, avail_idx, features as f, needs_interrupt, net_hdr_len, publish_used, push_used,
+    walk_chain, write_used, DescTable, FrameSource, GuestWriter, NetHdr, Segment,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
 };
@@ -127,7 +125,7 @@ struct RxQueue<'a> {
     port: &'a PortShared,
     vring: &'a Vring,
     index: usize,
-    mem: &'a GuestMemory,
+    mem: &'a Ram,
     features: u64,
     /// The endpoint's generation: writes stop once the port has changed.
     generation: u64,
@@ -158,7 +156,7 @@ impl Deliverer<'_> {
             }
         };
         let ep = &open[i];
-        match (ep.mem.as_deref(), ep.pick_queue(hash)) {
+        match (ep.ram.as_ref(), ep.pick_queue(hash)) {
             (Some(mem), Some((index, vring))) => {
                 let rxq = RxQueue {
                     port: dst,
@@ -288,7 +286,7 @@ pub(crate) fn flush_notifications(switch: &Switch, scratch: &mut Scratch) {
             .open
             .iter()
             .find(|o| o.port == t.port)
-            .and_then(|o| Some((o.queue(t.queue)?, o.mem.as_deref()?, o.generation)))
+            .and_then(|o| Some((o.queue(t.queue)?, o.ram.as_ref()?, o.generation)))
         else {
             continue;
         };
@@ -358,9 +356,9 @@ fn passed_header(hdr: &NetHdr) -> NetHdr {
     out
 }
 
-fn read_avail(queue: &virtio_queue::Queue, mem: &GuestMemory) -> Result<u16, RxError> {
-    match queue.avail_idx(mem, Ordering::Acquire) {
-        Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size() => Ok(avail.0),
+fn read_avail(queue: &virtio_queue::Queue, ram: &Ram) -> Result<u16, RxError> {
+    match avail_idx(ram, GuestAddress(queue.avail_ring())) {
+        Some(avail) if avail.wrapping_sub(queue.next_avail()) <= queue.size() => Ok(avail),
         _ => Err(RxError::Broken),
     }
 }

@@ -22,6 +22,7 @@ pub mod counters;
 pub mod forward;
 pub mod offload;
 pub mod port;
+pub mod ram;
 pub mod relay;
 pub mod server;
 pub mod switch;

@@ -3,7 +3,6 @@
 //! guests' RX buffers.
 
 use std::io;
-use std::num::Wrapping;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -19,10 +18,11 @@ use vmm_sys_util::event::{
 
 use crate::counters::DropReason;
 use crate::forward::{flush_notifications, switch_frame, Frame, Scratch, MAX_HEAD, MIN_GSO_SIZE};
+use crate::ram::Ram;
 use crate::switch::{flow_hash, PortId, PortShared, Switch};
 use crate::virtio::{
-    avail_head, features as f, needs_interrupt, net_hdr_len, push_used, walk_chain, Cursor,
-    DescTable, FrameSource, GuestMemory, NetHdr, Segment, VIRTIO_NET_HDR_GSO_ECN,
+    avail_head, avail_idx, features as f, needs_interrupt, net_hdr_len, push_used, walk_chain,
+    Cursor, DescTable, FrameSource, GuestMemory, NetHdr, Segment, VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
@@ -214,13 +214,11 @@ impl VhostUserBackend for Port {
 }
 
 /// Turns guest kicks back on; true if chains arrived meanwhile (process them first).
-fn rearm(queue: &mut virtio_queue::Queue, mem: &GuestMemory, event_idx: bool) -> bool {
+fn rearm(queue: &mut virtio_queue::Queue, ram: &Ram, event_idx: bool) -> bool {
     if event_idx {
-        queue.enable_notification(mem).unwrap_or(false)
+        queue.enable_notification(ram.memory()).unwrap_or(false)
     } else {
-        queue
-            .avail_idx(mem, Ordering::Acquire)
-            .is_ok_and(|a| a != Wrapping(queue.next_avail()))
+        avail_idx(ram, GuestAddress(queue.avail_ring())).is_some_and(|a| a != queue.next_avail())
     }
 }
 
@@ -243,7 +241,7 @@ impl PortInner {
                 None => return,
             }
         };
-        let mem = atomic.memory();
+        let ram = Ram::new(atomic.memory().into_inner());
         let hdr_len = net_hdr_len(features);
         while self.alive() {
             let mut state = vring.get_mut();
@@ -255,9 +253,9 @@ impl PortInner {
                 return;
             }
             let event_idx = queue.event_idx_enabled();
-            let pending = match queue.avail_idx(&*mem, Ordering::Acquire) {
-                Ok(avail) if (avail - Wrapping(queue.next_avail())).0 <= queue.size() => {
-                    (avail - Wrapping(queue.next_avail())).0
+            let pending = match avail_idx(&ram, GuestAddress(queue.avail_ring())) {
+                Some(avail) if avail.wrapping_sub(queue.next_avail()) <= queue.size() => {
+                    avail.wrapping_sub(queue.next_avail())
                 }
                 _ => {
                     drop(state);
@@ -265,9 +263,9 @@ impl PortInner {
                 }
             };
             if event_idx {
-                let _ = queue.disable_notification(&*mem);
+                let _ = queue.disable_notification(ram.memory());
             }
-            let table = DescTable::new(&mem, GuestAddress(queue.desc_table()), queue.size());
+            let table = DescTable::new(&ram, GuestAddress(queue.desc_table()), queue.size());
             let used_ring = GuestAddress(queue.used_ring());
             let old_used = queue.next_used();
             w.tx_used.clear();
@@ -279,15 +277,15 @@ impl PortInner {
             // writing, and re-reading it for every chain was the most expensive thing here.
             while handled < TX_BURST.min(usize::from(pending)) {
                 let next = queue.next_avail();
-                let Some(head) = avail_head(&mem, avail_ring, size, next) else {
+                let Some(head) = avail_head(&ram, avail_ring, size, next) else {
                     // Entries announced but unreadable: do not spin on them.
                     outcome = TxOutcome::Broken("TX avail ring unreadable");
                     break;
                 };
                 queue.set_next_avail(next.wrapping_add(1));
                 w.tx_segs.clear();
-                match walk_chain(&mem, &table, head, false, &mut w.tx_segs) {
-                    Ok(total) => self.forward(&mem, total as usize, hdr_len, features, w),
+                match walk_chain(&ram, &table, head, false, &mut w.tx_segs) {
+                    Ok(total) => self.forward(&ram, total as usize, hdr_len, features, w),
                     Err(e) => {
                         debug!("port {}: bad TX chain {head}: {e}", self.shared.name);
                         self.shared.counters.count_drop(DropReason::BadTxDescriptor);
@@ -306,7 +304,7 @@ impl PortInner {
             (w.tx_packets, w.tx_bytes) = (0, 0);
             // Returned to the guest in one go, with one index store.
             let new_used =
-                match push_used(&mem, used_ring, size, old_used, w.tx_used.iter().copied()) {
+                match push_used(&ram, used_ring, size, old_used, w.tx_used.iter().copied()) {
                     Some(n) => n,
                     None => {
                         drop(state);
@@ -317,7 +315,7 @@ impl PortInner {
                 };
             queue.set_next_used(new_used);
             let notify = needs_interrupt(
-                &mem,
+                &ram,
                 GuestAddress(queue.avail_ring()),
                 size,
                 event_idx,
@@ -328,7 +326,7 @@ impl PortInner {
             let burst_left = handled == TX_BURST || handled < usize::from(pending);
             // While polling, kicks stay off: the guest need not make a syscall per burst.
             let polling = done && !burst_left && self.switch.poll_us > 0;
-            let more = done && (burst_left || (!polling && rearm(queue, &mem, event_idx)));
+            let more = done && (burst_left || (!polling && rearm(queue, &ram, event_idx)));
             drop(state);
             flush_notifications(&self.switch, &mut w.scratch);
             if notify {
@@ -337,13 +335,13 @@ impl PortInner {
             if let TxOutcome::Broken(why) = outcome {
                 return self.broken(why);
             }
-            if more || (polling && self.poll_for_tx(vring, &mem)) {
+            if more || (polling && self.poll_for_tx(vring, &ram)) {
                 continue;
             }
             if polling {
                 // The window closed empty: ask for kicks again, unless work slipped in.
                 let mut state = vring.get_mut();
-                if rearm(state.get_queue_mut(), &mem, event_idx) {
+                if rearm(state.get_queue_mut(), &ram, event_idx) {
                     continue;
                 }
             }
@@ -353,7 +351,7 @@ impl PortInner {
 
     /// Busy-polls the TX ring for up to `--poll-us` for new chains, so a latency-sensitive
     /// guest's next frame is taken without waiting for its kick to wake this thread.
-    fn poll_for_tx(&self, vring: &Vring, mem: &GuestMemory) -> bool {
+    fn poll_for_tx(&self, vring: &Vring, ram: &Ram) -> bool {
         let window = self.switch.poll_us;
         if window == 0 {
             return false;
@@ -366,8 +364,7 @@ impl PortInner {
                 if !q.ready() {
                     return false;
                 }
-                if q.avail_idx(mem, Ordering::Acquire)
-                    .is_ok_and(|a| a != Wrapping(q.next_avail()))
+                if avail_idx(ram, GuestAddress(q.avail_ring())).is_some_and(|a| a != q.next_avail())
                 {
                     return true;
                 }
@@ -392,14 +389,7 @@ impl PortInner {
     }
 
     /// Switches one frame whose buffers are in `w.tx_segs`.
-    fn forward(
-        &self,
-        mem: &GuestMemory,
-        total: usize,
-        hdr_len: usize,
-        features: u64,
-        w: &mut Worker,
-    ) {
+    fn forward(&self, mem: &Ram, total: usize, hdr_len: usize, features: u64, w: &mut Worker) {
         let counters = &self.shared.counters;
         if total < hdr_len + 14 {
             return counters.count_drop(DropReason::Malformed);

@@ -11,6 +11,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use crate::config::{MacAddr, SwitchConfig};
 use crate::counters::PortCounters;
+use crate::ram::Ram;
 use crate::uplink::Uplink;
 use crate::virtio::GuestMemory;
 
@@ -256,7 +257,7 @@ impl RxEndpoint {
         let mut open = OpenEndpoint {
             port,
             generation,
-            mem: None,
+            ram: None,
             features: self.features,
             queues: Default::default(),
             enabled: 0,
@@ -274,7 +275,7 @@ impl RxEndpoint {
             }
         }
         if open.enabled > 0 {
-            open.mem = Some(atomic.memory().into_inner());
+            open.ram = Some(Ram::new(atomic.memory().into_inner()));
         }
         open
     }
@@ -297,7 +298,7 @@ pub struct OpenEndpoint {
     /// The port's `generation` when this was taken.
     pub generation: u64,
     /// None when no guest is attached, its features are not acked or no queue is enabled.
-    pub mem: Option<Arc<GuestMemory>>,
+    pub ram: Option<Ram>,
     pub features: u64,
     queues: [Option<(usize, VringRwLock<GuestMemoryAtomic<GuestMemory>>)>; MAX_QP],
     enabled: usize,

@@ -6,10 +6,9 @@
 use std::fmt;
 use std::sync::atomic::{fence, Ordering};
 
-use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, MemoryRegionAddress, VolatileSlice,
-};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap, VolatileSlice};
+
+use crate::ram::Ram;
 
 /// Guest memory as mapped by the backend (no dirty-page bitmap).
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -183,11 +182,11 @@ pub struct DescTable<'a> {
 }
 
 impl<'a> DescTable<'a> {
-    pub fn new(mem: &'a GuestMemory, addr: GuestAddress, size: u16) -> Self {
+    pub fn new(ram: &'a Ram, addr: GuestAddress, size: u16) -> Self {
         DescTable {
             addr,
             size,
-            map: region_slice(mem, addr, usize::from(size) * DESC_SIZE as usize),
+            map: ram.region_slice(addr, usize::from(size) * DESC_SIZE as usize),
         }
     }
 }
@@ -196,7 +195,7 @@ impl<'a> DescTable<'a> {
 /// tables, and appends its buffers to `segs`. Every index, address and length comes from
 /// the guest and is checked. Returns the total length of the buffers.
 pub fn walk_chain(
-    mem: &GuestMemory,
+    ram: &Ram,
     queue_table: &DescTable<'_>,
     head: u16,
     device_writable: bool,
@@ -229,7 +228,11 @@ pub fn walk_chain(
                 m.read_obj(offset).map_err(|_| outside)?
             }
             // A table crossing regions (or not mapped at all): the general path.
-            _ => mem.read_obj(desc_addr).map_err(|_| outside)?,
+            _ => {
+                let mut raw = [0u8; DESC_SIZE as usize];
+                ram.read(desc_addr, &mut raw).ok_or(outside)?;
+                VirtqDesc::from_slice(&raw).copied().ok_or(outside)?
+            }
         };
         let (addr, len, flags) = (
             u64::from_le(desc.addr),
@@ -244,10 +247,10 @@ pub fn walk_chain(
             if len == 0 || u64::from(len) % DESC_SIZE != 0 || u64::from(len) / DESC_SIZE > 65535 {
                 return Err(ChainError::BadIndirectTable(len));
             }
-            check_range(mem, addr, u64::from(len))?;
+            check_range(ram, addr, u64::from(len))?;
             table = GuestAddress(addr);
             table_size = (u64::from(len) / DESC_SIZE) as u16;
-            table_map = region_slice(mem, table, len as usize);
+            table_map = ram.region_slice(table, len as usize);
             budget = table_size;
             index = 0;
             indirect = true;
@@ -258,7 +261,7 @@ pub fn walk_chain(
             return Err(ChainError::WrongDirection);
         }
         if len > 0 {
-            check_range(mem, addr, u64::from(len))?;
+            check_range(ram, addr, u64::from(len))?;
             total = total.checked_add(len).ok_or(ChainError::LengthOverflow)?;
             segs.push(Segment {
                 addr: GuestAddress(addr),
@@ -277,28 +280,20 @@ pub fn walk_chain(
     }
 }
 
-fn check_range(mem: &GuestMemory, addr: u64, len: u64) -> Result<(), ChainError> {
-    let outside = ChainError::OutsideMemory(addr, len);
-    let end = addr.checked_add(len).ok_or(outside)?;
-    // Buffers may span adjacent regions; walk them region by region.
-    let mut cur = addr;
-    while cur < end {
-        let region = mem.find_region(GuestAddress(cur)).ok_or(outside)?;
-        let region_end = region
-            .start_addr()
-            .raw_value()
-            .checked_add(region.len())
-            .ok_or(outside)?;
-        cur = region_end.min(end);
+fn check_range(ram: &Ram, addr: u64, len: u64) -> Result<(), ChainError> {
+    // Buffers may span adjacent regions.
+    if ram.contains(addr, len) {
+        Ok(())
+    } else {
+        Err(ChainError::OutsideMemory(addr, len))
     }
-    Ok(())
 }
 
 /// Writes finished chains `(head, used length)` into the used ring from `next_used` on,
 /// without publishing them; returns the new `next_used`. `publish_used` makes everything
 /// written so far visible with one index store.
 pub fn write_used(
-    mem: &GuestMemory,
+    ram: &Ram,
     used_ring: GuestAddress,
     size: u16,
     next_used: u16,
@@ -310,7 +305,7 @@ pub fn write_used(
         elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
         elem[4..].copy_from_slice(&len.to_le_bytes());
         let slot = used_ring.checked_add(4 + 8 * u64::from(idx % size.max(1)))?;
-        mem.write_slice(&elem, slot).ok()?;
+        ram.write(slot, &elem)?;
         idx = idx.wrapping_add(1);
     }
     Some(idx)
@@ -318,32 +313,27 @@ pub fn write_used(
 
 /// Stores the used index: the driver sees every entry before it. One store per burst: the
 /// driver polls this cache line, and every store takes it away from the driver's core.
-pub fn publish_used(mem: &GuestMemory, used_ring: GuestAddress, next_used: u16) -> Option<()> {
-    mem.store(
-        next_used.to_le(),
-        used_ring.checked_add(2)?,
-        Ordering::Release,
-    )
-    .ok()
+pub fn publish_used(ram: &Ram, used_ring: GuestAddress, next_used: u16) -> Option<()> {
+    ram.store_u16(used_ring.checked_add(2)?, next_used, Ordering::Release)
 }
 
 /// `write_used` and `publish_used` in one: the entries appear together.
 pub fn push_used(
-    mem: &GuestMemory,
+    ram: &Ram,
     used_ring: GuestAddress,
     size: u16,
     next_used: u16,
     elems: impl Iterator<Item = (u16, u32)>,
 ) -> Option<u16> {
-    let idx = write_used(mem, used_ring, size, next_used, elems)?;
-    publish_used(mem, used_ring, idx)?;
+    let idx = write_used(ram, used_ring, size, next_used, elems)?;
+    publish_used(ram, used_ring, idx)?;
     Some(idx)
 }
 
 /// Whether the driver wants an interrupt for used entries `old..new` (EVENT_IDX's
 /// `used_event`, or the NO_INTERRUPT flag without it). When in doubt, yes.
 pub fn needs_interrupt(
-    mem: &GuestMemory,
+    ram: &Ram,
     avail_ring: GuestAddress,
     size: u16,
     event_idx: bool,
@@ -353,17 +343,16 @@ pub fn needs_interrupt(
     fence(Ordering::SeqCst);
     if event_idx {
         let at = avail_ring.checked_add(4 + 2 * u64::from(size));
-        match at.and_then(|a| mem.load::<u16>(a, Ordering::Acquire).ok()) {
+        match at.and_then(|a| ram.load_u16(a, Ordering::Acquire)) {
             Some(used_event) => {
-                let used_event = u16::from_le(used_event);
                 new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
             }
             None => true,
         }
     } else {
-        match mem.load::<u16>(avail_ring, Ordering::Acquire) {
-            Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0,
-            Err(_) => true,
+        match ram.load_u16(avail_ring, Ordering::Acquire) {
+            Some(flags) => flags & VRING_AVAIL_F_NO_INTERRUPT == 0,
+            None => true,
         }
     }
 }
@@ -372,26 +361,14 @@ const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Reads the head of avail ring entry `index` (the caller has already read an avail index
 /// covering it with Acquire, so the entry is published).
-pub fn avail_head(
-    mem: &GuestMemory,
-    avail_ring: GuestAddress,
-    size: u16,
-    index: u16,
-) -> Option<u16> {
+pub fn avail_head(ram: &Ram, avail_ring: GuestAddress, size: u16, index: u16) -> Option<u16> {
     let at = avail_ring.checked_add(4 + 2 * u64::from(index % size.max(1)))?;
-    mem.load::<u16>(at, Ordering::Relaxed)
-        .ok()
-        .map(u16::from_le)
+    ram.load_u16(at, Ordering::Relaxed)
 }
 
-/// The host mapping of up to `len` bytes at `addr`, cut at the end of the region.
-pub fn region_slice(mem: &GuestMemory, addr: GuestAddress, len: usize) -> Option<GuestSlice<'_>> {
-    let region = mem.find_region(addr)?;
-    let offset = addr.raw_value() - region.start_addr().raw_value();
-    let avail = usize::try_from(region.len() - offset).ok()?;
-    region
-        .get_slice(MemoryRegionAddress(offset), len.min(avail))
-        .ok()
+/// The avail index a driver published, read with Acquire so the entries it covers are seen.
+pub fn avail_idx(ram: &Ram, avail_ring: GuestAddress) -> Option<u16> {
+    ram.load_u16(avail_ring.checked_add(2)?, Ordering::Acquire)
 }
 
 /// Host mapping of guest bytes.
@@ -400,14 +377,14 @@ pub type GuestSlice<'a> = VolatileSlice<'a, <() as vm_memory::bitmap::WithBitmap
 /// The host mappings of `len` guest bytes from `start`, one piece per buffer and region;
 /// `Err(())` where a piece cannot be mapped (the walk stops there).
 pub struct GuestSlices<'a> {
-    mem: &'a GuestMemory,
+    mem: &'a Ram,
     segs: &'a [Segment],
     cur: Cursor,
     left: usize,
 }
 
 impl<'a> GuestSlices<'a> {
-    pub fn new(mem: &'a GuestMemory, segs: &'a [Segment], start: Cursor, len: usize) -> Self {
+    pub fn new(mem: &'a Ram, segs: &'a [Segment], start: Cursor, len: usize) -> Self {
         GuestSlices {
             mem,
             segs,
@@ -426,11 +403,8 @@ impl<'a> Iterator for GuestSlices<'a> {
         }
         let piece = self.segs.get(self.cur.seg).and_then(|s| {
             let addr = s.addr.unchecked_add(self.cur.off as u64);
-            region_slice(
-                self.mem,
-                addr,
-                (s.len as usize - self.cur.off).min(self.left),
-            )
+            self.mem
+                .region_slice(addr, (s.len as usize - self.cur.off).min(self.left))
         });
         let Some(slice) = piece else {
             self.left = 0;
@@ -474,7 +448,7 @@ impl Cursor {
 #[derive(Clone, Copy)]
 pub enum FrameSource<'a> {
     Guest {
-        mem: &'a GuestMemory,
+        mem: &'a Ram,
         segs: &'a [Segment],
         start: Cursor,
         len: usize,
@@ -543,7 +517,7 @@ impl<'a> FrameSource<'a> {
 
 /// Writes into a destination guest's RX buffers, front to back.
 pub struct GuestWriter<'a> {
-    mem: &'a GuestMemory,
+    mem: &'a Ram,
     segs: &'a [Segment],
     cur: Cursor,
     /// The host mapping of the rest of the current buffer (up to its region's end), kept
@@ -553,7 +527,7 @@ pub struct GuestWriter<'a> {
 }
 
 impl<'a> GuestWriter<'a> {
-    pub fn new(mem: &'a GuestMemory, segs: &'a [Segment]) -> Self {
+    pub fn new(mem: &'a Ram, segs: &'a [Segment]) -> Self {
         GuestWriter {
             mem,
             segs,
@@ -574,7 +548,7 @@ impl<'a> GuestWriter<'a> {
             _ => {
                 let s = self.segs.get(self.cur.seg)?;
                 let addr = s.addr.unchecked_add(self.cur.off as u64);
-                region_slice(self.mem, addr, s.len as usize - self.cur.off)?
+                self.mem.region_slice(addr, s.len as usize - self.cur.off)?
             }
         };
         let n = rest.len().min(max);
@@ -640,6 +614,12 @@ impl<'a> GuestWriter<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    /// A view of `m` for the data path; writes through `m` stay visible to it.
+    fn ram(m: &GuestMemory) -> Ram {
+        Ram::new(Arc::new(m.clone()))
+    }
 
     fn mem() -> GuestMemory {
         GuestMemoryMmap::from_ranges(&[
@@ -689,8 +669,9 @@ mod tests {
         put_desc(&m, 0x3000, 1, 0x5000, 0, VIRTQ_DESC_F_NEXT, 2); // empty buffers are skipped
         put_desc(&m, 0x3000, 2, 0x6000, 50, 0, 0);
         let mut segs = Vec::new();
-        let t = DescTable::new(&m, GuestAddress(0), 8);
-        let total = walk_chain(&m, &t, 0, false, &mut segs).unwrap();
+        let r = ram(&m);
+        let t = DescTable::new(&r, GuestAddress(0), 8);
+        let total = walk_chain(&r, &t, 0, false, &mut segs).unwrap();
         assert_eq!(total, 100 + 200 + 0x200 + 50);
         assert_eq!(segs.len(), 4);
         assert_eq!(segs[2].addr, GuestAddress(0xff00));
@@ -699,8 +680,9 @@ mod tests {
     #[test]
     fn rejects_hostile_chains() {
         let m = mem();
-        let t = DescTable::new(&m, GuestAddress(0), 8);
-        let walk = |head| walk_chain(&m, &t, head, false, &mut Vec::new());
+        let r = ram(&m);
+        let t = DescTable::new(&r, GuestAddress(0), 8);
+        let walk = |head| walk_chain(&r, &t, head, false, &mut Vec::new());
         // A loop: 0 -> 1 -> 0.
         put_desc(&m, 0, 0, 0x1000, 10, VIRTQ_DESC_F_NEXT, 1);
         put_desc(&m, 0, 1, 0x1000, 10, VIRTQ_DESC_F_NEXT, 0);
@@ -723,6 +705,7 @@ mod tests {
         if let Ok(big) = big {
             put_desc(&big, 0, 0, 0x1000, 0xffff_0000, VIRTQ_DESC_F_NEXT, 1);
             put_desc(&big, 0, 1, 0x1000, 0xffff_0000, 0, 0);
+            let big = ram(&big);
             assert_eq!(
                 walk_chain(
                     &big,
@@ -766,7 +749,7 @@ mod tests {
         let m = mem();
         let used = GuestAddress(0x2000);
         let avail = GuestAddress(0x1000);
-        let next = push_used(&m, used, 4, 3, [(7u16, 100u32), (2, 50)].into_iter()).unwrap();
+        let next = push_used(&ram(&m), used, 4, 3, [(7u16, 100u32), (2, 50)].into_iter()).unwrap();
         assert_eq!(next, 5);
         let idx: u16 = m.read_obj(GuestAddress(0x2002)).unwrap();
         assert_eq!(idx, 5);
@@ -776,13 +759,13 @@ mod tests {
         assert_eq!(e, [2, 50]);
         // used_event sits after the 4 avail entries.
         m.write_obj(3u16, GuestAddress(0x1000 + 4 + 8)).unwrap();
-        assert!(needs_interrupt(&m, avail, 4, true, 3, 5));
+        assert!(needs_interrupt(&ram(&m), avail, 4, true, 3, 5));
         m.write_obj(9u16, GuestAddress(0x1000 + 4 + 8)).unwrap();
-        assert!(!needs_interrupt(&m, avail, 4, true, 3, 5));
+        assert!(!needs_interrupt(&ram(&m), avail, 4, true, 3, 5));
         m.write_obj(1u16, avail).unwrap(); // NO_INTERRUPT
-        assert!(!needs_interrupt(&m, avail, 4, false, 3, 5));
+        assert!(!needs_interrupt(&ram(&m), avail, 4, false, 3, 5));
         m.write_obj(0u16, avail).unwrap();
-        assert!(needs_interrupt(&m, avail, 4, false, 3, 5));
+        assert!(needs_interrupt(&ram(&m), avail, 4, false, 3, 5));
     }
 
     #[test]
@@ -816,10 +799,11 @@ mod tests {
                 len: 2000,
             },
         ];
+        let src_ram = ram(&src_mem);
         let mut start = Cursor::default();
         assert!(start.advance(&src_segs, 4));
         let src = FrameSource::Guest {
-            mem: &src_mem,
+            mem: &src_ram,
             segs: &src_segs,
             start,
             len: 996,
@@ -827,7 +811,8 @@ mod tests {
         let mut peek = [0u8; 400];
         assert_eq!(src.peek(&mut peek), 400);
         assert_eq!(&peek[..], &data[4..404]);
-        let mut w = GuestWriter::new(&dst_mem, &dst_segs);
+        let dst_ram = ram(&dst_mem);
+        let mut w = GuestWriter::new(&dst_ram, &dst_segs);
         assert!(w.write(&[1, 2]));
         assert!(w.copy_from(src));
         assert_eq!(w.written(), 998);
@@ -841,7 +826,7 @@ mod tests {
         assert_eq!(&out[..2], &[1, 2]);
         assert_eq!(&out[2..], &data[4..]);
         // Too small a destination is reported, not overrun.
-        let mut w = GuestWriter::new(&dst_mem, &dst_segs[..1]);
+        let mut w = GuestWriter::new(&dst_ram, &dst_segs[..1]);
         assert!(!w.copy_from(src));
     }
 }
