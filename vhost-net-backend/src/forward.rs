@@ -3,19 +3,19 @@
 //! vhost-user ports' workers and the uplink's readers.
 
 use log::{debug, warn};
-use vhost_user_backend::VringT;
+use vhost_user_backend::{VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::GuestAddress;
 
 use crate::config::MacAddr;
 use crate::counters::DropReason;
 use crate::offload::{complete_checksum, segment_tcp};
-use crate::port::{Vring, MAX_GSO_FRAME};
+use crate::port::{Vring, MAX_GSO_FRAME, TX_BURST};
 use crate::ram::Ram;
 use crate::switch::{DecisionCache, Forward, OpenEndpoint, PortId, PortShared, Switch};
 use crate::virtio::{
     avail_head, avail_idx, features as f, needs_interrupt, net_hdr_len, publish_used, push_used,
-    walk_chain, write_used, DescTable, FrameSource, GuestWriter, NetHdr, Segment,
+    walk_chain, write_used, Cursor, DescTable, FrameSource, GuestWriter, NetHdr, Segment,
     VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4,
     VIRTIO_NET_HDR_GSO_TCPV6,
 };
@@ -41,10 +41,15 @@ pub(crate) struct Touched {
     bytes: u64,
 }
 
+/// The RX buffers taken for one frame.
+struct RxBufs {
+    segs: Vec<Segment>,
+    chains: Vec<RxChain>,
+}
+
 /// Buffers for delivering, allocated once per worker so the data path never allocates.
 pub(crate) struct Scratch {
-    rx_segs: Vec<Segment>,
-    rx_chains: Vec<RxChain>,
+    rx: RxBufs,
     /// The whole frame, gathered only when a destination needs software offload.
     frame: Vec<u8>,
     frame_gathered: bool,
@@ -57,13 +62,17 @@ pub(crate) struct Scratch {
     /// Destination ports' RX sides as this burst found them.
     open: Vec<OpenEndpoint>,
     decisions: DecisionCache,
+    /// The decision for each frame of a TX burst.
+    forwards: Vec<Forward>,
 }
 
 impl Scratch {
     pub(crate) fn new() -> Self {
         Scratch {
-            rx_segs: Vec::with_capacity(MAX_MERGED_BUFFERS),
-            rx_chains: Vec::with_capacity(MAX_MERGED_BUFFERS),
+            rx: RxBufs {
+                segs: Vec::with_capacity(MAX_MERGED_BUFFERS),
+                chains: Vec::with_capacity(MAX_MERGED_BUFFERS),
+            },
             frame: vec![0; MAX_GSO_FRAME],
             frame_gathered: false,
             out: vec![0; MAX_GSO_FRAME],
@@ -71,6 +80,7 @@ impl Scratch {
             avail_cache: Vec::with_capacity(64),
             open: Vec::with_capacity(64),
             decisions: DecisionCache::default(),
+            forwards: Vec::with_capacity(TX_BURST),
         }
     }
 }
@@ -120,6 +130,85 @@ pub(crate) fn switch_frame(switch: &Switch, from: &PortShared, frame: &Frame<'_>
     }
 }
 
+/// A frame of a TX burst, checked and waiting to be switched with the rest of the burst.
+pub(crate) struct TxFrame {
+    pub hdr: NetHdr,
+    /// Its buffers: `segs[first..end]` of the burst's buffers.
+    pub first: usize,
+    pub end: usize,
+    /// Where the frame starts, after the virtio header, and its length.
+    pub start: Cursor,
+    pub len: usize,
+    pub head: [u8; MAX_HEAD],
+    pub head_len: usize,
+    pub hash: u32,
+}
+
+impl TxFrame {
+    fn frame<'a>(&'a self, ram: &'a Ram, segs: &'a [Segment], segment: u16) -> Frame<'a> {
+        Frame {
+            hdr: self.hdr,
+            src: FrameSource::Guest {
+                mem: ram,
+                segs: &segs[self.first..self.end],
+                start: self.start,
+                len: self.len,
+            },
+            head: &self.head[..self.head_len],
+            hash: self.hash,
+            segment,
+        }
+    }
+}
+
+/// Switches a burst of frames from port `from`: learns and decides each in order, then
+/// delivers them; consecutive frames for one RX queue are written under one lock of it.
+pub(crate) fn switch_burst(
+    switch: &Switch,
+    from: &PortShared,
+    ram: &Ram,
+    segs: &[Segment],
+    frames: &[TxFrame],
+    s: &mut Scratch,
+) {
+    s.forwards.clear();
+    for t in frames {
+        let mut dst_mac = MacAddr::default();
+        let mut src_mac = MacAddr::default();
+        dst_mac.0.copy_from_slice(&t.head[0..6]);
+        src_mac.0.copy_from_slice(&t.head[6..12]);
+        let forward =
+            switch.decide_cached(&mut s.decisions, from.id, from.segment, src_mac, dst_mac);
+        s.forwards.push(forward);
+    }
+    let d = Deliverer { from };
+    let mut i = 0;
+    while i < frames.len() {
+        let frame = frames[i].frame(ram, segs, from.segment);
+        s.frame_gathered = false;
+        match s.forwards[i] {
+            Forward::Local => {}
+            Forward::Spoofed => from.counters.count_drop(DropReason::SpoofedMac),
+            Forward::To(p) => {
+                let dst = &switch.ports[usize::from(p)];
+                if dst.uplink.get().is_none() {
+                    if let Some(next) = d.deliver_run(dst, ram, segs, frames, i, s) {
+                        i = next;
+                        continue;
+                    }
+                }
+                d.deliver(dst, &frame, s);
+            }
+            Forward::Flood => {
+                for p in switch.flood_targets(from.id, from.segment) {
+                    d.deliver(p, &frame, s);
+                }
+            }
+        }
+        i += 1;
+    }
+}
+
 /// The destination RX queue of one delivery.
 struct RxQueue<'a> {
     port: &'a PortShared,
@@ -136,6 +225,111 @@ struct Deliverer<'a> {
 }
 
 impl Deliverer<'_> {
+    /// The endpoint of `dst` opened in this burst (opening it on first use).
+    fn endpoint(dst: &PortShared, s: &mut Scratch) -> usize {
+        match s.open.iter().position(|o| o.port == dst.id) {
+            Some(i) => i,
+            None => {
+                s.open.push(dst.open_rx());
+                s.open.len() - 1
+            }
+        }
+    }
+
+    /// Writes frames `i..` of a burst under one lock of the RX queue of `dst` that frame `i`
+    /// goes to, for as long as they go there and need no software offload; returns the index
+    /// of the first frame not handled, or None if frame `i` is not such a frame.
+    fn deliver_run(
+        &self,
+        dst: &PortShared,
+        ram: &Ram,
+        segs: &[Segment],
+        frames: &[TxFrame],
+        i: usize,
+        s: &mut Scratch,
+    ) -> Option<usize> {
+        let k = Self::endpoint(dst, s);
+        let Scratch {
+            open,
+            rx,
+            touched,
+            avail_cache,
+            forwards,
+            ..
+        } = s;
+        let ep = &open[k];
+        let mem = ep.ram.as_ref()?;
+        let (index, vring) = ep.pick_queue(frames[i].hash)?;
+        let plain = |j: usize| {
+            forwards[j] == Forward::To(dst.id)
+                && !needs_software(ep.features, &frames[j].hdr)
+                && ep.pick_queue(frames[j].hash).map(|q| q.0) == Some(*index)
+        };
+        if !plain(i) {
+            return None;
+        }
+        let rxq = RxQueue {
+            port: dst,
+            vring,
+            index: *index,
+            mem,
+            features: ep.features,
+            generation: ep.generation,
+        };
+        let mut state = vring.get_mut();
+        let mut locked = match LockedRx::new(&mut state, &rxq, avail_cache) {
+            Ok(l) => l,
+            Err(_) => {
+                drop(state);
+                // Not writable: each frame is counted as dropped by the general path.
+                return None;
+            }
+        };
+        let old_used = locked.queue.next_used();
+        let (mut packets, mut bytes) = (0u64, 0u64);
+        let mut j = i;
+        let mut broken = false;
+        while j < frames.len() && plain(j) {
+            let frame = frames[j].frame(ram, segs, self.from.segment);
+            let src = frame.src;
+            match locked.write(&passed_header(&frame.hdr), src, frame.head, rx) {
+                Ok(()) => {
+                    packets += 1;
+                    bytes += src.len() as u64;
+                }
+                Err(RxError::Drop(reason)) => dst.counters.count_drop(reason),
+                Err(RxError::Broken) => {
+                    broken = true;
+                    j += 1;
+                    break;
+                }
+            }
+            j += 1;
+        }
+        let avail = locked.avail;
+        drop(state);
+        remember_avail(avail_cache, (dst.id, *index), avail);
+        if packets > 0 {
+            let t = Touched {
+                port: dst.id,
+                queue: *index,
+                old_used,
+                packets,
+                bytes,
+            };
+            note_touched(touched, t);
+        }
+        if broken {
+            dst.counters.count_drop(DropReason::BadRxDescriptor);
+            warn!(
+                "port {}: guest driver broke the virtio protocol on RX; resetting the connection",
+                dst.name
+            );
+            dst.reset_connection();
+        }
+        Some(j)
+    }
+
     /// Delivers one frame to `dst`, finishing offloads in software where `dst` did not
     /// negotiate them.
     fn deliver(&self, dst: &PortShared, frame: &Frame<'_>, d: &mut Scratch) {
@@ -146,15 +340,9 @@ impl Deliverer<'_> {
                 Err(reason) => dst.counters.count_drop(reason),
             };
         }
+        let i = Self::endpoint(dst, d);
         // Taken out of `d` for the call: write_rx needs the rest of `d`.
-        let mut open = std::mem::take(&mut d.open);
-        let i = match open.iter().position(|o| o.port == dst.id) {
-            Some(i) => i,
-            None => {
-                open.push(dst.open_rx());
-                open.len() - 1
-            }
-        };
+        let open = std::mem::take(&mut d.open);
         let ep = &open[i];
         match (ep.ram.as_ref(), ep.pick_queue(hash)) {
             (Some(mem), Some((index, vring))) => {
@@ -177,14 +365,14 @@ impl Deliverer<'_> {
     fn deliver_to(&self, rxq: &RxQueue<'_>, frame: &Frame<'_>, d: &mut Scratch) {
         let (hdr, src, features) = (&frame.hdr, frame.src, rxq.features);
 
-        let segment = hdr.is_gso() && !gso_supported(features, hdr);
-        let finish_csum = !segment && hdr.needs_csum() && features & f::GUEST_CSUM == 0;
-        if !segment && !finish_csum {
+        if !needs_software(features, hdr) {
             let out = passed_header(hdr);
             self.write_rx(rxq, &out, src, frame.head, d);
             return;
         }
 
+        let segment = hdr.is_gso() && !gso_supported(features, hdr);
+        let finish_csum = !segment;
         let len = src.len();
         if !d.frame_gathered {
             src.peek(&mut d.frame[..len]);
@@ -237,24 +425,16 @@ impl Deliverer<'_> {
         let (dst, qidx) = (rxq.port, rxq.index);
         match write_rx_buffers(rxq, hdr, src, head, d) {
             Ok(old_used) => {
-                let bytes = src.len() as u64;
-                match d
-                    .touched
-                    .iter_mut()
-                    .find(|t| t.port == dst.id && t.queue == qidx)
-                {
-                    Some(t) => {
-                        t.packets += 1;
-                        t.bytes += bytes;
-                    }
-                    None => d.touched.push(Touched {
+                note_touched(
+                    &mut d.touched,
+                    Touched {
                         port: dst.id,
                         queue: qidx,
                         old_used,
                         packets: 1,
-                        bytes,
-                    }),
-                }
+                        bytes: src.len() as u64,
+                    },
+                );
                 true
             }
             Err(RxError::Drop(reason)) => {
@@ -323,6 +503,13 @@ enum RxError {
     Broken,
 }
 
+/// Whether a frame's offloads must be finished in software for a receiver with `features`:
+/// a GSO frame it cannot take whole, or a checksum it does not accept unfinished.
+fn needs_software(features: u64, hdr: &NetHdr) -> bool {
+    hdr.is_gso() && !gso_supported(features, hdr)
+        || hdr.needs_csum() && features & f::GUEST_CSUM == 0
+}
+
 fn gso_supported(features: u64, hdr: &NetHdr) -> bool {
     let kind = match hdr.gso_kind() {
         VIRTIO_NET_HDR_GSO_TCPV4 => f::GUEST_TSO4,
@@ -363,10 +550,175 @@ fn read_avail(queue: &virtio_queue::Queue, ram: &Ram) -> Result<u16, RxError> {
     }
 }
 
-fn remember_avail(d: &mut Scratch, key: (PortId, usize), avail: u16) {
-    match d.avail_cache.iter_mut().find(|c| c.0 == key) {
+fn remember_avail(cache: &mut Vec<((PortId, usize), u16)>, key: (PortId, usize), avail: u16) {
+    match cache.iter_mut().find(|c| c.0 == key) {
         Some(c) => c.1 = avail,
-        None => d.avail_cache.push((key, avail)),
+        None => cache.push((key, avail)),
+    }
+}
+
+/// Adds deliveries to an RX queue's tally for this burst; the first write's used index is
+/// the one kept (notification decisions count from it).
+fn note_touched(touched: &mut Vec<Touched>, new: Touched) {
+    match touched
+        .iter_mut()
+        .find(|t| t.port == new.port && t.queue == new.queue)
+    {
+        Some(t) => {
+            t.packets += new.packets;
+            t.bytes += new.bytes;
+        }
+        None => touched.push(new),
+    }
+}
+
+/// An RX queue under its lock, with what every write into it needs looked up once.
+struct LockedRx<'a> {
+    queue: &'a mut virtio_queue::Queue,
+    ram: &'a Ram,
+    table: DescTable<'a>,
+    avail_ring: GuestAddress,
+    used_ring: GuestAddress,
+    size: u16,
+    hdr_len: usize,
+    mergeable: bool,
+    /// The last avail index read: it only grows, so entries up to it can be taken without
+    /// reading it again (each read pulls a cache line the driver keeps writing).
+    avail: u16,
+}
+
+impl<'a> LockedRx<'a> {
+    /// Checks that the queue may be written (enabled, ready, its port unchanged since the
+    /// endpoint was opened) and looks up its rings.
+    fn new(
+        state: &'a mut VringState,
+        rxq: &RxQueue<'a>,
+        avail_cache: &[((PortId, usize), u16)],
+    ) -> Result<Self, RxError> {
+        if !state.is_enabled() || !rxq.port.is_current(rxq.generation) {
+            return Err(RxError::Drop(DropReason::PortDown));
+        }
+        let queue = state.get_queue_mut();
+        if !queue.ready() {
+            return Err(RxError::Drop(DropReason::PortDown));
+        }
+        let size = queue.size();
+        let key = (rxq.port.id, rxq.index);
+        let avail = match avail_cache.iter().find(|c| c.0 == key) {
+            Some(c) if c.1.wrapping_sub(queue.next_avail()) <= size => c.1,
+            _ => read_avail(queue, rxq.mem)?,
+        };
+        Ok(LockedRx {
+            table: DescTable::new(rxq.mem, GuestAddress(queue.desc_table()), size),
+            avail_ring: GuestAddress(queue.avail_ring()),
+            used_ring: GuestAddress(queue.used_ring()),
+            size,
+            hdr_len: net_hdr_len(rxq.features),
+            mergeable: rxq.features & f::MRG_RXBUF != 0,
+            ram: rxq.mem,
+            avail,
+            queue,
+        })
+    }
+
+    /// Writes one frame into the queue's buffers and puts them on the used ring (published
+    /// at the end of the burst).
+    fn write(
+        &mut self,
+        hdr: &NetHdr,
+        src: FrameSource<'_>,
+        head: &[u8],
+        bufs: &mut RxBufs,
+    ) -> Result<(), RxError> {
+        let (ram, hdr_len, size) = (self.ram, self.hdr_len, self.size);
+        let need = hdr_len + src.len();
+        let queue = &mut *self.queue;
+        let saved = queue.next_avail();
+        let old_used = queue.next_used();
+        bufs.segs.clear();
+        bufs.chains.clear();
+        let mut cap: usize = 0;
+        while cap < need {
+            if bufs.chains.len() == MAX_MERGED_BUFFERS {
+                queue.set_next_avail(saved);
+                return Err(RxError::Drop(DropReason::RxBufferTooSmall));
+            }
+            let next = queue.next_avail();
+            if next == self.avail {
+                self.avail = read_avail(queue, ram)?;
+            }
+            let avail = self.avail;
+            let head = match (next != avail).then(|| avail_head(ram, self.avail_ring, size, next)) {
+                Some(Some(h)) => h,
+                Some(None) => return Err(RxError::Broken),
+                None => {
+                    queue.set_next_avail(saved);
+                    return Err(RxError::Drop(DropReason::NoRxBuffer));
+                }
+            };
+            queue.set_next_avail(next.wrapping_add(1));
+            let walked = walk_chain(ram, &self.table, head, true, &mut bufs.segs);
+            // A chain that cannot hold even the header is as useless as a malformed one.
+            let bad = match walked {
+                Ok(len) if len as usize >= hdr_len || !bufs.chains.is_empty() && len > 0 => None,
+                Ok(_) => Some("RX buffer too small for the virtio-net header".to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(why) = bad {
+                debug!("bad RX chain {head}: {why}");
+                if head >= size {
+                    return Err(RxError::Broken);
+                }
+                // Hand back every chain taken for this frame, unused, so none leaks.
+                let unused = bufs.chains.iter().map(|c| (c.head, 0)).chain([(head, 0)]);
+                let next = push_used(ram, self.used_ring, size, old_used, unused)
+                    .ok_or(RxError::Broken)?;
+                queue.set_next_used(next);
+                return Err(RxError::Drop(DropReason::BadRxDescriptor));
+            }
+            let len = walked.unwrap_or(0);
+            cap += len as usize;
+            bufs.chains.push(RxChain { head, cap: len });
+            if !self.mergeable && cap < need {
+                // Keep the buffer for a frame that fits; this one cannot be delivered.
+                queue.set_next_avail(saved);
+                return Err(RxError::Drop(DropReason::RxBufferTooSmall));
+            }
+        }
+
+        let out_hdr = NetHdr {
+            num_buffers: bufs.chains.len() as u16,
+            ..*hdr
+        };
+        let mut writer = GuestWriter::new(ram, &bufs.segs);
+        let ok = match src {
+            FrameSource::Guest { .. } => {
+                // Header and the checked first bytes in one write; the rest straight from
+                // the sender's memory.
+                let mut first = [0u8; 12 + MAX_HEAD];
+                let n = hdr_len + head.len();
+                first[..hdr_len].copy_from_slice(&out_hdr.to_bytes()[..hdr_len]);
+                first[hdr_len..n].copy_from_slice(head);
+                writer.write(&first[..n]) && writer.copy_from(src.skip(head.len()))
+            }
+            FrameSource::Local(b) => {
+                writer.write(&out_hdr.to_bytes()[..hdr_len]) && writer.write(b)
+            }
+        };
+        let mut left = if ok { need } else { 0 };
+        let used = bufs.chains.iter().map(|c| {
+            let n = left.min(c.cap as usize);
+            left -= n;
+            (c.head, n as u32)
+        });
+        // Published at the end of the burst (flush_notifications), with one index store.
+        let next = write_used(ram, self.used_ring, size, old_used, used).ok_or(RxError::Broken)?;
+        queue.set_next_used(next);
+        if ok {
+            Ok(())
+        } else {
+            Err(RxError::Drop(DropReason::BadRxDescriptor))
+        }
     }
 }
 
@@ -378,112 +730,11 @@ fn write_rx_buffers(
     head: &[u8],
     d: &mut Scratch,
 ) -> Result<u16, RxError> {
-    let (vring, mem, features) = (rxq.vring, rxq.mem, rxq.features);
-    let key = (rxq.port.id, rxq.index);
-    let hdr_len = net_hdr_len(features);
-    let need = hdr_len + src.len();
-    let mergeable = features & f::MRG_RXBUF != 0;
-
-    let mut state = vring.get_mut();
-    if !state.is_enabled() || !rxq.port.is_current(rxq.generation) {
-        return Err(RxError::Drop(DropReason::PortDown));
-    }
-    let queue = state.get_queue_mut();
-    if !queue.ready() {
-        return Err(RxError::Drop(DropReason::PortDown));
-    }
-    let table = DescTable::new(mem, GuestAddress(queue.desc_table()), queue.size());
-    let used_ring = GuestAddress(queue.used_ring());
-    let avail_ring = GuestAddress(queue.avail_ring());
-    let size = queue.size();
-    let saved = queue.next_avail();
-    // The avail index seen earlier in this burst still holds (it only grows); re-read it
-    // only when those entries are used up, as each read pulls a contended cache line.
-    let mut avail = match d.avail_cache.iter().find(|c| c.0 == key) {
-        Some(c) if c.1.wrapping_sub(saved) <= size => c.1,
-        _ => read_avail(queue, mem)?,
-    };
-    let old_used = queue.next_used();
-    d.rx_segs.clear();
-    d.rx_chains.clear();
-    let mut cap: usize = 0;
-    while cap < need {
-        if d.rx_chains.len() == MAX_MERGED_BUFFERS {
-            queue.set_next_avail(saved);
-            return Err(RxError::Drop(DropReason::RxBufferTooSmall));
-        }
-        let next = queue.next_avail();
-        if next == avail {
-            avail = read_avail(queue, mem)?;
-        }
-        let head = match (next != avail).then(|| avail_head(mem, avail_ring, size, next)) {
-            Some(Some(h)) => h,
-            Some(None) => return Err(RxError::Broken),
-            None => {
-                queue.set_next_avail(saved);
-                remember_avail(d, key, avail);
-                return Err(RxError::Drop(DropReason::NoRxBuffer));
-            }
-        };
-        queue.set_next_avail(next.wrapping_add(1));
-        let walked = walk_chain(mem, &table, head, true, &mut d.rx_segs);
-        // A chain that cannot hold even the header is as useless as a malformed one.
-        let bad = match walked {
-            Ok(len) if len as usize >= hdr_len || !d.rx_chains.is_empty() && len > 0 => None,
-            Ok(_) => Some("RX buffer too small for the virtio-net header".to_string()),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(why) = bad {
-            debug!("bad RX chain {head}: {why}");
-            if head >= size {
-                return Err(RxError::Broken);
-            }
-            // Hand back every chain taken for this frame, unused, so none leaks.
-            let unused = d.rx_chains.iter().map(|c| (c.head, 0)).chain([(head, 0)]);
-            let next = push_used(mem, used_ring, size, old_used, unused).ok_or(RxError::Broken)?;
-            queue.set_next_used(next);
-            return Err(RxError::Drop(DropReason::BadRxDescriptor));
-        }
-        let len = walked.unwrap_or(0);
-        cap += len as usize;
-        d.rx_chains.push(RxChain { head, cap: len });
-        if !mergeable && cap < need {
-            // Keep the buffer for a frame that fits; this one cannot be delivered.
-            queue.set_next_avail(saved);
-            return Err(RxError::Drop(DropReason::RxBufferTooSmall));
-        }
-    }
-
-    let out_hdr = NetHdr {
-        num_buffers: d.rx_chains.len() as u16,
-        ..*hdr
-    };
-    let mut writer = GuestWriter::new(mem, &d.rx_segs);
-    let ok = match src {
-        FrameSource::Guest { .. } => {
-            // Header and the checked first bytes in one write; the rest straight from the
-            // sender's memory.
-            let mut first = [0u8; 12 + MAX_HEAD];
-            let n = hdr_len + head.len();
-            first[..hdr_len].copy_from_slice(&out_hdr.to_bytes()[..hdr_len]);
-            first[hdr_len..n].copy_from_slice(head);
-            writer.write(&first[..n]) && writer.copy_from(src.skip(head.len()))
-        }
-        FrameSource::Local(b) => writer.write(&out_hdr.to_bytes()[..hdr_len]) && writer.write(b),
-    };
-    let mut left = if ok { need } else { 0 };
-    let used = d.rx_chains.iter().map(|c| {
-        let n = left.min(c.cap as usize);
-        left -= n;
-        (c.head, n as u32)
-    });
-    // Published at the end of the burst (flush_notifications), with one index store.
-    let next = write_used(mem, used_ring, size, old_used, used).ok_or(RxError::Broken)?;
-    queue.set_next_used(next);
-    remember_avail(d, key, avail);
-    if ok {
-        Ok(old_used)
-    } else {
-        Err(RxError::Drop(DropReason::BadRxDescriptor))
-    }
+    let mut state = rxq.vring.get_mut();
+    let mut rx = LockedRx::new(&mut state, rxq, &d.avail_cache)?;
+    let old_used = rx.queue.next_used();
+    let result = rx.write(hdr, src, head, &mut d.rx);
+    let avail = rx.avail;
+    remember_avail(&mut d.avail_cache, (rxq.port.id, rxq.index), avail);
+    result.map(|()| old_used)
 }

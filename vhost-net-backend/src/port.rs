@@ -17,7 +17,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::counters::DropReason;
-use crate::forward::{flush_notifications, switch_frame, Frame, Scratch, MAX_HEAD, MIN_GSO_SIZE};
+use crate::forward::{flush_notifications, switch_burst, Scratch, TxFrame, MAX_HEAD, MIN_GSO_SIZE};
 use crate::ram::Ram;
 use crate::switch::{flow_hash, PortId, PortShared, Switch};
 use crate::virtio::{
@@ -31,7 +31,7 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 /// Largest queue size offered (QEMU accepts up to 1024 for vhost-user).
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Chains handled per TX wake-up before notifying and looking again.
-const TX_BURST: usize = 256;
+pub(crate) const TX_BURST: usize = 256;
 /// Bytes of each frame read up front: virtio header aside, enough for Ethernet, IPv6 and
 /// ports; a frame this short is then delivered from this copy in one write.
 const PEEK_LEN: usize = MAX_HEAD;
@@ -58,7 +58,10 @@ pub const BASE_FEATURES: u64 = f::VERSION_1
 /// Per-queue-pair state of one connection.
 struct Worker {
     published: bool,
+    /// The buffers of every chain of this burst, one after another.
     tx_segs: Vec<Segment>,
+    /// The frames of this burst that passed the checks, switched together at its end.
+    tx_frames: Vec<TxFrame>,
     /// Chains finished in this burst, returned together.
     tx_used: Vec<(u16, u32)>,
     /// Frames and bytes sent in this burst, counted at its end.
@@ -71,7 +74,8 @@ impl Worker {
     fn new() -> Self {
         Worker {
             published: false,
-            tx_segs: Vec::with_capacity(64),
+            tx_segs: Vec::with_capacity(4 * TX_BURST),
+            tx_frames: Vec::with_capacity(TX_BURST),
             tx_used: Vec::with_capacity(TX_BURST),
             tx_packets: 0,
             tx_bytes: 0,
@@ -269,6 +273,8 @@ impl PortInner {
             let used_ring = GuestAddress(queue.used_ring());
             let old_used = queue.next_used();
             w.tx_used.clear();
+            w.tx_segs.clear();
+            w.tx_frames.clear();
             let avail_ring = GuestAddress(queue.avail_ring());
             let size = queue.size();
             let mut handled = 0;
@@ -283,12 +289,13 @@ impl PortInner {
                     break;
                 };
                 queue.set_next_avail(next.wrapping_add(1));
-                w.tx_segs.clear();
+                let first = w.tx_segs.len();
                 match walk_chain(&ram, &table, head, false, &mut w.tx_segs) {
-                    Ok(total) => self.forward(&ram, total as usize, hdr_len, features, w),
+                    Ok(total) => self.take_frame(&ram, first, total as usize, hdr_len, features, w),
                     Err(e) => {
                         debug!("port {}: bad TX chain {head}: {e}", self.shared.name);
                         self.shared.counters.count_drop(DropReason::BadTxDescriptor);
+                        w.tx_segs.truncate(first);
                     }
                 }
                 handled += 1;
@@ -299,6 +306,15 @@ impl PortInner {
                 // TX descriptors are device-readable only: used length 0.
                 w.tx_used.push((head, 0));
             }
+            // Delivered before the chains go back: the guest may reuse their buffers then.
+            switch_burst(
+                &self.switch,
+                &self.shared,
+                &ram,
+                &w.tx_segs,
+                &w.tx_frames,
+                &mut w.scratch,
+            );
             // Counted before the guest can see its chains returned.
             self.shared.counters.add_tx(w.tx_packets, w.tx_bytes);
             (w.tx_packets, w.tx_bytes) = (0, 0);
@@ -388,39 +404,59 @@ impl PortInner {
         self.shared.reset_connection();
     }
 
-    /// Switches one frame whose buffers are in `w.tx_segs`.
-    fn forward(&self, mem: &Ram, total: usize, hdr_len: usize, features: u64, w: &mut Worker) {
+    /// Checks the frame whose buffers are `w.tx_segs[first..]` and queues it for
+    /// switching with the rest of the burst.
+    fn take_frame(
+        &self,
+        ram: &Ram,
+        first: usize,
+        total: usize,
+        hdr_len: usize,
+        features: u64,
+        w: &mut Worker,
+    ) {
         let counters = &self.shared.counters;
         if total < hdr_len + 14 {
+            w.tx_segs.truncate(first);
             return counters.count_drop(DropReason::Malformed);
         }
-        let segs = &w.tx_segs;
+        let segs = &w.tx_segs[first..];
         let whole = FrameSource::Guest {
-            mem,
+            mem: ram,
             segs,
             start: Cursor::default(),
             len: total,
         };
         // The header and the frame's first bytes in one pass over the guest's buffers.
-        let mut head = [0u8; 12 + PEEK_LEN];
-        let peeked = whole.peek(&mut head[..hdr_len + PEEK_LEN]);
-        let hdr = NetHdr::parse(&head[..hdr_len]);
-        let peek = &head[hdr_len..peeked];
-        let src = whole.skip(hdr_len);
-        let frame_len = src.len();
+        let mut peeked = [0u8; 12 + PEEK_LEN];
+        let n = whole.peek(&mut peeked[..hdr_len + PEEK_LEN]);
+        if n < hdr_len + 14 {
+            // The chain's buffers were checked, so only a torn mapping gets here.
+            w.tx_segs.truncate(first);
+            return counters.count_drop(DropReason::Malformed);
+        }
+        let hdr = NetHdr::parse(&peeked[..hdr_len]);
+        let mut head = [0u8; PEEK_LEN];
+        head[..n - hdr_len].copy_from_slice(&peeked[hdr_len..n]);
+        let mut start = Cursor::default();
+        start.advance(segs, hdr_len);
+        let len = total - hdr_len;
         w.tx_packets += 1;
-        w.tx_bytes += frame_len as u64;
-        if let Err(reason) = self.check_frame(&hdr, peek, frame_len, features) {
+        w.tx_bytes += len as u64;
+        if let Err(reason) = self.check_frame(&hdr, &head[..n - hdr_len], len, features) {
+            w.tx_segs.truncate(first);
             return counters.count_drop(reason);
         }
-        let frame = Frame {
+        w.tx_frames.push(TxFrame {
             hdr,
-            src,
-            head: peek,
-            hash: flow_hash(peek),
-            segment: self.shared.segment,
-        };
-        switch_frame(&self.switch, &self.shared, &frame, &mut w.scratch);
+            first,
+            end: w.tx_segs.len(),
+            start,
+            len,
+            hash: flow_hash(&head[..n - hdr_len]),
+            head,
+            head_len: n - hdr_len,
+        });
     }
 
     fn check_frame(
