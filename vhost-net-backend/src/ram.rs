@@ -4,11 +4,12 @@
 //! generic accessors cost a search and several layers per access (the largest single item
 //! in profiles of 64-byte forwarding, at a dozen accesses per frame).
 
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
+    Address, ByteValued, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress,
     VolatileSlice,
 };
 
@@ -94,6 +95,17 @@ impl Ram {
         (s.len() == len).then_some(s)
     }
 
+    /// `len` bytes at `addr`, if they lie in one region, for reads and writes of fixed-layout
+    /// values (descriptor tables, used rings).
+    pub fn map(&self, addr: GuestAddress, len: usize) -> Option<Mapped<'_>> {
+        let (host, room) = self.host(addr.raw_value())?;
+        (len as u64 <= room).then_some(Mapped {
+            host: host as usize,
+            len,
+            _ram: PhantomData,
+        })
+    }
+
     /// Whether `len` bytes from `addr` are all guest memory (possibly across adjacent
     /// regions).
     pub fn contains(&self, addr: u64, len: u64) -> bool {
@@ -141,6 +153,37 @@ impl Ram {
     }
 }
 
+/// A range of guest memory inside one region, mapped while its `Ram` lives.
+#[derive(Clone, Copy)]
+pub struct Mapped<'a> {
+    host: usize,
+    len: usize,
+    _ram: PhantomData<&'a Ram>,
+}
+
+impl Mapped<'_> {
+    /// The host address of a `T` at `offset`, if it lies inside and is aligned for `T`.
+    fn at<T: ByteValued>(&self, offset: usize) -> Option<*mut T> {
+        let end = offset.checked_add(std::mem::size_of::<T>())?;
+        let ptr = self.host.checked_add(offset)?;
+        (end <= self.len && ptr.is_multiple_of(std::mem::align_of::<T>())).then_some(ptr as *mut T)
+    }
+
+    /// Reads the `T` at `offset` (None when outside or misaligned).
+    pub fn read<T: ByteValued>(&self, offset: usize) -> Option<T> {
+        // SAFETY: inside a mapped region and aligned (checked by `at`); any bit pattern is a
+        // valid `T` (ByteValued); volatile, as the guest may write it meanwhile.
+        self.at::<T>(offset).map(|p| unsafe { p.read_volatile() })
+    }
+
+    /// Writes `value` at `offset` (None when outside or misaligned).
+    pub fn write<T: ByteValued>(&self, offset: usize, value: T) -> Option<()> {
+        // SAFETY: as for `read`.
+        self.at::<T>(offset)
+            .map(|p| unsafe { p.write_volatile(value) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +226,13 @@ mod tests {
         assert!(ram.read(GuestAddress(0x8ffc), &mut back).is_some());
         assert_eq!(back, [1, 2, 3, 4]);
         assert!(ram.write(GuestAddress(0x8ffd), &[1, 2, 3, 4]).is_none());
+        // A mapping reads and writes aligned values inside it only.
+        let m = ram.map(GuestAddress(0x8ff0), 16).unwrap();
+        assert_eq!(m.read::<u32>(12), Some(0x0403_0201));
+        assert!(m.write(8, 7u64).is_some());
+        assert_eq!(m.read::<u64>(8), Some(7));
+        assert_eq!(m.read::<u32>(14), None);
+        assert_eq!(m.read::<u64>(12), None);
+        assert!(ram.map(GuestAddress(0x8ff0), 17).is_none());
     }
 }

@@ -313,7 +313,9 @@ impl OpenEndpoint {
         if self.enabled == 0 {
             return None;
         }
-        self.queues[hash as usize % self.enabled].as_ref()
+        // The hash scaled to the queue count: a multiply, where `%` would divide per frame.
+        let i = (u64::from(hash) * self.enabled as u64) >> 32;
+        self.queues[i as usize].as_ref()
     }
 
     /// RX queue `index`, if it was enabled when the endpoint was opened.

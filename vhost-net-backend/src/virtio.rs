@@ -6,9 +6,9 @@
 use std::fmt;
 use std::sync::atomic::{fence, Ordering};
 
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{Address, ByteValued, GuestAddress, GuestMemoryMmap, VolatileSlice};
 
-use crate::ram::Ram;
+use crate::ram::{Mapped, Ram};
 
 /// Guest memory as mapped by the backend (no dirty-page bitmap).
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -168,6 +168,17 @@ struct VirtqDesc {
 // SAFETY: VirtqDesc is plain old data with no padding (8 + 4 + 2 + 2 bytes).
 unsafe impl ByteValued for VirtqDesc {}
 
+/// `struct virtq_used_elem`.
+#[repr(C)]
+#[derive(Clone, Copy, Default, Debug)]
+struct UsedElem {
+    id: u32,
+    len: u32,
+}
+
+// SAFETY: plain old data with no padding (4 + 4 bytes).
+unsafe impl ByteValued for UsedElem {}
+
 /// Most buffers one chain may have; Linux uses at most MAX_SKB_FRAGS + 2 for TX and one per
 /// page of a big RX buffer, so this leaves ample room while bounding per-frame work.
 pub const MAX_CHAIN_SEGMENTS: usize = 1024;
@@ -178,7 +189,7 @@ pub const MAX_CHAIN_SEGMENTS: usize = 1024;
 pub struct DescTable<'a> {
     addr: GuestAddress,
     size: u16,
-    map: Option<GuestSlice<'a>>,
+    map: Option<Mapped<'a>>,
 }
 
 impl<'a> DescTable<'a> {
@@ -186,7 +197,7 @@ impl<'a> DescTable<'a> {
         DescTable {
             addr,
             size,
-            map: ram.region_slice(addr, usize::from(size) * DESC_SIZE as usize),
+            map: ram.map(addr, usize::from(size) * DESC_SIZE as usize),
         }
     }
 }
@@ -223,12 +234,10 @@ pub fn walk_chain(
         let desc_addr = table.unchecked_add(u64::from(index) * DESC_SIZE);
         let outside = ChainError::OutsideMemory(desc_addr.raw_value(), DESC_SIZE);
         let offset = usize::from(index) * DESC_SIZE as usize;
-        let desc: VirtqDesc = match &table_map {
-            Some(m) if offset + DESC_SIZE as usize <= m.len() => {
-                m.read_obj(offset).map_err(|_| outside)?
-            }
-            // A table crossing regions (or not mapped at all): the general path.
-            _ => {
+        let desc: VirtqDesc = match table_map.and_then(|m| m.read(offset)) {
+            Some(d) => d,
+            // A table crossing regions or misaligned: the general path.
+            None => {
                 let mut raw = [0u8; DESC_SIZE as usize];
                 ram.read(desc_addr, &mut raw).ok_or(outside)?;
                 VirtqDesc::from_slice(&raw).copied().ok_or(outside)?
@@ -250,7 +259,7 @@ pub fn walk_chain(
             check_range(ram, addr, u64::from(len))?;
             table = GuestAddress(addr);
             table_size = (u64::from(len) / DESC_SIZE) as u16;
-            table_map = ram.region_slice(table, len as usize);
+            table_map = ram.map(table, len as usize);
             budget = table_size;
             index = 0;
             indirect = true;
@@ -300,12 +309,13 @@ pub fn write_used(
     elems: impl Iterator<Item = (u16, u32)>,
 ) -> Option<u16> {
     let mut idx = next_used;
+    let ring = ram.map(used_ring, 4 + 8 * usize::from(size))?;
     for (head, len) in elems {
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        let slot = used_ring.checked_add(4 + 8 * u64::from(idx % size.max(1)))?;
-        ram.write(slot, &elem)?;
+        let elem = UsedElem {
+            id: u32::from(head).to_le(),
+            len: len.to_le(),
+        };
+        ring.write(4 + 8 * usize::from(idx % size.max(1)), elem)?;
         idx = idx.wrapping_add(1);
     }
     Some(idx)
@@ -615,6 +625,7 @@ impl<'a> GuestWriter<'a> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+    use vm_memory::Bytes;
 
     /// A view of `m` for the data path; writes through `m` stay visible to it.
     fn ram(m: &GuestMemory) -> Ram {
