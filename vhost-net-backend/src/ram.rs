@@ -106,6 +106,14 @@ impl Ram {
         })
     }
 
+    /// Starts fetching the cache line of `addr` into this core's cache, so a later access
+    /// does not wait for it (the driver's core wrote it last). Nothing outside memory.
+    pub fn prefetch(&self, addr: GuestAddress) {
+        if let Some((host, _)) = self.host(addr.raw_value()) {
+            prefetch(host);
+        }
+    }
+
     /// Whether `len` bytes from `addr` are all guest memory (possibly across adjacent
     /// regions).
     pub fn contains(&self, addr: u64, len: u64) -> bool {
@@ -153,6 +161,14 @@ impl Ram {
     }
 }
 
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is only a hint: it never faults and changes no memory.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+}
+
 /// A range of guest memory inside one region, mapped while its `Ram` lives.
 #[derive(Clone, Copy)]
 pub struct Mapped<'a> {
@@ -174,6 +190,13 @@ impl Mapped<'_> {
         // SAFETY: inside a mapped region and aligned (checked by `at`); any bit pattern is a
         // valid `T` (ByteValued); volatile, as the guest may write it meanwhile.
         self.at::<T>(offset).map(|p| unsafe { p.read_volatile() })
+    }
+
+    /// `Ram::prefetch` for the byte at `offset`.
+    pub fn prefetch(&self, offset: usize) {
+        if offset < self.len {
+            prefetch((self.host + offset) as *const u8);
+        }
     }
 
     /// Writes `value` at `offset` (None when outside or misaligned).

@@ -200,6 +200,13 @@ impl<'a> DescTable<'a> {
             map: ram.map(addr, usize::from(size) * DESC_SIZE as usize),
         }
     }
+
+    /// Starts fetching descriptor `index` (a chain's head), ahead of its walk.
+    pub fn prefetch(&self, index: u16) {
+        if let Some(m) = self.map {
+            m.prefetch(usize::from(index) * DESC_SIZE as usize);
+        }
+    }
 }
 
 /// Walks the chain starting at `head` in the queue's descriptor table, following indirect
