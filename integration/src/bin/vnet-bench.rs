@@ -6,7 +6,10 @@
 //! round-trip latency with and without `--poll-us`, and a memcpy baseline of the same bytes
 //! measured in the same run.
 //!
-//!   vnet-bench [--seconds S] [--json]
+//!   vnet-bench [--seconds S] [--json] [--case NAME]
+//!
+//! `--case` runs only the throughput cases whose name starts with NAME ("64 B", "1518 B <->")
+//! and no latency test: for comparing builds (VNET_BACKEND=path picks the backend binary).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -489,6 +492,15 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|s| s.parse().ok())
         .unwrap_or(3.0);
+    let only: Option<&str> = args
+        .iter()
+        .position(|a| a == "--case")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    let cases: Vec<Case> = CASES
+        .into_iter()
+        .filter(|c| only.is_none_or(|o| c.name.starts_with(o)))
+        .collect();
 
     pin_to_cpu0();
     let mut report = Report {
@@ -505,27 +517,27 @@ fn main() {
     ] {
         let backend = Backend::start(extra);
         for qps in [1u16, 2] {
-            for case in CASES {
+            for &case in &cases {
                 let (t, huge) = throughput(&backend, case, qps, seconds);
                 report.record(t, huge, label);
             }
         }
     }
-    {
-        let backend = Backend::start(&[]);
+    for poll_us in [0u64, 50] {
+        if only.is_some() {
+            break;
+        }
+        let backend = Backend::start(&["--poll-us", &poll_us.to_string()]);
         let trips = (seconds * 2000.0) as usize;
-        report.latency.push(latency(&backend, 0, trips.max(200)));
-    }
-    {
-        let backend = Backend::start(&["--poll-us", "50"]);
-        let trips = (seconds * 2000.0) as usize;
-        report.latency.push(latency(&backend, 50, trips.max(200)));
+        report
+            .latency
+            .push(latency(&backend, poll_us, trips.max(200)));
     }
 
     match Dpdk::start() {
         Some(dpdk) => {
             for qps in [1u16, 2] {
-                for case in CASES {
+                for &case in &cases {
                     let (t, huge) = throughput(&dpdk, case, qps, seconds);
                     let ours = report
                         .throughput
