@@ -139,12 +139,18 @@ pub(crate) struct TxFrame {
     /// Where the frame starts, after the virtio header, and its length.
     pub start: Cursor,
     pub len: usize,
-    pub head: [u8; MAX_HEAD],
+    /// The virtio header (`hdr_len` bytes) and the frame's first `head_len` bytes, as read.
+    pub peeked: [u8; 12 + MAX_HEAD],
+    pub hdr_len: usize,
     pub head_len: usize,
     pub hash: u32,
 }
 
 impl TxFrame {
+    pub fn head(&self) -> &[u8] {
+        &self.peeked[self.hdr_len..self.hdr_len + self.head_len]
+    }
+
     fn frame<'a>(&'a self, ram: &'a Ram, segs: &'a [Segment], segment: u16) -> Frame<'a> {
         Frame {
             hdr: self.hdr,
@@ -154,7 +160,7 @@ impl TxFrame {
                 start: self.start,
                 len: self.len,
             },
-            head: &self.head[..self.head_len],
+            head: self.head(),
             hash: self.hash,
             segment,
         }
@@ -175,8 +181,8 @@ pub(crate) fn switch_burst(
     for t in frames {
         let mut dst_mac = MacAddr::default();
         let mut src_mac = MacAddr::default();
-        dst_mac.0.copy_from_slice(&t.head[0..6]);
-        src_mac.0.copy_from_slice(&t.head[6..12]);
+        dst_mac.0.copy_from_slice(&t.head()[0..6]);
+        src_mac.0.copy_from_slice(&t.head()[6..12]);
         let forward =
             switch.decide_cached(&mut s.decisions, from.id, from.segment, src_mac, dst_mac);
         s.forwards.push(forward);

@@ -462,34 +462,43 @@ impl PortInner {
             start: Cursor::default(),
             len: total,
         };
-        // The header and the frame's first bytes in one pass over the guest's buffers.
-        let mut peeked = [0u8; 12 + PEEK_LEN];
-        let n = whole.peek(&mut peeked[..hdr_len + PEEK_LEN]);
-        if n < hdr_len + 14 {
-            // The chain's buffers were checked, so only a torn mapping gets here.
-            return counters.count_drop(DropReason::Malformed);
-        }
-        let hdr = NetHdr::parse(&peeked[..hdr_len]);
-        let mut head = [0u8; PEEK_LEN];
-        head[..n - hdr_len].copy_from_slice(&peeked[hdr_len..n]);
         let mut start = Cursor::default();
         start.advance(segs, hdr_len);
         let len = total - hdr_len;
         w.tx_packets += 1;
         w.tx_bytes += len as u64;
-        if let Err(reason) = self.check_frame(&hdr, &head[..n - hdr_len], len, features) {
-            return counters.count_drop(reason);
-        }
+        // The header and the frame's first bytes in one pass over the guest's buffers,
+        // straight into the burst's frame list.
         w.tx_frames.push(TxFrame {
-            hdr,
+            hdr: NetHdr::default(),
             first,
             end,
             start,
             len,
-            hash: flow_hash(&head[..n - hdr_len]),
-            head,
-            head_len: n - hdr_len,
+            peeked: [0; 12 + MAX_HEAD],
+            hdr_len,
+            head_len: 0,
+            hash: 0,
         });
+        let Some(t) = w.tx_frames.last_mut() else {
+            return;
+        };
+        let n = whole.peek(&mut t.peeked[..hdr_len + PEEK_LEN]);
+        t.hdr = NetHdr::parse(&t.peeked[..hdr_len]);
+        t.head_len = n.saturating_sub(hdr_len);
+        // Fewer than 14 bytes: the chain's buffers were checked, so only a torn mapping.
+        let checked = if t.head_len < 14 {
+            Err(DropReason::Malformed)
+        } else {
+            self.check_frame(&t.hdr, t.head(), len, features)
+        };
+        match checked {
+            Ok(()) => t.hash = flow_hash(t.head()),
+            Err(reason) => {
+                w.tx_frames.pop();
+                counters.count_drop(reason);
+            }
+        }
     }
 
     fn check_frame(
