@@ -20,6 +20,8 @@ use crate::virtio::{
     VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
+/// Most bytes of the next frame fetched ahead of its copy.
+const PREFETCH_BODY: usize = 1536;
 /// Most RX buffers one mergeable frame may use.
 const MAX_MERGED_BUFFERS: usize = 256;
 /// Smallest MSS accepted for segmentation (Linux's `tcp_min_snd_mss` default is 48).
@@ -147,6 +149,32 @@ pub(crate) struct TxFrame {
 }
 
 impl TxFrame {
+    /// Starts fetching the frame's bytes beyond its head (up to an MTU's worth: the
+    /// hardware prefetcher follows a longer copy by itself), which the driver's core wrote
+    /// last: while one frame is copied, the next one's arrive.
+    fn prefetch_body(&self, ram: &Ram, segs: &[Segment]) {
+        let mut left = self.len.saturating_sub(self.head_len).min(PREFETCH_BODY);
+        let mut skip = self.head_len + self.hdr_len;
+        for seg in &segs[self.first..self.end] {
+            let seg_len = seg.len as usize;
+            if skip >= seg_len {
+                skip -= seg_len;
+                continue;
+            }
+            let n = (seg_len - skip).min(left);
+            if let Some(m) = ram.map(seg.addr, seg_len) {
+                for off in (skip..skip + n).step_by(64) {
+                    m.prefetch(off);
+                }
+            }
+            left -= n;
+            skip = 0;
+            if left == 0 {
+                break;
+            }
+        }
+    }
+
     pub fn head(&self) -> &[u8] {
         &self.peeked[self.hdr_len..self.hdr_len + self.head_len]
     }
@@ -296,6 +324,9 @@ impl Deliverer<'_> {
         let mut j = i;
         let mut broken = false;
         while j < frames.len() && plain(j) {
+            if let Some(next) = frames.get(j + 1) {
+                next.prefetch_body(ram, segs);
+            }
             let frame = frames[j].frame(ram, segs, self.from.segment);
             let src = frame.src;
             match locked.write(&passed_header(&frame.hdr), src, frame.head, rx) {
