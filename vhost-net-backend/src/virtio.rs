@@ -245,9 +245,9 @@ pub fn walk_chain(
             Some(d) => d,
             // A table crossing regions or misaligned: the general path.
             None => {
-                let mut raw = [0u8; DESC_SIZE as usize];
-                ram.read(desc_addr, &mut raw).ok_or(outside)?;
-                VirtqDesc::from_slice(&raw).copied().ok_or(outside)?
+                let mut d = VirtqDesc::default();
+                ram.read(desc_addr, d.as_mut_slice()).ok_or(outside)?;
+                d
             }
         };
         let (addr, len, flags) = (
@@ -693,6 +693,15 @@ mod tests {
         assert_eq!(total, 100 + 200 + 0x200 + 50);
         assert_eq!(segs.len(), 4);
         assert_eq!(segs[2].addr, GuestAddress(0xff00));
+
+        // A table that crosses from one region into the next is read descriptor by
+        // descriptor.
+        put_desc(&m, 0xfff0, 0, 0x1000, 10, VIRTQ_DESC_F_NEXT, 1);
+        put_desc(&m, 0xfff0, 1, 0x2000, 20, 0, 0);
+        let t = DescTable::new(&r, GuestAddress(0xfff0), 2);
+        segs.clear();
+        assert_eq!(walk_chain(&r, &t, 0, false, &mut segs), Ok(30));
+        assert_eq!(segs.len(), 2);
     }
 
     #[test]
