@@ -322,7 +322,7 @@ pub fn write_used(
             id: u32::from(head).to_le(),
             len: len.to_le(),
         };
-        ring.write(4 + 8 * usize::from(idx % size.max(1)), elem)?;
+        ring.write(4 + 8 * usize::from(ring_slot(idx, size)), elem)?;
         idx = idx.wrapping_add(1);
     }
     Some(idx)
@@ -376,10 +376,20 @@ pub fn needs_interrupt(
 
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
+/// The ring slot of free-running index `index`. Split rings have a power-of-two size
+/// (virtio-queue refuses others), so this is a mask, not a division per access.
+fn ring_slot(index: u16, size: u16) -> u16 {
+    if size.is_power_of_two() {
+        index & (size - 1)
+    } else {
+        index % size.max(1)
+    }
+}
+
 /// Reads the head of avail ring entry `index` (the caller has already read an avail index
 /// covering it with Acquire, so the entry is published).
 pub fn avail_head(ram: &Ram, avail_ring: GuestAddress, size: u16, index: u16) -> Option<u16> {
-    let at = avail_ring.checked_add(4 + 2 * u64::from(index % size.max(1)))?;
+    let at = avail_ring.checked_add(4 + 2 * u64::from(ring_slot(index, size)))?;
     ram.load_u16(at, Ordering::Relaxed)
 }
 
