@@ -254,6 +254,23 @@ struct RxQueue<'a> {
     generation: u64,
 }
 
+impl<'a> RxQueue<'a> {
+    /// The RX queue of `port` (opened for this burst as `ep`) that a flow with `hash` goes
+    /// to; None if the port cannot take frames now.
+    fn pick(port: &'a PortShared, ep: &'a OpenEndpoint, hash: u32) -> Option<Self> {
+        let mem = ep.ram.as_ref()?;
+        let (index, vring) = ep.pick_queue(hash)?;
+        Some(RxQueue {
+            port,
+            vring,
+            index: *index,
+            mem,
+            features: ep.features,
+            generation: ep.generation,
+        })
+    }
+}
+
 struct Deliverer<'a> {
     from: &'a PortShared,
 }
@@ -292,8 +309,8 @@ impl Deliverer<'_> {
             ..
         } = s;
         let ep = &open[k];
-        let mem = ep.ram.as_ref()?;
-        let (index, vring) = ep.pick_queue(frames[i].hash)?;
+        let rxq = RxQueue::pick(dst, ep, frames[i].hash)?;
+        let index = &rxq.index;
         let plain = |j: usize| {
             forwards[j] == Forward::To(dst.id)
                 && !needs_software(ep.features, &frames[j].hdr)
@@ -302,15 +319,7 @@ impl Deliverer<'_> {
         if !plain(i) {
             return None;
         }
-        let rxq = RxQueue {
-            port: dst,
-            vring,
-            index: *index,
-            mem,
-            features: ep.features,
-            generation: ep.generation,
-        };
-        let mut state = vring.get_mut();
+        let mut state = rxq.vring.get_mut();
         let mut locked = match LockedRx::new(&mut state, &rxq, avail_cache) {
             Ok(l) => l,
             Err(_) => {
@@ -381,19 +390,9 @@ impl Deliverer<'_> {
         // Taken out of `d` for the call: write_rx needs the rest of `d`.
         let open = std::mem::take(&mut d.open);
         let ep = &open[i];
-        match (ep.ram.as_ref(), ep.pick_queue(hash)) {
-            (Some(mem), Some((index, vring))) => {
-                let rxq = RxQueue {
-                    port: dst,
-                    vring,
-                    index: *index,
-                    mem,
-                    features: ep.features,
-                    generation: ep.generation,
-                };
-                self.deliver_to(&rxq, frame, d);
-            }
-            _ => dst.counters.count_drop(DropReason::PortDown),
+        match RxQueue::pick(dst, ep, hash) {
+            Some(rxq) => self.deliver_to(&rxq, frame, d),
+            None => dst.counters.count_drop(DropReason::PortDown),
         }
         d.open = open;
     }
