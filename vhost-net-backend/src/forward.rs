@@ -332,7 +332,9 @@ impl Deliverer<'_> {
         let (mut packets, mut bytes) = (0u64, 0u64);
         let mut j = i;
         let mut broken = false;
-        while j < frames.len() && plain(j) {
+        // A port that changed meanwhile (new memory table or features) stops the run: the
+        // rest take the general path, which sees the change.
+        while j < frames.len() && plain(j) && dst.is_current(rxq.generation) {
             if let Some(next) = frames.get(j + 1) {
                 next.prefetch_body(ram, segs);
             }

@@ -281,6 +281,10 @@ impl PortInner {
             let used_ring = GuestAddress(queue.used_ring());
             let old_used = queue.next_used();
             w.tx_used.clear();
+            if w.tx_segs.capacity() > 16 * TX_BURST {
+                // A burst of many-buffer chains grew it: give the memory back.
+                w.tx_segs = Vec::with_capacity(4 * TX_BURST);
+            }
             w.tx_segs.clear();
             w.tx_frames.clear();
             let avail_ring = GuestAddress(queue.avail_ring());
@@ -324,7 +328,10 @@ impl PortInner {
                     }
                     Err(e) => {
                         debug!("port {}: bad TX chain {head}: {e}", self.shared.name);
-                        self.shared.counters.count_drop(DropReason::BadTxDescriptor);
+                        // A head out of range breaks the ring itself: counted once, below.
+                        if head < size {
+                            self.shared.counters.count_drop(DropReason::BadTxDescriptor);
+                        }
                         w.tx_segs.truncate(first);
                     }
                 }

@@ -15,9 +15,9 @@ use vm_memory::{
 
 use crate::virtio::{GuestMemory, GuestSlice};
 
-/// Regions a vhost-user frontend can share without CONFIGURE_MEM_SLOTS, which the backend
-/// does not offer (VHOST_MEMORY_BASELINE_NREGIONS). Memory beyond them is treated as outside.
-pub const MAX_REGIONS: usize = 8;
+/// Regions one SET_MEM_TABLE can carry (the `vhost` crate's limit of attached file
+/// descriptors; QEMU sends at most 8 without CONFIGURE_MEM_SLOTS, which is not offered).
+pub const MAX_REGIONS: usize = 32;
 
 #[derive(Clone, Copy, Default)]
 struct Region {
@@ -149,15 +149,32 @@ impl Ram {
         self.atomic_u16(addr).map(|a| a.store(value.to_le(), order))
     }
 
-    /// Writes `bytes` at `addr`, which must lie in one region.
+    /// Writes `bytes` at `addr`, across adjacent regions if need be.
     pub fn write(&self, addr: GuestAddress, bytes: &[u8]) -> Option<()> {
-        self.slice(addr, bytes.len())?.copy_from(bytes);
+        // All or nothing: no partial write into memory that ends in a gap.
+        if !self.contains(addr.raw_value(), bytes.len() as u64) {
+            return None;
+        }
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = addr.checked_add(done as u64)?;
+            let s = self.region_slice(at, bytes.len() - done)?;
+            let n = s.len();
+            s.copy_from(&bytes[done..done + n]);
+            done += n;
+        }
         Some(())
     }
 
-    /// Reads `out.len()` bytes at `addr`, which must lie in one region.
+    /// Reads `out.len()` bytes at `addr`, across adjacent regions if need be.
     pub fn read(&self, addr: GuestAddress, out: &mut [u8]) -> Option<()> {
-        (self.slice(addr, out.len())?.copy_to(out) == out.len()).then_some(())
+        let mut done = 0;
+        while done < out.len() {
+            let at = addr.checked_add(done as u64)?;
+            let s = self.region_slice(at, out.len() - done)?;
+            done += s.copy_to(&mut out[done..]);
+        }
+        Some(())
     }
 }
 
@@ -249,6 +266,13 @@ mod tests {
         assert!(ram.read(GuestAddress(0x8ffc), &mut back).is_some());
         assert_eq!(back, [1, 2, 3, 4]);
         assert!(ram.write(GuestAddress(0x8ffd), &[1, 2, 3, 4]).is_none());
+        assert!(ram.read(GuestAddress(0x8ffc), &mut back).is_some());
+        assert_eq!(back, [1, 2, 3, 4], "a refused write writes nothing");
+        // Adjacent regions are read and written across their border; a gap is refused.
+        assert!(ram.write(GuestAddress(0xffe), &[5, 6, 7, 8]).is_some());
+        assert!(ram.read(GuestAddress(0xffe), &mut back).is_some());
+        assert_eq!(back, [5, 6, 7, 8]);
+        assert!(ram.read(GuestAddress(0x1ffe), &mut back).is_none());
         // A mapping reads and writes aligned values inside it only.
         let m = ram.map(GuestAddress(0x8ff0), 16).unwrap();
         assert_eq!(m.read::<u32>(12), Some(0x0403_0201));

@@ -316,13 +316,18 @@ pub fn write_used(
     elems: impl Iterator<Item = (u16, u32)>,
 ) -> Option<u16> {
     let mut idx = next_used;
-    let ring = ram.map(used_ring, 4 + 8 * usize::from(size))?;
+    // The ring mapped once; one crossing regions (or misaligned) is written entry by entry.
+    let ring = ram.map(used_ring, 4 + 8 * usize::from(size));
     for (head, len) in elems {
         let elem = UsedElem {
             id: u32::from(head).to_le(),
             len: len.to_le(),
         };
-        ring.write(4 + 8 * usize::from(ring_slot(idx, size)), elem)?;
+        let offset = 4 + 8 * usize::from(ring_slot(idx, size));
+        match ring.and_then(|r| r.write(offset, elem)) {
+            Some(()) => {}
+            None => ram.write(used_ring.checked_add(offset as u64)?, elem.as_slice())?,
+        }
         idx = idx.wrapping_add(1);
     }
     Some(idx)
