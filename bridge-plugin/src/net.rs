@@ -30,6 +30,15 @@ pub enum NetError {
     Nft(#[from] NftError),
     #[error("cannot enable IPv4 forwarding: {0}")]
     Forwarding(std::io::Error),
+    #[error("table name '{0}' must have 1 to 64 letters, digits or '_'")]
+    BadTable(String),
+    #[error(
+        "nftables table inet {table} holds the rules of networks this file does not name ({}): \
+         bring those down with their own file first (or, if that file is gone, `nft delete \
+         table inet {table}`), or give this file a table of its own (table = \"NAME\" at its top)",
+        others.join(", ")
+    )]
+    TableInUse { table: String, others: Vec<String> },
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -106,8 +115,8 @@ pub struct NetFile {
     #[serde(default, rename = "allow")]
     pub allows: Vec<Allow>,
     /// The inet nftables table holding these networks' rules (`bridge_plugin`; another
-    /// name lets several sets of networks live side by side).
-    #[serde(skip, default = "default_table")]
+    /// name lets several files' networks live side by side: `up` replaces the whole table).
+    #[serde(default = "default_table")]
     pub table: String,
 }
 
@@ -148,6 +157,15 @@ impl NetFile {
     }
 
     pub fn validate(&self) -> Result<(), NetError> {
+        if self.table.is_empty()
+            || self.table.len() > 64
+            || !self
+                .table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        {
+            return Err(NetError::BadTable(self.table.clone()));
+        }
         let mut names = HashSet::new();
         let mut bridges = HashSet::new();
         for n in &self.networks {
@@ -376,8 +394,39 @@ impl NetFile {
         cmds
     }
 
+    /// Networks whose rules are in this file's table but which this file does not name:
+    /// another file's, which `up` (it rebuilds the whole table) or `down` would remove.
+    pub fn others_in_table(&self) -> Result<Vec<String>, NetError> {
+        if !nft::table_exists("inet", &self.table) {
+            return Ok(Vec::new());
+        }
+        let mut others: Vec<String> = nft::list(&["table", "inet", &self.table])?
+            .iter()
+            .filter_map(|item| item["rule"]["comment"].as_str())
+            .filter_map(|c| c.strip_prefix("within "))
+            .filter(|name| !self.networks.iter().any(|n| n.name == *name))
+            .map(str::to_string)
+            .collect();
+        others.sort();
+        others.dedup();
+        Ok(others)
+    }
+
+    fn check_table_is_ours(&self) -> Result<(), NetError> {
+        let others = self.others_in_table()?;
+        if others.is_empty() {
+            Ok(())
+        } else {
+            Err(NetError::TableInUse {
+                table: self.table.clone(),
+                others,
+            })
+        }
+    }
+
     /// Builds everything; running it again changes nothing.
     pub fn up(&self) -> Result<(), NetError> {
+        self.check_table_is_ours()?;
         let mut nl = Netlink::open()?;
         // Before anything is made. A NAT uplink that does not exist would come up and
         // never match a packet.
@@ -450,6 +499,7 @@ impl NetFile {
 
     /// Removes our table and the bridges this file names; nothing else.
     pub fn down(&self) -> Result<(), NetError> {
+        self.check_table_is_ours()?;
         if nft::table_exists("inet", &self.table) {
             nft::apply(vec![
                 json!({"delete": {"table": {"family": "inet", "name": self.table}}}),

@@ -287,3 +287,62 @@ fn bad_files_and_missing_privileges_are_one_clear_line() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("CAP_NET_ADMIN"), "{err}");
 }
+
+#[test]
+fn a_second_file_never_replaces_another_files_rules() {
+    let host = Netns::new("tbl");
+    let dir = tempfile::tempdir().unwrap();
+    let net = |name: &str, table: &str| {
+        let file = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &file,
+            format!("{table}[[network]]\nname = \"{name}\"\nmode = \"internal\"\nbridge = \"bp-{name}\"\n"),
+        )
+        .unwrap();
+        file.display().to_string()
+    };
+    let ok = |args: &str| {
+        let out = plugin(&host, args);
+        assert!(
+            out.status.success(),
+            "{args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let refused = |args: &str| {
+        let out = plugin(&host, args);
+        assert!(!out.status.success(), "{args} must be refused");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let a = net("a", "");
+    ok(&format!("net up {a}"));
+    // Same default table: up and down of b would remove a's rules, so both are refused.
+    let b = net("b", "");
+    let err = refused(&format!("net up {b}"));
+    assert!(
+        err.contains("inet bridge_plugin") && err.contains("(a)") && err.contains("table ="),
+        "{err}"
+    );
+    assert!(refused(&format!("net down {b}")).contains("(a)"));
+    assert!(
+        !host.try_sh("ip link show bp-b").status.success(),
+        "nothing of b was made"
+    );
+    assert!(host
+        .sh("nft list table inet bridge_plugin")
+        .contains("within a"));
+    // With a table of its own, b lives beside a; its down leaves a's table.
+    let b = net("b", "table = \"second\"\n");
+    ok(&format!("net up {b}"));
+    ok(&format!("net down {b}"));
+    let tables = host.sh("nft list tables");
+    assert!(
+        tables.contains("inet bridge_plugin") && !tables.contains("inet second"),
+        "{tables}"
+    );
+    ok(&format!("net up {a}"));
+    ok(&format!("net down {a}"));
+    // A table name nftables or a shell would take apart is refused before anything.
+    let bad = net("c", "table = \"x; drop\"\n");
+    assert!(refused(&format!("net up {bad}")).contains("table name"));
+}

@@ -169,8 +169,8 @@ impl Topology {
     }
 
     fn validate(&self) -> Result<(), TopologyError> {
-        self.net_file().validate()?;
-        // It names the state folder and goes into the helper's command line: plain.
+        // It names the state folder, the nftables table and goes into the helper's command
+        // line: plain (checked first, so its own message names the problem).
         if self.name.is_empty()
             || self.name.len() > 32
             || self.name.starts_with('.')
@@ -184,6 +184,7 @@ impl Topology {
                 self.name
             )));
         }
+        self.net_file().validate()?;
         let g = &self.guest;
         if g.initrd.is_some() && g.kernel.is_none() {
             return Err(TopologyError::Guest(

@@ -190,8 +190,13 @@ fn three_tier_example_enforces_its_policy_with_real_guests() {
     // SIGUSR1: the rules' counters, allowed and dropped, in the log.
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(up.0.id() as libc::pid_t, libc::SIGUSR1) };
+    // The running VMs are logged first, then each rule's counter (after asking nftables).
     wait_for("the counters in the log", Duration::from_secs(10), || {
-        log_text().contains("running: web1 app1 db1")
+        let t = log_text();
+        t.contains("running: web1 app1 db1")
+            && ["allow web -> app tcp/8080", "deny from segments"]
+                .iter()
+                .all(|r| t.lines().any(|l| l.contains(r) && l.ends_with("packets")))
     });
     let text = log_text();
     let packets = |rule: &str| -> u64 {
