@@ -22,12 +22,31 @@ struct Outcome {
 
 /// Runs the helper as QEMU does (`--use-vnet --fd=N --br=BR`, plus `extra`) in `ns`.
 fn run_helper(ns: &Netns, bridge: &str, acl: &Path, extra: &[&str], wrapper: &[&str]) -> Outcome {
+    run_helper_at(
+        Path::new(&bin("qemu-bridge-plugin")),
+        ns,
+        bridge,
+        acl,
+        extra,
+        wrapper,
+    )
+}
+
+/// `run_helper` with the helper binary at `helper`.
+fn run_helper_at(
+    helper: &Path,
+    ns: &Netns,
+    bridge: &str,
+    acl: &Path,
+    extra: &[&str],
+    wrapper: &[&str],
+) -> Outcome {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let raw = theirs.as_raw_fd();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name])
         .args(wrapper)
-        .arg(bin("qemu-bridge-plugin"));
+        .arg(helper);
     cmd.args([
         "--use-vnet",
         "--fd=3",
@@ -220,4 +239,50 @@ fn without_cap_net_admin_it_says_so_in_one_line() {
     assert!(out.tap.is_none());
     assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
     assert!(out.stderr.contains("CAP_NET_ADMIN"), "{}", out.stderr);
+}
+
+#[test]
+fn with_file_capabilities_only_the_administrators_files_decide() {
+    // Installed with cap_net_admin (or setuid), the helper serves callers without it: an
+    // ACL or settings of the caller's choosing would let any user onto any bridge.
+    let (ns, dir) = setup("allow all\n");
+    let acl = dir.path().join("bridge.conf");
+    let install = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        install.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let helper = install.path().join("qemu-bridge-plugin");
+    std::fs::copy(bin("qemu-bridge-plugin"), &helper).unwrap();
+    let setcap = Command::new("setcap")
+        .arg("cap_net_admin+ep")
+        .arg(&helper)
+        .status()
+        .unwrap();
+    assert!(setcap.success(), "setcap");
+    let as_nobody = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let out = run_helper_at(&helper, &ns, "br0", &acl, &["--vlan=20"], &as_nobody);
+    assert_ne!(out.code, 0);
+    assert!(out.tap.is_none());
+    assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+    for refused in ["--acl=", "--config-dir=", "--vlan="] {
+        assert!(out.stderr.contains(refused), "{}", out.stderr);
+    }
+    assert!(
+        out.stderr.contains("/etc/qemu/bridge.conf"),
+        "{}",
+        out.stderr
+    );
+    // The same binary without the capability, run by root, still takes them.
+    let plain = install.path().join("plain");
+    std::fs::copy(bin("qemu-bridge-plugin"), &plain).unwrap();
+    let out = run_helper_at(&plain, &ns, "br0", &acl, &[], &[]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.tap.is_some());
 }

@@ -6,6 +6,10 @@
 //! QEMU runs it with `--use-vnet --fd=N --br=BR`; it creates a tap, attaches it to the
 //! bridge as the ACL file and the bridge's settings say, and sends the tap's fd back over
 //! fd N. It either sends an fd and exits 0, or exits non-zero with one line on stderr.
+//!
+//! Installed setuid root or with file capabilities, it runs with more privilege than its
+//! caller: then only the administrator's files decide (the default ACL and config folder);
+//! `--acl=`, `--config-dir=` and per-port overrides from the caller are refused.
 
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
@@ -55,6 +59,22 @@ fn run() -> Result<(), String> {
             _ => overrides.push((key.to_string(), value.to_string())),
         }
     }
+    if elevated() {
+        // Everything but the protocol's own arguments is the caller's choice.
+        let chosen: Vec<String> = std::env::args()
+            .skip(1)
+            .filter_map(|a| Some(a.strip_prefix("--")?.split_once('=')?.0.to_string()))
+            .filter(|key| key != "br" && key != "fd")
+            .map(|key| format!("--{key}="))
+            .collect();
+        if !chosen.is_empty() {
+            return Err(format!(
+                "{} refused: this helper runs setuid or with file capabilities, so only \
+                 {DEFAULT_ACL} and {DEFAULT_CONFIG_DIR}/BRIDGE.toml decide (set it there)",
+                chosen.join(", ")
+            ));
+        }
+    }
     let bridge = bridge.ok_or(format!("missing --br=BRIDGE\n{USAGE}"))?;
     let fd = fd.ok_or(format!("missing --fd=UNIXFD\n{USAGE}"))?;
     if bridge.is_empty() || bridge.len() > 15 {
@@ -101,6 +121,13 @@ fn run() -> Result<(), String> {
     sock.send_with_fd(&[0u8][..], tap.queues[0].as_raw_fd())
         .map_err(|e| format!("cannot send the tap fd over --fd={fd}: {e}"))?;
     Ok(())
+}
+
+/// Whether the kernel started this program with more privilege than its caller had
+/// (setuid, setgid or file capabilities): AT_SECURE.
+fn elevated() -> bool {
+    // SAFETY: getauxval only reads the auxiliary vector.
+    unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
 }
 
 fn main() -> ExitCode {
