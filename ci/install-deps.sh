@@ -3,7 +3,8 @@
 # Idempotent: a second run installs nothing new.
 #  - qemu-system-x86 (7.2), busybox-static, iperf3, ethtool, iputils-ping: guests and the
 #    guest image built from them (integration::guest_image);
-#  - nftables, iproute2, util-linux (setpriv): bridge-plugin and its namespace tests;
+#  - nftables, iproute2, util-linux (setpriv), libcap2-bin (setcap): bridge-plugin and its
+#    namespace tests;
 #  - dpdk-dev (dpdk-testpmd) with the vhost PMD: the benchmark's reference backend;
 #  - QEMU 10 from bookworm-backports, unpacked beside 7.2 under target/vnet-cache/qemu10
 #    (VNET_QEMU=10 selects it).
@@ -12,7 +13,7 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (Rust toolchain)" >&2; exit 1; }
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(qemu-system-x86 busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux
+packages=(qemu-system-x86 busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux libcap2-bin
           dpdk-dev librte-net-vhost23 librte-mempool-ring23)
 missing=()
 for p in "${packages[@]}"; do
