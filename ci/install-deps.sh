@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # System packages the tests need, installed from Debian's registry (run as root; CI does).
 # Idempotent: a second run installs nothing new.
-#  - qemu-system-x86 (7.2), busybox-static, iperf3, ethtool, iputils-ping: guests and the
-#    guest image built from them (integration::guest_image);
+#  - qemu-system-x86, busybox-static, iperf3, ethtool, iputils-ping: guests and the guest
+#    image built from them (integration::guest_image);
 #  - nftables, iproute2, util-linux (setpriv), libcap2-bin (setcap): bridge-plugin and its
 #    namespace tests;
 #  - dpdk-dev (dpdk-testpmd) with the vhost PMD: the benchmark's reference backend;
-#  - QEMU 10 from bookworm-backports, unpacked beside 7.2 under target/vnet-cache/qemu10
-#    (VNET_QEMU=10 selects it).
+#  - the tests run guests on QEMU 7.2 (bookworm) and QEMU 10 (bookworm-backports): the
+#    system QEMU is bookworm's 7.2 unless the machine already has QEMU 10's qemu-utils
+#    (which breaks 7.2's qemu-system-common), and the other version is unpacked beside it
+#    under target/vnet-cache/qemu<VERSION> (VNET_QEMU=7.2|10 selects one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (Rust toolchain)" >&2; exit 1; }
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(qemu-system-x86 busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux libcap2-bin
+packages=(busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux libcap2-bin
           dpdk-dev librte-net-vhost23 librte-mempool-ring23)
 missing=()
 for p in "${packages[@]}"; do
@@ -41,30 +43,55 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# QEMU 10's shared libraries come from bookworm itself.
-q10libs=()
-for lib in $(apt-cache show qemu-system-x86/bookworm-backports | sed -n 's/^Depends: //p' | head -1 \
-        | tr ',' '\n' | sed 's/ *(.*//; s/^ *//; s/ *|.*//' | grep '^lib'); do
-    dpkg-query -W -f='${Status}' "$lib" 2>/dev/null | grep -q "install ok installed" || q10libs+=("$lib")
-done
-if [ ${#q10libs[@]} -gt 0 ]; then
-    echo "== installing QEMU 10's libraries: ${q10libs[*]}"
-    apt-get install -y -qq --no-install-recommends "${q10libs[@]}" >/dev/null
+# The system QEMU: bookworm's 7.2, or backports' 10 where the machine's qemu-utils is 10
+# already (bookworm's qemu-system-common is older than that qemu-utils accepts).
+if ! command -v qemu-system-x86_64 >/dev/null; then
+    if dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null | grep -q '^1:7\.2'; then
+        release=bookworm
+    elif dpkg-query -W -f='${Status}' qemu-utils 2>/dev/null | grep -q "install ok installed"; then
+        release=bookworm-backports
+    else
+        release=bookworm
+    fi
+    echo "== installing qemu-system-x86 from $release"
+    apt-get install -y -qq --no-install-recommends -t "$release" qemu-system-x86 >/dev/null
 fi
+system_version=$(qemu-system-x86_64 --version | sed -n 's/^QEMU emulator version \([0-9]*\.[0-9]*\).*/\1/p')
 
-q10=target/vnet-cache/qemu10
-if [ ! -x "$q10/usr/bin/qemu-system-x86_64" ]; then
-    echo "== unpacking QEMU 10 (bookworm-backports) into $q10"
+# The other version, unpacked with its own firmware and modules; its shared libraries come
+# from bookworm itself.
+unpack_qemu() {
+    local version=$1 release=$2 dir=target/vnet-cache/qemu$1
+    if [[ $system_version == "$version" || $system_version == "$version".* ]] \
+            || [ -x "$dir/usr/bin/qemu-system-x86_64" ]; then
+        return
+    fi
+    local libs=() lib
+    for lib in $(apt-cache show "qemu-system-x86/$release" | sed -n 's/^Depends: //p' | head -1 \
+            | tr ',' '\n' | sed 's/ *(.*//; s/^ *//; s/ *|.*//' | grep '^lib'); do
+        dpkg-query -W -f='${Status}' "$lib" 2>/dev/null | grep -q "install ok installed" || libs+=("$lib")
+    done
+    if [ ${#libs[@]} -gt 0 ]; then
+        echo "== installing QEMU $version's libraries: ${libs[*]}"
+        apt-get install -y -qq --no-install-recommends "${libs[@]}" >/dev/null
+    fi
+    echo "== unpacking QEMU $version ($release) into $dir"
+    local tmp
     tmp=$(mktemp -d)
-    (cd "$tmp" && apt-get download -q qemu-system-x86/bookworm-backports \
-        qemu-system-common/bookworm-backports qemu-system-data/bookworm-backports >/dev/null)
-    mkdir -p "$q10"
-    for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$q10"; done
+    (cd "$tmp" && apt-get download -q "qemu-system-x86/$release" \
+        "qemu-system-common/$release" "qemu-system-data/$release" >/dev/null)
+    mkdir -p "$dir"
+    for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$dir"; done
     rm -rf "$tmp"
-fi
-if ldd "$q10/usr/bin/qemu-system-x86_64" | grep "not found"; then
-    echo "QEMU 10 lacks the libraries above" >&2
-    exit 1
-fi
-"$q10/usr/bin/qemu-system-x86_64" --version | head -1
-qemu-system-x86_64 --version | head -1
+    if ldd "$dir/usr/bin/qemu-system-x86_64" | grep "not found"; then
+        echo "QEMU $version lacks the libraries above" >&2
+        exit 1
+    fi
+}
+unpack_qemu 7.2 bookworm
+unpack_qemu 10 bookworm-backports
+echo "system QEMU: $(qemu-system-x86_64 --version | head -1)"
+for dir in target/vnet-cache/qemu*; do
+    [ -x "$dir/usr/bin/qemu-system-x86_64" ] || continue
+    echo "$dir: $(QEMU_MODULE_DIR="$dir/usr/lib/x86_64-linux-gnu/qemu" "$dir/usr/bin/qemu-system-x86_64" --version | head -1)"
+done

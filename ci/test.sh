@@ -15,7 +15,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build --workspace --bins (the tests run the backend binary)"
 cargo build --workspace --bins
 echo "== cargo test --workspace (QEMU 7.2 guests)"
-cargo test --workspace -- --test-threads=2 --nocapture
+VNET_QEMU=7.2 cargo test --workspace -- --test-threads=2 --nocapture
 echo "== benchmark, short mode (one second per case)"
 cargo build --release -q -p vhost-net-backend -p integration --bins
 # Guest memory on 2 MiB pages, as the reference figures were taken; the bench falls

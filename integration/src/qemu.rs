@@ -4,7 +4,8 @@
 //! Version facts the launcher knows: QEMU 7.2 (Debian 12) crashes under TCG as soon as a
 //! vhost-user virtio-net device starts with MSI-X, so there the NICs get `vectors=0`
 //! (legacy INTx); QEMU 9.2 and later spell the chardev reconnect option `reconnect-ms`.
-//! `VNET_QEMU=10` selects QEMU 10 unpacked beside the system one (`ci/install-deps.sh`).
+//! `VNET_QEMU=7.2` or `VNET_QEMU=10` selects that version: the system QEMU if it is that
+//! version, else the one `ci/install-deps.sh` unpacked beside it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -22,8 +23,10 @@ use crate::guest_image::{cache_root, GuestImage, READY_MARKER};
 pub enum QemuError {
     #[error("cannot run {0}: {1}")]
     Spawn(String, std::io::Error),
-    #[error("QEMU 10 is not unpacked at {0}: run ci/install-deps.sh (it unpacks bookworm-backports' QEMU there)")]
-    NoQemu10(PathBuf),
+    #[error("the system QEMU is not {0} and none is unpacked at {1}: run ci/install-deps.sh (it unpacks the version the system lacks there)")]
+    NotUnpacked(String, PathBuf),
+    #[error("VNET_QEMU={0}: expected 7.2, 10 or system")]
+    UnknownVersion(String),
     #[error("cannot tell the version of {0} from '{1}'")]
     Version(String, String),
     #[error("guest {name} did not {what} within {secs} s; console so far:\n{console}")]
@@ -66,20 +69,46 @@ pub struct Qemu {
 }
 
 impl Qemu {
-    /// The QEMU chosen by `VNET_QEMU`: unset or `7.2`/`system` for the system QEMU, `10` for
-    /// the QEMU 10 unpacked under the cache.
+    /// The QEMU chosen by `VNET_QEMU`: unset or `system` for the system QEMU, `7.2` or `10`
+    /// for that version.
     pub fn from_env() -> Result<Qemu, QemuError> {
         match std::env::var("VNET_QEMU").ok().as_deref() {
-            Some("10") => Self::unpacked(&cache_root().join("qemu10")),
-            _ => Self::at(PathBuf::from("qemu-system-x86_64"), None, Vec::new()),
+            None | Some("") | Some("system") => Self::system(),
+            Some(v) => Self::version(v),
         }
     }
 
-    /// A QEMU unpacked with `dpkg -x` into `root`.
-    pub fn unpacked(root: &Path) -> Result<Qemu, QemuError> {
+    /// The `qemu-system-x86_64` on PATH.
+    pub fn system() -> Result<Qemu, QemuError> {
+        Self::at(PathBuf::from("qemu-system-x86_64"), None, Vec::new())
+    }
+
+    /// QEMU `7.2` or `10`: the system one if it is that version, else the one unpacked
+    /// under the cache.
+    pub fn version(name: &str) -> Result<Qemu, QemuError> {
+        let wanted = match name {
+            "7.2" => (7, Some(2)),
+            "10" => (10, None),
+            _ => return Err(QemuError::UnknownVersion(name.to_string())),
+        };
+        let matches = |v: (u32, u32)| v.0 == wanted.0 && wanted.1.is_none_or(|m| v.1 == m);
+        if let Ok(system) = Self::system() {
+            if matches(system.version) {
+                return Ok(system);
+            }
+        }
+        let root = cache_root().join(format!("qemu{name}"));
+        match Self::unpacked(&root)? {
+            Some(q) if matches(q.version) => Ok(q),
+            _ => Err(QemuError::NotUnpacked(name.to_string(), root)),
+        }
+    }
+
+    /// A QEMU unpacked with `dpkg -x` into `root`, if there is one.
+    fn unpacked(root: &Path) -> Result<Option<Qemu>, QemuError> {
         let binary = root.join("usr/bin/qemu-system-x86_64");
         if !binary.exists() {
-            return Err(QemuError::NoQemu10(root.to_path_buf()));
+            return Ok(None);
         }
         // Its own firmware first, then the system's seabios and data (bios-256k.bin).
         let data = vec![
@@ -92,6 +121,7 @@ impl Qemu {
             Some(root.join("usr/lib/x86_64-linux-gnu/qemu")),
             data,
         )
+        .map(Some)
     }
 
     fn at(

@@ -1,6 +1,6 @@
 //! End-to-end: real QEMU guests (the tiny Debian-kernel image) on a running
-//! vhost-net-backend process. QEMU version: `VNET_QEMU` (unset: the system QEMU 7.2;
-//! `10`: QEMU 10 from bookworm-backports). Acceleration: probed, or `VNET_ACCEL`.
+//! vhost-net-backend process. QEMU version: `VNET_QEMU` (`7.2`, `10`; unset: the
+//! system QEMU). Acceleration: probed, or `VNET_ACCEL`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use integration::guest_image::{build_image, cache_root, ImageSpec};
+use integration::guest_image::{build_image, ImageSpec};
 use integration::qemu::{Accel, Guest, GuestSpec, Qemu};
 
 #[test]
@@ -21,7 +21,7 @@ fn apply_creates_configures_and_binds_vfs_on_an_emulated_igb() {
     };
     let image = build_image(&spec).expect("SR-IOV guest image");
     // igb exists from QEMU 8.0 on: QEMU 10 from bookworm-backports (ci/install-deps.sh).
-    let qemu = Qemu::unpacked(&cache_root().join("qemu10")).expect("QEMU 10 is unpacked");
+    let qemu = Qemu::version("10").expect("QEMU 10 (ci/install-deps.sh)");
     let mut g = GuestSpec::new("sriov", std::path::Path::new("/nonexistent"), 1, "");
     g.nics.clear();
     g.addrs.clear();

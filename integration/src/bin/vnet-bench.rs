@@ -54,6 +54,9 @@ struct Report {
     guest_pages: &'static str,
     throughput: Vec<Throughput>,
     latency: Vec<Latency>,
+    /// The same round trip with no backend: two sleeping threads on CPU 1 woken in turn
+    /// through eventfds, as a kick wakes a worker. What no non-polling backend beats here.
+    wakeup_floor: Option<Latency>,
     /// Ours over DPDK testpmd (io forwarding), Mpps, same case and queue pairs.
     vs_dpdk: Vec<(String, u16, f64)>,
     dpdk: Option<String>,
@@ -212,10 +215,14 @@ impl Target for Dpdk {
 /// Keeps the frontend on CPU 0, so the backend under test has CPU 1 (testpmd pins its
 /// forwarding core there; our workers go where the scheduler finds room).
 fn pin_to_cpu0() {
+    pin_to_cpu(0);
+}
+
+fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
+        libc::CPU_SET(cpu, &mut set);
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
@@ -458,6 +465,10 @@ fn latency(backend: &dyn Target, poll_us: u64, round_trips: usize) -> Latency {
         a.reclaim_tx(1);
         b.reclaim_tx(1);
     }
+    percentiles(poll_us, samples)
+}
+
+fn percentiles(poll_us: u64, mut samples: Vec<f64>) -> Latency {
     samples.sort_by(|x, y| x.total_cmp(y));
     let pct = |p: f64| {
         samples
@@ -471,6 +482,54 @@ fn latency(backend: &dyn Target, poll_us: u64, round_trips: usize) -> Latency {
         p50_us: pct(0.5),
         p99_us: pct(0.99),
     }
+}
+
+/// The round trip of `latency` without the switch: this thread (CPU 0) wakes a thread
+/// sleeping on an eventfd on CPU 1 and spins until it answers, then wakes a second one, as a
+/// frame from A wakes A's worker and the answer from B wakes B's. The rest of a round trip
+/// is the backend's work; this part is the machine's.
+fn wakeup_floor(round_trips: usize) -> Latency {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use vmm_sys_util::eventfd::EventFd;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sleepers: Vec<(Arc<EventFd>, Arc<AtomicU64>, std::thread::JoinHandle<()>)> = (0..2)
+        .map(|_| {
+            let kick = Arc::new(EventFd::new(0).expect("eventfd"));
+            let woken = Arc::new(AtomicU64::new(0));
+            let (k, w, stop) = (kick.clone(), woken.clone(), stop.clone());
+            let t = std::thread::spawn(move || {
+                pin_to_cpu(1);
+                while k.read().is_ok() && !stop.load(Ordering::Relaxed) {
+                    w.fetch_add(1, Ordering::Release);
+                }
+            });
+            (kick, woken, t)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let mut samples = Vec::with_capacity(round_trips);
+    'trips: for trip in 1..=round_trips as u64 {
+        let t0 = Instant::now();
+        for (kick, woken, _) in &sleepers {
+            let _ = kick.write(1);
+            let end = Instant::now() + Duration::from_secs(2);
+            while woken.load(Ordering::Acquire) < trip {
+                if Instant::now() > end {
+                    break 'trips;
+                }
+                std::hint::spin_loop();
+            }
+        }
+        samples.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for (kick, _, t) in sleepers {
+        let _ = kick.write(1);
+        let _ = t.join();
+    }
+    percentiles(0, samples)
 }
 
 impl Report {
@@ -508,6 +567,7 @@ fn main() {
         guest_pages: "2 MiB",
         throughput: Vec::new(),
         latency: Vec::new(),
+        wakeup_floor: None,
         vs_dpdk: Vec::new(),
         dpdk: None,
     };
@@ -532,6 +592,10 @@ fn main() {
         report
             .latency
             .push(latency(&backend, poll_us, trips.max(200)));
+    }
+
+    if only.is_none() {
+        report.wakeup_floor = Some(wakeup_floor((seconds * 2000.0).max(200.0) as usize));
     }
 
     match Dpdk::start() {
@@ -611,6 +675,12 @@ fn main() {
         println!(
             "round trip A->B->A, vhost-net-backend --poll-us {:>2}: p50 {:>7.1} us  p99 {:>7.1} us  ({} trips)",
             l.poll_us, l.p50_us, l.p99_us, l.round_trips
+        );
+    }
+    if let Some(l) = &report.wakeup_floor {
+        println!(
+            "round trip floor, two thread wake-ups on CPU 1 (no backend):  p50 {:>7.1} us  p99 {:>7.1} us  ({} trips)",
+            l.p50_us, l.p99_us, l.round_trips
         );
     }
 }

@@ -14,7 +14,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage:\n  vnet-guest image\n  vnet-guest boot --socket PATH --ip CIDR [--mac N] [--queues N] [--mtu N]\n\
          The guest gets an interactive shell on this terminal; `poweroff -f` ends it.\n\
-         VNET_QEMU=10 uses QEMU 10 (ci/install-deps.sh unpacks it); VNET_ACCEL=kvm|tcg skips the KVM probe."
+         VNET_QEMU=7.2|10 picks the QEMU version (ci/install-deps.sh provides both); VNET_ACCEL=kvm|tcg skips the KVM probe."
     );
     ExitCode::from(2)
 }
