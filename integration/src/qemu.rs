@@ -110,10 +110,12 @@ impl Qemu {
         if !binary.exists() {
             return Ok(None);
         }
-        // Its own firmware first, then the system's seabios and data (bios-256k.bin).
+        // Its own firmware first, then the system's seabios (bios-256k.bin), iPXE option
+        // ROMs (its own links to them point inside the unpacked tree) and data.
         let data = vec![
             root.join("usr/share/qemu"),
             PathBuf::from("/usr/share/seabios"),
+            PathBuf::from("/usr/lib/ipxe/qemu"),
             PathBuf::from("/usr/share/qemu"),
         ];
         Self::at(
@@ -182,7 +184,9 @@ impl Qemu {
         for d in &self.data_dirs {
             cmd.arg("-L").arg(d);
         }
-        if self.version >= (7, 1) && self.module_dir.is_some() {
+        // An unpacked QEMU would probe the host's audio backends through modules it lacks;
+        // `-audio none` without a model is accepted from 8.2 on.
+        if self.version >= (8, 2) && self.module_dir.is_some() {
             cmd.args(["-audio", "none"]);
         }
         cmd
