@@ -6,8 +6,11 @@
 //! round-trip latency with and without `--poll-us`, and a memcpy baseline of the same bytes
 //! measured in the same run.
 //!
-//!   vnet-bench [--seconds S] [--json] [--case NAME]
+//!   vnet-bench [--seconds S] [--json] [--case NAME] [--queue-size N]
 //!
+//! Rings have 256 entries (QEMU's default for virtio-net) unless `--queue-size` (512 or
+//! 1024) says otherwise: with 1024, the buffers of a 1518 B case outgrow a core's
+//! L2 cache.
 //! `--case` runs only the throughput cases whose name starts with NAME ("64 B", "1518 B <->")
 //! and no latency test: for comparing builds (VNET_BACKEND=path picks the backend binary).
 
@@ -50,6 +53,8 @@ struct Latency {
 #[derive(Serialize)]
 struct Report {
     seconds_per_case: f64,
+    /// Entries of every ring, RX and TX (QEMU's default for virtio-net is 256).
+    queue_size: u16,
     /// "2 MiB" or "4 KiB": the frontend's guest memory pages.
     guest_pages: &'static str,
     throughput: Vec<Throughput>,
@@ -73,11 +78,12 @@ impl Backend {
         let mut cmd = Command::new(backend_binary());
         for p in ["a", "b"] {
             cmd.arg("--port").arg(format!(
-                "name={p},socket={},queues=2",
+                "name={p},socket={},queues=2,vlan=10",
                 dir.path().join(format!("{p}.sock")).display()
             ));
         }
         cmd.args(extra).stderr(Stdio::null());
+        // Both ports on VLAN 10: the switch's segment checks are part of what is measured.
         // Like testpmd's forwarding core: the backend gets CPU 1, the frontend CPU 0.
         // SAFETY: only sched_setaffinity between fork and exec.
         unsafe {
@@ -303,7 +309,18 @@ const CASES: [Case; 5] = [
     },
 ];
 
-fn throughput(backend: &dyn Target, case: Case, qps: u16, seconds: f64) -> (Throughput, bool) {
+/// How a throughput case is run: for how long, and the size of every ring.
+#[derive(Clone, Copy)]
+struct Setup {
+    seconds: f64,
+    queue_size: u16,
+}
+
+fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Throughput, bool) {
+    let Setup {
+        seconds,
+        queue_size,
+    } = setup;
     let Case {
         name,
         size,
@@ -313,7 +330,7 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, seconds: f64) -> (Thro
     let receiver_opts = DeviceOptions {
         features: ALL_FEATURES & !f::MRG_RXBUF,
         queue_pairs: qps,
-        queue_size: 1024,
+        queue_size,
         rx_buf_size: if tso { 65562 } else { 2048 },
         auto_repost: false,
         polling: true,
@@ -324,7 +341,7 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, seconds: f64) -> (Thro
     } else {
         DeviceOptions {
             queue_pairs: qps,
-            queue_size: 1024,
+            queue_size,
             polling: true,
             hugepages: true,
             ..Default::default()
@@ -333,9 +350,9 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, seconds: f64) -> (Thro
     let mut a = connect(&backend.sock("a"), sender_opts);
     let mut b = connect(&backend.sock("b"), receiver_opts);
     for qp in 0..qps {
-        b.post_rx(qp, 1024).unwrap();
+        b.post_rx(qp, usize::from(queue_size)).unwrap();
         if both_ways {
-            a.post_rx(qp, 1024).unwrap();
+            a.post_rx(qp, usize::from(queue_size)).unwrap();
         }
     }
     // Let the switch learn both, so the frames are unicast.
@@ -556,6 +573,20 @@ fn main() {
         .position(|a| a == "--case")
         .and_then(|i| args.get(i + 1))
         .map(String::as_str);
+    let queue_size: u16 = match args.iter().position(|a| a == "--queue-size") {
+        None => 256,
+        Some(i) => match args.get(i + 1).and_then(|s| s.parse::<u16>().ok()) {
+            Some(q @ (256 | 512 | 1024)) => q,
+            _ => {
+                eprintln!("--queue-size takes 256, 512 or 1024 (the ring sizes QEMU's virtio-net accepts)");
+                std::process::exit(2);
+            }
+        },
+    };
+    let setup = Setup {
+        seconds,
+        queue_size,
+    };
     let cases: Vec<Case> = CASES
         .into_iter()
         .filter(|c| only.is_none_or(|o| c.name.starts_with(o)))
@@ -564,6 +595,7 @@ fn main() {
     pin_to_cpu0();
     let mut report = Report {
         seconds_per_case: seconds,
+        queue_size,
         guest_pages: "2 MiB",
         throughput: Vec::new(),
         latency: Vec::new(),
@@ -578,7 +610,7 @@ fn main() {
         let backend = Backend::start(extra);
         for qps in [1u16, 2] {
             for &case in &cases {
-                let (t, huge) = throughput(&backend, case, qps, seconds);
+                let (t, huge) = throughput(&backend, case, qps, setup);
                 report.record(t, huge, label);
             }
         }
@@ -602,7 +634,7 @@ fn main() {
         Some(dpdk) => {
             for qps in [1u16, 2] {
                 for &case in &cases {
-                    let (t, huge) = throughput(&dpdk, case, qps, seconds);
+                    let (t, huge) = throughput(&dpdk, case, qps, setup);
                     let ours = report
                         .throughput
                         .iter()
@@ -636,8 +668,8 @@ fn main() {
     }
     println!(
         "{seconds} s per case; A sends, B receives through the backend (<->: both at once, summed); \
-         one frontend thread on CPU 0; guest memory on {} pages",
-        report.guest_pages
+         one frontend thread on CPU 0; guest memory on {} pages; rings of {} entries; ports on VLAN 10",
+        report.guest_pages, report.queue_size
     );
     println!(
         "{:<18} {:<11} {:>3} {:>7} {:>7} {:>12} {:>13} {:>11} {:>9}",
