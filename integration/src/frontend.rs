@@ -382,11 +382,24 @@ impl VirtioNetDevice {
             .mem
             .load(GuestAddress(dq.used.0 + 2), Ordering::Acquire)
             .ok()?;
-        if u16::from_le(used_idx) == dq.last_used {
+        let used_idx = u16::from_le(used_idx);
+        if used_idx == dq.last_used {
             return None;
         }
+        let in_flight = dq.avail_idx.wrapping_sub(dq.last_used);
+        assert!(
+            used_idx.wrapping_sub(dq.last_used) <= in_flight,
+            "queue {q}: the backend published used index {used_idx} with only {in_flight} chains in flight after {}",
+            dq.last_used
+        );
         let elem = GuestAddress(dq.used.0 + 4 + u64::from(dq.last_used % dq.size) * 8);
         let id: u32 = self.mem.read_obj(elem).ok()?;
+        assert!(
+            u32::from_le(id) < u32::from(dq.size),
+            "queue {q}: the backend returned head {} of a {}-entry ring",
+            u32::from_le(id),
+            dq.size
+        );
         let len: u32 = self.mem.read_obj(GuestAddress(elem.0 + 4)).ok()?;
         let dq = &mut self.queues[q];
         dq.last_used = dq.last_used.wrapping_add(1);
@@ -543,6 +556,13 @@ impl VirtioNetDevice {
         // concurrently, hence the atomic index load and the volatile entry reads after it.
         let published = unsafe { (*used.add(2).cast::<AtomicU16>()).load(Ordering::Acquire) };
         let published = u16::from_le(published);
+        // The backend is what is under test: a used index past the chains in flight, or a
+        // head outside the ring, would make this driver post stale or foreign buffers again.
+        let in_flight = self.queues[q].avail_idx.wrapping_sub(last);
+        assert!(
+            published.wrapping_sub(last) <= in_flight,
+            "queue {q}: the backend published used index {published} with only {in_flight} chains in flight after {last}"
+        );
         while last != published {
             let slot = 4 + 8 * usize::from(last % size);
             // SAFETY: as above.
@@ -552,7 +572,12 @@ impl VirtioNetDevice {
                     std::ptr::read_volatile(used.add(slot + 4).cast::<u32>()),
                 )
             };
-            f(u32::from_le(id) as u16, u32::from_le(len));
+            let id = u32::from_le(id);
+            assert!(
+                id < u32::from(size),
+                "queue {q}: the backend returned head {id} of a {size}-entry ring"
+            );
+            f(id as u16, u32::from_le(len));
             last = last.wrapping_add(1);
         }
         self.queues[q].last_used = last;
