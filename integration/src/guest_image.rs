@@ -31,7 +31,8 @@ impl ImageSpec {
         ImageSpec {
             name: "guest",
             kernel: "linux-image-cloud-amd64",
-            modules: vec!["virtio_pci", "virtio_net"],
+            // button and evdev: the ACPI power button, for a clean poweroff from the host.
+            modules: vec!["virtio_pci", "virtio_net", "button", "evdev"],
             programs: ["/usr/bin/iperf3", "/usr/sbin/ethtool", "/usr/bin/ping"]
                 .map(PathBuf::from)
                 .to_vec(),
@@ -40,7 +41,7 @@ impl ImageSpec {
 }
 
 /// Bump when the image layout or init changes, so caches are rebuilt.
-const IMAGE_VERSION: &str = "7";
+const IMAGE_VERSION: &str = "8";
 
 pub const READY_MARKER: &str = "VNET-GUEST-READY";
 
@@ -53,6 +54,14 @@ mount -t devtmpfs dev /dev
 mkdir -p /tmp /run
 dmesg -n 1
 for m in MODULES; do insmod /lib/modules/$m.ko || echo "insmod $m failed"; done
+# The ACPI power button (QEMU's system_powerdown) powers the guest off: busybox acpid maps
+# the button's key event to PWRF/00000080 under /etc/acpi.
+if [ -e /lib/modules/button.ko ]; then
+    mkdir -p /etc/acpi/PWRF /var/log
+    printf '#!/bin/sh\nexec poweroff -f\n' > /etc/acpi/PWRF/00000080
+    chmod +x /etc/acpi/PWRF/00000080
+    acpid -l /run/acpid.log -p /run/acpid.pid
+fi
 arg() { sed -n "s/.*vnet\.$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 ip link set lo up
 mtu=$(arg mtu)

@@ -25,6 +25,11 @@ impl Layout {
         self.state_dir.join(format!("{vm}.console"))
     }
 
+    /// QEMU's monitor (QMP), through which `down` presses the ACPI power button.
+    pub fn qmp(&self, vm: &str) -> PathBuf {
+        self.state_dir.join(format!("{vm}.qmp"))
+    }
+
     pub fn console_log(&self, vm: &str) -> PathBuf {
         self.state_dir.join(format!("{vm}.log"))
     }
@@ -72,6 +77,8 @@ pub fn qemu_args(topo: &Topology, vm: &Vm, layout: &Layout) -> Vec<String> {
         ),
         "-serial",
         "chardev:console",
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", opt(&layout.qmp(&vm.name))),
     ]
     .iter()
     .map(|s| s.to_string())

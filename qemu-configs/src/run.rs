@@ -2,9 +2,10 @@
 //! networks), and finding what an earlier `up` left behind.
 
 use std::fs;
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -135,7 +136,7 @@ pub fn up(topo: &Topology, layout: &Layout) -> Result<Running, UpError> {
         match running.start(vm) {
             Ok(child) => running.vms.push((vm.name.clone(), child)),
             Err(e) => {
-                running.down();
+                running.abort();
                 return Err(e);
             }
         }
@@ -145,7 +146,7 @@ pub fn up(topo: &Topology, layout: &Layout) -> Result<Running, UpError> {
     while Instant::now() < settle {
         if let Some((vm, status)) = running.exited() {
             let stderr = running.qemu_log_tail(&vm);
-            running.down();
+            running.abort();
             return Err(UpError::Exited { vm, status, stderr });
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -222,27 +223,113 @@ impl Running {
         );
     }
 
-    /// Stops every VM (QEMU gets SIGTERM, then SIGKILL after 10 s), then takes the networks
-    /// down and removes the consoles' sockets.
-    pub fn down(mut self) {
-        for (_, child) in &self.vms {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        }
-        let end = Instant::now() + Duration::from_secs(10);
-        for (name, child) in &mut self.vms {
-            while !matches!(child.try_wait(), Ok(Some(_))) {
-                if Instant::now() > end {
-                    warn!("vm {name}: QEMU ignored SIGTERM; killing it");
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+    /// Stops every VM (the ACPI power button, then SIGTERM after `shutdown_secs`, then
+    /// SIGKILL after 10 s more), then takes the networks down and removes the VMs' sockets.
+    pub fn down(self) {
+        let secs = self.topo.guest.shutdown_secs;
+        self.stop(secs);
+    }
+
+    /// Undoes an `up` that failed: its guests have only begun to boot (nothing to flush,
+    /// and no power button handler yet), so they get SIGTERM at once.
+    fn abort(self) {
+        self.stop(0);
+    }
+
+    fn stop(mut self, shutdown_secs: u64) {
+        let vms: Vec<(String, u32)> = self
+            .vms
+            .iter()
+            .map(|(name, child)| (name.clone(), child.id()))
+            .collect();
+        // Our children stay zombies, their pids ours, until waited for below.
+        stop_vms(&self.layout, &vms, shutdown_secs);
+        for (_, child) in &mut self.vms {
+            let _ = child.wait();
         }
         clean_state(&self.topo, &self.layout);
     }
+}
+
+/// Stops the QEMUs `vms` (name, pid) as a host shutting down would: each guest's ACPI power
+/// button is pressed over QMP and it gets `shutdown_secs` to power off (so a guest with a
+/// disk flushes it); one still running then gets SIGTERM, and SIGKILL 10 s later. With
+/// `shutdown_secs` 0 no button is pressed.
+fn stop_vms(layout: &Layout, vms: &[(String, u32)], shutdown_secs: u64) {
+    let mut pressed = Vec::new();
+    for (name, pid) in vms.iter().filter(|_| shutdown_secs > 0) {
+        match press_power_button(&layout.qmp(name)) {
+            Ok(()) => pressed.push(name),
+            Err(e) if running(*pid) => {
+                warn!("vm {name}: cannot press its power button over QMP ({e}); it gets SIGTERM")
+            }
+            Err(_) => {}
+        }
+    }
+    let left = |vms: &[(String, u32)]| -> Vec<(String, u32)> {
+        vms.iter()
+            .filter(|(_, pid)| running(*pid))
+            .cloned()
+            .collect()
+    };
+    if !pressed.is_empty() {
+        let end = Instant::now() + Duration::from_secs(shutdown_secs);
+        while Instant::now() < end && !left(vms).is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let still = left(vms);
+    for (name, _) in vms.iter().filter(|vm| !still.contains(vm)) {
+        if pressed.contains(&name) {
+            info!("vm {name}: powered off");
+        }
+    }
+    for (name, pid) in &still {
+        if pressed.contains(&name) {
+            warn!("vm {name}: still running {shutdown_secs} s after its power button; sending SIGTERM");
+        }
+        // SAFETY: kill(2) on a pid checked to be this VM's QEMU (our child, or a leftover
+        // whose command line names the VM).
+        unsafe { libc::kill(*pid as libc::pid_t, libc::SIGTERM) };
+    }
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end && !left(&still).is_empty() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (name, pid) in left(&still) {
+        warn!("vm {name}: QEMU ignored SIGTERM for 10 s; killing it");
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+}
+
+/// Presses the guest's ACPI power button through QEMU's QMP socket at `path`.
+fn press_power_button(path: &Path) -> Result<(), String> {
+    let stream = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let timeout = Some(Duration::from_secs(2));
+    stream
+        .set_read_timeout(timeout)
+        .and_then(|()| stream.set_write_timeout(timeout))
+        .map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut writer = stream;
+    let mut line = String::new();
+    // The greeting, then each command's answer (events in between are skipped).
+    reader.read_line(&mut line).map_err(|e| e.to_string())?;
+    for command in ["qmp_capabilities", "system_powerdown"] {
+        writeln!(writer, "{{\"execute\":\"{command}\"}}").map_err(|e| e.to_string())?;
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) => return Err("QMP closed the connection".into()),
+                Ok(_) if line.contains("\"return\"") => break,
+                Ok(_) if line.contains("\"error\"") => return Err(line.trim().to_string()),
+                Ok(_) => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Takes the networks down and removes the consoles' sockets and pid files (logs stay).
@@ -252,6 +339,7 @@ fn clean_state(topo: &Topology, layout: &Layout) {
     }
     for vm in &topo.vms {
         let _ = fs::remove_file(layout.console(&vm.name));
+        let _ = fs::remove_file(layout.qmp(&vm.name));
         let _ = fs::remove_file(layout.state_dir.join(format!("{}.pid", vm.name)));
     }
     let _ = fs::remove_file(layout.acl());
@@ -281,38 +369,18 @@ pub fn down_leftovers(topo: &Topology, layout: &Layout) -> Result<Vec<String>, U
                 .windows(2)
                 .any(|w| w[0] == b"-name" && w[1] == vm.name.as_bytes());
         if ours {
-            // SAFETY: kill(2) on a pid whose command line names this VM.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-            stopped.push(vm.name.clone());
+            stopped.push((vm.name.clone(), pid as u32));
         }
     }
-    let end = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < end && stopped.iter().any(|vm| alive(layout, vm)) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for vm in stopped.iter().filter(|vm| alive(layout, vm)) {
-        warn!("vm {vm}: QEMU ignored SIGTERM for 10 s; killing it");
-        if let Some(pid) = pid_of(layout, vm) {
-            // SAFETY: kill(2) on the pid checked above to be this VM's QEMU.
-            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-        }
-    }
+    stop_vms(layout, &stopped, topo.guest.shutdown_secs);
     clean_state(topo, layout);
-    Ok(stopped)
-}
-
-fn pid_of(layout: &Layout, vm: &str) -> Option<u32> {
-    fs::read_to_string(layout.state_dir.join(format!("{vm}.pid")))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
+    Ok(stopped.into_iter().map(|(name, _)| name).collect())
 }
 
 /// Running, not a zombie waiting for its parent.
-fn alive(layout: &Layout, vm: &str) -> bool {
-    pid_of(layout, vm).is_some_and(|pid| {
-        fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| Some(s.rsplit_once(") ")?.1.starts_with('Z')))
-            .is_some_and(|zombie| !zombie)
-    })
+fn running(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(s.rsplit_once(") ")?.1.starts_with('Z')))
+        .is_some_and(|zombie| !zombie)
 }

@@ -54,6 +54,10 @@ pub struct Guest {
     /// More QEMU arguments for every VM.
     #[serde(default)]
     pub qemu_args: Vec<String>,
+    /// How long a VM may take to power off after the ACPI power button before it gets
+    /// SIGTERM (a guest that ignores the button only delays `down` by this).
+    #[serde(default = "default_shutdown_secs")]
+    pub shutdown_secs: u64,
 }
 
 fn default_qemu() -> String {
@@ -70,6 +74,9 @@ fn default_memory() -> u32 {
 }
 fn default_cpus() -> u32 {
     1
+}
+fn default_shutdown_secs() -> u64 {
+    30
 }
 
 /// One VM with one NIC on one network.

@@ -91,7 +91,8 @@ impl Drop for Up {
     fn drop(&mut self) {
         // SAFETY: kill(2) on our child.
         unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
-        let end = Instant::now() + Duration::from_secs(20);
+        // The VMs get the topology's shutdown_secs (30) to power off, then SIGTERM.
+        let end = Instant::now() + Duration::from_secs(60);
         while !matches!(self.0.try_wait(), Ok(Some(_))) && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -216,8 +217,17 @@ fn three_tier_example_enforces_its_policy_with_real_guests() {
     unsafe { libc::kill(up.0.id() as libc::pid_t, libc::SIGTERM) };
     let status = up.0.wait().unwrap();
     assert!(status.success(), "{status}: {}", log_text());
+    // Each guest powered itself off when its ACPI power button was pressed over QMP.
+    for vm in ["web1", "app1", "db1"] {
+        assert!(
+            log_text().contains(&format!("vm {vm}: powered off")),
+            "{vm} did not power off by its button: {}",
+            log_text()
+        );
+    }
     assert!(!host.try_sh("ip link show tt-web").status.success());
     assert!(!state.join("web1.console").exists());
+    assert!(!state.join("web1.qmp").exists());
     assert!(!host
         .sh("ps -eo args")
         .contains(&format!("--state-dir {}", state.display())));
