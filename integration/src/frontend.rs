@@ -781,6 +781,23 @@ impl VirtioNetDevice {
         out
     }
 
+    /// Whether the backend interrupted queue pair `qp`'s RX queue within `timeout` (the
+    /// interrupt is taken).
+    pub fn rx_interrupted(&mut self, qp: u16, timeout: Duration) -> bool {
+        let q = usize::from(qp) * 2;
+        let mut pfd = libc::pollfd {
+            fd: self.queues[q].call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } == 1;
+        if ready {
+            let _ = self.queues[q].call.read();
+        }
+        ready
+    }
+
     fn wait_call(&self, q: usize, timeout: Duration) {
         let fd = self.queues[q].call.as_raw_fd();
         let mut pfd = libc::pollfd {

@@ -504,6 +504,38 @@ fn malformed_rx_buffers_are_counted_and_survived() {
 }
 
 #[test]
+fn a_bad_rx_buffer_comes_back_with_an_interrupt() {
+    // A unicast frame (written in runs) and a flooded one (written one by one).
+    for (dst, path) in [(mac(2), "unicast"), (BROADCAST, "flood")] {
+        let sw = TestSwitch::start(ports(&["a", "b"]), None);
+        let mut a = device(&sw, "a", DeviceOptions::default());
+        let mut b = sw.connect("b", DeviceOptions::default()).unwrap();
+        // b learnt; b's only RX buffer is read-only.
+        b.send(0, &plain(), &udp_frame(mac(2), mac(1), 60)).unwrap();
+        assert!(a.recv(0, WAIT).is_some());
+        while b.rx_interrupted(0, Duration::from_millis(100)) {}
+        b.post_rx_raw(
+            0,
+            &[RawDesc {
+                addr: 4096,
+                len: 2048,
+                flags: 0,
+                next: RawNext::Index(0),
+            }],
+        )
+        .unwrap();
+        a.send(0, &plain(), &udp_frame(mac(1), dst, 100)).unwrap();
+        // Handed back unused, and the driver is told: else a driver with only bad buffers
+        // would wait for them forever.
+        assert!(
+            b.rx_interrupted(0, WAIT),
+            "{path}: no interrupt for the returned buffer"
+        );
+        assert_eq!(sw.counters("b").drop_count(DropReason::BadRxDescriptor), 1);
+    }
+}
+
+#[test]
 fn a_reconnecting_frontend_gets_a_working_port() {
     let sw = TestSwitch::start(ports(&["a", "b"]), None);
     let mut a = device(&sw, "a", DeviceOptions::default());

@@ -355,9 +355,11 @@ impl Deliverer<'_> {
             j += 1;
         }
         let avail = locked.avail;
+        // Bad chains handed back unused move the used ring too: the driver hears of them.
+        let moved = locked.queue.next_used() != old_used;
         drop(state);
         remember_avail(avail_cache, (dst.id, *index), avail);
-        if packets > 0 {
+        if moved {
             let t = Touched {
                 port: dst.id,
                 queue: *index,
@@ -461,20 +463,23 @@ impl Deliverer<'_> {
         d: &mut Scratch,
     ) -> bool {
         let (dst, qidx) = (rxq.port, rxq.index);
-        match write_rx_buffers(rxq, hdr, src, head, d) {
-            Ok(old_used) => {
-                note_touched(
-                    &mut d.touched,
-                    Touched {
-                        port: dst.id,
-                        queue: qidx,
-                        old_used,
-                        packets: 1,
-                        bytes: src.len() as u64,
-                    },
-                );
-                true
-            }
+        let (result, moved_from) = write_rx_buffers(rxq, hdr, src, head, d);
+        // Bad chains handed back unused move the used ring too: the driver hears of them.
+        if let Some(old_used) = moved_from {
+            let delivered = result.is_ok();
+            note_touched(
+                &mut d.touched,
+                Touched {
+                    port: dst.id,
+                    queue: qidx,
+                    old_used,
+                    packets: u64::from(delivered),
+                    bytes: if delivered { src.len() as u64 } else { 0 },
+                },
+            );
+        }
+        match result {
+            Ok(()) => true,
             Err(RxError::Drop(reason)) => {
                 dst.counters.count_drop(reason);
                 false
@@ -760,19 +765,24 @@ impl<'a> LockedRx<'a> {
     }
 }
 
-/// Writes one frame into the RX queue; returns the used index from before the write.
+/// Writes one frame into the RX queue; also returns the used index from before the write
+/// if the write moved it (the frame delivered, or bad chains handed back).
 fn write_rx_buffers(
     rxq: &RxQueue<'_>,
     hdr: &NetHdr,
     src: FrameSource<'_>,
     head: &[u8],
     d: &mut Scratch,
-) -> Result<u16, RxError> {
+) -> (Result<(), RxError>, Option<u16>) {
     let mut state = rxq.vring.get_mut();
-    let mut rx = LockedRx::new(&mut state, rxq, &d.avail_cache)?;
+    let mut rx = match LockedRx::new(&mut state, rxq, &d.avail_cache) {
+        Ok(rx) => rx,
+        Err(e) => return (Err(e), None),
+    };
     let old_used = rx.queue.next_used();
     let result = rx.write(hdr, src, head, &mut d.rx);
     let avail = rx.avail;
+    let moved = (rx.queue.next_used() != old_used).then_some(old_used);
     remember_avail(&mut d.avail_cache, (rxq.port.id, rxq.index), avail);
-    result.map(|()| old_used)
+    (result, moved)
 }
