@@ -464,14 +464,9 @@ fn a_burst_mixing_destinations_and_bad_chains_keeps_each_flow_in_order() {
     assert_eq!(sw.counters("a").drop_count(DropReason::BadTxDescriptor), 30);
 }
 
-#[test]
-fn malformed_rx_buffers_are_counted_and_survived() {
-    let sw = TestSwitch::start(ports(&["a", "b"]), None);
-    let mut a = device(&sw, "a", DeviceOptions::default());
-    let mut b = sw.connect("b", DeviceOptions::default()).unwrap();
-    let outside = b.mem_size() + 4096;
-    // A read-only RX buffer, then one outside memory, then good ones.
-    b.post_rx_raw(
+/// Offers an RX buffer the device may not write: a malformed RX chain.
+fn post_read_only_rx(d: &mut VirtioNetDevice) {
+    d.post_rx_raw(
         0,
         &[RawDesc {
             addr: 4096,
@@ -481,6 +476,16 @@ fn malformed_rx_buffers_are_counted_and_survived() {
         }],
     )
     .unwrap();
+}
+
+#[test]
+fn malformed_rx_buffers_are_counted_and_survived() {
+    let sw = TestSwitch::start(ports(&["a", "b"]), None);
+    let mut a = device(&sw, "a", DeviceOptions::default());
+    let mut b = sw.connect("b", DeviceOptions::default()).unwrap();
+    let outside = b.mem_size() + 4096;
+    // A read-only RX buffer, then one outside memory, then good ones.
+    post_read_only_rx(&mut b);
     b.post_rx_raw(
         0,
         &[RawDesc {
@@ -514,16 +519,7 @@ fn a_bad_rx_buffer_comes_back_with_an_interrupt() {
         b.send(0, &plain(), &udp_frame(mac(2), mac(1), 60)).unwrap();
         assert!(a.recv(0, WAIT).is_some());
         while b.rx_interrupted(0, Duration::from_millis(100)) {}
-        b.post_rx_raw(
-            0,
-            &[RawDesc {
-                addr: 4096,
-                len: 2048,
-                flags: 0,
-                next: RawNext::Index(0),
-            }],
-        )
-        .unwrap();
+        post_read_only_rx(&mut b);
         a.send(0, &plain(), &udp_frame(mac(1), dst, 100)).unwrap();
         // Handed back unused, and the driver is told: else a driver with only bad buffers
         // would wait for them forever.
