@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash ci/install-deps.sh
+bash ci/install-deps.sh example
 cargo build --release -q -p qemu-configs -p bridge-plugin -p integration --bins
 
 guest=$(target/release/vnet-guest image)

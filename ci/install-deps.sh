@@ -10,13 +10,17 @@
 #    system QEMU is bookworm's 7.2 unless the machine already has QEMU 10's qemu-utils
 #    (which breaks 7.2's qemu-system-common), and the other version is unpacked beside it
 #    under target/vnet-cache/qemu<VERSION> (VNET_QEMU=7.2|10 selects one).
+# `install-deps.sh example` installs only what the three-tier example needs (no DPDK, no
+# second QEMU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "cargo is required (Rust toolchain)" >&2; exit 1; }
 
 export DEBIAN_FRONTEND=noninteractive
-packages=(busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux libcap2-bin
-          dpdk-dev librte-net-vhost23 librte-mempool-ring23)
+packages=(busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux libcap2-bin)
+if [ "${1:-}" != example ]; then
+    packages+=(dpdk-dev librte-net-vhost23 librte-mempool-ring23)
+fi
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -88,8 +92,10 @@ unpack_qemu() {
         exit 1
     fi
 }
-unpack_qemu 7.2 bookworm
-unpack_qemu 10 bookworm-backports
+if [ "${1:-}" != example ]; then
+    unpack_qemu 7.2 bookworm
+    unpack_qemu 10 bookworm-backports
+fi
 echo "system QEMU: $(qemu-system-x86_64 --version | head -1)"
 for dir in target/vnet-cache/qemu*; do
     [ -x "$dir/usr/bin/qemu-system-x86_64" ] || continue
