@@ -143,6 +143,25 @@ pub struct VirtioNetDevice {
     opts: DeviceOptions,
 }
 
+/// The backend is what is under test: a used index past the chains in flight would make
+/// this driver take back chains it never offered, and post stale buffers again.
+fn check_used_index(q: usize, avail_idx: u16, last_used: u16, published: u16) {
+    let in_flight = avail_idx.wrapping_sub(last_used);
+    assert!(
+        published.wrapping_sub(last_used) <= in_flight,
+        "queue {q}: the backend published used index {published} with only {in_flight} chains in flight after {last_used}"
+    );
+}
+
+/// A used entry's head, checked to lie in the ring (else it would name foreign buffers).
+fn check_used_head(q: usize, id: u32, size: u16) -> u16 {
+    assert!(
+        id < u32::from(size),
+        "queue {q}: the backend returned head {id} of a {size}-entry ring"
+    );
+    id as u16
+}
+
 /// Guest memory: a memfd of `size` bytes (a multiple of 2 MiB), on 2 MiB pages when asked and
 /// the host has them. Returns the file and whether it is on huge pages.
 fn memfd(size: u64, hugepages: bool) -> Result<(File, bool)> {
@@ -386,31 +405,21 @@ impl VirtioNetDevice {
         if used_idx == dq.last_used {
             return None;
         }
-        let in_flight = dq.avail_idx.wrapping_sub(dq.last_used);
-        assert!(
-            used_idx.wrapping_sub(dq.last_used) <= in_flight,
-            "queue {q}: the backend published used index {used_idx} with only {in_flight} chains in flight after {}",
-            dq.last_used
-        );
+        check_used_index(q, dq.avail_idx, dq.last_used, used_idx);
         let elem = GuestAddress(dq.used.0 + 4 + u64::from(dq.last_used % dq.size) * 8);
         let id: u32 = self.mem.read_obj(elem).ok()?;
-        assert!(
-            u32::from_le(id) < u32::from(dq.size),
-            "queue {q}: the backend returned head {} of a {}-entry ring",
-            u32::from_le(id),
-            dq.size
-        );
+        let id = check_used_head(q, u32::from_le(id), dq.size);
         let len: u32 = self.mem.read_obj(GuestAddress(elem.0 + 4)).ok()?;
         let dq = &mut self.queues[q];
         dq.last_used = dq.last_used.wrapping_add(1);
         if self.opts.polling {
-            return Some((u32::from_le(id) as u16, u32::from_le(len)));
+            return Some((id, u32::from_le(len)));
         }
         // Ask for an interrupt at the next used entry (EVENT_IDX used_event).
         let used_event = GuestAddress(dq.avail.0 + 4 + 2 * u64::from(dq.size));
         let last = dq.last_used;
         let _ = self.mem.write_obj(last.to_le(), used_event);
-        Some((u32::from_le(id) as u16, u32::from_le(len)))
+        Some((id, u32::from_le(len)))
     }
 
     /// Sends one frame on queue pair `qp` as a single descriptor holding header and frame.
@@ -556,13 +565,7 @@ impl VirtioNetDevice {
         // concurrently, hence the atomic index load and the volatile entry reads after it.
         let published = unsafe { (*used.add(2).cast::<AtomicU16>()).load(Ordering::Acquire) };
         let published = u16::from_le(published);
-        // The backend is what is under test: a used index past the chains in flight, or a
-        // head outside the ring, would make this driver post stale or foreign buffers again.
-        let in_flight = self.queues[q].avail_idx.wrapping_sub(last);
-        assert!(
-            published.wrapping_sub(last) <= in_flight,
-            "queue {q}: the backend published used index {published} with only {in_flight} chains in flight after {last}"
-        );
+        check_used_index(q, self.queues[q].avail_idx, last, published);
         while last != published {
             let slot = 4 + 8 * usize::from(last % size);
             // SAFETY: as above.
@@ -572,12 +575,10 @@ impl VirtioNetDevice {
                     std::ptr::read_volatile(used.add(slot + 4).cast::<u32>()),
                 )
             };
-            let id = u32::from_le(id);
-            assert!(
-                id < u32::from(size),
-                "queue {q}: the backend returned head {id} of a {size}-entry ring"
+            f(
+                check_used_head(q, u32::from_le(id), size),
+                u32::from_le(len),
             );
-            f(id as u16, u32::from_le(len));
             last = last.wrapping_add(1);
         }
         self.queues[q].last_used = last;
@@ -784,21 +785,11 @@ impl VirtioNetDevice {
     /// Whether the backend interrupted queue pair `qp`'s RX queue within `timeout` (the
     /// interrupt is taken).
     pub fn rx_interrupted(&mut self, qp: u16, timeout: Duration) -> bool {
-        let q = usize::from(qp) * 2;
-        let mut pfd = libc::pollfd {
-            fd: self.queues[q].call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } == 1;
-        if ready {
-            let _ = self.queues[q].call.read();
-        }
-        ready
+        self.wait_call(usize::from(qp) * 2, timeout)
     }
 
-    fn wait_call(&self, q: usize, timeout: Duration) {
+    /// Waits up to `timeout` for queue `q`'s interrupt and takes it; whether it came.
+    fn wait_call(&self, q: usize, timeout: Duration) -> bool {
         let fd = self.queues[q].call.as_raw_fd();
         let mut pfd = libc::pollfd {
             fd,
@@ -806,7 +797,9 @@ impl VirtioNetDevice {
             revents: 0,
         };
         // SAFETY: one valid pollfd for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        let ready = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } == 1;
+        // Non-blocking: takes the interrupt if there is one.
         let _ = self.queues[q].call.read();
+        ready
     }
 }
