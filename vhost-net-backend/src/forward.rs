@@ -15,9 +15,9 @@ use crate::ram::Ram;
 use crate::switch::{DecisionCache, Forward, OpenEndpoint, PortId, PortShared, Switch};
 use crate::virtio::{
     avail_head, avail_idx, features as f, needs_interrupt, net_hdr_len, publish_used, push_used,
-    walk_chain, write_used, Cursor, DescTable, FrameSource, GuestWriter, NetHdr, Segment,
-    VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4,
-    VIRTIO_NET_HDR_GSO_TCPV6,
+    walk_chain, write_frame_whole, write_used, Cursor, DescTable, FrameSource, GuestWriter, NetHdr,
+    Segment, WireHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
 /// Most bytes of the next frame fetched ahead of its copy.
@@ -340,7 +340,7 @@ impl Deliverer<'_> {
             }
             let frame = frames[j].frame(ram, segs, self.from.segment);
             let src = frame.src;
-            match locked.write(&passed_header(&frame.hdr), src, frame.head, rx) {
+            match locked.write(passed_header(&frame.hdr), src, frame.head, rx) {
                 Ok(()) => {
                     packets += 1;
                     bytes += src.len() as u64;
@@ -407,7 +407,7 @@ impl Deliverer<'_> {
 
         if !needs_software(features, hdr) {
             let out = passed_header(hdr);
-            self.write_rx(rxq, &out, src, frame.head, d);
+            self.write_rx(rxq, out, src, frame.head, d);
             return;
         }
 
@@ -419,7 +419,7 @@ impl Deliverer<'_> {
             d.frame[..frame.head.len()].copy_from_slice(frame.head);
             d.frame_gathered = true;
         }
-        let plain = NetHdr::default();
+        let plain = WireHdr::default();
         if finish_csum {
             d.out[..len].copy_from_slice(&d.frame[..len]);
             let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
@@ -429,7 +429,7 @@ impl Deliverer<'_> {
             // Taken out of `d` for the call: write_rx needs the rest of `d`.
             let out = std::mem::take(&mut d.out);
             let finished = FrameSource::Local(&out[..len]);
-            self.write_rx(rxq, &plain, finished, frame.head, d);
+            self.write_rx(rxq, plain, finished, frame.head, d);
             d.out = out;
             return;
         }
@@ -437,7 +437,7 @@ impl Deliverer<'_> {
         let mut out = std::mem::take(&mut d.out);
         let result = segment_tcp(&whole[..len], hdr, &mut out, |seg| {
             // Stop at the first segment that cannot be delivered: the rest would not be.
-            let delivered = self.write_rx(rxq, &plain, FrameSource::Local(seg), frame.head, d);
+            let delivered = self.write_rx(rxq, plain, FrameSource::Local(seg), frame.head, d);
             if delivered {
                 Ok(())
             } else {
@@ -457,7 +457,7 @@ impl Deliverer<'_> {
     fn write_rx(
         &self,
         rxq: &RxQueue<'_>,
-        hdr: &NetHdr,
+        hdr: WireHdr,
         src: FrameSource<'_>,
         head: &[u8],
         d: &mut Scratch,
@@ -571,7 +571,7 @@ fn gso_supported(features: u64, hdr: &NetHdr) -> bool {
 /// The header a receiver gets for a frame passed on with its offloads: only the checksum
 /// and GSO requests, rebuilt field by field (a sender's DATA_VALID or stray bits are not
 /// passed on).
-fn passed_header(hdr: &NetHdr) -> NetHdr {
+fn passed_header(hdr: &NetHdr) -> WireHdr {
     let mut out = NetHdr::default();
     if hdr.needs_csum() {
         out.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
@@ -583,7 +583,7 @@ fn passed_header(hdr: &NetHdr) -> NetHdr {
         out.gso_size = hdr.gso_size;
         out.hdr_len = hdr.hdr_len;
     }
-    out
+    out.to_wire()
 }
 
 fn read_avail(queue: &virtio_queue::Queue, ram: &Ram) -> Result<u16, RxError> {
@@ -668,7 +668,7 @@ impl<'a> LockedRx<'a> {
     /// at the end of the burst).
     fn write(
         &mut self,
-        hdr: &NetHdr,
+        hdr: WireHdr,
         src: FrameSource<'_>,
         head: &[u8],
         bufs: &mut RxBufs,
@@ -729,23 +729,24 @@ impl<'a> LockedRx<'a> {
             }
         }
 
-        let out_hdr = NetHdr {
-            num_buffers: bufs.chains.len() as u16,
-            ..*hdr
-        };
-        let mut writer = GuestWriter::new(ram, &bufs.segs);
-        let ok = match src {
-            FrameSource::Guest { .. } => {
-                // Header and the checked first bytes in one write; the rest straight from
-                // the sender's memory.
-                let mut first = [0u8; 12 + MAX_HEAD];
-                let n = hdr_len + head.len();
-                first[..hdr_len].copy_from_slice(&out_hdr.to_bytes()[..hdr_len]);
-                first[hdr_len..n].copy_from_slice(head);
-                writer.write(&first[..n]) && writer.copy_from(src.skip(head.len()))
+        let out_hdr = hdr.with_num_buffers(bufs.chains.len() as u16);
+        let whole = match (src, bufs.segs.first()) {
+            (FrameSource::Guest { .. }, Some(&seg)) if head.len() == src.len() => {
+                write_frame_whole(ram, seg, out_hdr, hdr_len, head).is_some()
             }
-            FrameSource::Local(b) => {
-                writer.write(&out_hdr.to_bytes()[..hdr_len]) && writer.write(b)
+            _ => false,
+        };
+        let ok = whole || {
+            let mut writer = GuestWriter::new(ram, &bufs.segs);
+            match src {
+                // The checked first bytes from their copy, the rest straight from the
+                // sender's memory.
+                FrameSource::Guest { .. } => {
+                    writer.write_net_hdr(out_hdr, hdr_len)
+                        && writer.write(head)
+                        && writer.copy_from(src.skip(head.len()))
+                }
+                FrameSource::Local(b) => writer.write_net_hdr(out_hdr, hdr_len) && writer.write(b),
             }
         };
         let mut left = if ok { need } else { 0 };
@@ -769,7 +770,7 @@ impl<'a> LockedRx<'a> {
 /// if the write moved it (the frame delivered, or bad chains handed back).
 fn write_rx_buffers(
     rxq: &RxQueue<'_>,
-    hdr: &NetHdr,
+    hdr: WireHdr,
     src: FrameSource<'_>,
     head: &[u8],
     d: &mut Scratch,
