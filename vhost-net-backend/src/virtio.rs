@@ -582,17 +582,15 @@ impl<'a> FrameSource<'a> {
 fn store_net_hdr(dst: &GuestSlice<'_>, hdr: WireHdr, len: usize) {
     debug_assert!((len == 10 || len == 12) && dst.len() >= len);
     let p = dst.ptr_guard_mut().as_ptr();
-    let tail = hdr.hi.to_le_bytes();
-    // SAFETY: `dst` maps at least `len` (10 or 12) bytes of guest memory; byte arrays need
-    // no alignment; volatile, as every guest access here.
+    // SAFETY: `dst` maps at least `len` (10 or 12) bytes of guest memory; unaligned stores
+    // through raw pointers, no reference made (as vm-memory's own bulk copies). Volatile
+    // byte arrays would be stored a byte at a time.
     unsafe {
-        p.cast::<[u8; 8]>().write_volatile(hdr.lo.to_le_bytes());
+        p.cast::<u64>().write_unaligned(hdr.lo.to_le());
         if len == 12 {
-            p.add(8).cast::<[u8; 4]>().write_volatile(tail);
+            p.add(8).cast::<u32>().write_unaligned(hdr.hi.to_le());
         } else {
-            p.add(8)
-                .cast::<[u8; 2]>()
-                .write_volatile([tail[0], tail[1]]);
+            p.add(8).cast::<u16>().write_unaligned((hdr.hi as u16).to_le());
         }
     }
 }
