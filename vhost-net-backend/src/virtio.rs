@@ -231,6 +231,19 @@ impl<'a> DescTable<'a> {
         }
     }
 
+    /// The buffer of descriptor `index` if it is a whole chain of one device-writable
+    /// buffer inside guest memory (an RX chain as drivers post them for mergeable
+    /// buffers); None for anything else, `walk_chain` then has the final word.
+    pub fn lone_writable(&self, ram: &Ram, index: u16) -> Option<Segment> {
+        let desc: VirtqDesc = self.map?.read(usize::from(index) * DESC_SIZE as usize)?;
+        let (addr, len) = (u64::from_le(desc.addr), u32::from_le(desc.len));
+        let lone = u16::from_le(desc.flags) == VIRTQ_DESC_F_WRITE;
+        (lone && len > 0 && ram.contains(addr, u64::from(len))).then_some(Segment {
+            addr: GuestAddress(addr),
+            len,
+        })
+    }
+
     /// Starts fetching descriptor `index` (a chain's head), ahead of its walk.
     pub fn prefetch(&self, index: u16) {
         if let Some(m) = self.map {
@@ -590,7 +603,9 @@ fn store_net_hdr(dst: &GuestSlice<'_>, hdr: WireHdr, len: usize) {
         if len == 12 {
             p.add(8).cast::<u32>().write_unaligned(hdr.hi.to_le());
         } else {
-            p.add(8).cast::<u16>().write_unaligned((hdr.hi as u16).to_le());
+            p.add(8)
+                .cast::<u16>()
+                .write_unaligned((hdr.hi as u16).to_le());
         }
     }
 }
@@ -904,6 +919,35 @@ mod tests {
         assert!(!needs_interrupt(&ram(&m), avail, 4, false, 3, 5));
         m.write_obj(0u16, avail).unwrap();
         assert!(needs_interrupt(&ram(&m), avail, 4, false, 3, 5));
+    }
+
+    #[test]
+    fn only_a_lone_writable_buffer_takes_the_small_frame_path() {
+        let m = mem();
+        let r = ram(&m);
+        let t = DescTable::new(&r, GuestAddress(0), 8);
+        let w = VIRTQ_DESC_F_WRITE;
+        put_desc(&m, 0, 0, 0x1000, 2048, w, 0);
+        put_desc(&m, 0, 1, 0x1000, 2048, w | VIRTQ_DESC_F_NEXT, 0);
+        put_desc(&m, 0, 2, 0x3000, 16, w | VIRTQ_DESC_F_INDIRECT, 0);
+        put_desc(&m, 0, 3, 0x1000, 2048, 0, 0);
+        put_desc(&m, 0, 4, 0x1000, 0, w, 0);
+        put_desc(&m, 0, 5, 0x1f800, 0x1000, w, 0);
+        put_desc(&m, 0, 6, 0xff00, 0x200, w, 0);
+        let seg = |a: u64, l: u32| Segment {
+            addr: GuestAddress(a),
+            len: l,
+        };
+        assert_eq!(t.lone_writable(&r, 0), Some(seg(0x1000, 2048)));
+        for chained_indirect_readonly_empty_outside in 1..=5 {
+            assert_eq!(
+                t.lone_writable(&r, chained_indirect_readonly_empty_outside),
+                None
+            );
+        }
+        // Across adjacent regions is still guest memory.
+        assert_eq!(t.lone_writable(&r, 6), Some(seg(0xff00, 0x200)));
+        assert_eq!(t.lone_writable(&r, 8), None);
     }
 
     #[test]
