@@ -34,6 +34,8 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 pub(crate) const TX_BURST: usize = 256;
 /// How many chains ahead of its walk a chain's first descriptor is fetched.
 const PREFETCH_AHEAD: usize = 8;
+/// How many frames ahead of its checks a TX chain's first buffer is fetched.
+const TX_BUF_AHEAD: usize = 8;
 /// Bytes of each frame read up front: virtio header aside, enough for Ethernet, IPv6 and
 /// ports; a frame this short is then delivered from this copy in one write.
 const PEEK_LEN: usize = MAX_HEAD;
@@ -294,8 +296,9 @@ impl PortInner {
             // One read of the avail index per burst: it sits on a cache line the guest keeps
             // writing, and re-reading it for every chain was the most expensive thing here.
             // The burst's heads first (a few cache lines), so that each chain's first
-            // descriptor is fetched a few chains ahead of its walk, and its first buffer
-            // while the rest are walked: the driver's core wrote all of them last.
+            // descriptor is fetched a few chains ahead of its walk, and its first buffer a
+            // few frames ahead of its checks (closer to its use than during the walk, which
+            // measured 1-2 ns a frame slower at 64 B): the driver's core wrote them last.
             w.tx_heads.clear();
             for k in 0..TX_BURST.min(usize::from(pending)) {
                 let next = queue.next_avail().wrapping_add(k as u16);
@@ -321,9 +324,6 @@ impl PortInner {
                 let first = w.tx_segs.len();
                 match walk_chain(&ram, &table, head, false, &mut w.tx_segs) {
                     Ok(total) => {
-                        if let Some(seg) = w.tx_segs.get(first) {
-                            ram.prefetch(seg.addr);
-                        }
                         w.tx_walked.push((first, w.tx_segs.len(), total as usize));
                     }
                     Err(e) => {
@@ -343,7 +343,13 @@ impl PortInner {
                 // TX descriptors are device-readable only: used length 0.
                 w.tx_used.push((head, 0));
             }
+            for &(first, _, _) in w.tx_walked.iter().take(TX_BUF_AHEAD) {
+                ram.prefetch(w.tx_segs[first].addr);
+            }
             for k in 0..w.tx_walked.len() {
+                if let Some(&(ahead, _, _)) = w.tx_walked.get(k + TX_BUF_AHEAD) {
+                    ram.prefetch(w.tx_segs[ahead].addr);
+                }
                 let (first, end, total) = w.tx_walked[k];
                 self.take_frame(&ram, first, end, total, hdr_len, features, w);
             }
