@@ -683,7 +683,7 @@ impl<'a> LockedRx<'a> {
             return None;
         }
         let head = avail_head(self.ram, self.avail_ring, self.size, next)?;
-        let seg = self.table.lone_writable(self.ram, head)?;
+        let seg = self.table.lone(self.ram, head, true)?;
         write_frame_whole(self.ram, seg, hdr.with_num_buffers(1), self.hdr_len, frame)?;
         self.queue.set_next_avail(next.wrapping_add(1));
         let used = (head, (self.hdr_len + frame.len()) as u32);

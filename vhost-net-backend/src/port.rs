@@ -322,7 +322,14 @@ impl PortInner {
                 }
                 queue.set_next_avail(queue.next_avail().wrapping_add(1));
                 let first = w.tx_segs.len();
-                match walk_chain(&ram, &table, head, false, &mut w.tx_segs) {
+                let walked = match table.lone(&ram, head, false) {
+                    Some(seg) => {
+                        w.tx_segs.push(seg);
+                        Ok(seg.len)
+                    }
+                    None => walk_chain(&ram, &table, head, false, &mut w.tx_segs),
+                };
+                match walked {
                     Ok(total) => {
                         w.tx_walked.push((first, w.tx_segs.len(), total as usize));
                     }

@@ -231,13 +231,19 @@ impl<'a> DescTable<'a> {
         }
     }
 
-    /// The buffer of descriptor `index` if it is a whole chain of one device-writable
-    /// buffer inside guest memory (an RX chain as drivers post them for mergeable
-    /// buffers); None for anything else, `walk_chain` then has the final word.
-    pub fn lone_writable(&self, ram: &Ram, index: u16) -> Option<Segment> {
+    /// The buffer of descriptor `index` if it is a whole chain of one buffer inside guest
+    /// memory, device-writable or not as asked (RX chains as drivers post them for
+    /// mergeable buffers, small TX frames); None for anything else, `walk_chain` then has
+    /// the final word. The same checks as `walk_chain`'s, without its loop.
+    pub fn lone(&self, ram: &Ram, index: u16, device_writable: bool) -> Option<Segment> {
         let desc: VirtqDesc = self.map?.read(usize::from(index) * DESC_SIZE as usize)?;
         let (addr, len) = (u64::from_le(desc.addr), u32::from_le(desc.len));
-        let lone = u16::from_le(desc.flags) == VIRTQ_DESC_F_WRITE;
+        let want = if device_writable {
+            VIRTQ_DESC_F_WRITE
+        } else {
+            0
+        };
+        let lone = u16::from_le(desc.flags) == want;
         (lone && len > 0 && ram.contains(addr, u64::from(len))).then_some(Segment {
             addr: GuestAddress(addr),
             len,
@@ -922,7 +928,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_lone_writable_buffer_takes_the_small_frame_path() {
+    fn only_a_chain_of_one_buffer_takes_the_short_path() {
         let m = mem();
         let r = ram(&m);
         let t = DescTable::new(&r, GuestAddress(0), 8);
@@ -938,16 +944,17 @@ mod tests {
             addr: GuestAddress(a),
             len: l,
         };
-        assert_eq!(t.lone_writable(&r, 0), Some(seg(0x1000, 2048)));
-        for chained_indirect_readonly_empty_outside in 1..=5 {
-            assert_eq!(
-                t.lone_writable(&r, chained_indirect_readonly_empty_outside),
-                None
-            );
+        assert_eq!(t.lone(&r, 0, true), Some(seg(0x1000, 2048)));
+        // Chained, indirect, read-only, empty, outside memory.
+        for i in 1..=5 {
+            assert_eq!(t.lone(&r, i, true), None);
         }
         // Across adjacent regions is still guest memory.
-        assert_eq!(t.lone_writable(&r, 6), Some(seg(0xff00, 0x200)));
-        assert_eq!(t.lone_writable(&r, 8), None);
+        assert_eq!(t.lone(&r, 6, true), Some(seg(0xff00, 0x200)));
+        assert_eq!(t.lone(&r, 8, true), None);
+        // A TX chain asks for a device-readable buffer.
+        assert_eq!(t.lone(&r, 3, false), Some(seg(0x1000, 2048)));
+        assert_eq!(t.lone(&r, 0, false), None);
     }
 
     #[test]
