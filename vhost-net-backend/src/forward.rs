@@ -5,7 +5,7 @@
 use log::{debug, warn};
 use vhost_user_backend::{VringState, VringT};
 use virtio_queue::QueueT;
-use vm_memory::GuestAddress;
+use vm_memory::{Address, GuestAddress};
 
 use crate::config::MacAddr;
 use crate::counters::DropReason;
@@ -15,8 +15,8 @@ use crate::ram::Ram;
 use crate::switch::{DecisionCache, Forward, OpenEndpoint, PortId, PortShared, Switch};
 use crate::virtio::{
     avail_head, avail_idx, features as f, needs_interrupt, net_hdr_len, publish_used, push_used,
-    walk_chain, write_frame_whole, write_used, Cursor, DescTable, FrameSource, GuestWriter, NetHdr,
-    Segment, WireHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
+    walk_chain, write_frame_whole, write_used, Cursor, DescTable, FrameSource, GuestSlice,
+    GuestWriter, NetHdr, Segment, WireHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
     VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
@@ -339,12 +339,21 @@ impl Deliverer<'_> {
                 next.prefetch_body(ram, segs);
             }
             let t = &frames[j];
-            let small = if t.head_len == t.len {
-                locked.write_small(passed_header(&t.hdr), t.head())
-            } else {
-                None
+            let short = match t.end - t.first {
+                _ if t.head_len == t.len => {
+                    locked.write_short(passed_header(&t.hdr), t.head(), None)
+                }
+                // One TX buffer: the rest of the frame follows its head in it.
+                1 => segs[t.first]
+                    .addr
+                    .checked_add((t.hdr_len + t.head_len) as u64)
+                    .and_then(|at| ram.slice(at, t.len - t.head_len))
+                    .and_then(|rest| {
+                        locked.write_short(passed_header(&t.hdr), t.head(), Some(rest))
+                    }),
+                _ => None,
             };
-            let written = small.unwrap_or_else(|| {
+            let written = short.unwrap_or_else(|| {
                 let frame = t.frame(ram, segs, self.from.segment);
                 locked.write(passed_header(&frame.hdr), frame.src, frame.head, rx)
             });
@@ -672,21 +681,30 @@ impl<'a> LockedRx<'a> {
         })
     }
 
-    /// The small frame's path: a frame whose bytes are all in `frame` (its checked head)
-    /// into the next chain, if that is one writable buffer that holds it, with no lists
-    /// built on the way: their entries, stored and at once read back by wider loads, made
-    /// those loads wait for the store buffer to drain. None, with nothing taken, where
-    /// this does not apply: `write` then handles the frame.
-    fn write_small(&mut self, hdr: WireHdr, frame: &[u8]) -> Option<Result<(), RxError>> {
+    /// The short path: a frame whose bytes are `head` (its first bytes as checked) and
+    /// `rest` (the rest, in one piece of the sender's memory) into the next chain, if that
+    /// is one writable buffer that holds it, with no lists built on the way: their
+    /// entries, stored and at once read back by wider loads, made those loads wait for the
+    /// store buffer to drain. None, with nothing taken, where this does not apply: `write`
+    /// then handles the frame.
+    #[inline(always)]
+    fn write_short(
+        &mut self,
+        hdr: WireHdr,
+        head: &[u8],
+        rest: Option<GuestSlice<'_>>,
+    ) -> Option<Result<(), RxError>> {
         let next = self.queue.next_avail();
         if next == self.avail {
             return None;
         }
-        let head = avail_head(self.ram, self.avail_ring, self.size, next)?;
-        let seg = self.table.lone(self.ram, head, true)?;
-        write_frame_whole(self.ram, seg, hdr.with_num_buffers(1), self.hdr_len, frame)?;
+        let chain = avail_head(self.ram, self.avail_ring, self.size, next)?;
+        let seg = self.table.lone(self.ram, chain, true)?;
+        let len = self.hdr_len + head.len() + rest.as_ref().map_or(0, |r| r.len());
+        let hdr = hdr.with_num_buffers(1);
+        write_frame_whole(self.ram, seg, hdr, self.hdr_len, head, rest)?;
         self.queue.set_next_avail(next.wrapping_add(1));
-        let used = (head, (self.hdr_len + frame.len()) as u32);
+        let used = (chain, len as u32);
         let old_used = self.queue.next_used();
         Some(
             match write_used(
@@ -773,7 +791,7 @@ impl<'a> LockedRx<'a> {
         let out_hdr = hdr.with_num_buffers(bufs.chains.len() as u16);
         let whole = match (src, bufs.segs.first()) {
             (FrameSource::Guest { .. }, Some(&seg)) if head.len() == src.len() => {
-                write_frame_whole(ram, seg, out_hdr, hdr_len, head).is_some()
+                write_frame_whole(ram, seg, out_hdr, hdr_len, head, None).is_some()
             }
             _ => false,
         };

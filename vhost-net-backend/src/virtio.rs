@@ -616,27 +616,34 @@ fn store_net_hdr(dst: &GuestSlice<'_>, hdr: WireHdr, len: usize) {
     }
 }
 
-/// Writes the header's first `hdr_len` bytes and all of `frame` into the buffer `seg`, if
-/// they fit it and it lies in one region; None otherwise (nothing written).
+/// Writes the header's first `hdr_len` bytes, `head` and `rest` (the frame's first bytes
+/// as checked, and the rest of it in the sender's memory) into the buffer `seg`, if they
+/// fit it and it lies in one region; None otherwise (nothing written).
 ///
-/// The small frame's path: no `GuestWriter`, whose position, kept in memory between its
-/// calls, was read back by wider loads than had stored it. Such a load cannot be forwarded
-/// from the store buffer and waits for every earlier store to drain, the previous frames'
-/// writes into lines the receiving guest's core holds included.
+/// The path of frames that go from one buffer into one buffer: no `GuestWriter`, whose
+/// position, kept in memory between its calls, was read back by wider loads than had
+/// stored it. Such a load cannot be forwarded from the store buffer and waits for every
+/// earlier store to drain, the previous frames' writes into guest memory included.
+#[inline(always)]
 pub fn write_frame_whole(
     ram: &Ram,
     seg: Segment,
     hdr: WireHdr,
     hdr_len: usize,
-    frame: &[u8],
+    head: &[u8],
+    rest: Option<GuestSlice<'_>>,
 ) -> Option<()> {
-    let need = hdr_len + frame.len();
+    let rest_len = rest.as_ref().map_or(0, |r| r.len());
+    let need = hdr_len + head.len() + rest_len;
     if (seg.len as usize) < need {
         return None;
     }
     let dst = ram.slice(seg.addr, need)?;
     store_net_hdr(&dst, hdr, hdr_len);
-    dst.subslice(hdr_len, frame.len()).ok()?.copy_from(frame);
+    dst.subslice(hdr_len, head.len()).ok()?.copy_from(head);
+    if let Some(rest) = rest {
+        rest.copy_to_volatile_slice(dst.offset(hdr_len + head.len()).ok()?);
+    }
     Some(())
 }
 
@@ -958,7 +965,7 @@ mod tests {
     }
 
     #[test]
-    fn a_small_frame_is_written_whole_or_not_at_all() {
+    fn a_frame_is_written_into_one_buffer_whole_or_not_at_all() {
         let m = mem();
         let r = ram(&m);
         let hdr = NetHdr {
@@ -975,7 +982,7 @@ mod tests {
                 addr: GuestAddress(0x100),
                 len: 72,
             };
-            assert!(write_frame_whole(&r, seg, hdr.to_wire(), hdr_len, &frame).is_some());
+            assert!(write_frame_whole(&r, seg, hdr.to_wire(), hdr_len, &frame, None).is_some());
             let mut out = [0u8; 80];
             m.read_slice(&mut out, GuestAddress(0x100)).unwrap();
             assert_eq!(out[..hdr_len], hdr.to_bytes()[..hdr_len]);
@@ -983,17 +990,36 @@ mod tests {
             // Nothing beyond the frame is touched.
             assert!(out[hdr_len + 60..].iter().all(|&b| b == 0xee));
         }
+        // A frame's head from its checked copy, its rest from the sender's memory.
+        let src = mem();
+        let body: Vec<u8> = (0..1400u32).map(|i| (i * 13) as u8).collect();
+        src.write_slice(&body, GuestAddress(0x5000)).unwrap();
+        let src_ram = ram(&src);
+        let rest = src_ram.slice(GuestAddress(0x5000), body.len());
+        let seg = Segment {
+            addr: GuestAddress(0x2000),
+            len: 2048,
+        };
+        assert!(write_frame_whole(&r, seg, hdr.to_wire(), 12, &frame, rest).is_some());
+        let mut out = vec![0u8; 12 + 60 + 1400];
+        m.read_slice(&mut out, GuestAddress(0x2000)).unwrap();
+        assert_eq!(out[..12], hdr.to_bytes());
+        assert_eq!(out[12..72], frame[..]);
+        assert_eq!(out[72..], body[..]);
+        let short = Segment { len: 1471, ..seg };
+        assert!(write_frame_whole(&r, short, hdr.to_wire(), 12, &frame, rest).is_none());
+
         // Too small a buffer, or one crossing into the next region: nothing written.
         let small = Segment {
             addr: GuestAddress(0x400),
             len: 71,
         };
-        assert!(write_frame_whole(&r, small, hdr.to_wire(), 12, &frame).is_none());
+        assert!(write_frame_whole(&r, small, hdr.to_wire(), 12, &frame, None).is_none());
         let crossing = Segment {
             addr: GuestAddress(0xffe0),
             len: 72,
         };
-        assert!(write_frame_whole(&r, crossing, hdr.to_wire(), 12, &frame).is_none());
+        assert!(write_frame_whole(&r, crossing, hdr.to_wire(), 12, &frame, None).is_none());
         let mut out = [0u8; 72];
         m.read_slice(&mut out, GuestAddress(0x400)).unwrap();
         assert!(out.iter().all(|&b| b == 0));
