@@ -231,3 +231,21 @@ fn vhost_user_conventions_socket_path_and_fd() {
     signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child).success());
 }
+
+#[test]
+fn the_benchmark_refuses_arguments_it_does_not_know() {
+    let bench = env!("CARGO_BIN_EXE_vnet-bench");
+    let help = Command::new(bench).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--queue-size"));
+    for bad in [
+        &["--bogus"][..],
+        &["--seconds"],
+        &["--seconds", "0"],
+        &["--queue-size", "300"],
+    ] {
+        let out = Command::new(bench).args(bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(!String::from_utf8_lossy(&out.stderr).is_empty(), "{bad:?}");
+    }
+}

@@ -559,8 +559,43 @@ impl Report {
     }
 }
 
+const USAGE: &str =
+    "usage: vnet-bench [--seconds S] [--json] [--case NAME] [--queue-size 256|512|1024]";
+
+/// Refuses what it does not know (a mistyped option silently ran the whole benchmark).
+fn check_args(args: &[String]) -> Result<(), String> {
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--json" => i += 1,
+            "--seconds" | "--case" | "--queue-size" => {
+                if args.get(i + 1).is_none() {
+                    return Err(format!("{} needs a value", args[i]));
+                }
+                i += 2;
+            }
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    match args.iter().position(|a| a == "--seconds") {
+        Some(i) if !args[i + 1].parse::<f64>().is_ok_and(|s| s > 0.0) => Err(format!(
+            "--seconds takes a positive number, not {:?}",
+            args[i + 1]
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
+    if let Err(e) = check_args(&args) {
+        eprintln!("vnet-bench: {e}\n{USAGE}");
+        std::process::exit(2);
+    }
     let json = args.iter().any(|a| a == "--json");
     let seconds: f64 = args
         .iter()
