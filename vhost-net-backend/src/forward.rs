@@ -339,23 +339,22 @@ impl Deliverer<'_> {
                 next.prefetch_body(ram, segs);
             }
             let t = &frames[j];
-            let short = match t.end - t.first {
-                _ if t.head_len == t.len => {
-                    locked.write_short(passed_header(&t.hdr), t.head(), None)
-                }
+            let header = passed_header(&t.hdr);
+            let short = if t.head_len == t.len {
+                locked.write_short(header, t.head(), None)
+            } else if t.end - t.first == 1 {
                 // One TX buffer: the rest of the frame follows its head in it.
-                1 => segs[t.first]
+                segs[t.first]
                     .addr
                     .checked_add((t.hdr_len + t.head_len) as u64)
                     .and_then(|at| ram.slice(at, t.len - t.head_len))
-                    .and_then(|rest| {
-                        locked.write_short(passed_header(&t.hdr), t.head(), Some(rest))
-                    }),
-                _ => None,
+                    .and_then(|rest| locked.write_short(header, t.head(), Some(rest)))
+            } else {
+                None
             };
             let written = short.unwrap_or_else(|| {
                 let frame = t.frame(ram, segs, self.from.segment);
-                locked.write(passed_header(&frame.hdr), frame.src, frame.head, rx)
+                locked.write(header, frame.src, frame.head, rx)
             });
             match written {
                 Ok(()) => {
