@@ -396,8 +396,15 @@ fn malformed_chains_are_counted_and_survived() {
         bad.send_raw(0, &descs)
             .unwrap_or_else(|e| panic!("{what}: {e}"));
     }
-    // Too short for a header plus an Ethernet header.
+    // Too short for a header plus an Ethernet header; and no bytes at all, as one empty
+    // buffer or an indirect table of them.
     bad.send_raw(0, &[d(scratch, 5, 0, RawNext::Index(0))])
+        .unwrap();
+    bad.send_raw(0, &[d(scratch, 0, 0, RawNext::Index(0))])
+        .unwrap();
+    let empty_table = scratch + 4096;
+    bad.write_mem(empty_table, &[0u8; 32]);
+    bad.send_raw(0, &[d(empty_table, 32, DESC_F_INDIRECT, RawNext::Index(0))])
         .unwrap();
     assert!(
         bad.wait_tx_done(0, WAIT),
@@ -405,7 +412,7 @@ fn malformed_chains_are_counted_and_survived() {
     );
     let counters = sw.counters("bad");
     assert_eq!(counters.drop_count(DropReason::BadTxDescriptor), n);
-    assert_eq!(counters.drop_count(DropReason::Malformed), 1);
+    assert_eq!(counters.drop_count(DropReason::Malformed), 3);
     assert!(b.recv(0, QUIET).is_none());
 
     // The same queue still works, and so do the other ports.

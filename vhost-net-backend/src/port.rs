@@ -227,6 +227,14 @@ impl VhostUserBackend for Port {
     }
 }
 
+/// Starts fetching the first buffer of walked chain `k`, if there is one (a chain of empty
+/// buffers has none: it is counted as malformed when its turn comes).
+fn prefetch_first_buffer(ram: &Ram, walked: &[(usize, usize, usize)], segs: &[Segment], k: usize) {
+    if let Some(seg) = walked.get(k).and_then(|c| segs.get(c.0)) {
+        ram.prefetch(seg.addr);
+    }
+}
+
 /// Turns guest kicks back on; true if chains arrived meanwhile (process them first).
 fn rearm(queue: &mut virtio_queue::Queue, ram: &Ram, event_idx: bool) -> bool {
     if event_idx {
@@ -350,13 +358,11 @@ impl PortInner {
                 // TX descriptors are device-readable only: used length 0.
                 w.tx_used.push((head, 0));
             }
-            for &(first, _, _) in w.tx_walked.iter().take(TX_BUF_AHEAD) {
-                ram.prefetch(w.tx_segs[first].addr);
+            for k in 0..TX_BUF_AHEAD {
+                prefetch_first_buffer(&ram, &w.tx_walked, &w.tx_segs, k);
             }
             for k in 0..w.tx_walked.len() {
-                if let Some(&(ahead, _, _)) = w.tx_walked.get(k + TX_BUF_AHEAD) {
-                    ram.prefetch(w.tx_segs[ahead].addr);
-                }
+                prefetch_first_buffer(&ram, &w.tx_walked, &w.tx_segs, k + TX_BUF_AHEAD);
                 let (first, end, total) = w.tx_walked[k];
                 self.take_frame(&ram, first, end, total, hdr_len, features, w);
             }

@@ -596,14 +596,17 @@ impl<'a> FrameSource<'a> {
     }
 }
 
-/// Stores the first `len` bytes (10 or 12) of `hdr` at the start of `dst` (at least `len`
-/// long), each word with one store.
-fn store_net_hdr(dst: &GuestSlice<'_>, hdr: WireHdr, len: usize) {
-    debug_assert!((len == 10 || len == 12) && dst.len() >= len);
-    let p = dst.ptr_guard_mut().as_ptr();
-    // SAFETY: `dst` maps at least `len` (10 or 12) bytes of guest memory; unaligned stores
-    // through raw pointers, no reference made (as vm-memory's own bulk copies). Volatile
-    // byte arrays would be stored a byte at a time.
+/// Stores the first `len` bytes (10 or 12) of `hdr` at the start of `dst`, each word with
+/// one store; false (nothing stored) for any other length or too short a `dst`.
+fn store_net_hdr(dst: &GuestSlice<'_>, hdr: WireHdr, len: usize) -> bool {
+    if !(len == 10 || len == 12) || dst.len() < len {
+        return false;
+    }
+    let guard = dst.ptr_guard_mut();
+    let p = guard.as_ptr();
+    // SAFETY: `dst` maps at least `len` (10 or 12) bytes of guest memory, kept mapped by
+    // `guard`; unaligned stores through raw pointers, no reference made (as vm-memory's own
+    // bulk copies). Volatile byte arrays would be stored a byte at a time.
     unsafe {
         p.cast::<u64>().write_unaligned(hdr.lo.to_le());
         if len == 12 {
@@ -614,6 +617,7 @@ fn store_net_hdr(dst: &GuestSlice<'_>, hdr: WireHdr, len: usize) {
                 .write_unaligned((hdr.hi as u16).to_le());
         }
     }
+    true
 }
 
 /// Writes the header's first `hdr_len` bytes, `head` and `rest` (the frame's first bytes
@@ -638,11 +642,16 @@ pub fn write_frame_whole(
     if (seg.len as usize) < need {
         return None;
     }
+    // Every piece looked up before the first byte is written.
     let dst = ram.slice(seg.addr, need)?;
-    store_net_hdr(&dst, hdr, hdr_len);
-    dst.subslice(hdr_len, head.len()).ok()?.copy_from(head);
+    let head_dst = dst.subslice(hdr_len, head.len()).ok()?;
+    let rest_dst = dst.offset(hdr_len + head.len()).ok()?;
+    if !store_net_hdr(&dst, hdr, hdr_len) {
+        return None;
+    }
+    head_dst.copy_from(head);
     if let Some(rest) = rest {
-        rest.copy_to_volatile_slice(dst.offset(hdr_len + head.len()).ok()?);
+        rest.copy_to_volatile_slice(rest_dst);
     }
     Some(())
 }
@@ -699,6 +708,9 @@ impl<'a> GuestWriter<'a> {
 
     /// Writes the first `len` bytes (10 or 12) of `hdr`.
     pub fn write_net_hdr(&mut self, hdr: WireHdr, len: usize) -> bool {
+        if !(len == 10 || len == 12) {
+            return false;
+        }
         let Some(dst) = self.next_slice(len) else {
             return false;
         };
@@ -709,8 +721,7 @@ impl<'a> GuestWriter<'a> {
             dst.copy_from(&bytes[..n]);
             return self.write(&bytes[n..len]);
         }
-        store_net_hdr(&dst, hdr, len);
-        true
+        store_net_hdr(&dst, hdr, len)
     }
 
     /// Writes all of `buf`; returns false if the buffers are too small.
@@ -1020,6 +1031,9 @@ mod tests {
             len: 72,
         };
         assert!(write_frame_whole(&r, crossing, hdr.to_wire(), 12, &frame, None).is_none());
+        // A header length no driver negotiates: nothing written either.
+        let fits = Segment { len: 2048, ..small };
+        assert!(write_frame_whole(&r, fits, hdr.to_wire(), 8, &frame, None).is_none());
         let mut out = [0u8; 72];
         m.read_slice(&mut out, GuestAddress(0x400)).unwrap();
         assert!(out.iter().all(|&b| b == 0));
