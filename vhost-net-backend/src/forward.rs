@@ -788,24 +788,16 @@ impl<'a> LockedRx<'a> {
         }
 
         let out_hdr = hdr.with_num_buffers(bufs.chains.len() as u16);
-        let whole = match (src, bufs.segs.first()) {
-            (FrameSource::Guest { .. }, Some(&seg)) if head.len() == src.len() => {
-                write_frame_whole(ram, seg, out_hdr, hdr_len, head, None).is_some()
+        let mut writer = GuestWriter::new(ram, &bufs.segs);
+        let ok = match src {
+            // The checked first bytes from their copy, the rest straight from the sender's
+            // memory.
+            FrameSource::Guest { .. } => {
+                writer.write_net_hdr(out_hdr, hdr_len)
+                    && writer.write(head)
+                    && writer.copy_from(src.skip(head.len()))
             }
-            _ => false,
-        };
-        let ok = whole || {
-            let mut writer = GuestWriter::new(ram, &bufs.segs);
-            match src {
-                // The checked first bytes from their copy, the rest straight from the
-                // sender's memory.
-                FrameSource::Guest { .. } => {
-                    writer.write_net_hdr(out_hdr, hdr_len)
-                        && writer.write(head)
-                        && writer.copy_from(src.skip(head.len()))
-                }
-                FrameSource::Local(b) => writer.write_net_hdr(out_hdr, hdr_len) && writer.write(b),
-            }
+            FrameSource::Local(b) => writer.write_net_hdr(out_hdr, hdr_len) && writer.write(b),
         };
         let mut left = if ok { need } else { 0 };
         let used = bufs.chains.iter().map(|c| {
@@ -839,7 +831,12 @@ fn write_rx_buffers(
         Err(e) => return (Err(e), None),
     };
     let old_used = rx.queue.next_used();
-    let result = rx.write(hdr, src, head, &mut d.rx);
+    // A small frame takes the short path, as in runs (`deliver_run`).
+    let short = match src {
+        FrameSource::Guest { .. } if head.len() == src.len() => rx.write_short(hdr, head, None),
+        _ => None,
+    };
+    let result = short.unwrap_or_else(|| rx.write(hdr, src, head, &mut d.rx));
     let avail = rx.avail;
     let moved = (rx.queue.next_used() != old_used).then_some(old_used);
     remember_avail(&mut d.avail_cache, (rxq.port.id, rxq.index), avail);
