@@ -337,6 +337,11 @@ impl Deliverer<'_> {
         while j < frames.len() && plain(j) && dst.is_current(rxq.generation) {
             if let Some(next) = frames.get(j + 1) {
                 next.prefetch_body(ram, segs);
+                // Small frames gain nothing: their buffer's first line comes with the
+                // used-ring write's latency anyway, and the lookup costs more.
+                if next.len > 512 {
+                    locked.prefetch_following_buffer((next.len + 12).min(PREFETCH_BODY));
+                }
             }
             let t = &frames[j];
             let header = passed_header(&t.hdr);
@@ -720,6 +725,27 @@ impl<'a> LockedRx<'a> {
                 None => Err(RxError::Broken),
             },
         )
+    }
+
+    /// Starts fetching the first `len` bytes of the buffer after the next one, if that is
+    /// a lone buffer the driver already made available: the next frame is written there,
+    /// and its lines (evicted, or last touched by the driver's core) then arrive while this
+    /// frame is copied, not one store miss at a time. (Fetching them for writing,
+    /// `prefetchw`, measured no better.)
+    fn prefetch_following_buffer(&self, len: usize) {
+        let index = self.queue.next_avail().wrapping_add(1);
+        let ahead = self.avail.wrapping_sub(index);
+        if ahead == 0 || ahead > self.size {
+            return;
+        }
+        let buffer = avail_head(self.ram, self.avail_ring, self.size, index)
+            .and_then(|chain| self.table.lone(self.ram, chain, true))
+            .and_then(|seg| self.ram.map(seg.addr, seg.len as usize));
+        if let Some(m) = buffer {
+            for off in (0..len).step_by(64) {
+                m.prefetch(off);
+            }
+        }
     }
 
     /// Writes one frame into the queue's buffers and puts them on the used ring (published
