@@ -30,8 +30,11 @@ pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
 
 /// Largest queue size offered (QEMU accepts up to 1024 for vhost-user).
 pub const MAX_QUEUE_SIZE: usize = 1024;
-/// Chains handled per TX wake-up before notifying and looking again.
-pub(crate) const TX_BURST: usize = 256;
+/// Chains handled before they are returned to the guest and the ring is looked at again.
+/// Half of QEMU's default ring: the guest refills one half while the other is switched.
+/// A burst of the whole ring let it run dry each time, and each burst then began with a
+/// kick and a wake-up (64 B at 256 entries without polling: 8.3 Mpps, 17.8 with 128).
+pub(crate) const TX_BURST: usize = 128;
 /// How many chains ahead of its walk a chain's first descriptor is fetched.
 const PREFETCH_AHEAD: usize = 8;
 /// How many frames ahead of its checks a TX chain's first buffer is fetched.
