@@ -3,6 +3,7 @@
 //! guests' RX buffers.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -104,6 +105,11 @@ struct PortInner {
     /// False once the connection ended: old workers still draining must not touch the
     /// port's shared state, which may already belong to the next connection.
     alive: AtomicBool,
+    /// The workers' exit-event descriptors handed to vhost-user-backend, which (0.24.0)
+    /// registers them with its epoll as raw descriptors and never closes them: closed by
+    /// `close_exit_events` once the connection's daemon is gone, or every reconnect of a
+    /// guest would leave one per queue pair open.
+    exit_events: Mutex<Vec<RawFd>>,
 }
 
 /// The `VhostUserBackend` of one port for one frontend connection.
@@ -121,7 +127,21 @@ impl Port {
             shared,
             workers,
             alive: AtomicBool::new(true),
+            exit_events: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Closes the exit-event descriptors vhost-user-backend took and left open. Only once
+    /// the daemon that took them is dropped (its worker threads joined): nothing uses them
+    /// then, and the crate never closes them itself, so none is closed twice.
+    pub fn close_exit_events(&self) {
+        let fds =
+            std::mem::take(&mut *self.0.exit_events.lock().unwrap_or_else(|e| e.into_inner()));
+        for fd in fds {
+            // SAFETY: `fd` came from `exit_event`; vhost-user-backend turned it into a raw
+            // descriptor that nothing owns (see `exit_events`), so this is its only owner.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
     }
 
     /// Marks the connection as ended; its workers stop at their next step.
@@ -189,7 +209,13 @@ impl VhostUserBackend for Port {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        self.inner()
+            .exit_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(consumer.as_raw_fd());
+        Some((consumer, notifier))
     }
 
     fn handle_event(

@@ -307,6 +307,16 @@ fn serve_port(
     // Dropping the listeners removes their socket files.
 }
 
+/// Closes a connection's leftover exit-event descriptors (`Port::close_exit_events`)
+/// when dropped, after the connection's daemon.
+struct ExitEvents(Port);
+
+impl Drop for ExitEvents {
+    fn drop(&mut self) {
+        self.0.close_exit_events();
+    }
+}
+
 /// Serves one frontend connection until it ends.
 fn serve_connection(
     switch: &Arc<Switch>,
@@ -318,6 +328,8 @@ fn serve_connection(
 ) -> Result<(), String> {
     let shared = switch.ports[usize::from(id)].clone();
     let port = Port::new(switch.clone(), id);
+    // Declared before the daemon, so dropped after it, on every return path.
+    let _exit_events = ExitEvents(port.clone());
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new(shared.name.clone(), port.clone(), mem)
         .map_err(|e| format!("cannot set up the device: {e}"))?;
