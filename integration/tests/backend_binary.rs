@@ -257,6 +257,19 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
+/// `open_fds` once the backend has torn a closed connection down: as soon as it is back
+/// to `before` (what was open before that connection) or, with a leak, after 5 s.
+fn fds_after_teardown(pid: u32, before: usize) -> usize {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = open_fds(pid);
+        if now <= before || Instant::now() > end {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Sends frames a -> b until one arrives (a new connection's workers pick up its rings
 /// asynchronously).
 fn exchange(a: &mut VirtioNetDevice, b: &mut VirtioNetDevice) {
@@ -295,13 +308,12 @@ fn reconnecting_guests_leave_no_descriptors_behind() {
     let mut counts = Vec::new();
     // A guest rebooting over and over, its peer staying up.
     for _ in 0..6 {
+        let before = open_fds(child.id());
         let mut b = VirtioNetDevice::connect(&sb, two.clone()).unwrap();
         b.post_rx(0, 16).unwrap();
         exchange(&mut a, &mut b);
         drop(b);
-        // The backend notices the closed socket and tears the connection down.
-        std::thread::sleep(Duration::from_millis(300));
-        counts.push(open_fds(child.id()));
+        counts.push(fds_after_teardown(child.id(), before));
     }
     signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child).success());

@@ -133,8 +133,10 @@ impl Port {
 
     /// Closes the exit-event descriptors vhost-user-backend took and left open. Only once
     /// the daemon that took them is dropped (its worker threads joined): nothing uses them
-    /// then, and the crate never closes them itself, so none is closed twice.
-    pub fn close_exit_events(&self) {
+    /// then, and the crate never closes them itself, so none is closed twice. (Were a
+    /// worker still running, it would still exit: it is woken through the notifier, a
+    /// duplicate of the same eventfd, which keeps the epoll entry alive.)
+    pub(crate) fn close_exit_events(&self) {
         let fds =
             std::mem::take(&mut *self.0.exit_events.lock().unwrap_or_else(|e| e.into_inner()));
         for fd in fds {

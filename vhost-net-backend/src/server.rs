@@ -339,7 +339,16 @@ fn serve_connection(
     daemon
         .start(internal)
         .map_err(|e| format!("cannot start the protocol handler: {e}"))?;
-    let relay = relay::spawn(frontend, handler_side).map_err(|e| format!("relay: {e}"))?;
+    let relay = match relay::spawn(frontend, handler_side) {
+        Ok(r) => r,
+        Err(e) => {
+            // Its protocol thread is running: end and join it, so the daemon's workers are
+            // gone when it is dropped.
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            return Err(format!("relay: {e}"));
+        }
+    };
     *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
     if stop.load(Ordering::SeqCst) {
         // Shutdown began before the handle was stored: it could not close this connection.
