@@ -306,7 +306,9 @@ fn reconnecting_guests_leave_no_descriptors_behind() {
     let mut a = VirtioNetDevice::connect(&sa, two.clone()).unwrap();
     a.post_rx(0, 16).unwrap();
     let mut counts = Vec::new();
-    // A guest rebooting over and over, its peer staying up.
+    // A guest rebooting over and over, its peer staying up. The first round ends above
+    // its start (a's workers keep their route to b, b's rings included, until they next
+    // send), so it waits out its 5 s; later rounds end where they started.
     for _ in 0..6 {
         let before = open_fds(child.id());
         let mut b = VirtioNetDevice::connect(&sb, two.clone()).unwrap();
