@@ -27,6 +27,32 @@ fn wait_for(path: &Path) {
     }
 }
 
+/// A backend process, killed if a test ends before it stopped it: a failed assertion
+/// leaves no backend running.
+struct Reaped(Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
@@ -131,16 +157,18 @@ fn serves_ports_reports_counters_and_exits_cleanly_on_sigterm() {
         dir.path().join("b.sock"),
         dir.path().join("ctl.sock"),
     );
-    let mut child = Command::new(backend_bin())
-        .arg("--port")
-        .arg(format!("name=a,socket={}", sa.display()))
-        .arg("--port")
-        .arg(format!("name=b,socket={}", sb.display()))
-        .arg("--control-socket")
-        .arg(&ctl)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        Command::new(backend_bin())
+            .arg("--port")
+            .arg(format!("name=a,socket={}", sa.display()))
+            .arg("--port")
+            .arg(format!("name=b,socket={}", sb.display()))
+            .arg("--control-socket")
+            .arg(&ctl)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for(&sa);
     wait_for(&sb);
     wait_for(&ctl);
@@ -187,12 +215,14 @@ fn vhost_user_conventions_socket_path_and_fd() {
     let dir = tempfile::tempdir().unwrap();
     // --socket-path PATH
     let sp = dir.path().join("vm.sock");
-    let mut child = Command::new(backend_bin())
-        .arg("--socket-path")
-        .arg(&sp)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        Command::new(backend_bin())
+            .arg("--socket-path")
+            .arg(&sp)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for(&sp);
     let dev = VirtioNetDevice::connect(&sp, DeviceOptions::default()).unwrap();
     assert_ne!(dev.features, 0);
@@ -222,7 +252,7 @@ fn vhost_user_conventions_socket_path_and_fd() {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = Reaped(cmd.spawn().unwrap());
     drop(listener);
     let dev = VirtioNetDevice::connect(&fdp, DeviceOptions::default())
         .expect("served on the inherited fd");
@@ -289,14 +319,16 @@ fn exchange(a: &mut VirtioNetDevice, b: &mut VirtioNetDevice) {
 fn reconnecting_guests_leave_no_descriptors_behind() {
     let dir = tempfile::tempdir().unwrap();
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
-    let mut child = Command::new(backend_bin())
-        .arg("--port")
-        .arg(format!("name=a,socket={},queues=2", sa.display()))
-        .arg("--port")
-        .arg(format!("name=b,socket={},queues=2", sb.display()))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        Command::new(backend_bin())
+            .arg("--port")
+            .arg(format!("name=a,socket={},queues=2", sa.display()))
+            .arg("--port")
+            .arg(format!("name=b,socket={},queues=2", sb.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for(&sa);
     wait_for(&sb);
     let two = DeviceOptions {
@@ -324,4 +356,57 @@ fn reconnecting_guests_leave_no_descriptors_behind() {
         counts.iter().all(|&c| c == counts[0]),
         "descriptors open after each reconnect: {counts:?}"
     );
+}
+
+#[test]
+fn a_memory_table_past_its_file_is_refused_and_other_ports_keep_working() {
+    use vhost::vhost_user::Frontend;
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut child = Reaped(
+        Command::new(backend_bin())
+            .arg("--port")
+            .arg(format!("name=a,socket={}", sa.display()))
+            .arg("--port")
+            .arg(format!("name=b,socket={}", sb.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&sa);
+    wait_for(&sb);
+
+    // A frontend whose memory file holds 2 MiB while its table claims 4: mapped as it
+    // says, the first access past 2 MiB would kill the backend with SIGBUS.
+    let memory = tempfile::tempfile().unwrap();
+    memory.set_len(2 << 20).unwrap();
+    let bad = Frontend::connect(&sa, 2).unwrap();
+    bad.set_owner().unwrap();
+    let features = bad.get_features().unwrap();
+    bad.set_features(features).unwrap();
+    let region = VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 4 << 20,
+        userspace_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        mmap_handle: memory.as_raw_fd(),
+    };
+    let _ = bad.set_mem_table(&[region]);
+    // The backend closed that connection: the next request gets no answer.
+    assert!(
+        bad.get_features().is_err(),
+        "the bad memory table was taken"
+    );
+    drop(bad);
+
+    // Nothing else suffered: port a takes the next frontend, and frames pass.
+    let mut a = VirtioNetDevice::connect(&sa, DeviceOptions::default()).unwrap();
+    let mut b = VirtioNetDevice::connect(&sb, DeviceOptions::default()).unwrap();
+    a.post_rx(0, 16).unwrap();
+    b.post_rx(0, 16).unwrap();
+    exchange(&mut a, &mut b);
+    signal(&child, libc::SIGTERM);
+    assert!(wait_exit(&mut child).success());
 }

@@ -6,8 +6,10 @@
 //! the connection, so no QEMU guest could ever start. Until SET_FEATURES passes, this relay
 //! answers those requests itself and remembers them; right after SET_FEATURES it replays the
 //! last state of each ring (QEMU 7.2 does not enable the rings again when it starts the
-//! device). Every other message, with its file descriptors, passes through unchanged. Only the
-//! control channel goes through here: rings, kicks and memory are shared directly.
+//! device). It also refuses a memory table whose regions run past the end of their files
+//! (see `check_mem_table`). Every other message, with its file descriptors, passes through
+//! unchanged. Only the control channel goes through here: rings, kicks and memory are shared
+//! directly.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -27,6 +29,7 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 const MAX_FDS: usize = 32;
 
 const REQ_SET_FEATURES: u32 = 2;
+const REQ_SET_MEM_TABLE: u32 = 5;
 const REQ_SET_VRING_ENABLE: u32 = 18;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
@@ -107,6 +110,42 @@ pub enum Verdict {
     Absorb {
         ack: bool,
     },
+    /// Close the connection: the message would harm the whole process.
+    Refuse(String),
+}
+
+/// Bytes of one SET_MEM_TABLE region: guest address, size, user address, file offset.
+const MEM_REGION_LEN: usize = 32;
+
+/// Checks that each region of a SET_MEM_TABLE backed by a regular file (memfd, hugetlbfs,
+/// /dev/shm) lies inside that file. A mapping past a file's end is made without complaint,
+/// and the first access there (a ring, a buffer the guest points at) kills the process with
+/// SIGBUS: every port, not only this one. A table malformed otherwise is forwarded for the
+/// protocol handler to refuse; other kinds of files (a DAX device) have no size to check.
+pub fn check_mem_table(msg: &Message) -> Result<(), String> {
+    let p = &msg.payload;
+    let u64_at = |at: usize| {
+        p.get(at..at + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+    };
+    for (i, file) in msg.fds.iter().enumerate() {
+        let at = 8 + i * MEM_REGION_LEN;
+        let (Some(size), Some(offset)) = (u64_at(at + 8), u64_at(at + 24)) else {
+            break;
+        };
+        let Ok(meta) = file.metadata() else { continue };
+        if !meta.is_file() {
+            continue;
+        }
+        if offset.checked_add(size).is_none_or(|end| end > meta.len()) {
+            return Err(format!(
+                "memory region {i} maps {size} bytes at offset {offset} of a {}-byte file, \
+                 past its end (is the guest's memory backend smaller than its size=?)",
+                meta.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// vhost-user's bit in the virtio feature word: the frontend speaks protocol features.
@@ -127,6 +166,10 @@ impl Filter {
                 self.features_set = true;
                 Verdict::Forward
             }
+            REQ_SET_MEM_TABLE => match check_mem_table(msg) {
+                Ok(()) => Verdict::Forward,
+                Err(why) => Verdict::Refuse(why),
+            },
             REQ_SET_VRING_ENABLE if !self.features_set => {
                 if msg.payload.len() >= 8 {
                     let index = u32::from_le_bytes([
@@ -168,7 +211,8 @@ impl Filter {
 }
 
 /// Relays between `frontend` and `backend` until either side closes; then closes both.
-pub fn spawn(frontend: UnixStream, backend: UnixStream) -> io::Result<JoinHandle<()>> {
+pub fn spawn(port: &str, frontend: UnixStream, backend: UnixStream) -> io::Result<JoinHandle<()>> {
+    let port = port.to_string();
     let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
     let backend_rx = backend.try_clone()?;
     let replies = to_frontend.clone();
@@ -207,6 +251,10 @@ pub fn spawn(frontend: UnixStream, backend: UnixStream) -> io::Result<JoinHandle
                                 .all(|m| write_message(&backend, m).is_ok())
                     }
                     Verdict::Forward => write_message(&backend, &msg).is_ok(),
+                    Verdict::Refuse(why) => {
+                        log::warn!("port {port}: frontend refused: {why}; closing the connection");
+                        false
+                    }
                     Verdict::Absorb { ack: false } => true,
                     Verdict::Absorb { ack: true } => {
                         let reply = Message {
@@ -246,7 +294,7 @@ mod tests {
     fn absorbs_early_vring_enable_and_forwards_the_rest() {
         let (qemu, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, handler) = UnixStream::pair().unwrap();
-        let t = spawn(relay_front, relay_back).unwrap();
+        let t = spawn("test", relay_front, relay_back).unwrap();
 
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
         let disable_early = [0u8, 0, 0, 0, 0, 0, 0, 0];
@@ -321,5 +369,57 @@ mod tests {
             read_message(&b).unwrap_err().kind(),
             io::ErrorKind::InvalidData
         );
+    }
+
+    /// A SET_MEM_TABLE with one region per `(size, offset)`, each backed by `file`.
+    fn mem_table(file: &File, regions: &[(u64, u64)]) -> Message {
+        let mut payload = (regions.len() as u32).to_le_bytes().to_vec();
+        payload.extend_from_slice(&[0; 4]);
+        for (i, &(size, offset)) in regions.iter().enumerate() {
+            for word in [i as u64 * (1 << 30), size, 0x7f00_0000_0000, offset] {
+                payload.extend_from_slice(&word.to_le_bytes());
+            }
+        }
+        Message {
+            request: REQ_SET_MEM_TABLE,
+            flags: FLAG_VERSION,
+            payload,
+            fds: regions.iter().map(|_| file.try_clone().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn memory_regions_must_lie_inside_their_files() {
+        // SAFETY: a plain memfd_create with a constant name.
+        let fd = unsafe { libc::memfd_create(c"relay-test".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: a new descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(1 << 20).unwrap();
+        let mb = 1u64 << 20;
+        assert_eq!(check_mem_table(&mem_table(&file, &[(mb, 0)])), Ok(()));
+        assert_eq!(
+            check_mem_table(&mem_table(&file, &[(mb / 2, mb / 2)])),
+            Ok(())
+        );
+        for bad in [(2 * mb, 0), (mb / 2, mb / 2 + 4096), (4096, u64::MAX)] {
+            let err = check_mem_table(&mem_table(&file, &[(mb, 0), bad])).unwrap_err();
+            assert!(
+                err.contains("region 1") && err.contains("past its end"),
+                "{err}"
+            );
+        }
+        let mut filter = Filter::default();
+        assert!(matches!(
+            filter.judge(&mem_table(&file, &[(2 * mb, 0)])),
+            Verdict::Refuse(_)
+        ));
+        assert_eq!(
+            filter.judge(&mem_table(&file, &[(mb, 0)])),
+            Verdict::Forward
+        );
+        // Not a regular file: nothing to measure it against, the handler decides.
+        let dev = File::open("/dev/zero").unwrap();
+        assert_eq!(check_mem_table(&mem_table(&dev, &[(2 * mb, 0)])), Ok(()));
     }
 }

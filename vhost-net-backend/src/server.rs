@@ -339,7 +339,7 @@ fn serve_connection(
     daemon
         .start(internal)
         .map_err(|e| format!("cannot start the protocol handler: {e}"))?;
-    let relay = match relay::spawn(frontend, handler_side) {
+    let relay = match relay::spawn(&shared.name, frontend, handler_side) {
         Ok(r) => r,
         Err(e) => {
             // Its protocol thread is running: end and join it, so the daemon's workers are
