@@ -1,7 +1,7 @@
 //! The `vhost-net-backend` binary as a user runs it: command line, errors, the control
 //! socket, the vhost-user program conventions and a clean exit on signals.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -371,7 +371,8 @@ fn a_memory_table_past_its_file_is_refused_and_other_ports_keep_working() {
             .arg(format!("name=a,socket={}", sa.display()))
             .arg("--port")
             .arg(format!("name=b,socket={}", sb.display()))
-            .stderr(Stdio::null())
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
     );
@@ -409,4 +410,16 @@ fn a_memory_table_past_its_file_is_refused_and_other_ports_keep_working() {
     exchange(&mut a, &mut b);
     signal(&child, libc::SIGTERM);
     assert!(wait_exit(&mut child).success());
+    // Refused for that reason, and told so.
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("port a") && log.contains("memory region 0") && log.contains("past its end"),
+        "{log}"
+    );
 }

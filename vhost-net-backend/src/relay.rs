@@ -122,6 +122,8 @@ const MEM_REGION_LEN: usize = 32;
 /// and the first access there (a ring, a buffer the guest points at) kills the process with
 /// SIGBUS: every port, not only this one. A table malformed otherwise is forwarded for the
 /// protocol handler to refuse; other kinds of files (a DAX device) have no size to check.
+/// This catches a wrong table, not a frontend that shrinks its file afterwards (it keeps
+/// the descriptor); stopping that would take sealed memfds or recovering from SIGBUS.
 pub fn check_mem_table(msg: &Message) -> Result<(), String> {
     let p = &msg.payload;
     let u64_at = |at: usize| {
