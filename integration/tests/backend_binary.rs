@@ -53,6 +53,23 @@ impl Drop for Reaped {
     }
 }
 
+/// The backend binary with ports a and b on `sa` and `sb` (`opts` appended to each
+/// `--port`), its stderr discarded unless `configure` says otherwise; returns once both
+/// sockets exist.
+fn two_ports(sa: &Path, sb: &Path, opts: &str, configure: impl FnOnce(&mut Command)) -> Reaped {
+    let mut cmd = Command::new(backend_bin());
+    for (name, sock) in [("a", sa), ("b", sb)] {
+        cmd.arg("--port")
+            .arg(format!("name={name},socket={}{opts}", sock.display()));
+    }
+    cmd.stderr(Stdio::null());
+    configure(&mut cmd);
+    let child = Reaped(cmd.spawn().unwrap());
+    wait_for(sa);
+    wait_for(sb);
+    child
+}
+
 fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
     let end = Instant::now() + Duration::from_secs(10);
     loop {
@@ -157,37 +174,16 @@ fn serves_ports_reports_counters_and_exits_cleanly_on_sigterm() {
         dir.path().join("b.sock"),
         dir.path().join("ctl.sock"),
     );
-    let mut child = Reaped(
-        Command::new(backend_bin())
-            .arg("--port")
-            .arg(format!("name=a,socket={}", sa.display()))
-            .arg("--port")
-            .arg(format!("name=b,socket={}", sb.display()))
-            .arg("--control-socket")
-            .arg(&ctl)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&sa);
-    wait_for(&sb);
+    let mut child = two_ports(&sa, &sb, "", |cmd| {
+        cmd.arg("--control-socket").arg(&ctl);
+    });
     wait_for(&ctl);
 
     let mut a = VirtioNetDevice::connect(&sa, DeviceOptions::default()).unwrap();
     let mut b = VirtioNetDevice::connect(&sb, DeviceOptions::default()).unwrap();
     a.post_rx(0, 16).unwrap();
     b.post_rx(0, 16).unwrap();
-    let frame = udp_frame(mac(1), mac(2), 128);
-    let end = Instant::now() + Duration::from_secs(10);
-    // The port's workers pick up the rings asynchronously: retry until the frame passes.
-    let got = loop {
-        a.send(0, &NetHdr::default(), &frame).unwrap();
-        if let Some(f) = b.recv(0, Duration::from_millis(200)) {
-            break f;
-        }
-        assert!(Instant::now() < end, "frame never arrived");
-    };
-    assert_eq!(got.frame, frame);
+    exchange(&mut a, &mut b);
 
     let stats = control(&ctl, "stats");
     let ports = stats["ports"].as_array().unwrap();
@@ -300,8 +296,8 @@ fn fds_after_teardown(pid: u32, before: usize) -> usize {
     }
 }
 
-/// Sends frames a -> b until one arrives (a new connection's workers pick up its rings
-/// asynchronously).
+/// Sends a 128-byte frame a -> b until one arrives (a new connection's workers pick up
+/// its rings asynchronously).
 fn exchange(a: &mut VirtioNetDevice, b: &mut VirtioNetDevice) {
     let frame = udp_frame(mac(1), mac(2), 128);
     let end = Instant::now() + Duration::from_secs(10);
@@ -319,18 +315,7 @@ fn exchange(a: &mut VirtioNetDevice, b: &mut VirtioNetDevice) {
 fn reconnecting_guests_leave_no_descriptors_behind() {
     let dir = tempfile::tempdir().unwrap();
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
-    let mut child = Reaped(
-        Command::new(backend_bin())
-            .arg("--port")
-            .arg(format!("name=a,socket={},queues=2", sa.display()))
-            .arg("--port")
-            .arg(format!("name=b,socket={},queues=2", sb.display()))
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&sa);
-    wait_for(&sb);
+    let mut child = two_ports(&sa, &sb, ",queues=2", |_| {});
     let two = DeviceOptions {
         queue_pairs: 2,
         ..Default::default()
@@ -365,19 +350,9 @@ fn a_memory_table_past_its_file_is_refused_and_other_ports_keep_working() {
 
     let dir = tempfile::tempdir().unwrap();
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
-    let mut child = Reaped(
-        Command::new(backend_bin())
-            .arg("--port")
-            .arg(format!("name=a,socket={}", sa.display()))
-            .arg("--port")
-            .arg(format!("name=b,socket={}", sb.display()))
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for(&sa);
-    wait_for(&sb);
+    let mut child = two_ports(&sa, &sb, "", |cmd| {
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::piped());
+    });
 
     // A frontend whose memory file holds 2 MiB while its table claims 4: mapped as it
     // says, the first access past 2 MiB would kill the backend with SIGBUS.
