@@ -16,6 +16,8 @@ pub enum AclError {
         line: usize,
         message: String,
     },
+    #[error("{0}")]
+    Untrusted(#[from] crate::privilege::PrivilegeError),
     #[error("{path}:{line}: include loop through {target}")]
     IncludeLoop {
         path: PathBuf,
@@ -57,10 +59,25 @@ pub struct Acl {
 
 impl Acl {
     /// Reads `path` and everything it includes.
+    ///
+    /// As with qemu-bridge-helper, an included file that the caller may not read is
+    /// skipped: per-user files (`include /etc/qemu/alice.conf`, readable by alice only)
+    /// apply to the users who can read them. Unlike it, a missing included file or a
+    /// syntax error in one is an error naming the file and line, not a silent skip.
     pub fn load(path: &Path) -> Result<Acl, AclError> {
+        Acl::load_as(path, false)
+    }
+
+    /// `load` for a helper running with privilege: every file read must be root's and
+    /// writable by no one else, as must the folders above it.
+    pub fn load_root_owned(path: &Path) -> Result<Acl, AclError> {
+        Acl::load_as(path, true)
+    }
+
+    fn load_as(path: &Path, root_owned: bool) -> Result<Acl, AclError> {
         let mut acl = Acl::default();
         let mut stack = Vec::new();
-        acl.read(path, &mut stack, None)?;
+        acl.read(path, &mut stack, None, root_owned)?;
         Ok(acl)
     }
 
@@ -69,6 +86,7 @@ impl Acl {
         path: &Path,
         stack: &mut Vec<PathBuf>,
         from: Option<(&Path, usize)>,
+        root_owned: bool,
     ) -> Result<(), AclError> {
         let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         if stack.contains(&canonical) {
@@ -79,13 +97,22 @@ impl Acl {
                 target: path.to_path_buf(),
             });
         }
-        let text = std::fs::read_to_string(path).map_err(|e| AclError::Read {
+        let text = match std::fs::read_to_string(path) {
+            Err(e) if from.is_some() && e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Ok(())
+            }
+            r => r,
+        };
+        let text = text.map_err(|e| AclError::Read {
             path: path.to_path_buf(),
             reason: match from {
                 Some((p, l)) => format!("{e} (included from {}:{l})", p.display()),
                 None => e.to_string(),
             },
         })?;
+        if root_owned {
+            crate::privilege::require_root_owned_path(path)?;
+        }
         stack.push(canonical);
         for (i, raw) in text.lines().enumerate() {
             let line = i + 1;
@@ -116,7 +143,7 @@ impl Acl {
                 ("deny", br) => Rule::Deny(br.to_string()),
                 ("include", file) => {
                     let target = path.parent().unwrap_or(Path::new("/")).join(file);
-                    self.read(&target, stack, Some((path, line)))?;
+                    self.read(&target, stack, Some((path, line)), root_owned)?;
                     continue;
                 }
                 _ => {

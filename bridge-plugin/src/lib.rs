@@ -3,7 +3,8 @@
 //! (NAT, bridged, internal, host-only, segments with default-deny rules between them).
 //!
 //! Modules: `acl` (the helper's ACL file), `tap` (tap devices), `netlink` (links, bridge
-//! ports and VLANs, addresses), `nft` (nftables JSON), `port` (attaching a tap to a bridge).
+//! ports and VLANs, addresses), `nft` (nftables JSON), `port` (attaching a tap to a bridge), `privilege` (what the helper does
+//! first when it runs with more privilege than its caller).
 
 pub mod acl;
 pub mod launch;
@@ -11,4 +12,5 @@ pub mod net;
 pub mod netlink;
 pub mod nft;
 pub mod port;
+pub mod privilege;
 pub mod tap;

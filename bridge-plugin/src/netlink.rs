@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 
+use netlink_packet_core::{DefaultNla, NLM_F_REPLACE};
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
@@ -11,6 +12,7 @@ use netlink_packet_route::link::{
     AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData,
     InfoKind, InfoPortData, InfoPortKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
+use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage, TcOption};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use thiserror::Error;
@@ -51,6 +53,8 @@ pub struct Link {
     pub up: bool,
     pub controller: Option<u32>,
     pub kind: Option<String>,
+    /// Its hardware address, if it has an Ethernet one.
+    pub mac: Option<[u8; 6]>,
 }
 
 pub struct Netlink {
@@ -221,6 +225,58 @@ impl Netlink {
         )
     }
 
+    pub fn set_mac(&mut self, name: &str, mac: [u8; 6]) -> Result<()> {
+        let index = self.index(name)?;
+        self.set_link(
+            format!("set the MAC address of {name}"),
+            index,
+            vec![LinkAttribute::Address(mac.to_vec())],
+            None,
+        )
+    }
+
+    /// Replaces the root qdisc of `name` with a token bucket filter: `rate` bytes per
+    /// second, `burst` bytes of bucket, and a queue of what `latency_ms` holds at that rate
+    /// (`tc qdisc replace dev NAME root tbf rate R burst B latency L`, without running tc).
+    pub fn set_tbf(&mut self, name: &str, rate: u64, burst: u32, latency_ms: u32) -> Result<()> {
+        const TCA_TBF_PARMS: u16 = 1;
+        const TCA_TBF_RATE64: u16 = 4;
+        const TCA_TBF_BURST: u16 = 6;
+        const TC_LINKLAYER_ETHERNET: u8 = 1;
+        let index = self.index(name)?;
+        let rate32 = u32::try_from(rate).unwrap_or(u32::MAX);
+        let limit = u32::try_from(rate * u64::from(latency_ms) / 1000 + u64::from(burst))
+            .unwrap_or(u32::MAX);
+        // struct tc_tbf_qopt: rate and peakrate (struct tc_ratespec, 12 bytes each), limit,
+        // buffer, mtu. The rate's link layer is set, so the kernel needs no rate table;
+        // the bucket is given in bytes (TCA_TBF_BURST), so `buffer` may stay 0.
+        let mut qopt = [0u8; 36];
+        qopt[1] = TC_LINKLAYER_ETHERNET;
+        qopt[8..12].copy_from_slice(&rate32.to_ne_bytes());
+        qopt[24..28].copy_from_slice(&limit.to_ne_bytes());
+        let mut options = vec![
+            TcOption::Other(DefaultNla::new(TCA_TBF_PARMS, qopt.to_vec())),
+            TcOption::Other(DefaultNla::new(TCA_TBF_BURST, burst.to_ne_bytes().to_vec())),
+        ];
+        if rate32 == u32::MAX {
+            options.push(TcOption::Other(DefaultNla::new(
+                TCA_TBF_RATE64,
+                rate.to_ne_bytes().to_vec(),
+            )));
+        }
+        let mut msg = TcMessage::default();
+        msg.header.index = index as i32;
+        msg.header.parent = TcHandle::ROOT;
+        msg.attributes.push(TcAttribute::Kind("tbf".into()));
+        msg.attributes.push(TcAttribute::Options(options));
+        self.request(
+            &format!("limit {name} to {rate} bytes/s (tbf)"),
+            RouteNetlinkMessage::NewQueueDiscipline(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(|_| ())
+    }
+
     /// Makes `port` a port of `bridge`.
     pub fn set_controller(&mut self, port: &str, bridge: &str) -> Result<()> {
         let (port_index, bridge_index) = (self.index(port)?, self.index(bridge)?);
@@ -321,6 +377,7 @@ fn link_from(l: &LinkMessage) -> Link {
             LinkAttribute::IfName(n) => link.name = n.clone(),
             LinkAttribute::Mtu(m) => link.mtu = *m,
             LinkAttribute::Controller(c) => link.controller = Some(*c),
+            LinkAttribute::Address(a) => link.mac = a.as_slice().try_into().ok(),
             LinkAttribute::LinkInfo(infos) => {
                 for i in infos {
                     if let LinkInfo::Kind(k) = i {

@@ -1,4 +1,7 @@
 //! nftables through its JSON interface (`nft -j`): no hand-made rule strings.
+//!
+//! `nft` is run from a fixed system path with an empty environment, never through PATH:
+//! the setuid bridge helper runs it for callers who choose their own PATH.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -11,7 +14,7 @@ pub const TABLE: &str = "bridge_plugin";
 
 #[derive(Debug, Error)]
 pub enum NftError {
-    #[error("cannot run nft (install the nftables package): {0}")]
+    #[error("cannot run {NFT} (install the nftables package): {0}")]
     Spawn(std::io::Error),
     #[error("nft refused the ruleset: {0}")]
     Refused(String),
@@ -19,10 +22,20 @@ pub enum NftError {
     Json(String),
 }
 
+/// Where Debian (and every distribution we know of) installs nft.
+const NFT: &str = "/usr/sbin/nft";
+
+/// `nft` from its system path, with nothing of our caller's environment.
+fn nft() -> Command {
+    let mut cmd = Command::new(NFT);
+    cmd.env_clear().current_dir("/");
+    cmd
+}
+
 /// Applies a batch of commands (`{"add": ...}`, `{"delete": ...}`, ...) atomically.
 pub fn apply(commands: Vec<Value>) -> Result<(), NftError> {
     let doc = json!({ "nftables": commands }).to_string();
-    let mut child = Command::new("nft")
+    let mut child = nft()
         .args(["-j", "-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -49,7 +62,7 @@ pub fn apply(commands: Vec<Value>) -> Result<(), NftError> {
 
 /// `nft -j list ...` as JSON objects (the elements of the `nftables` array).
 pub fn list(args: &[&str]) -> Result<Vec<Value>, NftError> {
-    let out = Command::new("nft")
+    let out = nft()
         .arg("-j")
         .arg("list")
         .args(args)

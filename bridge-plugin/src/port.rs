@@ -2,7 +2,6 @@
 //! attaching itself.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -19,8 +18,20 @@ pub enum PortError {
     Netlink(#[from] NetlinkError),
     #[error("{0}")]
     Nft(#[from] crate::nft::NftError),
-    #[error("tc {args}: {message}")]
-    Tc { args: String, message: String },
+    #[error("{0}")]
+    Untrusted(#[from] crate::privilege::PrivilegeError),
+}
+
+/// Whether `name` can be a network interface's name (1 to 15 bytes, no '/', whitespace or
+/// ':', not "." or ".."), which also keeps it from naming a file outside a folder.
+pub fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name != "."
+        && name != ".."
+        && !name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b == 0 || b.is_ascii_whitespace())
 }
 
 /// What the taps of one bridge get. From `<config-dir>/<bridge>.toml`, overridden by the
@@ -44,9 +55,28 @@ pub struct PortSettings {
 impl PortSettings {
     /// Reads `dir/<bridge>.toml` if it exists.
     pub fn for_bridge(dir: &Path, bridge: &str) -> Result<PortSettings, PortError> {
+        PortSettings::read(dir, bridge, false)
+    }
+
+    /// `for_bridge` for a helper running with privilege: the file, if there is one, must
+    /// be root's and writable by no one else, as must the folders above it.
+    pub fn for_bridge_root_owned(dir: &Path, bridge: &str) -> Result<PortSettings, PortError> {
+        PortSettings::read(dir, bridge, true)
+    }
+
+    fn read(dir: &Path, bridge: &str, root_owned: bool) -> Result<PortSettings, PortError> {
+        if !valid_ifname(bridge) {
+            return Err(PortError::Config {
+                path: dir.to_path_buf(),
+                message: format!("'{bridge}' is not a bridge name"),
+            });
+        }
         let path = dir.join(format!("{bridge}.toml"));
         match std::fs::read_to_string(&path) {
             Ok(text) => {
+                if root_owned {
+                    crate::privilege::require_root_owned_path(&path)?;
+                }
                 let s: PortSettings = toml::from_str(&text).map_err(|e| PortError::Config {
                     path: path.clone(),
                     message: e.to_string().replace('\n', " "),
@@ -95,24 +125,6 @@ impl PortSettings {
     }
 }
 
-fn tc(args: &[&str]) -> Result<(), PortError> {
-    let out = Command::new("tc")
-        .args(args)
-        .output()
-        .map_err(|e| PortError::Tc {
-            args: args.join(" "),
-            message: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(PortError::Tc {
-            args: args.join(" "),
-            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
-}
-
 /// Attaches tap `tap` to `bridge` with `settings`, then brings it up.
 pub fn attach(
     nl: &mut Netlink,
@@ -129,6 +141,13 @@ pub fn attach(
         return Err(PortError::NoBridge(bridge.to_string()));
     }
     nl.set_mtu(tap, settings.mtu.unwrap_or(br.mtu))?;
+    // A bridge takes the lowest of its ports' MACs as its own; a tap whose MAC starts with
+    // FE never is the lowest, so the bridge's MAC stays put as VMs come and go (as
+    // qemu-bridge-helper does).
+    if let Some(mut mac) = nl.link(tap)?.mac {
+        mac[0] = 0xfe;
+        nl.set_mac(tap, mac)?;
+    }
     nl.set_controller(tap, bridge)?;
     if let Some(vid) = settings.vlan {
         nl.set_access_vlan(tap, vid)?;
@@ -137,12 +156,8 @@ pub fn attach(
         nl.set_port_isolated(tap, true)?;
     }
     if let Some(rate) = settings.ingress_mbit {
-        // Into the VM is the tap's egress.
-        let rate = format!("{rate}mbit");
-        tc(&[
-            "qdisc", "replace", "dev", tap, "root", "tbf", "rate", &rate, "burst", "256kb",
-            "latency", "50ms",
-        ])?;
+        // Into the VM is the tap's egress: a 256 KiB bucket, 50 ms of queue.
+        nl.set_tbf(tap, u64::from(rate) * 125_000, 256 * 1024, 50)?;
     }
     if let Some(rate) = settings.egress_mbit {
         crate::nft::limit_tap_egress(tap, rate)?;

@@ -41,8 +41,6 @@ fn run_helper_at(
     extra: &[&str],
     wrapper: &[&str],
 ) -> Outcome {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let raw = theirs.as_raw_fd();
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.name])
         .args(wrapper)
@@ -55,6 +53,13 @@ fn run_helper_at(
     ]);
     cmd.arg(format!("--config-dir={}", acl.parent().unwrap().display()));
     cmd.args(extra);
+    run_as_qemu(cmd)
+}
+
+/// Runs `cmd` with QEMU's end of a socketpair as fd 3, and takes what comes back on ours.
+fn run_as_qemu(mut cmd: Command) -> Outcome {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let raw = theirs.as_raw_fd();
     // SAFETY: only fd operations between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -285,4 +290,138 @@ fn with_file_capabilities_only_the_administrators_files_decide() {
     let out = run_helper_at(&plain, &ns, "br0", &acl, &[], &[]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.tap.is_some());
+}
+
+/// Sets a file's owner, group and mode.
+fn own(path: &Path, uid: u32, gid: u32, mode: u32) {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn setuid_helper_drops_privileges_and_runs_nothing_from_the_callers_path() {
+    // Installed setuid root as QEMU's own helper often is, and run by `nobody` with a PATH
+    // whose `tc` and `nft` are the caller's programs: nothing of the caller's may run with
+    // the helper's privilege, and the ACL is read as the caller (so a file the caller
+    // cannot read decides nothing for it, as with qemu-bridge-helper).
+    let ns = Netns::new("suid");
+    ns.sh("ip link add br0 type bridge && ip link set br0 up");
+    let install = tempfile::tempdir().unwrap();
+    own(install.path(), 0, 0, 0o755);
+    let helper = install.path().join("qemu-bridge-plugin");
+    std::fs::copy(bin("qemu-bridge-plugin"), &helper).unwrap();
+    own(&helper, 0, 0, 0o4755);
+
+    // The caller's programs: each records who ran it.
+    let hostile = install.path().join("bin");
+    std::fs::create_dir(&hostile).unwrap();
+    own(&hostile, 0, 0, 0o755);
+    let marker = install.path().join("ran");
+    for prog in ["tc", "nft", "ip"] {
+        let p = hostile.join(prog);
+        std::fs::write(
+            &p,
+            format!("#!/bin/sh\necho {prog} $(id -u) >> {}\n", marker.display()),
+        )
+        .unwrap();
+        own(&p, 0, 0, 0o755);
+    }
+    std::fs::write(&marker, "").unwrap();
+    own(&marker, 0, 0, 0o666);
+
+    // The administrator's files, seen by the helper as /etc/qemu.
+    let etc = tempfile::tempdir().unwrap();
+    own(etc.path(), 0, 0, 0o755);
+    let conf = etc.path().join("bridge.conf");
+    std::fs::write(&conf, "allow br0\ninclude root-only.conf\n").unwrap();
+    own(&conf, 0, 0, 0o644);
+    let private = etc.path().join("root-only.conf");
+    std::fs::write(&private, "deny br0\n").unwrap();
+    own(&private, 0, 0, 0o600);
+    let settings = etc.path().join("bridge-plugin");
+    std::fs::create_dir(&settings).unwrap();
+    own(&settings, 0, 0, 0o755);
+    let br0 = settings.join("br0.toml");
+    std::fs::write(&br0, "ingress_mbit = 100\negress_mbit = 50\n").unwrap();
+    own(&br0, 0, 0, 0o644);
+
+    let run = |groups: &str| {
+        // /etc/qemu exists only in this test's own mount namespace, bound to `etc`.
+        let made = !Path::new("/etc/qemu").exists();
+        if made {
+            std::fs::create_dir("/etc/qemu").unwrap();
+        }
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+            .arg("mount --bind \"$0\" /etc/qemu && exec \"$@\"")
+            .arg(etc.path())
+            .args(["ip", "netns", "exec", &ns.name])
+            .args(["setpriv", "--reuid=65534", "--regid=65534", groups])
+            .args(["env", "-i"])
+            .arg(format!("PATH={}", hostile.display()))
+            .arg(&helper)
+            .args(["--use-vnet", "--fd=3", "--br=br0"]);
+        let out = run_as_qemu(cmd);
+        if made {
+            let _ = std::fs::remove_dir("/etc/qemu");
+        }
+        out
+    };
+
+    let out = run("--clear-groups");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let tap = out.tap.expect("the tap fd came back");
+    let ran = std::fs::read_to_string(&marker).unwrap();
+    assert!(
+        ran.is_empty(),
+        "the helper ran the caller's programs: {ran}"
+    );
+    let (name, _) = tap_info(&tap).unwrap();
+    let link = ns.link_json(&name);
+    assert_eq!(link["master"], "br0");
+    let mac = link["address"].as_str().unwrap();
+    assert!(mac.starts_with("fe:"), "the tap's MAC is {mac}, not FE:...");
+    let qdiscs = ns.sh(&format!("tc qdisc show dev {name}"));
+    assert!(
+        qdiscs.contains("tbf") && qdiscs.contains("rate 100Mbit"),
+        "{qdiscs}"
+    );
+    let rules = ns.sh("nft list table bridge bridge_plugin");
+    assert!(
+        rules.contains(&format!(
+            "iifname \"{name}\" limit rate over 6250 kbytes/second"
+        )),
+        "{rules}"
+    );
+    drop(tap);
+
+    // A file only a group may read lets only that group's members in.
+    own(&conf, 0, 4242, 0o640);
+    let out = run("--clear-groups");
+    assert_ne!(out.code, 0);
+    assert!(out.tap.is_none());
+    assert!(
+        out.stderr.contains("bridge.conf") && out.stderr.contains("ermission denied"),
+        "{}",
+        out.stderr
+    );
+    let out = run("--groups=4242");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+
+    // A file the caller could have written decides nothing.
+    own(&conf, 65534, 0, 0o644);
+    let out = run("--clear-groups");
+    assert_ne!(out.code, 0);
+    assert!(out.tap.is_none());
+    assert!(
+        out.stderr.contains("bridge.conf") && out.stderr.contains("owned by root"),
+        "{}",
+        out.stderr
+    );
+    own(&conf, 0, 0, 0o644);
+    own(&br0, 0, 0, 0o666);
+    let out = run("--clear-groups");
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("br0.toml"), "{}", out.stderr);
+    assert!(std::fs::read_to_string(&marker).unwrap().is_empty());
 }

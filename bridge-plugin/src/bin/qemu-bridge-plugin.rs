@@ -8,8 +8,15 @@
 //! fd N. It either sends an fd and exits 0, or exits non-zero with one line on stderr.
 //!
 //! Installed setuid root or with file capabilities, it runs with more privilege than its
-//! caller: then only the administrator's files decide (the default ACL and config folder);
-//! `--acl=`, `--config-dir=` and per-port overrides from the caller are refused.
+//! caller. Then, before anything else, it becomes the caller again with CAP_NET_ADMIN as its
+//! only capability (as qemu-bridge-helper does with libcap-ng), so it reads the ACL with the
+//! caller's rights; only the administrator's files decide (the default ACL and config
+//! folder, which must be root's and writable by no one else); `--acl=`, `--config-dir=` and
+//! per-port overrides from the caller are refused; and it runs nothing through the caller's
+//! PATH (tc is netlink, nft is /usr/sbin/nft with an empty environment).
+//!
+//! Its arguments are parsed by hand, not with clap: QEMU and libvirt show its stderr as
+//! the reason a VM did not start, so every refusal is one line naming the bridge.
 
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
@@ -18,7 +25,8 @@ use std::process::ExitCode;
 
 use bridge_plugin::acl::{Acl, Verdict};
 use bridge_plugin::netlink::Netlink;
-use bridge_plugin::port::{attach, has_net_admin, PortSettings};
+use bridge_plugin::port::{attach, has_net_admin, valid_ifname, PortSettings};
+use bridge_plugin::privilege::{drop_to_caller, elevated};
 use bridge_plugin::tap::Tap;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -29,6 +37,10 @@ const USAGE: &str = "usage: qemu-bridge-plugin [--use-vnet] --br=BRIDGE --fd=UNI
 [--acl=FILE] [--config-dir=DIR] [--vlan=ID] [--mtu=N] [--isolated=1] [--ingress-mbit=N] [--egress-mbit=N]";
 
 fn run() -> Result<(), String> {
+    let elevated = elevated();
+    if elevated {
+        drop_to_caller().map_err(|e| e.to_string())?;
+    }
     let mut use_vnet = false;
     let (mut bridge, mut fd) = (None, None);
     let mut acl_path = PathBuf::from(DEFAULT_ACL);
@@ -40,7 +52,8 @@ fn run() -> Result<(), String> {
             continue;
         }
         if arg == "--help" || arg == "-h" {
-            return Err(USAGE.to_string());
+            println!("{USAGE}");
+            std::process::exit(0);
         }
         let Some((key, value)) = arg.strip_prefix("--").and_then(|a| a.split_once('=')) else {
             return Err(format!("unexpected argument '{arg}'\n{USAGE}"));
@@ -59,7 +72,7 @@ fn run() -> Result<(), String> {
             _ => overrides.push((key.to_string(), value.to_string())),
         }
     }
-    if elevated() {
+    if elevated {
         // Everything but the protocol's own arguments is the caller's choice.
         let chosen: Vec<String> = std::env::args()
             .skip(1)
@@ -77,16 +90,21 @@ fn run() -> Result<(), String> {
     }
     let bridge = bridge.ok_or(format!("missing --br=BRIDGE\n{USAGE}"))?;
     let fd = fd.ok_or(format!("missing --fd=UNIXFD\n{USAGE}"))?;
-    if bridge.is_empty() || bridge.len() > 15 {
+    if !valid_ifname(&bridge) {
         return Err(format!(
-            "bridge name '{bridge}' must have 1 to 15 characters"
+            "bridge name '{bridge}' must have 1 to 15 characters, none of them '/', ':' or blank"
         ));
     }
     if !has_net_admin() {
         return Err("needs CAP_NET_ADMIN to create taps: run QEMU's helper as root (setuid) or give it cap_net_admin+ep".into());
     }
 
-    let acl = Acl::load(&acl_path).map_err(|e| format!("bridge {bridge}: {e}"))?;
+    let acl = if elevated {
+        Acl::load_root_owned(&acl_path)
+    } else {
+        Acl::load(&acl_path)
+    }
+    .map_err(|e| format!("bridge {bridge}: {e}"))?;
     match acl.check(&bridge) {
         Verdict::Allowed => {}
         Verdict::DeniedBy(e) => {
@@ -104,8 +122,12 @@ fn run() -> Result<(), String> {
             ))
         }
     }
-    let mut settings = PortSettings::for_bridge(&config_dir, &bridge)
-        .map_err(|e| format!("bridge {bridge}: {e}"))?;
+    let mut settings = if elevated {
+        PortSettings::for_bridge_root_owned(&config_dir, &bridge)
+    } else {
+        PortSettings::for_bridge(&config_dir, &bridge)
+    }
+    .map_err(|e| format!("bridge {bridge}: {e}"))?;
     for (k, v) in &overrides {
         settings
             .set(k, v)
@@ -121,13 +143,6 @@ fn run() -> Result<(), String> {
     sock.send_with_fd(&[0u8][..], tap.queues[0].as_raw_fd())
         .map_err(|e| format!("cannot send the tap fd over --fd={fd}: {e}"))?;
     Ok(())
-}
-
-/// Whether the kernel started this program with more privilege than its caller had
-/// (setuid, setgid or file capabilities): AT_SECURE.
-fn elevated() -> bool {
-    // SAFETY: getauxval only reads the auxiliary vector.
-    unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
 }
 
 fn main() -> ExitCode {
