@@ -8,6 +8,7 @@
 
 pub mod acl;
 pub mod launch;
+pub mod made;
 pub mod net;
 pub mod netlink;
 pub mod nft;

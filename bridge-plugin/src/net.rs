@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use thiserror::Error;
 
+use crate::made::Made;
 use crate::netlink::{Netlink, NetlinkError};
 use crate::nft::{self, iifname, oifname, NftError, TABLE};
 
@@ -28,6 +29,19 @@ pub enum NetError {
     Netlink(#[from] NetlinkError),
     #[error("{0}")]
     Nft(#[from] NftError),
+    #[error("cannot record what up made (in /run/bridge-plugin): {0}")]
+    State(std::io::Error),
+    #[error(
+        "network '{network}': making {uplink} a port of bridge {bridge} would cut this host off \
+         from {}: move them to {bridge} first (or choose a NIC that carries none)",
+        what.join(", ")
+    )]
+    WouldCutOff {
+        network: String,
+        uplink: String,
+        bridge: String,
+        what: Vec<String>,
+    },
     #[error("cannot enable IPv4 forwarding: {0}")]
     Forwarding(std::io::Error),
     #[error("table name '{0}' must have 1 to 64 letters, digits or '_'")]
@@ -424,9 +438,17 @@ impl NetFile {
         }
     }
 
-    /// Builds everything; running it again changes nothing.
+    /// Builds everything; running it again changes nothing. What it made is recorded
+    /// (`Made`), even when it fails half way, so that `down` removes exactly that.
     pub fn up(&self) -> Result<(), NetError> {
         self.check_table_is_ours()?;
+        let mut made = Made::load(&self.table).map_err(NetError::State)?;
+        let built = self.build(&mut made);
+        let saved = made.save(&self.table).map_err(NetError::State);
+        built.and(saved)
+    }
+
+    fn build(&self, made: &mut Made) -> Result<(), NetError> {
         let mut nl = Netlink::open()?;
         // Before anything is made. A NAT uplink that does not exist would come up and
         // never match a packet.
@@ -443,6 +465,35 @@ impl NetFile {
                     });
                 }
             }
+            if n.mode == Mode::Bridged {
+                // A host NIC that becomes a bridge port stops using its own addresses and
+                // routes: refuse rather than cut the host off.
+                let uplink = n.uplink.as_deref().expect("validated");
+                let already = match nl.link(&n.bridge) {
+                    Ok(br) => nl.link(uplink)?.controller == Some(br.index),
+                    Err(_) => false,
+                };
+                if !already {
+                    let mut what: Vec<String> = nl
+                        .addresses(uplink)?
+                        .iter()
+                        .map(|(a, p)| format!("address {a}/{p}"))
+                        .collect();
+                    what.extend(
+                        nl.routes_via(uplink)?
+                            .into_iter()
+                            .map(|r| format!("route {r}")),
+                    );
+                    if !what.is_empty() {
+                        return Err(NetError::WouldCutOff {
+                            network: n.name.clone(),
+                            uplink: uplink.to_string(),
+                            bridge: n.bridge.clone(),
+                            what,
+                        });
+                    }
+                }
+            }
         }
         for n in &self.networks {
             match nl.link(&n.bridge) {
@@ -456,7 +507,10 @@ impl NetFile {
                         ),
                     })
                 }
-                Err(NetlinkError::NoSuchLink(_)) => nl.add_bridge(&n.bridge, false)?,
+                Err(NetlinkError::NoSuchLink(_)) => {
+                    nl.add_bridge(&n.bridge, false)?;
+                    made.bridges.push(n.bridge.clone());
+                }
                 Err(e) => return Err(e.into()),
             }
             if let Some(mtu) = n.mtu {
@@ -464,11 +518,18 @@ impl NetFile {
             }
             if let Some(a) = &n.address {
                 let (addr, prefix) = parse_cidr(a).expect("validated");
-                nl.add_address(&n.bridge, IpAddr::V4(addr), prefix)?;
+                if nl.add_address(&n.bridge, IpAddr::V4(addr), prefix)? {
+                    made.addresses
+                        .push((n.bridge.clone(), IpAddr::V4(addr), prefix));
+                }
             }
             if n.mode == Mode::Bridged {
                 let uplink = n.uplink.as_deref().expect("validated");
-                nl.set_controller(uplink, &n.bridge)?;
+                let bridge = nl.index(&n.bridge)?;
+                if nl.link(uplink)?.controller != Some(bridge) {
+                    nl.set_controller(uplink, &n.bridge)?;
+                    made.ports.push((uplink.to_string(), n.bridge.clone()));
+                }
                 nl.set_up(uplink)?;
             }
             nl.set_up(&n.bridge)?;
@@ -497,7 +558,8 @@ impl NetFile {
         Ok(found)
     }
 
-    /// Removes our table and the bridges this file names; nothing else.
+    /// Removes our table and what `up` made: the bridges it created, the addresses it
+    /// added, the NICs it made bridge ports. A bridge that was there before `up` stays.
     pub fn down(&self) -> Result<(), NetError> {
         self.check_table_is_ours()?;
         if nft::table_exists("inet", &self.table) {
@@ -505,15 +567,41 @@ impl NetFile {
                 json!({"delete": {"table": {"family": "inet", "name": self.table}}}),
             ])?;
         }
+        let made = Made::load(&self.table).map_err(NetError::State)?;
         let mut nl = Netlink::open()?;
-        for n in &self.networks {
-            if let Ok(l) = nl.link(&n.bridge) {
+        for (port, bridge) in &made.ports {
+            let (Ok(p), Ok(b)) = (nl.link(port), nl.link(bridge)) else {
+                continue;
+            };
+            if p.controller == Some(b.index) {
+                nl.release(port)?;
+            }
+        }
+        for (link, addr, prefix) in &made.addresses {
+            if made.bridges.contains(link) || nl.link(link).is_err() {
+                continue;
+            }
+            match nl.delete_address(link, *addr, *prefix) {
+                Err(e) if e.errno() == Some(libc::EADDRNOTAVAIL) => {}
+                r => r?,
+            }
+        }
+        for bridge in &made.bridges {
+            if let Ok(l) = nl.link(bridge) {
                 if l.kind.as_deref() == Some("bridge") {
-                    nl.delete_link(&n.bridge)?;
+                    nl.delete_link(bridge)?;
                 }
             }
         }
-        Ok(())
+        for n in &self.networks {
+            if !made.bridges.contains(&n.bridge) && nl.link(&n.bridge).is_ok() {
+                log::info!(
+                    "bridge {} stays: it was there before `up` (delete it yourself if it should go)",
+                    n.bridge
+                );
+            }
+        }
+        Made::default().save(&self.table).map_err(NetError::State)
     }
 }
 

@@ -7,10 +7,13 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
     AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData,
     InfoKind, InfoPortData, InfoPortKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
 };
 use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage, TcOption};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -343,7 +346,121 @@ impl Netlink {
         )
     }
 
-    pub fn add_address(&mut self, name: &str, addr: IpAddr, prefix: u8) -> Result<()> {
+    /// Takes `port` out of whatever bridge it is a port of.
+    pub fn release(&mut self, port: &str) -> Result<()> {
+        let index = self.index(port)?;
+        self.set_link(
+            format!("take {port} out of its bridge"),
+            index,
+            vec![LinkAttribute::Controller(0)],
+            None,
+        )
+    }
+
+    /// The addresses of `name` that reach beyond the link itself (IPv6 link-local
+    /// addresses and the like left out), as address and prefix length.
+    pub fn addresses(&mut self, name: &str) -> Result<Vec<(IpAddr, u8)>> {
+        let index = self.index(name)?;
+        let replies = self.request(
+            &format!("list the addresses of {name}"),
+            RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+            NLM_F_DUMP,
+        )?;
+        let mut found = Vec::new();
+        for m in replies {
+            let RouteNetlinkMessage::NewAddress(a) = m else {
+                continue;
+            };
+            if a.header.index != index || a.header.scope != AddressScope::Universe {
+                continue;
+            }
+            let addr = a.attributes.iter().find_map(|at| match at {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let addr = addr.or_else(|| {
+                a.attributes.iter().find_map(|at| match at {
+                    AddressAttribute::Address(ip) => Some(*ip),
+                    _ => None,
+                })
+            });
+            if let Some(addr) = addr {
+                found.push((addr, a.header.prefix_len));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Routes of the main table that leave through `name`, other than the ones the kernel
+    /// made for its addresses, described as `ip route` prints them.
+    pub fn routes_via(&mut self, name: &str) -> Result<Vec<String>> {
+        let index = self.index(name)?;
+        let mut found = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut msg = RouteMessage::default();
+            msg.header.address_family = family;
+            let replies = self.request(
+                &format!("list the routes through {name}"),
+                RouteNetlinkMessage::GetRoute(msg),
+                NLM_F_DUMP,
+            )?;
+            for m in replies {
+                let RouteNetlinkMessage::NewRoute(r) = m else {
+                    continue;
+                };
+                let h = &r.header;
+                if h.table != RouteHeader::RT_TABLE_MAIN
+                    || h.kind != RouteType::Unicast
+                    || h.protocol == RouteProtocol::Kernel
+                    || !r.attributes.contains(&RouteAttribute::Oif(index))
+                {
+                    continue;
+                }
+                let addr = |want_gw: bool| {
+                    r.attributes.iter().find_map(|a| match (a, want_gw) {
+                        (RouteAttribute::Destination(d), false)
+                        | (RouteAttribute::Gateway(d), true) => match d {
+                            RouteAddress::Inet(v4) => Some(v4.to_string()),
+                            RouteAddress::Inet6(v6) => Some(v6.to_string()),
+                            _ => None,
+                        },
+                        _ => None,
+                    })
+                };
+                let dest = match addr(false) {
+                    Some(d) => format!("{d}/{}", h.destination_prefix_length),
+                    None => "default".to_string(),
+                };
+                found.push(match addr(true) {
+                    Some(gw) => format!("{dest} via {gw}"),
+                    None => dest,
+                });
+            }
+        }
+        Ok(found)
+    }
+
+    pub fn delete_address(&mut self, name: &str, addr: IpAddr, prefix: u8) -> Result<()> {
+        let index = self.index(name)?;
+        let mut msg = AddressMessage::default();
+        msg.header.family = match addr {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        msg.header.prefix_len = prefix;
+        msg.header.index = index;
+        msg.attributes.push(AddressAttribute::Local(addr));
+        msg.attributes.push(AddressAttribute::Address(addr));
+        self.request(
+            &format!("remove {addr}/{prefix} from {name}"),
+            RouteNetlinkMessage::DelAddress(msg),
+            NLM_F_ACK,
+        )
+        .map(|_| ())
+    }
+
+    /// Adds an address; whether it was added (false: it was there already).
+    pub fn add_address(&mut self, name: &str, addr: IpAddr, prefix: u8) -> Result<bool> {
         let index = self.index(name)?;
         let mut msg = AddressMessage::default();
         msg.header.family = match addr {
@@ -360,8 +477,8 @@ impl Netlink {
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
         ) {
             // Already there: `up` is idempotent.
-            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
-            r => r.map(|_| ()),
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(false),
+            r => r.map(|_| true),
         }
     }
 }

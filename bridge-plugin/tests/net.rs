@@ -248,6 +248,19 @@ fn bridged_mode_puts_guests_on_the_lan() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("net.toml");
     std::fs::write(&file, "[[network]]\nname = \"lan\"\nmode = \"bridged\"\nbridge = \"bp-lan\"\nuplink = \"lan0\"\nmtu = 1500\n").unwrap();
+    // A NIC the host reaches its LAN through would cut the host off as a bridge port:
+    // refused, naming what it carries, with nothing changed.
+    host.sh("ip addr add 192.168.77.2/24 dev lan0 && ip route add 10.77.0.0/16 via 192.168.77.1");
+    let up = plugin(&host, &format!("net up {}", file.display()));
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(!up.status.success());
+    assert!(
+        err.contains("192.168.77.2/24") && err.contains("10.77.0.0/16 via 192.168.77.1"),
+        "{err}"
+    );
+    assert!(host.link_json("lan0")["master"].is_null());
+    assert!(!host.try_sh("ip link show bp-lan").status.success());
+    host.sh("ip addr flush dev lan0");
     let up = plugin(&host, &format!("net up {}", file.display()));
     assert!(
         up.status.success(),
@@ -261,6 +274,62 @@ fn bridged_mode_puts_guests_on_the_lan() {
         .status
         .success());
     assert!(!host.try_sh("ip link show bp-lan").status.success());
+    assert!(host.link_json("lan0")["master"].is_null());
+
+    // On a bridge that was there before, down takes the NIC out again and keeps the bridge.
+    host.sh("ip link add bp-lan type bridge");
+    assert!(plugin(&host, &format!("net up {}", file.display()))
+        .status
+        .success());
+    assert_eq!(host.link_json("lan0")["master"], "bp-lan");
+    assert!(plugin(&host, &format!("net down {}", file.display()))
+        .status
+        .success());
+    assert!(host.link_json("lan0")["master"].is_null());
+    assert!(host.try_sh("ip link show bp-lan").status.success());
+}
+
+#[test]
+fn down_removes_only_what_up_made() {
+    // A host bridge the file names is adopted by up, not made: down leaves it and the
+    // address it had, and removes the address up added to it.
+    let host = Netns::new("adopt");
+    host.sh("ip link add hostbr type bridge && ip addr add 10.9.0.1/24 dev hostbr && ip link set hostbr up");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("net.toml");
+    std::fs::write(
+        &file,
+        "[[network]]\nname = \"mgmt\"\nmode = \"host-only\"\nbridge = \"hostbr\"\naddress = \"10.9.1.1/24\"\n\n\
+         [[network]]\nname = \"lab\"\nmode = \"internal\"\nbridge = \"bp-lab\"\n",
+    )
+    .unwrap();
+    for _ in 0..2 {
+        // Twice: a second up changes nothing, and does not make the adopted bridge ours.
+        let up = plugin(&host, &format!("net up {}", file.display()));
+        assert!(
+            up.status.success(),
+            "{}",
+            String::from_utf8_lossy(&up.stderr)
+        );
+    }
+    let addrs = host.sh("ip -4 -o addr show dev hostbr");
+    assert!(
+        addrs.contains("10.9.0.1/24") && addrs.contains("10.9.1.1/24"),
+        "{addrs}"
+    );
+    let down = plugin(&host, &format!("net down {}", file.display()));
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(!host.try_sh("ip link show bp-lab").status.success());
+    let addrs = host.sh("ip -4 -o addr show dev hostbr");
+    assert!(
+        addrs.contains("10.9.0.1/24") && !addrs.contains("10.9.1.1/24"),
+        "{addrs}"
+    );
+    assert!(!host.sh("nft list tables").contains("bridge_plugin"));
 }
 
 #[test]
