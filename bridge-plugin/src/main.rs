@@ -1,4 +1,5 @@
-//! `bridge-plugin net up|down|show FILE`: the kernel network modes for QEMU/KVM guests.
+//! `bridge-plugin net up|down|show FILE`: the kernel network modes for QEMU/KVM guests, and
+//! `bridge-plugin tap`: a multi-queue tap handed to a QEMU it starts.
 //! (The bridge helper QEMU runs is the `qemu-bridge-plugin` binary.)
 
 use std::path::PathBuf;
@@ -8,76 +9,132 @@ use bridge_plugin::launch::Launch;
 use bridge_plugin::net::{counters, NetFile};
 use bridge_plugin::netlink::Netlink;
 use bridge_plugin::port::{has_net_admin, PortSettings};
+use clap::error::ErrorKind;
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
-const USAGE: &str = "usage: bridge-plugin net up|down|show FILE [--json]
-       bridge-plugin tap --br=BRIDGE [--queues=N] [--id=NETDEV] [--vlan=ID] [--mtu=N]
-                         [--isolated=1] [--ingress-mbit=N] [--egress-mbit=N] -- QEMU ARGS...
+/// The kernel network modes for QEMU/KVM guests (NAT, bridged, internal, host-only, segments
+/// with default-deny rules between them), and multi-queue taps handed to QEMU.
+///
+/// The bridge helper QEMU runs (`-netdev bridge,helper=...`) is the `qemu-bridge-plugin`
+/// binary. Every command needs CAP_NET_ADMIN.
+#[derive(Parser)]
+#[command(name = "bridge-plugin", version, args_override_self = true)]
+struct Cli {
+    // `bridge-plugin --json net show FILE`, as the hand-made parser took it.
+    #[arg(long, hide = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-  up    create the file's bridges, addresses, NAT and the rules between segments
-        (default deny, counters on every rule); running it again changes nothing
-  down  remove our nftables table and the file's bridges, nothing else
-  show  bridges and rule counters (what was allowed and dropped)
-  tap   create a multi-queue tap on BRIDGE (vnet headers, vhost-net where the kernel has it)
-        and run QEMU with it as `-netdev tap,id=NETDEV,fds=...`: give the device
-        netdev=NETDEV (default net0), mq=on,vectors=2N+2";
+#[derive(Subcommand)]
+enum Cmd {
+    /// The networks of a file: `net up|down|show FILE [--json]`.
+    Net {
+        /// Print `show` as JSON.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        verb: NetVerb,
+    },
+    /// Create a multi-queue tap on BRIDGE (vnet headers, vhost-net where the kernel has it)
+    /// and run QEMU with it as `-netdev tap,id=NETDEV,fds=...`.
+    ///
+    /// Give the device netdev=NETDEV (default net0), mq=on,vectors=2N+2:
+    /// `bridge-plugin tap --br=BRIDGE --queues=N -- qemu-system-x86_64 ...
+    /// -device virtio-net-pci,netdev=net0,mq=on,vectors=2N+2`. Options take `--key=value` or
+    /// `--key value`.
+    Tap(TapArgs),
+}
 
-fn tap(args: &[String]) -> Result<(), String> {
-    let split = args.iter().position(|a| a == "--").ok_or(USAGE)?;
-    let mut launch = Launch {
-        bridge: String::new(),
-        queues: 1,
-        netdev_id: "net0".into(),
-        settings: PortSettings::default(),
-        qemu: args[split + 1..].to_vec(),
-    };
-    for arg in &args[1..split] {
-        let (k, v) = arg
-            .strip_prefix("--")
-            .and_then(|a| a.split_once('='))
-            .ok_or_else(|| format!("unexpected argument '{arg}'\n{USAGE}"))?;
-        match k {
-            "br" => launch.bridge = v.to_string(),
-            "id" => launch.netdev_id = v.to_string(),
-            "queues" => {
-                launch.queues = v
-                    .parse()
-                    .ok()
-                    .filter(|q| (1..=16).contains(q))
-                    .ok_or_else(|| format!("--queues={v}: use 1 to 16"))?
-            }
-            _ => launch.settings.set(k, v)?,
+#[derive(Subcommand)]
+enum NetVerb {
+    /// Create the file's bridges, addresses, NAT and the rules between segments (default
+    /// deny, counters on every rule); running it again changes nothing.
+    Up(NetFileArg),
+    /// Remove our nftables table and the file's bridges, nothing else.
+    Down(NetFileArg),
+    /// Bridges and rule counters (what was allowed and dropped).
+    Show(NetFileArg),
+}
+
+#[derive(Args)]
+struct NetFileArg {
+    /// The networks file (TOML: [[network]] and [[allow]]).
+    #[arg(value_name = "FILE")]
+    file: PathBuf,
+}
+
+// The tap settings stay strings: `PortSettings::set` parses them, as it does the
+// `--key=value` options of qemu-bridge-plugin.
+#[derive(Args)]
+struct TapArgs {
+    /// The bridge to attach the tap to.
+    #[arg(long, value_name = "BRIDGE", value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    br: String,
+    /// Queues of the tap (1 to 16).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16))]
+    queues: u16,
+    /// The netdev id QEMU gets (`-netdev tap,id=NETDEV`).
+    #[arg(long, value_name = "NETDEV", default_value = "net0")]
+    id: String,
+    /// Access VLAN on a VLAN-filtering bridge (1 to 4094).
+    #[arg(long, value_name = "ID")]
+    vlan: Option<String>,
+    /// MTU of the tap (68 to 65535); default: the bridge's.
+    #[arg(long, value_name = "N")]
+    mtu: Option<String>,
+    /// Bridge port isolation (1, yes, true or on): isolated ports reach only non-isolated
+    /// ones.
+    #[arg(long, value_name = "1")]
+    isolated: Option<String>,
+    /// Rate limit of traffic into the VM, Mbit/s.
+    #[arg(long, value_name = "N")]
+    ingress_mbit: Option<String>,
+    /// Rate limit of traffic out of the VM, Mbit/s.
+    #[arg(long, value_name = "N")]
+    egress_mbit: Option<String>,
+    /// The QEMU command line, after `--`.
+    #[arg(last = true, required = true, value_name = "QEMU ARGS")]
+    qemu: Vec<String>,
+}
+
+fn tap(args: TapArgs) -> Result<(), String> {
+    let mut settings = PortSettings::default();
+    for (key, value) in [
+        ("vlan", &args.vlan),
+        ("mtu", &args.mtu),
+        ("isolated", &args.isolated),
+        ("ingress-mbit", &args.ingress_mbit),
+        ("egress-mbit", &args.egress_mbit),
+    ] {
+        if let Some(value) = value {
+            settings.set(key, value)?;
         }
-    }
-    if launch.bridge.is_empty() {
-        return Err(format!("missing --br=BRIDGE\n{USAGE}"));
     }
     if !has_net_admin() {
         return Err("needs CAP_NET_ADMIN: run it as root".into());
     }
+    let launch = Launch {
+        bridge: args.br,
+        queues: usize::from(args.queues),
+        netdev_id: args.id,
+        settings,
+        qemu: args.qemu,
+    };
     Err(launch.exec())
 }
 
-fn run(args: &[String]) -> Result<(), String> {
-    if args.first().map(String::as_str) == Some("tap") {
-        return tap(args);
-    }
-    let json = args.iter().any(|a| a == "--json");
-    let rest: Vec<&String> = args.iter().filter(|a| *a != "--json").collect();
-    let (Some(group), Some(verb), Some(file)) = (rest.first(), rest.get(1), rest.get(2)) else {
-        return Err(USAGE.into());
-    };
-    if group.as_str() != "net" {
-        return Err(USAGE.into());
-    }
-    let file_path = PathBuf::from(file.as_str());
-    let net = NetFile::load(&file_path).map_err(|e| e.to_string())?;
+fn net(verb: &NetVerb, json: bool) -> Result<(), String> {
+    let (NetVerb::Up(f) | NetVerb::Down(f) | NetVerb::Show(f)) = verb;
+    let net = NetFile::load(&f.file).map_err(|e| e.to_string())?;
     if !has_net_admin() {
         return Err("needs CAP_NET_ADMIN: run it as root".into());
     }
-    match verb.as_str() {
-        "up" => net.up().map_err(|e| e.to_string()),
-        "down" => net.down().map_err(|e| e.to_string()),
-        "show" => {
+    match verb {
+        NetVerb::Up(_) => net.up().map_err(|e| e.to_string()),
+        NetVerb::Down(_) => net.down().map_err(|e| e.to_string()),
+        NetVerb::Show(_) => {
             let mut nl = Netlink::open().map_err(|e| e.to_string())?;
             let links = nl.links().map_err(|e| e.to_string())?;
             let rules = counters(&net.table).map_err(|e| e.to_string())?;
@@ -118,14 +175,27 @@ fn run(args: &[String]) -> Result<(), String> {
             }
             Ok(())
         }
-        _ => Err(USAGE.into()),
     }
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
     env_logger::init();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(&args) {
+    let result = match cli.command {
+        Cmd::Net { json, verb } => net(&verb, json || cli.json),
+        Cmd::Tap(args) => {
+            if cli.json {
+                Cli::command()
+                    .error(
+                        ErrorKind::ArgumentConflict,
+                        "--json is an option of `net`, not of `tap`",
+                    )
+                    .exit();
+            }
+            tap(args)
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("bridge-plugin: {e}");

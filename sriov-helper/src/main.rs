@@ -3,45 +3,67 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
 use sriov_helper::apply::{execute, plan_counts, plan_vfs, qemu_args, resolve_pf, Desired};
 use sriov_helper::sysfs::Sysfs;
 use sriov_helper::vf::VfNetlink;
 use sriov_helper::SriovError;
 
-const USAGE: &str = "usage: sriov-helper [--sysfs-root DIR] COMMAND
-  list [--json]                 physical functions and their VFs
-  show DEVICE [--json]          one PF (PCI address or interface) with VF settings from netlink
-  apply FILE.toml [--dry-run]   reach the file's state, changing only what differs
-  qemu-args                     -device vfio-pci arguments for the VFs bound to vfio-pci";
+/// Host-side SR-IOV for QEMU/KVM guests: physical functions and their VFs, the VFs'
+/// settings, vfio-pci binding, and the QEMU arguments for them.
+// `--json` and `--dry-run` are global, as the hand-made parser took them anywhere; each
+// says which command uses it.
+#[derive(Parser)]
+#[command(name = "sriov-helper", version, args_override_self = true)]
+struct Cli {
+    /// Root of the sysfs tree (for tests: a fake one).
+    #[arg(long, global = true, value_name = "DIR", default_value = "/")]
+    sysfs_root: PathBuf,
+    /// `list` and `show`: print JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    /// `apply`: print the commands, change nothing.
+    #[arg(long, global = true)]
+    dry_run: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Physical functions and their VFs.
+    List,
+    /// One PF (PCI address or interface) with VF settings from netlink.
+    Show {
+        /// PCI address (0000:03:00.0) or interface name of the PF.
+        device: String,
+    },
+    /// Reach the file's state, changing only what differs.
+    Apply {
+        /// The desired state (TOML: [[pf]] with num_vfs and [[pf.vf]] settings).
+        #[arg(value_name = "FILE.toml")]
+        file: PathBuf,
+    },
+    /// `-device vfio-pci` arguments for the VFs bound to vfio-pci.
+    QemuArgs,
+}
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 
-fn run(args: Vec<String>) -> Result<(), String> {
-    let mut root = PathBuf::from("/");
-    let mut rest = Vec::new();
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        if a == "--sysfs-root" {
-            root = PathBuf::from(it.next().ok_or(USAGE)?);
-        } else {
-            rest.push(a);
-        }
-    }
-    let json = rest.iter().any(|a| a == "--json");
-    let dry_run = rest.iter().any(|a| a == "--dry-run");
-    rest.retain(|a| a != "--json" && a != "--dry-run");
-    let sysfs = Sysfs::new(root);
+fn run(cli: Cli) -> Result<(), String> {
+    let Cli {
+        sysfs_root,
+        json,
+        dry_run,
+        command,
+    } = cli;
+    let sysfs = Sysfs::new(sysfs_root);
     let e = |e: SriovError| e.to_string();
-    match rest
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        ["list"] => {
+    match command {
+        Cmd::List => {
             let pfs = sysfs.pfs().map_err(e)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&pfs).unwrap_or_default());
@@ -72,8 +94,8 @@ fn run(args: Vec<String>) -> Result<(), String> {
             }
             Ok(())
         }
-        ["show", device] => {
-            let pf = resolve_pf(&sysfs, device).map_err(e)?;
+        Cmd::Show { device } => {
+            let pf = resolve_pf(&sysfs, &device).map_err(e)?;
             let vfs = match &pf.netdev {
                 Some(n) => {
                     VfNetlink::open()
@@ -102,8 +124,8 @@ fn run(args: Vec<String>) -> Result<(), String> {
             }
             Ok(())
         }
-        ["apply", file] => {
-            let desired = Desired::load(&PathBuf::from(file)).map_err(e)?;
+        Cmd::Apply { file } => {
+            let desired = Desired::load(&file).map_err(e)?;
             if !dry_run && !is_root() {
                 return Err(e(SriovError::NotRoot));
             }
@@ -140,16 +162,15 @@ fn run(args: Vec<String>) -> Result<(), String> {
             }
             Ok(())
         }
-        ["qemu-args"] => {
+        Cmd::QemuArgs => {
             println!("{}", qemu_args(&sysfs).map_err(e)?.join(" "));
             Ok(())
         }
-        _ => Err(USAGE.into()),
     }
 }
 
 fn main() -> ExitCode {
-    match run(std::env::args().skip(1).collect()) {
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("sriov-helper: {err}");

@@ -7,20 +7,53 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
 use integration::guest_image::guest_image;
 use integration::qemu::{detect_accel, guest_args, GuestSpec, Qemu};
 
-fn usage() -> ExitCode {
-    eprintln!(
-        "usage:\n  vnet-guest image\n  vnet-guest boot --socket PATH --ip CIDR [--mac N] [--queues N] [--mtu N]\n\
-         The guest gets an interactive shell on this terminal; `poweroff -f` ends it.\n\
-         VNET_QEMU=7.2|10 picks the QEMU version (ci/install-deps.sh provides both); VNET_ACCEL=kvm|tcg skips the KVM probe."
-    );
-    ExitCode::from(2)
+/// Builds the tiny guest image, and boots a guest by hand on a switch port.
+///
+/// The guest gets an interactive shell on this terminal; `poweroff -f` ends it.
+///
+/// VNET_QEMU=7.2|10 picks the QEMU version (ci/install-deps.sh provides both);
+/// VNET_ACCEL=kvm|tcg skips the KVM probe.
+#[derive(Parser)]
+#[command(name = "vnet-guest", args_override_self = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the image and print kernel, initrd, and the accelerator that boots them here.
+    Image,
+    /// Boot a guest on a switch port with a shell on this terminal (`poweroff -f` ends it).
+    ///
+    /// vnet-guest boot --socket /tmp/vnet/web1.sock --ip 10.0.0.1/24 [--mac 1] [--queues 2]
+    /// [--mtu 9000]
+    Boot {
+        /// The vhost-user socket of a vhost-net-backend port.
+        #[arg(long, value_name = "PATH")]
+        socket: PathBuf,
+        /// The guest's address.
+        #[arg(long, value_name = "CIDR")]
+        ip: String,
+        /// Last byte of the guest's MAC address.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        mac: u8,
+        /// Queue pairs of the NIC (the port needs `queues=N` or more); also the guest's CPUs.
+        #[arg(long, value_name = "N", default_value_t = 1)]
+        queues: u16,
+        /// MTU of the guest's NIC (start the switch with the same `--mtu`).
+        #[arg(long, value_name = "N")]
+        mtu: Option<u16>,
+    },
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    // Arguments first: `--help` and mistakes cost no image build.
+    let cli = Cli::parse();
     let image = match guest_image() {
         Ok(i) => i,
         Err(e) => {
@@ -28,8 +61,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match args.first().map(String::as_str) {
-        Some("image") => {
+    match cli.command {
+        Cmd::Image => {
             // Which accelerator boots it here, for launchers of their own (ci/example.sh).
             let accel = match Qemu::from_env() {
                 Ok(q) => detect_accel(&q, &image).name(),
@@ -45,35 +78,13 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Some("boot") => {
-            let (mut socket, mut ip, mut mac, mut queues, mut mtu) = (None, None, 1u8, 1u16, None);
-            let mut it = args[1..].iter();
-            while let Some(flag) = it.next() {
-                let Some(value) = it.next() else {
-                    return usage();
-                };
-                let ok = match flag.as_str() {
-                    "--socket" => {
-                        socket = Some(PathBuf::from(value));
-                        true
-                    }
-                    "--ip" => {
-                        ip = Some(value.clone());
-                        true
-                    }
-                    "--mac" => value.parse().map(|v| mac = v).is_ok(),
-                    "--queues" => value.parse().map(|v| queues = v).is_ok(),
-                    "--mtu" => value.parse().map(|v| mtu = Some(v)).is_ok(),
-                    _ => false,
-                };
-                if !ok {
-                    eprintln!("vnet-guest: bad option {flag} {value}");
-                    return usage();
-                }
-            }
-            let (Some(socket), Some(ip)) = (socket, ip) else {
-                return usage();
-            };
+        Cmd::Boot {
+            socket,
+            ip,
+            mac,
+            queues,
+            mtu,
+        } => {
             if !socket.exists() {
                 eprintln!("vnet-guest: {} does not exist: start vhost-net-backend with a port on it first", socket.display());
                 return ExitCode::FAILURE;
@@ -98,6 +109,5 @@ fn main() -> ExitCode {
             eprintln!("vnet-guest: cannot run {}: {err}", qemu.binary.display());
             ExitCode::FAILURE
         }
-        _ => usage(),
     }
 }
