@@ -1,7 +1,7 @@
 //! Frames for tests, built with `etherparse` (independent of the switch's own parsing).
 
 use etherparse::PacketBuilder;
-use vhost_net_backend::offload::{checksum_add, checksum_fold, parse_tcp};
+use vhost_net_backend::packet::offload::{checksum_add, checksum_fold, parse_tcp};
 use vhost_net_backend::virtio::{
     NetHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
 };

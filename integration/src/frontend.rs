@@ -77,7 +77,8 @@ impl Default for DeviceOptions {
 }
 
 /// Everything the backend can offer.
-pub const ALL_FEATURES: u64 = vhost_net_backend::port::BASE_FEATURES | f::MTU | f::MAC;
+pub const ALL_FEATURES: u64 =
+    vhost_net_backend::vhost_user::backend::BASE_FEATURES | f::MTU | f::MAC;
 
 /// A driver with no offloads: VERSION_1 and protocol features only.
 pub const PLAIN_FEATURES: u64 = f::VERSION_1 | f::PROTOCOL_FEATURES;

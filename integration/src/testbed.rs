@@ -81,12 +81,12 @@ impl TestSwitch {
             .server
             .as_ref()
             .expect("running")
-            .switch()
+            .datapath()
             .port_by_name(port)
             .expect("port exists")
             .clone();
         let end = Instant::now() + Duration::from_secs(5);
-        while shared.rx_read().queue_count() < pairs && Instant::now() < end {
+        while shared.rx_queues_published() < pairs && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(1));
         }
         Ok(dev)
@@ -96,7 +96,7 @@ impl TestSwitch {
         self.server
             .as_ref()
             .expect("running")
-            .switch()
+            .datapath()
             .port_by_name(port)
             .expect("port exists")
             .counters

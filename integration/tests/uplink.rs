@@ -288,3 +288,43 @@ fn a_trunk_carries_vlans_tagged() {
     assert_eq!(got.frame, plain);
     assert!(a.recv(0, Duration::from_millis(300)).is_none());
 }
+
+#[test]
+fn an_802_1ad_frame_from_the_tap_is_dropped_like_the_same_frame_from_a_guest() {
+    // One ingress check for every kind of port: a service-tagged (0x88a8) frame could carry
+    // a customer tag into a segment it does not belong to, from a guest or from the host.
+    let ns = Netns::new("qinq");
+    let backend = Backend::start(&ns, &["a", "b"], "tap:vnet0,trunk");
+    let mut a = backend.connect("a");
+    let mut b = backend.connect("b");
+    let plain = udp_frame(mac(9), BROADCAST, 80);
+    let mut qinq = plain.clone();
+    qinq.splice(12..12, [0x88, 0xa8, 0x00, 20, 0x81, 0x00, 0x00, 30]);
+    let hex = |f: &[u8]| f.iter().map(|x| format!("{x:02x}")).collect::<String>();
+
+    // Whether `dev` receives `frame` within half a second (the host's own IPv6 chatter
+    // comes through the tap too).
+    let gets = |dev: &mut VirtioNetDevice, frame: &[u8]| {
+        let end = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < end {
+            if dev
+                .recv(0, Duration::from_millis(100))
+                .is_some_and(|f| f.frame == frame)
+            {
+                return true;
+            }
+        }
+        false
+    };
+
+    b.send(0, &NetHdr::default(), &qinq).unwrap();
+    assert!(!gets(&mut a, &qinq), "a guest's 802.1ad frame was switched");
+    ns.sh(&format!("python3 -c \"{INJECT}\" {}", hex(&qinq)));
+    assert!(
+        !gets(&mut a, &qinq),
+        "the host's 802.1ad frame was switched"
+    );
+    // The same path carries an untagged frame.
+    ns.sh(&format!("python3 -c \"{INJECT}\" {}", hex(&plain)));
+    assert!(gets(&mut a, &plain), "a gets the untagged frame");
+}

@@ -1,11 +1,11 @@
 //! The switch configuration: from a TOML file or from `--port` specs on the command line.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+
+pub use crate::types::MacAddr;
 use thiserror::Error;
 
 /// Largest number of queue pairs one port may offer.
@@ -36,56 +36,6 @@ pub enum ConfigError {
     PollUs(u64),
     #[error("mtu {0} is out of range: use 68..=65521")]
     Mtu(u32),
-}
-
-/// An Ethernet MAC address.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub struct MacAddr(pub [u8; 6]);
-
-impl MacAddr {
-    pub fn is_multicast(&self) -> bool {
-        self.0[0] & 1 != 0
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(
-            f,
-            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-            m[0], m[1], m[2], m[3], m[4], m[5]
-        )
-    }
-}
-
-impl fmt::Debug for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
-    }
-}
-
-impl FromStr for MacAddr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let mut out = [0u8; 6];
-        let parts: Vec<&str> = s.split(':').collect();
-        if parts.len() != 6 {
-            return Err(format!("'{s}' is not a MAC address like 52:54:00:12:34:56"));
-        }
-        for (o, p) in out.iter_mut().zip(parts) {
-            *o = u8::from_str_radix(p, 16)
-                .map_err(|_| format!("'{s}' is not a MAC address like 52:54:00:12:34:56"))?;
-        }
-        Ok(MacAddr(out))
-    }
-}
-
-impl<'de> Deserialize<'de> for MacAddr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 fn default_queues() -> u16 {

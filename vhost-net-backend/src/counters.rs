@@ -29,10 +29,12 @@ pub enum DropReason {
     PortDown,
     /// The source MAC is configured (`mac=`) on another port.
     SpoofedMac,
+    /// The policy does not allow it (counted on the sender).
+    PolicyDenied,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         DropReason::NoRxBuffer,
         DropReason::RxBufferTooSmall,
         DropReason::BadTxDescriptor,
@@ -43,6 +45,7 @@ impl DropReason {
         DropReason::BadOffload,
         DropReason::PortDown,
         DropReason::SpoofedMac,
+        DropReason::PolicyDenied,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +60,7 @@ impl DropReason {
             DropReason::BadOffload => "bad_offload",
             DropReason::PortDown => "port_down",
             DropReason::SpoofedMac => "spoofed_mac",
+            DropReason::PolicyDenied => "policy_denied",
         }
     }
 }

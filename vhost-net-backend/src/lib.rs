@@ -1,32 +1,57 @@
 //! A vhost-user-net backend that is a learning virtual switch.
 //!
-//! Each port is a vhost-user socket served to one VM NIC. Frames a guest transmits are
-//! switched (MAC learning, VLAN segments) and copied once, straight from the sender's memory
-//! into the receiver's RX buffers; offloads a receiver did not negotiate are finished in
-//! software.
+//! Each VM NIC is a vhost-user socket; the backend maps the guest's memory and switches
+//! frames between VM ports and a tap uplink, copying each frame once, straight from the
+//! sender's memory into the receiver's RX buffers; offloads a receiver did not negotiate
+//! are finished in software.
 //!
-//! Modules:
-//! - `config`: the switch configuration (TOML file or `--port` specs).
-//! - `virtio`: descriptor chains, the virtio-net header, copies between guest memories.
-//! - `offload`: checksum completion and TCP segmentation.
-//! - `switch`: MAC table, VLAN segments, forwarding decision, the port table.
-//! - `port`: the `VhostUserBackend` of a port and its per-queue-pair data path.
-//! - `counters`: per-port counters and drop reasons.
-//! - `relay`: the vhost-user control channel between QEMU and the protocol handler.
-//! - `forward`: delivering a switched frame to RX queues or the uplink.
-//! - `uplink`: the tap uplink (vnet headers, offloads, VLAN trunk or access).
-//! - `server`: listening sockets, reconnects, MAC ageing, the control socket.
+//! # Layers
+//!
+//! Each module imports only modules of its own layer or below.
+//!
+//! ```text
+//! 6 control    server (listeners, connections, ageing, control socket),
+//!              vhost_user::{backend (VhostUserBackend of a VM port), relay}
+//! 5 datapath   datapath::burst: THE pipeline, decision -> policy -> delivery -> flush;
+//!              datapath::vm_tx (a VM's TX ring), datapath::tap_rx (the tap's readers)
+//! 4 endpoints  endpoint::{vm (RX ring driver), tap}: where a decided frame goes;
+//!              `Endpoint` is every kind of port, matched on the hot path
+//! 3 decisions  switch::{mac_table, cache}, policy: a frame's metadata and port ids only
+//! 2 packet     packet::{ingress (one check for every port), meta, flow, vlan, offload}:
+//!              pure functions on bytes
+//! 1 guest      mem (the only place guest addresses become host pointers),
+//!              virtio::{net_hdr, chain, ring (the only file that knows the split ring's
+//!              layout), copy}
+//! 0 vocabulary types, counters, config
+//! ```
+//!
+//! # A frame's way
+//!
+//! Three files follow a frame from one guest to another:
+//!
+//! 1. `datapath/vm_tx.rs`: guest A kicks its TX queue; its worker takes a burst of chains,
+//!    walks each (`virtio::chain`), copies its first bytes and checks them
+//!    (`packet::ingress`).
+//! 2. `datapath/burst.rs`: the burst is decided (`switch`, MAC learning and lookup), passed
+//!    through the policy, and delivered to each destination's `Endpoint`.
+//! 3. `endpoint/vm.rs`: the frame is copied from A's memory into B's RX buffers (offload
+//!    requests kept where B negotiated them, otherwise finished in software), B's used
+//!    ring written; back in `vm_tx`, A's chains are returned and `burst::flush` interrupts
+//!    each RX queue written, once per burst (EVENT_IDX honoured).
+//!
+//! From the tap, `datapath/tap_rx.rs` takes the place of the first step.
 
 pub mod config;
 pub mod counters;
-pub mod forward;
-pub mod offload;
-pub mod port;
-pub mod ram;
-pub mod relay;
+pub mod datapath;
+pub mod endpoint;
+pub mod mem;
+pub mod packet;
+pub mod policy;
 pub mod server;
 pub mod switch;
-pub mod uplink;
+pub mod types;
+pub mod vhost_user;
 pub mod virtio;
 
 pub use config::{MacAddr, PortConfig, SwitchConfig};

@@ -20,10 +20,11 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{ConfigError, SwitchConfig};
 use crate::counters::CounterSnapshot;
-use crate::port::Port;
-use crate::relay;
-use crate::switch::{PortId, Switch};
-use crate::uplink::Uplink;
+use crate::datapath::{tap_rx, Datapath};
+use crate::endpoint::tap::TapPort;
+use crate::types::PortId;
+use crate::vhost_user::backend::Port;
+use crate::vhost_user::relay;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -64,19 +65,19 @@ struct Stats<'a> {
 }
 
 /// Counters of every port as one JSON document.
-pub fn stats_json(switch: &Switch) -> String {
+pub fn stats_json(dp: &Datapath) -> String {
     let stats = Stats {
-        ports: switch
+        ports: dp
             .ports
             .iter()
             .map(|p| PortStats {
                 name: &p.name,
                 vlan: p.segment,
-                connected: p.rx_read().mem.is_some() || p.uplink.get().is_some(),
+                connected: p.connected(),
                 counters: p.counters.snapshot(),
             })
             .collect(),
-        mac_entries: switch.macs.len(),
+        mac_entries: dp.switch.macs.len(),
     };
     serde_json::to_string(&stats).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
@@ -84,7 +85,7 @@ pub fn stats_json(switch: &Switch) -> String {
 /// A running switch. Dropping it (or calling `stop`) closes every connection and removes
 /// the sockets it created.
 pub struct Server {
-    switch: Arc<Switch>,
+    dp: Arc<Datapath>,
     stop: Arc<AtomicBool>,
     /// Listening fds, shut down to wake the threads blocked in accept().
     wake_fds: Vec<RawFd>,
@@ -117,7 +118,17 @@ impl Server {
     /// and starts serving.
     pub fn start(config: &SwitchConfig) -> Result<Server, ServerError> {
         config.validate()?;
-        let switch = Switch::new(config);
+        // The tap first: a failure to open it (no CAP_NET_ADMIN) comes before anything runs.
+        let tap = match &config.uplink {
+            Some(up) => Some(Arc::new(TapPort::open(up).map_err(|source| {
+                ServerError::Uplink {
+                    tap: up.tap.clone(),
+                    source,
+                }
+            })?)),
+            None => None,
+        };
+        let dp = Datapath::new(config, tap.clone());
         let mut listeners = Vec::new();
         for p in &config.ports {
             let listener = match p.listen_fd {
@@ -148,7 +159,7 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let mut server = Server {
             private_dir: private_dir.clone(),
-            switch: switch.clone(),
+            dp: dp.clone(),
             stop: stop.clone(),
             wake_fds: Vec::new(),
             threads: Vec::new(),
@@ -157,33 +168,26 @@ impl Server {
         };
         for (i, listener) in listeners.into_iter().enumerate() {
             server.wake_fds.push(listener.as_raw_fd());
-            let (switch, stop) = (switch.clone(), stop.clone());
+            let (dp, stop) = (dp.clone(), stop.clone());
             let internal = private_dir.join(format!("{i}.sock"));
             let name = format!("port-{}", config.ports[i].name);
             let t = thread::Builder::new()
                 .name(name)
-                .spawn(move || serve_port(switch, i as PortId, listener, internal, stop))
+                .spawn(move || serve_port(dp, i as PortId, listener, internal, stop))
                 .map_err(ServerError::Thread)?;
             server.threads.push(t);
         }
         if let Some(control) = control {
             server.wake_fds.push(control.as_raw_fd());
-            let (switch, stop) = (switch.clone(), stop.clone());
+            let (dp, stop) = (dp.clone(), stop.clone());
             let t = thread::Builder::new()
                 .name("control".into())
-                .spawn(move || serve_control(switch, control, stop))
+                .spawn(move || serve_control(dp, control, stop))
                 .map_err(ServerError::Thread)?;
             server.threads.push(t);
         }
-        if let Some(up) = &config.uplink {
-            let uplink = Arc::new(Uplink::open(up).map_err(|source| ServerError::Uplink {
-                tap: up.tap.clone(),
-                source,
-            })?);
-            let port = switch.ports.last().expect("the uplink port").clone();
-            let _ = port.uplink.set(uplink.clone());
-            let readers = uplink
-                .spawn_readers(switch.clone(), port, stop.clone())
+        if let (Some(up), Some(tap), Some(port)) = (&config.uplink, tap, dp.ports.last()) {
+            let readers = tap_rx::spawn_readers(dp.clone(), port.clone(), tap, stop.clone())
                 .map_err(ServerError::Thread)?;
             server.threads.extend(readers);
             info!(
@@ -197,7 +201,7 @@ impl Server {
             );
         }
         let (tx, rx) = mpsc::channel::<()>();
-        let ageing = switch.clone();
+        let ageing = dp.clone();
         let t = thread::Builder::new()
             .name("mac-ageing".into())
             .spawn(move || {
@@ -205,7 +209,7 @@ impl Server {
                 while let Err(mpsc::RecvTimeoutError::Timeout) =
                     rx.recv_timeout(Duration::from_secs(1))
                 {
-                    ageing.macs.tick(1);
+                    ageing.switch.macs.tick(1);
                 }
             })
             .map_err(ServerError::Thread)?;
@@ -214,17 +218,17 @@ impl Server {
         info!(
             "switch up: {} ports, forwarding frames up to {} bytes",
             config.ports.len(),
-            switch.max_frame_len
+            dp.max_frame_len
         );
         Ok(server)
     }
 
-    pub fn switch(&self) -> &Arc<Switch> {
-        &self.switch
+    pub fn datapath(&self) -> &Arc<Datapath> {
+        &self.dp
     }
 
     pub fn stats_json(&self) -> String {
-        stats_json(&self.switch)
+        stats_json(&self.dp)
     }
 
     /// Closes every connection, stops the threads and removes the sockets.
@@ -236,7 +240,7 @@ impl Server {
         if self.stop.swap(true, Ordering::SeqCst) {
             return;
         }
-        for p in &self.switch.ports {
+        for p in &self.dp.ports {
             p.reset_connection();
         }
         for fd in &self.wake_fds {
@@ -251,7 +255,7 @@ impl Server {
             let _ = std::fs::remove_file(path);
         }
         let _ = std::fs::remove_dir_all(&self.private_dir);
-        for p in &self.switch.ports {
+        for p in &self.dp.ports {
             info!("port {}: {}", p.name, p.counters.snapshot());
         }
     }
@@ -264,13 +268,13 @@ impl Drop for Server {
 }
 
 fn serve_port(
-    switch: Arc<Switch>,
+    dp: Arc<Datapath>,
     id: PortId,
     public: Listener,
     internal_path: PathBuf,
     stop: Arc<AtomicBool>,
 ) {
-    let shared = switch.ports[usize::from(id)].clone();
+    let shared = dp.ports[usize::from(id)].clone();
     // The protocol handler accepts on a private socket; the relay joins it to the frontend.
     let mut internal = match Listener::new(&internal_path, true) {
         Ok(l) => l,
@@ -298,9 +302,7 @@ fn serve_port(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        if let Err(e) =
-            serve_connection(&switch, id, frontend, &mut internal, &internal_path, &stop)
-        {
+        if let Err(e) = serve_connection(&dp, id, frontend, &mut internal, &internal_path, &stop) {
             error!("port {}: {e}", shared.name);
         }
     }
@@ -319,15 +321,16 @@ impl Drop for ExitEvents {
 
 /// Serves one frontend connection until it ends.
 fn serve_connection(
-    switch: &Arc<Switch>,
+    dp: &Arc<Datapath>,
     id: PortId,
     frontend: UnixStream,
     internal: &mut Listener,
     internal_path: &Path,
     stop: &AtomicBool,
 ) -> Result<(), String> {
-    let shared = switch.ports[usize::from(id)].clone();
-    let port = Port::new(switch.clone(), id);
+    let shared = dp.ports[usize::from(id)].clone();
+    let port = Port::new(dp.clone(), id).ok_or("not a VM port")?;
+    let vm = port.vm().clone();
     // Declared before the daemon, so dropped after it, on every return path.
     let _exit_events = ExitEvents(port.clone());
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -349,20 +352,20 @@ fn serve_connection(
             return Err(format!("relay: {e}"));
         }
     };
-    *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+    *vm.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
     if stop.load(Ordering::SeqCst) {
         // Shutdown began before the handle was stored: it could not close this connection.
         daemon.request_shutdown();
     }
     info!("port {}: frontend connected", shared.name);
     let result = daemon.wait();
-    *shared.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    *vm.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
     port.retire();
     for handler in daemon.get_epoll_handlers() {
         handler.send_exit_event();
     }
-    shared.detach();
-    switch.macs.forget_port(id);
+    vm.detach();
+    dp.switch.macs.forget_port(id);
     let _ = relay.join();
     match result {
         Ok(()) => info!("port {}: frontend disconnected", shared.name),
@@ -371,7 +374,7 @@ fn serve_connection(
     Ok(())
 }
 
-fn serve_control(switch: Arc<Switch>, listener: UnixListener, stop: Arc<AtomicBool>) {
+fn serve_control(dp: Arc<Datapath>, listener: UnixListener, stop: Arc<AtomicBool>) {
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
@@ -384,7 +387,7 @@ fn serve_control(switch: Arc<Switch>, listener: UnixListener, stop: Arc<AtomicBo
             continue;
         }
         let reply = match line.trim() {
-            "stats" => stats_json(&switch),
+            "stats" => stats_json(&dp),
             other => format!("{{\"error\":\"unknown command '{other}', try 'stats'\"}}"),
         };
         let _ = conn.write_all(reply.as_bytes());

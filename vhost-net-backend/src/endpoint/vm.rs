@@ -1,40 +1,228 @@
-//! Delivering a switched frame: to each destination port's RX queue (one copy, offloads
-//! finished in software where the receiver lacks them) or to the uplink. Shared by the
-//! vhost-user ports' workers and the uplink's readers.
+//! A VM's port as a destination: its RX side as the guest published it, and the RX ring
+//! driver that writes frames into it (the short path for one-buffer frames, mergeable
+//! buffers, offloads finished in software for a guest that lacks them, bad chains handed
+//! back), with one interrupt per queue per burst.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use log::{debug, warn};
-use vhost_user_backend::{VringState, VringT};
+use vhost_user_backend::{ShutdownHandle, VringRwLock, VringState, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Address, GuestAddress};
+use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-use crate::config::MacAddr;
-use crate::counters::DropReason;
-use crate::offload::{complete_checksum, segment_tcp};
-use crate::port::{Vring, MAX_GSO_FRAME, TX_BURST};
-use crate::ram::Ram;
-use crate::switch::{DecisionCache, Forward, OpenEndpoint, PortId, PortShared, Switch};
+use super::frame::{Frame, TxFrame, PREFETCH_BODY};
+use crate::counters::{DropReason, PortCounters};
+use crate::mem::{GuestMemory, GuestSlice, Ram};
+use crate::packet::offload::{complete_checksum, segment_tcp};
+use crate::packet::vlan::passed_header;
+use crate::types::{PortId, MAX_GSO_FRAME};
+use crate::virtio::chain::{walk_chain, DescTable, Segment};
+use crate::virtio::copy::{write_frame_whole, FrameSource, GuestWriter};
+use crate::virtio::ring::{
+    avail_head, checked_avail_idx, needs_interrupt, publish_used, push_used, write_used,
+};
 use crate::virtio::{
-    avail_head, avail_idx, features as f, needs_interrupt, net_hdr_len, publish_used, push_used,
-    walk_chain, write_frame_whole, write_used, Cursor, DescTable, FrameSource, GuestSlice,
-    GuestWriter, NetHdr, Segment, WireHdr, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN,
-    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    features as f, net_hdr_len, NetHdr, WireHdr, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
-/// Most bytes of the next frame fetched ahead of its copy.
-const PREFETCH_BODY: usize = 1536;
+/// A queue of a VM port, as vhost-user-backend holds it.
+pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+
 /// Most RX buffers one mergeable frame may use.
 const MAX_MERGED_BUFFERS: usize = 256;
-/// Smallest MSS accepted for segmentation (Linux's `tcp_min_snd_mss` default is 48).
-pub const MIN_GSO_SIZE: usize = 48;
 
-pub(crate) struct RxChain {
+/// What a port exposes to the others while a guest is attached: its memory, negotiated
+/// features and RX vrings (one slot per queue pair).
+#[derive(Default)]
+pub struct RxEndpoint {
+    pub mem: Option<GuestMemoryAtomic<GuestMemory>>,
+    pub features: u64,
+    pub features_acked: bool,
+    pub queues: Vec<Option<Vring>>,
+}
+
+impl RxEndpoint {
+    fn open(&self, port: PortId, generation: u64) -> OpenEndpoint {
+        let mut open = OpenEndpoint {
+            port,
+            generation,
+            ram: None,
+            features: self.features,
+            queues: Default::default(),
+            enabled: 0,
+        };
+        let (Some(atomic), true) = (self.mem.as_ref(), self.features_acked) else {
+            return open;
+        };
+        for (i, q) in self.queues.iter().enumerate() {
+            if let Some(v) = q {
+                let state = v.get_ref();
+                if state.is_enabled() && state.get_queue().ready() && open.enabled < MAX_QP {
+                    open.queues[open.enabled] = Some((i, v.clone()));
+                    open.enabled += 1;
+                }
+            }
+        }
+        if open.enabled > 0 {
+            open.ram = Some(Ram::new(atomic.memory().into_inner()));
+        }
+        open
+    }
+
+    /// Number of RX queues published so far.
+    pub fn queue_count(&self) -> usize {
+        self.queues.iter().filter(|q| q.is_some()).count()
+    }
+}
+
+const MAX_QP: usize = crate::config::MAX_QUEUE_PAIRS as usize;
+
+/// A port's RX side as one burst of deliveries sees it: its memory, features and the RX
+/// queues its guest has enabled (a guest may use fewer queue pairs than offered, and change
+/// that at run time). Taken once per burst, so the port's lock, its memory handle and its
+/// queues' states are not touched again for every frame; each write still takes the queue's
+/// own lock and checks that it is enabled.
+pub struct OpenEndpoint {
+    pub port: PortId,
+    /// The port's `generation` when this was taken.
+    pub generation: u64,
+    /// None when no guest is attached, its features are not acked or no queue is enabled.
+    pub ram: Option<Ram>,
+    pub features: u64,
+    queues: [Option<(usize, Vring)>; MAX_QP],
+    enabled: usize,
+}
+
+impl OpenEndpoint {
+    /// The RX queue a flow goes to, among the enabled ones.
+    pub fn pick_queue(&self, hash: u32) -> Option<&(usize, Vring)> {
+        if self.enabled == 0 {
+            return None;
+        }
+        // The hash scaled to the queue count: a multiply, where `%` would divide per frame.
+        let i = (u64::from(hash) * self.enabled as u64) >> 32;
+        self.queues[i as usize].as_ref()
+    }
+
+    /// RX queue `index`, if it was enabled when the endpoint was opened.
+    pub fn queue(&self, index: usize) -> Option<&Vring> {
+        self.queues[..self.enabled]
+            .iter()
+            .flatten()
+            .find(|(i, _)| *i == index)
+            .map(|(_, v)| v)
+    }
+}
+
+/// A VM port's RX side and connection: what outlives one guest connection.
+pub struct VmEndpoint {
+    rx: RwLock<RxEndpoint>,
+    queue_pairs: u16,
+    /// Changes with every change of `rx`: an endpoint opened for a burst is used only while
+    /// it is still the port's current one.
+    generation: AtomicU64,
+    /// Closes the current vhost-user connection (a guest that broke the protocol).
+    pub connection: Mutex<Option<ShutdownHandle>>,
+}
+
+impl VmEndpoint {
+    pub fn new(queue_pairs: u16) -> VmEndpoint {
+        VmEndpoint {
+            rx: RwLock::new(RxEndpoint {
+                queues: vec![None; usize::from(queue_pairs)],
+                ..Default::default()
+            }),
+            queue_pairs,
+            generation: AtomicU64::new(0),
+            connection: Mutex::new(None),
+        }
+    }
+}
+
+impl VmEndpoint {
+    pub fn rx_read(&self) -> std::sync::RwLockReadGuard<'_, RxEndpoint> {
+        self.rx.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The RX side for a change; whatever was opened before is stale from now on.
+    pub fn rx_write(&self) -> std::sync::RwLockWriteGuard<'_, RxEndpoint> {
+        let rx = self.rx.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        rx
+    }
+
+    /// Takes what deliveries to port `id` (this one) need for one burst.
+    pub fn open_rx(&self, id: PortId) -> OpenEndpoint {
+        let rx = self.rx_read();
+        // Read under the read lock: no change is half made.
+        rx.open(id, self.generation.load(Ordering::Acquire))
+    }
+
+    /// Whether `ep` is still this port's current RX side. Checked under the destination
+    /// queue's lock before writing or publishing, which `detach` takes after a change.
+    pub fn is_current(&self, ep_generation: u64) -> bool {
+        self.generation.load(Ordering::Acquire) == ep_generation
+    }
+
+    /// Withdraws everything a guest connection published, so that no other port writes
+    /// into memory that is no longer this guest's.
+    pub fn detach(&self) {
+        let old = std::mem::replace(
+            &mut *self.rx_write(),
+            RxEndpoint {
+                queues: vec![None; usize::from(self.queue_pairs)],
+                ..Default::default()
+            },
+        );
+        // A delivery that checked the generation before it changed is finishing under its
+        // queue's lock: taking each lock once waits for it. Later ones see the change.
+        for vring in old.queues.iter().flatten() {
+            drop(vring.get_mut());
+        }
+    }
+
+    /// Drops the current connection; the frontend reconnects and renegotiates.
+    pub fn reset_connection(&self) {
+        if let Some(h) = self
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            h.shutdown();
+        }
+    }
+}
+
+/// A VM port as the RX driver sees it.
+#[derive(Clone, Copy)]
+pub struct VmPort<'a> {
+    pub id: PortId,
+    pub name: &'a str,
+    pub counters: &'a PortCounters,
+    pub vm: &'a VmEndpoint,
+}
+
+/// A guest that broke the RX ring protocol: counted, and its connection reset.
+fn rx_broken(dst: VmPort<'_>) {
+    dst.counters.count_drop(DropReason::BadRxDescriptor);
+    warn!(
+        "port {}: guest driver broke the virtio protocol on RX; resetting the connection",
+        dst.name
+    );
+    dst.vm.reset_connection();
+}
+
+struct RxChain {
     head: u16,
     cap: u32,
 }
 
 /// An RX queue written during a burst, and its used index before the first write.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Touched {
+struct Touched {
     port: PortId,
     queue: usize,
     old_used: u16,
@@ -49,8 +237,9 @@ struct RxBufs {
     chains: Vec<RxChain>,
 }
 
-/// Buffers for delivering, allocated once per worker so the data path never allocates.
-pub(crate) struct Scratch {
+/// What a worker needs to deliver into VM ports, allocated once so the data path never
+/// allocates.
+pub struct RxScratch {
     rx: RxBufs,
     /// The whole frame, gathered only when a destination needs software offload.
     frame: Vec<u8>,
@@ -58,19 +247,16 @@ pub(crate) struct Scratch {
     /// One software-finished frame (checksummed copy or TCP segment).
     out: Vec<u8>,
     /// RX queues written during this burst, notified once at its end.
-    pub(crate) touched: Vec<Touched>,
+    touched: Vec<Touched>,
     /// Avail indexes of RX queues read during this burst.
     avail_cache: Vec<((PortId, usize), u16)>,
     /// Destination ports' RX sides as this burst found them.
     open: Vec<OpenEndpoint>,
-    decisions: DecisionCache,
-    /// The decision for each frame of a TX burst.
-    forwards: Vec<Forward>,
 }
 
-impl Scratch {
-    pub(crate) fn new() -> Self {
-        Scratch {
+impl Default for RxScratch {
+    fn default() -> Self {
+        RxScratch {
             rx: RxBufs {
                 segs: Vec::with_capacity(MAX_MERGED_BUFFERS),
                 chains: Vec::with_capacity(MAX_MERGED_BUFFERS),
@@ -81,171 +267,13 @@ impl Scratch {
             touched: Vec::with_capacity(64),
             avail_cache: Vec::with_capacity(64),
             open: Vec::with_capacity(64),
-            decisions: DecisionCache::default(),
-            forwards: Vec::with_capacity(TX_BURST),
         }
-    }
-}
-
-/// Most bytes of a frame's start kept in `Frame::head`.
-pub(crate) const MAX_HEAD: usize = 128;
-
-/// A frame that passed the sender's checks, ready to be switched.
-#[derive(Clone, Copy)]
-pub(crate) struct Frame<'a> {
-    pub hdr: NetHdr,
-    pub src: FrameSource<'a>,
-    /// The frame's first bytes (at least its Ethernet header) as checked and switched:
-    /// delivered from this copy, so a guest rewriting its buffer meanwhile cannot change
-    /// what the decision was made on. A small frame is all here, and goes out in one write.
-    pub head: &'a [u8],
-    pub hash: u32,
-    /// The VLAN segment the frame belongs to.
-    pub segment: u16,
-}
-
-impl Frame<'_> {
-    pub fn eth(&self) -> &[u8; 14] {
-        self.head[..14]
-            .try_into()
-            .expect("a frame's head holds its Ethernet header")
-    }
-}
-
-/// Switches one frame from port `from`: learns, decides, delivers.
-pub(crate) fn switch_frame(switch: &Switch, from: &PortShared, frame: &Frame<'_>, s: &mut Scratch) {
-    let mut dst_mac = MacAddr::default();
-    let mut src_mac = MacAddr::default();
-    dst_mac.0.copy_from_slice(&frame.head[0..6]);
-    src_mac.0.copy_from_slice(&frame.head[6..12]);
-    s.frame_gathered = false;
-    let d = Deliverer { from };
-    match switch.decide_cached(&mut s.decisions, from.id, frame.segment, src_mac, dst_mac) {
-        Forward::Local => {}
-        Forward::Spoofed => from.counters.count_drop(DropReason::SpoofedMac),
-        Forward::To(p) => d.deliver(&switch.ports[usize::from(p)], frame, s),
-        Forward::Flood => {
-            for p in switch.flood_targets(from.id, frame.segment) {
-                d.deliver(p, frame, s);
-            }
-        }
-    }
-}
-
-/// A frame of a TX burst, checked and waiting to be switched with the rest of the burst.
-pub(crate) struct TxFrame {
-    pub hdr: NetHdr,
-    /// Its buffers: `segs[first..end]` of the burst's buffers.
-    pub first: usize,
-    pub end: usize,
-    /// Where the frame starts, after the virtio header, and its length.
-    pub start: Cursor,
-    pub len: usize,
-    /// The virtio header (`hdr_len` bytes) and the frame's first `head_len` bytes, as read.
-    pub peeked: [u8; 12 + MAX_HEAD],
-    pub hdr_len: usize,
-    pub head_len: usize,
-    pub hash: u32,
-}
-
-impl TxFrame {
-    /// Starts fetching the frame's bytes beyond its head (up to an MTU's worth: the
-    /// hardware prefetcher follows a longer copy by itself), which the driver's core wrote
-    /// last: while one frame is copied, the next one's arrive.
-    fn prefetch_body(&self, ram: &Ram, segs: &[Segment]) {
-        let mut left = self.len.saturating_sub(self.head_len).min(PREFETCH_BODY);
-        let mut skip = self.head_len + self.hdr_len;
-        for seg in &segs[self.first..self.end] {
-            let seg_len = seg.len as usize;
-            if skip >= seg_len {
-                skip -= seg_len;
-                continue;
-            }
-            let n = (seg_len - skip).min(left);
-            if let Some(m) = ram.map(seg.addr, seg_len) {
-                for off in (skip..skip + n).step_by(64) {
-                    m.prefetch(off);
-                }
-            }
-            left -= n;
-            skip = 0;
-            if left == 0 {
-                break;
-            }
-        }
-    }
-
-    pub fn head(&self) -> &[u8] {
-        &self.peeked[self.hdr_len..self.hdr_len + self.head_len]
-    }
-
-    fn frame<'a>(&'a self, ram: &'a Ram, segs: &'a [Segment], segment: u16) -> Frame<'a> {
-        Frame {
-            hdr: self.hdr,
-            src: FrameSource::Guest {
-                mem: ram,
-                segs: &segs[self.first..self.end],
-                start: self.start,
-                len: self.len,
-            },
-            head: self.head(),
-            hash: self.hash,
-            segment,
-        }
-    }
-}
-
-/// Switches a burst of frames from port `from`: learns and decides each in order, then
-/// delivers them; consecutive frames for one RX queue are written under one lock of it.
-pub(crate) fn switch_burst(
-    switch: &Switch,
-    from: &PortShared,
-    ram: &Ram,
-    segs: &[Segment],
-    frames: &[TxFrame],
-    s: &mut Scratch,
-) {
-    s.forwards.clear();
-    for t in frames {
-        let mut dst_mac = MacAddr::default();
-        let mut src_mac = MacAddr::default();
-        dst_mac.0.copy_from_slice(&t.head()[0..6]);
-        src_mac.0.copy_from_slice(&t.head()[6..12]);
-        let forward =
-            switch.decide_cached(&mut s.decisions, from.id, from.segment, src_mac, dst_mac);
-        s.forwards.push(forward);
-    }
-    let d = Deliverer { from };
-    let mut i = 0;
-    while i < frames.len() {
-        let frame = frames[i].frame(ram, segs, from.segment);
-        s.frame_gathered = false;
-        match s.forwards[i] {
-            Forward::Local => {}
-            Forward::Spoofed => from.counters.count_drop(DropReason::SpoofedMac),
-            Forward::To(p) => {
-                let dst = &switch.ports[usize::from(p)];
-                if dst.uplink.get().is_none() {
-                    if let Some(next) = d.deliver_run(dst, ram, segs, frames, i, s) {
-                        i = next;
-                        continue;
-                    }
-                }
-                d.deliver(dst, &frame, s);
-            }
-            Forward::Flood => {
-                for p in switch.flood_targets(from.id, from.segment) {
-                    d.deliver(p, &frame, s);
-                }
-            }
-        }
-        i += 1;
     }
 }
 
 /// The destination RX queue of one delivery.
 struct RxQueue<'a> {
-    port: &'a PortShared,
+    port: VmPort<'a>,
     vring: &'a Vring,
     index: usize,
     mem: &'a Ram,
@@ -257,7 +285,7 @@ struct RxQueue<'a> {
 impl<'a> RxQueue<'a> {
     /// The RX queue of `port` (opened for this burst as `ep`) that a flow with `hash` goes
     /// to; None if the port cannot take frames now.
-    fn pick(port: &'a PortShared, ep: &'a OpenEndpoint, hash: u32) -> Option<Self> {
+    fn pick(port: VmPort<'a>, ep: &'a OpenEndpoint, hash: u32) -> Option<Self> {
         let mem = ep.ram.as_ref()?;
         let (index, vring) = ep.pick_queue(hash)?;
         Some(RxQueue {
@@ -271,53 +299,55 @@ impl<'a> RxQueue<'a> {
     }
 }
 
-struct Deliverer<'a> {
-    from: &'a PortShared,
-}
+impl RxScratch {
+    /// A new frame is being delivered: whatever was gathered of the last one is stale.
+    pub fn next_frame(&mut self) {
+        self.frame_gathered = false;
+    }
 
-impl Deliverer<'_> {
-    /// The endpoint of `dst` opened in this burst (opening it on first use).
-    fn endpoint(dst: &PortShared, s: &mut Scratch) -> usize {
-        match s.open.iter().position(|o| o.port == dst.id) {
+    /// The endpoint of port `id` opened in this burst (opening it on first use).
+    fn endpoint(&mut self, id: PortId, vm: &VmEndpoint) -> usize {
+        match self.open.iter().position(|o| o.port == id) {
             Some(i) => i,
             None => {
-                s.open.push(dst.open_rx());
-                s.open.len() - 1
+                self.open.push(vm.open_rx(id));
+                self.open.len() - 1
             }
         }
     }
 
-    /// Writes frames `i..` of a burst under one lock of the RX queue of `dst` that frame `i`
-    /// goes to, for as long as they go there and need no software offload; returns the index
-    /// of the first frame not handled, or None if frame `i` is not such a frame.
-    fn deliver_run(
-        &self,
-        dst: &PortShared,
+    /// Writes `frames` (a run of a burst all switched to `dst`, from a port in `segment`)
+    /// under one lock of the RX queue the first goes to, for as long as they go there and
+    /// need no software offload; returns how many it handled (0: the first is not such a
+    /// frame, `deliver` takes it).
+    pub fn deliver_run(
+        &mut self,
+        dst: VmPort<'_>,
         ram: &Ram,
         segs: &[Segment],
         frames: &[TxFrame],
-        i: usize,
-        s: &mut Scratch,
-    ) -> Option<usize> {
-        let k = Self::endpoint(dst, s);
-        let Scratch {
+        segment: u16,
+    ) -> usize {
+        let vm = dst.vm;
+        let k = self.endpoint(dst.id, vm);
+        let RxScratch {
             open,
             rx,
             touched,
             avail_cache,
-            forwards,
             ..
-        } = s;
+        } = self;
         let ep = &open[k];
-        let rxq = RxQueue::pick(dst, ep, frames[i].hash)?;
-        let index = &rxq.index;
-        let plain = |j: usize| {
-            forwards[j] == Forward::To(dst.id)
-                && !needs_software(ep.features, &frames[j].hdr)
-                && ep.pick_queue(frames[j].hash).map(|q| q.0) == Some(*index)
+        let Some(rxq) = RxQueue::pick(dst, ep, frames[0].hash) else {
+            return 0;
         };
-        if !plain(i) {
-            return None;
+        let index = &rxq.index;
+        let plain = |t: &TxFrame| {
+            !needs_software(ep.features, &t.hdr)
+                && ep.pick_queue(t.hash).map(|q| q.0) == Some(*index)
+        };
+        if !plain(&frames[0]) {
+            return 0;
         }
         let mut state = rxq.vring.get_mut();
         let mut locked = match LockedRx::new(&mut state, &rxq, avail_cache) {
@@ -325,16 +355,16 @@ impl Deliverer<'_> {
             Err(_) => {
                 drop(state);
                 // Not writable: each frame is counted as dropped by the general path.
-                return None;
+                return 0;
             }
         };
         let old_used = locked.queue.next_used();
         let (mut packets, mut bytes) = (0u64, 0u64);
-        let mut j = i;
+        let mut j = 0;
         let mut broken = false;
         // A port that changed meanwhile (new memory table or features) stops the run: the
         // rest take the general path, which sees the change.
-        while j < frames.len() && plain(j) && dst.is_current(rxq.generation) {
+        while j < frames.len() && plain(&frames[j]) && vm.is_current(rxq.generation) {
             if let Some(next) = frames.get(j + 1) {
                 next.prefetch_body(ram, segs);
                 // Small frames gain nothing: their buffer's first line comes with the
@@ -344,7 +374,7 @@ impl Deliverer<'_> {
                 }
             }
             let t = &frames[j];
-            let header = passed_header(&t.hdr);
+            let header = passed(&t.hdr);
             let short = if t.head_len == t.len {
                 locked.write_short(header, t.head(), None)
             } else if t.end - t.first == 1 {
@@ -358,7 +388,7 @@ impl Deliverer<'_> {
                 None
             };
             let written = short.unwrap_or_else(|| {
-                let frame = t.frame(ram, segs, self.from.segment);
+                let frame = t.frame(ram, segs, segment);
                 locked.write(header, frame.src, frame.head, rx)
             });
             match written {
@@ -391,44 +421,33 @@ impl Deliverer<'_> {
             note_touched(touched, t);
         }
         if broken {
-            dst.counters.count_drop(DropReason::BadRxDescriptor);
-            warn!(
-                "port {}: guest driver broke the virtio protocol on RX; resetting the connection",
-                dst.name
-            );
-            dst.reset_connection();
+            rx_broken(dst);
         }
-        Some(j)
+        j
     }
 
     /// Delivers one frame to `dst`, finishing offloads in software where `dst` did not
     /// negotiate them.
-    fn deliver(&self, dst: &PortShared, frame: &Frame<'_>, d: &mut Scratch) {
-        let (hdr, src, hash) = (&frame.hdr, frame.src, frame.hash);
-        if let Some(uplink) = dst.uplink.get() {
-            return match uplink.send(hash, hdr, src, frame.eth(), frame.segment) {
-                Ok(()) => dst.counters.count_rx(src.len()),
-                Err(reason) => dst.counters.count_drop(reason),
-            };
-        }
-        let i = Self::endpoint(dst, d);
-        // Taken out of `d` for the call: write_rx needs the rest of `d`.
-        let open = std::mem::take(&mut d.open);
+    pub fn deliver(&mut self, from: &PortCounters, dst: VmPort<'_>, frame: &Frame<'_>) {
+        let i = self.endpoint(dst.id, dst.vm);
+        // Taken out for the call: write_rx needs the rest of `self`.
+        let open = std::mem::take(&mut self.open);
         let ep = &open[i];
-        match RxQueue::pick(dst, ep, hash) {
-            Some(rxq) => self.deliver_to(&rxq, frame, d),
+        match RxQueue::pick(dst, ep, frame.hash) {
+            Some(rxq) => self.deliver_to(from, &rxq, frame),
             None => dst.counters.count_drop(DropReason::PortDown),
         }
-        d.open = open;
+        self.open = open;
     }
 
     /// `deliver` once the destination queue is chosen.
-    fn deliver_to(&self, rxq: &RxQueue<'_>, frame: &Frame<'_>, d: &mut Scratch) {
+    fn deliver_to(&mut self, from: &PortCounters, rxq: &RxQueue<'_>, frame: &Frame<'_>) {
+        let d = self;
         let (hdr, src, features) = (&frame.hdr, frame.src, rxq.features);
 
         if !needs_software(features, hdr) {
-            let out = passed_header(hdr);
-            self.write_rx(rxq, out, src, frame.head, d);
+            let out = passed(hdr);
+            d.write_rx(rxq, out, src, frame.head);
             return;
         }
 
@@ -445,12 +464,12 @@ impl Deliverer<'_> {
             d.out[..len].copy_from_slice(&d.frame[..len]);
             let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
             if complete_checksum(&mut d.out[..len], start, off).is_err() {
-                return self.from.counters.count_drop(DropReason::BadOffload);
+                return from.count_drop(DropReason::BadOffload);
             }
             // Taken out of `d` for the call: write_rx needs the rest of `d`.
             let out = std::mem::take(&mut d.out);
             let finished = FrameSource::Local(&out[..len]);
-            self.write_rx(rxq, plain, finished, frame.head, d);
+            d.write_rx(rxq, plain, finished, frame.head);
             d.out = out;
             return;
         }
@@ -458,7 +477,7 @@ impl Deliverer<'_> {
         let mut out = std::mem::take(&mut d.out);
         let result = segment_tcp(&whole[..len], hdr, &mut out, |seg| {
             // Stop at the first segment that cannot be delivered: the rest would not be.
-            let delivered = self.write_rx(rxq, plain, FrameSource::Local(seg), frame.head, d);
+            let delivered = d.write_rx(rxq, plain, FrameSource::Local(seg), frame.head);
             if delivered {
                 Ok(())
             } else {
@@ -468,21 +487,20 @@ impl Deliverer<'_> {
         d.frame = whole;
         d.out = out;
         if result.is_err() {
-            self.from.counters.count_drop(DropReason::BadOffload);
+            from.count_drop(DropReason::BadOffload);
         }
     }
 
     /// Takes RX buffers from `vring` (several when mergeable), writes the header and the
     /// frame, and puts the buffers on the used ring. Counts a drop on `dst` when it cannot.
-    #[allow(clippy::too_many_arguments)]
     fn write_rx(
-        &self,
+        &mut self,
         rxq: &RxQueue<'_>,
         hdr: WireHdr,
         src: FrameSource<'_>,
         head: &[u8],
-        d: &mut Scratch,
     ) -> bool {
+        let d = self;
         let (dst, qidx) = (rxq.port, rxq.index);
         let (result, moved_from) = write_rx_buffers(rxq, hdr, src, head, d);
         // Bad chains handed back unused move the used ring too: the driver hears of them.
@@ -506,60 +524,58 @@ impl Deliverer<'_> {
                 false
             }
             Err(RxError::Broken) => {
-                dst.counters.count_drop(DropReason::BadRxDescriptor);
-                warn!(
-                    "port {}: guest driver broke the virtio protocol on RX; resetting the connection",
-                    dst.name
-                );
-                dst.reset_connection();
+                rx_broken(dst);
                 false
             }
         }
     }
-}
 
-/// Interrupts each RX queue written in this burst once, if its driver wants it, with no
-/// lock held while signalling.
-pub(crate) fn flush_notifications(switch: &Switch, scratch: &mut Scratch) {
-    scratch.avail_cache.clear();
-    for t in scratch.touched.drain(..) {
-        let port = &switch.ports[usize::from(t.port)];
-        port.counters.add_rx(t.packets, t.bytes);
-        // Touched queues were written through an endpoint opened in this burst.
-        let Some((vring, mem, generation)) = scratch
-            .open
-            .iter()
-            .find(|o| o.port == t.port)
-            .and_then(|o| Some((o.queue(t.queue)?, o.ram.as_ref()?, o.generation)))
-        else {
-            continue;
-        };
-        let notify = {
-            // Under the lock: next_used only grows, so this store never goes back, whichever
-            // worker wrote the last entries.
-            let state = vring.get_ref();
-            let q = state.get_queue();
-            // A port that changed meanwhile (its guest gone or renegotiating) is not written.
-            if !q.ready() || !port.is_current(generation) {
+    /// Interrupts each RX queue written in this burst once, if its driver wants it, with no
+    /// lock held while signalling.
+    pub fn flush<'p>(&mut self, port: impl Fn(PortId) -> Option<VmPort<'p>>) {
+        let scratch = self;
+        scratch.avail_cache.clear();
+        for t in scratch.touched.drain(..) {
+            let Some(VmPort { counters, vm, .. }) = port(t.port) else {
                 continue;
-            }
-            if publish_used(mem, GuestAddress(q.used_ring()), q.next_used()).is_none() {
+            };
+            counters.add_rx(t.packets, t.bytes);
+            // Touched queues were written through an endpoint opened in this burst.
+            let Some((vring, mem, generation)) = scratch
+                .open
+                .iter()
+                .find(|o| o.port == t.port)
+                .and_then(|o| Some((o.queue(t.queue)?, o.ram.as_ref()?, o.generation)))
+            else {
                 continue;
+            };
+            let notify = {
+                // Under the lock: next_used only grows, so this store never goes back, whichever
+                // worker wrote the last entries.
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                // A port that changed meanwhile (its guest gone or renegotiating) is not written.
+                if !q.ready() || !vm.is_current(generation) {
+                    continue;
+                }
+                if publish_used(mem, GuestAddress(q.used_ring()), q.next_used()).is_none() {
+                    continue;
+                }
+                needs_interrupt(
+                    mem,
+                    GuestAddress(q.avail_ring()),
+                    q.size(),
+                    q.event_idx_enabled(),
+                    t.old_used,
+                    q.next_used(),
+                )
+            };
+            if notify {
+                let _ = vring.signal_used_queue();
             }
-            needs_interrupt(
-                mem,
-                GuestAddress(q.avail_ring()),
-                q.size(),
-                q.event_idx_enabled(),
-                t.old_used,
-                q.next_used(),
-            )
-        };
-        if notify {
-            let _ = vring.signal_used_queue();
         }
+        scratch.open.clear();
     }
-    scratch.open.clear();
 }
 
 enum RxError {
@@ -589,29 +605,14 @@ fn gso_supported(features: u64, hdr: &NetHdr) -> bool {
     features & needed == needed
 }
 
-/// The header a receiver gets for a frame passed on with its offloads: only the checksum
-/// and GSO requests, rebuilt field by field (a sender's DATA_VALID or stray bits are not
-/// passed on).
-fn passed_header(hdr: &NetHdr) -> WireHdr {
-    let mut out = NetHdr::default();
-    if hdr.needs_csum() {
-        out.flags = VIRTIO_NET_HDR_F_NEEDS_CSUM;
-        out.csum_start = hdr.csum_start;
-        out.csum_offset = hdr.csum_offset;
-    }
-    if hdr.is_gso() {
-        out.gso_type = hdr.gso_type;
-        out.gso_size = hdr.gso_size;
-        out.hdr_len = hdr.hdr_len;
-    }
-    out.to_wire()
+/// The header a receiver with the matching offloads gets.
+fn passed(hdr: &NetHdr) -> WireHdr {
+    // Nothing moves the offsets here, so nothing can overflow.
+    passed_header(hdr, 0).unwrap_or_default().to_wire()
 }
 
 fn read_avail(queue: &virtio_queue::Queue, ram: &Ram) -> Result<u16, RxError> {
-    match avail_idx(ram, GuestAddress(queue.avail_ring())) {
-        Some(avail) if avail.wrapping_sub(queue.next_avail()) <= queue.size() => Ok(avail),
-        _ => Err(RxError::Broken),
-    }
+    checked_avail_idx(ram, queue).ok_or(RxError::Broken)
 }
 
 fn remember_avail(cache: &mut Vec<((PortId, usize), u16)>, key: (PortId, usize), avail: u16) {
@@ -659,7 +660,7 @@ impl<'a> LockedRx<'a> {
         rxq: &RxQueue<'a>,
         avail_cache: &[((PortId, usize), u16)],
     ) -> Result<Self, RxError> {
-        if !state.is_enabled() || !rxq.port.is_current(rxq.generation) {
+        if !state.is_enabled() || !rxq.port.vm.is_current(rxq.generation) {
             return Err(RxError::Drop(DropReason::PortDown));
         }
         let queue = state.get_queue_mut();
@@ -849,7 +850,7 @@ fn write_rx_buffers(
     hdr: WireHdr,
     src: FrameSource<'_>,
     head: &[u8],
-    d: &mut Scratch,
+    d: &mut RxScratch,
 ) -> (Result<(), RxError>, Option<u16>) {
     let mut state = rxq.vring.get_mut();
     let mut rx = match LockedRx::new(&mut state, rxq, &d.avail_cache) {

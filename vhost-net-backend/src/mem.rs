@@ -1,4 +1,5 @@
-//! One guest's memory as the data path touches it: each region's guest range and host
+//! One guest's memory as the data path touches it, and the only place where guest addresses
+//! become host pointers: each region's guest range and host
 //! address, collected when a burst starts. Every access is checked against these ranges;
 //! with the few regions a vhost-user guest has, a lookup is a short scan, where vm-memory's
 //! generic accessors cost a search and several layers per access (the largest single item
@@ -13,7 +14,11 @@ use vm_memory::{
     VolatileSlice,
 };
 
-use crate::virtio::{GuestMemory, GuestSlice};
+/// Guest memory as mapped by the backend (no dirty-page bitmap).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+/// Host mapping of guest bytes.
+pub type GuestSlice<'a> = VolatileSlice<'a, <() as vm_memory::bitmap::WithBitmapSlice<'a>>::S>;
 
 /// Regions one SET_MEM_TABLE can carry (the `vhost` crate's limit of attached file
 /// descriptors; QEMU sends at most 8 without CONFIGURE_MEM_SLOTS, which is not offered).

@@ -1,0 +1,144 @@
+//! THE pipeline. Every frame that entered the switch (checked by `packet::ingress` in the
+//! driver that took it in) goes through here, a burst at a time:
+//!
+//! decision (`switch`) -> policy -> delivery (`endpoint`) -> notification flush.
+//!
+//! It is the only place where a decision meets a delivery. Frames of a VM's TX burst that
+//! go to one VM's RX queue one after another are written under one lock of it (a run).
+
+use crate::counters::DropReason;
+use crate::endpoint::frame::{Frame, TxFrame};
+use crate::endpoint::vm::{RxScratch, VmPort};
+use crate::endpoint::{Endpoint, SwitchPort};
+use crate::mem::Ram;
+use crate::packet::meta::FrameMeta;
+use crate::switch::{DecisionCache, Forward};
+use crate::virtio::chain::Segment;
+
+use super::Datapath;
+
+/// Frames taken in at once from one port.
+#[derive(Clone, Copy)]
+pub enum Burst<'a> {
+    /// Frames still in a guest's TX buffers: its memory, the burst's buffers, the frames.
+    Guest {
+        ram: &'a Ram,
+        segs: &'a [Segment],
+        frames: &'a [TxFrame],
+    },
+    /// One frame in a local buffer (from the tap).
+    Local(Frame<'a>),
+}
+
+impl<'a> Burst<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Burst::Guest { frames, .. } => frames.len(),
+            Burst::Local(_) => 1,
+        }
+    }
+
+    /// Frame `i`, from a port in `segment` (a local frame knows its own).
+    fn frame(&self, i: usize, segment: u16) -> Frame<'a> {
+        match *self {
+            Burst::Guest { ram, segs, frames } => frames[i].frame(ram, segs, segment),
+            Burst::Local(f) => f,
+        }
+    }
+}
+
+/// A worker's buffers and caches for the pipeline, allocated once.
+#[derive(Default)]
+pub struct Scratch {
+    rx: RxScratch,
+    decisions: DecisionCache,
+    /// The decision for each frame of a burst.
+    forwards: Vec<Forward>,
+}
+
+/// Decides and delivers a burst of frames that came in on `from`. The queues written are
+/// interrupted by `flush`, which the caller runs once it holds nothing another port needs.
+pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) {
+    s.forwards.clear();
+    for i in 0..burst.len() {
+        let frame = burst.frame(i, from.segment);
+        let meta = FrameMeta::parse(frame.eth());
+        let forward =
+            dp.switch
+                .decide_cached(&mut s.decisions, from.id, frame.segment, meta.src, meta.dst);
+        let forward = match forward {
+            Forward::To(p) if !dp.policy.allows(from.id, p, &meta) => Forward::Denied,
+            f => f,
+        };
+        s.forwards.push(forward);
+    }
+    let mut i = 0;
+    while i < burst.len() {
+        let frame = burst.frame(i, from.segment);
+        s.rx.next_frame();
+        match s.forwards[i] {
+            Forward::Local => {}
+            Forward::Spoofed => from.counters.count_drop(DropReason::SpoofedMac),
+            Forward::Denied => from.counters.count_drop(DropReason::PolicyDenied),
+            Forward::To(p) => {
+                let dst = &dp.ports[usize::from(p)];
+                if let (Some(vm), Burst::Guest { ram, segs, frames }) = (dst.as_vm(), burst) {
+                    let run = s.forwards[i..]
+                        .iter()
+                        .take_while(|f| **f == Forward::To(p))
+                        .count();
+                    let done =
+                        s.rx.deliver_run(vm, ram, segs, &frames[i..i + run], from.segment);
+                    if done > 0 {
+                        i += done;
+                        continue;
+                    }
+                }
+                deliver(from, dst, &frame, &mut s.rx);
+            }
+            Forward::Flood => {
+                let meta = FrameMeta::parse(frame.eth());
+                for p in dp.switch.flood_targets(from.id, frame.segment) {
+                    if dp.policy.allows(from.id, p, &meta) {
+                        deliver(from, &dp.ports[usize::from(p)], &frame, &mut s.rx);
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+}
+
+/// Delivers one frame to `dst`, whatever kind of port it is.
+#[inline]
+fn deliver(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &mut RxScratch) {
+    match &dst.endpoint {
+        Endpoint::Vm(vm) => {
+            let vm = VmPort {
+                id: dst.id,
+                name: &dst.name,
+                counters: &dst.counters,
+                vm,
+            };
+            rx.deliver(&from.counters, vm, frame)
+        }
+        Endpoint::Tap(tap) => {
+            match tap.send(
+                frame.hash,
+                &frame.hdr,
+                frame.src,
+                frame.eth(),
+                frame.segment,
+            ) {
+                Ok(()) => dst.counters.count_rx(frame.src.len()),
+                Err(reason) => dst.counters.count_drop(reason),
+            }
+        }
+    }
+}
+
+/// The pipeline's last stage: interrupts each RX queue written since the last flush once,
+/// if its driver wants it. Call it with no lock held that another port needs.
+pub fn flush(dp: &Datapath, s: &mut Scratch) {
+    s.rx.flush(|id| dp.ports.get(usize::from(id)).and_then(|p| p.as_vm()));
+}

@@ -1,0 +1,75 @@
+//! Where a decided frame goes: the port table, and every kind of port behind one type the
+//! datapath delivers to (`Endpoint`, matched on the hot path: no dynamic dispatch). An
+//! endpoint knows rings, guest memory and file descriptors, never the switch or the policy.
+
+pub mod frame;
+pub mod tap;
+pub mod vm;
+
+use std::sync::Arc;
+
+use crate::counters::PortCounters;
+use crate::types::{MacAddr, PortId};
+use tap::TapPort;
+use vm::{VmEndpoint, VmPort};
+
+/// The kinds of port.
+pub enum Endpoint {
+    /// A VM NIC served over vhost-user.
+    Vm(Arc<VmEndpoint>),
+    /// The tap uplink towards the host.
+    Tap(Arc<TapPort>),
+}
+
+/// One port of the switch: what outlives a guest connection.
+pub struct SwitchPort {
+    pub id: PortId,
+    pub name: String,
+    /// Its VLAN segment, or `TRUNK`.
+    pub segment: u16,
+    pub queue_pairs: u16,
+    /// The MAC configured on it (`mac=`).
+    pub mac: Option<MacAddr>,
+    pub counters: PortCounters,
+    pub endpoint: Endpoint,
+}
+
+impl SwitchPort {
+    /// This port as the VM RX driver sees it, if it is a VM port.
+    #[inline]
+    pub fn as_vm(&self) -> Option<VmPort<'_>> {
+        match &self.endpoint {
+            Endpoint::Vm(vm) => Some(VmPort {
+                id: self.id,
+                name: &self.name,
+                counters: &self.counters,
+                vm,
+            }),
+            Endpoint::Tap(_) => None,
+        }
+    }
+
+    /// Whether something is attached: a guest (its memory table taken), or the tap.
+    pub fn connected(&self) -> bool {
+        match &self.endpoint {
+            Endpoint::Vm(vm) => vm.rx_read().mem.is_some(),
+            Endpoint::Tap(_) => true,
+        }
+    }
+
+    /// How many RX queues a VM port's guest has published to the others so far (0 for the
+    /// tap, which has none).
+    pub fn rx_queues_published(&self) -> usize {
+        match &self.endpoint {
+            Endpoint::Vm(vm) => vm.rx_read().queue_count(),
+            Endpoint::Tap(_) => 0,
+        }
+    }
+
+    /// Drops the current vhost-user connection, if this is a VM port with one.
+    pub fn reset_connection(&self) {
+        if let Endpoint::Vm(vm) = &self.endpoint {
+            vm.reset_connection();
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Packet logic: pure functions on a frame's bytes and its virtio-net header. No guest
+//! memory, no I/O.
+
+pub mod flow;
+pub mod ingress;
+pub mod meta;
+pub mod offload;
+pub mod vlan;

@@ -1,0 +1,221 @@
+//! The `VhostUserBackend` of one VM port for one frontend connection: features and
+//! protocol features offered, memory and queues taken in, each queue pair's worker
+//! driving its TX ring (`datapath::vm_tx`) and publishing its RX ring to the other ports.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::datapath::vm_tx::{TxQueue, Worker};
+use crate::datapath::Datapath;
+use crate::endpoint::vm::{VmEndpoint, Vring};
+use crate::endpoint::{Endpoint, SwitchPort};
+use crate::mem::GuestMemory;
+use crate::types::PortId;
+use crate::virtio::features as f;
+
+/// Largest queue size offered (QEMU accepts up to 1024 for vhost-user).
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Features every port offers; all of them are honoured for every destination, in software
+/// where the destination lacks an offload.
+pub const BASE_FEATURES: u64 = f::VERSION_1
+    | f::MRG_RXBUF
+    | f::RING_EVENT_IDX
+    | f::RING_INDIRECT_DESC
+    | f::CSUM
+    | f::GUEST_CSUM
+    | f::HOST_TSO4
+    | f::HOST_TSO6
+    | f::HOST_ECN
+    | f::GUEST_TSO4
+    | f::GUEST_TSO6
+    | f::GUEST_ECN
+    | f::MQ
+    | f::PROTOCOL_FEATURES;
+
+struct PortInner {
+    dp: Arc<Datapath>,
+    port: Arc<SwitchPort>,
+    vm: Arc<VmEndpoint>,
+    workers: Vec<Mutex<Worker>>,
+    /// False once the connection ended: old workers still draining must not touch the
+    /// port's shared state, which may already belong to the next connection.
+    alive: AtomicBool,
+    /// The workers' exit-event descriptors handed to vhost-user-backend, which (0.24.0)
+    /// registers them with its epoll as raw descriptors and never closes them: closed by
+    /// `close_exit_events` once the connection's daemon is gone, or every reconnect of a
+    /// guest would leave one per queue pair open.
+    exit_events: Mutex<Vec<RawFd>>,
+}
+
+/// The `VhostUserBackend` of one port for one frontend connection.
+#[derive(Clone)]
+pub struct Port(Arc<PortInner>);
+
+impl Port {
+    /// The backend of VM port `id`; None if there is no such VM port.
+    pub fn new(dp: Arc<Datapath>, id: PortId) -> Option<Port> {
+        let port = dp.ports.get(usize::from(id))?.clone();
+        let Endpoint::Vm(vm) = &port.endpoint else {
+            return None;
+        };
+        let vm = vm.clone();
+        let workers = (0..port.queue_pairs)
+            .map(|_| Mutex::new(Worker::new()))
+            .collect();
+        Some(Port(Arc::new(PortInner {
+            dp,
+            port,
+            vm,
+            workers,
+            alive: AtomicBool::new(true),
+            exit_events: Mutex::new(Vec::new()),
+        })))
+    }
+
+    /// Closes the exit-event descriptors vhost-user-backend took and left open. Only once
+    /// the daemon that took them is dropped (its worker threads joined): nothing uses them
+    /// then, and the crate never closes them itself, so none is closed twice. (Were a
+    /// worker still running, it would still exit: it is woken through the notifier, a
+    /// duplicate of the same eventfd, which keeps the epoll entry alive.)
+    pub(crate) fn close_exit_events(&self) {
+        let fds =
+            std::mem::take(&mut *self.0.exit_events.lock().unwrap_or_else(|e| e.into_inner()));
+        for fd in fds {
+            // SAFETY: `fd` came from `exit_event`; vhost-user-backend turned it into a raw
+            // descriptor that nothing owns (see `exit_events`), so this is its only owner.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+
+    /// Marks the connection as ended; its workers stop at their next step.
+    pub fn retire(&self) {
+        self.0.alive.store(false, Ordering::SeqCst);
+    }
+
+    fn inner(&self) -> &PortInner {
+        &self.0
+    }
+
+    /// The VM port this serves.
+    pub fn vm(&self) -> &Arc<VmEndpoint> {
+        &self.0.vm
+    }
+}
+
+impl VhostUserBackend for Port {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.inner().port.queue_pairs) * 2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = BASE_FEATURES;
+        if self.inner().dp.mtu.is_some() {
+            features |= f::MTU;
+        }
+        if self.inner().port.mac.is_some() {
+            features |= f::MAC;
+        }
+        features
+    }
+
+    fn acked_features(&self, features: u64) {
+        let mut rx = self.inner().vm.rx_write();
+        rx.features = features;
+        rx.features_acked = true;
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        // No CONFIG: QEMU's virtio-net keeps its own config space (mac=, host_mtu=) and
+        // warns about backends that offer it.
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        self.inner().vm.rx_write().features_acked = false;
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // Each queue knows whether EVENT_IDX is on; the workers ask it.
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemory>) -> io::Result<()> {
+        self.inner().vm.rx_write().mem = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner().port.queue_pairs)
+            .map(|i| 0b11u64 << (2 * i))
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
+        self.inner()
+            .exit_events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(consumer.as_raw_fd());
+        Some((consumer, notifier))
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let inner = self.inner();
+        let Some(worker) = inner.workers.get(thread_id) else {
+            return Ok(());
+        };
+        let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
+        if !worker.published {
+            // The framework hands a queue pair's vrings only to its own worker: publish the
+            // RX one so that other ports can deliver into it. Checked under the lock that
+            // detaching takes, so a retired connection never publishes into the next one.
+            if let Some(rx) = vrings.first() {
+                let mut ep = inner.vm.rx_write();
+                if !inner.alive.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                if let Some(slot) = ep.queues.get_mut(thread_id) {
+                    *slot = Some(rx.clone());
+                }
+            }
+            worker.published = true;
+        }
+        // Event 0 is the RX kick (new buffers): frames are never queued, nothing to do.
+        if device_event == 1 {
+            if let Some(tx) = vrings.get(1) {
+                let queue = TxQueue {
+                    dp: &inner.dp,
+                    port: &inner.port,
+                    vm: &inner.vm,
+                    alive: &inner.alive,
+                };
+                queue.process(tx, &mut worker);
+            }
+        }
+        // Guest faults are counted, never returned: an error would stop this worker thread.
+        Ok(())
+    }
+}
