@@ -53,7 +53,7 @@ impl Launch {
         if self.qemu.is_empty() {
             return "no QEMU command line after --".into();
         }
-        let tap = match Tap::create("tap%d", self.queues, true) {
+        let tap = match Tap::open("tap%d", self.queues, true, false) {
             Ok(t) => t,
             Err(e) => return format!("cannot create a {}-queue tap: {e}", self.queues),
         };

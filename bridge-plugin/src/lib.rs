@@ -14,4 +14,4 @@ pub mod netlink;
 pub mod nft;
 pub mod port;
 pub mod privilege;
-pub mod tap;
+pub use hostnet::tap;

@@ -2,11 +2,9 @@
 
 use std::net::IpAddr;
 
+use hostnet::rtnetlink::{Rtnetlink, RtnetlinkError};
 use netlink_packet_core::{DefaultNla, NLM_F_REPLACE};
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
-};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
     AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData,
@@ -17,7 +15,6 @@ use netlink_packet_route::route::{
 };
 use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage, TcOption};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -61,76 +58,33 @@ pub struct Link {
 }
 
 pub struct Netlink {
-    socket: Socket,
-    seq: u32,
+    nl: Rtnetlink,
 }
 
 impl Netlink {
     pub fn open() -> Result<Netlink> {
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
-        socket.bind_auto().map_err(NetlinkError::Socket)?;
-        socket
-            .connect(&SocketAddr::new(0, 0))
-            .map_err(NetlinkError::Socket)?;
-        Ok(Netlink { socket, seq: 1 })
+        let nl = Rtnetlink::open().map_err(|e| match e {
+            RtnetlinkError::Socket(e) | RtnetlinkError::Kernel(e) => NetlinkError::Socket(e),
+            RtnetlinkError::Decode(e) => NetlinkError::Decode(e),
+        })?;
+        Ok(Netlink { nl })
     }
 
-    /// Sends one request and collects the replies until the ACK (or the end of a dump).
+    /// Sends one request (`what` names it in errors) and collects the replies.
     fn request(
         &mut self,
         what: &str,
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>> {
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | flags;
-        self.seq += 1;
-        header.sequence_number = self.seq;
-        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
-        packet.finalize();
-        let mut buf = vec![0u8; packet.buffer_len()];
-        packet.serialize(&mut buf);
-        self.socket.send(&buf, 0).map_err(NetlinkError::Socket)?;
-
-        let mut replies = Vec::new();
-        loop {
-            let (data, _) = self.socket.recv_from_full().map_err(NetlinkError::Socket)?;
-            let mut offset = 0;
-            while offset < data.len() {
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
-                    .map_err(|e| NetlinkError::Decode(e.to_string()))?;
-                let len = reply.header.length as usize;
-                if len == 0 {
-                    return Err(NetlinkError::Decode("zero-length message".into()));
-                }
-                offset += len;
-                if reply.header.sequence_number != self.seq {
-                    continue;
-                }
-                match reply.payload {
-                    NetlinkPayload::Error(e) => {
-                        return match e.code {
-                            None => Ok(replies),
-                            Some(code) => Err(NetlinkError::Kernel {
-                                what: what.to_string(),
-                                source: std::io::Error::from_raw_os_error(-code.get()),
-                            }),
-                        };
-                    }
-                    NetlinkPayload::Done(_) => return Ok(replies),
-                    NetlinkPayload::InnerMessage(m) => {
-                        replies.push(m);
-                        if flags & NLM_F_DUMP != NLM_F_DUMP {
-                            // A plain GET answers with one message and no ACK.
-                            if flags & NLM_F_ACK == 0 {
-                                return Ok(replies);
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
+        self.nl.request(msg, flags).map_err(|e| match e {
+            RtnetlinkError::Kernel(source) => NetlinkError::Kernel {
+                what: what.to_string(),
+                source,
+            },
+            RtnetlinkError::Socket(e) => NetlinkError::Socket(e),
+            RtnetlinkError::Decode(e) => NetlinkError::Decode(e),
+        })
     }
 
     pub fn links(&mut self) -> Result<Vec<Link>> {
@@ -441,16 +395,7 @@ impl Netlink {
     }
 
     pub fn delete_address(&mut self, name: &str, addr: IpAddr, prefix: u8) -> Result<()> {
-        let index = self.index(name)?;
-        let mut msg = AddressMessage::default();
-        msg.header.family = match addr {
-            IpAddr::V4(_) => AddressFamily::Inet,
-            IpAddr::V6(_) => AddressFamily::Inet6,
-        };
-        msg.header.prefix_len = prefix;
-        msg.header.index = index;
-        msg.attributes.push(AddressAttribute::Local(addr));
-        msg.attributes.push(AddressAttribute::Address(addr));
+        let msg = address_message(self.index(name)?, addr, prefix);
         self.request(
             &format!("remove {addr}/{prefix} from {name}"),
             RouteNetlinkMessage::DelAddress(msg),
@@ -461,16 +406,7 @@ impl Netlink {
 
     /// Adds an address; whether it was added (false: it was there already).
     pub fn add_address(&mut self, name: &str, addr: IpAddr, prefix: u8) -> Result<bool> {
-        let index = self.index(name)?;
-        let mut msg = AddressMessage::default();
-        msg.header.family = match addr {
-            IpAddr::V4(_) => AddressFamily::Inet,
-            IpAddr::V6(_) => AddressFamily::Inet6,
-        };
-        msg.header.prefix_len = prefix;
-        msg.header.index = index;
-        msg.attributes.push(AddressAttribute::Local(addr));
-        msg.attributes.push(AddressAttribute::Address(addr));
+        let msg = address_message(self.index(name)?, addr, prefix);
         match self.request(
             &format!("add {addr}/{prefix} to {name}"),
             RouteNetlinkMessage::NewAddress(msg),
@@ -481,6 +417,20 @@ impl Netlink {
             r => r.map(|_| true),
         }
     }
+}
+
+/// `addr/prefix` on link `index`, as RTM_NEWADDR and RTM_DELADDR carry it.
+fn address_message(index: u32, addr: IpAddr, prefix: u8) -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = match addr {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    msg.header.prefix_len = prefix;
+    msg.header.index = index;
+    msg.attributes.push(AddressAttribute::Local(addr));
+    msg.attributes.push(AddressAttribute::Address(addr));
+    msg
 }
 
 fn link_from(l: &LinkMessage) -> Link {

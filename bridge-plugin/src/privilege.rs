@@ -53,6 +53,12 @@ fn check(r: libc::c_int, what: &'static str) -> Result<(), PrivilegeError> {
     }
 }
 
+/// prctl(2) with one integer argument.
+fn prctl(op: libc::c_int, arg: libc::c_ulong, what: &'static str) -> Result<(), PrivilegeError> {
+    // SAFETY: prctl with integer arguments only; no memory is passed.
+    check(unsafe { libc::prctl(op, arg, 0, 0, 0) }, what)
+}
+
 /// Becomes the caller (real uid and gid) with CAP_NET_ADMIN as the only capability left,
 /// in every set, bounding set included. CAP_NET_ADMIN is also made ambient so that the one
 /// program the helper runs (nft, by absolute path, with an empty environment) has it too.
@@ -62,11 +68,7 @@ pub fn drop_to_caller() -> Result<(), PrivilegeError> {
     let (uid, gid, euid) = unsafe { (libc::getuid(), libc::getgid(), libc::geteuid()) };
     let keep: CapsHashSet = [Capability::CAP_NET_ADMIN].into_iter().collect();
     // No core dumps or ptrace by the caller while CAP_NET_ADMIN is held.
-    // SAFETY: prctl with integer arguments only.
-    check(
-        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) },
-        "PR_SET_DUMPABLE",
-    )?;
+    prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")?;
     if uid != 0 && euid == 0 {
         // Setuid root: everything but CAP_NET_ADMIN leaves the bounding set while we
         // still have CAP_SETPCAP, then the ids change with the capabilities kept.
@@ -75,22 +77,14 @@ pub fn drop_to_caller() -> Result<(), PrivilegeError> {
                 caps::drop(None, CapSet::Bounding, cap).map_err(caps_step("bounding set"))?;
             }
         }
-        // SAFETY: prctl with integer arguments only.
-        check(
-            unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) },
-            "PR_SET_KEEPCAPS",
-        )?;
+        prctl(libc::PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")?;
         // The supplementary groups stay: they are the caller's own (a setuid exec does not
         // change them) and decide, as for qemu-bridge-helper, which ACL files it may read.
         // SAFETY: plain id-changing syscalls with integer arguments.
         check(unsafe { libc::setresgid(gid, gid, gid) }, "setresgid")?;
         // SAFETY: as above.
         check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")?;
-        // SAFETY: prctl with integer arguments only.
-        check(
-            unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0) },
-            "PR_SET_KEEPCAPS",
-        )?;
+        prctl(libc::PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS")?;
     } else if uid == 0 {
         return Ok(());
     }

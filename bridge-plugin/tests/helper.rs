@@ -97,6 +97,22 @@ fn setup(acl: &str) -> (Netns, tempfile::TempDir) {
     (ns, dir)
 }
 
+/// Tap `name` in `ns` has the rates of a `BR.toml` with ingress 100 and egress 50 Mbit/s.
+fn assert_rates(ns: &Netns, name: &str) {
+    let qdiscs = ns.sh(&format!("tc qdisc show dev {name}"));
+    assert!(
+        qdiscs.contains("tbf") && qdiscs.contains("rate 100Mbit"),
+        "{qdiscs}"
+    );
+    let rules = ns.sh("nft list table bridge bridge_plugin");
+    assert!(
+        rules.contains(&format!(
+            "iifname \"{name}\" limit rate over 6250 kbytes/second"
+        )),
+        "{rules}"
+    );
+}
+
 #[test]
 fn hands_qemu_a_tap_attached_to_the_bridge() {
     let (ns, dir) = setup("allow br0\n");
@@ -116,18 +132,7 @@ fn hands_qemu_a_tap_attached_to_the_bridge() {
     assert_eq!(link["mtu"], 1400, "the tap takes the bridge's MTU");
     assert!(link["flags"].as_array().unwrap().iter().any(|f| f == "UP"));
     assert_eq!(link["linkinfo"]["info_slave_data"]["isolated"], true);
-    let qdiscs = ns.sh(&format!("tc qdisc show dev {name}"));
-    assert!(
-        qdiscs.contains("tbf") && qdiscs.contains("rate 100Mbit"),
-        "{qdiscs}"
-    );
-    let rules = ns.sh("nft list table bridge bridge_plugin");
-    assert!(
-        rules.contains(&format!(
-            "iifname \"{name}\" limit rate over 6250 kbytes/second"
-        )),
-        "{rules}"
-    );
+    assert_rates(&ns, &name);
 
     // Closing the fd removes the tap (QEMU's side of its lifetime); the kernel may take a
     // moment to unregister it.
@@ -381,18 +386,7 @@ fn setuid_helper_drops_privileges_and_runs_nothing_from_the_callers_path() {
     assert_eq!(link["master"], "br0");
     let mac = link["address"].as_str().unwrap();
     assert!(mac.starts_with("fe:"), "the tap's MAC is {mac}, not FE:...");
-    let qdiscs = ns.sh(&format!("tc qdisc show dev {name}"));
-    assert!(
-        qdiscs.contains("tbf") && qdiscs.contains("rate 100Mbit"),
-        "{qdiscs}"
-    );
-    let rules = ns.sh("nft list table bridge bridge_plugin");
-    assert!(
-        rules.contains(&format!(
-            "iifname \"{name}\" limit rate over 6250 kbytes/second"
-        )),
-        "{rules}"
-    );
+    assert_rates(&ns, &name);
     drop(tap);
 
     // A file only a group may read lets only that group's members in.

@@ -55,7 +55,6 @@ impl TestSwitch {
                     vlan: p.vlan,
                     mac: None,
                     queues: p.queues,
-                    listen_fd: None,
                 })
                 .collect(),
             ..Default::default()

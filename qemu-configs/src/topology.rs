@@ -7,9 +7,9 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use bridge_plugin::net::{parse_cidr, subnet, Allow, NetFile, Network};
+use hostnet::MacAddr;
 use serde::Deserialize;
 use thiserror::Error;
-use vhost_net_backend::config::MacAddr;
 
 #[derive(Debug, Error)]
 pub enum TopologyError {

@@ -82,15 +82,7 @@ impl Desired {
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return None;
-    }
-    let mut m = [0u8; 6];
-    for (o, p) in m.iter_mut().zip(parts) {
-        *o = u8::from_str_radix(p, 16).ok()?;
-    }
-    Some(m)
+    s.parse::<hostnet::MacAddr>().ok().map(|m| m.0)
 }
 
 /// One change to make.

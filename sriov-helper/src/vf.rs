@@ -1,16 +1,16 @@
 //! VF settings over rtnetlink: IFLA_VFINFO_LIST read from a PF's link, and set one
 //! IFLA_VF_* attribute per request, so a refusal names exactly what was refused.
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use hostnet::rtnetlink::{Rtnetlink, RtnetlinkError};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP};
 use netlink_packet_route::link::{
     LinkAttribute, LinkExtentMask, LinkMessage, LinkVfInfo, VfInfo, VfInfoLinkState, VfInfoMac,
     VfInfoRate, VfInfoSpoofCheck, VfInfoTrust, VfInfoVlan, VfLinkState,
 };
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use serde::{Deserialize, Serialize};
+
+use hostnet::MacAddr;
 
 use crate::error::SriovError;
 
@@ -48,11 +48,10 @@ pub struct VfNetState {
 }
 
 pub fn mac_string(m: &[u8]) -> String {
-    m.iter()
-        .take(6)
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    let mut mac = [0u8; 6];
+    let n = m.len().min(6);
+    mac[..n].copy_from_slice(&m[..n]);
+    MacAddr(mac).to_string()
 }
 
 impl VfSetting {
@@ -91,24 +90,14 @@ impl VfSetting {
 }
 
 /// The RTM_SETLINK request that applies `setting` to VF `vf` of the link `pf_index`.
-pub fn set_request(pf_index: u32, vf: u32, setting: &VfSetting, seq: u32) -> Vec<u8> {
+pub fn set_message(pf_index: u32, vf: u32, setting: &VfSetting) -> RouteNetlinkMessage {
     let mut link = LinkMessage::default();
     link.header.index = pf_index;
     link.attributes
         .push(LinkAttribute::VfInfoList(vec![LinkVfInfo(vec![
             setting.to_vf_info(vf)
         ])]));
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_ACK;
-    header.sequence_number = seq;
-    let mut msg = NetlinkMessage::new(
-        header,
-        NetlinkPayload::InnerMessage(RouteNetlinkMessage::SetLink(link)),
-    );
-    msg.finalize();
-    let mut buf = vec![0u8; msg.buffer_len()];
-    msg.serialize(&mut buf);
-    buf
+    RouteNetlinkMessage::SetLink(link)
 }
 
 /// The VFs listed in a link message (none for a link without SR-IOV).
@@ -162,53 +151,13 @@ pub struct LinkVfs {
 }
 
 pub struct VfNetlink {
-    socket: Socket,
-    seq: u32,
+    nl: Rtnetlink,
 }
 
 impl VfNetlink {
     pub fn open() -> Result<VfNetlink, SriovError> {
-        let err = |e: std::io::Error| SriovError::Socket(e.to_string());
-        let mut socket = Socket::new(NETLINK_ROUTE).map_err(err)?;
-        socket.bind_auto().map_err(err)?;
-        socket.connect(&SocketAddr::new(0, 0)).map_err(err)?;
-        Ok(VfNetlink { socket, seq: 1 })
-    }
-
-    fn exchange(
-        &mut self,
-        buf: &[u8],
-    ) -> Result<Result<Vec<LinkMessage>, std::io::Error>, SriovError> {
-        let err = |e: std::io::Error| SriovError::Socket(e.to_string());
-        self.socket.send(buf, 0).map_err(err)?;
-        let mut links = Vec::new();
-        loop {
-            let (data, _) = self.socket.recv_from_full().map_err(err)?;
-            let mut off = 0;
-            while off < data.len() {
-                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[off..])
-                    .map_err(|e| SriovError::Socket(e.to_string()))?;
-                let len = m.header.length as usize;
-                if len == 0 {
-                    return Err(SriovError::Socket("zero-length netlink message".into()));
-                }
-                off += len;
-                if m.header.sequence_number != self.seq {
-                    continue;
-                }
-                match m.payload {
-                    NetlinkPayload::Error(e) => {
-                        return Ok(match e.code {
-                            None => Ok(links),
-                            Some(c) => Err(std::io::Error::from_raw_os_error(-c.get())),
-                        })
-                    }
-                    NetlinkPayload::Done(_) => return Ok(Ok(links)),
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => links.push(l),
-                    _ => {}
-                }
-            }
-        }
+        let nl = Rtnetlink::open().map_err(|e| SriovError::Socket(e.to_string()))?;
+        Ok(VfNetlink { nl })
     }
 
     /// Every link with its VFs (a real dump of this machine's interfaces).
@@ -216,20 +165,16 @@ impl VfNetlink {
         let mut link = LinkMessage::default();
         link.attributes
             .push(LinkAttribute::ExtMask(vec![LinkExtentMask::Vf]));
-        let mut header = NetlinkHeader::default();
-        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-        self.seq += 1;
-        header.sequence_number = self.seq;
-        let mut msg = NetlinkMessage::new(
-            header,
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::GetLink(link)),
-        );
-        msg.finalize();
-        let mut buf = vec![0u8; msg.buffer_len()];
-        msg.serialize(&mut buf);
-        let links = self
-            .exchange(&buf)?
-            .map_err(|e| SriovError::Socket(format!("link dump: {e}")))?;
+        let links: Vec<LinkMessage> = self
+            .nl
+            .request(RouteNetlinkMessage::GetLink(link), NLM_F_DUMP)
+            .map_err(|e| SriovError::Socket(format!("link dump: {e}")))?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) => Some(l),
+                _ => None,
+            })
+            .collect();
         Ok(links
             .iter()
             .map(|l| LinkVfs {
@@ -255,22 +200,26 @@ impl VfNetlink {
     }
 
     pub fn set(&mut self, pf: &LinkVfs, vf: u32, setting: &VfSetting) -> Result<(), SriovError> {
-        self.seq += 1;
-        let buf = set_request(pf.index, vf, setting, self.seq);
-        self.exchange(&buf)?
-            .map(|_| ())
-            .map_err(|source| SriovError::Netlink {
+        match self
+            .nl
+            .request(set_message(pf.index, vf, setting), NLM_F_ACK)
+        {
+            Ok(_) => Ok(()),
+            Err(RtnetlinkError::Kernel(source)) => Err(SriovError::Netlink {
                 what: format!("vf {vf} {}", setting.ip_words()),
                 pf: pf.name.clone(),
                 source,
-            })
+            }),
+            Err(e) => Err(SriovError::Socket(e.to_string())),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use netlink_packet_core::NetlinkMessage;
+    use hostnet::rtnetlink::encode;
+    use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_REQUEST};
 
     /// Each setting encodes into an RTM_SETLINK whose IFLA_VFINFO_LIST decodes, attribute by
     /// attribute, back to the same VF values with the netlink crate's own parser.
@@ -285,7 +234,7 @@ mod tests {
             VfSetting::LinkState(LinkState::Disable),
         ];
         for (i, s) in settings.iter().enumerate() {
-            let bytes = set_request(7, 2, s, 40 + i as u32);
+            let bytes = encode(set_message(7, 2, s), NLM_F_ACK, 40 + i as u32);
             let msg = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes).unwrap();
             assert_eq!(msg.header.flags, NLM_F_REQUEST | NLM_F_ACK);
             assert_eq!(msg.header.sequence_number, 40 + i as u32);

@@ -57,9 +57,6 @@ pub struct PortConfig {
     /// Queue pairs offered (QEMU `queues=`).
     #[serde(default = "default_queues")]
     pub queues: u16,
-    /// Already-listening socket inherited from the parent (`--fd`); not from files.
-    #[serde(skip)]
-    pub listen_fd: Option<i32>,
 }
 
 impl PortConfig {
@@ -98,7 +95,6 @@ impl PortConfig {
             vlan,
             mac,
             queues,
-            listen_fd: None,
         })
     }
 
@@ -274,7 +270,8 @@ impl SwitchConfig {
                     "name is used by two ports; give each port its own".into()
                 ));
             }
-            if p.listen_fd.is_none() && !sockets.insert(&p.socket) {
+            // A port on an inherited socket (`--fd`, `Server::start_with`) has no path.
+            if !p.socket.as_os_str().is_empty() && !sockets.insert(&p.socket) {
                 return Err(err(format!(
                     "socket {} is used by two ports; give each port its own",
                     p.socket.display()

@@ -1,3 +1,4 @@
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 
@@ -103,26 +104,15 @@ fn build_config(args: &Args) -> Result<SwitchConfig> {
             vlan: None,
             mac: None,
             queues: 1,
-            listen_fd: None,
         });
     }
     if let Some(fd) = args.fd {
-        // Fail now, with a clear message, rather than in the serving thread.
-        // SAFETY: only inspects the fd's type through a borrowed, non-owning view.
-        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-        let probe = borrowed
-            .try_clone_to_owned()
-            .with_context(|| format!("--fd {fd} is not an open file descriptor"))?;
-        if UnixListener::from(probe).local_addr().is_err() {
-            bail!("--fd {fd} is not a listening Unix socket");
-        }
         config.ports.push(PortConfig {
             name: format!("fd{fd}"),
             socket: PathBuf::new(),
             vlan: None,
             mac: None,
             queues: 1,
-            listen_fd: Some(fd),
         });
     }
     if args.mtu.is_some() {
@@ -141,15 +131,36 @@ fn build_config(args: &Args) -> Result<SwitchConfig> {
     Ok(config)
 }
 
+/// Takes the listening socket the parent passed as `--fd N`: the one place this process
+/// claims a descriptor by number.
+fn inherited_listener(fd: i32) -> Result<OwnedFd> {
+    // SAFETY: F_GETFD only asks whether `fd` is open; no memory is touched.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        bail!("--fd {fd} is not an open file descriptor");
+    }
+    // SAFETY: `fd` is open, was handed to this process by its parent for this use, and
+    // nothing else in the process has claimed it (it is read once, here).
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let listener = UnixListener::from(owned);
+    if listener.local_addr().is_err() {
+        bail!("--fd {fd} is not a listening Unix socket");
+    }
+    Ok(listener.into())
+}
+
 fn run(args: Args) -> Result<()> {
     if args.print_capabilities {
         println!("{{\n  \"type\": \"net\"\n}}");
         return Ok(());
     }
     let config = build_config(&args)?;
+    let inherited = match args.fd {
+        Some(fd) => vec![(config.ports.len() - 1, inherited_listener(fd)?)],
+        None => Vec::new(),
+    };
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGUSR1]).context("installing signal handlers")?;
-    let server = Server::start(&config)?;
+    let server = Server::start_with(&config, inherited)?;
     for p in &config.ports {
         info!(
             "port {}: listening on {} (vlan {}, {} queue pair(s))",

@@ -2,7 +2,7 @@
 //! disconnect, MAC ageing, and the control socket that reports counters.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,7 +44,10 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error("uplink tap {tap}: {source} (creating a tap needs CAP_NET_ADMIN)")]
-    Uplink { tap: String, source: std::io::Error },
+    Uplink {
+        tap: String,
+        source: hostnet::tap::TapError,
+    },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -117,6 +120,15 @@ impl Server {
     /// Validates the config, binds every socket (so errors surface before anything runs)
     /// and starts serving.
     pub fn start(config: &SwitchConfig) -> Result<Server, ServerError> {
+        Server::start_with(config, Vec::new())
+    }
+
+    /// `start`, with some ports served on listening sockets the caller hands over (an
+    /// inherited `--fd`, socket activation): `(index of the port in config.ports, socket)`.
+    pub fn start_with(
+        config: &SwitchConfig,
+        mut inherited: Vec<(usize, OwnedFd)>,
+    ) -> Result<Server, ServerError> {
         config.validate()?;
         // The tap first: a failure to open it (no CAP_NET_ADMIN) comes before anything runs.
         let tap = match &config.uplink {
@@ -130,10 +142,13 @@ impl Server {
         };
         let dp = Datapath::new(config, tap.clone());
         let mut listeners = Vec::new();
-        for p in &config.ports {
-            let listener = match p.listen_fd {
-                // SAFETY: the caller handed us this fd (`--fd`) as a listening socket we own.
-                Some(fd) => unsafe { Listener::from_raw_fd(fd) },
+        for (i, p) in config.ports.iter().enumerate() {
+            let handed = inherited
+                .iter()
+                .position(|(port, _)| *port == i)
+                .map(|k| inherited.swap_remove(k).1);
+            let listener = match handed {
+                Some(fd) => Listener::from(UnixListener::from(fd)),
                 None => Listener::new(&p.socket, true).map_err(|source| ServerError::Listen {
                     port: p.name.clone(),
                     path: p.socket.clone(),
@@ -342,7 +357,8 @@ fn serve_connection(
     daemon
         .start(internal)
         .map_err(|e| format!("cannot start the protocol handler: {e}"))?;
-    let relay = match relay::spawn(&shared.name, frontend, handler_side) {
+    let rings = u32::from(shared.queue_pairs) * 2;
+    let relay = match relay::spawn(&shared.name, rings, frontend, handler_side) {
         Ok(r) => r,
         Err(e) => {
             // Its protocol thread is running: end and join it, so the daemon's workers are

@@ -134,7 +134,8 @@ fn run() -> Result<(), String> {
             .map_err(|e| format!("bridge {bridge}: {e}"))?;
     }
 
-    let tap = Tap::create("tap%d", 1, use_vnet).map_err(|e| format!("cannot create a tap: {e}"))?;
+    let tap =
+        Tap::open("tap%d", 1, use_vnet, false).map_err(|e| format!("cannot create a tap: {e}"))?;
     let mut nl = Netlink::open().map_err(|e| e.to_string())?;
     attach(&mut nl, &tap.name, &bridge, &settings).map_err(|e| format!("bridge {bridge}: {e}"))?;
 

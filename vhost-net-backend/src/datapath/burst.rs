@@ -38,7 +38,23 @@ impl<'a> Burst<'a> {
         }
     }
 
+    /// The Ethernet header of frame `i` and its segment (`segment`, that of the port it
+    /// came in on, unless a local frame knows its own).
+    #[inline]
+    fn eth(&self, i: usize, segment: u16) -> (&'a [u8; 14], u16) {
+        match *self {
+            Burst::Guest { frames, .. } => (frames[i].eth(), segment),
+            Burst::Local(f) => (
+                f.head[..14]
+                    .try_into()
+                    .expect("a checked frame's head holds its Ethernet header"),
+                f.segment,
+            ),
+        }
+    }
+
     /// Frame `i`, from a port in `segment` (a local frame knows its own).
+    #[inline]
     fn frame(&self, i: usize, segment: u16) -> Frame<'a> {
         match *self {
             Burst::Guest { ram, segs, frames } => frames[i].frame(ram, segs, segment),
@@ -61,11 +77,11 @@ pub struct Scratch {
 pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) {
     s.forwards.clear();
     for i in 0..burst.len() {
-        let frame = burst.frame(i, from.segment);
-        let meta = FrameMeta::parse(frame.eth());
+        let (eth, segment) = burst.eth(i, from.segment);
+        let meta = FrameMeta::parse(eth);
         let forward =
             dp.switch
-                .decide_cached(&mut s.decisions, from.id, frame.segment, meta.src, meta.dst);
+                .decide_cached(&mut s.decisions, from.id, segment, meta.src, meta.dst);
         let forward = match forward {
             Forward::To(p) if !dp.policy.allows(from.id, p, &meta) => Forward::Denied,
             f => f,

@@ -398,3 +398,132 @@ impl TxQueue<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+
+    use super::*;
+    use crate::config::{PortConfig, SwitchConfig};
+    use crate::endpoint::test_rings::{post, used, vring, Layout};
+    use crate::endpoint::vm::RxEndpoint;
+    use crate::endpoint::Endpoint;
+    use crate::mem::GuestMemory;
+    use crate::virtio::chain::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+    use crate::virtio::features as f;
+    use crate::virtio::test_util::{mem, put_desc};
+
+    const TX: Layout = Layout::at(0x1000);
+    const RX: Layout = Layout::at(0);
+    const BUFS: u64 = 0x4000;
+
+    fn two_ports() -> Arc<Datapath> {
+        let port = |name: &str| PortConfig {
+            name: name.into(),
+            socket: format!("/nonexistent/{name}").into(),
+            vlan: None,
+            mac: None,
+            queues: 1,
+        };
+        Datapath::new(
+            &SwitchConfig {
+                ports: vec![port("a"), port("b")],
+                ..Default::default()
+            },
+            None,
+        )
+    }
+
+    /// Attaches guest memory `m` to port `id`, with RX queue `rx` if given.
+    fn attach(dp: &Datapath, id: usize, m: &GuestMemory, rx: Option<Layout>) -> Arc<VmEndpoint> {
+        let Endpoint::Vm(vm) = &dp.ports[id].endpoint else {
+            panic!("a VM port")
+        };
+        let atomic = GuestMemoryAtomic::new(m.clone());
+        *vm.rx_write() = RxEndpoint {
+            mem: Some(atomic.clone()),
+            features: f::VERSION_1,
+            features_acked: true,
+            queues: vec![rx.map(|l| vring(&atomic, l))],
+        };
+        vm.clone()
+    }
+
+    fn frame(len: usize, last: u8) -> Vec<u8> {
+        let mut fr: Vec<u8> = (0..len).map(|i| i as u8 ^ last).collect();
+        fr[..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x22]);
+        fr[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0x11]);
+        fr[12..14].copy_from_slice(&[0x08, 0x00]);
+        fr
+    }
+
+    #[test]
+    fn a_tx_burst_is_walked_checked_switched_and_returned() {
+        let dp = two_ports();
+        let (ma, mb) = (mem(), mem());
+        let a = attach(&dp, 0, &ma, None);
+        let _b = attach(&dp, 1, &mb, Some(RX));
+        for i in 0..3u16 {
+            put_desc(
+                &mb,
+                RX.desc,
+                i,
+                BUFS + 0x800 * u64::from(i),
+                0x800,
+                VIRTQ_DESC_F_WRITE,
+                0,
+            );
+            post(&mb, RX, i, i);
+        }
+        // Chain 0: header and frame in one buffer. Chain 1 (heads 1, 2): the header, then
+        // the frame. Chain 3: a device-writable buffer, which a TX chain may not hold.
+        let (f0, f1) = (frame(60, 0), frame(100, 1));
+        let mut one = vec![0u8; 12];
+        one.extend_from_slice(&f0);
+        ma.write_slice(&one, GuestAddress(BUFS)).unwrap();
+        put_desc(&ma, TX.desc, 0, BUFS, one.len() as u32, 0, 0);
+        ma.write_slice(&f1, GuestAddress(BUFS + 0x1000)).unwrap();
+        put_desc(&ma, TX.desc, 1, BUFS + 0x800, 12, VIRTQ_DESC_F_NEXT, 2);
+        put_desc(&ma, TX.desc, 2, BUFS + 0x1000, f1.len() as u32, 0, 0);
+        put_desc(&ma, TX.desc, 3, BUFS + 0x2000, 64, VIRTQ_DESC_F_WRITE, 0);
+        for (i, head) in [0u16, 1, 3].into_iter().enumerate() {
+            post(&ma, TX, i as u16, head);
+        }
+
+        let atomic = GuestMemoryAtomic::new(ma.clone());
+        let txq = vring(&atomic, TX);
+        let alive = AtomicBool::new(true);
+        let queue = TxQueue {
+            dp: &dp,
+            port: &dp.ports[0],
+            vm: &a,
+            alive: &alive,
+        };
+        let mut w = Worker::new();
+        queue.process(&txq, &mut w);
+
+        // Every chain back to the guest, in order, the bad one too.
+        assert_eq!(used(&ma, TX, 0), (3, (0, 0)));
+        assert_eq!(used(&ma, TX, 1).1, (1, 0));
+        assert_eq!(used(&ma, TX, 2).1, (3, 0));
+        // Both good frames reached b (flooded: b's MAC is not learned), whole.
+        assert_eq!(used(&mb, RX, 0), (2, (0, 12 + 60)));
+        assert_eq!(used(&mb, RX, 1).1, (1, 12 + 100));
+        let mut got = vec![0u8; 100];
+        mb.read_slice(&mut got, GuestAddress(BUFS + 0x800 + 12))
+            .unwrap();
+        assert_eq!(got, f1);
+        let (ca, cb) = (
+            dp.ports[0].counters.snapshot(),
+            dp.ports[1].counters.snapshot(),
+        );
+        assert_eq!((ca.tx_packets, ca.tx_bytes), (2, 160));
+        assert_eq!(ca.drop_count(DropReason::BadTxDescriptor), 1);
+        assert_eq!((cb.rx_packets, cb.rx_bytes), (2, 160));
+        // a's MAC was learned on its port.
+        let src = crate::types::MacAddr([2, 0, 0, 0, 0, 0x11]);
+        assert_eq!(dp.switch.macs.lookup(0, src), Some(0));
+    }
+}

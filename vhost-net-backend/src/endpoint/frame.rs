@@ -28,6 +28,7 @@ pub struct Frame<'a> {
 }
 
 impl Frame<'_> {
+    #[inline]
     pub fn eth(&self) -> &[u8; ETH_HLEN] {
         self.head[..ETH_HLEN]
             .try_into()
@@ -55,6 +56,7 @@ impl TxFrame {
     /// Starts fetching the frame's bytes beyond its head (up to an MTU's worth: the
     /// hardware prefetcher follows a longer copy by itself), which the driver's core wrote
     /// last: while one frame is copied, the next one's arrive.
+    #[inline]
     pub fn prefetch_body(&self, ram: &Ram, segs: &[Segment]) {
         let mut left = self.len.saturating_sub(self.head_len).min(PREFETCH_BODY);
         let mut skip = self.head_len + self.hdr_len;
@@ -78,10 +80,20 @@ impl TxFrame {
         }
     }
 
+    /// The frame's Ethernet header (ingress checked that the head holds one).
+    #[inline]
+    pub fn eth(&self) -> &[u8; ETH_HLEN] {
+        self.head()[..ETH_HLEN]
+            .try_into()
+            .expect("a checked frame's head holds its Ethernet header")
+    }
+
+    #[inline]
     pub fn head(&self) -> &[u8] {
         &self.peeked[self.hdr_len..self.hdr_len + self.head_len]
     }
 
+    #[inline]
     pub fn frame<'a>(&'a self, ram: &'a Ram, segs: &'a [Segment], segment: u16) -> Frame<'a> {
         Frame {
             hdr: self.hdr,

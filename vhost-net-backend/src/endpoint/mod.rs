@@ -6,6 +6,9 @@ pub mod frame;
 pub mod tap;
 pub mod vm;
 
+#[cfg(test)]
+pub(crate) use vm::test_rings;
+
 use std::sync::Arc;
 
 use crate::counters::PortCounters;

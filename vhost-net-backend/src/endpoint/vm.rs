@@ -162,6 +162,7 @@ impl VmEndpoint {
 
     /// Whether `ep` is still this port's current RX side. Checked under the destination
     /// queue's lock before writing or publishing, which `detach` takes after a change.
+    #[inline]
     pub fn is_current(&self, ep_generation: u64) -> bool {
         self.generation.load(Ordering::Acquire) == ep_generation
     }
@@ -606,6 +607,7 @@ fn gso_supported(features: u64, hdr: &NetHdr) -> bool {
 }
 
 /// The header a receiver with the matching offloads gets.
+#[inline]
 fn passed(hdr: &NetHdr) -> WireHdr {
     // Nothing moves the offsets here, so nothing can overflow.
     passed_header(hdr, 0).unwrap_or_default().to_wire()
@@ -868,4 +870,202 @@ fn write_rx_buffers(
     let moved = (rx.queue.next_used() != old_used).then_some(old_used);
     remember_avail(&mut d.avail_cache, (rxq.port.id, rxq.index), avail);
     (result, moved)
+}
+
+/// Rings laid out by hand in a test guest's memory, as a driver would.
+#[cfg(test)]
+pub(crate) mod test_rings {
+    use vhost_user_backend::VringT;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+
+    use super::Vring;
+    use crate::mem::GuestMemory;
+
+    pub const SIZE: u16 = 16;
+
+    /// Where one queue's rings sit: descriptor table, avail ring, used ring.
+    #[derive(Clone, Copy)]
+    pub struct Layout {
+        pub desc: u64,
+        pub avail: u64,
+        pub used: u64,
+    }
+
+    impl Layout {
+        pub const fn at(base: u64) -> Layout {
+            Layout {
+                desc: base,
+                avail: base + 0x400,
+                used: base + 0x800,
+            }
+        }
+    }
+
+    /// A ready, enabled queue of SIZE entries at `l`, without EVENT_IDX.
+    pub fn vring(mem: &GuestMemoryAtomic<GuestMemory>, l: Layout) -> Vring {
+        let v = Vring::new(mem.clone(), 256).unwrap();
+        v.set_queue_size(SIZE);
+        v.set_queue_info(l.desc, l.avail, l.used).unwrap();
+        v.set_queue_ready(true);
+        v.set_enabled(true);
+        v
+    }
+
+    /// Makes chain `head` available as avail entry `idx` and publishes idx + 1.
+    pub fn post(mem: &GuestMemory, l: Layout, idx: u16, head: u16) {
+        let slot = u64::from(idx % SIZE);
+        mem.write_obj(head, GuestAddress(l.avail + 4 + 2 * slot))
+            .unwrap();
+        mem.write_obj(idx.wrapping_add(1), GuestAddress(l.avail + 2))
+            .unwrap();
+    }
+
+    /// The used index the device published and used entry `i` (head, length).
+    pub fn used(mem: &GuestMemory, l: Layout, i: u16) -> (u16, (u32, u32)) {
+        let idx: u16 = mem.read_obj(GuestAddress(l.used + 2)).unwrap();
+        let at = l.used + 4 + 8 * u64::from(i % SIZE);
+        let id: u32 = mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = mem.read_obj(GuestAddress(at + 4)).unwrap();
+        (idx, (id, len))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+
+    use super::test_rings::{post, used, vring, Layout};
+    use super::*;
+    use crate::virtio::chain::{VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE};
+    use crate::virtio::test_util::{mem, put_desc};
+
+    const RX: Layout = Layout::at(0);
+    const BUFS: u64 = 0x4000;
+
+    /// A VM endpoint whose guest negotiated `features` and has one RX queue at `RX`.
+    fn endpoint(m: &GuestMemory, features: u64) -> VmEndpoint {
+        let atomic = GuestMemoryAtomic::new(m.clone());
+        let vm = VmEndpoint::new(1);
+        *vm.rx_write() = RxEndpoint {
+            mem: Some(atomic.clone()),
+            features,
+            features_acked: true,
+            queues: vec![Some(vring(&atomic, RX))],
+        };
+        vm
+    }
+
+    fn frame(len: usize) -> Vec<u8> {
+        let mut f: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        f
+    }
+
+    /// Delivers `bytes` (a local frame) to port 0 = `vm`, then flushes.
+    fn deliver(vm: &VmEndpoint, counters: &PortCounters, bytes: &[u8]) {
+        let port = VmPort {
+            id: 0,
+            name: "b",
+            counters,
+            vm,
+        };
+        let from = PortCounters::default();
+        let mut rx = RxScratch::default();
+        let f = Frame {
+            hdr: NetHdr::default(),
+            src: FrameSource::Local(bytes),
+            head: &bytes[..14],
+            hash: 7,
+            segment: 0,
+        };
+        rx.deliver(&from, port, &f);
+        rx.flush(|id| (id == 0).then_some(port));
+    }
+
+    #[test]
+    fn a_frame_lands_in_a_posted_buffer_with_its_header_and_used_entry() {
+        let m = mem();
+        let vm = endpoint(&m, f::VERSION_1);
+        put_desc(&m, RX.desc, 3, BUFS, 2048, VIRTQ_DESC_F_WRITE, 0);
+        post(&m, RX, 0, 3);
+        let counters = PortCounters::default();
+        let f = frame(60);
+        deliver(&vm, &counters, &f);
+        assert_eq!(used(&m, RX, 0), (1, (3, 12 + 60)));
+        let mut got = vec![0u8; 72];
+        m.read_slice(&mut got, GuestAddress(BUFS)).unwrap();
+        assert_eq!(NetHdr::parse(&got[..12]).num_buffers, 1);
+        assert_eq!(&got[12..], &f[..]);
+        let c = counters.snapshot();
+        assert_eq!((c.rx_packets, c.rx_bytes), (1, 60));
+    }
+
+    #[test]
+    fn a_mergeable_frame_spans_buffers_and_without_mrg_it_waits_for_a_big_one() {
+        let m = mem();
+        for (i, at) in [(0u16, 0u64), (1, 64), (2, 128)] {
+            put_desc(&m, RX.desc, i, BUFS + at, 64, VIRTQ_DESC_F_WRITE, 0);
+            post(&m, RX, i, i);
+        }
+        let f = frame(150);
+        // Without MRG_RXBUF a 64-byte buffer cannot hold it: dropped, nothing taken.
+        let plain = endpoint(&m, f::VERSION_1);
+        let counters = PortCounters::default();
+        deliver(&plain, &counters, &f);
+        assert_eq!(used(&m, RX, 0).0, 0);
+        assert_eq!(
+            counters.snapshot().drop_count(DropReason::RxBufferTooSmall),
+            1
+        );
+        // With it, three buffers: 64 + 64 + 34 bytes, num_buffers 3.
+        let merged = endpoint(&m, f::VERSION_1 | f::MRG_RXBUF);
+        let counters = PortCounters::default();
+        deliver(&merged, &counters, &f);
+        assert_eq!(used(&m, RX, 0), (3, (0, 64)));
+        assert_eq!(used(&m, RX, 1).1, (1, 64));
+        assert_eq!(used(&m, RX, 2).1, (2, 34));
+        let mut got = vec![0u8; 12 + 150];
+        m.read_slice(&mut got, GuestAddress(BUFS)).unwrap();
+        assert_eq!(NetHdr::parse(&got[..12]).num_buffers, 3);
+        assert_eq!(&got[12..], &f[..]);
+        assert_eq!(counters.snapshot().rx_packets, 1);
+    }
+
+    #[test]
+    fn bad_chains_come_back_unused_and_an_empty_ring_drops() {
+        let m = mem();
+        let vm = endpoint(&m, f::VERSION_1);
+        let counters = PortCounters::default();
+        // Nothing posted: no buffer.
+        deliver(&vm, &counters, &frame(60));
+        assert_eq!(counters.snapshot().drop_count(DropReason::NoRxBuffer), 1);
+        // A buffer outside guest memory, and a chain whose next index is out of range.
+        put_desc(&m, RX.desc, 0, 0x7fff_0000, 2048, VIRTQ_DESC_F_WRITE, 0);
+        post(&m, RX, 0, 0);
+        deliver(&vm, &counters, &frame(60));
+        assert_eq!(used(&m, RX, 0), (1, (0, 0)));
+        put_desc(
+            &m,
+            RX.desc,
+            1,
+            BUFS,
+            8,
+            VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+            200,
+        );
+        post(&m, RX, 1, 1);
+        deliver(&vm, &counters, &frame(60));
+        assert_eq!(used(&m, RX, 1), (2, (1, 0)));
+        assert_eq!(
+            counters.snapshot().drop_count(DropReason::BadRxDescriptor),
+            2
+        );
+        // The ring still works.
+        put_desc(&m, RX.desc, 2, BUFS, 2048, VIRTQ_DESC_F_WRITE, 0);
+        post(&m, RX, 2, 2);
+        deliver(&vm, &counters, &frame(60));
+        assert_eq!(used(&m, RX, 2), (3, (2, 72)));
+    }
 }

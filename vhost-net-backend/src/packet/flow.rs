@@ -5,6 +5,7 @@ use crate::types::{ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 /// A hash of a frame's flow (MACs, IP addresses, TCP/UDP ports) that picks the destination
 /// RX queue, so one flow stays on one queue and in order. Mixes whole words: it runs for
 /// every frame.
+#[inline]
 pub fn flow_hash(frame: &[u8]) -> u32 {
     fn mix(h: u64, v: u64) -> u64 {
         (h ^ v).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29)

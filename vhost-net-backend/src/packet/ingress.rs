@@ -23,6 +23,7 @@ pub struct Limits {
 
 /// Checks a frame of `frame_len` bytes whose first bytes are `head` (at least its Ethernet
 /// header, as the switch will see it) and whose virtio-net header is `hdr`.
+#[inline]
 pub fn check(
     hdr: &NetHdr,
     head: &[u8],

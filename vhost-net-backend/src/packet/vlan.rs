@@ -39,6 +39,7 @@ pub fn push_tag(eth: &[u8; ETH_HLEN], vid: u16, out: &mut [u8; 18]) -> usize {
 /// and GSO requests, rebuilt field by field (a sender's DATA_VALID or stray bits are not
 /// passed on), with the offsets moved by `shift` bytes (a tag put in before them). None if
 /// an offset would no longer fit.
+#[inline]
 pub fn passed_header(hdr: &NetHdr, shift: u16) -> Option<NetHdr> {
     let mut out = NetHdr::default();
     if hdr.needs_csum() {

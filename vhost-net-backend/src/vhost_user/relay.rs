@@ -17,6 +17,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
@@ -30,7 +31,10 @@ const MAX_FDS: usize = 32;
 
 const REQ_SET_FEATURES: u32 = 2;
 const REQ_SET_MEM_TABLE: u32 = 5;
+const REQ_GET_PROTOCOL_FEATURES: u32 = 15;
+const REQ_SET_PROTOCOL_FEATURES: u32 = 16;
 const REQ_SET_VRING_ENABLE: u32 = 18;
+const REQ_ADD_MEM_REG: u32 = 37;
 const FLAG_VERSION: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -153,35 +157,74 @@ pub fn check_mem_table(msg: &Message) -> Result<(), String> {
 /// vhost-user's bit in the virtio feature word: the frontend speaks protocol features.
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
+/// The first 8 payload bytes as a little-endian word, if there are 8.
+fn word(payload: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(payload.get(..8)?.try_into().ok()?))
+}
+
 /// Tracks the frontend's side of the handshake.
-#[derive(Default)]
 pub struct Filter {
+    /// Rings the port has (2 per queue pair): a ring index must be below.
+    rings: u32,
+    /// The protocol features the handler offered (its answer to GET_PROTOCOL_FEATURES).
+    offered: Arc<AtomicU64>,
     features_set: bool,
-    /// Ring enable states absorbed before SET_FEATURES, by ring index.
-    early_enables: BTreeMap<u32, Vec<u8>>,
+    /// Ring enable states (`struct vhost_vring_state`) absorbed before SET_FEATURES, by
+    /// ring index: at most one per ring.
+    early_enables: BTreeMap<u32, [u8; 8]>,
 }
 
 impl Filter {
+    pub fn new(rings: u32, offered: Arc<AtomicU64>) -> Filter {
+        Filter {
+            rings,
+            offered,
+            features_set: false,
+            early_enables: BTreeMap::new(),
+        }
+    }
+
     pub fn judge(&mut self, msg: &Message) -> Verdict {
         match msg.request {
             REQ_SET_FEATURES => {
                 self.features_set = true;
                 Verdict::Forward
             }
-            REQ_SET_MEM_TABLE => match check_mem_table(msg) {
+            // vhost-user-backend takes whatever protocol features it is told (CONFIGURE_MEM_SLOTS
+            // included, which opens ADD_MEM_REG): only what was offered may be set.
+            REQ_SET_PROTOCOL_FEATURES => {
+                let offered = self.offered.load(Ordering::Acquire);
+                match word(&msg.payload) {
+                    Some(asked) if asked & !offered == 0 => Verdict::Forward,
+                    Some(asked) => Verdict::Refuse(format!(
+                        "protocol features {asked:#x} include {:#x}, which were never offered \
+                         (offered: {offered:#x})",
+                        asked & !offered
+                    )),
+                    None => Verdict::Refuse("SET_PROTOCOL_FEATURES without its 8 bytes".into()),
+                }
+            }
+            // ADD_MEM_REG carries one region laid out as the first of a memory table.
+            REQ_SET_MEM_TABLE | REQ_ADD_MEM_REG => match check_mem_table(msg) {
                 Ok(()) => Verdict::Forward,
                 Err(why) => Verdict::Refuse(why),
             },
             REQ_SET_VRING_ENABLE if !self.features_set => {
-                if msg.payload.len() >= 8 {
-                    let index = u32::from_le_bytes([
-                        msg.payload[0],
-                        msg.payload[1],
-                        msg.payload[2],
-                        msg.payload[3],
-                    ]);
-                    self.early_enables.insert(index, msg.payload.clone());
+                let state: Option<[u8; 8]> = msg.payload.as_slice().try_into().ok();
+                let Some(state) = state else {
+                    return Verdict::Refuse(format!(
+                        "SET_VRING_ENABLE with {} bytes, not 8",
+                        msg.payload.len()
+                    ));
+                };
+                let index = u32::from_le_bytes([state[0], state[1], state[2], state[3]]);
+                if index >= self.rings {
+                    return Verdict::Refuse(format!(
+                        "SET_VRING_ENABLE for ring {index}; this port has {} rings",
+                        self.rings
+                    ));
                 }
+                self.early_enables.insert(index, state);
                 Verdict::Absorb {
                     ack: msg.flags & FLAG_NEED_REPLY != 0,
                 }
@@ -202,19 +245,27 @@ impl Filter {
         }
         early
             .into_values()
-            .map(|payload| Message {
+            .map(|state| Message {
                 request: REQ_SET_VRING_ENABLE,
                 flags: FLAG_VERSION,
-                payload,
+                payload: state.to_vec(),
                 fds: Vec::new(),
             })
             .collect()
     }
 }
 
-/// Relays between `frontend` and `backend` until either side closes; then closes both.
-pub fn spawn(port: &str, frontend: UnixStream, backend: UnixStream) -> io::Result<JoinHandle<()>> {
+/// Relays between `frontend` and `backend` (the handler of a port with `rings` rings) until
+/// either side closes; then closes both.
+pub fn spawn(
+    port: &str,
+    rings: u32,
+    frontend: UnixStream,
+    backend: UnixStream,
+) -> io::Result<JoinHandle<()>> {
     let port = port.to_string();
+    let offered = Arc::new(AtomicU64::new(0));
+    let offered_seen = offered.clone();
     let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
     let backend_rx = backend.try_clone()?;
     let replies = to_frontend.clone();
@@ -223,6 +274,11 @@ pub fn spawn(port: &str, frontend: UnixStream, backend: UnixStream) -> io::Resul
         .name("vhost-user-relay".into())
         .spawn(move || {
             while let Ok(Some(msg)) = read_message(&backend_rx) {
+                if msg.request == REQ_GET_PROTOCOL_FEATURES && msg.flags & FLAG_REPLY != 0 {
+                    if let Some(offered) = word(&msg.payload) {
+                        offered_seen.store(offered, Ordering::Release);
+                    }
+                }
                 let out = replies.lock().unwrap_or_else(|e| e.into_inner());
                 if write_message(&out, &msg).is_err() {
                     break;
@@ -234,7 +290,7 @@ pub fn spawn(port: &str, frontend: UnixStream, backend: UnixStream) -> io::Resul
     thread::Builder::new()
         .name("vhost-user-relay".into())
         .spawn(move || {
-            let mut filter = Filter::default();
+            let mut filter = Filter::new(rings, offered);
             while let Ok(Some(msg)) = read_message(&frontend) {
                 let verdict = filter.judge(&msg);
                 log::debug!(
@@ -296,7 +352,7 @@ mod tests {
     fn absorbs_early_vring_enable_and_forwards_the_rest() {
         let (qemu, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, handler) = UnixStream::pair().unwrap();
-        let t = spawn("test", relay_front, relay_back).unwrap();
+        let t = spawn("test", 2, relay_front, relay_back).unwrap();
 
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
         let disable_early = [0u8, 0, 0, 0, 0, 0, 0, 0];
@@ -411,7 +467,7 @@ mod tests {
                 "{err}"
             );
         }
-        let mut filter = Filter::default();
+        let mut filter = Filter::new(2, Arc::new(AtomicU64::new(0)));
         assert!(matches!(
             filter.judge(&mem_table(&file, &[(2 * mb, 0)])),
             Verdict::Refuse(_)
@@ -420,8 +476,58 @@ mod tests {
             filter.judge(&mem_table(&file, &[(mb, 0)])),
             Verdict::Forward
         );
+        // ADD_MEM_REG carries one region laid out the same way: checked the same.
+        let add = |size| Message {
+            request: REQ_ADD_MEM_REG,
+            ..mem_table(&file, &[(size, 0)])
+        };
+        assert!(matches!(filter.judge(&add(2 * mb)), Verdict::Refuse(_)));
+        assert_eq!(filter.judge(&add(mb)), Verdict::Forward);
         // Not a regular file: nothing to measure it against, the handler decides.
         let dev = File::open("/dev/zero").unwrap();
         assert_eq!(check_mem_table(&mem_table(&dev, &[(2 * mb, 0)])), Ok(()));
+    }
+
+    #[test]
+    fn only_offered_protocol_features_and_one_enable_per_existing_ring() {
+        const MQ: u64 = 1;
+        const REPLY_ACK: u64 = 1 << 3;
+        const CONFIGURE_MEM_SLOTS: u64 = 1 << 15;
+        let mut filter = Filter::new(4, Arc::new(AtomicU64::new(MQ | REPLY_ACK)));
+        let set = |bits: u64| msg(REQ_SET_PROTOCOL_FEATURES, FLAG_VERSION, &bits.to_le_bytes());
+        assert_eq!(filter.judge(&set(MQ | REPLY_ACK)), Verdict::Forward);
+        match filter.judge(&set(MQ | CONFIGURE_MEM_SLOTS)) {
+            Verdict::Refuse(why) => assert!(
+                why.contains("0x8000") && why.contains("never offered"),
+                "{why}"
+            ),
+            v => panic!("{v:?}"),
+        }
+        assert!(matches!(
+            filter.judge(&msg(REQ_SET_PROTOCOL_FEATURES, FLAG_VERSION, &[1])),
+            Verdict::Refuse(_)
+        ));
+        // Early enables: thousands, for rings the port has, keep one state per ring.
+        for i in 0..20_000u32 {
+            let mut state = (i % 4).to_le_bytes().to_vec();
+            state.extend_from_slice(&(i & 1).to_le_bytes());
+            assert_eq!(
+                filter.judge(&msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &state)),
+                Verdict::Absorb { ack: false }
+            );
+        }
+        assert_eq!(filter.early_enables.len(), 4);
+        // A ring the port does not have, or a payload that is not a ring state: refused.
+        let mut state = 4u32.to_le_bytes().to_vec();
+        state.extend_from_slice(&1u32.to_le_bytes());
+        assert!(matches!(
+            filter.judge(&msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &state)),
+            Verdict::Refuse(_)
+        ));
+        assert!(matches!(
+            filter.judge(&msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &[0; 65536])),
+            Verdict::Refuse(_)
+        ));
+        assert_eq!(filter.early_enables.len(), 4);
     }
 }

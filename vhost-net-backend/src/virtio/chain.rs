@@ -7,9 +7,10 @@ use vm_memory::{Address, ByteValued, GuestAddress};
 
 use crate::mem::{Mapped, Ram};
 
-pub(crate) const VIRTQ_DESC_F_NEXT: u16 = 1;
-pub(crate) const VIRTQ_DESC_F_WRITE: u16 = 2;
-pub(crate) const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+pub(crate) const VIRTQ_DESC_F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+pub(crate) const VIRTQ_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
+pub(crate) const VIRTQ_DESC_F_INDIRECT: u16 =
+    virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 pub(crate) const DESC_SIZE: u64 = 16;
 
 /// One guest buffer of a descriptor chain, already checked to lie inside guest memory.

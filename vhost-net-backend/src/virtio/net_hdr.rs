@@ -1,34 +1,47 @@
 //! The virtio-net header and feature bits (virtio 1.2, 5.1.3 and 5.1.6).
 
-/// Virtio-net and ring feature bits (virtio 1.2, section 5.1.3 and 6).
+/// Virtio-net and ring feature bits (virtio 1.2, section 5.1.3 and 6), as masks.
 pub mod features {
-    pub const CSUM: u64 = 1 << 0;
-    pub const GUEST_CSUM: u64 = 1 << 1;
-    pub const MTU: u64 = 1 << 3;
-    pub const MAC: u64 = 1 << 5;
-    pub const GUEST_TSO4: u64 = 1 << 7;
-    pub const GUEST_TSO6: u64 = 1 << 8;
-    pub const GUEST_ECN: u64 = 1 << 9;
-    pub const HOST_TSO4: u64 = 1 << 11;
-    pub const HOST_TSO6: u64 = 1 << 12;
-    pub const HOST_ECN: u64 = 1 << 13;
-    pub const MRG_RXBUF: u64 = 1 << 15;
-    pub const STATUS: u64 = 1 << 16;
-    pub const MQ: u64 = 1 << 22;
-    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
-    pub const RING_EVENT_IDX: u64 = 1 << 29;
-    /// vhost-user: the frontend may negotiate protocol features.
-    pub const PROTOCOL_FEATURES: u64 = 1 << 30;
-    pub const VERSION_1: u64 = 1 << 32;
+    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_net as n;
+    use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+
+    const fn bit(b: u32) -> u64 {
+        1 << b
+    }
+
+    pub const CSUM: u64 = bit(n::VIRTIO_NET_F_CSUM);
+    pub const GUEST_CSUM: u64 = bit(n::VIRTIO_NET_F_GUEST_CSUM);
+    pub const MTU: u64 = bit(n::VIRTIO_NET_F_MTU);
+    pub const MAC: u64 = bit(n::VIRTIO_NET_F_MAC);
+    pub const GUEST_TSO4: u64 = bit(n::VIRTIO_NET_F_GUEST_TSO4);
+    pub const GUEST_TSO6: u64 = bit(n::VIRTIO_NET_F_GUEST_TSO6);
+    pub const GUEST_ECN: u64 = bit(n::VIRTIO_NET_F_GUEST_ECN);
+    pub const HOST_TSO4: u64 = bit(n::VIRTIO_NET_F_HOST_TSO4);
+    pub const HOST_TSO6: u64 = bit(n::VIRTIO_NET_F_HOST_TSO6);
+    pub const HOST_ECN: u64 = bit(n::VIRTIO_NET_F_HOST_ECN);
+    pub const MRG_RXBUF: u64 = bit(n::VIRTIO_NET_F_MRG_RXBUF);
+    pub const STATUS: u64 = bit(n::VIRTIO_NET_F_STATUS);
+    pub const MQ: u64 = bit(n::VIRTIO_NET_F_MQ);
+    pub const RING_INDIRECT_DESC: u64 = bit(VIRTIO_RING_F_INDIRECT_DESC);
+    pub const RING_EVENT_IDX: u64 = bit(VIRTIO_RING_F_EVENT_IDX);
+    /// vhost-user: the frontend may negotiate protocol features (VHOST_USER_F_PROTOCOL_FEATURES).
+    pub const PROTOCOL_FEATURES: u64 =
+        vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+    pub const VERSION_1: u64 = bit(VIRTIO_F_VERSION_1);
 }
 
-pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
-pub const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
-pub const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
-pub const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
-pub const VIRTIO_NET_HDR_GSO_UDP: u8 = 3;
-pub const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
-pub const VIRTIO_NET_HDR_GSO_ECN: u8 = 0x80;
+pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 =
+    virtio_bindings::virtio_net::VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+pub const VIRTIO_NET_HDR_F_DATA_VALID: u8 =
+    virtio_bindings::virtio_net::VIRTIO_NET_HDR_F_DATA_VALID as u8;
+pub const VIRTIO_NET_HDR_GSO_NONE: u8 = virtio_bindings::virtio_net::VIRTIO_NET_HDR_GSO_NONE as u8;
+pub const VIRTIO_NET_HDR_GSO_TCPV4: u8 =
+    virtio_bindings::virtio_net::VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+pub const VIRTIO_NET_HDR_GSO_UDP: u8 = virtio_bindings::virtio_net::VIRTIO_NET_HDR_GSO_UDP as u8;
+pub const VIRTIO_NET_HDR_GSO_TCPV6: u8 =
+    virtio_bindings::virtio_net::VIRTIO_NET_HDR_GSO_TCPV6 as u8;
+pub const VIRTIO_NET_HDR_GSO_ECN: u8 = virtio_bindings::virtio_net::VIRTIO_NET_HDR_GSO_ECN as u8;
 
 /// Length of the virtio-net header for a set of negotiated features: 12 bytes once
 /// `num_buffers` is present (VERSION_1 or MRG_RXBUF), 10 for a legacy driver.

@@ -94,7 +94,8 @@ pub fn needs_interrupt(
     }
 }
 
-const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+const VRING_AVAIL_F_NO_INTERRUPT: u16 =
+    virtio_bindings::virtio_ring::VRING_AVAIL_F_NO_INTERRUPT as u16;
 
 /// The ring slot of free-running index `index`. Split rings have a power-of-two size
 /// (virtio-queue refuses others), so this is a mask, not a division per access.

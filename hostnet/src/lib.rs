@@ -1,0 +1,12 @@
+//! Host networking that several crates of the workspace need, written once (as
+//! cloud-hypervisor's `net_util` is for its VMM and its vhost-user backend):
+//!
+//! - `mac`: the MAC address type, parsed and printed as `52:54:00:12:34:56`;
+//! - `tap`: tap devices from `/dev/net/tun` through typed ioctls;
+//! - `rtnetlink`: one synchronous rtnetlink request loop.
+
+pub mod mac;
+pub mod rtnetlink;
+pub mod tap;
+
+pub use mac::MacAddr;
