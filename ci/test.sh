@@ -10,6 +10,8 @@ bash ci/install-deps.sh
 export CARGO_TERM_COLOR=never
 echo "== cargo fmt --check"
 cargo fmt --all --check
+echo "== import cycles between the files of each crate (none allowed)"
+for src in */src; do python3 ci/module-graph.py "$src" >/dev/null || python3 ci/module-graph.py "$src"; done
 echo "== cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo build --workspace --bins (the tests run the backend binary)"

@@ -21,7 +21,7 @@ use crate::packet::ingress::{self, Limits};
 use crate::virtio::chain::{walk_chain, DescTable, Segment};
 use crate::virtio::copy::{Cursor, FrameSource};
 use crate::virtio::ring::{avail_head, avail_idx, checked_avail_idx, needs_interrupt, push_used};
-use crate::virtio::{net_hdr_len, NetHdr};
+use crate::virtio::{features as f, net_hdr_len, NetHdr};
 
 /// Chains handled before they are returned to the guest and the ring is looked at again.
 /// Half of QEMU's default ring: the guest refills one half while the other is switched.
@@ -154,7 +154,8 @@ impl TxQueue<'_> {
             if event_idx {
                 let _ = queue.disable_notification(ram.memory());
             }
-            let table = DescTable::new(&ram, GuestAddress(queue.desc_table()), queue.size());
+            let table = DescTable::new(&ram, GuestAddress(queue.desc_table()), queue.size())
+                .with_indirect(features & f::RING_INDIRECT_DESC != 0);
             let used_ring = GuestAddress(queue.used_ring());
             let old_used = queue.next_used();
             w.tx_used.clear();
@@ -358,8 +359,6 @@ impl TxQueue<'_> {
         let mut start = Cursor::default();
         start.advance(segs, hdr_len);
         let len = total - hdr_len;
-        w.tx_packets += 1;
-        w.tx_bytes += len as u64;
         // The header and the frame's first bytes in one pass over the guest's buffers,
         // straight into the burst's frame list.
         w.tx_frames.push(TxFrame {
@@ -379,18 +378,17 @@ impl TxQueue<'_> {
         let n = whole.peek(&mut t.peeked[..hdr_len + PEEK_LEN]);
         t.hdr = NetHdr::parse(&t.peeked[..hdr_len]);
         t.head_len = n.saturating_sub(hdr_len);
-        // Fewer than 14 bytes: the chain's buffers were checked, so only a torn mapping.
-        let checked = if t.head_len < 14 {
-            Err(DropReason::Malformed)
-        } else {
-            let limits = Limits {
-                max_frame_len: self.dp.max_frame_len,
-                offloads: features,
-            };
-            ingress::check(&t.hdr, t.head(), len, limits)
+        let limits = Limits {
+            max_frame_len: self.dp.max_frame_len,
+            offloads: features,
         };
-        match checked {
-            Ok(()) => t.hash = flow_hash(t.head()),
+        // Counted as sent once it passed: a dropped frame counts as a drop only.
+        match ingress::check(&t.hdr, t.head(), len, limits) {
+            Ok(()) => {
+                t.hash = flow_hash(t.head());
+                w.tx_packets += 1;
+                w.tx_bytes += len as u64;
+            }
             Err(reason) => {
                 w.tx_frames.pop();
                 counters.count_drop(reason);
@@ -488,7 +486,13 @@ mod tests {
         put_desc(&ma, TX.desc, 1, BUFS + 0x800, 12, VIRTQ_DESC_F_NEXT, 2);
         put_desc(&ma, TX.desc, 2, BUFS + 0x1000, f1.len() as u32, 0, 0);
         put_desc(&ma, TX.desc, 3, BUFS + 0x2000, 64, VIRTQ_DESC_F_WRITE, 0);
-        for (i, head) in [0u16, 1, 3].into_iter().enumerate() {
+        // Chain 4: a frame from a multicast source, which ingress refuses.
+        let mut multicast = one.clone();
+        multicast[12 + 6] |= 1;
+        ma.write_slice(&multicast, GuestAddress(BUFS + 0x3000))
+            .unwrap();
+        put_desc(&ma, TX.desc, 4, BUFS + 0x3000, multicast.len() as u32, 0, 0);
+        for (i, head) in [0u16, 1, 3, 4].into_iter().enumerate() {
             post(&ma, TX, i as u16, head);
         }
 
@@ -505,9 +509,10 @@ mod tests {
         queue.process(&txq, &mut w);
 
         // Every chain back to the guest, in order, the bad one too.
-        assert_eq!(used(&ma, TX, 0), (3, (0, 0)));
+        assert_eq!(used(&ma, TX, 0), (4, (0, 0)));
         assert_eq!(used(&ma, TX, 1).1, (1, 0));
         assert_eq!(used(&ma, TX, 2).1, (3, 0));
+        assert_eq!(used(&ma, TX, 3).1, (4, 0));
         // Both good frames reached b (flooded: b's MAC is not learned), whole.
         assert_eq!(used(&mb, RX, 0), (2, (0, 12 + 60)));
         assert_eq!(used(&mb, RX, 1).1, (1, 12 + 100));
@@ -521,6 +526,8 @@ mod tests {
         );
         assert_eq!((ca.tx_packets, ca.tx_bytes), (2, 160));
         assert_eq!(ca.drop_count(DropReason::BadTxDescriptor), 1);
+        // The refused frame counts as a drop, not as sent.
+        assert_eq!(ca.drop_count(DropReason::Malformed), 1);
         assert_eq!((cb.rx_packets, cb.rx_bytes), (2, 160));
         // a's MAC was learned on its port.
         let src = crate::types::MacAddr([2, 0, 0, 0, 0, 0x11]);

@@ -676,7 +676,8 @@ impl<'a> LockedRx<'a> {
             _ => read_avail(queue, rxq.mem)?,
         };
         Ok(LockedRx {
-            table: DescTable::new(rxq.mem, GuestAddress(queue.desc_table()), size),
+            table: DescTable::new(rxq.mem, GuestAddress(queue.desc_table()), size)
+                .with_indirect(rxq.features & f::RING_INDIRECT_DESC != 0),
             avail_ring: GuestAddress(queue.avail_ring()),
             used_ring: GuestAddress(queue.used_ring()),
             size,

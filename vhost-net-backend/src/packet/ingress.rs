@@ -2,6 +2,7 @@
 //! came from (a guest's TX ring, or the tap once its trunk tag is taken off).
 
 use crate::counters::DropReason;
+use crate::packet::offload::parse_tcp;
 use crate::types::{ETHERTYPE_QINQ, ETHERTYPE_VLAN, ETH_HLEN, MAX_GSO_FRAME};
 use crate::virtio::{
     features as f, NetHdr, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_TCPV4,
@@ -63,11 +64,21 @@ pub fn check(
         if frame_len > MAX_GSO_FRAME {
             return Err(DropReason::Oversize);
         }
+        // Each segment is its headers plus the MSS, and must fit the MTU too. (Headers
+        // that reach past the checked head are bounded when the frame is segmented.)
+        if let Ok(t) = parse_tcp(head) {
+            if t.payload + mss > limits.max_frame_len {
+                return Err(DropReason::BadOffload);
+            }
+        }
     } else if frame_len > limits.max_frame_len {
         return Err(DropReason::Oversize);
     }
+    // A checksum starts at or after the L3 header: filled in by software, it must not
+    // rewrite the Ethernet header the switch decided on.
     if hdr.needs_csum()
         && (limits.offloads & f::CSUM == 0
+            || usize::from(hdr.csum_start) < ETH_HLEN
             || usize::from(hdr.csum_start) + usize::from(hdr.csum_offset) + 2 > frame_len)
     {
         return Err(DropReason::BadOffload);
@@ -151,7 +162,48 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(check(&csum, &f, 60, ALL), Ok(()));
+        // A checksum over (and written into) the Ethernet header: never.
+        for (start, offset) in [(0u16, 6u16), (4, 2), (13, 40)] {
+            let h = NetHdr {
+                csum_start: start,
+                csum_offset: offset,
+                ..csum
+            };
+            assert_eq!(
+                check(&h, &f, 60, ALL),
+                Err(DropReason::BadOffload),
+                "{start}"
+            );
+        }
         assert_eq!(check(&csum, &f, 51, ALL), Err(DropReason::BadOffload));
         assert_eq!(check(&csum, &f, 60, none), Err(DropReason::BadOffload));
+    }
+
+    #[test]
+    fn segments_with_their_headers_must_fit_the_mtu() {
+        // IPv4 + TCP with 40 bytes of options: 14 + 20 + 60 = 94 bytes of headers.
+        let mut f = frame(0x0800);
+        f.resize(128, 0);
+        f[14] = 0x45;
+        f[23] = 6;
+        f[14 + 20 + 12] = 15 << 4;
+        let tso = |mss| NetHdr {
+            gso_type: VIRTIO_NET_HDR_GSO_TCPV4,
+            gso_size: mss,
+            ..Default::default()
+        };
+        assert_eq!(check(&tso(1420), &f, 60000, ALL), Ok(()));
+        assert_eq!(
+            check(&tso(1421), &f, 60000, ALL),
+            Err(DropReason::BadOffload),
+            "94 + 1421 bytes is over 1514"
+        );
+        // Without options the MSS may be 1460.
+        f[14 + 20 + 12] = 5 << 4;
+        assert_eq!(check(&tso(1460), &f, 60000, ALL), Ok(()));
+        assert_eq!(
+            check(&tso(1461), &f, 60000, ALL),
+            Err(DropReason::BadOffload)
+        );
     }
 }

@@ -25,6 +25,8 @@ pub struct Segment {
 pub enum ChainError {
     /// A `next` index (or the head) is not below the table size.
     IndexOutOfRange(u16),
+    /// An indirect descriptor from a driver that did not negotiate VIRTIO_F_INDIRECT_DESC.
+    IndirectNotNegotiated,
     /// The chain visits more descriptors than its table holds: a loop.
     Loop,
     /// The descriptor table itself, or a buffer, is not inside guest memory.
@@ -50,6 +52,9 @@ impl fmt::Display for ChainError {
                 write!(f, "buffer {a:#x}+{l:#x} is outside guest memory")
             }
             ChainError::NestedIndirect => write!(f, "nested or chained indirect descriptor"),
+            ChainError::IndirectNotNegotiated => {
+                write!(f, "indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+            }
             ChainError::BadIndirectTable(l) => write!(f, "indirect table length {l} is invalid"),
             ChainError::WrongDirection => write!(f, "buffer has the wrong direction"),
             ChainError::LengthOverflow => write!(f, "chain length overflows"),
@@ -81,6 +86,9 @@ pub struct DescTable<'a> {
     addr: GuestAddress,
     size: u16,
     map: Option<Mapped<'a>>,
+    /// Whether the driver negotiated VIRTIO_F_INDIRECT_DESC: without it an indirect
+    /// descriptor is an error, not a table to follow.
+    indirect: bool,
 }
 
 impl<'a> DescTable<'a> {
@@ -89,6 +97,15 @@ impl<'a> DescTable<'a> {
             addr,
             size,
             map: ram.map(addr, usize::from(size) * DESC_SIZE as usize),
+            indirect: true,
+        }
+    }
+
+    /// Whether indirect descriptors may be followed (VIRTIO_F_INDIRECT_DESC negotiated).
+    pub fn with_indirect(self, allowed: bool) -> Self {
+        DescTable {
+            indirect: allowed,
+            ..self
         }
     }
 
@@ -148,7 +165,14 @@ pub fn walk_chain(
         if index >= table_size {
             return Err(ChainError::IndexOutOfRange(index));
         }
-        let desc_addr = table.unchecked_add(u64::from(index) * DESC_SIZE);
+        // A table near the top of the address space must not wrap around.
+        let offset = u64::from(index) * DESC_SIZE;
+        let Some(desc_addr) = table.checked_add(offset) else {
+            return Err(ChainError::OutsideMemory(
+                table.raw_value(),
+                offset + DESC_SIZE,
+            ));
+        };
         let outside = ChainError::OutsideMemory(desc_addr.raw_value(), DESC_SIZE);
         let offset = usize::from(index) * DESC_SIZE as usize;
         let desc: VirtqDesc = match table_map.and_then(|m| m.read(offset)) {
@@ -167,6 +191,9 @@ pub fn walk_chain(
         );
 
         if flags & VIRTQ_DESC_F_INDIRECT != 0 {
+            if !queue_table.indirect {
+                return Err(ChainError::IndirectNotNegotiated);
+            }
             if indirect || flags & VIRTQ_DESC_F_NEXT != 0 {
                 return Err(ChainError::NestedIndirect);
             }
@@ -254,6 +281,13 @@ mod tests {
         let r = ram(&m);
         let t = DescTable::new(&r, GuestAddress(0), 8);
         let walk = |head| walk_chain(&r, &t, head, false, &mut Vec::new());
+        // A queue whose table sits at the top of the address space: index 1 would wrap
+        // (a panic in debug builds before), and is outside memory.
+        let top = DescTable::new(&r, GuestAddress(u64::MAX - 15), 8);
+        assert!(matches!(
+            walk_chain(&r, &top, 1, false, &mut Vec::new()),
+            Err(ChainError::OutsideMemory(..))
+        ));
         // A loop: 0 -> 1 -> 0.
         put_desc(&m, 0, 0, 0x1000, 10, VIRTQ_DESC_F_NEXT, 1);
         put_desc(&m, 0, 1, 0x1000, 10, VIRTQ_DESC_F_NEXT, 0);
@@ -301,6 +335,11 @@ mod tests {
             0,
         );
         assert_eq!(walk(5), Err(ChainError::NestedIndirect));
+        let plain = t.with_indirect(false);
+        assert_eq!(
+            walk_chain(&r, &plain, 5, false, &mut Vec::new()),
+            Err(ChainError::IndirectNotNegotiated)
+        );
         put_desc(&m, 0, 5, 0x3000, 16, VIRTQ_DESC_F_INDIRECT, 0);
         put_desc(&m, 0x3000, 0, 0x3000, 16, VIRTQ_DESC_F_INDIRECT, 0);
         assert_eq!(walk(5), Err(ChainError::NestedIndirect));
