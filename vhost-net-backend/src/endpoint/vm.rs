@@ -17,7 +17,7 @@ use crate::mem::{GuestMemory, GuestSlice, Ram};
 use crate::packet::offload::{complete_checksum, segment_tcp};
 use crate::packet::vlan::passed_header;
 use crate::types::{PortId, MAX_GSO_FRAME};
-use crate::virtio::chain::{walk_chain, DescTable, Segment};
+use crate::virtio::chain::{walk_chain_within, DescTable, Segment, MAX_CHAIN_SEGMENTS};
 use crate::virtio::copy::{write_frame_whole, FrameSource, GuestWriter};
 use crate::virtio::ring::{
     avail_head, checked_avail_idx, needs_interrupt, publish_used, push_used, write_used,
@@ -769,9 +769,19 @@ impl<'a> LockedRx<'a> {
         bufs.segs.clear();
         bufs.chains.clear();
         let mut cap: usize = 0;
+        // One budget of descriptor visits for the frame, all its chains together: a
+        // receiver posting chains of empty descriptors makes a sender walk at most this
+        // many per frame, not 1024 for each of 256 chains.
+        let mut budget = MAX_CHAIN_SEGMENTS;
         while cap < need {
             if bufs.chains.len() == MAX_MERGED_BUFFERS {
-                queue.set_next_avail(saved);
+                // So many buffers, still too small: tiny buffers no driver posts but to
+                // make senders work. They are handed back, used, so the next frame does
+                // not walk them again.
+                let unused = bufs.chains.iter().map(|c| (c.head, 0));
+                let next = push_used(ram, self.used_ring, size, old_used, unused)
+                    .ok_or(RxError::Broken)?;
+                queue.set_next_used(next);
                 return Err(RxError::Drop(DropReason::RxBufferTooSmall));
             }
             let next = queue.next_avail();
@@ -788,7 +798,8 @@ impl<'a> LockedRx<'a> {
                 }
             };
             queue.set_next_avail(next.wrapping_add(1));
-            let walked = walk_chain(ram, &self.table, head, true, &mut bufs.segs);
+            let walked =
+                walk_chain_within(ram, &self.table, head, true, &mut bufs.segs, &mut budget);
             // A chain that cannot hold even the header is as useless as a malformed one.
             let bad = match walked {
                 Ok(len) if len as usize >= hdr_len || !bufs.chains.is_empty() && len > 0 => None,
@@ -1068,5 +1079,50 @@ mod tests {
         post(&m, RX, 2, 2);
         deliver(&vm, &counters, &frame(60));
         assert_eq!(used(&m, RX, 2), (3, (2, 72)));
+    }
+
+    #[test]
+    fn a_frame_walks_one_budget_of_descriptors_and_consumes_what_it_tried() {
+        // Chains that are each an indirect table of 1000 empty descriptors and one byte: a
+        // mergeable receiver's way of making every sender walk ~1000 descriptors per chain,
+        // 16 chains per frame, again for every frame, since a frame that did not fit took
+        // nothing.
+        use crate::virtio::chain::VIRTQ_DESC_F_INDIRECT;
+        let m = mem();
+        let table = 0x8000u64;
+        for i in 0..1000u16 {
+            put_desc(
+                &m,
+                table,
+                i,
+                BUFS,
+                0,
+                VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT,
+                i + 1,
+            );
+        }
+        put_desc(&m, table, 1000, BUFS, 1, VIRTQ_DESC_F_WRITE, 0);
+        // Chain 0 holds the header and a byte; chains 1..16, a byte each behind 1000 empty
+        // descriptors: 28 bytes in all, not enough for the frame, at 15,000 visits.
+        put_desc(&m, RX.desc, 0, BUFS, 13, VIRTQ_DESC_F_WRITE, 0);
+        post(&m, RX, 0, 0);
+        for i in 1..16u16 {
+            put_desc(&m, RX.desc, i, table, 1001 * 16, VIRTQ_DESC_F_INDIRECT, 0);
+            post(&m, RX, i, i);
+        }
+        let vm = endpoint(&m, f::VERSION_1 | f::MRG_RXBUF | f::RING_INDIRECT_DESC);
+        let counters = PortCounters::default();
+        deliver(&vm, &counters, &frame(60));
+        // The third chain ran out of the frame's budget: all three handed back, used.
+        assert_eq!(used(&m, RX, 0), (3, (0, 0)));
+        assert_eq!(used(&m, RX, 1).1, (1, 0));
+        assert_eq!(used(&m, RX, 2).1, (2, 0));
+        assert_eq!(
+            counters.snapshot().drop_count(DropReason::BadRxDescriptor),
+            1
+        );
+        // The next frame starts after them (and its first chain, too small, goes back).
+        deliver(&vm, &counters, &frame(60));
+        assert_eq!(used(&m, RX, 3), (4, (3, 0)));
     }
 }

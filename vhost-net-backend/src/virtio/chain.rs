@@ -146,6 +146,20 @@ pub fn walk_chain(
     device_writable: bool,
     segs: &mut Vec<Segment>,
 ) -> Result<u32, ChainError> {
+    let mut budget = MAX_CHAIN_SEGMENTS;
+    walk_chain_within(ram, queue_table, head, device_writable, segs, &mut budget)
+}
+
+/// `walk_chain` visiting at most `budget` descriptors, which it counts down: one budget
+/// for all the chains of one frame bounds a mergeable receiver's chains together, not each.
+pub fn walk_chain_within(
+    ram: &Ram,
+    queue_table: &DescTable<'_>,
+    head: u16,
+    device_writable: bool,
+    segs: &mut Vec<Segment>,
+    budget_left: &mut usize,
+) -> Result<u32, ChainError> {
     let size = queue_table.size;
     let mut table = queue_table.addr;
     let mut table_size = size;
@@ -154,14 +168,13 @@ pub fn walk_chain(
     let mut indirect = false;
     let mut total: u32 = 0;
     // Every descriptor visited counts, empty ones too: an indirect table may hold 65535.
-    let mut visits = 0usize;
 
     let mut table_map = queue_table.map;
     loop {
-        visits += 1;
-        if visits > MAX_CHAIN_SEGMENTS {
+        if *budget_left == 0 {
             return Err(ChainError::TooManySegments);
         }
+        *budget_left -= 1;
         if index >= table_size {
             return Err(ChainError::IndexOutOfRange(index));
         }
