@@ -288,6 +288,14 @@ impl VirtioNetDevice {
         })
     }
 
+    /// Gives queue `q` another interrupt eventfd (SET_VRING_CALL), as a frontend may at any
+    /// time: a hostile one, one that nobody reads or that is kept full.
+    pub fn replace_call(&mut self, q: usize, call: EventFd) -> Result<()> {
+        self.frontend.set_vring_call(q, &call)?;
+        self.queues[q].call = call;
+        Ok(())
+    }
+
     pub fn hdr_len(&self) -> usize {
         self.hdr_len
     }

@@ -503,3 +503,47 @@ fn protocol_features_never_offered_are_refused_and_added_regions_checked() {
         "{log}"
     );
 }
+
+#[test]
+fn an_interrupt_eventfd_kept_full_stalls_no_other_port() {
+    // Port c's frontend gives its RX queue a blocking eventfd one short of full: writing
+    // c's interrupt would block whoever delivers to c, under c's vring lock, for ever.
+    use vmm_sys_util::eventfd::EventFd;
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb, sc) = (
+        dir.path().join("a.sock"),
+        dir.path().join("b.sock"),
+        dir.path().join("c.sock"),
+    );
+    let _child = two_ports(&sa, &sb, "", |cmd| {
+        cmd.arg("--port")
+            .arg(format!("name=c,socket={}", sc.display()));
+    });
+    wait_for(&sc);
+    let mut c = VirtioNetDevice::connect(&sc, DeviceOptions::default()).unwrap();
+    c.post_rx(0, 16).unwrap();
+    let full = EventFd::new(0).unwrap();
+    full.write(0xffff_ffff_ffff_fffe).unwrap();
+    c.replace_call(0, full).unwrap();
+    let mut a = VirtioNetDevice::connect(&sa, DeviceOptions::default()).unwrap();
+    let mut b = VirtioNetDevice::connect(&sb, DeviceOptions::default()).unwrap();
+    a.post_rx(0, 16).unwrap();
+    b.post_rx(0, 16).unwrap();
+    // A broadcast from a reaches b, and c, whose interrupt cannot be written.
+    let broadcast = udp_frame(mac(1), integration::frames::BROADCAST, 100);
+    // (Sent until b has one: the new connections' workers take their rings asynchronously.)
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        a.send(0, &NetHdr::default(), &broadcast).unwrap();
+        if b.recv(0, Duration::from_millis(200))
+            .is_some_and(|f| f.frame == broadcast)
+        {
+            break;
+        }
+        assert!(Instant::now() < end, "b never got the broadcast");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    while b.recv(0, Duration::from_millis(100)).is_some() {}
+    // a and b go on: a's worker did not wait on c's eventfd.
+    exchange(&mut a, &mut b);
+}

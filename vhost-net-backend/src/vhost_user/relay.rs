@@ -33,6 +33,9 @@ const REQ_SET_FEATURES: u32 = 2;
 const REQ_SET_MEM_TABLE: u32 = 5;
 const REQ_GET_PROTOCOL_FEATURES: u32 = 15;
 const REQ_SET_PROTOCOL_FEATURES: u32 = 16;
+const REQ_SET_VRING_KICK: u32 = 12;
+const REQ_SET_VRING_CALL: u32 = 13;
+const REQ_SET_VRING_ERR: u32 = 14;
 const REQ_SET_VRING_ENABLE: u32 = 18;
 const REQ_ADD_MEM_REG: u32 = 37;
 const FLAG_VERSION: u32 = 0x1;
@@ -154,6 +157,34 @@ pub fn check_mem_table(msg: &Message) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks that a kick, call or error descriptor is an eventfd and makes it non-blocking.
+/// The workers write interrupts (and read kicks) under locks other ports need: a
+/// descriptor that blocks (a pipe nobody reads, a blocking eventfd kept full) would stall
+/// every sender to this port. The flag is on the open file, which the frontend shares and
+/// could clear again; what a frontend does then stalls only the workers writing to it
+/// while it does.
+fn take_eventfd(file: &File) -> Result<(), String> {
+    let fd = file.as_raw_fd();
+    let kind = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if kind != "anon_inode:[eventfd]" {
+        return Err(format!(
+            "a ring's kick, call or error descriptor must be an eventfd, not {kind:?}"
+        ));
+    }
+    // SAFETY: F_GETFL/F_SETFL on a descriptor `file` owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(format!(
+            "cannot make the eventfd non-blocking: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
 /// vhost-user's bit in the virtio feature word: the frontend speaks protocol features.
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
@@ -202,6 +233,12 @@ impl Filter {
                         asked & !offered
                     )),
                     None => Verdict::Refuse("SET_PROTOCOL_FEATURES without its 8 bytes".into()),
+                }
+            }
+            REQ_SET_VRING_KICK | REQ_SET_VRING_CALL | REQ_SET_VRING_ERR => {
+                match msg.fds.iter().try_for_each(take_eventfd) {
+                    Ok(()) => Verdict::Forward,
+                    Err(why) => Verdict::Refuse(why),
                 }
             }
             // ADD_MEM_REG carries one region laid out as the first of a memory table.
@@ -529,5 +566,36 @@ mod tests {
             Verdict::Refuse(_)
         ));
         assert_eq!(filter.early_enables.len(), 4);
+    }
+
+    #[test]
+    fn ring_descriptors_must_be_eventfds_and_are_made_non_blocking() {
+        let mut filter = Filter::new(2, Arc::new(AtomicU64::new(0)));
+        // SAFETY: a plain eventfd(2) call; the descriptor is owned by `event` below.
+        let raw = unsafe { libc::eventfd(0, 0) };
+        assert!(raw >= 0);
+        // SAFETY: a new descriptor nothing else owns.
+        let event = unsafe { File::from_raw_fd(raw) };
+        let call = Message {
+            fds: vec![event.try_clone().unwrap()],
+            ..msg(REQ_SET_VRING_CALL, FLAG_VERSION, &0u64.to_le_bytes())
+        };
+        assert_eq!(filter.judge(&call), Verdict::Forward);
+        // SAFETY: F_GETFL on a descriptor `event` owns.
+        let flags = unsafe { libc::fcntl(event.as_raw_fd(), libc::F_GETFL) };
+        assert_ne!(flags & libc::O_NONBLOCK, 0, "left blocking");
+        // A pipe (or any other file) is refused.
+        let (reader, _writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let kick = Message {
+            fds: vec![File::from(std::os::fd::OwnedFd::from(reader))],
+            ..msg(REQ_SET_VRING_KICK, FLAG_VERSION, &0u64.to_le_bytes())
+        };
+        match filter.judge(&kick) {
+            Verdict::Refuse(why) => assert!(why.contains("must be an eventfd"), "{why}"),
+            v => panic!("{v:?}"),
+        }
+        // No descriptor (polling mode, the invalid-fd flag): nothing to check.
+        let polling = msg(REQ_SET_VRING_CALL, FLAG_VERSION, &0x100u64.to_le_bytes());
+        assert_eq!(filter.judge(&polling), Verdict::Forward);
     }
 }
