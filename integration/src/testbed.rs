@@ -55,6 +55,7 @@ impl TestSwitch {
                     vlan: p.vlan,
                     mac: None,
                     queues: p.queues,
+                    max_macs: None,
                 })
                 .collect(),
             ..Default::default()

@@ -24,7 +24,7 @@ pub enum ConfigError {
     },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("port spec '{spec}': {message} (expected name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N])")]
+    #[error("port spec '{spec}': {message} (expected name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N])")]
     PortSpec { spec: String, message: String },
     #[error("port '{port}': {message}")]
     Port { port: String, message: String },
@@ -57,16 +57,23 @@ pub struct PortConfig {
     /// Queue pairs offered (QEMU `queues=`).
     #[serde(default = "default_queues")]
     pub queues: u16,
+    /// Port security: the guest may send from at most this many MAC addresses (its `mac=`
+    /// counts as one and is always allowed); frames from others are dropped as
+    /// `spoofed_mac`. `max_macs = 1` with `mac=` pins the port to that MAC. None: up to the
+    /// table's per-port limit are learned, and a guest may send from any MAC.
+    #[serde(default)]
+    pub max_macs: Option<u16>,
 }
 
 impl PortConfig {
-    /// Parses `name=web1,socket=/run/web1.sock[,vlan=10][,mac=..][,queues=2]`.
+    /// Parses `name=web1,socket=/run/web1.sock[,vlan=10][,mac=..][,queues=2][,max_macs=N]`.
     pub fn parse_spec(spec: &str) -> Result<PortConfig, ConfigError> {
         let err = |message: String| ConfigError::PortSpec {
             spec: spec.to_string(),
             message,
         };
         let (mut name, mut socket, mut vlan, mut mac, mut queues) = (None, None, None, None, 1);
+        let mut max_macs = None;
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = item
                 .split_once('=')
@@ -86,6 +93,12 @@ impl PortConfig {
                         .parse()
                         .map_err(|_| err(format!("queues '{v}' is not a number")))?
                 }
+                "max_macs" => {
+                    max_macs = Some(
+                        v.parse()
+                            .map_err(|_| err(format!("max_macs '{v}' is not a number")))?,
+                    )
+                }
                 _ => return Err(err(format!("unknown key '{k}'"))),
             }
         }
@@ -95,6 +108,7 @@ impl PortConfig {
             vlan,
             mac,
             queues,
+            max_macs,
         })
     }
 
@@ -282,6 +296,12 @@ impl SwitchConfig {
                     return Err(err(format!("vlan {v} is out of range: use 1..=4094")));
                 }
             }
+            if let Some(n) = p.max_macs {
+                let most = crate::switch::MAC_PER_PORT_LIMIT;
+                if n == 0 || usize::from(n) > most {
+                    return Err(err(format!("max_macs {n} is out of range: use 1..={most}")));
+                }
+            }
             if !(1..=MAX_QUEUE_PAIRS).contains(&p.queues) {
                 return Err(err(format!(
                     "queues {} is out of range: use 1..={MAX_QUEUE_PAIRS}",
@@ -313,7 +333,19 @@ mod tests {
         assert_eq!(p.vlan, Some(10));
         assert_eq!(p.mac.unwrap().to_string(), "52:54:00:00:00:01");
         assert_eq!(p.queues, 4);
+        assert_eq!(p.max_macs, None);
+        let secured = PortConfig::parse_spec("name=a,socket=/a,max_macs=2").unwrap();
+        assert_eq!(secured.max_macs, Some(2));
+        let mut c = SwitchConfig {
+            ports: vec![secured],
+            ..Default::default()
+        };
+        c.validate().unwrap();
+        c.ports[0].max_macs = Some(0);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("max_macs 0") && e.contains("1..=1024"), "{e}");
         for (bad, needle) in [
+            ("name=a,socket=/x,max_macs=many", "max_macs 'many'"),
             ("socket=/x", "missing name"),
             ("name=a", "missing socket"),
             ("name=a,socket=/x,vlan=ten", "vlan 'ten'"),

@@ -40,9 +40,10 @@ Examples:
 #[derive(Parser, Debug)]
 #[command(version, after_help = EXAMPLES)]
 struct Args {
-    /// A port: name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N]. Repeat for more ports.
+    /// A port: name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N]. Repeat for more ports.
     /// vlan puts the port on an access VLAN (1-4094); queues is the number of queue pairs
-    /// offered (QEMU queues=, 1-16); mac is offered to the guest in the config space.
+    /// offered (QEMU queues=, 1-16); mac is offered to the guest in the config space;
+    /// max_macs limits the source MACs the guest may send from (mac counts as one).
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
 
@@ -104,6 +105,7 @@ fn build_config(args: &Args) -> Result<SwitchConfig> {
             vlan: None,
             mac: None,
             queues: 1,
+            max_macs: None,
         });
     }
     if let Some(fd) = args.fd {
@@ -113,6 +115,7 @@ fn build_config(args: &Args) -> Result<SwitchConfig> {
             vlan: None,
             mac: None,
             queues: 1,
+            max_macs: None,
         });
     }
     if args.mtu.is_some() {

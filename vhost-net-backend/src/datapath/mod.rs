@@ -72,6 +72,7 @@ impl Datapath {
             .map(|p| PortProfile {
                 segment: p.segment,
                 mac: p.mac,
+                max_macs: config.ports.get(usize::from(p.id)).and_then(|c| c.max_macs),
             })
             .collect();
         Arc::new(Datapath {

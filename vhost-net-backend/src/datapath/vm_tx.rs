@@ -424,6 +424,7 @@ mod tests {
             vlan: None,
             mac: None,
             queues: 1,
+            max_macs: None,
         };
         Datapath::new(
             &SwitchConfig {

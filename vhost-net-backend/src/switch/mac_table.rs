@@ -230,6 +230,25 @@ impl MacTable {
 }
 
 impl MacTable {
+    /// Whether `mac` in `vlan` is learned on `port` (fresh or not).
+    pub fn holds(&self, vlan: u16, mac: MacAddr, port: PortId) -> bool {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .map
+            .get(&(vlan, mac))
+            .is_some_and(|e| e.port.load(Ordering::Relaxed) == port)
+    }
+
+    /// How many entries `port` holds.
+    pub fn count_of(&self, port: PortId) -> usize {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .per_port
+            .get(usize::from(port))
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// Changes whenever a lookup could answer differently (see `version`).
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)

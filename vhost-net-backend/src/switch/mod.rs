@@ -22,11 +22,15 @@ pub struct PortProfile {
     pub segment: u16,
     /// A MAC configured on it (`mac=`): only this port may send from it.
     pub mac: Option<MacAddr>,
+    /// Port security: at most this many source MACs (`mac` among them).
+    pub max_macs: Option<u16>,
 }
 
 pub struct Switch {
     /// Each port's segment, by port id.
     segments: Vec<u16>,
+    /// Each port's configured MAC and source-MAC limit, by port id.
+    security: Vec<(Option<MacAddr>, Option<u16>)>,
     /// MACs configured on ports (`mac=`): only that port may send from them.
     pinned: HashMap<MacAddr, PortId>,
     pub macs: MacTable,
@@ -36,6 +40,7 @@ impl Switch {
     pub fn new(ports: &[PortProfile], mac_ageing_secs: u64) -> Switch {
         Switch {
             segments: ports.iter().map(|p| p.segment).collect(),
+            security: ports.iter().map(|p| (p.mac, p.max_macs)).collect(),
             pinned: ports
                 .iter()
                 .enumerate()
@@ -85,6 +90,17 @@ impl Switch {
         if self.pinned.get(&src_mac).is_some_and(|p| *p != src) {
             return Forward::Spoofed;
         }
+        if let Some(&(mac, Some(most))) = self.security.get(usize::from(src)) {
+            // A new source MAC on a port that has used up its share: refused, not learned.
+            // Its configured MAC always passes and takes one of the places.
+            let reserved = usize::from(mac.is_some_and(|m| !self.macs.holds(segment, m, src)));
+            if Some(src_mac) != mac
+                && !self.macs.holds(segment, src_mac, src)
+                && self.macs.count_of(src) + reserved >= usize::from(most)
+            {
+                return Forward::Spoofed;
+            }
+        }
         let dst = (!dst_mac.is_multicast()).then_some(dst_mac);
         let found = self.macs.learn_and_lookup(segment, src_mac, src, dst);
         if dst.is_none() {
@@ -123,6 +139,7 @@ mod tests {
             .map(|v| PortProfile {
                 segment: v.unwrap_or(0),
                 mac: None,
+                max_macs: None,
             })
             .collect();
         Switch::new(&ports, 10)
@@ -200,6 +217,7 @@ mod tests {
                 .map(|i| PortProfile {
                     segment: 0,
                     mac: (i == 0).then_some(mac(1)),
+                    max_macs: None,
                 })
                 .collect::<Vec<_>>(),
             DEFAULT_MAC_AGEING_SECS,
@@ -221,5 +239,38 @@ mod tests {
             Some(1),
             "forgetting frees the port's share"
         );
+    }
+
+    #[test]
+    fn port_security_limits_the_macs_a_port_may_send_from() {
+        let profile = |mac, max_macs| PortProfile {
+            segment: 0,
+            mac,
+            max_macs,
+        };
+        let s = Switch::new(
+            &[
+                profile(None, Some(2)),
+                profile(Some(mac(9)), Some(1)),
+                profile(None, None),
+            ],
+            10,
+        );
+        // Port 0: its first two MACs, then no more, until one is forgotten.
+        assert_eq!(s.decide(0, 0, mac(1), mac(7)), Forward::Flood);
+        assert_eq!(s.decide(0, 0, mac(2), mac(7)), Forward::Flood);
+        assert_eq!(s.decide(0, 0, mac(3), mac(7)), Forward::Spoofed);
+        assert_eq!(s.decide(0, 0, mac(1), mac(7)), Forward::Flood);
+        assert_eq!(s.macs.lookup(0, mac(3)), None, "not learned");
+        s.macs.forget_port(0);
+        assert_eq!(s.decide(0, 0, mac(3), mac(7)), Forward::Flood);
+        // Port 1: only its configured MAC, even before it has sent from it.
+        assert_eq!(s.decide(1, 0, mac(4), mac(7)), Forward::Spoofed);
+        assert_eq!(s.decide(1, 0, mac(9), mac(7)), Forward::Flood);
+        assert_eq!(s.decide(1, 0, mac(4), mac(7)), Forward::Spoofed);
+        // Port 2: no limit.
+        for i in 20..40 {
+            assert_eq!(s.decide(2, 0, mac(i), mac(7)), Forward::Flood);
+        }
     }
 }
