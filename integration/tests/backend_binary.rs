@@ -179,11 +179,7 @@ fn serves_ports_reports_counters_and_exits_cleanly_on_sigterm() {
     });
     wait_for(&ctl);
 
-    let mut a = VirtioNetDevice::connect(&sa, DeviceOptions::default()).unwrap();
-    let mut b = VirtioNetDevice::connect(&sb, DeviceOptions::default()).unwrap();
-    a.post_rx(0, 16).unwrap();
-    b.post_rx(0, 16).unwrap();
-    exchange(&mut a, &mut b);
+    let _pair = connected_pair(&sa, &sb);
 
     let stats = control(&ctl, "stats");
     let ports = stats["ports"].as_array().unwrap();
@@ -296,6 +292,42 @@ fn fds_after_teardown(pid: u32, before: usize) -> usize {
     }
 }
 
+/// Stops the backend with SIGTERM, requires a clean exit, and returns what it logged.
+fn stop_and_read_log(child: &mut Reaped) -> String {
+    signal(child, libc::SIGTERM);
+    assert!(wait_exit(child).success());
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    log
+}
+
+/// A memory region of 4 MiB backed by `memory` (which the tests make 2 MiB long).
+fn four_mib_of(memory: &std::fs::File) -> vhost::VhostUserMemoryRegionInfo {
+    vhost::VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: 4 << 20,
+        userspace_addr: 0x7f00_0000_0000,
+        mmap_offset: 0,
+        mmap_handle: memory.as_raw_fd(),
+    }
+}
+
+/// New frontends on ports a and b (sockets `sa`, `sb`), RX buffers posted, that have
+/// exchanged a frame.
+fn connected_pair(sa: &Path, sb: &Path) -> (VirtioNetDevice, VirtioNetDevice) {
+    let mut a = VirtioNetDevice::connect(sa, DeviceOptions::default()).unwrap();
+    let mut b = VirtioNetDevice::connect(sb, DeviceOptions::default()).unwrap();
+    a.post_rx(0, 16).unwrap();
+    b.post_rx(0, 16).unwrap();
+    exchange(&mut a, &mut b);
+    (a, b)
+}
+
 /// Sends a 128-byte frame a -> b until one arrives (a new connection's workers pick up
 /// its rings asynchronously).
 fn exchange(a: &mut VirtioNetDevice, b: &mut VirtioNetDevice) {
@@ -346,7 +378,7 @@ fn reconnecting_guests_leave_no_descriptors_behind() {
 #[test]
 fn a_memory_table_past_its_file_is_refused_and_other_ports_keep_working() {
     use vhost::vhost_user::Frontend;
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+    use vhost::VhostBackend;
 
     let dir = tempfile::tempdir().unwrap();
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
@@ -362,13 +394,7 @@ fn a_memory_table_past_its_file_is_refused_and_other_ports_keep_working() {
     bad.set_owner().unwrap();
     let features = bad.get_features().unwrap();
     bad.set_features(features).unwrap();
-    let region = VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: 4 << 20,
-        userspace_addr: 0x7f00_0000_0000,
-        mmap_offset: 0,
-        mmap_handle: memory.as_raw_fd(),
-    };
+    let region = four_mib_of(&memory);
     let _ = bad.set_mem_table(&[region]);
     // The backend closed that connection: the next request gets no answer.
     assert!(
@@ -378,21 +404,9 @@ fn a_memory_table_past_its_file_is_refused_and_other_ports_keep_working() {
     drop(bad);
 
     // Nothing else suffered: port a takes the next frontend, and frames pass.
-    let mut a = VirtioNetDevice::connect(&sa, DeviceOptions::default()).unwrap();
-    let mut b = VirtioNetDevice::connect(&sb, DeviceOptions::default()).unwrap();
-    a.post_rx(0, 16).unwrap();
-    b.post_rx(0, 16).unwrap();
-    exchange(&mut a, &mut b);
-    signal(&child, libc::SIGTERM);
-    assert!(wait_exit(&mut child).success());
+    let _pair = connected_pair(&sa, &sb);
     // Refused for that reason, and told so.
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
+    let log = stop_and_read_log(&mut child);
     assert!(
         log.contains("port a") && log.contains("memory region 0") && log.contains("past its end"),
         "{log}"
@@ -439,18 +453,14 @@ fn early_ring_enables_cannot_pile_up_in_the_backend() {
     drop(sock);
     assert!(grown < 32 * 1024, "the backend grew by {grown} KiB");
     // And the port takes the next frontend.
-    let mut a = VirtioNetDevice::connect(&sa, DeviceOptions::default()).unwrap();
-    let mut b = VirtioNetDevice::connect(&sb, DeviceOptions::default()).unwrap();
-    a.post_rx(0, 16).unwrap();
-    b.post_rx(0, 16).unwrap();
-    exchange(&mut a, &mut b);
+    let _pair = connected_pair(&sa, &sb);
 }
 
 #[test]
 fn protocol_features_never_offered_are_refused_and_added_regions_checked() {
     use vhost::vhost_user::message::VhostUserProtocolFeatures as P;
     use vhost::vhost_user::{Frontend, VhostUserFrontend};
-    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+    use vhost::VhostBackend;
 
     let dir = tempfile::tempdir().unwrap();
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
@@ -469,13 +479,7 @@ fn protocol_features_never_offered_are_refused_and_added_regions_checked() {
     let offered = bad.get_protocol_features().unwrap();
     assert!(!offered.contains(P::CONFIGURE_MEM_SLOTS));
     let _ = bad.set_protocol_features(offered | P::CONFIGURE_MEM_SLOTS);
-    let region = VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: 4 << 20,
-        userspace_addr: 0x7f00_0000_0000,
-        mmap_offset: 0,
-        mmap_handle: memory.as_raw_fd(),
-    };
+    let region = four_mib_of(&memory);
     let _ = bad.add_mem_region(&region);
     assert!(
         bad.get_features().is_err(),
@@ -484,20 +488,8 @@ fn protocol_features_never_offered_are_refused_and_added_regions_checked() {
     drop(bad);
 
     // The backend is alive and every port works.
-    let mut a = VirtioNetDevice::connect(&sa, DeviceOptions::default()).unwrap();
-    let mut b = VirtioNetDevice::connect(&sb, DeviceOptions::default()).unwrap();
-    a.post_rx(0, 16).unwrap();
-    b.post_rx(0, 16).unwrap();
-    exchange(&mut a, &mut b);
-    signal(&child, libc::SIGTERM);
-    assert!(wait_exit(&mut child).success());
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
+    let _pair = connected_pair(&sa, &sb);
+    let log = stop_and_read_log(&mut child);
     assert!(
         log.contains("port a") && log.contains("never offered"),
         "{log}"
