@@ -326,10 +326,12 @@ impl TxQueue<'_> {
         if !self.alive() {
             return;
         }
-        warn!(
-            "port {}: guest driver broke the virtio protocol ({why}); resetting the connection",
-            self.port.name
-        );
+        if self.vm.first_breakage() {
+            warn!(
+                "port {}: guest driver broke the virtio protocol ({why}); resetting the connection",
+                self.port.name
+            );
+        }
         self.port.counters.count_drop(DropReason::BadTxDescriptor);
         self.vm.reset_connection();
     }

@@ -3,7 +3,7 @@
 //! buffers, offloads finished in software for a guest that lacks them, bad chains handed
 //! back), with one interrupt per queue per burst.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use log::{debug, warn};
@@ -125,6 +125,9 @@ pub struct VmEndpoint {
     generation: AtomicU64,
     /// Closes the current vhost-user connection (a guest that broke the protocol).
     pub connection: Mutex<Option<ShutdownHandle>>,
+    /// Whether this connection's broken ring was logged already: every frame sent to it
+    /// until the reset takes effect would log again.
+    broken_logged: AtomicBool,
 }
 
 impl VmEndpoint {
@@ -137,6 +140,7 @@ impl VmEndpoint {
             queue_pairs,
             generation: AtomicU64::new(0),
             connection: Mutex::new(None),
+            broken_logged: AtomicBool::new(false),
         }
     }
 }
@@ -169,7 +173,14 @@ impl VmEndpoint {
 
     /// Withdraws everything a guest connection published, so that no other port writes
     /// into memory that is no longer this guest's.
+    /// True the first time this connection is found broken, false after: log only then.
+    pub fn first_breakage(&self) -> bool {
+        !self.broken_logged.swap(true, Ordering::Relaxed)
+    }
+
     pub fn detach(&self) {
+        // The next connection gets its own report.
+        self.broken_logged.store(false, Ordering::Relaxed);
         let old = std::mem::replace(
             &mut *self.rx_write(),
             RxEndpoint {
@@ -209,10 +220,12 @@ pub struct VmPort<'a> {
 /// A guest that broke the RX ring protocol: counted, and its connection reset.
 fn rx_broken(dst: VmPort<'_>) {
     dst.counters.count_drop(DropReason::BadRxDescriptor);
-    warn!(
-        "port {}: guest driver broke the virtio protocol on RX; resetting the connection",
-        dst.name
-    );
+    if dst.vm.first_breakage() {
+        warn!(
+            "port {}: guest driver broke the virtio protocol on RX; resetting the connection",
+            dst.name
+        );
+    }
     dst.vm.reset_connection();
 }
 
@@ -1124,5 +1137,29 @@ mod tests {
         // The next frame starts after them (and its first chain, too small, goes back).
         deliver(&vm, &counters, &frame(60));
         assert_eq!(used(&m, RX, 3), (4, (3, 0)));
+    }
+
+    #[test]
+    fn a_broken_ring_is_counted_every_time_and_logged_once_per_connection() {
+        let m = mem();
+        let vm = endpoint(&m, f::VERSION_1);
+        // An avail index a whole ring and more ahead of what was taken: the protocol broken.
+        m.write_obj(100u16, GuestAddress(RX.avail + 2)).unwrap();
+        let counters = PortCounters::default();
+        assert!(!vm.broken_logged.load(Ordering::Relaxed));
+        deliver(&vm, &counters, &frame(60));
+        assert!(
+            vm.broken_logged.load(Ordering::Relaxed),
+            "the first one is logged"
+        );
+        assert!(!vm.first_breakage(), "and only the first");
+        deliver(&vm, &counters, &frame(60));
+        assert_eq!(
+            counters.snapshot().drop_count(DropReason::BadRxDescriptor),
+            2
+        );
+        // A new connection's breakage is reported again.
+        vm.detach();
+        assert!(vm.first_breakage());
     }
 }
