@@ -3,8 +3,9 @@
 use std::net::IpAddr;
 
 use hostnet::rtnetlink::{Rtnetlink, RtnetlinkError};
-use netlink_packet_core::{DefaultNla, NLM_F_REPLACE};
-use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
+use netlink_packet_core::{
+    DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
+};
 use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
 use netlink_packet_route::link::{
     AfSpecBridge, BridgeVlanInfo, BridgeVlanInfoFlags, InfoBridge, InfoBridgePort, InfoData,
@@ -33,6 +34,18 @@ pub enum NetlinkError {
 }
 
 impl NetlinkError {
+    /// hostnet's error, with `what` naming the request the kernel refused.
+    fn from_rtnetlink(e: RtnetlinkError, what: &str) -> NetlinkError {
+        match e {
+            RtnetlinkError::Kernel(source) => NetlinkError::Kernel {
+                what: what.to_string(),
+                source,
+            },
+            RtnetlinkError::Socket(e) => NetlinkError::Socket(e),
+            RtnetlinkError::Decode(e) => NetlinkError::Decode(e),
+        }
+    }
+
     /// The kernel's errno, if this is a refusal from the kernel.
     pub fn errno(&self) -> Option<i32> {
         match self {
@@ -63,10 +76,8 @@ pub struct Netlink {
 
 impl Netlink {
     pub fn open() -> Result<Netlink> {
-        let nl = Rtnetlink::open().map_err(|e| match e {
-            RtnetlinkError::Socket(e) | RtnetlinkError::Kernel(e) => NetlinkError::Socket(e),
-            RtnetlinkError::Decode(e) => NetlinkError::Decode(e),
-        })?;
+        let nl = Rtnetlink::open()
+            .map_err(|e| NetlinkError::from_rtnetlink(e, "open a netlink socket"))?;
         Ok(Netlink { nl })
     }
 
@@ -77,14 +88,9 @@ impl Netlink {
         msg: RouteNetlinkMessage,
         flags: u16,
     ) -> Result<Vec<RouteNetlinkMessage>> {
-        self.nl.request(msg, flags).map_err(|e| match e {
-            RtnetlinkError::Kernel(source) => NetlinkError::Kernel {
-                what: what.to_string(),
-                source,
-            },
-            RtnetlinkError::Socket(e) => NetlinkError::Socket(e),
-            RtnetlinkError::Decode(e) => NetlinkError::Decode(e),
-        })
+        self.nl
+            .request(msg, flags)
+            .map_err(|e| NetlinkError::from_rtnetlink(e, what))
     }
 
     pub fn links(&mut self) -> Result<Vec<Link>> {

@@ -31,14 +31,8 @@ pub fn elevated() -> bool {
     unsafe { libc::getauxval(libc::AT_SECURE) != 0 }
 }
 
-fn step(step: &'static str) -> impl Fn(std::io::Error) -> PrivilegeError {
-    move |e| PrivilegeError::Drop {
-        step,
-        reason: e.to_string(),
-    }
-}
-
-fn caps_step(step: &'static str) -> impl Fn(caps::errors::CapsError) -> PrivilegeError {
+/// What went wrong at `step` of dropping privileges.
+fn step<E: std::fmt::Display>(step: &'static str) -> impl Fn(E) -> PrivilegeError {
     move |e| PrivilegeError::Drop {
         step,
         reason: e.to_string(),
@@ -74,7 +68,7 @@ pub fn drop_to_caller() -> Result<(), PrivilegeError> {
         // still have CAP_SETPCAP, then the ids change with the capabilities kept.
         for cap in caps::runtime::thread_all_supported() {
             if cap != Capability::CAP_NET_ADMIN {
-                caps::drop(None, CapSet::Bounding, cap).map_err(caps_step("bounding set"))?;
+                caps::drop(None, CapSet::Bounding, cap).map_err(step("bounding set"))?;
             }
         }
         prctl(libc::PR_SET_KEEPCAPS, 1, "PR_SET_KEEPCAPS")?;
@@ -88,11 +82,10 @@ pub fn drop_to_caller() -> Result<(), PrivilegeError> {
     } else if uid == 0 {
         return Ok(());
     }
-    caps::set(None, CapSet::Permitted, &keep).map_err(caps_step("permitted set"))?;
-    caps::set(None, CapSet::Effective, &keep).map_err(caps_step("effective set"))?;
-    caps::set(None, CapSet::Inheritable, &keep).map_err(caps_step("inheritable set"))?;
-    caps::raise(None, CapSet::Ambient, Capability::CAP_NET_ADMIN)
-        .map_err(caps_step("ambient set"))?;
+    caps::set(None, CapSet::Permitted, &keep).map_err(step("permitted set"))?;
+    caps::set(None, CapSet::Effective, &keep).map_err(step("effective set"))?;
+    caps::set(None, CapSet::Inheritable, &keep).map_err(step("inheritable set"))?;
+    caps::raise(None, CapSet::Ambient, Capability::CAP_NET_ADMIN).map_err(step("ambient set"))?;
     // Nothing may bring root back.
     // SAFETY: setuid with an integer argument; it must fail now.
     if uid != 0 && unsafe { libc::setuid(0) } == 0 {

@@ -297,6 +297,15 @@ fn with_file_capabilities_only_the_administrators_files_decide() {
     assert!(out.tap.is_some());
 }
 
+/// The helper refused: a failure exit, no tap, and a reason that names each of `needles`.
+fn assert_refused(out: &Outcome, needles: &[&str]) {
+    assert_ne!(out.code, 0);
+    assert!(out.tap.is_none());
+    for needle in needles {
+        assert!(out.stderr.contains(needle), "{needle}: {}", out.stderr);
+    }
+}
+
 /// Sets a file's owner, group and mode.
 fn own(path: &Path, uid: u32, gid: u32, mode: u32) {
     std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
@@ -391,31 +400,15 @@ fn setuid_helper_drops_privileges_and_runs_nothing_from_the_callers_path() {
 
     // A file only a group may read lets only that group's members in.
     own(&conf, 0, 4242, 0o640);
-    let out = run("--clear-groups");
-    assert_ne!(out.code, 0);
-    assert!(out.tap.is_none());
-    assert!(
-        out.stderr.contains("bridge.conf") && out.stderr.contains("ermission denied"),
-        "{}",
-        out.stderr
-    );
+    assert_refused(&run("--clear-groups"), &["bridge.conf", "ermission denied"]);
     let out = run("--groups=4242");
     assert_eq!(out.code, 0, "{}", out.stderr);
 
     // A file the caller could have written decides nothing.
     own(&conf, 65534, 0, 0o644);
-    let out = run("--clear-groups");
-    assert_ne!(out.code, 0);
-    assert!(out.tap.is_none());
-    assert!(
-        out.stderr.contains("bridge.conf") && out.stderr.contains("owned by root"),
-        "{}",
-        out.stderr
-    );
+    assert_refused(&run("--clear-groups"), &["bridge.conf", "owned by root"]);
     own(&conf, 0, 0, 0o644);
     own(&br0, 0, 0, 0o666);
-    let out = run("--clear-groups");
-    assert_ne!(out.code, 0);
-    assert!(out.stderr.contains("br0.toml"), "{}", out.stderr);
+    assert_refused(&run("--clear-groups"), &["br0.toml"]);
     assert!(std::fs::read_to_string(&marker).unwrap().is_empty());
 }

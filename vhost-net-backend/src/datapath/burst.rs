@@ -44,12 +44,7 @@ impl<'a> Burst<'a> {
     fn eth(&self, i: usize, segment: u16) -> (&'a [u8; 14], u16) {
         match *self {
             Burst::Guest { frames, .. } => (frames[i].eth(), segment),
-            Burst::Local(f) => (
-                f.head[..14]
-                    .try_into()
-                    .expect("a checked frame's head holds its Ethernet header"),
-                f.segment,
-            ),
+            Burst::Local(f) => (f.eth(), f.segment),
         }
     }
 

@@ -27,9 +27,9 @@ pub struct Frame<'a> {
     pub segment: u16,
 }
 
-impl Frame<'_> {
+impl<'a> Frame<'a> {
     #[inline]
-    pub fn eth(&self) -> &[u8; ETH_HLEN] {
+    pub fn eth(&self) -> &'a [u8; ETH_HLEN] {
         self.head[..ETH_HLEN]
             .try_into()
             .expect("a frame's head holds its Ethernet header")
