@@ -53,9 +53,8 @@ impl TestSwitch {
                     name: p.name.to_string(),
                     socket: dir.path().join(format!("{}.sock", p.name)),
                     vlan: p.vlan,
-                    mac: None,
                     queues: p.queues,
-                    max_macs: None,
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()

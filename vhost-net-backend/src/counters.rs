@@ -31,10 +31,13 @@ pub enum DropReason {
     SpoofedMac,
     /// The policy does not allow it (counted on the sender).
     PolicyDenied,
+    /// From an IP address the port does not own, or claiming one in ARP or neighbour
+    /// discovery, or from another MAC than the port's (with a policy configured).
+    SpoofedIp,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::NoRxBuffer,
         DropReason::RxBufferTooSmall,
         DropReason::BadTxDescriptor,
@@ -46,6 +49,7 @@ impl DropReason {
         DropReason::PortDown,
         DropReason::SpoofedMac,
         DropReason::PolicyDenied,
+        DropReason::SpoofedIp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,6 +65,7 @@ impl DropReason {
             DropReason::PortDown => "port_down",
             DropReason::SpoofedMac => "spoofed_mac",
             DropReason::PolicyDenied => "policy_denied",
+            DropReason::SpoofedIp => "spoofed_ip",
         }
     }
 }

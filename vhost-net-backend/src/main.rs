@@ -102,20 +102,14 @@ fn build_config(args: &Args) -> Result<SwitchConfig> {
         config.ports.push(PortConfig {
             name,
             socket: path.clone(),
-            vlan: None,
-            mac: None,
-            queues: 1,
-            max_macs: None,
+            ..Default::default()
         });
     }
     if let Some(fd) = args.fd {
         config.ports.push(PortConfig {
             name: format!("fd{fd}"),
             socket: PathBuf::new(),
-            vlan: None,
-            mac: None,
-            queues: 1,
-            max_macs: None,
+            ..Default::default()
         });
     }
     if args.mtu.is_some() {

@@ -130,6 +130,7 @@ impl Server {
         mut inherited: Vec<(usize, OwnedFd)>,
     ) -> Result<Server, ServerError> {
         config.validate()?;
+        crate::policy::rules::RuleSet::compile(config)?;
         // The tap first: a failure to open it (no CAP_NET_ADMIN) comes before anything runs.
         let tap = match &config.uplink {
             Some(up) => Some(Arc::new(TapPort::open(up).map_err(|source| {
@@ -140,7 +141,7 @@ impl Server {
             })?)),
             None => None,
         };
-        let dp = Datapath::new(config, tap.clone());
+        let dp = Datapath::new(config, tap.clone())?;
         let mut listeners = Vec::new();
         for (i, p) in config.ports.iter().enumerate() {
             let handed = inherited
@@ -225,6 +226,7 @@ impl Server {
                     rx.recv_timeout(Duration::from_secs(1))
                 {
                     ageing.switch.macs.tick(1);
+                    ageing.policy.tick();
                 }
             })
             .map_err(ServerError::Thread)?;
@@ -270,6 +272,7 @@ impl Server {
             let _ = std::fs::remove_file(path);
         }
         let _ = std::fs::remove_dir_all(&self.private_dir);
+        self.dp.policy.finish();
         for p in &self.dp.ports {
             info!("port {}: {}", p.name, p.counters.snapshot());
         }

@@ -7,13 +7,16 @@
 //! go to one VM's RX queue one after another are written under one lock of it (a run).
 
 use crate::counters::DropReason;
-use crate::endpoint::frame::{Frame, TxFrame};
+use crate::endpoint::frame::{Frame, TxFrame, MAX_HEAD};
 use crate::endpoint::vm::{RxScratch, VmPort};
 use crate::endpoint::{Endpoint, SwitchPort};
 use crate::mem::Ram;
+use crate::packet::l3::{self, L3};
 use crate::packet::meta::FrameMeta;
+use crate::policy::{PolicyCache, PolicyFrame};
 use crate::switch::{DecisionCache, Forward};
 use crate::virtio::chain::Segment;
+use crate::virtio::copy::FrameSource;
 
 use super::Datapath;
 
@@ -48,6 +51,19 @@ impl<'a> Burst<'a> {
         }
     }
 
+    /// Frame `i`'s first bytes (up to `MAX_HEAD`, from its Ethernet header on) and its
+    /// length, for the policy.
+    #[inline]
+    fn head(&self, i: usize) -> (&'a [u8], usize) {
+        match *self {
+            Burst::Guest { frames, .. } => (frames[i].head(), frames[i].len),
+            Burst::Local(f) => match f.src {
+                FrameSource::Local(b) => (&b[..b.len().min(MAX_HEAD)], b.len()),
+                src => (f.head, src.len()),
+            },
+        }
+    }
+
     /// Frame `i`, from a port in `segment` (a local frame knows its own).
     #[inline]
     fn frame(&self, i: usize, segment: u16) -> Frame<'a> {
@@ -65,20 +81,53 @@ pub struct Scratch {
     decisions: DecisionCache,
     /// The decision for each frame of a burst.
     forwards: Vec<Forward>,
+    policy: PolicyCache,
+    /// Each frame as the policy parsed it, and its length (when a policy is configured).
+    l3: Vec<(L3, usize)>,
 }
 
 /// Decides and delivers a burst of frames that came in on `from`. The queues written are
 /// interrupted by `flush`, which the caller runs once it holds nothing another port needs.
 pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) {
     s.forwards.clear();
+    let policy = dp.policy.enabled();
+    if policy {
+        dp.policy.refresh(&mut s.policy);
+        s.l3.clear();
+    }
     for i in 0..burst.len() {
         let (eth, segment) = burst.eth(i, from.segment);
         let meta = FrameMeta::parse(eth);
+        if policy {
+            // Checked before the switch learns the source.
+            let (head, len) = burst.head(i);
+            let parsed = l3::parse(head, segment);
+            s.l3.push((parsed, len));
+            if !dp
+                .policy
+                .source_allows(&s.policy, from.id, meta.src, &parsed)
+            {
+                s.forwards.push(Forward::SpoofedIp);
+                continue;
+            }
+        }
         let forward =
             dp.switch
                 .decide_cached(&mut s.decisions, from.id, segment, meta.src, meta.dst);
         let forward = match forward {
-            Forward::To(p) if !dp.policy.allows(from.id, p, &meta) => Forward::Denied,
+            Forward::To(p) if policy => {
+                let (l3, len) = &s.l3[i];
+                let f = PolicyFrame {
+                    l3,
+                    len: *len,
+                    group: meta.dst.is_multicast(),
+                };
+                if dp.policy.allows(&mut s.policy, from.id, p, f, false) {
+                    forward
+                } else {
+                    Forward::Denied
+                }
+            }
             f => f,
         };
         s.forwards.push(forward);
@@ -91,6 +140,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             Forward::Local => {}
             Forward::Spoofed => from.counters.count_drop(DropReason::SpoofedMac),
             Forward::Denied => from.counters.count_drop(DropReason::PolicyDenied),
+            Forward::SpoofedIp => from.counters.count_drop(DropReason::SpoofedIp),
             Forward::To(p) => {
                 let dst = &dp.ports[usize::from(p)];
                 if let (Some(vm), Burst::Guest { ram, segs, frames }) = (dst.as_vm(), burst) {
@@ -108,11 +158,20 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                 deliver(from, dst, &frame, &mut s.rx);
             }
             Forward::Flood => {
-                let meta = FrameMeta::parse(frame.eth());
+                let group = frame.eth()[0] & 1 != 0;
                 for p in dp.switch.flood_targets(from.id, frame.segment) {
-                    if dp.policy.allows(from.id, p, &meta) {
-                        deliver(from, &dp.ports[usize::from(p)], &frame, &mut s.rx);
+                    if policy && {
+                        let (l3, len) = &s.l3[i];
+                        let f = PolicyFrame {
+                            l3,
+                            len: *len,
+                            group,
+                        };
+                        !dp.policy.allows(&mut s.policy, from.id, p, f, true)
+                    } {
+                        continue;
                     }
+                    deliver(from, &dp.ports[usize::from(p)], &frame, &mut s.rx);
                 }
             }
         }

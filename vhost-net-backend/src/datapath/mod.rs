@@ -8,7 +8,7 @@ pub mod vm_tx;
 
 use std::sync::Arc;
 
-use crate::config::SwitchConfig;
+use crate::config::{ConfigError, SwitchConfig};
 use crate::counters::PortCounters;
 use crate::endpoint::tap::TapPort;
 use crate::endpoint::vm::VmEndpoint;
@@ -33,7 +33,11 @@ pub struct Datapath {
 
 impl Datapath {
     /// The VM ports of `config`, then `tap` (the uplink, opened already) as the last port.
-    pub fn new(config: &SwitchConfig, tap: Option<Arc<TapPort>>) -> Arc<Datapath> {
+    /// Fails on a policy that does not compile.
+    pub fn new(
+        config: &SwitchConfig,
+        tap: Option<Arc<TapPort>>,
+    ) -> Result<Arc<Datapath>, ConfigError> {
         let vms = config.ports.iter().map(|p| {
             (
                 p.name.clone(),
@@ -75,14 +79,15 @@ impl Datapath {
                 max_macs: config.ports.get(usize::from(p.id)).and_then(|c| c.max_macs),
             })
             .collect();
-        Arc::new(Datapath {
+        let policy = Policy::new(config, ports.iter().map(|p| p.name.clone()).collect())?;
+        Ok(Arc::new(Datapath {
             switch: Switch::new(&profiles, config.mac_ageing_secs),
-            policy: Policy::default(),
+            policy,
             ports,
             mtu: config.mtu,
             max_frame_len: config.max_frame_len(),
             poll_us: config.poll_us,
-        })
+        }))
     }
 
     pub fn port_by_name(&self, name: &str) -> Option<&Arc<SwitchPort>> {

@@ -423,10 +423,7 @@ mod tests {
         let port = |name: &str| PortConfig {
             name: name.into(),
             socket: format!("/nonexistent/{name}").into(),
-            vlan: None,
-            mac: None,
-            queues: 1,
-            max_macs: None,
+            ..Default::default()
         };
         Datapath::new(
             &SwitchConfig {
@@ -435,6 +432,7 @@ mod tests {
             },
             None,
         )
+        .expect("no policy to compile")
     }
 
     /// Attaches guest memory `m` to port `id`, with RX queue `rx` if given.

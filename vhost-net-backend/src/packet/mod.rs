@@ -3,6 +3,7 @@
 
 pub mod flow;
 pub mod ingress;
+pub mod l3;
 pub mod meta;
 pub mod offload;
 pub mod vlan;

@@ -1,18 +1,772 @@
 //! The policy stage of the pipeline, between the switch's decision and delivery: which
-//! frames a port may send to another. Like the switch it sees a frame's metadata and port
-//! ids only. Empty for now (everything the switch forwards is allowed); ACLs, connection
-//! tracking and rate limits come here, and cost nothing while none is configured.
+//! frames a port may send to another. Like the switch it sees a frame's bytes as parsed
+//! (`packet::l3`) and port ids only.
+//!
+//! - `source_guard`: a port sends from its own MAC and addresses only.
+//! - `rules`: the ordered allow/deny rules, walked for a flow's first packet.
+//! - `conntrack`: the flows allowed, so that their packets and replies pass on a lookup;
+//!   each worker keeps the flows it saw last in a cache (`PolicyCache`), so an established
+//!   flow costs a cache hit. A rule change bumps the generation: each flow is decided
+//!   again at its next packet.
+//! - `flow_log`: what was allowed and denied.
+//!
+//! With no policy configured the stage is one test of a flag per frame.
 
-use crate::packet::meta::FrameMeta;
-use crate::types::PortId;
+pub mod conntrack;
+pub mod flow_log;
+pub mod rules;
+pub mod source_guard;
 
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use log::{info, warn};
+
+use crate::config::{Action, ConfigError, SwitchConfig};
+use crate::packet::l3::{FlowKey, IcmpKind, IpPacket, L3, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN};
+use crate::types::{MacAddr, PortId};
+use conntrack::{tcp, Conn, Conntrack, Dir, Full};
+use flow_log::{proto_name, tcp_flags_text, DeniedLog, FlowLog, FlowRecord};
+use rules::{count_hit, Decider, RuleSet};
+
+/// Flows each worker remembers (a direct-mapped cache).
+const CACHE_SLOTS: usize = 1024;
+
+/// Counters of the policy as a whole.
 #[derive(Debug, Default)]
-pub struct Policy {}
+pub struct PolicyCounters {
+    /// New flows refused because the table was full, or the port had its share.
+    pub table_full: AtomicU64,
+    pub port_full: AtomicU64,
+    /// Frames from an address or MAC the port does not own.
+    pub spoofed: AtomicU64,
+}
+
+/// A frame as the policy stage decides on it.
+#[derive(Clone, Copy)]
+pub struct PolicyFrame<'a> {
+    pub l3: &'a L3,
+    /// Its length in bytes.
+    pub len: usize,
+    /// It goes to a multicast or broadcast MAC: the rules alone decide, no flow is tracked.
+    pub group: bool,
+}
+
+struct CachedFlow {
+    key: FlowKey,
+    conn: Arc<Conn>,
+    dir: Dir,
+}
+
+/// A worker's view of the policy: the rule set it last saw and the flows it saw last.
+pub struct PolicyCache {
+    generation: u64,
+    rules: Arc<RuleSet>,
+    slots: Box<[Option<CachedFlow>]>,
+}
+
+impl Default for PolicyCache {
+    fn default() -> Self {
+        PolicyCache {
+            generation: u64::MAX,
+            rules: Arc::new(RuleSet::default()),
+            slots: (0..CACHE_SLOTS).map(|_| None).collect(),
+        }
+    }
+}
+
+pub struct Policy {
+    enabled: AtomicBool,
+    rules: Mutex<Arc<RuleSet>>,
+    generation: AtomicU64,
+    pub conntrack: Conntrack,
+    /// Seconds since start, moved by `tick`: what conntrack's timestamps count in.
+    clock: AtomicU32,
+    started: Instant,
+    started_unix: u64,
+    pub counters: PolicyCounters,
+    pub denied: DeniedLog,
+    full_reported: AtomicU8,
+    log: Mutex<Option<FlowLog>>,
+    log_interval: u32,
+    names: Vec<String>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 impl Policy {
-    /// Whether a frame from port `src` may be delivered to port `dst`.
+    /// The policy of `config`, for its ports (named `names`, the uplink last if any).
+    pub fn new(config: &SwitchConfig, names: Vec<String>) -> Result<Policy, ConfigError> {
+        let rules = RuleSet::compile(config)?;
+        let settings = config.policy.clone().unwrap_or_default();
+        if settings.max_flows == 0 || settings.max_flows_per_port == 0 {
+            return Err(ConfigError::Policy(
+                "max_flows and max_flows_per_port must be at least 1".into(),
+            ));
+        }
+        let log = match &settings.flow_log {
+            Some(path) => Some(
+                FlowLog::open(path.clone(), settings.flow_log_max_bytes).map_err(|e| {
+                    ConfigError::Policy(format!("flow_log {}: {e}", path.display()))
+                })?,
+            ),
+            None => None,
+        };
+        Ok(Policy {
+            enabled: AtomicBool::new(rules.enabled),
+            rules: Mutex::new(Arc::new(rules)),
+            generation: AtomicU64::new(0),
+            conntrack: Conntrack::new(names.len(), settings.max_flows, settings.max_flows_per_port),
+            clock: AtomicU32::new(0),
+            started: Instant::now(),
+            started_unix: unix_now(),
+            counters: PolicyCounters::default(),
+            denied: DeniedLog::default(),
+            full_reported: AtomicU8::new(0),
+            log: Mutex::new(log),
+            log_interval: settings.flow_log_interval_secs.clamp(1, 86_400) as u32,
+            names,
+        })
+    }
+
     #[inline(always)]
-    pub fn allows(&self, _src: PortId, _dst: PortId, _meta: &FrameMeta) -> bool {
-        true
+    pub fn enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    /// The rules in force.
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.rules.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Puts `config`'s rules, groups and addresses in force; tracked flows are decided
+    /// again at their next packet. An error leaves the running rules as they are.
+    pub fn replace(&self, config: &SwitchConfig) -> Result<(), ConfigError> {
+        let rules = RuleSet::compile(config)?;
+        if rules.ports.len() != self.names.len() {
+            return Err(ConfigError::Policy(
+                "ports cannot be added or removed by a reload: restart the switch".into(),
+            ));
+        }
+        let enabled = rules.enabled;
+        *self.rules.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
+        self.generation.fetch_add(1, Ordering::Release);
+        self.enabled.store(enabled, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Brings a worker's cache up to the rules in force; once per burst.
+    #[inline]
+    pub fn refresh(&self, cache: &mut PolicyCache) {
+        let g = self.generation.load(Ordering::Acquire);
+        if g != cache.generation {
+            cache.rules = self.rules();
+            cache.generation = g;
+        }
+    }
+
+    pub fn now(&self) -> u32 {
+        self.clock.load(Ordering::Relaxed)
+    }
+
+    /// Whether port `src` may send this frame at all (anti-spoofing).
+    #[inline]
+    pub fn source_allows(&self, cache: &PolicyCache, src: PortId, mac: MacAddr, l3: &L3) -> bool {
+        let ok = cache
+            .rules
+            .ports
+            .get(usize::from(src))
+            .is_none_or(|p| source_guard::allows(p, mac, l3));
+        if !ok {
+            self.counters.spoofed.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Whether frame `f` from port `src` may go to port `dst`. `quiet`: a copy of a
+    /// flooded frame (a refusal is not logged: the copy that reaches the destination's
+    /// port once it is learned decides).
+    #[inline]
+    pub fn allows(
+        &self,
+        cache: &mut PolicyCache,
+        src: PortId,
+        dst: PortId,
+        f: PolicyFrame<'_>,
+        quiet: bool,
+    ) -> bool {
+        let (len, group) = (f.len, f.group);
+        let p = match f.l3 {
+            L3::Arp { .. } => return true,
+            L3::BadIp | L3::Other(_) => return cache.rules.default == Action::Allow,
+            L3::Ip(p) => p,
+        };
+        let rules = &cache.rules;
+        let from_outside = rules.ports.get(usize::from(src)).is_some_and(|p| p.uplink);
+        match p.icmp {
+            Some(IcmpKind::Neighbour) => return true,
+            Some(IcmpKind::Router) => return from_outside,
+            Some(IcmpKind::Error) => {
+                if let Some(k) = p.related {
+                    let h = self.conntrack.hash(&k);
+                    if let Some((c, _)) = self.conntrack.lookup(&k, h) {
+                        let ports = [c.orig_port, c.reply_port];
+                        if ports.contains(&src) && ports.contains(&dst) {
+                            return true;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        if p.key.proto == PROTO_UDP && p.key.dport == 67 && p.key.sport == 68 {
+            return true;
+        }
+        if p.key.proto == PROTO_UDP && p.key.sport == 67 && p.key.dport == 68 && from_outside {
+            return true;
+        }
+        if group || p.later_fragment {
+            let (action, rule) = rules.decide(src, dst, &p.key);
+            if action == Action::Deny && !quiet {
+                self.deny(src, dst, p, len, rule);
+            }
+            return action == Action::Allow;
+        }
+        self.stateful(cache, src, dst, p, len, quiet)
+    }
+
+    #[inline]
+    fn stateful(
+        &self,
+        cache: &mut PolicyCache,
+        src: PortId,
+        dst: PortId,
+        p: &IpPacket,
+        len: usize,
+        quiet: bool,
+    ) -> bool {
+        let now = self.now();
+        let hash = self.conntrack.hash(&p.key);
+        let slot = (hash as usize) % CACHE_SLOTS;
+        if let Some(f) = &cache.slots[slot] {
+            if f.key == p.key
+                && f.conn.alive.load(Ordering::Relaxed)
+                && f.conn.generation.load(Ordering::Relaxed) == cache.generation
+            {
+                if on_path(&f.conn, f.dir, src, dst) {
+                    return f.conn.count(f.dir, len, p.tcp_flags, now);
+                }
+                return self.stateless(cache, src, dst, p, len, quiet);
+            }
+        }
+        if let Some((conn, dir)) = self.conntrack.lookup(&p.key, hash) {
+            if conn.generation.load(Ordering::Relaxed) != cache.generation {
+                // The rules changed since it was allowed: decide it again.
+                let (action, _) = cache
+                    .rules
+                    .decide(conn.orig_port, conn.reply_port, &conn.key);
+                if action == Action::Deny {
+                    self.end(&conn, &cache.rules);
+                    return self.stateless(cache, src, dst, p, len, quiet);
+                }
+                conn.generation.store(cache.generation, Ordering::Relaxed);
+            }
+            if !on_path(&conn, dir, src, dst) {
+                return self.stateless(cache, src, dst, p, len, quiet);
+            }
+            let ok = conn.count(dir, len, p.tcp_flags, now);
+            cache.slots[slot] = Some(CachedFlow {
+                key: p.key,
+                conn,
+                dir,
+            });
+            return ok;
+        }
+        let (action, rule) = cache.rules.decide(src, dst, &p.key);
+        if action == Action::Deny {
+            if !quiet {
+                self.deny(src, dst, p, len, rule);
+            }
+            return false;
+        }
+        // A TCP flow begins with a SYN; anything else has no connection to belong to.
+        if p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+            if !quiet {
+                self.deny(src, dst, p, len, rule);
+            }
+            return false;
+        }
+        let conn = Conn {
+            key: p.key,
+            orig_port: src,
+            reply_port: dst,
+            rule,
+            generation: AtomicU64::new(cache.generation),
+            started_unix: unix_now(),
+            state: AtomicU8::new(if p.key.proto == PROTO_TCP {
+                tcp::SYN_SENT
+            } else {
+                tcp::NONE
+            }),
+            alive: AtomicBool::new(true),
+            dirs: Default::default(),
+            logged: Mutex::new([(0, 0); 2]),
+        };
+        match self.conntrack.insert(conn) {
+            Ok((conn, dir)) => {
+                count_hit(&cache.rules, rule);
+                let ok = on_path(&conn, dir, src, dst) && conn.count(dir, len, p.tcp_flags, now);
+                cache.slots[slot] = Some(CachedFlow {
+                    key: p.key,
+                    conn,
+                    dir,
+                });
+                ok
+            }
+            Err(full) => {
+                self.full(full, src);
+                false
+            }
+        }
+    }
+
+    /// A packet on a tracked flow's key but between other ports: the rules alone decide,
+    /// and it starts no flow of its own.
+    fn stateless(
+        &self,
+        cache: &PolicyCache,
+        src: PortId,
+        dst: PortId,
+        p: &IpPacket,
+        len: usize,
+        quiet: bool,
+    ) -> bool {
+        let (action, rule) = cache.rules.decide(src, dst, &p.key);
+        if action == Action::Deny && !quiet {
+            self.deny(src, dst, p, len, rule);
+        }
+        action == Action::Allow
+    }
+
+    #[cold]
+    fn deny(&self, src: PortId, dst: PortId, p: &IpPacket, len: usize, rule: Decider) {
+        self.denied.record(
+            src,
+            dst,
+            &p.key,
+            len,
+            rule,
+            self.started_unix + u64::from(self.now()),
+        );
+    }
+
+    #[cold]
+    fn full(&self, full: Full, src: PortId) {
+        let (counter, bit, what) = match full {
+            Full::Table => (&self.counters.table_full, 1, "the connection table is full"),
+            Full::Port => (
+                &self.counters.port_full,
+                2,
+                "the port has its share of flows",
+            ),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        if self.full_reported.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            warn!(
+                "policy: new flows from port {} refused: {what} (max_flows {}, \
+                 max_flows_per_port {}); counted, reported once",
+                self.name(src),
+                self.conntrack.max,
+                self.conntrack.max_per_port
+            );
+        }
+    }
+
+    fn name(&self, port: PortId) -> &str {
+        self.names
+            .get(usize::from(port))
+            .map_or("?", |n| n.as_str())
+    }
+
+    /// Stops tracking `conn`, logs it as ended and adds its traffic to its rule's.
+    fn end(&self, conn: &Conn, rules: &RuleSet) {
+        if !conn.alive.load(Ordering::Relaxed) {
+            return;
+        }
+        self.conntrack.remove(conn);
+        let [a, b] = conn.totals();
+        if let Some(r) = conn.rule.and_then(|i| rules.rules.get(i as usize)) {
+            r.counters.packets.fetch_add(a.0 + b.0, Ordering::Relaxed);
+            r.counters.bytes.fetch_add(a.1 + b.1, Ordering::Relaxed);
+        }
+        self.log_conn(conn, "end", rules);
+    }
+
+    /// Ends every tracked flow matching `filter`; returns how many.
+    pub fn flush(&self, filter: impl Fn(&Conn) -> bool) -> usize {
+        let rules = self.rules();
+        let mut n = 0;
+        for c in self.conntrack.all().iter().filter(|c| filter(c)) {
+            self.end(c, &rules);
+            n += 1;
+        }
+        n
+    }
+
+    /// Once a second: moves the clock, ends expired flows and writes the flow log.
+    pub fn tick(&self) {
+        let now = self.started.elapsed().as_secs() as u32;
+        self.clock.store(now, Ordering::Relaxed);
+        if !self.enabled() && self.conntrack.is_empty() {
+            return;
+        }
+        let rules = self.rules();
+        for c in self.conntrack.expired(now) {
+            self.end(&c, &rules);
+        }
+        if now.is_multiple_of(self.log_interval) {
+            self.log_interval_records(&rules);
+        }
+        if self.full_reported.load(Ordering::Relaxed) != 0
+            && self.conntrack.len() * 2 < self.conntrack.max
+        {
+            self.full_reported.store(0, Ordering::Relaxed);
+        }
+    }
+
+    fn log_interval_records(&self, rules: &RuleSet) {
+        if self.log.lock().map_or(true, |l| l.is_none()) {
+            self.denied.take();
+            return;
+        }
+        for c in self.conntrack.all() {
+            self.log_conn(&c, "interval", rules);
+        }
+        let end = unix_now();
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(log) = log.as_mut() else { return };
+        for ((src, dst, key), d) in self.denied.take() {
+            log.write(&self.record(
+                "denied",
+                (d.first_unix, end),
+                (src, dst),
+                &key,
+                [(d.packets, d.bytes), (0, 0)],
+                0,
+                ("deny", rules.decider_name(d.rule)),
+                rules,
+            ));
+        }
+    }
+
+    /// Logs what `conn` carried since it was last logged (an `interval` record with
+    /// nothing new is left out).
+    fn log_conn(&self, conn: &Conn, event: &str, rules: &RuleSet) {
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(log) = log.as_mut() else { return };
+        let totals = conn.totals();
+        let mut logged = conn.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let delta = [0, 1].map(|i| (totals[i].0 - logged[i].0, totals[i].1 - logged[i].1));
+        if event == "interval" && delta[0].0 + delta[1].0 == 0 {
+            return;
+        }
+        *logged = totals;
+        let flags =
+            conn.dirs[0].flags.load(Ordering::Relaxed) | conn.dirs[1].flags.load(Ordering::Relaxed);
+        log.write(&self.record(
+            event,
+            (
+                conn.started_unix,
+                self.started_unix + u64::from(conn.last_seen()),
+            ),
+            (conn.orig_port, conn.reply_port),
+            &conn.key,
+            delta,
+            flags,
+            ("allow", rules.decider_name(conn.rule)),
+            rules,
+        ));
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record<'a>(
+        &'a self,
+        event: &'a str,
+        (start, end): (u64, u64),
+        (src, dst): (PortId, PortId),
+        key: &FlowKey,
+        counts: [(u64, u64); 2],
+        flags: u8,
+        (verdict, rule): (&'a str, &'a str),
+        rules: &'a RuleSet,
+    ) -> FlowRecord<'a> {
+        let groups = |p: PortId| {
+            rules
+                .ports
+                .get(usize::from(p))
+                .map_or(Vec::new(), |p| rules.group_names(p.groups))
+        };
+        FlowRecord {
+            event,
+            start,
+            end: end.max(start),
+            src_port: self.name(src),
+            dst_port: self.name(dst),
+            src_groups: groups(src),
+            dst_groups: groups(dst),
+            segment: key.zone,
+            proto: proto_name(key.proto),
+            src: key.src.to_string(),
+            dst: key.dst.to_string(),
+            sport: key.sport,
+            dport: key.dport,
+            packets: counts[0].0,
+            bytes: counts[0].1,
+            packets_back: counts[1].0,
+            bytes_back: counts[1].1,
+            tcp_flags: tcp_flags_text(flags),
+            verdict,
+            rule,
+        }
+    }
+
+    /// Logs a summary at shutdown and writes what the log has not yet shown.
+    pub fn finish(&self) {
+        if !self.enabled() {
+            return;
+        }
+        let rules = self.rules();
+        for c in self.conntrack.all() {
+            self.end(&c, &rules);
+        }
+        self.log_interval_records(&rules);
+        info!(
+            "policy: {} spoofed frames, {} flows refused for a full table",
+            self.counters.spoofed.load(Ordering::Relaxed),
+            self.counters.table_full.load(Ordering::Relaxed)
+                + self.counters.port_full.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Whether a packet going `dir` from `src` to `dst` travels between the flow's ports.
+#[inline]
+fn on_path(c: &Conn, dir: Dir, src: PortId, dst: PortId) -> bool {
+    match dir {
+        Dir::Orig => src == c.orig_port && dst == c.reply_port,
+        Dir::Reply => src == c.reply_port && dst == c.orig_port,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PortConfig;
+    use crate::packet::l3::{Ip, PROTO_ICMP, TCP_FIN, TCP_RST};
+
+    const WEB: PortId = 0;
+    const APP: PortId = 1;
+    const DB: PortId = 2;
+
+    fn config(extra: &str) -> SwitchConfig {
+        let mut c = SwitchConfig::from_toml(&format!(
+            "[[rule]]\nname = \"web-app\"\naction = \"allow\"\nfrom = \"web\"\nto = \"app\"\n\
+             proto = \"tcp\"\nports = 8080\n{extra}"
+        ))
+        .unwrap();
+        for (i, g) in ["web", "app", "db"].iter().enumerate() {
+            c.ports.push(PortConfig {
+                name: format!("{g}1"),
+                socket: format!("/{g}").into(),
+                groups: vec![g.to_string()],
+                addresses: vec![format!("10.0.0.{}", i + 1).parse().unwrap()],
+                ..Default::default()
+            });
+        }
+        c
+    }
+
+    fn policy(extra: &str) -> (Policy, PolicyCache) {
+        let c = config(extra);
+        let p = Policy::new(&c, c.ports.iter().map(|p| p.name.clone()).collect()).unwrap();
+        let mut cache = PolicyCache::default();
+        p.refresh(&mut cache);
+        (p, cache)
+    }
+
+    fn fr(l3: &L3, len: usize) -> PolicyFrame<'_> {
+        PolicyFrame {
+            l3,
+            len,
+            group: false,
+        }
+    }
+
+    fn tcp(src: PortId, dst: PortId, sport: u16, dport: u16, flags: u8) -> L3 {
+        L3::Ip(IpPacket {
+            key: FlowKey {
+                src: Ip::v4([10, 0, 0, src as u8 + 1]),
+                dst: Ip::v4([10, 0, 0, dst as u8 + 1]),
+                sport,
+                dport,
+                proto: PROTO_TCP,
+                zone: 0,
+            },
+            tcp_flags: flags,
+            icmp: None,
+            related: None,
+            nd_target: None,
+            nd_is_advert: false,
+            later_fragment: false,
+        })
+    }
+
+    #[test]
+    fn allowed_flows_get_replies_and_nothing_else_passes() {
+        let (p, mut c) = policy("");
+        let mut pass = |src, dst, l3: L3| p.allows(&mut c, src, dst, fr(&l3, 60), false);
+        assert!(pass(WEB, APP, tcp(WEB, APP, 40000, 8080, TCP_SYN)));
+        assert!(pass(
+            APP,
+            WEB,
+            tcp(APP, WEB, 8080, 40000, TCP_SYN | TCP_ACK)
+        ));
+        assert!(pass(WEB, APP, tcp(WEB, APP, 40000, 8080, TCP_ACK)));
+        assert!(pass(APP, WEB, tcp(APP, WEB, 8080, 40000, TCP_ACK)));
+        // The reverse as a new connection, another port, a mid-stream packet: denied.
+        assert!(!pass(APP, WEB, tcp(APP, WEB, 40001, 8080, TCP_SYN)));
+        assert!(!pass(WEB, DB, tcp(WEB, DB, 40002, 8080, TCP_SYN)));
+        assert!(!pass(WEB, APP, tcp(WEB, APP, 40003, 8080, TCP_ACK)));
+        // A reply forged by a third port, with the flow's addresses: not on the flow's path.
+        assert!(!pass(DB, WEB, tcp(APP, WEB, 8080, 40000, TCP_ACK)));
+        assert_eq!(p.conntrack.len(), 1);
+        let conn = p.conntrack.all().pop().unwrap();
+        assert_eq!(conn.state.load(Ordering::Relaxed), tcp::ESTABLISHED);
+        assert_eq!(conn.totals()[0].0, 2);
+        // Teardown: FINs both ways, then it expires two minutes later.
+        assert!(pass(
+            WEB,
+            APP,
+            tcp(WEB, APP, 40000, 8080, TCP_FIN | TCP_ACK)
+        ));
+        assert!(pass(
+            APP,
+            WEB,
+            tcp(APP, WEB, 8080, 40000, TCP_FIN | TCP_ACK)
+        ));
+        assert_eq!(conn.state.load(Ordering::Relaxed), tcp::TIME_WAIT);
+        assert!(pass(WEB, APP, tcp(WEB, APP, 40000, 8080, TCP_RST)));
+        assert!(!pass(WEB, APP, tcp(WEB, APP, 40000, 8080, TCP_ACK)));
+        assert_eq!(p.rules().rules[0].counters.hits.load(Ordering::Relaxed), 1);
+        // Three denied attempts (the forged reply is denied too), aggregated by flow.
+        assert_eq!(p.denied.take().len(), 4);
+    }
+
+    #[test]
+    fn a_rule_change_decides_tracked_flows_again() {
+        let (p, mut c) = policy("");
+        assert!(p.allows(
+            &mut c,
+            WEB,
+            APP,
+            fr(&tcp(WEB, APP, 1, 8080, TCP_SYN), 60),
+            false
+        ));
+        // The same file without the rule: the flow's next packet is refused.
+        let mut none = config("");
+        none.rules.clear();
+        none.policy = Some(Default::default());
+        p.replace(&none).unwrap();
+        p.refresh(&mut c);
+        assert!(!p.allows(
+            &mut c,
+            WEB,
+            APP,
+            fr(&tcp(WEB, APP, 1, 8080, TCP_ACK), 60),
+            false
+        ));
+        assert!(p.conntrack.is_empty(), "the flow is no longer tracked");
+        // A config that does not compile changes nothing.
+        let mut bad = config("");
+        bad.rules[0].to = crate::config::policy::OneOrMany::One("nowhere".into());
+        assert!(p.replace(&bad).is_err());
+        assert!(p.rules().rules.is_empty());
+    }
+
+    #[test]
+    fn related_icmp_errors_pass_for_tracked_flows_only() {
+        let (p, mut c) = policy("");
+        assert!(p.allows(
+            &mut c,
+            WEB,
+            APP,
+            fr(&tcp(WEB, APP, 7, 8080, TCP_SYN), 60),
+            false
+        ));
+        let L3::Ip(syn) = tcp(WEB, APP, 7, 8080, TCP_SYN) else {
+            unreachable!()
+        };
+        let unreachable = |related: FlowKey| {
+            L3::Ip(IpPacket {
+                key: FlowKey {
+                    src: related.dst,
+                    dst: related.src,
+                    proto: PROTO_ICMP,
+                    ..Default::default()
+                },
+                icmp: Some(IcmpKind::Error),
+                related: Some(related),
+                ..syn
+            })
+        };
+        assert!(p.allows(&mut c, APP, WEB, fr(&unreachable(syn.key), 90), false));
+        let mut other = syn.key;
+        other.dport = 22;
+        assert!(!p.allows(&mut c, APP, WEB, fr(&unreachable(other), 90), false));
+        assert!(!p.allows(&mut c, DB, WEB, fr(&unreachable(syn.key), 90), false));
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_flows_of_that_port_only() {
+        let (p, mut c) = policy(
+            "[policy]\nmax_flows = 100\nmax_flows_per_port = 3\n[[rule]]\naction = \"allow\"\n",
+        );
+        for sport in 0..3 {
+            assert!(p.allows(
+                &mut c,
+                WEB,
+                DB,
+                fr(&tcp(WEB, DB, sport, 5432, TCP_SYN), 60),
+                false
+            ));
+        }
+        assert!(!p.allows(
+            &mut c,
+            WEB,
+            DB,
+            fr(&tcp(WEB, DB, 9, 5432, TCP_SYN), 60),
+            false
+        ));
+        assert!(p.allows(
+            &mut c,
+            APP,
+            DB,
+            fr(&tcp(APP, DB, 9, 5432, TCP_SYN), 60),
+            false
+        ));
+        assert_eq!(p.counters.port_full.load(Ordering::Relaxed), 1);
+        // The tracked ones still pass.
+        assert!(p.allows(
+            &mut c,
+            WEB,
+            DB,
+            fr(&tcp(WEB, DB, 1, 5432, TCP_ACK), 60),
+            false
+        ));
     }
 }

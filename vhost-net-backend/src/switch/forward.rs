@@ -13,4 +13,6 @@ pub enum Forward {
     Spoofed,
     /// The policy does not let it through (set by the pipeline's policy stage).
     Denied,
+    /// The port does not own the frame's source address (set by the policy stage).
+    SpoofedIp,
 }

@@ -1,11 +1,15 @@
 //! The switch configuration: from a TOML file or from `--port` specs on the command line.
 
+pub mod policy;
+
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 pub use crate::types::MacAddr;
+pub use policy::{Action, PolicyConfig, RuleConfig};
 use thiserror::Error;
 
 /// Largest number of queue pairs one port may offer.
@@ -24,7 +28,7 @@ pub enum ConfigError {
     },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("port spec '{spec}': {message} (expected name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N])")]
+    #[error("port spec '{spec}': {message} (expected name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N][,group=G]...[,ip=ADDR]...)")]
     PortSpec { spec: String, message: String },
     #[error("port '{port}': {message}")]
     Port { port: String, message: String },
@@ -36,6 +40,10 @@ pub enum ConfigError {
     PollUs(u64),
     #[error("mtu {0} is out of range: use 68..=65521")]
     Mtu(u32),
+    #[error("{at}: {message}")]
+    Rule { at: String, message: String },
+    #[error("[policy]: {0}")]
+    Policy(String),
 }
 
 fn default_queues() -> u16 {
@@ -63,6 +71,28 @@ pub struct PortConfig {
     /// table's per-port limit are learned, and a guest may send from any MAC.
     #[serde(default)]
     pub max_macs: Option<u16>,
+    /// The groups (tiers) the port belongs to, which rules name.
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// The IP addresses the guest owns. Given any of a family, it may send from no other of
+    /// that family (nor claim one in ARP or neighbour discovery).
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+}
+
+impl Default for PortConfig {
+    fn default() -> Self {
+        PortConfig {
+            name: String::new(),
+            socket: PathBuf::new(),
+            vlan: None,
+            mac: None,
+            queues: 1,
+            max_macs: None,
+            groups: Vec::new(),
+            addresses: Vec::new(),
+        }
+    }
 }
 
 impl PortConfig {
@@ -73,7 +103,7 @@ impl PortConfig {
             message,
         };
         let (mut name, mut socket, mut vlan, mut mac, mut queues) = (None, None, None, None, 1);
-        let mut max_macs = None;
+        let (mut max_macs, mut groups, mut addresses) = (None, Vec::new(), Vec::new());
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = item
                 .split_once('=')
@@ -99,6 +129,11 @@ impl PortConfig {
                             .map_err(|_| err(format!("max_macs '{v}' is not a number")))?,
                     )
                 }
+                "group" => groups.push(v.to_string()),
+                "ip" => addresses.push(
+                    v.parse()
+                        .map_err(|_| err(format!("ip '{v}' is not an IPv4 or IPv6 address")))?,
+                ),
                 _ => return Err(err(format!("unknown key '{k}'"))),
             }
         }
@@ -109,6 +144,8 @@ impl PortConfig {
             mac,
             queues,
             max_macs,
+            groups,
+            addresses,
         })
     }
 
@@ -198,6 +235,15 @@ pub struct SwitchConfig {
     /// lower latency for a core's worth of CPU. 0: off.
     #[serde(default)]
     pub poll_us: u64,
+    /// The policy's settings; present, or with any rule, traffic no rule allows is dropped.
+    #[serde(default)]
+    pub policy: Option<PolicyConfig>,
+    /// The policy's rules, first match deciding.
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+    /// Where each rule starts in the file it came from ("line L, column C"), for errors.
+    #[serde(skip)]
+    pub rule_positions: Vec<String>,
 }
 
 impl Default for SwitchConfig {
@@ -209,6 +255,9 @@ impl Default for SwitchConfig {
             ports: Vec::new(),
             uplink: None,
             poll_us: 0,
+            policy: None,
+            rules: Vec::new(),
+            rule_positions: Vec::new(),
         }
     }
 }
@@ -226,7 +275,41 @@ impl SwitchConfig {
     }
 
     pub fn from_toml(text: &str) -> Result<SwitchConfig, String> {
-        toml::from_str(text).map_err(|e| e.to_string())
+        #[derive(Deserialize)]
+        struct RulePositions {
+            #[serde(default)]
+            rule: Vec<toml::Spanned<serde::de::IgnoredAny>>,
+        }
+        let mut config: SwitchConfig = toml::from_str(text).map_err(|e| e.to_string())?;
+        let positions: RulePositions = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.rule_positions = positions
+            .rule
+            .iter()
+            .map(|r| {
+                let before = &text[..r.span().start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                format!("line {line}, column {column}")
+            })
+            .collect();
+        Ok(config)
+    }
+
+    /// Whether a policy is configured: then traffic no rule allows is dropped.
+    pub fn has_policy(&self) -> bool {
+        self.policy.is_some() || !self.rules.is_empty()
+    }
+
+    /// Where rule `i` was written, for errors: its position in the file, or its number.
+    pub fn rule_at(&self, i: usize) -> String {
+        let name = self.rules[i]
+            .name
+            .as_ref()
+            .map_or(String::new(), |n| format!(" '{n}'"));
+        match self.rule_positions.get(i) {
+            Some(pos) => format!("rule {}{name} ({pos})", i + 1),
+            None => format!("rule {}{name}", i + 1),
+        }
     }
 
     /// Largest Ethernet frame (without the virtio-net header) forwarded as one frame.

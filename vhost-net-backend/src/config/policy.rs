@@ -1,0 +1,125 @@
+//! The policy part of the switch configuration: `[policy]` and the ordered `[[rule]]`
+//! list, as written; `policy::rules` compiles them.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+pub const DEFAULT_MAX_FLOWS: usize = 262_144;
+pub const DEFAULT_MAX_FLOWS_PER_PORT: usize = 65_536;
+pub const DEFAULT_FLOW_LOG_MAX_BYTES: u64 = 64 << 20;
+pub const DEFAULT_FLOW_LOG_INTERVAL_SECS: u64 = 60;
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    #[default]
+    Deny,
+}
+
+impl Action {
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+/// One value or a list of them.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    pub fn as_slice(&self) -> &[T] {
+        match self {
+            OneOrMany::One(v) => std::slice::from_ref(v),
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// A destination port or range: `443` or `"8000-8100"`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PortItem {
+    Number(u16),
+    Text(String),
+}
+
+fn default_max_flows() -> usize {
+    DEFAULT_MAX_FLOWS
+}
+fn default_max_flows_per_port() -> usize {
+    DEFAULT_MAX_FLOWS_PER_PORT
+}
+fn default_log_bytes() -> u64 {
+    DEFAULT_FLOW_LOG_MAX_BYTES
+}
+fn default_log_interval() -> u64 {
+    DEFAULT_FLOW_LOG_INTERVAL_SECS
+}
+
+/// `[policy]`: present (or any `[[rule]]` present) turns the policy on.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// What happens to traffic no rule decides: `deny` unless set to `allow`.
+    #[serde(default)]
+    pub default: Action,
+    /// Tracked connections, in all.
+    #[serde(default = "default_max_flows")]
+    pub max_flows: usize,
+    /// Tracked connections one port may open, so that one guest cannot take every entry.
+    #[serde(default = "default_max_flows_per_port")]
+    pub max_flows_per_port: usize,
+    /// Flow log: one JSON line per flow per interval and when it ends.
+    #[serde(default)]
+    pub flow_log: Option<PathBuf>,
+    /// The log is rotated (to `FILE.1`) past this size.
+    #[serde(default = "default_log_bytes")]
+    pub flow_log_max_bytes: u64,
+    #[serde(default = "default_log_interval")]
+    pub flow_log_interval_secs: u64,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        PolicyConfig {
+            default: Action::Deny,
+            max_flows: DEFAULT_MAX_FLOWS,
+            max_flows_per_port: DEFAULT_MAX_FLOWS_PER_PORT,
+            flow_log: None,
+            flow_log_max_bytes: DEFAULT_FLOW_LOG_MAX_BYTES,
+            flow_log_interval_secs: DEFAULT_FLOW_LOG_INTERVAL_SECS,
+        }
+    }
+}
+
+fn any() -> OneOrMany<String> {
+    OneOrMany::One("any".into())
+}
+
+/// One `[[rule]]`: traffic `from` -> `to` of protocol `proto` to destination `ports`.
+/// `from` and `to` name groups (ports' `groups`), CIDRs, `outside` (the uplink) or `any`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub action: Action,
+    #[serde(default = "any")]
+    pub from: OneOrMany<String>,
+    #[serde(default = "any")]
+    pub to: OneOrMany<String>,
+    /// `tcp`, `udp`, `icmp`, `icmpv6` or `any`.
+    #[serde(default)]
+    pub proto: Option<String>,
+    #[serde(default)]
+    pub ports: Option<OneOrMany<PortItem>>,
+}

@@ -1,0 +1,429 @@
+//! Connection tracking: the flows the rules allowed, so that their later packets and their
+//! replies pass without a rule walk. Bounded in total and per port: when a port has opened
+//! its share, its new flows are refused (and counted), never another port's evicted.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::packet::l3::{
+    FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
+use crate::types::PortId;
+
+use super::rules::Decider;
+
+const SHARDS: usize = 64;
+
+/// Which way a packet goes along its connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    /// As the first packet did.
+    Orig = 0,
+    Reply = 1,
+}
+
+/// TCP states, as far as timeouts need them.
+pub mod tcp {
+    pub const SYN_SENT: u8 = 0;
+    pub const SYN_RECV: u8 = 1;
+    pub const ESTABLISHED: u8 = 2;
+    pub const FIN_WAIT: u8 = 3;
+    pub const TIME_WAIT: u8 = 4;
+    pub const CLOSE: u8 = 5;
+    /// Not TCP.
+    pub const NONE: u8 = 255;
+
+    pub fn name(s: u8) -> &'static str {
+        match s {
+            SYN_SENT => "syn_sent",
+            SYN_RECV => "syn_recv",
+            ESTABLISHED => "established",
+            FIN_WAIT => "fin_wait",
+            TIME_WAIT => "time_wait",
+            CLOSE => "close",
+            _ => "",
+        }
+    }
+}
+
+/// Seconds a connection lives without packets, as Linux conntrack's defaults.
+pub fn timeout_secs(proto: u8, state: u8, replied: bool) -> u32 {
+    match (proto, state) {
+        (PROTO_TCP, tcp::SYN_SENT) => 120,
+        (PROTO_TCP, tcp::SYN_RECV) => 60,
+        (PROTO_TCP, tcp::ESTABLISHED) => 432_000,
+        (PROTO_TCP, tcp::FIN_WAIT | tcp::TIME_WAIT) => 120,
+        (PROTO_TCP, _) => 10,
+        (PROTO_ICMP | PROTO_ICMPV6, _) => 30,
+        _ if replied => 120,
+        _ => 30,
+    }
+}
+
+/// One direction's counters, on a cache line of its own: each direction is counted by
+/// the worker of the port that sends it.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct DirCounters {
+    pub packets: AtomicU64,
+    pub bytes: AtomicU64,
+    /// TCP flags seen, ORed.
+    pub flags: AtomicU8,
+    /// Switch clock seconds of the last packet.
+    pub last_seen: AtomicU32,
+}
+
+/// A tracked connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// Its first packet's key.
+    pub key: FlowKey,
+    /// The port that opened it and the port it was allowed to.
+    pub orig_port: PortId,
+    pub reply_port: PortId,
+    pub rule: Decider,
+    /// The rule set generation that allowed it: a later one decides it again.
+    pub generation: AtomicU64,
+    /// Unix time it started, for the flow log.
+    pub started_unix: u64,
+    pub state: AtomicU8,
+    /// Cleared when it is removed: cached references see it.
+    pub alive: AtomicBool,
+    pub dirs: [DirCounters; 2],
+    /// Packets and bytes each way already reported in the flow log.
+    pub logged: Mutex<[(u64, u64); 2]>,
+}
+
+impl Conn {
+    /// Counts a packet of `len` bytes going `dir` at clock `now`, with TCP flags `flags`,
+    /// and moves the TCP state. Returns false if the packet may not pass (a TCP flow in
+    /// a state where it makes no sense, e.g. data after RST).
+    #[inline]
+    pub fn count(&self, dir: Dir, len: usize, flags: u8, now: u32) -> bool {
+        let d = &self.dirs[dir as usize];
+        d.packets.fetch_add(1, Ordering::Relaxed);
+        d.bytes.fetch_add(len as u64, Ordering::Relaxed);
+        if d.last_seen.load(Ordering::Relaxed) != now {
+            d.last_seen.store(now, Ordering::Relaxed);
+        }
+        if self.key.proto != PROTO_TCP {
+            return true;
+        }
+        if flags & !d.flags.load(Ordering::Relaxed) != 0 {
+            d.flags.fetch_or(flags, Ordering::Relaxed);
+        }
+        let state = self.state.load(Ordering::Relaxed);
+        if state == tcp::ESTABLISHED && flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0 {
+            return true;
+        }
+        let next = if flags & TCP_RST != 0 {
+            tcp::CLOSE
+        } else {
+            match (state, dir) {
+                (tcp::SYN_SENT, Dir::Reply) if flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK => {
+                    tcp::SYN_RECV
+                }
+                (tcp::SYN_RECV, Dir::Orig) if flags & TCP_ACK != 0 && flags & TCP_SYN == 0 => {
+                    tcp::ESTABLISHED
+                }
+                (tcp::ESTABLISHED, _) if flags & TCP_FIN != 0 => tcp::FIN_WAIT,
+                (tcp::FIN_WAIT, _) if self.fin_both_ways() => tcp::TIME_WAIT,
+                (s, _) => s,
+            }
+        };
+        if next != state {
+            self.state.store(next, Ordering::Relaxed);
+        }
+        // A closed connection passes its last RST and FINs, not new data.
+        next != tcp::CLOSE || flags & (TCP_RST | TCP_FIN) != 0
+    }
+
+    fn fin_both_ways(&self) -> bool {
+        self.dirs
+            .iter()
+            .all(|d| d.flags.load(Ordering::Relaxed) & TCP_FIN != 0)
+    }
+
+    pub fn last_seen(&self) -> u32 {
+        self.dirs
+            .iter()
+            .map(|d| d.last_seen.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
+    pub fn replied(&self) -> bool {
+        self.dirs[1].packets.load(Ordering::Relaxed) > 0
+    }
+
+    pub fn expires_at(&self) -> u32 {
+        self.last_seen().saturating_add(timeout_secs(
+            self.key.proto,
+            self.state.load(Ordering::Relaxed),
+            self.replied(),
+        ))
+    }
+
+    pub fn totals(&self) -> [(u64, u64); 2] {
+        let t = |d: &DirCounters| {
+            (
+                d.packets.load(Ordering::Relaxed),
+                d.bytes.load(Ordering::Relaxed),
+            )
+        };
+        [t(&self.dirs[0]), t(&self.dirs[1])]
+    }
+}
+
+/// Hashes a `FlowKey` by its own whole-word hash, seeded per process so that guests
+/// cannot work out colliding keys offline.
+#[derive(Clone, Copy)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(27);
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct SeededKeys(u64);
+
+impl BuildHasher for SeededKeys {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.0)
+    }
+}
+
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher as _;
+    std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
+}
+
+type Shard = HashMap<FlowKey, (Arc<Conn>, Dir), SeededKeys>;
+
+/// Why a new connection was not tracked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Full {
+    Table,
+    Port,
+}
+
+pub struct Conntrack {
+    shards: Box<[Mutex<Shard>]>,
+    seed: SeededKeys,
+    count: AtomicUsize,
+    per_port: Box<[AtomicUsize]>,
+    pub max: usize,
+    pub max_per_port: usize,
+}
+
+impl Conntrack {
+    pub fn new(ports: usize, max: usize, max_per_port: usize) -> Conntrack {
+        let seed = SeededKeys(random_seed());
+        Conntrack {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(seed)))
+                .collect(),
+            seed,
+            count: AtomicUsize::new(0),
+            per_port: (0..ports).map(|_| AtomicUsize::new(0)).collect(),
+            max,
+            max_per_port,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The seeded hash of `key`: picks its shard and the workers' cache slot.
+    #[inline]
+    pub fn hash(&self, key: &FlowKey) -> u64 {
+        self.seed.hash_one(key)
+    }
+
+    #[inline]
+    fn shard(&self, hash: u64) -> std::sync::MutexGuard<'_, Shard> {
+        self.shards[(hash >> 58) as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn lookup(&self, key: &FlowKey, hash: u64) -> Option<(Arc<Conn>, Dir)> {
+        self.shard(hash).get(key).cloned()
+    }
+
+    /// Tracks `conn`, under its key and its reply's. Another worker may have tracked the
+    /// same flow meanwhile: that one is returned instead.
+    pub fn insert(&self, conn: Conn) -> Result<(Arc<Conn>, Dir), Full> {
+        let port = usize::from(conn.orig_port);
+        let per_port = self.per_port.get(port).ok_or(Full::Port)?;
+        if per_port.load(Ordering::Relaxed) >= self.max_per_port {
+            return Err(Full::Port);
+        }
+        if self.count.fetch_add(1, Ordering::Relaxed) >= self.max {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            return Err(Full::Table);
+        }
+        let key = conn.key;
+        let reply = key.reversed();
+        let conn = Arc::new(conn);
+        let (h1, h2) = (self.hash(&key), self.hash(&reply));
+        {
+            let mut s = self.shard(h1);
+            if let Some(found) = s.get(&key) {
+                self.count.fetch_sub(1, Ordering::Relaxed);
+                return Ok(found.clone());
+            }
+            s.insert(key, (conn.clone(), Dir::Orig));
+        }
+        if reply != key {
+            // A key equal to its reverse (a host talking to itself) is tracked once.
+            self.shard(h2).insert(reply, (conn.clone(), Dir::Reply));
+        }
+        per_port.fetch_add(1, Ordering::Relaxed);
+        Ok((conn, Dir::Orig))
+    }
+
+    /// Stops tracking `conn`.
+    pub fn remove(&self, conn: &Conn) {
+        if !conn.alive.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        for key in [conn.key, conn.key.reversed()] {
+            let mut s = self.shard(self.hash(&key));
+            if s.get(&key).is_some_and(|(c, _)| std::ptr::eq(&**c, conn)) {
+                s.remove(&key);
+            }
+        }
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(p) = self.per_port.get(usize::from(conn.orig_port)) {
+            p.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Every tracked connection, once each.
+    pub fn all(&self) -> Vec<Arc<Conn>> {
+        let mut out = Vec::with_capacity(self.len());
+        for s in self.shards.iter() {
+            let s = s.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(
+                s.values()
+                    .filter(|(_, d)| *d == Dir::Orig)
+                    .map(|(c, _)| c.clone()),
+            );
+        }
+        out
+    }
+
+    /// What expired by clock `now` (still tracked: the caller ends each).
+    pub fn expired(&self, now: u32) -> Vec<Arc<Conn>> {
+        self.all()
+            .into_iter()
+            .filter(|c| c.expires_at() <= now)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::l3::Ip;
+
+    pub(crate) fn conn(orig_port: PortId, sport: u16, proto: u8, now: u32) -> Conn {
+        let c = Conn {
+            key: FlowKey {
+                src: Ip::v4([10, 0, 0, 1]),
+                dst: Ip::v4([10, 0, 0, 2]),
+                sport,
+                dport: 80,
+                proto,
+                zone: 0,
+            },
+            orig_port,
+            reply_port: 9,
+            rule: Some(0),
+            generation: AtomicU64::new(0),
+            started_unix: 0,
+            state: AtomicU8::new(if proto == PROTO_TCP {
+                tcp::SYN_SENT
+            } else {
+                tcp::NONE
+            }),
+            alive: AtomicBool::new(true),
+            dirs: Default::default(),
+            logged: Mutex::new([(0, 0); 2]),
+        };
+        c.dirs[0].last_seen.store(now, Ordering::Relaxed);
+        c
+    }
+
+    #[test]
+    fn finds_both_directions_and_bounds_each_port() {
+        let ct = Conntrack::new(3, 5, 3);
+        let (c, dir) = ct.insert(conn(0, 1000, 17, 0)).unwrap();
+        assert_eq!(dir, Dir::Orig);
+        let reply = c.key.reversed();
+        let (found, dir) = ct.lookup(&reply, ct.hash(&reply)).unwrap();
+        assert!(Arc::ptr_eq(&found, &c) && dir == Dir::Reply);
+        // The same flow again: the tracked one, not a second entry.
+        let (again, _) = ct.insert(conn(0, 1000, 17, 0)).unwrap();
+        assert!(Arc::ptr_eq(&again, &c));
+        assert_eq!(ct.len(), 1);
+        ct.insert(conn(0, 1001, 17, 0)).unwrap();
+        ct.insert(conn(0, 1002, 17, 0)).unwrap();
+        assert_eq!(ct.insert(conn(0, 1003, 17, 0)).unwrap_err(), Full::Port);
+        ct.insert(conn(1, 1004, 17, 0)).unwrap();
+        ct.insert(conn(1, 1005, 17, 0)).unwrap();
+        assert_eq!(ct.insert(conn(2, 1006, 17, 0)).unwrap_err(), Full::Table);
+        ct.remove(&c);
+        assert!(!c.alive.load(Ordering::Relaxed));
+        assert!(ct.lookup(&reply, ct.hash(&reply)).is_none());
+        ct.insert(conn(0, 1003, 17, 0)).unwrap();
+        assert_eq!(ct.len(), 5);
+    }
+
+    #[test]
+    fn expires_by_protocol_and_tcp_state() {
+        let ct = Conntrack::new(1, 100, 100);
+        let (udp, _) = ct.insert(conn(0, 1, 17, 0)).unwrap();
+        let (tcp_c, _) = ct.insert(conn(0, 2, PROTO_TCP, 0)).unwrap();
+        // The handshake, then data: established lives for days.
+        assert!(tcp_c.count(Dir::Orig, 60, TCP_SYN, 0));
+        assert!(tcp_c.count(Dir::Reply, 60, TCP_SYN | TCP_ACK, 0));
+        assert!(tcp_c.count(Dir::Orig, 60, TCP_ACK, 0));
+        assert_eq!(tcp_c.state.load(Ordering::Relaxed), tcp::ESTABLISHED);
+        assert!(ct.expired(29).is_empty());
+        let ended = ct.expired(30);
+        assert!(ended.len() == 1 && Arc::ptr_eq(&ended[0], &udp));
+        ct.remove(&udp);
+        assert!(ct.expired(400_000).is_empty());
+        // RST closes it: ten seconds, and no more data through.
+        assert!(tcp_c.count(Dir::Reply, 60, TCP_RST, 100));
+        assert!(!tcp_c.count(Dir::Orig, 60, TCP_ACK, 100));
+        let ended = ct.expired(110);
+        assert_eq!(ended.len(), 1);
+        ct.remove(&ended[0]);
+        assert!(ct.is_empty());
+        let [orig, reply] = tcp_c.totals();
+        assert_eq!((orig.0, reply.0, reply.1), (3, 2, 120));
+    }
+}
