@@ -67,6 +67,24 @@ impl TestSwitch {
         }
     }
 
+    /// A switch of `config`, each port's socket put in a temporary directory.
+    pub fn start_config(mut config: SwitchConfig) -> TestSwitch {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        for p in &mut config.ports {
+            p.socket = dir.path().join(format!("{}.sock", p.name));
+        }
+        let server = Server::start(&config).expect("switch starts");
+        TestSwitch {
+            dir,
+            server: Some(server),
+            config,
+        }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+
     pub fn socket(&self, port: &str) -> PathBuf {
         self.dir.path().join(format!("{port}.sock"))
     }
@@ -192,6 +210,10 @@ impl BackendProcess {
             let _ = c.wait();
         }
         self.spawn();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
     }
 
     /// SIGTERM and wait; returns whether it exited with status 0.

@@ -42,6 +42,7 @@
 //! From the tap, `datapath/tap_rx.rs` takes the place of the first step.
 
 pub mod config;
+pub mod control;
 pub mod counters;
 pub mod datapath;
 pub mod endpoint;

@@ -1,11 +1,12 @@
+use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use log::{error, info};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 use vhost_net_backend::config::UplinkConfig;
@@ -27,9 +28,25 @@ Examples:
     -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01,mq=on,vectors=6 ...
   (QEMU 7.2 under TCG: add vectors=0 to the device; QEMU 9.2 and later: reconnect-ms=1000.)
 
-  # Counters of every port, as JSON:
-  echo stats | socat - UNIX-CONNECT:/run/vnet/control.sock
-  kill -USR1 <pid>      # the same counters, in the log";
+  # Counters, the policy's rules and flows, run-time changes (see `ctl --help`):
+  vhost-net-backend ctl --socket /run/vnet/control.sock stats
+  vhost-net-backend ctl rules
+  vhost-net-backend ctl rule-add at=1 action=allow from=web to=app proto=tcp ports=8080
+  kill -USR1 <pid>      # the counters, in the log
+  kill -HUP <pid>       # read --config again and apply its policy (an error keeps the old)
+
+  # A policy (in the --config file): web may reach app on tcp/8080, nothing else passes.
+  [[port]]
+  name = \"web1\"
+  socket = \"/run/vnet/web1.sock\"
+  groups = [\"web\"]
+  addresses = [\"10.0.1.10\"]
+  [[rule]]
+  action = \"allow\"
+  from = \"web\"
+  to = \"app\"
+  proto = \"tcp\"
+  ports = 8080";
 
 /// A vhost-user-net backend that is a learning virtual switch between VM NICs.
 ///
@@ -37,18 +54,26 @@ Examples:
 /// are switched by MAC address within a port's VLAN and copied once, guest to guest. Offloads
 /// (checksum, TSO, mergeable RX buffers, multi-queue) are negotiated per port and finished in
 /// software for guests that lack them. Log level: RUST_LOG=info (default), debug, warn.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(version, after_help = EXAMPLES)]
 struct Args {
-    /// A port: name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N]. Repeat for more ports.
-    /// vlan puts the port on an access VLAN (1-4094); queues is the number of queue pairs
-    /// offered (QEMU queues=, 1-16); mac is offered to the guest in the config space;
-    /// max_macs limits the source MACs the guest may send from (mac counts as one).
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// A port: name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N][,group=G][,ip=ADDR].
+    /// Repeat for more ports. vlan puts the port on an access VLAN (1-4094); queues is the
+    /// number of queue pairs offered (QEMU queues=, 1-16); mac is offered to the guest in
+    /// the config space; max_macs limits the source MACs the guest may send from (mac
+    /// counts as one); group (repeatable) names the port's groups for policy rules; ip
+    /// (repeatable) the addresses it owns, the only ones it may send from.
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
 
-    /// A TOML file with `mtu`, `mac_ageing_secs`, `control_socket` and `[[port]]` tables
-    /// (name, socket, vlan, mac, queues). Command-line ports are added to the file's.
+    /// A TOML file with `mtu`, `mac_ageing_secs`, `control_socket`, `[[port]]` tables
+    /// (name, socket, vlan, mac, queues, max_macs, groups, addresses), `[policy]` (default,
+    /// max_flows, max_flows_per_port, flow_log, flow_log_max_bytes, flow_log_interval_secs)
+    /// and `[[rule]]` tables (name, action, from, to, proto, ports). Command-line ports are
+    /// added to the file's. SIGHUP reads it again.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -83,6 +108,124 @@ struct Args {
     /// vhost-user convention: print the backend's capabilities as JSON and exit.
     #[arg(long)]
     print_capabilities: bool,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+enum Command {
+    /// Talk to a running switch over its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = CTL_HELP)]
+struct CtlArgs {
+    /// The switch's control socket.
+    #[arg(long, default_value = "/run/vnet/control.sock")]
+    socket: PathBuf,
+    /// Print the reply as JSON, not as a table.
+    #[arg(long)]
+    json: bool,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+const CTL_HELP: &str = "\
+Commands:
+  stats                              counters of every port and of the policy
+  rules                              the rules with hits, packets and bytes
+  flows [port=NAME] [addr=IP] [proto=P] [dport=N]   tracked connections
+  flush [port=NAME] [addr=IP] [proto=P] [dport=N]   end tracked connections
+  reload                             read the config again (as SIGHUP)
+  rule-add [at=N] action=allow|deny [from=A,B] [to=A,B] [proto=P] [ports=80,8000-8100] [name=N]
+  rule-remove NAME|N                 rule-move NAME|N TO
+  port-set NAME [groups=A,B] [addresses=IP,IP]";
+
+/// Sends one command to a running switch and prints its reply.
+fn ctl(args: &CtlArgs) -> Result<()> {
+    let mut conn = UnixStream::connect(&args.socket).with_context(|| {
+        format!(
+            "cannot reach the switch at {} (is it running with --control-socket?)",
+            args.socket.display()
+        )
+    })?;
+    writeln!(conn, "{}", args.command.join(" "))?;
+    let mut reply = String::new();
+    BufReader::new(&conn).read_line(&mut reply)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&reply).context("the switch's reply is not JSON")?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        bail!("{e}");
+    }
+    if args.json {
+        println!("{}", reply.trim_end());
+        return Ok(());
+    }
+    match args.command[0].as_str() {
+        "rules" => print_table(
+            &v["rules"],
+            &[
+                "index", "name", "action", "rule", "hits", "packets", "bytes",
+            ],
+            &format!(
+                "policy {}, default {}, {} tracked flows",
+                if v["enabled"] == true { "on" } else { "off" },
+                v["default"].as_str().unwrap_or("?"),
+                v["flows"]
+            ),
+        ),
+        "flows" => print_table(
+            &v["flows"],
+            &[
+                "src_port",
+                "dst_port",
+                "proto",
+                "src",
+                "sport",
+                "dst",
+                "dport",
+                "state",
+                "packets",
+                "packets_back",
+                "rule",
+                "expires_in",
+            ],
+            "",
+        ),
+        _ => println!("{}", serde_json::to_string_pretty(&v)?),
+    }
+    Ok(())
+}
+
+fn print_table(rows: &serde_json::Value, columns: &[&str], title: &str) {
+    if !title.is_empty() {
+        println!("{title}");
+    }
+    let cell = |row: &serde_json::Value, c: &str| match &row[c] {
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|c| {
+            rows.iter()
+                .map(|r| cell(r, c).len())
+                .fold(c.len(), usize::max)
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(columns.iter().map(|c| c.to_string()).collect());
+    for r in &rows {
+        line(columns.iter().map(|c| cell(r, c)).collect());
+    }
 }
 
 fn build_config(args: &Args) -> Result<SwitchConfig> {
@@ -150,14 +293,21 @@ fn run(args: Args) -> Result<()> {
         println!("{{\n  \"type\": \"net\"\n}}");
         return Ok(());
     }
+    if let Some(Command::Ctl(ctl_args)) = &args.command {
+        return ctl(ctl_args);
+    }
     let config = build_config(&args)?;
     let inherited = match args.fd {
         Some(fd) => vec![(config.ports.len() - 1, inherited_listener(fd)?)],
         None => Vec::new(),
     };
     let mut signals =
-        Signals::new([SIGINT, SIGTERM, SIGUSR1]).context("installing signal handlers")?;
+        Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP]).context("installing signal handlers")?;
     let server = Server::start_with(&config, inherited)?;
+    let again = args.clone();
+    server.set_reloader(Box::new(move || {
+        build_config(&again).map_err(|e| format!("{e:#}"))
+    }));
     for p in &config.ports {
         info!(
             "port {}: listening on {} (vlan {}, {} queue pair(s))",
@@ -170,6 +320,10 @@ fn run(args: Args) -> Result<()> {
     for signal in signals.forever() {
         match signal {
             SIGUSR1 => info!("counters: {}", server.stats_json()),
+            SIGHUP => match server.reload() {
+                Ok(()) => info!("SIGHUP: config read again, policy applied"),
+                Err(e) => error!("SIGHUP: {e}; the running policy stays"),
+            },
             _ => {
                 info!("signal {signal}: shutting down");
                 break;

@@ -12,14 +12,13 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use log::{error, info, warn};
-use serde::Serialize;
 use thiserror::Error;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{ConfigError, SwitchConfig};
-use crate::counters::CounterSnapshot;
+use crate::control::{stats_json, Control, Reloader};
 use crate::datapath::{tap_rx, Datapath};
 use crate::endpoint::tap::TapPort;
 use crate::types::PortId;
@@ -52,39 +51,6 @@ pub enum ServerError {
     Thread(std::io::Error),
 }
 
-#[derive(Serialize)]
-struct PortStats<'a> {
-    name: &'a str,
-    vlan: u16,
-    connected: bool,
-    #[serde(flatten)]
-    counters: CounterSnapshot,
-}
-
-#[derive(Serialize)]
-struct Stats<'a> {
-    ports: Vec<PortStats<'a>>,
-    mac_entries: usize,
-}
-
-/// Counters of every port as one JSON document.
-pub fn stats_json(dp: &Datapath) -> String {
-    let stats = Stats {
-        ports: dp
-            .ports
-            .iter()
-            .map(|p| PortStats {
-                name: &p.name,
-                vlan: p.segment,
-                connected: p.connected(),
-                counters: p.counters.snapshot(),
-            })
-            .collect(),
-        mac_entries: dp.switch.macs.len(),
-    };
-    serde_json::to_string(&stats).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
-}
-
 /// A running switch. Dropping it (or calling `stop`) closes every connection and removes
 /// the sockets it created.
 pub struct Server {
@@ -95,6 +61,7 @@ pub struct Server {
     threads: Vec<JoinHandle<()>>,
     ticker: Option<mpsc::Sender<()>>,
     control_path: Option<PathBuf>,
+    control: Arc<Control>,
     /// Holds the protocol handlers' internal sockets; only we can reach it.
     private_dir: PathBuf,
 }
@@ -181,6 +148,7 @@ impl Server {
             threads: Vec::new(),
             ticker: None,
             control_path: config.control_socket.clone(),
+            control: Arc::new(Control::new(dp.clone(), config.clone())),
         };
         for (i, listener) in listeners.into_iter().enumerate() {
             server.wake_fds.push(listener.as_raw_fd());
@@ -195,10 +163,10 @@ impl Server {
         }
         if let Some(control) = control {
             server.wake_fds.push(control.as_raw_fd());
-            let (dp, stop) = (dp.clone(), stop.clone());
+            let (commands, stop) = (server.control.clone(), stop.clone());
             let t = thread::Builder::new()
                 .name("control".into())
-                .spawn(move || serve_control(dp, control, stop))
+                .spawn(move || serve_control(&commands, control, stop))
                 .map_err(ServerError::Thread)?;
             server.threads.push(t);
         }
@@ -246,6 +214,22 @@ impl Server {
 
     pub fn stats_json(&self) -> String {
         stats_json(&self.dp)
+    }
+
+    /// Answers a control command, as the control socket does.
+    pub fn command(&self, line: &str) -> String {
+        self.control.handle(line)
+    }
+
+    /// How `reload` (SIGHUP, `ctl reload`) reads the config again.
+    pub fn set_reloader(&self, reloader: Reloader) {
+        self.control.set_reloader(reloader);
+    }
+
+    /// Reads the config again and puts its policy in force; an error leaves the running
+    /// one.
+    pub fn reload(&self) -> Result<(), String> {
+        self.control.reload()
     }
 
     /// Closes every connection, stops the threads and removes the sockets.
@@ -393,7 +377,7 @@ fn serve_connection(
     Ok(())
 }
 
-fn serve_control(dp: Arc<Datapath>, listener: UnixListener, stop: Arc<AtomicBool>) {
+fn serve_control(control: &Control, listener: UnixListener, stop: Arc<AtomicBool>) {
     for conn in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
@@ -402,13 +386,10 @@ fn serve_control(dp: Arc<Datapath>, listener: UnixListener, stop: Arc<AtomicBool
         let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
         let mut line = String::new();
         let mut reader = BufReader::new(&conn);
-        if reader.by_ref().take(256).read_line(&mut line).is_err() {
+        if reader.by_ref().take(4096).read_line(&mut line).is_err() {
             continue;
         }
-        let reply = match line.trim() {
-            "stats" => stats_json(&dp),
-            other => format!("{{\"error\":\"unknown command '{other}', try 'stats'\"}}"),
-        };
+        let reply = control.handle(line.trim());
         let _ = conn.write_all(reply.as_bytes());
         let _ = conn.write_all(b"\n");
     }

@@ -117,9 +117,9 @@ pub struct RuleConfig {
     pub from: OneOrMany<String>,
     #[serde(default = "any")]
     pub to: OneOrMany<String>,
-    /// `tcp`, `udp`, `icmp`, `icmpv6` or `any`.
+    /// `tcp`, `udp`, `icmp`, `icmpv6` or `any`, or a list of them.
     #[serde(default)]
-    pub proto: Option<String>,
+    pub proto: Option<OneOrMany<String>>,
     #[serde(default)]
     pub ports: Option<OneOrMany<PortItem>>,
 }

@@ -55,8 +55,8 @@ impl std::fmt::Display for Ip {
     }
 }
 
-/// A flow as the policy matches and tracks it. For ICMP echo both ports are the echo
-/// identifier (a reply then has the reversed key of its request); other ICMP has none.
+/// A flow as the policy matches and tracks it. For an ICMP echo request the source port
+/// is the echo identifier, for a reply the destination port; other ICMP has none.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowKey {
     pub src: Ip,
@@ -249,11 +249,10 @@ fn parse_ip(b: &[u8], zone: u16, outer: bool) -> Option<IpPacket> {
             };
             p.icmp = Some(icmp);
             match icmp {
-                IcmpKind::EchoRequest | IcmpKind::EchoReply => {
-                    let id = be16(l4, 4)?;
-                    p.key.sport = id;
-                    p.key.dport = id;
-                }
+                // The identifier on the requester's side: a reply has the reversed key
+                // of its request, a request the other way round does not.
+                IcmpKind::EchoRequest => p.key.sport = be16(l4, 4)?,
+                IcmpKind::EchoReply => p.key.dport = be16(l4, 4)?,
                 IcmpKind::Error if outer => {
                     p.related = l4
                         .get(8..)
@@ -325,7 +324,7 @@ mod tests {
         );
         let L3::Ip(e) = parse(&echo, 0) else { panic!() };
         assert_eq!(e.icmp, Some(IcmpKind::EchoRequest));
-        assert_eq!((e.key.sport, e.key.dport), (9, 9));
+        assert_eq!((e.key.sport, e.key.dport), (9, 0));
 
         // Port unreachable quoting the UDP packet 10.0.0.1:53000 -> 10.0.0.2:53.
         let quoted = ipv4(

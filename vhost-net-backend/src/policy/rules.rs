@@ -64,8 +64,8 @@ pub struct AclRule {
     pub action: Action,
     pub from: Vec<Peer>,
     pub to: Vec<Peer>,
-    /// None: any protocol.
-    pub proto: Option<u8>,
+    /// IP protocol numbers; empty: any.
+    pub proto: Vec<u8>,
     /// Destination port ranges; empty: any.
     pub ports: Vec<(u16, u16)>,
     pub counters: RuleCounters,
@@ -76,7 +76,7 @@ pub struct AclRule {
 impl AclRule {
     #[inline]
     fn matches(&self, src: &PortPolicy, dst: &PortPolicy, key: &FlowKey) -> bool {
-        self.proto.is_none_or(|p| p == key.proto)
+        (self.proto.is_empty() || self.proto.contains(&key.proto))
             && (self.ports.is_empty()
                 || self
                     .ports
@@ -176,22 +176,29 @@ impl RuleSet {
                     .map(|s| peer(s, &bit_of).map_err(|m| err(format!("{side} {m}"))))
                     .collect()
             };
-            let proto = match r.proto.as_deref().unwrap_or("any") {
-                "any" => None,
-                "tcp" => Some(PROTO_TCP),
-                "udp" => Some(PROTO_UDP),
-                "icmp" => Some(PROTO_ICMP),
-                "icmpv6" => Some(PROTO_ICMPV6),
-                other => {
-                    return Err(err(format!(
-                        "proto '{other}' is not one of tcp, udp, icmp, icmpv6, any"
-                    )))
-                }
-            };
+            let mut proto = Vec::new();
+            for name in r.proto.as_ref().map_or(&[][..], |p| p.as_slice()) {
+                proto.push(match name.as_str() {
+                    "any" => {
+                        proto.clear();
+                        break;
+                    }
+                    "tcp" => PROTO_TCP,
+                    "udp" => PROTO_UDP,
+                    "icmp" => PROTO_ICMP,
+                    "icmpv6" => PROTO_ICMPV6,
+                    other => {
+                        return Err(err(format!(
+                            "proto '{other}' is not one of tcp, udp, icmp, icmpv6, any"
+                        )))
+                    }
+                });
+            }
             let ports = match &r.ports {
                 None => Vec::new(),
                 Some(list) => {
-                    if !matches!(proto, Some(PROTO_TCP | PROTO_UDP)) {
+                    if proto.is_empty() || proto.iter().any(|p| ![PROTO_TCP, PROTO_UDP].contains(p))
+                    {
                         return Err(err(
                             "ports need proto = \"tcp\" or \"udp\" (other protocols have none)"
                                 .into(),
@@ -311,7 +318,7 @@ fn describe(r: &crate::config::RuleConfig) -> String {
         r.action.name(),
         list(&r.from),
         list(&r.to),
-        r.proto.as_deref().unwrap_or("any")
+        r.proto.as_ref().map_or("any".to_string(), list)
     );
     if let Some(ports) = &r.ports {
         let items: Vec<String> = ports

@@ -102,9 +102,18 @@ impl Switch {
             }
         }
         let dst = (!dst_mac.is_multicast()).then_some(dst_mac);
-        let found = self.macs.learn_and_lookup(segment, src_mac, src, dst);
+        let mut found = self.macs.learn_and_lookup(segment, src_mac, src, dst);
         if dst.is_none() {
             return Forward::Flood;
+        }
+        if found.is_none() {
+            // A MAC configured on a port lives there: no flood to find it (which would
+            // show a VM's frames to every other port of the segment until it answered).
+            found = self.pinned.get(&dst_mac).copied().filter(|p| {
+                self.segments
+                    .get(usize::from(*p))
+                    .is_some_and(|s| *s == segment || *s == TRUNK)
+            });
         }
         match found {
             Some(p) if p == src => Forward::Local,
@@ -222,6 +231,11 @@ mod tests {
                 .collect::<Vec<_>>(),
             DEFAULT_MAC_AGEING_SECS,
         );
+        assert_eq!(
+            s.decide(2, 0, mac(5), mac(1)),
+            Forward::To(0),
+            "a configured MAC is found without a flood"
+        );
         assert_eq!(s.decide(1, 0, mac(1), mac(2)), Forward::Spoofed);
         assert_eq!(s.decide(0, 0, mac(1), mac(2)), Forward::Flood);
         assert_eq!(s.macs.lookup(0, mac(1)), Some(0));
@@ -229,7 +243,11 @@ mod tests {
             let b = i.to_be_bytes();
             s.macs.learn(0, MacAddr([2, 9, b[0], b[1], b[2], b[3]]), 1);
         }
-        assert_eq!(s.macs.len(), 1 + MAC_PER_PORT_LIMIT);
+        assert_eq!(
+            s.macs.len(),
+            2 + MAC_PER_PORT_LIMIT,
+            "mac(1), mac(5) and the limit"
+        );
         s.macs.learn(0, mac(7), 2);
         assert_eq!(s.macs.lookup(0, mac(7)), Some(2), "other ports still learn");
         s.macs.forget_port(1);

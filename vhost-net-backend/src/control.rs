@@ -1,0 +1,446 @@
+//! The control socket's commands: counters, the policy's rules and flows, and changes to
+//! the policy at run time (a reload of the config, or rules and ports edited one at a
+//! time). Every reply is one line of JSON; a refused change leaves everything as it was.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::config::policy::{OneOrMany, PortItem};
+use crate::config::{Action, RuleConfig, SwitchConfig};
+use crate::counters::CounterSnapshot;
+use crate::datapath::Datapath;
+use crate::packet::l3::Ip;
+use crate::policy::conntrack::{tcp, Conn};
+use crate::policy::flow_log::{proto_name, tcp_flags_text};
+
+/// Reads the config again (the file and command line it came from).
+pub type Reloader = Box<dyn Fn() -> Result<SwitchConfig, String> + Send + Sync>;
+
+pub const COMMANDS: &str = "stats, rules, flows [port=NAME] [addr=IP], flush [port=NAME] \
+[addr=IP] [proto=P] [dport=N], reload, rule-add [at=N] action=allow|deny [from=..] [to=..] \
+[proto=..] [ports=..] [name=..], rule-remove NAME|N, rule-move NAME|N TO, \
+port-set NAME [groups=A,B] [addresses=IP,IP]";
+
+#[derive(Serialize)]
+struct PortStats<'a> {
+    name: &'a str,
+    vlan: u16,
+    connected: bool,
+    #[serde(flatten)]
+    counters: CounterSnapshot,
+}
+
+/// Counters of every port as one JSON document.
+pub fn stats_json(dp: &Datapath) -> String {
+    let ports: Vec<PortStats<'_>> = dp
+        .ports
+        .iter()
+        .map(|p| PortStats {
+            name: &p.name,
+            vlan: p.segment,
+            connected: p.connected(),
+            counters: p.counters.snapshot(),
+        })
+        .collect();
+    let c = &dp.policy.counters;
+    json!({
+        "ports": ports,
+        "mac_entries": dp.switch.macs.len(),
+        "flows": dp.policy.conntrack.len(),
+        "flows_refused_table_full": c.table_full.load(Ordering::Relaxed),
+        "flows_refused_port_full": c.port_full.load(Ordering::Relaxed),
+        "spoofed": c.spoofed.load(Ordering::Relaxed),
+        "denied_unlogged": dp.policy.denied.unlogged.load(Ordering::Relaxed),
+    })
+    .to_string()
+}
+
+pub struct Control {
+    dp: Arc<Datapath>,
+    /// The config in force, edited by the commands.
+    running: Mutex<SwitchConfig>,
+    reloader: Mutex<Option<Reloader>>,
+}
+
+impl Control {
+    pub fn new(dp: Arc<Datapath>, running: SwitchConfig) -> Control {
+        Control {
+            dp,
+            running: Mutex::new(running),
+            reloader: Mutex::new(None),
+        }
+    }
+
+    /// How `reload` reads the config again.
+    pub fn set_reloader(&self, reloader: Reloader) {
+        *self.reloader.lock().unwrap_or_else(|e| e.into_inner()) = Some(reloader);
+    }
+
+    /// Answers one command line.
+    pub fn handle(&self, line: &str) -> String {
+        let mut words = line.split_whitespace();
+        let cmd = words.next().unwrap_or("");
+        let args: Vec<&str> = words.collect();
+        let reply = match cmd {
+            "stats" => return stats_json(&self.dp),
+            "rules" => Ok(self.rules()),
+            "flows" => filter(&args).map(|f| self.flows(&f)),
+            "flush" => filter(&args).map(|f| {
+                let n = self.dp.policy.flush(|c| f.matches(c, &self.dp));
+                json!({ "flushed": n })
+            }),
+            "reload" => self.reload().map(|()| json!({ "ok": true })),
+            "rule-add" => self.edit(|c| rule_add(c, &args)),
+            "rule-remove" => self.edit(|c| {
+                let i = rule_index(c, args.first().copied())?;
+                c.rules.remove(i);
+                Ok(())
+            }),
+            "rule-move" => self.edit(|c| {
+                let i = rule_index(c, args.first().copied())?;
+                let to: usize = args
+                    .get(1)
+                    .and_then(|t| t.parse().ok())
+                    .filter(|t| (1..=c.rules.len()).contains(t))
+                    .ok_or(format!("rule-move needs a position 1..={}", c.rules.len()))?;
+                let r = c.rules.remove(i);
+                c.rules.insert(to - 1, r);
+                Ok(())
+            }),
+            "port-set" => self.edit(|c| port_set(c, &args)),
+            "" => Err(format!("no command; try one of: {COMMANDS}")),
+            other => Err(format!("unknown command '{other}'; try one of: {COMMANDS}")),
+        };
+        match reply {
+            Ok(v) => v.to_string(),
+            Err(e) => json!({ "error": e }).to_string(),
+        }
+    }
+
+    /// Reads the config again and applies what changed in the policy; on an error the
+    /// running rules stay.
+    pub fn reload(&self) -> Result<(), String> {
+        let new = {
+            let reloader = self.reloader.lock().unwrap_or_else(|e| e.into_inner());
+            let reloader = reloader
+                .as_ref()
+                .ok_or("this switch was not started from a config it can read again")?;
+            reloader()?
+        };
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        self.apply(&running, &new)?;
+        *running = new;
+        Ok(())
+    }
+
+    /// Applies `edit` to a copy of the running config, then puts it in force.
+    fn edit(
+        &self,
+        edit: impl FnOnce(&mut SwitchConfig) -> Result<(), String>,
+    ) -> Result<Value, String> {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut new = running.clone();
+        // Positions in the file no longer hold once rules are edited.
+        new.rule_positions.clear();
+        edit(&mut new)?;
+        self.apply(&running, &new)?;
+        *running = new;
+        Ok(json!({ "ok": true }))
+    }
+
+    fn apply(&self, old: &SwitchConfig, new: &SwitchConfig) -> Result<(), String> {
+        new.validate().map_err(|e| e.to_string())?;
+        let changed = restart_only_changes(old, new);
+        if !changed.is_empty() {
+            return Err(format!(
+                "{} changed, which only a restart applies; nothing was changed",
+                changed.join(", ")
+            ));
+        }
+        self.dp.policy.replace(new).map_err(|e| e.to_string())
+    }
+
+    fn rules(&self) -> Value {
+        let rules = self.dp.policy.rules();
+        let mut live = vec![(0u64, 0u64); rules.rules.len()];
+        for c in self.dp.policy.conntrack.all() {
+            if let Some(l) = c.rule.and_then(|i| live.get_mut(i as usize)) {
+                let [a, b] = c.totals();
+                l.0 += a.0 + b.0;
+                l.1 += a.1 + b.1;
+            }
+        }
+        let list: Vec<Value> = rules
+            .rules
+            .iter()
+            .zip(live)
+            .enumerate()
+            .map(|(i, (r, (p, b)))| {
+                json!({
+                    "index": i + 1,
+                    "name": r.name,
+                    "rule": r.text,
+                    "action": r.action.name(),
+                    "hits": r.counters.hits.load(Ordering::Relaxed),
+                    "packets": r.counters.packets.load(Ordering::Relaxed) + p,
+                    "bytes": r.counters.bytes.load(Ordering::Relaxed) + b,
+                })
+            })
+            .collect();
+        json!({
+            "enabled": rules.enabled,
+            "default": rules.default.name(),
+            "rules": list,
+            "flows": self.dp.policy.conntrack.len(),
+        })
+    }
+
+    fn flows(&self, f: &FlowFilter) -> Value {
+        let rules = self.dp.policy.rules();
+        let now = self.dp.policy.now();
+        let name = |p: u16| self.dp.ports.get(usize::from(p)).map_or("?", |p| &p.name);
+        let list: Vec<Value> = self
+            .dp
+            .policy
+            .conntrack
+            .all()
+            .iter()
+            .filter(|c| f.matches(c, &self.dp))
+            .map(|c| {
+                let [a, b] = c.totals();
+                let flags = c.dirs[0].flags.load(Ordering::Relaxed)
+                    | c.dirs[1].flags.load(Ordering::Relaxed);
+                json!({
+                    "src_port": name(c.orig_port),
+                    "dst_port": name(c.reply_port),
+                    "proto": proto_name(c.key.proto),
+                    "src": c.key.src.to_string(),
+                    "dst": c.key.dst.to_string(),
+                    "sport": c.key.sport,
+                    "dport": c.key.dport,
+                    "segment": c.key.zone,
+                    "state": tcp::name(c.state.load(Ordering::Relaxed)),
+                    "tcp_flags": tcp_flags_text(flags),
+                    "packets": a.0, "bytes": a.1, "packets_back": b.0, "bytes_back": b.1,
+                    "rule": rules.decider_name(c.rule),
+                    "expires_in": c.expires_at().saturating_sub(now),
+                })
+            })
+            .collect();
+        json!({ "flows": list })
+    }
+}
+
+/// What of a config only a restart applies, by name, where `old` and `new` differ.
+fn restart_only_changes(old: &SwitchConfig, new: &SwitchConfig) -> Vec<String> {
+    let mut changed = Vec::new();
+    if old.mtu != new.mtu {
+        changed.push("mtu".to_string());
+    }
+    if old.mac_ageing_secs != new.mac_ageing_secs {
+        changed.push("mac_ageing_secs".into());
+    }
+    if old.control_socket != new.control_socket {
+        changed.push("control_socket".into());
+    }
+    if old.uplink != new.uplink {
+        changed.push("uplink".into());
+    }
+    if old.poll_us != new.poll_us {
+        changed.push("poll_us".into());
+    }
+    let strip = |c: &SwitchConfig| {
+        c.ports
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p.groups.clear();
+                p.addresses.clear();
+                p
+            })
+            .collect::<Vec<_>>()
+    };
+    if strip(old) != strip(new) {
+        changed.push("the ports (other than their groups and addresses)".into());
+    }
+    let settings = |c: &SwitchConfig| {
+        c.policy.clone().map(|mut p| {
+            p.default = Action::Deny;
+            p
+        })
+    };
+    if settings(old).unwrap_or_default() != settings(new).unwrap_or_default() {
+        changed.push("[policy] limits or flow log".into());
+    }
+    changed
+}
+
+/// Selects tracked flows: by port name, by address (either end), protocol, destination port.
+#[derive(Default)]
+struct FlowFilter {
+    port: Option<String>,
+    addr: Option<Ip>,
+    proto: Option<String>,
+    dport: Option<u16>,
+}
+
+impl FlowFilter {
+    fn matches(&self, c: &Conn, dp: &Datapath) -> bool {
+        let port_named =
+            |id: u16, n: &str| dp.ports.get(usize::from(id)).is_some_and(|p| p.name == n);
+        self.port
+            .as_deref()
+            .is_none_or(|n| port_named(c.orig_port, n) || port_named(c.reply_port, n))
+            && self.addr.is_none_or(|a| c.key.src == a || c.key.dst == a)
+            && self
+                .proto
+                .as_deref()
+                .is_none_or(|p| proto_name(c.key.proto) == p)
+            && self.dport.is_none_or(|d| c.key.dport == d)
+    }
+}
+
+fn key_values<'a>(args: &[&'a str]) -> Result<Vec<(&'a str, &'a str)>, String> {
+    args.iter()
+        .map(|a| {
+            a.split_once('=')
+                .ok_or_else(|| format!("'{a}' is not key=value"))
+        })
+        .collect()
+}
+
+fn filter(args: &[&str]) -> Result<FlowFilter, String> {
+    let mut f = FlowFilter::default();
+    for (k, v) in key_values(args)? {
+        match k {
+            "port" => f.port = Some(v.to_string()),
+            "addr" => {
+                f.addr = Some(Ip::from(
+                    v.parse::<IpAddr>()
+                        .map_err(|_| format!("addr '{v}' is not an IP address"))?,
+                ))
+            }
+            "proto" => f.proto = Some(v.to_string()),
+            "dport" => {
+                f.dport = Some(
+                    v.parse()
+                        .map_err(|_| format!("dport '{v}' is not a port"))?,
+                )
+            }
+            _ => return Err(format!("unknown filter '{k}' (port, addr, proto, dport)")),
+        }
+    }
+    Ok(f)
+}
+
+fn list(v: &str) -> OneOrMany<String> {
+    OneOrMany::Many(v.split(',').map(str::to_string).collect())
+}
+
+fn rule_add(c: &mut SwitchConfig, args: &[&str]) -> Result<(), String> {
+    let mut rule = RuleConfig {
+        name: None,
+        action: Action::Deny,
+        from: OneOrMany::One("any".into()),
+        to: OneOrMany::One("any".into()),
+        proto: None,
+        ports: None,
+    };
+    let mut at = c.rules.len() + 1;
+    let mut action = None;
+    for (k, v) in key_values(args)? {
+        match k {
+            "at" => {
+                at = v
+                    .parse()
+                    .ok()
+                    .filter(|a| (1..=c.rules.len() + 1).contains(a))
+                    .ok_or(format!("at={v}: use a position 1..={}", c.rules.len() + 1))?
+            }
+            "action" => {
+                action = Some(match v {
+                    "allow" => Action::Allow,
+                    "deny" => Action::Deny,
+                    _ => return Err(format!("action '{v}' is not allow or deny")),
+                })
+            }
+            "name" => rule.name = Some(v.to_string()),
+            "from" => rule.from = list(v),
+            "to" => rule.to = list(v),
+            "proto" => rule.proto = Some(list(v)),
+            "ports" => {
+                rule.ports = Some(OneOrMany::Many(
+                    v.split(',')
+                        .map(|p| PortItem::Text(p.to_string()))
+                        .collect(),
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "unknown key '{k}' (at, action, name, from, to, proto, ports)"
+                ))
+            }
+        }
+    }
+    rule.action = action.ok_or("rule-add needs action=allow or action=deny")?;
+    if rule
+        .name
+        .as_ref()
+        .is_some_and(|n| c.rules.iter().any(|r| r.name.as_ref() == Some(n)))
+    {
+        return Err("a rule of that name exists; give another name".into());
+    }
+    c.rules.insert(at - 1, rule);
+    Ok(())
+}
+
+/// A rule by name, or by position from 1.
+fn rule_index(c: &SwitchConfig, which: Option<&str>) -> Result<usize, String> {
+    let which = which.ok_or("name the rule (its name or position)")?;
+    if let Some(i) = c
+        .rules
+        .iter()
+        .position(|r| r.name.as_deref() == Some(which))
+    {
+        return Ok(i);
+    }
+    which
+        .parse::<usize>()
+        .ok()
+        .filter(|i| (1..=c.rules.len()).contains(i))
+        .map(|i| i - 1)
+        .ok_or(format!("no rule named or numbered '{which}'"))
+}
+
+fn port_set(c: &mut SwitchConfig, args: &[&str]) -> Result<(), String> {
+    let name = args.first().ok_or("port-set needs a port name")?;
+    let port = c
+        .ports
+        .iter_mut()
+        .find(|p| p.name == *name)
+        .ok_or(format!("no port named '{name}'"))?;
+    for (k, v) in key_values(&args[1..])? {
+        match k {
+            "groups" => {
+                port.groups = v
+                    .split(',')
+                    .filter(|g| !g.is_empty())
+                    .map(String::from)
+                    .collect()
+            }
+            "addresses" => {
+                port.addresses = v
+                    .split(',')
+                    .filter(|a| !a.is_empty())
+                    .map(|a| a.parse().map_err(|_| format!("'{a}' is not an IP address")))
+                    .collect::<Result<_, _>>()?
+            }
+            _ => return Err(format!("unknown key '{k}' (groups, addresses)")),
+        }
+    }
+    Ok(())
+}
