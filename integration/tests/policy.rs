@@ -75,10 +75,14 @@ fn tcp(from: Host, to: Host, v6: bool, sport: u16, dport: u16, flags: u8) -> Vec
 }
 
 fn udp(from: Host, to: Host, v6: bool, sport: u16, dport: u16) -> Vec<u8> {
+    udp_sized(from, to, v6, sport, dport, 32)
+}
+
+fn udp_sized(from: Host, to: Host, v6: bool, sport: u16, dport: u16, payload: usize) -> Vec<u8> {
     let mut out = Vec::new();
     ip_builder(from, to, v6)
         .udp(sport, dport)
-        .write(&mut out, &[7; 32])
+        .write(&mut out, &vec![7; payload])
         .unwrap();
     out
 }
@@ -160,6 +164,7 @@ fn three_tier(text: &str) -> SwitchConfig {
             "icmpv6".into(),
         )),
         ports: None,
+        rate: None,
     });
     c.ports = tier_ports();
     c
@@ -603,4 +608,86 @@ fn ctl_shows_rules_and_sighup_reloads_the_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no rule named or numbered 'nosuch'"));
     assert!(backend.stop(), "clean exit");
+}
+
+/// Sends `frame` from `tx` as fast as it goes for `secs`, while another thread counts what
+/// `rx` receives; returns (frames, bytes) received and the seconds the sending took.
+fn blast(
+    tx: &mut VirtioNetDevice,
+    rx: &mut VirtioNetDevice,
+    frame: &[u8],
+    secs: f64,
+) -> (u64, u64, f64) {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let counter = scope.spawn(|| {
+            let (mut frames, mut bytes) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(f) = rx.recv(0, Duration::from_millis(20)) {
+                    frames += 1;
+                    bytes += f.frame.len() as u64;
+                }
+            }
+            // What was in flight when the sender stopped.
+            while let Some(f) = rx.recv(0, Duration::from_millis(200)) {
+                frames += 1;
+                bytes += f.frame.len() as u64;
+            }
+            (frames, bytes)
+        });
+        let start = Instant::now();
+        while start.elapsed().as_secs_f64() < secs {
+            if tx.send(0, &NetHdr::default(), frame).is_err() {
+                // The TX ring is full: take back what the switch finished.
+                tx.reclaim_tx(1);
+            }
+        }
+        let took = start.elapsed().as_secs_f64();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (frames, bytes) = counter.join().unwrap();
+        (frames, bytes, took)
+    })
+}
+
+#[track_caller]
+fn within_5_percent(measured: f64, limit: f64, what: &str) {
+    let ratio = measured / limit;
+    println!("{what}: {measured:.0} measured, limit {limit:.0} ({ratio:.3})");
+    assert!(
+        (0.95..=1.05).contains(&ratio),
+        "{what}: {measured:.0} against a limit of {limit:.0}"
+    );
+}
+
+#[test]
+fn rate_limits_hold_within_five_percent() {
+    let mut config = three_tier(
+        "[[rule]]\naction = \"allow\"\nproto = \"udp\"\nports = 7000\nrate = { packets_per_sec = 1500 }\n\
+         [[rule]]\naction = \"allow\"\nproto = \"udp\"\n",
+    );
+    config.ports[0].rate_tx = Some(vhost_net_backend::config::RateConfig {
+        bits_per_sec: Some(20_000_000),
+        ..Default::default()
+    });
+    config.ports[2].rate_rx = Some(vhost_net_backend::config::RateConfig {
+        packets_per_sec: Some(2000),
+        ..Default::default()
+    });
+    let sw = TestSwitch::start_config(config);
+    let secs = 2.0;
+    // web sends at most 20 Mbit/s.
+    let (mut web, mut app, mut db) = (device(&sw, "web1"), device(&sw, "app1"), device(&sw, "db1"));
+    let big = udp_sized(WEB, APP, false, 1, 5000, 1400);
+    let (_, bytes, took) = blast(&mut web, &mut app, &big, secs);
+    within_5_percent(bytes as f64 * 8.0 / took, 20e6, "web's rate_tx, bit/s");
+    assert!(sw.counters("web1").drop_count(DropReason::RateLimited) > 0);
+    // db receives at most 2000 packets/s, from whoever sends.
+    let (frames, _, took) = blast(&mut app, &mut db, &udp(APP, DB, false, 2, 5000), secs);
+    within_5_percent(frames as f64 / took, 2000.0, "db's rate_rx, packets/s");
+    assert!(sw.counters("db1").drop_count(DropReason::RateLimited) > 0);
+    assert_eq!(sw.counters("app1").drop_count(DropReason::RateLimited), 0);
+    // The rule's rate: its flows share 1500 packets/s.
+    let (frames, _, took) = blast(&mut app, &mut db, &udp(APP, DB, false, 3, 7000), secs);
+    within_5_percent(frames as f64 / took, 1500.0, "the rule's rate, packets/s");
+    assert!(sw.counters("app1").drop_count(DropReason::RateLimited) > 0);
 }

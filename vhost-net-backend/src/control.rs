@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::config::policy::{OneOrMany, PortItem};
-use crate::config::{Action, RuleConfig, SwitchConfig};
+use crate::config::{Action, RateConfig, RuleConfig, SwitchConfig};
 use crate::counters::CounterSnapshot;
 use crate::datapath::Datapath;
 use crate::packet::l3::Ip;
@@ -22,8 +22,9 @@ pub type Reloader = Box<dyn Fn() -> Result<SwitchConfig, String> + Send + Sync>;
 
 pub const COMMANDS: &str = "stats, rules, flows [port=NAME] [addr=IP], flush [port=NAME] \
 [addr=IP] [proto=P] [dport=N], reload, rule-add [at=N] action=allow|deny [from=..] [to=..] \
-[proto=..] [ports=..] [name=..], rule-remove NAME|N, rule-move NAME|N TO, \
-port-set NAME [groups=A,B] [addresses=IP,IP]";
+[proto=..] [ports=..] [name=..] [rate_bps=N] [rate_pps=N], rule-remove NAME|N, \
+rule-move NAME|N TO, port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] \
+[rx_bps=N] [rx_pps=N]";
 
 #[derive(Serialize)]
 struct PortStats<'a> {
@@ -168,7 +169,7 @@ impl Control {
         let rules = self.dp.policy.rules();
         let mut live = vec![(0u64, 0u64); rules.rules.len()];
         for c in self.dp.policy.conntrack.all() {
-            if let Some(l) = c.rule.and_then(|i| live.get_mut(i as usize)) {
+            if let Some(l) = c.rule().and_then(|i| live.get_mut(i as usize)) {
                 let [a, b] = c.totals();
                 l.0 += a.0 + b.0;
                 l.1 += a.1 + b.1;
@@ -226,7 +227,7 @@ impl Control {
                     "state": tcp::name(c.state.load(Ordering::Relaxed)),
                     "tcp_flags": tcp_flags_text(flags),
                     "packets": a.0, "bytes": a.1, "packets_back": b.0, "bytes_back": b.1,
-                    "rule": rules.decider_name(c.rule),
+                    "rule": rules.decider_name(c.rule()),
                     "expires_in": c.expires_at().saturating_sub(now),
                 })
             })
@@ -260,12 +261,14 @@ fn restart_only_changes(old: &SwitchConfig, new: &SwitchConfig) -> Vec<String> {
                 let mut p = p.clone();
                 p.groups.clear();
                 p.addresses.clear();
+                p.rate_tx = None;
+                p.rate_rx = None;
                 p
             })
             .collect::<Vec<_>>()
     };
     if strip(old) != strip(new) {
-        changed.push("the ports (other than their groups and addresses)".into());
+        changed.push("the ports (other than their groups, addresses and rates)".into());
     }
     let settings = |c: &SwitchConfig| {
         c.policy.clone().map(|mut p| {
@@ -349,6 +352,7 @@ fn rule_add(c: &mut SwitchConfig, args: &[&str]) -> Result<(), String> {
         to: OneOrMany::One("any".into()),
         proto: None,
         ports: None,
+        rate: None,
     };
     let mut at = c.rules.len() + 1;
     let mut action = None;
@@ -379,9 +383,11 @@ fn rule_add(c: &mut SwitchConfig, args: &[&str]) -> Result<(), String> {
                         .collect(),
                 ))
             }
+            "rate_bps" | "rate_pps" => set_rate(&mut rule.rate, k, v)?,
             _ => {
                 return Err(format!(
-                    "unknown key '{k}' (at, action, name, from, to, proto, ports)"
+                    "unknown key '{k}' (at, action, name, from, to, proto, ports, rate_bps, \
+                     rate_pps)"
                 ))
             }
         }
@@ -439,8 +445,33 @@ fn port_set(c: &mut SwitchConfig, args: &[&str]) -> Result<(), String> {
                     .map(|a| a.parse().map_err(|_| format!("'{a}' is not an IP address")))
                     .collect::<Result<_, _>>()?
             }
-            _ => return Err(format!("unknown key '{k}' (groups, addresses)")),
+            "tx_bps" | "tx_pps" => set_rate(&mut port.rate_tx, k, v)?,
+            "rx_bps" | "rx_pps" => set_rate(&mut port.rate_rx, k, v)?,
+            _ => {
+                return Err(format!(
+                    "unknown key '{k}' (groups, addresses, tx_bps, tx_pps, rx_bps, rx_pps)"
+                ))
+            }
         }
+    }
+    Ok(())
+}
+
+/// Sets the bits/s (`*_bps`) or packets/s (`*_pps`) of a rate from `v`; 0 removes it.
+fn set_rate(rate: &mut Option<RateConfig>, key: &str, v: &str) -> Result<(), String> {
+    let n: u64 = v
+        .parse()
+        .map_err(|_| format!("{key} '{v}' is not a whole number"))?;
+    let r = rate.get_or_insert_with(RateConfig::default);
+    if key.ends_with("_bps") {
+        r.bits_per_sec = (n > 0).then_some(n);
+        r.burst_bytes = None;
+    } else {
+        r.packets_per_sec = (n > 0).then_some(n);
+        r.burst_packets = None;
+    }
+    if r.bits_per_sec.is_none() && r.packets_per_sec.is_none() {
+        *rate = None;
     }
     Ok(())
 }

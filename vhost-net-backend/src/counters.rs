@@ -34,10 +34,13 @@ pub enum DropReason {
     /// From an IP address the port does not own, or claiming one in ARP or neighbour
     /// discovery, or from another MAC than the port's (with a policy configured).
     SpoofedIp,
+    /// Over a rate limit: the sender's `rate_tx`, a rule's rate (counted on the sender),
+    /// or the receiver's `rate_rx` (counted on the receiver).
+    RateLimited,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::NoRxBuffer,
         DropReason::RxBufferTooSmall,
         DropReason::BadTxDescriptor,
@@ -50,6 +53,7 @@ impl DropReason {
         DropReason::SpoofedMac,
         DropReason::PolicyDenied,
         DropReason::SpoofedIp,
+        DropReason::RateLimited,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,6 +70,7 @@ impl DropReason {
             DropReason::SpoofedMac => "spoofed_mac",
             DropReason::PolicyDenied => "policy_denied",
             DropReason::SpoofedIp => "spoofed_ip",
+            DropReason::RateLimited => "rate_limited",
         }
     }
 }

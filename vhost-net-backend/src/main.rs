@@ -138,8 +138,10 @@ Commands:
   flush [port=NAME] [addr=IP] [proto=P] [dport=N]   end tracked connections
   reload                             read the config again (as SIGHUP)
   rule-add [at=N] action=allow|deny [from=A,B] [to=A,B] [proto=P] [ports=80,8000-8100] [name=N]
+           [rate_bps=N] [rate_pps=N]
   rule-remove NAME|N                 rule-move NAME|N TO
-  port-set NAME [groups=A,B] [addresses=IP,IP]";
+  port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] [rx_bps=N] [rx_pps=N]
+           (tx: what the guest sends, rx: what it receives; 0 removes the limit)";
 
 /// Sends one command to a running switch and prints its reply.
 fn ctl(args: &CtlArgs) -> Result<()> {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::types::MacAddr;
-pub use policy::{Action, PolicyConfig, RuleConfig};
+pub use policy::{Action, PolicyConfig, RateConfig, RuleConfig};
 use thiserror::Error;
 
 /// Largest number of queue pairs one port may offer.
@@ -78,6 +78,12 @@ pub struct PortConfig {
     /// that family (nor claim one in ARP or neighbour discovery).
     #[serde(default)]
     pub addresses: Vec<IpAddr>,
+    /// A rate limit on what the guest sends into the switch.
+    #[serde(default)]
+    pub rate_tx: Option<RateConfig>,
+    /// A rate limit on what the switch delivers to the guest.
+    #[serde(default)]
+    pub rate_rx: Option<RateConfig>,
 }
 
 impl Default for PortConfig {
@@ -91,6 +97,8 @@ impl Default for PortConfig {
             max_macs: None,
             groups: Vec::new(),
             addresses: Vec::new(),
+            rate_tx: None,
+            rate_rx: None,
         }
     }
 }
@@ -146,6 +154,7 @@ impl PortConfig {
             max_macs,
             groups,
             addresses,
+            ..Default::default()
         })
     }
 
@@ -390,6 +399,11 @@ impl SwitchConfig {
                     "queues {} is out of range: use 1..={MAX_QUEUE_PAIRS}",
                     p.queues
                 )));
+            }
+            for (what, rate) in [("rate_tx", &p.rate_tx), ("rate_rx", &p.rate_rx)] {
+                if let Some(r) = rate {
+                    r.check().map_err(|m| err(format!("{what}: {m}")))?;
+                }
             }
             if let Some(m) = p.mac {
                 if m.is_multicast() || m == MacAddr::default() {

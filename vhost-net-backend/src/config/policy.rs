@@ -105,6 +105,45 @@ fn any() -> OneOrMany<String> {
     OneOrMany::One("any".into())
 }
 
+/// A rate as configured: `{ bits_per_sec = 100_000_000, burst_bytes = 125_000 }`,
+/// `{ packets_per_sec = 10_000 }`, or both.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    #[serde(default)]
+    pub bits_per_sec: Option<u64>,
+    /// Bytes that may pass at once above the rate; at least (and by default) 10 ms at the
+    /// rate and one 64 KiB segment: the switch takes frames in batches.
+    #[serde(default)]
+    pub burst_bytes: Option<u64>,
+    #[serde(default)]
+    pub packets_per_sec: Option<u64>,
+    /// Packets that may pass at once; at least (and by default) 10 ms at the rate and 32.
+    #[serde(default)]
+    pub burst_packets: Option<u64>,
+}
+
+impl RateConfig {
+    pub fn check(&self) -> Result<(), String> {
+        if self.bits_per_sec.is_none() && self.packets_per_sec.is_none() {
+            return Err("a rate needs bits_per_sec or packets_per_sec".into());
+        }
+        if self.bits_per_sec == Some(0) || self.packets_per_sec == Some(0) {
+            return Err(
+                "a rate of 0 passes nothing: leave the port out of the policy \
+                        or deny its traffic instead"
+                    .into(),
+            );
+        }
+        if self.bits_per_sec.is_none() && self.burst_bytes.is_some()
+            || self.packets_per_sec.is_none() && self.burst_packets.is_some()
+        {
+            return Err("a burst needs the rate it belongs to".into());
+        }
+        Ok(())
+    }
+}
+
 /// One `[[rule]]`: traffic `from` -> `to` of protocol `proto` to destination `ports`.
 /// `from` and `to` name groups (ports' `groups`), CIDRs, `outside` (the uplink) or `any`.
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -122,4 +161,7 @@ pub struct RuleConfig {
     pub proto: Option<OneOrMany<String>>,
     #[serde(default)]
     pub ports: Option<OneOrMany<PortItem>>,
+    /// A rate shared by every flow this rule allows.
+    #[serde(default)]
+    pub rate: Option<RateConfig>,
 }

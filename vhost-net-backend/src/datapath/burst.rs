@@ -13,8 +13,9 @@ use crate::endpoint::{Endpoint, SwitchPort};
 use crate::mem::Ram;
 use crate::packet::l3::{self, L3};
 use crate::packet::meta::FrameMeta;
-use crate::policy::{PolicyCache, PolicyFrame};
+use crate::policy::{PolicyCache, PolicyFrame, Verdict};
 use crate::switch::{DecisionCache, Forward};
+use crate::types::PortId;
 use crate::virtio::chain::Segment;
 use crate::virtio::copy::FrameSource;
 
@@ -90,7 +91,7 @@ pub struct Scratch {
 /// interrupted by `flush`, which the caller runs once it holds nothing another port needs.
 pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) {
     s.forwards.clear();
-    let policy = dp.policy.enabled();
+    let policy = dp.policy.active();
     if policy {
         dp.policy.refresh(&mut s.policy);
         s.l3.clear();
@@ -110,23 +111,17 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                 s.forwards.push(Forward::SpoofedIp);
                 continue;
             }
+            if !dp.policy.tx_allows(&s.policy, from.id, len) {
+                s.forwards.push(Forward::RateLimited);
+                continue;
+            }
         }
         let forward =
             dp.switch
                 .decide_cached(&mut s.decisions, from.id, segment, meta.src, meta.dst);
         let forward = match forward {
             Forward::To(p) if policy => {
-                let (l3, len) = &s.l3[i];
-                let f = PolicyFrame {
-                    l3,
-                    len: *len,
-                    group: meta.dst.is_multicast(),
-                };
-                if dp.policy.allows(&mut s.policy, from.id, p, f, false) {
-                    forward
-                } else {
-                    Forward::Denied
-                }
+                police(dp, s, from.id, p, i, meta.dst.is_multicast(), false)
             }
             f => f,
         };
@@ -141,6 +136,8 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             Forward::Spoofed => from.counters.count_drop(DropReason::SpoofedMac),
             Forward::Denied => from.counters.count_drop(DropReason::PolicyDenied),
             Forward::SpoofedIp => from.counters.count_drop(DropReason::SpoofedIp),
+            Forward::RateLimited => from.counters.count_drop(DropReason::RateLimited),
+            Forward::Dropped => {}
             Forward::To(p) => {
                 let dst = &dp.ports[usize::from(p)];
                 if let (Some(vm), Burst::Guest { ram, segs, frames }) = (dst.as_vm(), burst) {
@@ -160,15 +157,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             Forward::Flood => {
                 let group = frame.eth()[0] & 1 != 0;
                 for p in dp.switch.flood_targets(from.id, frame.segment) {
-                    if policy && {
-                        let (l3, len) = &s.l3[i];
-                        let f = PolicyFrame {
-                            l3,
-                            len: *len,
-                            group,
-                        };
-                        !dp.policy.allows(&mut s.policy, from.id, p, f, true)
-                    } {
+                    if policy && police(dp, s, from.id, p, i, group, true) != Forward::To(p) {
                         continue;
                     }
                     deliver(from, &dp.ports[usize::from(p)], &frame, &mut s.rx);
@@ -176,6 +165,38 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             }
         }
         i += 1;
+    }
+}
+
+/// The policy stage for frame `i` of the burst (parsed in `s.l3`) from port `from` to
+/// port `to`: `To(to)` if it passes. `group`: to a multicast MAC; `quiet`: a flooded copy.
+#[inline]
+fn police(
+    dp: &Datapath,
+    s: &mut Scratch,
+    from: PortId,
+    to: PortId,
+    i: usize,
+    group: bool,
+    quiet: bool,
+) -> Forward {
+    let (l3, len) = &s.l3[i];
+    let f = PolicyFrame {
+        l3,
+        len: *len,
+        group,
+    };
+    match dp.policy.verdict(&mut s.policy, from, to, f, quiet) {
+        Verdict::Allow if dp.policy.rx_allows(&s.policy, to, *len) => Forward::To(to),
+        Verdict::Allow => {
+            // Over the receiver's rate: counted there.
+            dp.ports[usize::from(to)]
+                .counters
+                .count_drop(DropReason::RateLimited);
+            Forward::Dropped
+        }
+        Verdict::Deny => Forward::Denied,
+        Verdict::RateLimited => Forward::RateLimited,
     }
 }
 

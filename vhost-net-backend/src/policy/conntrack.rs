@@ -83,7 +83,9 @@ pub struct Conn {
     /// The port that opened it and the port it was allowed to.
     pub orig_port: PortId,
     pub reply_port: PortId,
-    pub rule: Decider,
+    /// The rule that allowed it (`NO_RULE`: the default); a later rule set may decide
+    /// it by another.
+    rule: AtomicU32,
     /// The rule set generation that allowed it: a later one decides it again.
     pub generation: AtomicU64,
     /// Unix time it started, for the flow log.
@@ -96,7 +98,49 @@ pub struct Conn {
     pub logged: Mutex<[(u64, u64); 2]>,
 }
 
+const NO_RULE: u32 = u32::MAX;
+
 impl Conn {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        key: FlowKey,
+        orig_port: PortId,
+        reply_port: PortId,
+        rule: Decider,
+        generation: u64,
+        started_unix: u64,
+        now: u32,
+    ) -> Conn {
+        let c = Conn {
+            key,
+            orig_port,
+            reply_port,
+            rule: AtomicU32::new(rule.unwrap_or(NO_RULE)),
+            generation: AtomicU64::new(generation),
+            started_unix,
+            state: AtomicU8::new(if key.proto == PROTO_TCP {
+                tcp::SYN_SENT
+            } else {
+                tcp::NONE
+            }),
+            alive: AtomicBool::new(true),
+            dirs: Default::default(),
+            logged: Mutex::new([(0, 0); 2]),
+        };
+        c.dirs[0].last_seen.store(now, Ordering::Relaxed);
+        c
+    }
+
+    #[inline]
+    pub fn rule(&self) -> Decider {
+        let r = self.rule.load(Ordering::Relaxed);
+        (r != NO_RULE).then_some(r)
+    }
+
+    pub fn set_rule(&self, rule: Decider) {
+        self.rule.store(rule.unwrap_or(NO_RULE), Ordering::Relaxed);
+    }
+
     /// Counts a packet of `len` bytes going `dir` at clock `now`, with TCP flags `flags`,
     /// and moves the TCP state. Returns false if the packet may not pass (a TCP flow in
     /// a state where it makes no sense, e.g. data after RST).
@@ -349,31 +393,15 @@ mod tests {
     use crate::packet::l3::Ip;
 
     pub(crate) fn conn(orig_port: PortId, sport: u16, proto: u8, now: u32) -> Conn {
-        let c = Conn {
-            key: FlowKey {
-                src: Ip::v4([10, 0, 0, 1]),
-                dst: Ip::v4([10, 0, 0, 2]),
-                sport,
-                dport: 80,
-                proto,
-                zone: 0,
-            },
-            orig_port,
-            reply_port: 9,
-            rule: Some(0),
-            generation: AtomicU64::new(0),
-            started_unix: 0,
-            state: AtomicU8::new(if proto == PROTO_TCP {
-                tcp::SYN_SENT
-            } else {
-                tcp::NONE
-            }),
-            alive: AtomicBool::new(true),
-            dirs: Default::default(),
-            logged: Mutex::new([(0, 0); 2]),
+        let key = FlowKey {
+            src: Ip::v4([10, 0, 0, 1]),
+            dst: Ip::v4([10, 0, 0, 2]),
+            sport,
+            dport: 80,
+            proto,
+            zone: 0,
         };
-        c.dirs[0].last_seen.store(now, Ordering::Relaxed);
-        c
+        Conn::new(key, orig_port, 9, Some(0), 0, 0, now)
     }
 
     #[test]

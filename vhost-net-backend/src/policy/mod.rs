@@ -14,6 +14,7 @@
 
 pub mod conntrack;
 pub mod flow_log;
+pub mod rate;
 pub mod rules;
 pub mod source_guard;
 
@@ -26,7 +27,7 @@ use log::{info, warn};
 use crate::config::{Action, ConfigError, SwitchConfig};
 use crate::packet::l3::{FlowKey, IcmpKind, IpPacket, L3, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_SYN};
 use crate::types::{MacAddr, PortId};
-use conntrack::{tcp, Conn, Conntrack, Dir, Full};
+use conntrack::{Conn, Conntrack, Dir, Full};
 use flow_log::{proto_name, tcp_flags_text, DeniedLog, FlowLog, FlowRecord};
 use rules::{count_hit, Decider, RuleSet};
 
@@ -41,6 +42,15 @@ pub struct PolicyCounters {
     pub port_full: AtomicU64,
     /// Frames from an address or MAC the port does not own.
     pub spoofed: AtomicU64,
+}
+
+/// The policy stage's answer for one frame to one port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Allowed, but over its rule's rate.
+    RateLimited,
 }
 
 /// A frame as the policy stage decides on it.
@@ -62,6 +72,8 @@ struct CachedFlow {
 /// A worker's view of the policy: the rule set it last saw and the flows it saw last.
 pub struct PolicyCache {
     generation: u64,
+    /// The rate limiters' clock at the start of the burst.
+    rate_now: u64,
     rules: Arc<RuleSet>,
     slots: Box<[Option<CachedFlow>]>,
 }
@@ -70,6 +82,7 @@ impl Default for PolicyCache {
     fn default() -> Self {
         PolicyCache {
             generation: u64::MAX,
+            rate_now: 0,
             rules: Arc::new(RuleSet::default()),
             slots: (0..CACHE_SLOTS).map(|_| None).collect(),
         }
@@ -77,7 +90,8 @@ impl Default for PolicyCache {
 }
 
 pub struct Policy {
-    enabled: AtomicBool,
+    /// The stage runs (rules, or a rate, are configured).
+    active: AtomicBool,
     rules: Mutex<Arc<RuleSet>>,
     generation: AtomicU64,
     pub conntrack: Conntrack,
@@ -118,7 +132,7 @@ impl Policy {
             None => None,
         };
         Ok(Policy {
-            enabled: AtomicBool::new(rules.enabled),
+            active: AtomicBool::new(rules.active),
             rules: Mutex::new(Arc::new(rules)),
             generation: AtomicU64::new(0),
             conntrack: Conntrack::new(names.len(), settings.max_flows, settings.max_flows_per_port),
@@ -134,9 +148,10 @@ impl Policy {
         })
     }
 
+    /// Whether the stage runs at all: with no rule and no rate it costs this test.
     #[inline(always)]
-    pub fn enabled(&self) -> bool {
-        self.enabled.load(Ordering::Relaxed)
+    pub fn active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
     }
 
     /// The rules in force.
@@ -153,10 +168,10 @@ impl Policy {
                 "ports cannot be added or removed by a reload: restart the switch".into(),
             ));
         }
-        let enabled = rules.enabled;
+        let active = rules.active;
         *self.rules.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
         self.generation.fetch_add(1, Ordering::Release);
-        self.enabled.store(enabled, Ordering::Relaxed);
+        self.active.store(active, Ordering::Relaxed);
         Ok(())
     }
 
@@ -168,6 +183,29 @@ impl Policy {
             cache.rules = self.rules();
             cache.generation = g;
         }
+        cache.rate_now = (self.started.elapsed().as_nanos() as u64) << rate::SCALE;
+    }
+
+    /// Whether port `port`'s rate lets it send a frame of `len` bytes.
+    #[inline]
+    pub fn tx_allows(&self, cache: &PolicyCache, port: PortId, len: usize) -> bool {
+        cache
+            .rules
+            .ports
+            .get(usize::from(port))
+            .and_then(|p| p.rate_tx.as_ref())
+            .is_none_or(|r| r.allows(cache.rate_now, len))
+    }
+
+    /// Whether port `port`'s rate lets it receive a frame of `len` bytes.
+    #[inline]
+    pub fn rx_allows(&self, cache: &PolicyCache, port: PortId, len: usize) -> bool {
+        cache
+            .rules
+            .ports
+            .get(usize::from(port))
+            .and_then(|p| p.rate_rx.as_ref())
+            .is_none_or(|r| r.allows(cache.rate_now, len))
     }
 
     pub fn now(&self) -> u32 {
@@ -188,10 +226,7 @@ impl Policy {
         ok
     }
 
-    /// Whether frame `f` from port `src` may go to port `dst`. `quiet`: a copy of a
-    /// flooded frame (a refusal is not logged: the copy that reaches the destination's
-    /// port once it is learned decides).
-    #[inline]
+    /// `verdict`, as a yes or no.
     pub fn allows(
         &self,
         cache: &mut PolicyCache,
@@ -200,24 +235,66 @@ impl Policy {
         f: PolicyFrame<'_>,
         quiet: bool,
     ) -> bool {
+        self.verdict(cache, src, dst, f, quiet) == Verdict::Allow
+    }
+
+    /// Whether frame `f` from port `src` may go to port `dst`. `quiet`: a copy of a
+    /// flooded frame (a refusal is not logged: the copy that reaches the destination's
+    /// port once it is learned decides).
+    #[inline]
+    pub fn verdict(
+        &self,
+        cache: &mut PolicyCache,
+        src: PortId,
+        dst: PortId,
+        f: PolicyFrame<'_>,
+        quiet: bool,
+    ) -> Verdict {
+        if !cache.rules.enabled {
+            return Verdict::Allow;
+        }
+        match self.filter(cache, src, dst, f, quiet) {
+            Some(rule) => match rule
+                .and_then(|i| cache.rules.rules.get(i as usize))
+                .and_then(|r| r.rate.as_ref())
+            {
+                Some(rate) if !rate.allows(cache.rate_now, f.len) => Verdict::RateLimited,
+                _ => Verdict::Allow,
+            },
+            None => Verdict::Deny,
+        }
+    }
+
+    /// The rules and flows: `Some(rule that allowed it)` or None.
+    #[inline]
+    fn filter(
+        &self,
+        cache: &mut PolicyCache,
+        src: PortId,
+        dst: PortId,
+        f: PolicyFrame<'_>,
+        quiet: bool,
+    ) -> Option<Decider> {
         let (len, group) = (f.len, f.group);
         let p = match f.l3 {
-            L3::Arp { .. } => return true,
-            L3::BadIp | L3::Other(_) => return cache.rules.default == Action::Allow,
+            L3::Arp { .. } => return Some(None),
+            L3::BadIp | L3::Other(_) => {
+                return (cache.rules.default == Action::Allow).then_some(None)
+            }
             L3::Ip(p) => p,
         };
         let rules = &cache.rules;
         let from_outside = rules.ports.get(usize::from(src)).is_some_and(|p| p.uplink);
         match p.icmp {
-            Some(IcmpKind::Neighbour) => return true,
-            Some(IcmpKind::Router) => return from_outside,
+            Some(IcmpKind::Neighbour) => return Some(None),
+            Some(IcmpKind::Router) => return from_outside.then_some(None),
             Some(IcmpKind::Error) => {
                 if let Some(k) = p.related {
                     let h = self.conntrack.hash(&k);
                     if let Some((c, _)) = self.conntrack.lookup(&k, h) {
                         let ports = [c.orig_port, c.reply_port];
                         if ports.contains(&src) && ports.contains(&dst) {
-                            return true;
+                            return Some(c.rule());
                         }
                     }
                 }
@@ -225,17 +302,17 @@ impl Policy {
             _ => {}
         }
         if p.key.proto == PROTO_UDP && p.key.dport == 67 && p.key.sport == 68 {
-            return true;
+            return Some(None);
         }
         if p.key.proto == PROTO_UDP && p.key.sport == 67 && p.key.dport == 68 && from_outside {
-            return true;
+            return Some(None);
         }
         if group || p.later_fragment {
             let (action, rule) = rules.decide(src, dst, &p.key);
             if action == Action::Deny && !quiet {
                 self.deny(src, dst, p, len, rule);
             }
-            return action == Action::Allow;
+            return (action == Action::Allow).then_some(rule);
         }
         self.stateful(cache, src, dst, p, len, quiet)
     }
@@ -249,7 +326,7 @@ impl Policy {
         p: &IpPacket,
         len: usize,
         quiet: bool,
-    ) -> bool {
+    ) -> Option<Decider> {
         let now = self.now();
         let hash = self.conntrack.hash(&p.key);
         let slot = (hash as usize) % CACHE_SLOTS;
@@ -259,7 +336,10 @@ impl Policy {
                 && f.conn.generation.load(Ordering::Relaxed) == cache.generation
             {
                 if on_path(&f.conn, f.dir, src, dst) {
-                    return f.conn.count(f.dir, len, p.tcp_flags, now);
+                    return f
+                        .conn
+                        .count(f.dir, len, p.tcp_flags, now)
+                        .then(|| f.conn.rule());
                 }
                 return self.stateless(cache, src, dst, p, len, quiet);
             }
@@ -267,19 +347,20 @@ impl Policy {
         if let Some((conn, dir)) = self.conntrack.lookup(&p.key, hash) {
             if conn.generation.load(Ordering::Relaxed) != cache.generation {
                 // The rules changed since it was allowed: decide it again.
-                let (action, _) = cache
+                let (action, rule) = cache
                     .rules
                     .decide(conn.orig_port, conn.reply_port, &conn.key);
                 if action == Action::Deny {
                     self.end(&conn, &cache.rules);
                     return self.stateless(cache, src, dst, p, len, quiet);
                 }
+                conn.set_rule(rule);
                 conn.generation.store(cache.generation, Ordering::Relaxed);
             }
             if !on_path(&conn, dir, src, dst) {
                 return self.stateless(cache, src, dst, p, len, quiet);
             }
-            let ok = conn.count(dir, len, p.tcp_flags, now);
+            let ok = conn.count(dir, len, p.tcp_flags, now).then(|| conn.rule());
             cache.slots[slot] = Some(CachedFlow {
                 key: p.key,
                 conn,
@@ -292,35 +373,21 @@ impl Policy {
             if !quiet {
                 self.deny(src, dst, p, len, rule);
             }
-            return false;
+            return None;
         }
         // A TCP flow begins with a SYN; anything else has no connection to belong to.
         if p.key.proto == PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
             if !quiet {
                 self.deny(src, dst, p, len, rule);
             }
-            return false;
+            return None;
         }
-        let conn = Conn {
-            key: p.key,
-            orig_port: src,
-            reply_port: dst,
-            rule,
-            generation: AtomicU64::new(cache.generation),
-            started_unix: unix_now(),
-            state: AtomicU8::new(if p.key.proto == PROTO_TCP {
-                tcp::SYN_SENT
-            } else {
-                tcp::NONE
-            }),
-            alive: AtomicBool::new(true),
-            dirs: Default::default(),
-            logged: Mutex::new([(0, 0); 2]),
-        };
+        let conn = Conn::new(p.key, src, dst, rule, cache.generation, unix_now(), now);
         match self.conntrack.insert(conn) {
             Ok((conn, dir)) => {
                 count_hit(&cache.rules, rule);
-                let ok = on_path(&conn, dir, src, dst) && conn.count(dir, len, p.tcp_flags, now);
+                let ok = (on_path(&conn, dir, src, dst) && conn.count(dir, len, p.tcp_flags, now))
+                    .then(|| conn.rule());
                 cache.slots[slot] = Some(CachedFlow {
                     key: p.key,
                     conn,
@@ -330,7 +397,7 @@ impl Policy {
             }
             Err(full) => {
                 self.full(full, src);
-                false
+                None
             }
         }
     }
@@ -345,12 +412,12 @@ impl Policy {
         p: &IpPacket,
         len: usize,
         quiet: bool,
-    ) -> bool {
+    ) -> Option<Decider> {
         let (action, rule) = cache.rules.decide(src, dst, &p.key);
         if action == Action::Deny && !quiet {
             self.deny(src, dst, p, len, rule);
         }
-        action == Action::Allow
+        (action == Action::Allow).then_some(rule)
     }
 
     #[cold]
@@ -400,7 +467,7 @@ impl Policy {
         }
         self.conntrack.remove(conn);
         let [a, b] = conn.totals();
-        if let Some(r) = conn.rule.and_then(|i| rules.rules.get(i as usize)) {
+        if let Some(r) = conn.rule().and_then(|i| rules.rules.get(i as usize)) {
             r.counters.packets.fetch_add(a.0 + b.0, Ordering::Relaxed);
             r.counters.bytes.fetch_add(a.1 + b.1, Ordering::Relaxed);
         }
@@ -422,7 +489,7 @@ impl Policy {
     pub fn tick(&self) {
         let now = self.started.elapsed().as_secs() as u32;
         self.clock.store(now, Ordering::Relaxed);
-        if !self.enabled() && self.conntrack.is_empty() {
+        if !self.active() && self.conntrack.is_empty() {
             return;
         }
         let rules = self.rules();
@@ -488,7 +555,7 @@ impl Policy {
             &conn.key,
             delta,
             flags,
-            ("allow", rules.decider_name(conn.rule)),
+            ("allow", rules.decider_name(conn.rule())),
             rules,
         ));
     }
@@ -537,7 +604,7 @@ impl Policy {
 
     /// Logs a summary at shutdown and writes what the log has not yet shown.
     pub fn finish(&self) {
-        if !self.enabled() {
+        if !self.active() {
             return;
         }
         let rules = self.rules();
@@ -568,6 +635,7 @@ mod tests {
     use super::*;
     use crate::config::PortConfig;
     use crate::packet::l3::{Ip, PROTO_ICMP, TCP_FIN, TCP_RST};
+    use crate::policy::conntrack::tcp;
 
     const WEB: PortId = 0;
     const APP: PortId = 1;

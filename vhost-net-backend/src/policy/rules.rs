@@ -10,6 +10,8 @@ use crate::config::{Action, ConfigError, SwitchConfig};
 use crate::packet::l3::{FlowKey, Ip, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use crate::types::{MacAddr, PortId};
 
+use super::rate::RateLimiter;
+
 /// At most this many groups: a port's groups are one word.
 pub const MAX_GROUPS: usize = 64;
 
@@ -69,6 +71,8 @@ pub struct AclRule {
     /// Destination port ranges; empty: any.
     pub ports: Vec<(u16, u16)>,
     pub counters: RuleCounters,
+    /// A rate all its flows share.
+    pub rate: Option<RateLimiter>,
     /// The rule as written, for `ctl rules`.
     pub text: String,
 }
@@ -88,7 +92,7 @@ impl AclRule {
 }
 
 /// What the policy knows of a port.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct PortPolicy {
     pub groups: u64,
     pub uplink: bool,
@@ -96,12 +100,18 @@ pub struct PortPolicy {
     /// Addresses it owns, by family; a family with none is not checked.
     pub v4: Vec<Ip>,
     pub v6: Vec<Ip>,
+    /// Rate limits on what it sends and what it receives.
+    pub rate_tx: Option<RateLimiter>,
+    pub rate_rx: Option<RateLimiter>,
 }
 
 /// Everything the policy decides by, replaced as a whole on reload.
 #[derive(Debug, Default)]
 pub struct RuleSet {
+    /// Rules filter (a policy is configured).
     pub enabled: bool,
+    /// The stage runs: rules filter, or some rate is set.
+    pub active: bool,
     pub default: Action,
     pub rules: Vec<AclRule>,
     /// By port id; the uplink last.
@@ -155,6 +165,8 @@ impl RuleSet {
                     mac: p.mac,
                     v4: ips(v4),
                     v6: ips(v6),
+                    rate_tx: p.rate_tx.as_ref().map(RateLimiter::new),
+                    rate_rx: p.rate_rx.as_ref().map(RateLimiter::new),
                 }
             })
             .collect();
@@ -210,6 +222,12 @@ impl RuleSet {
                         .collect::<Result<_, _>>()?
                 }
             };
+            if let Some(rate) = &r.rate {
+                rate.check().map_err(|m| err(format!("rate: {m}")))?;
+                if r.action == Action::Deny {
+                    return Err(err("rate is for allow rules (deny passes nothing)".into()));
+                }
+            }
             let from = peers("from", &r.from)?;
             let to = peers("to", &r.to)?;
             rules.push(AclRule {
@@ -221,10 +239,15 @@ impl RuleSet {
                 proto,
                 ports,
                 counters: RuleCounters::default(),
+                rate: r.rate.as_ref().map(RateLimiter::new),
             });
         }
+        let rated = ports
+            .iter()
+            .any(|p| p.rate_tx.is_some() || p.rate_rx.is_some());
         Ok(RuleSet {
             enabled: config.has_policy(),
+            active: config.has_policy() || rated,
             default: config.policy.as_ref().map_or(Action::Deny, |p| p.default),
             rules,
             ports,

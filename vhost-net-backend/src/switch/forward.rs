@@ -15,4 +15,8 @@ pub enum Forward {
     Denied,
     /// The port does not own the frame's source address (set by the policy stage).
     SpoofedIp,
+    /// Over the sender's rate, or its flow's rule's (set by the policy stage).
+    RateLimited,
+    /// Dropped and counted by the policy stage already (over the receiver's rate).
+    Dropped,
 }
