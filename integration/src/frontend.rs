@@ -122,6 +122,9 @@ struct DriverQueue {
     free: Vec<u16>,
     /// Descriptor indices of each in-flight chain, by head.
     chains: Vec<Vec<u16>>,
+    /// Benchmark path: `tx_burst` writes a counter (u32, big-endian) at this offset of each
+    /// prepared frame before publishing it: a new flow per frame.
+    stamp: Option<(usize, u32)>,
 }
 
 impl DriverQueue {
@@ -251,6 +254,7 @@ impl VirtioNetDevice {
                 last_used: 0,
                 free: (0..opts.queue_size).rev().collect(),
                 chains: vec![Vec::new(); usize::from(opts.queue_size)],
+                stamp: None,
             };
             frontend.set_vring_num(i, opts.queue_size)?;
             frontend.set_vring_addr(
@@ -530,6 +534,14 @@ impl VirtioNetDevice {
         Ok(())
     }
 
+    /// Benchmark path: from now on `tx_burst` on `qp` writes a counter at byte `offset` of
+    /// each frame `tx_fill` prepared (for UDP over IPv4, 34: its two ports), so every frame
+    /// is a flow of its own.
+    pub fn stamp_tx(&mut self, qp: u16, offset: usize) {
+        let q = usize::from(qp) * 2 + 1;
+        self.queues[q].stamp = Some((self.hdr_len + offset, 0));
+    }
+
     /// Benchmark path: publishes up to `max` prepared frames on `qp` with one index update
     /// and at most one kick (only if the backend asked for it). Returns how many.
     pub fn tx_burst(&mut self, qp: u16, max: usize) -> usize {
@@ -544,6 +556,12 @@ impl VirtioNetDevice {
         };
         for k in 0..n {
             let head = free.pop().expect("counted");
+            if let Some((offset, count)) = self.queues[q].stamp {
+                // Where `tx_fill` put this slot's frame.
+                let addr = self.queues[q].buf(head).0 + u64::from(head % 64) * 64 + offset as u64;
+                let _ = self.mem.write_obj(count.to_be(), GuestAddress(addr));
+                self.queues[q].stamp = Some((offset, count.wrapping_add(1)));
+            }
             let slot = 4 + 2 * usize::from(old.wrapping_add(k as u16) % size);
             // SAFETY: an avail ring entry inside our own mapping, laid out by `connect`.
             unsafe { std::ptr::write_volatile(avail.add(slot).cast::<u16>(), head.to_le()) };

@@ -13,6 +13,11 @@
 //! L2 cache.
 //! `--case` runs only the throughput cases whose name starts with NAME ("64 B", "1518 B <->")
 //! and no latency test: for comparing builds (VNET_BACKEND=path picks the backend binary).
+//!
+//! The policy section runs the same backend with a policy: A's group may send UDP to B's
+//! after 9 or 999 rules that do not match (so 10 or 1,000 rules), on established flows
+//! (one flow per queue pair), beside plain L2 in the same run; and new connections per
+//! second, every frame a new 5-tuple (its ports counted up by the frontend).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -64,6 +69,8 @@ struct Report {
     wakeup_floor: Option<Latency>,
     /// Ours over DPDK testpmd (io forwarding), Mpps, same case and queue pairs.
     vs_dpdk: Vec<(String, u16, f64)>,
+    /// With a policy over plain L2, Mpps, same case, one queue pair, same run.
+    vs_plain: Vec<(String, String, f64)>,
     dpdk: Option<String>,
 }
 
@@ -74,13 +81,23 @@ struct Backend {
 
 impl Backend {
     fn start(extra: &[&str]) -> Backend {
+        Self::start_with_policy(None, extra)
+    }
+
+    /// With `rules` allowing UDP from A to B (`rules` in all), if given.
+    fn start_with_policy(rules: Option<usize>, extra: &[&str]) -> Backend {
         let dir = tempfile::tempdir().expect("temporary directory");
         let mut cmd = Command::new(backend_binary());
         for p in ["a", "b"] {
             cmd.arg("--port").arg(format!(
-                "name={p},socket={},queues=2,vlan=10",
+                "name={p},socket={},queues=2,vlan=10,group={p}",
                 dir.path().join(format!("{p}.sock")).display()
             ));
+        }
+        if let Some(n) = rules {
+            let path = dir.path().join("policy.toml");
+            std::fs::write(&path, policy_file(n)).expect("policy file");
+            cmd.arg("--config").arg(path);
         }
         cmd.args(extra).stderr(Stdio::null());
         // Both ports on VLAN 10: the switch's segment checks are part of what is measured.
@@ -103,6 +120,23 @@ impl Backend {
         }
         b
     }
+}
+
+/// A policy of `n` rules: `n - 1` that no benchmark frame matches (other sources, other
+/// ports), then the one that allows A's UDP to B. A table large enough for the new
+/// connections case (two million flows: its frames come at about a million a second).
+fn policy_file(n: usize) -> String {
+    let mut s = String::from("[policy]\nmax_flows = 2000000\nmax_flows_per_port = 2000000\n");
+    for i in 0..n.saturating_sub(1) {
+        s.push_str(&format!(
+            "[[rule]]\naction = \"allow\"\nfrom = \"192.0.{}.{}/32\"\nto = \"b\"\nproto = \"tcp\"\nports = {}\n",
+            i / 250,
+            i % 250 + 1,
+            1000 + i
+        ));
+    }
+    s.push_str("[[rule]]\naction = \"allow\"\nfrom = \"a\"\nto = \"b\"\nproto = \"udp\"\n");
+    s
 }
 
 /// DPDK's testpmd with two vhost-user ports, io forwarding: the reference backend.
@@ -274,7 +308,18 @@ struct Case {
     tso: bool,
     /// B sends to A at the same time as A to B; frames are summed over both directions.
     both_ways: bool,
+    /// Every frame a new flow (its UDP ports counted up).
+    new_flows: bool,
 }
+
+/// New connections a second: 64 B frames, each of a flow the policy has not seen.
+const NEW_FLOWS: Case = Case {
+    name: "64 B new flows",
+    size: 64,
+    tso: false,
+    both_ways: false,
+    new_flows: true,
+};
 
 const CASES: [Case; 5] = [
     Case {
@@ -282,30 +327,35 @@ const CASES: [Case; 5] = [
         size: 64,
         tso: false,
         both_ways: false,
+        new_flows: false,
     },
     Case {
         name: "1518 B",
         size: 1518,
         tso: false,
         both_ways: false,
+        new_flows: false,
     },
     Case {
         name: "64 KiB TSO",
         size: 0,
         tso: true,
         both_ways: false,
+        new_flows: false,
     },
     Case {
         name: "64 B <->",
         size: 64,
         tso: false,
         both_ways: true,
+        new_flows: false,
     },
     Case {
         name: "1518 B <->",
         size: 1518,
         tso: false,
         both_ways: true,
+        new_flows: false,
     },
 ];
 
@@ -326,6 +376,7 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Thro
         size,
         tso,
         both_ways,
+        new_flows,
     } = case;
     let receiver_opts = DeviceOptions {
         features: ALL_FEATURES & !f::MRG_RXBUF,
@@ -380,6 +431,10 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Thro
             frame[36] ^= qp as u8;
         }
         a.tx_fill(qp, &hdr, &frame).unwrap();
+        if new_flows {
+            // UDP over IPv4: both ports, a new pair for every frame.
+            a.stamp_tx(qp, 34);
+        }
         if both_ways {
             let mut back = udp_frame(mac(2), mac(1), size);
             back[35] = qp as u8;
@@ -638,6 +693,7 @@ fn main() {
         latency: Vec::new(),
         wakeup_floor: None,
         vs_dpdk: Vec::new(),
+        vs_plain: Vec::new(),
         dpdk: None,
     };
     for (label, extra) in [
@@ -652,6 +708,42 @@ fn main() {
             }
         }
     }
+    // The policy stage: established flows under 10 and 1,000 rules, and new connections.
+    let policy_cases: Vec<Case> = cases
+        .iter()
+        .filter(|c| !c.tso && !c.both_ways)
+        .copied()
+        .collect();
+    let new_flows = only.is_none_or(|o| NEW_FLOWS.name.starts_with(o));
+    for (label, rules) in [("  policy 10 rules", 10), ("  policy 1000 rules", 1000)] {
+        if policy_cases.is_empty() && !new_flows {
+            break;
+        }
+        let backend = Backend::start_with_policy(Some(rules), &[]);
+        for &case in &policy_cases {
+            let (t, huge) = throughput(&backend, case, 1, setup);
+            let plain = report
+                .throughput
+                .iter()
+                .find(|o| {
+                    o.backend == "vhost-net-backend" && o.case == case.name && o.queue_pairs == 1
+                })
+                .map_or(0.0, |o| o.mpps);
+            if plain > 0.0 {
+                report.vs_plain.push((
+                    label.trim().to_string(),
+                    case.name.to_string(),
+                    t.mpps / plain,
+                ));
+            }
+            report.record(t, huge, label);
+        }
+        if rules == 10 && new_flows {
+            let (t, huge) = throughput(&backend, NEW_FLOWS, 1, setup);
+            report.record(t, huge, label);
+        }
+    }
+
     for poll_us in [0u64, 50] {
         if only.is_some() {
             break;
@@ -732,6 +824,15 @@ fn main() {
             t.frontend_busy_ns_per_frame,
             t.memcpy_gbit_s,
             t.backend_to_memcpy
+        );
+    }
+    for (label, case, ratio) in &report.vs_plain {
+        println!("{label} / plain L2, Mpps, {case}, established flows, 1 queue pair: {ratio:.2}");
+    }
+    if let Some(t) = report.throughput.iter().find(|t| t.case == NEW_FLOWS.name) {
+        println!(
+            "new connections (a new 5-tuple every frame, 10 rules): {:.2} M/s",
+            t.mpps
         );
     }
     for (case, qps, ratio) in &report.vs_dpdk {

@@ -83,8 +83,6 @@ pub struct Scratch {
     /// The decision for each frame of a burst.
     forwards: Vec<Forward>,
     policy: PolicyCache,
-    /// Each frame as the policy parsed it, and its length (when a policy is configured).
-    l3: Vec<(L3, usize)>,
 }
 
 /// Decides and delivers a burst of frames that came in on `from`. The queues written are
@@ -94,16 +92,20 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
     let policy = dp.policy.active();
     if policy {
         dp.policy.refresh(&mut s.policy);
-        s.l3.clear();
     }
     for i in 0..burst.len() {
         let (eth, segment) = burst.eth(i, from.segment);
         let meta = FrameMeta::parse(eth);
+        // Parsed where it is used, not kept per frame: a copy of it measured 5 % of the
+        // time at 64 B. A flooded frame is parsed again.
+        let (head, len) = burst.head(i);
+        let parsed = if policy {
+            l3::parse(head, segment)
+        } else {
+            L3::Other(0)
+        };
         if policy {
             // Checked before the switch learns the source.
-            let (head, len) = burst.head(i);
-            let parsed = l3::parse(head, segment);
-            s.l3.push((parsed, len));
             if !dp
                 .policy
                 .source_allows(&s.policy, from.id, meta.src, &parsed)
@@ -121,7 +123,12 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                 .decide_cached(&mut s.decisions, from.id, segment, meta.src, meta.dst);
         let forward = match forward {
             Forward::To(p) if policy => {
-                police(dp, s, from.id, p, i, meta.dst.is_multicast(), false)
+                let f = PolicyFrame {
+                    l3: &parsed,
+                    len,
+                    group: meta.dst.is_multicast(),
+                };
+                police(dp, &mut s.policy, from.id, p, f, false)
             }
             f => f,
         };
@@ -155,9 +162,19 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                 deliver(from, dst, &frame, &mut s.rx);
             }
             Forward::Flood => {
-                let group = frame.eth()[0] & 1 != 0;
+                let (head, len) = burst.head(i);
+                let parsed = if policy {
+                    l3::parse(head, frame.segment)
+                } else {
+                    L3::Other(0)
+                };
+                let f = PolicyFrame {
+                    l3: &parsed,
+                    len,
+                    group: frame.eth()[0] & 1 != 0,
+                };
                 for p in dp.switch.flood_targets(from.id, frame.segment) {
-                    if policy && police(dp, s, from.id, p, i, group, true) != Forward::To(p) {
+                    if policy && police(dp, &mut s.policy, from.id, p, f, true) != Forward::To(p) {
                         continue;
                     }
                     deliver(from, &dp.ports[usize::from(p)], &frame, &mut s.rx);
@@ -168,26 +185,19 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
     }
 }
 
-/// The policy stage for frame `i` of the burst (parsed in `s.l3`) from port `from` to
-/// port `to`: `To(to)` if it passes. `group`: to a multicast MAC; `quiet`: a flooded copy.
+/// The policy stage for frame `f` from port `from` to port `to`: `To(to)` if it passes.
+/// `quiet`: a flooded copy.
 #[inline]
 fn police(
     dp: &Datapath,
-    s: &mut Scratch,
+    cache: &mut PolicyCache,
     from: PortId,
     to: PortId,
-    i: usize,
-    group: bool,
+    f: PolicyFrame<'_>,
     quiet: bool,
 ) -> Forward {
-    let (l3, len) = &s.l3[i];
-    let f = PolicyFrame {
-        l3,
-        len: *len,
-        group,
-    };
-    match dp.policy.verdict(&mut s.policy, from, to, f, quiet) {
-        Verdict::Allow if dp.policy.rx_allows(&s.policy, to, *len) => Forward::To(to),
+    match dp.policy.verdict(cache, from, to, f, quiet) {
+        Verdict::Allow if dp.policy.rx_allows(cache, to, f.len) => Forward::To(to),
         Verdict::Allow => {
             // Over the receiver's rate: counted there.
             dp.ports[usize::from(to)]

@@ -31,6 +31,9 @@ use conntrack::{Conn, Conntrack, Dir, Full};
 use flow_log::{proto_name, tcp_flags_text, DeniedLog, FlowLog, FlowRecord};
 use rules::{count_hit, Decider, RuleSet};
 
+/// The connection table is swept for expired flows in this many parts, one a second.
+const SWEEP_PARTS: usize = 4;
+
 /// Flows each worker remembers (a direct-mapped cache).
 const CACHE_SLOTS: usize = 1024;
 
@@ -382,7 +385,9 @@ impl Policy {
             }
             return None;
         }
-        let conn = Conn::new(p.key, src, dst, rule, cache.generation, unix_now(), now);
+        // Unix time from the switch's second clock: a clock read per new flow was 3 %.
+        let started = self.started_unix + u64::from(now);
+        let conn = Conn::new(p.key, src, dst, rule, cache.generation, started, now);
         match self.conntrack.insert(conn) {
             Ok((conn, dir)) => {
                 count_hit(&cache.rules, rule);
@@ -493,7 +498,9 @@ impl Policy {
             return;
         }
         let rules = self.rules();
-        for c in self.conntrack.expired(now) {
+        // Each part of the table every `SWEEP_PARTS` seconds: a flow ends up to that much
+        // after its timeout (the shortest is 10 s).
+        for c in self.conntrack.expired(now, now as usize, SWEEP_PARTS) {
             self.end(&c, &rules);
         }
         if now.is_multiple_of(self.log_interval) {

@@ -40,8 +40,7 @@ impl Peer {
 }
 
 fn in_prefix(addr: &Ip, net: &Ip, len: u8) -> bool {
-    let a = u128::from_be_bytes(addr.0);
-    let n = u128::from_be_bytes(net.0);
+    let (a, n) = (addr.0, net.0);
     let mask = if len == 0 {
         0
     } else {

@@ -6,12 +6,8 @@ use crate::types::MacAddr;
 
 use super::rules::PortPolicy;
 
-fn link_local(ip: &Ip) -> bool {
-    ip.0[0] == 0xfe && ip.0[1] & 0xc0 == 0x80
-}
-
 fn owned_v6(port: &PortPolicy, ip: &Ip) -> bool {
-    port.v6.is_empty() || link_local(ip) || port.v6.contains(ip)
+    port.v6.is_empty() || ip.is_link_local() || port.v6.contains(ip)
 }
 
 /// DHCP's first packets come from 0.0.0.0, client port to server port.
