@@ -10,14 +10,16 @@
 //! Each module imports only modules of its own layer or below.
 //!
 //! ```text
-//! 6 control    server (listeners, connections, ageing, control socket),
+//! 6 control    server (listeners, connections, ageing and the policy's clock),
+//!              control (the control socket's commands: counters, rules, flows, changes),
 //!              vhost_user::{backend (VhostUserBackend of a VM port), relay}
 //! 5 datapath   datapath::burst: THE pipeline, decision -> policy -> delivery -> flush;
 //!              datapath::vm_tx (a VM's TX ring), datapath::tap_rx (the tap's readers)
 //! 4 endpoints  endpoint::{vm (RX ring driver), tap}: where a decided frame goes;
 //!              `Endpoint` is every kind of port, matched on the hot path
-//! 3 decisions  switch::{mac_table, cache}, policy: a frame's metadata and port ids only
-//! 2 packet     packet::{ingress (one check for every port), meta, flow, vlan, offload}:
+//! 3 decisions  switch::{mac_table, cache}, policy::{source_guard, rules, conntrack, rate,
+//!              flow_log}: a frame's parsed headers and port ids only
+//! 2 packet     packet::{ingress (one check for every port), meta, flow, l3, vlan, offload}:
 //!              pure functions on bytes
 //! 1 guest      mem (the only place guest addresses become host pointers),
 //!              virtio::{net_hdr, chain, ring (the only file that knows the split ring's
