@@ -317,7 +317,10 @@ fn micro_segmentation_between_three_guests_with_a_flow_log() {
     assert!(!tcp_connects(&mut web, "10.0.3.3", 8080), "web reached db");
     assert!(!ping_ok(&mut web, "10.0.3.2"), "ping passed");
     // db takes an address it does not own: its frames go nowhere.
-    db.ok("ip addr flush dev eth0 && ip addr add 10.0.3.9/24 dev eth0", CMD);
+    db.ok(
+        "ip addr flush dev eth0 && ip addr add 10.0.3.9/24 dev eth0",
+        CMD,
+    );
     assert!(
         !tcp_connects(&mut db, "10.0.3.2", 8080),
         "a spoofed source passed"

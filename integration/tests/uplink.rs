@@ -24,6 +24,11 @@ struct Backend {
 
 impl Backend {
     fn start(ns: &Netns, ports: &[&str], uplink: &str) -> Backend {
+        Self::start_with(ns, ports, uplink, None)
+    }
+
+    /// With `policy` (TOML) as its `--config`, if given.
+    fn start_with(ns: &Netns, ports: &[&str], uplink: &str, policy: Option<&str>) -> Backend {
         let dir = tempfile::tempdir().unwrap();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns.name]).arg(backend_binary());
@@ -36,6 +41,11 @@ impl Backend {
             ));
         }
         cmd.arg("--uplink").arg(uplink).stderr(Stdio::null());
+        if let Some(text) = policy {
+            let path = dir.path().join("policy.toml");
+            std::fs::write(&path, text).unwrap();
+            cmd.arg("--config").arg(path);
+        }
         let child = cmd.spawn().unwrap();
         let b = Backend { child, dir };
         let end = Instant::now() + WAIT;
@@ -327,4 +337,59 @@ fn an_802_1ad_frame_from_the_tap_is_dropped_like_the_same_frame_from_a_guest() {
     // The same path carries an untagged frame.
     ns.sh(&format!("python3 -c \"{INJECT}\" {}", hex(&plain)));
     assert!(gets(&mut a, &plain), "a gets the untagged frame");
+}
+
+#[test]
+fn the_outside_is_a_peer_of_the_policy() {
+    let ns = Netns::new("uplpol");
+    let backend = Backend::start_with(
+        &ns,
+        &["a,group=web,ip=10.7.0.2"],
+        "tap:vnet0",
+        Some(
+            "[[rule]]\naction = \"allow\"\nfrom = \"outside\"\nto = \"web\"\nproto = \"tcp\"\nports = 80\n\
+             [[rule]]\naction = \"allow\"\nfrom = \"web\"\nto = \"outside\"\nproto = \"icmp\"\n",
+        ),
+    );
+    setup_host(&ns);
+    let mut a = backend.connect("a");
+    // The VM may ping the host, and gets the reply.
+    let hmac = host_mac(&ns);
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2(mac(1), hmac)
+        .ipv4(VM_IP, HOST_IP, 64)
+        .icmpv4_echo_request(0x78, 1)
+        .write(&mut ping, b"allowed out")
+        .unwrap();
+    a.send(0, &NetHdr::default(), &ping).unwrap();
+    let reply = recv_matching(&mut a, |f| {
+        let p = SlicedPacket::from_ethernet(f).ok()?;
+        match (p.net?, p.transport?) {
+            (NetSlice::Ipv4(ip), TransportSlice::Icmpv4(icmp))
+                if ip.header().source() == HOST_IP =>
+            {
+                Some(icmp.payload().to_vec())
+            }
+            _ => None,
+        }
+    });
+    assert_eq!(reply.as_deref(), Some(&b"allowed out"[..]), "no echo reply");
+    // The host may open tcp/80 on the VM, not tcp/22.
+    let syn_to = |dev: &mut VirtioNetDevice, port: u16| {
+        recv_matching(dev, |f| {
+            let p = SlicedPacket::from_ethernet(f).ok()?;
+            match p.transport? {
+                TransportSlice::Tcp(t) if t.destination_port() == port && t.syn() => Some(()),
+                _ => None,
+            }
+        })
+        .is_some()
+    };
+    let _ = ns.try_sh("timeout 1 bash -c 'echo > /dev/tcp/10.7.0.2/80'");
+    assert!(
+        syn_to(&mut a, 80),
+        "the host's SYN to tcp/80 did not arrive"
+    );
+    let _ = ns.try_sh("timeout 1 bash -c 'echo > /dev/tcp/10.7.0.2/22'");
+    assert!(!syn_to(&mut a, 22), "the host's SYN to tcp/22 arrived");
 }
