@@ -5,7 +5,8 @@
 #    image built from them (integration::guest_image);
 #  - nftables, iproute2, util-linux (setpriv), libcap2-bin (setcap): bridge-plugin and its
 #    namespace tests;
-#  - dpdk-dev (dpdk-testpmd) with the vhost PMD: the benchmark's reference backend;
+#  - dpdk-dev (dpdk-testpmd) with the vhost PMD, and openvswitch-switch-dpdk (OVS-DPDK,
+#    plain and with a conntrack firewall): the benchmark's reference backends;
 #  - the tests run guests on QEMU 7.2 (bookworm) and QEMU 10 (bookworm-backports): the
 #    system QEMU is bookworm's 7.2 unless the machine already has QEMU 10's qemu-utils
 #    (which breaks 7.2's qemu-system-common), and the other version is unpacked beside it
@@ -19,7 +20,7 @@ command -v cargo >/dev/null || { echo "cargo is required (Rust toolchain)" >&2; 
 export DEBIAN_FRONTEND=noninteractive
 packages=(busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux libcap2-bin)
 if [ "${1:-}" != example ]; then
-    packages+=(dpdk-dev librte-net-vhost23 librte-mempool-ring23)
+    packages+=(dpdk-dev librte-net-vhost23 librte-mempool-ring23 openvswitch-switch-dpdk)
 fi
 missing=()
 for p in "${packages[@]}"; do

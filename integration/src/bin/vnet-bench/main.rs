@@ -17,7 +17,11 @@
 //! The policy section runs the same backend with a policy: A's group may send UDP to B's
 //! after 9 or 999 rules that do not match (so 10 or 1,000 rules), on established flows
 //! (one flow per queue pair), beside plain L2 in the same run; and new connections per
-//! second, every frame a new 5-tuple (its ports counted up by the frontend).
+//! second, every frame a new 5-tuple (its ports counted up by the frontend). OVS-DPDK runs
+//! the same established-flow cases, with NORMAL alone and with a conntrack firewall in front
+//! of it, as the reference for a stateful switch (`ovs.rs`).
+
+mod ovs;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -71,6 +75,10 @@ struct Report {
     vs_dpdk: Vec<(String, u16, f64)>,
     /// With a policy over plain L2, Mpps, same case, one queue pair, same run.
     vs_plain: Vec<(String, String, f64)>,
+    /// OVS-DPDK with conntrack over its NORMAL, and ours (10 rules) over OVS-DPDK with
+    /// conntrack; Mpps, same case, one queue pair.
+    vs_ovs: Vec<(String, String, f64)>,
+    ovs: Option<String>,
     dpdk: Option<String>,
 }
 
@@ -240,6 +248,15 @@ impl Target for Backend {
     }
     fn cpu_ns(&self) -> u64 {
         process_cpu_ns(self.child.id())
+    }
+}
+
+impl Target for ovs::Ovs {
+    fn sock(&self, name: &str) -> PathBuf {
+        self.sock_path(name)
+    }
+    fn cpu_ns(&self) -> u64 {
+        process_cpu_ns(self.pid())
     }
 }
 
@@ -429,6 +446,10 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Thro
         frame[35] = qp as u8;
         if tso {
             frame[36] ^= qp as u8;
+        } else {
+            // No UDP checksum (valid over IPv4), so the changed port leaves no wrong one:
+            // OVS's conntrack checks it and drops what fails.
+            frame[40..42].fill(0);
         }
         a.tx_fill(qp, &hdr, &frame).unwrap();
         if new_flows {
@@ -438,6 +459,7 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Thro
         if both_ways {
             let mut back = udp_frame(mac(2), mac(1), size);
             back[35] = qp as u8;
+            back[40..42].fill(0);
             b.tx_fill(qp, &hdr, &back).unwrap();
         }
     }
@@ -694,6 +716,8 @@ fn main() {
         wakeup_floor: None,
         vs_dpdk: Vec::new(),
         vs_plain: Vec::new(),
+        vs_ovs: Vec::new(),
+        ovs: None,
         dpdk: None,
     };
     for (label, extra) in [
@@ -742,6 +766,55 @@ fn main() {
             let (t, huge) = throughput(&backend, NEW_FLOWS, 1, setup);
             report.record(t, huge, label);
         }
+    }
+
+    // OVS-DPDK, NORMAL and with a conntrack firewall, on the same cases.
+    if !policy_cases.is_empty() {
+        report.ovs = Some(match ovs::Ovs::start() {
+            Some(o) => {
+                let mut mpps = std::collections::HashMap::new();
+                for (label, flows) in [
+                    ("ovs-dpdk NORMAL", ovs::OvsFlows::Normal),
+                    ("ovs-dpdk conntrack", ovs::OvsFlows::Conntrack),
+                ] {
+                    if !o.set_flows(flows) {
+                        break;
+                    }
+                    for &case in &policy_cases {
+                        let (t, huge) = throughput(&o, case, 1, setup);
+                        mpps.insert((label, case.name), t.mpps);
+                        report.record(t, huge, label);
+                    }
+                }
+                for &case in &policy_cases {
+                    let get = |label: &str| mpps.get(&(label, case.name)).copied().unwrap_or(0.0);
+                    let ours = report
+                        .throughput
+                        .iter()
+                        .find(|t| t.backend == "  policy 10 rules" && t.case == case.name)
+                        .map_or(0.0, |t| t.mpps);
+                    let (normal, ct) = (get("ovs-dpdk NORMAL"), get("ovs-dpdk conntrack"));
+                    if normal > 0.0 && ct > 0.0 {
+                        report.vs_ovs.push((
+                            "OVS-DPDK conntrack / its NORMAL".into(),
+                            case.name.into(),
+                            ct / normal,
+                        ));
+                        report.vs_ovs.push((
+                            "ours, policy 10 rules / OVS-DPDK conntrack".into(),
+                            case.name.into(),
+                            ours / ct,
+                        ));
+                    }
+                }
+                "OVS-DPDK 3.1 (Debian), netdev bridge, two dpdkvhostuser ports, one PMD core, \
+                 256 MiB of 2 MiB pages"
+                    .into()
+            }
+            None => "not run: OVS-DPDK missing or did not start (apt-get install \
+                     openvswitch-switch-dpdk; it needs 128 free 2 MiB huge pages)"
+                .into(),
+        });
     }
 
     for poll_us in [0u64, 50] {
@@ -834,6 +907,12 @@ fn main() {
             "new connections (a new 5-tuple every frame, 10 rules): {:.2} M/s",
             t.mpps
         );
+    }
+    for (label, case, ratio) in &report.vs_ovs {
+        println!("{label}, Mpps, {case}, 1 queue pair: {ratio:.2}");
+    }
+    if let Some(o) = &report.ovs {
+        println!("OVS reference: {o}");
     }
     for (case, qps, ratio) in &report.vs_dpdk {
         println!("ours (best of both modes) / DPDK testpmd, Mpps, {case}, {qps} queue pair(s): {ratio:.2}");
