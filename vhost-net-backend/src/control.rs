@@ -24,7 +24,7 @@ pub const COMMANDS: &str = "stats, rules, flows [port=NAME] [addr=IP], flush [po
 [addr=IP] [proto=P] [dport=N], reload, rule-add [at=N] action=allow|deny [from=..] [to=..] \
 [proto=..] [ports=..] [name=..] [rate_bps=N] [rate_pps=N], rule-remove NAME|N, \
 rule-move NAME|N TO, port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] \
-[rx_bps=N] [rx_pps=N]";
+[rx_bps=N] [rx_pps=N], routes, neighbours";
 
 #[derive(Serialize)]
 struct PortStats<'a> {
@@ -113,6 +113,8 @@ impl Control {
                 Ok(())
             }),
             "port-set" => self.edit(|c| port_set(c, &args)),
+            "routes" => Ok(self.routes()),
+            "neighbours" => Ok(self.neighbours()),
             "" => Err(format!("no command; try one of: {COMMANDS}")),
             other => Err(format!("unknown command '{other}'; try one of: {COMMANDS}")),
         };
@@ -162,7 +164,58 @@ impl Control {
                 changed.join(", ")
             ));
         }
-        self.dp.policy.replace(new).map_err(|e| e.to_string())
+        self.dp.policy.replace(new).map_err(|e| e.to_string())?;
+        self.dp.router.set_ports(new);
+        Ok(())
+    }
+
+    fn routes(&self) -> Value {
+        let r = &self.dp.router;
+        let segments: Vec<Value> = r
+            .segments
+            .iter()
+            .map(|s| {
+                let gws: Vec<String> = s.gateways.iter().map(|g| g.to_string()).collect();
+                json!({ "segment": s.name, "vlan": s.vlan, "gateways": gws.join(" ") })
+            })
+            .collect();
+        let routes: Vec<Value> = r
+            .routes
+            .iter()
+            .map(|(to, via)| {
+                let seg = r
+                    .segments
+                    .iter()
+                    .find(|s| s.gateways.iter().any(|g| g.contains(*via)));
+                json!({
+                    "to": to.to_string(),
+                    "via": via.to_string(),
+                    "segment": seg.map(|s| s.name.as_str()),
+                })
+            })
+            .collect();
+        json!({ "router_mac": r.mac.to_string(), "segments": segments, "routes": routes })
+    }
+
+    fn neighbours(&self) -> Value {
+        let rows: Vec<Value> = self
+            .dp
+            .router
+            .neighbours
+            .rows()
+            .iter()
+            .map(|n| {
+                json!({
+                    "ip": n.ip.to_string(),
+                    "mac": n.at.mac.to_string(),
+                    "port": self.dp.ports.get(usize::from(n.at.port)).map(|p| p.name.as_str()),
+                    "vlan": n.at.segment,
+                    "source": if n.age.is_some() { "learned" } else { "config" },
+                    "age_secs": n.age,
+                })
+            })
+            .collect();
+        json!({ "neighbours": rows })
     }
 
     fn rules(&self) -> Value {
@@ -253,6 +306,10 @@ fn restart_only_changes(old: &SwitchConfig, new: &SwitchConfig) -> Vec<String> {
     }
     if old.poll_us != new.poll_us {
         changed.push("poll_us".into());
+    }
+    if (&old.segments, &old.routes, old.router_mac) != (&new.segments, &new.routes, new.router_mac)
+    {
+        changed.push("[[segment]], [[route]] or router_mac".into());
     }
     let strip = |c: &SwitchConfig| {
         c.ports

@@ -37,10 +37,16 @@ pub enum DropReason {
     /// Over a rate limit: the sender's `rate_tx`, a rule's rate (counted on the sender),
     /// or the receiver's `rate_rx` (counted on the receiver).
     RateLimited,
+    /// Sent to the gateway for an address in no routed subnet and no route.
+    NoRoute,
+    /// Routed with a hop limit (TTL) that ran out.
+    HopLimit,
+    /// Routed to a host whose MAC is not known yet (the switch asked for it).
+    NoNeighbour,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::NoRxBuffer,
         DropReason::RxBufferTooSmall,
         DropReason::BadTxDescriptor,
@@ -54,6 +60,9 @@ impl DropReason {
         DropReason::PolicyDenied,
         DropReason::SpoofedIp,
         DropReason::RateLimited,
+        DropReason::NoRoute,
+        DropReason::HopLimit,
+        DropReason::NoNeighbour,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +80,9 @@ impl DropReason {
             DropReason::PolicyDenied => "policy_denied",
             DropReason::SpoofedIp => "spoofed_ip",
             DropReason::RateLimited => "rate_limited",
+            DropReason::NoRoute => "no_route",
+            DropReason::HopLimit => "hop_limit",
+            DropReason::NoNeighbour => "no_neighbour",
         }
     }
 }

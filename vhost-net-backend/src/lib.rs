@@ -18,8 +18,10 @@
 //! 4 endpoints  endpoint::{vm (RX ring driver), tap}: where a decided frame goes;
 //!              `Endpoint` is every kind of port, matched on the hot path
 //! 3 decisions  switch::{mac_table, cache}, policy::{source_guard, rules, conntrack, rate,
-//!              flow_log}: a frame's parsed headers and port ids only
-//! 2 packet     packet::{ingress (one check for every port), meta, flow, l3, vlan, offload}:
+//!              flow_log}, route::{neighbour} (the gateway of routed segments): a frame's
+//!              parsed headers and port ids only
+//! 2 packet     packet::{ingress (one check for every port), meta, flow, l3, vlan, offload,
+//!              rewrite (a routed frame's head), build (the frames the router writes)}:
 //!              pure functions on bytes
 //! 1 guest      mem (the only place guest addresses become host pointers),
 //!              virtio::{net_hdr, chain, ring (the only file that knows the split ring's
@@ -34,8 +36,9 @@
 //! 1. `datapath/vm_tx.rs`: guest A kicks its TX queue; its worker takes a burst of chains,
 //!    walks each (`virtio::chain`), copies its first bytes and checks them
 //!    (`packet::ingress`).
-//! 2. `datapath/burst.rs`: the burst is decided (`switch`, MAC learning and lookup), passed
-//!    through the policy, and delivered to each destination's `Endpoint`.
+//! 2. `datapath/burst.rs`: the burst is decided (`switch`, MAC learning and lookup; `route`
+//!    for frames to a gateway), passed through the policy, and delivered to each
+//!    destination's `Endpoint` (a routed frame with its first bytes rewritten).
 //! 3. `endpoint/vm.rs`: the frame is copied from A's memory into B's RX buffers (offload
 //!    requests kept where B negotiated them, otherwise finished in software), B's used
 //!    ring written; back in `vm_tx`, A's chains are returned and `burst::flush` interrupts
@@ -51,6 +54,7 @@ pub mod endpoint;
 pub mod mem;
 pub mod packet;
 pub mod policy;
+pub mod route;
 pub mod server;
 pub mod switch;
 pub mod types;

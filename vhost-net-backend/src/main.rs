@@ -141,7 +141,9 @@ Commands:
            [rate_bps=N] [rate_pps=N]
   rule-remove NAME|N                 rule-move NAME|N TO
   port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] [rx_bps=N] [rx_pps=N]
-           (tx: what the guest sends, rx: what it receives; 0 removes the limit)";
+           (tx: what the guest sends, rx: what it receives; 0 removes the limit)
+  routes                             routed segments with their gateways, static routes
+  neighbours                         the router's neighbour table (configured and learned)";
 
 /// Sends one command to a running switch and prints its reply.
 fn ctl(args: &CtlArgs) -> Result<()> {
@@ -192,6 +194,20 @@ fn ctl(args: &CtlArgs) -> Result<()> {
                 "rule",
                 "expires_in",
             ],
+            "",
+        ),
+        "routes" => {
+            print_table(
+                &v["segments"],
+                &["segment", "vlan", "gateways"],
+                &format!("gateway MAC {}", v["router_mac"].as_str().unwrap_or("?")),
+            );
+            println!();
+            print_table(&v["routes"], &["to", "via", "segment"], "");
+        }
+        "neighbours" => print_table(
+            &v["neighbours"],
+            &["ip", "mac", "port", "vlan", "source", "age_secs"],
             "",
         ),
         _ => println!("{}", serde_json::to_string_pretty(&v)?),

@@ -195,6 +195,7 @@ impl Server {
                 {
                     ageing.switch.macs.tick(1);
                     ageing.policy.tick();
+                    ageing.router.neighbours.age();
                 }
             })
             .map_err(ServerError::Thread)?;

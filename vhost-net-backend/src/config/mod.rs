@@ -1,6 +1,7 @@
 //! The switch configuration: from a TOML file or from `--port` specs on the command line.
 
 pub mod policy;
+pub mod route;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -10,6 +11,7 @@ use serde::Deserialize;
 
 pub use crate::types::MacAddr;
 pub use policy::{Action, PolicyConfig, RateConfig, RuleConfig};
+pub use route::{RouteConfig, SegmentConfig, DEFAULT_ROUTER_MAC};
 use thiserror::Error;
 
 /// Largest number of queue pairs one port may offer.
@@ -44,6 +46,8 @@ pub enum ConfigError {
     Rule { at: String, message: String },
     #[error("[policy]: {0}")]
     Policy(String),
+    #[error("routing: {0}")]
+    Routing(String),
 }
 
 fn default_queues() -> u16 {
@@ -253,6 +257,15 @@ pub struct SwitchConfig {
     /// Where each rule starts in the file it came from ("line L, column C"), for errors.
     #[serde(skip)]
     pub rule_positions: Vec<String>,
+    /// Segments the switch routes between, each with its subnets and gateway.
+    #[serde(default, rename = "segment")]
+    pub segments: Vec<SegmentConfig>,
+    /// Static routes through next hops in those segments.
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    /// The gateways' MAC (`DEFAULT_ROUTER_MAC` if unset).
+    #[serde(default)]
+    pub router_mac: Option<MacAddr>,
 }
 
 impl Default for SwitchConfig {
@@ -267,6 +280,9 @@ impl Default for SwitchConfig {
             policy: None,
             rules: Vec::new(),
             rule_positions: Vec::new(),
+            segments: Vec::new(),
+            routes: Vec::new(),
+            router_mac: None,
         }
     }
 }
@@ -319,6 +335,10 @@ impl SwitchConfig {
             Some(pos) => format!("rule {}{name} ({pos})", i + 1),
             None => format!("rule {}{name}", i + 1),
         }
+    }
+
+    pub fn router_mac(&self) -> MacAddr {
+        self.router_mac.unwrap_or(DEFAULT_ROUTER_MAC)
     }
 
     /// Largest Ethernet frame (without the virtio-net header) forwarded as one frame.
@@ -409,9 +429,21 @@ impl SwitchConfig {
                 if m.is_multicast() || m == MacAddr::default() {
                     return Err(err(format!("mac {m} must be a unicast, non-zero address")));
                 }
+                if m == self.router_mac() {
+                    return Err(err(format!(
+                        "mac {m} is the switch's gateway MAC; give the port another, or set \
+                         router_mac"
+                    )));
+                }
             }
         }
-        Ok(())
+        if self.router_mac().is_multicast() || self.router_mac() == MacAddr::default() {
+            return Err(ConfigError::Routing(format!(
+                "router_mac {} must be a unicast, non-zero address",
+                self.router_mac()
+            )));
+        }
+        route::check(self)
     }
 }
 

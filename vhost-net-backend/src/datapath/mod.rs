@@ -14,6 +14,7 @@ use crate::endpoint::tap::TapPort;
 use crate::endpoint::vm::VmEndpoint;
 use crate::endpoint::{Endpoint, SwitchPort};
 use crate::policy::Policy;
+use crate::route::Router;
 use crate::switch::{PortProfile, Switch};
 use crate::types::PortId;
 
@@ -21,6 +22,7 @@ use crate::types::PortId;
 pub struct Datapath {
     pub switch: Switch,
     pub policy: Policy,
+    pub router: Router,
     /// Every port, indexed by its id: the VM ports of the config in its order, then the
     /// tap uplink, if there is one.
     pub ports: Vec<Arc<SwitchPort>>,
@@ -83,6 +85,7 @@ impl Datapath {
         Ok(Arc::new(Datapath {
             switch: Switch::new(&profiles, config.mac_ageing_secs),
             policy,
+            router: Router::new(config),
             ports,
             mtu: config.mtu,
             max_frame_len: config.max_frame_len(),

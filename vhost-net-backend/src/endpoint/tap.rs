@@ -64,16 +64,20 @@ impl TapPort {
         self.queues[q].as_fd()
     }
 
-    /// Writes one frame to the tap: vnet header, Ethernet header (tagged on a trunk), then
-    /// the rest straight from the source's buffers, in one writev.
+    /// Writes one frame to the tap: vnet header, Ethernet header (tagged on a trunk), the
+    /// rest of `head` (the frame's first bytes as switched: a routed frame's are
+    /// rewritten), then the rest straight from the source's buffers, in one writev.
     pub fn send(
         &self,
         hash: u32,
         hdr: &NetHdr,
         src: FrameSource<'_>,
-        eth: &[u8; 14],
+        head: &[u8],
         segment: u16,
     ) -> Result<(), DropReason> {
+        let (eth, head_rest) = head
+            .split_first_chunk::<ETH_HLEN>()
+            .ok_or(DropReason::Malformed)?;
         let tag = self.trunk && segment != 0;
         if !self.trunk && segment != self.access_segment {
             return Err(DropReason::VlanMismatch);
@@ -100,7 +104,14 @@ impl TapPort {
             iov_len: l2_len,
         };
         let mut n = 2;
-        match src.skip(14) {
+        if !head_rest.is_empty() {
+            iov[n] = libc::iovec {
+                iov_base: head_rest.as_ptr() as *mut libc::c_void,
+                iov_len: head_rest.len(),
+            };
+            n += 1;
+        }
+        match src.skip(head.len()) {
             FrameSource::Local(b) => {
                 iov[n] = libc::iovec {
                     iov_base: b.as_ptr() as *mut libc::c_void,

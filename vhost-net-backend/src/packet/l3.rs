@@ -63,6 +63,74 @@ impl From<IpAddr> for Ip {
     }
 }
 
+/// An address prefix: `10.0.1.0/24`, `fd00:1::/64` (IPv4 as mapped: its length counts 96
+/// more bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Prefix {
+    pub addr: Ip,
+    pub len: u8,
+}
+
+impl Prefix {
+    #[inline]
+    pub fn contains(&self, a: Ip) -> bool {
+        let mask = if self.len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - u32::from(self.len))
+        };
+        a.0 & mask == self.addr.0 & mask
+    }
+
+    /// Whether the two share an address.
+    pub fn overlaps(&self, other: &Prefix) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
+
+    /// The length as written for its family (`/24`, not `/120`).
+    pub fn family_len(&self) -> u8 {
+        if self.addr.is_v4() {
+            self.len.saturating_sub(96)
+        } else {
+            self.len
+        }
+    }
+}
+
+impl std::str::FromStr for Prefix {
+    type Err = String;
+
+    /// `ADDR/LEN`, or `ADDR` alone for a host.
+    fn from_str(s: &str) -> Result<Prefix, String> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let ip: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("'{s}' is not an IPv4 or IPv6 address or prefix"))?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let len: u8 = match len {
+            None => max,
+            Some(l) => l
+                .parse()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("'{s}': prefix length must be 0..={max}"))?,
+        };
+        Ok(Prefix {
+            addr: Ip::from(ip),
+            len: if ip.is_ipv4() { len + 96 } else { len },
+        })
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.family_len())
+    }
+}
+
 impl std::fmt::Display for Ip {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.addr().fmt(f)

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::policy::{OneOrMany, PortItem};
 use crate::config::{Action, ConfigError, SwitchConfig};
-use crate::packet::l3::{FlowKey, Ip, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::packet::l3::{FlowKey, Ip, Prefix, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use crate::types::{MacAddr, PortId};
 
 use super::rate::RateLimiter;
@@ -24,7 +24,7 @@ pub enum Peer {
     /// Ports in any of these groups (bits).
     Groups(u64),
     /// Addresses in a prefix (IPv4 as mapped: its length counts 96 more bits).
-    Cidr(Ip, u8),
+    Cidr(Prefix),
 }
 
 impl Peer {
@@ -34,19 +34,9 @@ impl Peer {
             Peer::Any => true,
             Peer::Outside => port.uplink,
             Peer::Groups(bits) => port.groups & bits != 0,
-            Peer::Cidr(net, len) => in_prefix(addr, &net, len),
+            Peer::Cidr(net) => net.contains(*addr),
         }
     }
-}
-
-fn in_prefix(addr: &Ip, net: &Ip, len: u8) -> bool {
-    let (a, n) = (addr.0, net.0);
-    let mask = if len == 0 {
-        0
-    } else {
-        u128::MAX << (128 - u32::from(len))
-    };
-    a & mask == n & mask
 }
 
 /// Hits and the traffic of the flows a rule decided, for `ctl rules`.
@@ -292,29 +282,17 @@ fn peer(s: &str, groups: &HashMap<&str, u64>) -> Result<Peer, String> {
     if let Some(bit) = groups.get(s) {
         return Ok(Peer::Groups(*bit));
     }
-    let (addr, len) = match s.split_once('/') {
-        Some((a, l)) => (a, Some(l)),
-        None => (s, None),
-    };
-    let Ok(ip) = addr.parse::<IpAddr>() else {
+    let is_addr = s
+        .split('/')
+        .next()
+        .is_some_and(|a| a.parse::<IpAddr>().is_ok());
+    if !is_addr {
         return Err(format!(
             "'{s}' is not a group of any port, a CIDR, 'outside' or 'any' (groups: set \
              groups = [\"...\"] on the ports)"
         ));
-    };
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len: u8 = match len {
-        None => max,
-        Some(l) => l
-            .parse()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("'{s}': prefix length must be 0..={max}"))?,
-    };
-    Ok(Peer::Cidr(
-        Ip::from(ip),
-        if ip.is_ipv4() { len + 96 } else { len },
-    ))
+    }
+    s.parse().map(Peer::Cidr)
 }
 
 fn port_range(p: &PortItem) -> Result<(u16, u16), String> {

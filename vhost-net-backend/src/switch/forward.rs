@@ -1,6 +1,6 @@
 //! The switch's answer for one frame.
 
-use crate::types::PortId;
+use crate::types::{MacAddr, PortId};
 
 /// The forwarding decision for one frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +17,22 @@ pub enum Forward {
     SpoofedIp,
     /// Over the sender's rate, or its flow's rule's (set by the policy stage).
     RateLimited,
-    /// Dropped and counted by the policy stage already (over the receiver's rate).
+    /// Dropped and counted already (by the policy stage, over the receiver's rate; by the
+    /// router), or taken in by the router.
     Dropped,
+    /// Routed (set by the router stage): to port `to` in `segment`, its head rewritten for
+    /// the host at `mac`.
+    Routed {
+        to: PortId,
+        mac: MacAddr,
+        segment: u16,
+    },
+    /// The router's answer number `n` of the burst, back to the sender.
+    Answer(u16),
+    /// The router's question number `n` of the burst (who has the next hop?), flooded in
+    /// `segment`.
+    Ask {
+        n: u16,
+        segment: u16,
+    },
 }

@@ -1,0 +1,300 @@
+//! Routing between segments through real vhost-user frontends: the gateway answers ARP,
+//! neighbour solicitations and pings; frames sent to it reach a port of another segment
+//! with MACs and hop limit rewritten (IPv4 and IPv6, a frame over several buffers); an
+//! unknown next hop is asked for; no route and an expired TTL get ICMP errors; the policy
+//! holds between routed segments, replies included; `ctl routes` and `ctl neighbours`.
+
+use std::time::Duration;
+
+use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use integration::{DeviceOptions, TestSwitch, VirtioNetDevice};
+use vhost_net_backend::virtio::NetHdr;
+use vhost_net_backend::{DropReason, SwitchConfig};
+
+const WAIT: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(300);
+
+const GW: [u8; 6] = [0x02, 0x76, 0x6e, 0, 0, 1];
+const WEB: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const APP: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const DB: [u8; 6] = [2, 0, 0, 0, 0, 3];
+const WEB4: [u8; 4] = [10, 0, 1, 5];
+const APP4: [u8; 4] = [10, 0, 2, 7];
+const DB4: [u8; 4] = [10, 0, 2, 9];
+
+fn v6(s: &str) -> [u8; 16] {
+    s.parse::<std::net::Ipv6Addr>().unwrap().octets()
+}
+
+/// web1 in vlan 10, app1 and db1 in vlan 20; db1's address is not configured (learned).
+const TOPOLOGY: &str = r#"
+[[port]]
+name = "web1"
+socket = "/unused/web1"
+vlan = 10
+mac = "02:00:00:00:00:01"
+addresses = ["10.0.1.5", "fd00:1::5"]
+groups = ["web"]
+
+[[port]]
+name = "app1"
+socket = "/unused/app1"
+vlan = 20
+mac = "02:00:00:00:00:02"
+addresses = ["10.0.2.7", "fd00:2::7"]
+groups = ["app"]
+
+[[port]]
+name = "db1"
+socket = "/unused/db1"
+vlan = 20
+groups = ["db"]
+
+[[segment]]
+name = "front"
+vlan = 10
+gateway = ["10.0.1.1/24", "fd00:1::1/64"]
+
+[[segment]]
+name = "back"
+vlan = 20
+gateway = ["10.0.2.1/24", "fd00:2::1/64"]
+"#;
+
+fn switch(extra: &str) -> TestSwitch {
+    let c = SwitchConfig::from_toml(&format!("{TOPOLOGY}{extra}")).expect("config parses");
+    TestSwitch::start_config(c)
+}
+
+fn device(sw: &TestSwitch, port: &str) -> VirtioNetDevice {
+    let mut d = sw
+        .connect(port, DeviceOptions::default())
+        .expect("frontend connects");
+    d.post_rx(0, 128).unwrap();
+    d
+}
+
+fn send(d: &mut VirtioNetDevice, frame: &[u8]) {
+    d.send(0, &NetHdr::default(), frame).unwrap();
+}
+
+#[track_caller]
+fn receive(d: &mut VirtioNetDevice, what: &str) -> Vec<u8> {
+    d.recv(0, WAIT)
+        .unwrap_or_else(|| panic!("{what}: nothing arrived"))
+        .frame
+}
+
+#[track_caller]
+fn nothing(d: &mut VirtioNetDevice, what: &str) {
+    if let Some(f) = d.recv(0, QUIET) {
+        panic!("{what}: a frame of {} bytes arrived", f.frame.len());
+    }
+}
+
+fn udp4(
+    src_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    dport: u16,
+    payload: usize,
+) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(src_mac, GW)
+        .ipv4(src, dst, ttl)
+        .udp(40000, dport)
+        .write(&mut f, &(0..payload).map(|i| i as u8).collect::<Vec<_>>())
+        .unwrap();
+    f
+}
+
+fn udp6(src_mac: [u8; 6], src: [u8; 16], dst: [u8; 16], hops: u8) -> Vec<u8> {
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(src_mac, GW)
+        .ipv6(src, dst, hops)
+        .udp(40000, 2000)
+        .write(&mut f, &[5; 64])
+        .unwrap();
+    f
+}
+
+fn arp_request(from_mac: [u8; 6], from_ip: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&from_mac);
+    f.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&from_mac);
+    f.extend_from_slice(&from_ip);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target);
+    f
+}
+
+/// `routed` is `sent` after one hop: to `dst_mac` from the gateway, hop limit one less,
+/// valid IPv4 header checksum, everything else as sent.
+#[track_caller]
+fn assert_routed(sent: &[u8], routed: &[u8], dst_mac: [u8; 6]) {
+    assert_eq!(routed.len(), sent.len(), "length changed");
+    assert_eq!(&routed[..6], &dst_mac, "destination MAC");
+    assert_eq!(&routed[6..12], &GW, "source MAC");
+    let p = SlicedPacket::from_ethernet(routed).expect("routed frame parses");
+    match &p.net {
+        Some(NetSlice::Ipv4(ip)) => {
+            let h = ip.header();
+            assert_eq!(h.ttl(), sent[14 + 8] - 1, "TTL");
+            assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum());
+            assert_eq!(&routed[14 + 12..], &sent[14 + 12..], "rest of the packet");
+        }
+        Some(NetSlice::Ipv6(ip)) => {
+            assert_eq!(ip.header().hop_limit(), sent[14 + 7] - 1, "hop limit");
+            assert_eq!(&routed[14 + 8..], &sent[14 + 8..], "rest of the packet");
+        }
+        _ => panic!("not IP"),
+    }
+}
+
+#[test]
+fn the_switch_routes_between_segments_and_answers_for_its_gateways() {
+    let sw = switch("");
+    let (mut web, mut app, mut db) = (device(&sw, "web1"), device(&sw, "app1"), device(&sw, "db1"));
+
+    // ARP for the gateway: answered by the switch, not flooded.
+    send(&mut web, &arp_request(WEB, WEB4, [10, 0, 1, 1]));
+    let reply = receive(&mut web, "ARP reply");
+    let arp = etherparse::ArpPacketSlice::from_slice(&reply[14..]).unwrap();
+    assert_eq!(arp.operation(), etherparse::ArpOperation::REPLY);
+    assert_eq!(
+        (arp.sender_hw_addr(), arp.sender_protocol_addr()),
+        (&GW[..], &[10, 0, 1, 1][..])
+    );
+    // The gateway answers pings.
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2(WEB, GW)
+        .ipv4(WEB4, [10, 0, 1, 1], 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut ping, &[9; 56])
+        .unwrap();
+    send(&mut web, &ping);
+    let pong = receive(&mut web, "echo reply from the gateway");
+    let p = SlicedPacket::from_ethernet(&pong).unwrap();
+    let Some(TransportSlice::Icmpv4(i)) = &p.transport else {
+        panic!("not ICMP")
+    };
+    assert!(matches!(i.icmp_type(), Icmpv4Type::EchoReply(_)));
+    assert_eq!(i.payload(), &[9; 56][..]);
+
+    // web1 -> app1 (configured bindings) both ways, IPv4 and IPv6.
+    let f = udp4(WEB, WEB4, APP4, 64, 2000, 100);
+    send(&mut web, &f);
+    assert_routed(&f, &receive(&mut app, "web -> app"), APP);
+    let f = udp4(APP, APP4, WEB4, 17, 2000, 30);
+    send(&mut app, &f);
+    assert_routed(&f, &receive(&mut web, "app -> web"), WEB);
+    let f = udp6(WEB, v6("fd00:1::5"), v6("fd00:2::7"), 64);
+    send(&mut web, &f);
+    assert_routed(&f, &receive(&mut app, "web -> app (IPv6)"), APP);
+    // A jumbo frame over several TX buffers: the rewritten head, the rest from guest memory.
+    let big = udp4(WEB, WEB4, APP4, 64, 2000, 3000);
+    let h = NetHdr::default().to_bytes();
+    web.send_pieces(
+        0,
+        &[
+            &h[..web.hdr_len()],
+            &big[..60],
+            &big[60..1000],
+            &big[1000..],
+        ],
+        false,
+    )
+    .unwrap();
+    assert_routed(&big, &receive(&mut app, "jumbo web -> app"), APP);
+    nothing(&mut db, "db1 saw routed unicast");
+
+    // db1's address is unknown: the switch asks for it in vlan 20 and drops the frame.
+    let f = udp4(WEB, WEB4, DB4, 64, 5432, 20);
+    send(&mut web, &f);
+    let question = receive(&mut db, "ARP request from the gateway");
+    let arp = etherparse::ArpPacketSlice::from_slice(&question[14..]).unwrap();
+    assert_eq!(arp.operation(), etherparse::ArpOperation::REQUEST);
+    assert_eq!(arp.target_protocol_addr(), &DB4[..]);
+    assert_eq!(arp.sender_protocol_addr(), &[10, 0, 2, 1][..]);
+    let _ = receive(&mut app, "the question is flooded in vlan 20");
+    nothing(&mut web, "the question stays in vlan 20");
+    assert_eq!(sw.counters("web1").drop_count(DropReason::NoNeighbour), 1);
+    // db1 answers; the next frame is routed to it.
+    let mut answer = GW.to_vec();
+    answer.extend_from_slice(&DB);
+    answer.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 2]);
+    answer.extend_from_slice(&DB);
+    answer.extend_from_slice(&DB4);
+    answer.extend_from_slice(&GW);
+    answer.extend_from_slice(&[10, 0, 2, 1]);
+    send(&mut db, &answer);
+    std::thread::sleep(Duration::from_millis(100));
+    send(&mut web, &f);
+    assert_routed(&f, &receive(&mut db, "web -> db after ARP"), DB);
+    let n = sw.server().command("neighbours");
+    assert!(n.contains("\"10.0.2.9\"") && n.contains("learned"), "{n}");
+    assert!(n.contains("\"10.0.1.5\"") && n.contains("config"), "{n}");
+
+    // TTL 1: ICMP time exceeded from the gateway; no route: destination unreachable.
+    send(&mut web, &udp4(WEB, WEB4, APP4, 1, 2000, 10));
+    let e = receive(&mut web, "time exceeded");
+    assert_eq!((e[14 + 9], e[14 + 20]), (1, 11), "ICMP time exceeded");
+    assert_eq!(&e[14 + 12..14 + 16], &[10, 0, 1, 1]);
+    send(&mut web, &udp4(WEB, WEB4, [172, 16, 0, 1], 64, 2000, 10));
+    let e = receive(&mut web, "unreachable");
+    assert_eq!((e[14 + 9], e[14 + 20]), (1, 3), "ICMP unreachable");
+    nothing(&mut app, "errors are not forwarded");
+    let c = sw.counters("web1");
+    assert_eq!(
+        (
+            c.drop_count(DropReason::HopLimit),
+            c.drop_count(DropReason::NoRoute)
+        ),
+        (1, 1)
+    );
+    let routes = sw.server().command("routes");
+    assert!(
+        routes.contains("10.0.1.1/24") && routes.contains("fd00:2::1/64"),
+        "{routes}"
+    );
+}
+
+#[test]
+fn the_policy_holds_between_routed_segments_with_replies_back() {
+    let sw = switch(
+        r#"
+[[rule]]
+action = "allow"
+from = "web"
+to = "app"
+proto = "udp"
+ports = 2000
+"#,
+    );
+    let (mut web, mut app) = (device(&sw, "web1"), device(&sw, "app1"));
+    let f = udp4(WEB, WEB4, APP4, 64, 2000, 30);
+    send(&mut web, &f);
+    assert_routed(&f, &receive(&mut app, "allowed web -> app"), APP);
+    // The reply, from the other segment, belongs to the same connection.
+    let mut reply = Vec::new();
+    PacketBuilder::ethernet2(APP, GW)
+        .ipv4(APP4, WEB4, 64)
+        .udp(2000, 40000)
+        .write(&mut reply, &[1; 10])
+        .unwrap();
+    send(&mut app, &reply);
+    assert_routed(&reply, &receive(&mut web, "reply app -> web"), WEB);
+    // Another port, or app starting a flow of its own: denied.
+    send(&mut web, &udp4(WEB, WEB4, APP4, 64, 2001, 30));
+    nothing(&mut app, "web -> app udp/2001");
+    send(&mut app, &udp4(APP, APP4, WEB4, 64, 2000, 30));
+    nothing(&mut web, "app -> web new flow");
+    assert_eq!(sw.counters("web1").drop_count(DropReason::PolicyDenied), 1);
+    assert_eq!(sw.counters("app1").drop_count(DropReason::PolicyDenied), 1);
+    // A spoofed source is never routed.
+    send(&mut web, &udp4(WEB, [10, 0, 1, 99], APP4, 64, 2000, 30));
+    nothing(&mut app, "spoofed web -> app");
+    assert_eq!(sw.counters("web1").drop_count(DropReason::SpoofedIp), 1);
+}

@@ -1,0 +1,584 @@
+//! The router between segments: for a frame sent to a gateway (its MAC, or an ARP or
+//! neighbour solicitation for its address), decides whether the switch answers it itself,
+//! routes it to a port (next hop from the neighbour table) or drops it with an ICMP error.
+//! Knows frames' parsed fields and port ids only; the frames it writes come from
+//! `packet::build`, and the pipeline delivers them.
+
+pub mod neighbour;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::config::SwitchConfig;
+use crate::counters::DropReason;
+use crate::packet::build::{self, IcmpError};
+use crate::packet::l3::{IcmpKind, Ip, IpPacket, Prefix, L3};
+use crate::packet::meta::FrameMeta;
+use crate::packet::rewrite::hop_limit;
+use crate::types::{MacAddr, PortId, ETHERTYPE_IPV6, ETH_HLEN};
+use neighbour::{Neighbour, NeighbourTable};
+
+/// The policy's zone of every routed segment: they share one address space, so that a
+/// routed flow's reply (from another segment) finds its connection. VLAN 4095 is reserved,
+/// never a segment.
+pub const ROUTED_ZONE: u16 = 4095;
+/// ICMP errors the router sends per second, in all (Linux's default is 1000/s per
+/// destination; a switch answering for many guests stays lower).
+const ICMP_ERRORS_PER_SEC: u32 = 100;
+
+const ETHERTYPE_ARP: u16 = 0x0806;
+
+/// A routed segment.
+#[derive(Clone, Debug)]
+pub struct RoutedSegment {
+    pub vlan: u16,
+    pub name: String,
+    /// Gateway address with the subnet's length.
+    pub gateways: Vec<Prefix>,
+}
+
+impl RoutedSegment {
+    fn gateway_for(&self, ip: Ip) -> Option<Ip> {
+        self.gateways
+            .iter()
+            .find(|g| g.addr.is_v4() == ip.is_v4())
+            .map(|g| g.addr)
+    }
+}
+
+/// What the router does with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// Not for the router: switched within its segment.
+    Pass,
+    /// Answered: the answer for the sender was appended to `out`.
+    Reply,
+    /// An echo request to a gateway: the pipeline answers it from the whole frame.
+    Echo,
+    /// Routed: to `to` in `segment`, for the host at `mac`.
+    Forward {
+        to: PortId,
+        mac: MacAddr,
+        segment: u16,
+    },
+    /// The next hop's MAC is not known: the question for it was appended to `out`, to be
+    /// flooded in `segment`. The frame is dropped (`NoNeighbour`).
+    Resolve { segment: u16 },
+    /// Taken in with nothing to send (an ARP reply to the gateway, say).
+    Consumed,
+    /// Dropped for `reason`; `reply`: an ICMP error for the sender was appended to `out`.
+    Drop { reason: DropReason, reply: bool },
+}
+
+/// The configured bindings of `config`: a port's MAC with each of its addresses, in the
+/// routed segments.
+fn fixed_bindings(config: &SwitchConfig, segments: &[RoutedSegment]) -> HashMap<Ip, Neighbour> {
+    let mut fixed = HashMap::new();
+    for (id, p) in config.ports.iter().enumerate() {
+        let Some(mac) = p.mac else { continue };
+        if !segments.iter().any(|s| s.vlan == p.segment()) {
+            continue;
+        }
+        for a in &p.addresses {
+            let at = Neighbour {
+                port: id as PortId,
+                mac,
+                segment: p.segment(),
+            };
+            fixed.insert(Ip::from(*a), at);
+        }
+    }
+    fixed
+}
+
+/// A rate limit of ICMP errors, for all ports together.
+struct IcmpBudget {
+    window: Mutex<(Instant, u32)>,
+}
+
+impl IcmpBudget {
+    fn take(&self) -> bool {
+        let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if now.duration_since(w.0).as_secs() >= 1 {
+            *w = (now, 0);
+        }
+        w.1 += 1;
+        w.1 <= ICMP_ERRORS_PER_SEC
+    }
+}
+
+pub struct Router {
+    pub mac: MacAddr,
+    pub segments: Vec<RoutedSegment>,
+    /// Static routes, longest prefix first.
+    pub routes: Vec<(Prefix, Ip)>,
+    pub neighbours: NeighbourTable,
+    /// Bit `v` set: VLAN `v` is routed.
+    routed: Box<[u64; 64]>,
+    icmp: IcmpBudget,
+}
+
+impl Router {
+    /// The router of `config` (checked already), for its ports in config order.
+    pub fn new(config: &SwitchConfig) -> Router {
+        let segments: Vec<RoutedSegment> = config
+            .segments
+            .iter()
+            .map(|s| RoutedSegment {
+                vlan: s.segment(),
+                name: s
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("vlan{}", s.segment())),
+                gateways: s.gateways().unwrap_or_default(),
+            })
+            .collect();
+        let mut routed = Box::new([0u64; 64]);
+        for s in &segments {
+            routed[usize::from(s.vlan) / 64] |= 1 << (s.vlan % 64);
+        }
+        let mut routes: Vec<(Prefix, Ip)> = config
+            .routes
+            .iter()
+            .filter_map(|r| Some((r.to.parse().ok()?, Ip::from(r.via))))
+            .collect();
+        routes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len));
+        let fixed = fixed_bindings(config, &segments);
+        Router {
+            mac: config.router_mac(),
+            segments,
+            routes,
+            neighbours: NeighbourTable::new(fixed, config.mac_ageing_secs),
+            routed,
+            icmp: IcmpBudget {
+                window: Mutex::new((Instant::now(), 0)),
+            },
+        }
+    }
+
+    /// Takes the ports' addresses of `config` (changed at run time) as the configured
+    /// bindings. Segments, routes and the gateway MAC change only with a restart.
+    pub fn set_ports(&self, config: &SwitchConfig) {
+        self.neighbours
+            .set_fixed(fixed_bindings(config, &self.segments));
+    }
+
+    /// Whether any segment is routed: if not, the router stage costs nothing.
+    #[inline]
+    pub fn active(&self) -> bool {
+        !self.segments.is_empty()
+    }
+
+    #[inline]
+    pub fn is_routed(&self, segment: u16) -> bool {
+        let s = usize::from(segment);
+        s < 4096 && self.routed[s / 64] & (1 << (s % 64)) != 0
+    }
+
+    /// The policy's zone of a frame in `segment`.
+    #[inline]
+    pub fn zone(&self, segment: u16) -> u16 {
+        if self.is_routed(segment) {
+            ROUTED_ZONE
+        } else {
+            segment
+        }
+    }
+
+    /// Whether a frame in `segment` may be for the router: sent to its MAC, or an ARP or
+    /// IPv6 multicast (neighbour solicitations for a gateway).
+    #[inline]
+    pub fn may_want(&self, meta: &FrameMeta, segment: u16) -> bool {
+        self.is_routed(segment)
+            && (meta.dst == self.mac
+                || (meta.dst.is_multicast()
+                    && (meta.ethertype == ETHERTYPE_ARP || meta.ethertype == ETHERTYPE_IPV6)))
+    }
+
+    fn segment(&self, vlan: u16) -> Option<&RoutedSegment> {
+        self.segments.iter().find(|s| s.vlan == vlan)
+    }
+
+    fn is_gateway(&self, ip: Ip) -> bool {
+        self.segments
+            .iter()
+            .any(|s| s.gateways.iter().any(|g| g.addr == ip))
+    }
+
+    /// The segment whose subnet holds `ip`, and the address to resolve there: `ip` itself,
+    /// or the next hop of the longest matching route.
+    fn next_hop(&self, ip: Ip) -> Option<(&RoutedSegment, Ip)> {
+        let direct = |ip: Ip| {
+            self.segments
+                .iter()
+                .find(|s| s.gateways.iter().any(|g| g.contains(ip)))
+        };
+        if let Some(s) = direct(ip) {
+            return Some((s, ip));
+        }
+        let (_, via) = self
+            .routes
+            .iter()
+            .find(|(p, via)| p.contains(ip) && via.is_v4() == ip.is_v4())?;
+        direct(*via).map(|s| (s, *via))
+    }
+
+    /// Decides what to do with a frame from port `from` in `segment` (`may_want` said
+    /// yes): `head` is its first bytes, `l3` their parse; frames to send are appended to
+    /// `out`.
+    pub fn route(
+        &self,
+        from: PortId,
+        segment: u16,
+        meta: &FrameMeta,
+        l3: &L3,
+        head: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Routing {
+        let Some(seg) = self.segment(segment) else {
+            return Routing::Pass;
+        };
+        let to_me = meta.dst == self.mac;
+        let heard = |ip: Ip| {
+            if seg.gateways.iter().any(|g| g.contains(ip)) && !self.is_gateway(ip) {
+                self.neighbours.learn(
+                    ip,
+                    Neighbour {
+                        port: from,
+                        mac: meta.src,
+                        segment,
+                    },
+                );
+            }
+        };
+        match l3 {
+            L3::Arp {
+                sender_mac,
+                sender_ip,
+            } => {
+                let arp = &head[ETH_HLEN.min(head.len())..];
+                let (Some(op), Some(target)) = (arp.get(6..8), arp.get(24..28)) else {
+                    return Routing::Pass;
+                };
+                let target: [u8; 4] = target.try_into().unwrap_or_default();
+                // Only what the frame's own source says of itself is learned.
+                if *sender_mac == meta.src.0 && *sender_ip != [0; 4] {
+                    heard(Ip::v4(*sender_ip));
+                }
+                let mine = seg.gateway_for(Ip::v4(target)) == Some(Ip::v4(target));
+                match op {
+                    [0, 1] if mine => {
+                        build::arp_reply(out, self.mac.0, target, meta.src.0, *sender_ip);
+                        Routing::Reply
+                    }
+                    [0, 2] if to_me => Routing::Consumed,
+                    _ => Routing::Pass,
+                }
+            }
+            L3::Ip(p) => {
+                if p.icmp == Some(IcmpKind::Neighbour) {
+                    return self.neighbour_discovery(seg, meta, p, head, out, &heard);
+                }
+                if !to_me {
+                    return Routing::Pass;
+                }
+                let src_known = !p.key.src.is_link_local() && p.key.src.0 != 0;
+                if src_known {
+                    heard(p.key.src);
+                }
+                let dst = p.key.dst;
+                if self.is_gateway(dst) {
+                    // The gateway answers pings; it offers no other service yet.
+                    return match p.icmp {
+                        Some(IcmpKind::EchoRequest) => Routing::Echo,
+                        _ => Routing::Consumed,
+                    };
+                }
+                // Never an ICMP error about an ICMP error (RFC 1122 3.2.2).
+                let may_tell = p.icmp != Some(IcmpKind::Error);
+                let Some((egress, hop)) = self.next_hop(dst) else {
+                    let e = (IcmpError::NoRoute, DropReason::NoRoute);
+                    return self.error(seg, meta, head, out, may_tell, e);
+                };
+                if hop_limit(head).is_some_and(|h| h <= 1) {
+                    let e = (IcmpError::TimeExceeded, DropReason::HopLimit);
+                    return self.error(seg, meta, head, out, may_tell, e);
+                }
+                if let Some(n) = self.neighbours.lookup(hop) {
+                    return Routing::Forward {
+                        to: n.port,
+                        mac: n.mac,
+                        segment: n.segment,
+                    };
+                }
+                if !self.neighbours.should_ask(hop) {
+                    return Routing::Drop {
+                        reason: DropReason::NoNeighbour,
+                        reply: false,
+                    };
+                }
+                let Some(gw) = egress.gateway_for(hop) else {
+                    return Routing::Drop {
+                        reason: DropReason::NoRoute,
+                        reply: false,
+                    };
+                };
+                let gw_bytes = gw.0.to_be_bytes();
+                let hop_bytes = hop.0.to_be_bytes();
+                if hop.is_v4() {
+                    let v4 = |b: [u8; 16]| -> [u8; 4] { b[12..].try_into().unwrap_or_default() };
+                    build::arp_request(out, self.mac.0, v4(gw_bytes), v4(hop_bytes));
+                } else {
+                    build::neighbour_solicit(out, self.mac.0, gw_bytes, hop_bytes);
+                }
+                Routing::Resolve {
+                    segment: egress.vlan,
+                }
+            }
+            L3::BadIp | L3::Other(_) if to_me => Routing::Consumed,
+            _ => Routing::Pass,
+        }
+    }
+
+    /// A neighbour solicitation for a gateway gets the router's advertisement; an
+    /// advertisement to the router is learned. Others pass.
+    fn neighbour_discovery(
+        &self,
+        seg: &RoutedSegment,
+        meta: &FrameMeta,
+        p: &IpPacket,
+        head: &[u8],
+        out: &mut Vec<u8>,
+        heard: &dyn Fn(Ip),
+    ) -> Routing {
+        let Some(target) = p.nd_target else {
+            return Routing::Pass;
+        };
+        // Type 135/136 only: router solicitations and MLD are switched as they are.
+        let kind = head.get(ETH_HLEN + 40).copied();
+        let mine = seg.gateway_for(target) == Some(target);
+        match kind {
+            Some(135) if mine => {
+                // A solicitation from :: is duplicate address detection: not answered.
+                if p.key.src.0 == 0 {
+                    return Routing::Consumed;
+                }
+                if !p.key.src.is_link_local() {
+                    heard(p.key.src);
+                }
+                build::neighbour_advert(
+                    out,
+                    self.mac.0,
+                    target.0.to_be_bytes(),
+                    meta.src.0,
+                    p.key.src.0.to_be_bytes(),
+                );
+                Routing::Reply
+            }
+            Some(136) => {
+                heard(target);
+                if meta.dst == self.mac {
+                    Routing::Consumed
+                } else {
+                    Routing::Pass
+                }
+            }
+            _ if meta.dst == self.mac => Routing::Consumed,
+            _ => Routing::Pass,
+        }
+    }
+
+    /// Drops for the error's reason, with its ICMP message to the sender if `may_tell`
+    /// and the budget allows.
+    fn error(
+        &self,
+        seg: &RoutedSegment,
+        meta: &FrameMeta,
+        head: &[u8],
+        out: &mut Vec<u8>,
+        may_tell: bool,
+        (why, reason): (IcmpError, DropReason),
+    ) -> Routing {
+        let quoted = &head[ETH_HLEN.min(head.len())..];
+        let v4 = quoted.first().is_some_and(|b| b >> 4 == 4);
+        let from = seg.gateways.iter().find(|g| g.addr.is_v4() == v4);
+        let reply = match from {
+            Some(g) if may_tell && self.icmp.take() => {
+                build::icmp_error(out, self.mac.0, meta.src.0, g.addr, quoted, why)
+            }
+            _ => false,
+        };
+        Routing::Drop { reason, reply }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::l3;
+
+    const GW_MAC: MacAddr = crate::config::DEFAULT_ROUTER_MAC;
+    const WEB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const APP_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+
+    fn router() -> Router {
+        let c = SwitchConfig::from_toml(
+            r#"
+[[port]]
+name = "web1"
+socket = "/w"
+vlan = 10
+mac = "02:00:00:00:00:01"
+addresses = ["10.0.1.5"]
+[[port]]
+name = "app1"
+socket = "/a"
+vlan = 20
+[[segment]]
+vlan = 10
+gateway = ["10.0.1.1/24", "fd00:1::1/64"]
+[[segment]]
+vlan = 20
+gateway = ["10.0.2.1/24", "fd00:2::1/64"]
+[[route]]
+to = "192.168.0.0/16"
+via = "10.0.2.254"
+"#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        Router::new(&c)
+    }
+
+    fn decide(r: &Router, from: PortId, segment: u16, frame: &[u8], out: &mut Vec<u8>) -> Routing {
+        let meta = FrameMeta::parse(frame[..14].try_into().unwrap());
+        assert!(r.may_want(&meta, segment));
+        let parsed = l3::parse(frame, r.zone(segment));
+        r.route(
+            from,
+            segment,
+            &meta,
+            &parsed,
+            &frame[..frame.len().min(128)],
+            out,
+        )
+    }
+
+    fn udp(src_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8) -> Vec<u8> {
+        let mut f = Vec::new();
+        etherparse::PacketBuilder::ethernet2(src_mac, GW_MAC.0)
+            .ipv4(src, dst, ttl)
+            .udp(1000, 2000)
+            .write(&mut f, &[0; 20])
+            .unwrap();
+        f
+    }
+
+    #[test]
+    fn the_gateway_answers_arp_and_neighbour_solicitations() {
+        let r = router();
+        let mut out = Vec::new();
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&APP_MAC);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&APP_MAC);
+        arp.extend_from_slice(&[10, 0, 2, 7, 0, 0, 0, 0, 0, 0, 10, 0, 2, 1]);
+        assert_eq!(decide(&r, 1, 20, &arp, &mut out), Routing::Reply);
+        assert_eq!(&out[..6], &APP_MAC);
+        assert_eq!(&out[14 + 14..14 + 18], &[10, 0, 2, 1]);
+        // The asker was learned on its port.
+        let n = r.neighbours.lookup(Ip::v4([10, 0, 2, 7])).unwrap();
+        assert_eq!((n.port, n.mac.0, n.segment), (1, APP_MAC, 20));
+        // A question for another host, or for the gateway of another segment, passes.
+        out.clear();
+        arp[14 + 24..14 + 28].copy_from_slice(&[10, 0, 2, 9]);
+        assert_eq!(decide(&r, 1, 20, &arp, &mut out), Routing::Pass);
+        arp[14 + 24..14 + 28].copy_from_slice(&[10, 0, 1, 1]);
+        assert_eq!(decide(&r, 1, 20, &arp, &mut out), Routing::Pass);
+        assert!(out.is_empty());
+
+        let gw6: [u8; 16] = "fd00:2::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let me6: [u8; 16] = "fd00:2::7".parse::<std::net::Ipv6Addr>().unwrap().octets();
+        let (group, group_mac) = build::solicited_node(gw6);
+        let mut ns = Vec::new();
+        etherparse::PacketBuilder::ethernet2(APP_MAC, group_mac)
+            .ipv6(me6, group, 255)
+            .icmpv6_raw(135, 0, [0; 4])
+            .write(&mut ns, &gw6)
+            .unwrap();
+        assert_eq!(decide(&r, 1, 20, &ns, &mut out), Routing::Reply);
+        assert_eq!(out[14 + 40], 136);
+        assert_eq!(&out[14 + 48..14 + 64], &gw6);
+        assert!(r.neighbours.lookup(Ip::from_octets(me6)).is_some());
+    }
+
+    #[test]
+    fn frames_to_the_gateway_are_routed_resolved_or_refused() {
+        let r = router();
+        let mut out = Vec::new();
+        // app1 (learned) -> web1 (configured): routed to port 0 at web1's MAC.
+        let f = udp(APP_MAC, [10, 0, 2, 7], [10, 0, 1, 5], 64);
+        assert_eq!(
+            decide(&r, 1, 20, &f, &mut out),
+            Routing::Forward {
+                to: 0,
+                mac: MacAddr(WEB_MAC),
+                segment: 10
+            }
+        );
+        // web1 -> 10.0.2.9, unknown: asked for in vlan 20 (once a second).
+        let f = udp(WEB_MAC, [10, 0, 1, 5], [10, 0, 2, 9], 64);
+        assert_eq!(
+            decide(&r, 0, 10, &f, &mut out),
+            Routing::Resolve { segment: 20 }
+        );
+        assert_eq!(&out[14 + 24..14 + 28], &[10, 0, 2, 9]);
+        assert_eq!(&out[14 + 14..14 + 18], &[10, 0, 2, 1]);
+        out.clear();
+        assert_eq!(
+            decide(&r, 0, 10, &f, &mut out),
+            Routing::Drop {
+                reason: DropReason::NoNeighbour,
+                reply: false
+            }
+        );
+        // Through the static route: its next hop is asked for.
+        let f = udp(WEB_MAC, [10, 0, 1, 5], [192, 168, 3, 3], 64);
+        assert_eq!(
+            decide(&r, 0, 10, &f, &mut out),
+            Routing::Resolve { segment: 20 }
+        );
+        assert_eq!(&out[14 + 24..14 + 28], &[10, 0, 2, 254]);
+        out.clear();
+        // No route: dropped with an ICMP error; a hop limit of 1 too.
+        let f = udp(WEB_MAC, [10, 0, 1, 5], [172, 16, 0, 1], 64);
+        assert_eq!(
+            decide(&r, 0, 10, &f, &mut out),
+            Routing::Drop {
+                reason: DropReason::NoRoute,
+                reply: true
+            }
+        );
+        assert_eq!((out[14 + 20], &out[..6]), (3, &WEB_MAC[..]));
+        out.clear();
+        let f = udp(WEB_MAC, [10, 0, 1, 5], [10, 0, 2, 7], 1);
+        assert_eq!(
+            decide(&r, 0, 10, &f, &mut out),
+            Routing::Drop {
+                reason: DropReason::HopLimit,
+                reply: true
+            }
+        );
+        assert_eq!(out[14 + 20], 11);
+        // A guest cannot take over a configured binding by speaking for it.
+        let f = udp(APP_MAC, [10, 0, 1, 5], [10, 0, 2, 7], 64);
+        decide(&r, 1, 10, &f, &mut out);
+        assert_eq!(r.neighbours.lookup(Ip::v4([10, 0, 1, 5])).unwrap().port, 0);
+        // Only routed segments have a gateway; frames elsewhere are not looked at.
+        let meta = FrameMeta::parse(f[..14].try_into().unwrap());
+        assert!(!r.may_want(&meta, 30));
+        assert_eq!((r.zone(10), r.zone(30)), (ROUTED_ZONE, 30));
+    }
+}
