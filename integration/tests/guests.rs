@@ -369,6 +369,75 @@ fn micro_segmentation_between_three_guests_with_a_flow_log() {
     assert!(db_line.contains("spoofed_ip"), "{db_line}");
 }
 
+#[test]
+fn two_guests_in_two_subnets_talk_through_the_switch_as_their_router() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let env = env();
+    let files = tempfile::tempdir().unwrap();
+    let config = files.path().join("routed.toml");
+    std::fs::write(
+        &config,
+        "[[segment]]\nname = \"front\"\nvlan = 10\ngateway = [\"10.0.11.1/24\"]\n\
+         [[segment]]\nname = \"back\"\nvlan = 20\ngateway = [\"10.0.12.1/24\"]\n\
+         [[rule]]\nname = \"web-to-app\"\naction = \"allow\"\nfrom = \"web\"\nto = \"app\"\n\
+         proto = \"tcp\"\nports = 8080\n",
+    )
+    .unwrap();
+    // web's binding is learned (it has no mac=), app's is configured.
+    let backend = env.backend(
+        &[
+            ("web", ",vlan=10,group=web,ip=10.0.11.2"),
+            (
+                "app",
+                ",vlan=20,group=app,ip=10.0.12.2,mac=52:54:00:00:00:02",
+            ),
+        ],
+        &["--config", &config.display().to_string()],
+    );
+    let mut web = env.boot(env.guest("web", 1, "10.0.11.2/24"));
+    let mut app = env.boot(env.guest("app", 2, "10.0.12.2/24"));
+    web.ok("ip route add default via 10.0.11.1", CMD);
+    app.ok("ip route add default via 10.0.12.1", CMD);
+    app.ok("iperf3 -s -p 8080 -D", CMD);
+    web.ok("iperf3 -s -p 8080 -D", CMD);
+    // Each guest finds its gateway by ARP and gets its pings answered.
+    wait_ping(&mut web, "10.0.11.1");
+    wait_ping(&mut app, "10.0.12.1");
+    // web -> app tcp/8080 across the subnets, a real TCP transfer both ways.
+    let end = Instant::now() + Duration::from_secs(60);
+    while !tcp_connects(&mut web, "10.0.12.2", 8080) {
+        assert!(
+            Instant::now() < end,
+            "web cannot reach app on tcp/8080 through the router"
+        );
+    }
+    let out = web.ok("iperf3 -c 10.0.12.2 -p 8080 -t 2 -J", CMD);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    eprintln!("iperf3 web -> app routed: {:.0} Mbit/s", bps / 1e6);
+    assert!(bps > 1e6, "routed TCP carried {bps} bit/s");
+    // The hop is there: the guest's TTL arrives one less (traceroute's first hop).
+    let trace = web.ok("traceroute -n -m 3 -q 1 -w 2 10.0.12.2 2>&1 || true", CMD);
+    assert!(
+        trace.contains("10.0.11.1"),
+        "no first hop at the gateway:\n{trace}"
+    );
+    // The policy holds between the subnets: app may not open a connection to web.
+    assert!(
+        !tcp_connects(&mut app, "10.0.11.2", 8080),
+        "app reached web"
+    );
+    assert!(!ping_ok(&mut web, "10.0.12.2"), "ping between tiers passed");
+    let text = finish(env, vec![web, app], backend);
+    let app_line = text
+        .lines()
+        .find(|l| l.contains("port app: rx"))
+        .unwrap_or_else(|| panic!("no counters of port app in the log:\n{text}"));
+    assert!(app_line.contains("policy_denied"), "{app_line}");
+}
+
 /// The `bridge-plugin` binary from the same target folder.
 fn bridge_plugin_binary() -> PathBuf {
     backend_binary().with_file_name("bridge-plugin")
