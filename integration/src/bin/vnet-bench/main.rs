@@ -19,7 +19,9 @@
 //! (one flow per queue pair), beside plain L2 in the same run; and new connections per
 //! second, every frame a new 5-tuple (its ports counted up by the frontend). OVS-DPDK runs
 //! the same established-flow cases, with NORMAL alone and with a conntrack firewall in front
-//! of it, as the reference for a stateful switch (`ovs.rs`).
+//! of it, as the reference for a stateful switch (`ovs.rs`). Then A and B are put in two
+//! subnets (VLANs 10 and 20) and A sends to the switch's gateway: routed, alone and under
+//! the 10-rule policy, beside plain L2.
 
 mod ovs;
 
@@ -85,26 +87,48 @@ struct Report {
 struct Backend {
     child: Child,
     dir: tempfile::TempDir,
+    /// A and B in two routed segments: frames go to the gateway.
+    routed: bool,
 }
+
+/// A in 10.0.1.0/24 (vlan 10), B in 10.0.2.0/24 (vlan 20), the switch between them.
+const ROUTED: &str = "[[segment]]\nvlan = 10\ngateway = [\"10.0.1.1/24\"]\n\
+[[segment]]\nvlan = 20\ngateway = [\"10.0.2.1/24\"]\n";
+const GATEWAY_MAC: [u8; 6] = [0x02, 0x76, 0x6e, 0, 0, 1];
 
 impl Backend {
     fn start(extra: &[&str]) -> Backend {
-        Self::start_with_policy(None, extra)
+        Self::start_with(None, false, extra)
     }
 
-    /// With `rules` allowing UDP from A to B (`rules` in all), if given.
-    fn start_with_policy(rules: Option<usize>, extra: &[&str]) -> Backend {
+    /// With `rules` allowing UDP from A to B (`rules` in all), if given; `routed`: A and
+    /// B in two subnets (`ROUTED`).
+    fn start_with(rules: Option<usize>, routed: bool, extra: &[&str]) -> Backend {
         let dir = tempfile::tempdir().expect("temporary directory");
         let mut cmd = Command::new(backend_binary());
-        for p in ["a", "b"] {
+        for (p, n) in [("a", 1u8), ("b", 2)] {
+            // Both ports on VLAN 10 unless routed: the segment checks are part of what
+            // is measured.
+            let placed = if routed {
+                format!(
+                    ",vlan={n}0,ip=10.0.{n}.5,mac={}",
+                    vhost_net_backend::MacAddr(mac(n))
+                )
+            } else {
+                ",vlan=10".into()
+            };
             cmd.arg("--port").arg(format!(
-                "name={p},socket={},queues=2,vlan=10,group={p}",
+                "name={p},socket={},queues=2,group={p}{placed}",
                 dir.path().join(format!("{p}.sock")).display()
             ));
         }
-        if let Some(n) = rules {
-            let path = dir.path().join("policy.toml");
-            std::fs::write(&path, policy_file(n)).expect("policy file");
+        let mut config = rules.map(policy_file).unwrap_or_default();
+        if routed {
+            config.push_str(ROUTED);
+        }
+        if !config.is_empty() {
+            let path = dir.path().join("switch.toml");
+            std::fs::write(&path, config).expect("config file");
             cmd.arg("--config").arg(path);
         }
         cmd.args(extra).stderr(Stdio::null());
@@ -120,7 +144,7 @@ impl Backend {
             });
         }
         let child = cmd.spawn().expect("backend starts");
-        let b = Backend { child, dir };
+        let b = Backend { child, dir, routed };
         let end = Instant::now() + Duration::from_secs(10);
         while !(b.dir.path().join("a.sock").exists() && b.dir.path().join("b.sock").exists()) {
             assert!(Instant::now() < end, "backend sockets never appeared");
@@ -229,6 +253,10 @@ impl Drop for Dpdk {
 trait Target {
     fn sock(&self, name: &str) -> PathBuf;
     fn cpu_ns(&self) -> u64;
+    /// Whether A and B sit in two subnets with the backend routing between them.
+    fn routed(&self) -> bool {
+        false
+    }
 }
 
 fn process_cpu_ns(pid: u32) -> u64 {
@@ -248,6 +276,9 @@ impl Target for Backend {
     }
     fn cpu_ns(&self) -> u64 {
         process_cpu_ns(self.child.id())
+    }
+    fn routed(&self) -> bool {
+        self.routed
     }
 }
 
@@ -376,6 +407,17 @@ const CASES: [Case; 5] = [
     },
 ];
 
+/// A UDP frame of `size` bytes from A (10.0.1.5) to B (10.0.2.5) through the gateway.
+fn routed_udp_frame(size: usize) -> Vec<u8> {
+    let mut frame = udp_frame(mac(1), GATEWAY_MAC, size);
+    frame[26..30].copy_from_slice(&[10, 0, 1, 5]);
+    frame[30..34].copy_from_slice(&[10, 0, 2, 5]);
+    let mut ip = etherparse::Ipv4Header::from_slice(&frame[14..]).unwrap().0;
+    ip.header_checksum = ip.calc_header_checksum();
+    frame[14..34].copy_from_slice(&ip.to_bytes());
+    frame
+}
+
 /// How a throughput case is run: for how long, and the size of every ring.
 #[derive(Clone, Copy)]
 struct Setup {
@@ -439,6 +481,8 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Thro
             let mut fr = tcp_frame(mac(1), mac(2), false, 65000);
             let h = as_partial_tcp(&mut fr, 1448);
             (h, fr)
+        } else if backend.routed() {
+            (NetHdr::default(), routed_udp_frame(size))
         } else {
             (NetHdr::default(), udp_frame(mac(1), mac(2), size))
         };
@@ -739,11 +783,17 @@ fn main() {
         .copied()
         .collect();
     let new_flows = only.is_none_or(|o| NEW_FLOWS.name.starts_with(o));
-    for (label, rules) in [("  policy 10 rules", 10), ("  policy 1000 rules", 1000)] {
-        if policy_cases.is_empty() && !new_flows {
-            break;
+    // Then routing between two subnets, alone and with the policy.
+    for (label, rules, routed) in [
+        ("  policy 10 rules", Some(10), false),
+        ("  policy 1000 rules", Some(1000), false),
+        ("  routed", None, true),
+        ("  routed + policy 10 rules", Some(10), true),
+    ] {
+        if policy_cases.is_empty() && !(new_flows && rules == Some(10) && !routed) {
+            continue;
         }
-        let backend = Backend::start_with_policy(Some(rules), &[]);
+        let backend = Backend::start_with(rules, routed, &[]);
         for &case in &policy_cases {
             let (t, huge) = throughput(&backend, case, 1, setup);
             let plain = report
@@ -762,7 +812,7 @@ fn main() {
             }
             report.record(t, huge, label);
         }
-        if rules == 10 && new_flows {
+        if rules == Some(10) && !routed && new_flows {
             let (t, huge) = throughput(&backend, NEW_FLOWS, 1, setup);
             report.record(t, huge, label);
         }
