@@ -183,10 +183,7 @@ impl Control {
             .routes
             .iter()
             .map(|(to, via)| {
-                let seg = r
-                    .segments
-                    .iter()
-                    .find(|s| s.gateways.iter().any(|g| g.contains(*via)));
+                let seg = r.segment_holding(*via);
                 json!({
                     "to": to.to_string(),
                     "via": via.to_string(),

@@ -2,11 +2,10 @@
 //! ARP and neighbour discovery, ICMP echo replies and ICMP errors. Pure functions on bytes;
 //! each appends one whole frame (Ethernet header on) to `out`.
 
-use super::l3::{Ip, PROTO_ICMP, PROTO_ICMPV6};
+use super::l3::{Ip, ETHERTYPE_ARP, PROTO_ICMP, PROTO_ICMPV6};
 use super::offload::{checksum_add, checksum_fold};
 use crate::types::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN};
 
-const ETHERTYPE_ARP: u16 = 0x0806;
 /// Bytes of the offending packet an ICMPv4 error quotes beyond its header (RFC 792 asks
 /// for 8; Linux sends as much as fits in 576, which a 128-byte head never reaches).
 const ICMP_QUOTE_MAX: usize = 96;

@@ -13,7 +13,7 @@ use std::time::Instant;
 use crate::config::SwitchConfig;
 use crate::counters::DropReason;
 use crate::packet::build::{self, IcmpError};
-use crate::packet::l3::{IcmpKind, Ip, IpPacket, Prefix, L3};
+use crate::packet::l3::{IcmpKind, Ip, IpPacket, Prefix, ETHERTYPE_ARP, L3};
 use crate::packet::meta::FrameMeta;
 use crate::packet::rewrite::hop_limit;
 use crate::types::{MacAddr, PortId, ETHERTYPE_IPV6, ETH_HLEN};
@@ -26,8 +26,6 @@ pub const ROUTED_ZONE: u16 = 4095;
 /// ICMP errors the router sends per second, in all (Linux's default is 1000/s per
 /// destination; a switch answering for many guests stays lower).
 const ICMP_ERRORS_PER_SEC: u32 = 100;
-
-const ETHERTYPE_ARP: u16 = 0x0806;
 
 /// A routed segment.
 #[derive(Clone, Debug)]
@@ -207,22 +205,24 @@ impl Router {
             .any(|s| s.gateways.iter().any(|g| g.addr == ip))
     }
 
+    /// The segment whose subnet holds `ip`.
+    pub fn segment_holding(&self, ip: Ip) -> Option<&RoutedSegment> {
+        self.segments
+            .iter()
+            .find(|s| s.gateways.iter().any(|g| g.contains(ip)))
+    }
+
     /// The segment whose subnet holds `ip`, and the address to resolve there: `ip` itself,
     /// or the next hop of the longest matching route.
     fn next_hop(&self, ip: Ip) -> Option<(&RoutedSegment, Ip)> {
-        let direct = |ip: Ip| {
-            self.segments
-                .iter()
-                .find(|s| s.gateways.iter().any(|g| g.contains(ip)))
-        };
-        if let Some(s) = direct(ip) {
+        if let Some(s) = self.segment_holding(ip) {
             return Some((s, ip));
         }
         let (_, via) = self
             .routes
             .iter()
             .find(|(p, via)| p.contains(ip) && via.is_v4() == ip.is_v4())?;
-        direct(*via).map(|s| (s, *via))
+        self.segment_holding(*via).map(|s| (s, *via))
     }
 
     /// Decides what to do with a frame from port `from` in `segment` (`may_want` said

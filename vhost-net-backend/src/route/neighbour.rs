@@ -5,7 +5,6 @@
 //! forgotten after the MAC ageing time.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
@@ -18,62 +17,6 @@ pub const MAX_LEARNED_PER_PORT: usize = 256;
 /// Addresses being asked for at once; and how often one is asked again (ms).
 const MAX_ASKING: usize = 1024;
 const ASK_EVERY_MS: u128 = 1000;
-
-/// Hashes an address in two multiplies, seeded per process (guests choose addresses):
-/// SipHash took half of a routed frame's time, two lookups a frame (measured with perf,
-/// 64 B routed at 4 Mpps).
-#[derive(Clone, Copy)]
-pub struct IpHash([u64; 2]);
-
-impl IpHash {
-    fn random() -> IpHash {
-        let r = std::collections::hash_map::RandomState::new();
-        IpHash([r.hash_one(1u8), r.hash_one(2u8)])
-    }
-}
-
-impl BuildHasher for IpHash {
-    type Hasher = IpHasher;
-    fn build_hasher(&self) -> IpHasher {
-        IpHasher {
-            seeds: self.0,
-            h: 0,
-        }
-    }
-}
-
-pub struct IpHasher {
-    seeds: [u64; 2],
-    h: u64,
-}
-
-fn mum(a: u64, b: u64) -> u64 {
-    let r = u128::from(a) * u128::from(b);
-    (r as u64) ^ ((r >> 64) as u64)
-}
-
-impl Hasher for IpHasher {
-    fn finish(&self) -> u64 {
-        self.h
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.h = mum(self.h ^ v ^ self.seeds[0], 0x9e37_79b9_7f4a_7c15);
-    }
-    fn write_u128(&mut self, v: u128) {
-        let [s0, s1] = self.seeds;
-        self.h = mum(
-            mum((v as u64) ^ s0, 0xa076_1d64_78bd_642f) ^ ((v >> 64) as u64) ^ s1,
-            0xe703_7ed1_a0b4_28db,
-        );
-    }
-}
-
-type IpMap<V> = HashMap<Ip, V, IpHash>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Neighbour {
@@ -98,15 +41,16 @@ pub struct NeighbourRow {
     pub age: Option<u64>,
 }
 
+#[derive(Default)]
 struct LearnedTable {
-    map: IpMap<Learned>,
+    map: HashMap<Ip, Learned>,
     /// Entries per port.
     per_port: HashMap<PortId, usize>,
 }
 
 impl LearnedTable {
-    fn retain(&mut self, keep: impl Fn(&Learned) -> bool) {
-        self.map.retain(|_, l| keep(l));
+    fn retain(&mut self, keep: impl Fn(&Ip, &Learned) -> bool) {
+        self.map.retain(|ip, l| keep(ip, l));
         self.per_port.clear();
         for l in self.map.values() {
             *self.per_port.entry(l.at.port).or_default() += 1;
@@ -115,7 +59,7 @@ impl LearnedTable {
 }
 
 struct Tables {
-    fixed: IpMap<Neighbour>,
+    fixed: HashMap<Ip, Neighbour>,
     learned: LearnedTable,
 }
 
@@ -130,16 +74,10 @@ pub struct NeighbourTable {
 
 impl NeighbourTable {
     pub fn new(fixed: HashMap<Ip, Neighbour>, ageing_secs: u64) -> NeighbourTable {
-        let hash = IpHash::random();
-        let mut fixed_map = IpMap::with_hasher(hash);
-        fixed_map.extend(fixed);
         NeighbourTable {
             tables: RwLock::new(Tables {
-                fixed: fixed_map,
-                learned: LearnedTable {
-                    map: IpMap::with_hasher(hash),
-                    per_port: HashMap::new(),
-                },
+                fixed,
+                learned: LearnedTable::default(),
             }),
             asking: Mutex::new(HashMap::new()),
             ageing_secs,
@@ -173,11 +111,8 @@ impl NeighbourTable {
     pub fn set_fixed(&self, fixed: HashMap<Ip, Neighbour>) {
         let mut t = self.write();
         let Tables { fixed: f, learned } = &mut *t;
-        learned.map.retain(|ip, _| !fixed.contains_key(ip));
-        // Recounts per port.
-        learned.retain(|_| true);
-        f.clear();
-        f.extend(fixed);
+        learned.retain(|ip, _| !fixed.contains_key(ip));
+        *f = fixed;
     }
 
     /// `ip` was heard from at `at`. A fixed binding is never moved; a new entry is taken
@@ -251,7 +186,7 @@ impl NeighbourTable {
         let ageing = self.ageing_secs;
         self.write()
             .learned
-            .retain(|l| now.saturating_sub(l.seen) < ageing);
+            .retain(|_, l| now.saturating_sub(l.seen) < ageing);
         let instant = Instant::now();
         self.asking
             .lock()
@@ -261,7 +196,7 @@ impl NeighbourTable {
 
     /// Forgets what was learned on `port` (its guest went away).
     pub fn forget_port(&self, port: PortId) {
-        self.write().learned.retain(|l| l.at.port != port);
+        self.write().learned.retain(|_, l| l.at.port != port);
     }
 
     pub fn rows(&self) -> Vec<NeighbourRow> {
