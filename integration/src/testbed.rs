@@ -109,6 +109,16 @@ impl TestSwitch {
         Ok(dev)
     }
 
+    /// A frontend on `port` with the default options and 128 RX buffers posted on its
+    /// first queue: a guest that is up and listening.
+    pub fn attach(&self, port: &str) -> VirtioNetDevice {
+        let mut d = self
+            .connect(port, DeviceOptions::default())
+            .expect("frontend connects");
+        d.post_rx(0, 128).expect("RX buffers posted");
+        d
+    }
+
     pub fn counters(&self, port: &str) -> CounterSnapshot {
         self.server
             .as_ref()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use etherparse::PacketBuilder;
 use integration::frames::{mac, BROADCAST};
 use integration::testbed::BackendProcess;
-use integration::{DeviceOptions, TestSwitch, VirtioNetDevice};
+use integration::{TestSwitch, VirtioNetDevice};
 use vhost_net_backend::virtio::NetHdr;
 use vhost_net_backend::{DropReason, MacAddr, PortConfig, SwitchConfig};
 
@@ -183,14 +183,6 @@ fn tier_ports() -> Vec<PortConfig> {
         .collect()
 }
 
-fn device(sw: &TestSwitch, port: &str) -> VirtioNetDevice {
-    let mut d = sw
-        .connect(port, DeviceOptions::default())
-        .expect("frontend connects");
-    d.post_rx(0, 128).unwrap();
-    d
-}
-
 fn send(d: &mut VirtioNetDevice, frame: &[u8]) {
     d.send(0, &NetHdr::default(), frame).unwrap();
 }
@@ -213,7 +205,7 @@ fn nothing(d: &mut VirtioNetDevice, what: &str) {
 #[test]
 fn rules_allow_one_way_with_replies_and_deny_the_rest_on_ipv4_and_ipv6() {
     let sw = TestSwitch::start_config(three_tier(RULES));
-    let (mut web, mut app, mut db) = (device(&sw, "web1"), device(&sw, "app1"), device(&sw, "db1"));
+    let (mut web, mut app, mut db) = (sw.attach("web1"), sw.attach("app1"), sw.attach("db1"));
     let mut denied = [0u64; 3];
     for v6 in [false, true] {
         let fam = if v6 { "IPv6" } else { "IPv4" };
@@ -290,7 +282,7 @@ fn rules_allow_one_way_with_replies_and_deny_the_rest_on_ipv4_and_ipv6() {
 #[test]
 fn spoofed_sources_are_dropped_and_counted() {
     let sw = TestSwitch::start_config(three_tier(RULES));
-    let (mut web, mut app, mut db) = (device(&sw, "web1"), device(&sw, "app1"), device(&sw, "db1"));
+    let (mut web, mut app, mut db) = (sw.attach("web1"), sw.attach("app1"), sw.attach("db1"));
     // ARP for its own address reaches everyone; claiming app's address reaches no one.
     let own = arp(WEB, WEB.v4());
     send(&mut web, &own);
@@ -326,7 +318,7 @@ fn a_port_that_used_its_share_of_flows_cannot_open_more_and_others_still_can() {
     let sw = TestSwitch::start_config(three_tier(
         "[policy]\nmax_flows_per_port = 3\n[[rule]]\naction = \"allow\"\nproto = \"udp\"\n",
     ));
-    let (mut web, mut app, mut db) = (device(&sw, "web1"), device(&sw, "app1"), device(&sw, "db1"));
+    let (mut web, mut app, mut db) = (sw.attach("web1"), sw.attach("app1"), sw.attach("db1"));
     for sport in 0..3 {
         let f = udp(WEB, APP, false, 1000 + sport, 53);
         send(&mut web, &f);
@@ -380,7 +372,7 @@ fn the_flow_log_shows_allowed_flows_and_aggregated_denials() {
         "[policy]\nflow_log = \"{}\"\nflow_log_interval_secs = 1\n{RULES}",
         log.display()
     )));
-    let (mut web, mut app) = (device(&sw, "web1"), device(&sw, "app1"));
+    let (mut web, mut app) = (sw.attach("web1"), sw.attach("app1"));
     let handshake = [
         (true, SYN),
         (false, SYNACK),
@@ -452,7 +444,7 @@ fn rules_change_at_run_time_and_a_bad_reload_keeps_the_running_ones() {
         c.ports = ports.clone();
         Ok(c)
     }));
-    let (mut web, mut app, mut db) = (device(&sw, "web1"), device(&sw, "app1"), device(&sw, "db1"));
+    let (mut web, mut app, mut db) = (sw.attach("web1"), sw.attach("app1"), sw.attach("db1"));
 
     // app -> db traffic flows on while the rules change.
     fn stream(
@@ -676,7 +668,7 @@ fn rate_limits_hold_within_five_percent() {
     let sw = TestSwitch::start_config(config);
     let secs = 2.0;
     // web sends at most 20 Mbit/s.
-    let (mut web, mut app, mut db) = (device(&sw, "web1"), device(&sw, "app1"), device(&sw, "db1"));
+    let (mut web, mut app, mut db) = (sw.attach("web1"), sw.attach("app1"), sw.attach("db1"));
     let big = udp_sized(WEB, APP, false, 1, 5000, 1400);
     let (_, bytes, took) = blast(&mut web, &mut app, &big, secs);
     within_5_percent(bytes as f64 * 8.0 / took, 20e6, "web's rate_tx, bit/s");

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use etherparse::{Icmpv4Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use integration::{DeviceOptions, TestSwitch, VirtioNetDevice};
+use integration::{TestSwitch, VirtioNetDevice};
 use vhost_net_backend::virtio::NetHdr;
 use vhost_net_backend::{DropReason, SwitchConfig};
 
@@ -64,14 +64,6 @@ gateway = ["10.0.2.1/24", "fd00:2::1/64"]
 fn switch(extra: &str) -> TestSwitch {
     let c = SwitchConfig::from_toml(&format!("{TOPOLOGY}{extra}")).expect("config parses");
     TestSwitch::start_config(c)
-}
-
-fn device(sw: &TestSwitch, port: &str) -> VirtioNetDevice {
-    let mut d = sw
-        .connect(port, DeviceOptions::default())
-        .expect("frontend connects");
-    d.post_rx(0, 128).unwrap();
-    d
 }
 
 fn send(d: &mut VirtioNetDevice, frame: &[u8]) {
@@ -156,7 +148,7 @@ fn assert_routed(sent: &[u8], routed: &[u8], dst_mac: [u8; 6]) {
 #[test]
 fn the_switch_routes_between_segments_and_answers_for_its_gateways() {
     let sw = switch("");
-    let (mut web, mut app, mut db) = (device(&sw, "web1"), device(&sw, "app1"), device(&sw, "db1"));
+    let (mut web, mut app, mut db) = (sw.attach("web1"), sw.attach("app1"), sw.attach("db1"));
 
     // ARP for the gateway: answered by the switch, not flooded.
     send(&mut web, &arp_request(WEB, WEB4, [10, 0, 1, 1]));
@@ -273,7 +265,7 @@ proto = "udp"
 ports = 2000
 "#,
     );
-    let (mut web, mut app) = (device(&sw, "web1"), device(&sw, "app1"));
+    let (mut web, mut app) = (sw.attach("web1"), sw.attach("app1"));
     let f = udp4(WEB, WEB4, APP4, 64, 2000, 30);
     send(&mut web, &f);
     assert_routed(&f, &receive(&mut app, "allowed web -> app"), APP);
