@@ -41,7 +41,7 @@ impl ImageSpec {
 }
 
 /// Bump when the image layout or init changes, so caches are rebuilt.
-const IMAGE_VERSION: &str = "8";
+const IMAGE_VERSION: &str = "9";
 
 pub const READY_MARKER: &str = "VNET-GUEST-READY";
 
@@ -72,6 +72,28 @@ for a in $(arg ip | tr , ' '); do
     ip addr add $a dev eth$i
     i=$((i+1))
 done
+# Without vnet.ip=, every NIC asks DHCP for its address, gateway and MTU (4 tries a
+# second apart; udhcpc stays in the background to renew).
+if [ -z "$(arg ip)" ]; then
+    cat > /run/udhcpc.sh <<'SCRIPT'
+#!/bin/sh
+case "$1" in
+bound|renew)
+    [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$mask" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    ;;
+deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+esac
+SCRIPT
+    chmod +x /run/udhcpc.sh
+    for n in /sys/class/net/eth*; do
+        [ -e "$n" ] || continue
+        n=${n##*/}
+        udhcpc -i $n -s /run/udhcpc.sh -t 4 -T 1 -n -O mtu > /run/udhcpc.$n.log 2>&1
+    done
+fi
 gw=$(arg gw)
 [ -n "$gw" ] && ip route add default via $gw
 # A command to start at boot (a service), base64-encoded so it fits one cmdline word.

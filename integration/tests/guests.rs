@@ -378,7 +378,9 @@ fn two_guests_in_two_subnets_talk_through_the_switch_as_their_router() {
     std::fs::write(
         &config,
         "[[segment]]\nname = \"front\"\nvlan = 10\ngateway = [\"10.0.11.1/24\"]\n\
+         dhcp = { mtu = 4000 }\n\
          [[segment]]\nname = \"back\"\nvlan = 20\ngateway = [\"10.0.12.1/24\"]\n\
+         dhcp = { mtu = 4000 }\n\
          [[rule]]\nname = \"web-to-app\"\naction = \"allow\"\nfrom = \"web\"\nto = \"app\"\n\
          proto = \"tcp\"\nports = 8080\n",
     )
@@ -394,15 +396,48 @@ fn two_guests_in_two_subnets_talk_through_the_switch_as_their_router() {
         ],
         &["--config", &config.display().to_string()],
     );
-    let mut web = env.boot(env.guest("web", 1, "10.0.11.2/24"));
-    let mut app = env.boot(env.guest("app", 2, "10.0.12.2/24"));
-    web.ok("ip route add default via 10.0.11.1", CMD);
-    app.ok("ip route add default via 10.0.12.1", CMD);
+    // No vnet.ip=: the guests' udhcpc gets address, gateway and MTU from the switch.
+    let dhcp = |name: &str, mac: u8| {
+        let mut spec = env.guest(name, mac, "");
+        spec.addrs.clear();
+        spec
+    };
+    let mut web = env.boot(dhcp("web", 1));
+    let mut app = env.boot(dhcp("app", 2));
+    for (g, addr, gw) in [
+        (&mut web, "10.0.11.2/24", "10.0.11.1"),
+        (&mut app, "10.0.12.2/24", "10.0.12.1"),
+    ] {
+        let got = g.ok(
+            "ip -4 -o addr show eth0; ip route; cat /sys/class/net/eth0/mtu",
+            CMD,
+        );
+        assert!(got.contains(addr), "{}: no {addr} by DHCP:\n{got}", g.name);
+        assert!(
+            got.contains(&format!("default via {gw}")),
+            "{}: {got}",
+            g.name
+        );
+        assert!(
+            got.lines().any(|l| l.trim() == "4000"),
+            "{}: MTU: {got}",
+            g.name
+        );
+    }
     app.ok("iperf3 -s -p 8080 -D", CMD);
     web.ok("iperf3 -s -p 8080 -D", CMD);
-    // Each guest finds its gateway by ARP and gets its pings answered.
+    // Each guest finds its gateway by ARP and gets its pings answered, a whole segment
+    // MTU unfragmented.
     wait_ping(&mut web, "10.0.11.1");
     wait_ping(&mut app, "10.0.12.1");
+    assert!(
+        ping_ok(&mut web, "-M do -s 3972 10.0.11.1"),
+        "4000-byte ping"
+    );
+    assert!(
+        !ping_ok(&mut web, "-M do -s 3973 10.0.11.1"),
+        "over the MTU"
+    );
     // web -> app tcp/8080 across the subnets, a real TCP transfer both ways.
     let end = Instant::now() + Duration::from_secs(60);
     while !tcp_connects(&mut web, "10.0.12.2", 8080) {

@@ -290,3 +290,131 @@ ports = 2000
     nothing(&mut app, "spoofed web -> app");
     assert_eq!(sw.counters("web1").drop_count(DropReason::SpoofedIp), 1);
 }
+
+/// A DHCP client message from `mac` (udhcpc's layout), broadcast; `opts` after the type.
+fn dhcp_client(mac: [u8; 6], kind: u8, opts: &[u8]) -> Vec<u8> {
+    let mut m = vec![0u8; 236];
+    m[..4].copy_from_slice(&[1, 1, 6, 0]);
+    m[4..8].copy_from_slice(&[1, 2, 3, 4]);
+    m[28..34].copy_from_slice(&mac);
+    m.extend_from_slice(&[99, 130, 83, 99, 53, 1, kind]);
+    m.extend_from_slice(opts);
+    m.push(255);
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2(mac, [0xff; 6])
+        .ipv4([0; 4], [255; 4], 64)
+        .udp(68, 67)
+        .write(&mut f, &m)
+        .unwrap();
+    f
+}
+
+/// A DHCP reply read field by field: (yiaddr, options by code), after checking the UDP
+/// checksum and that it comes from the gateway.
+#[track_caller]
+fn dhcp_reply(frame: &[u8], to: [u8; 6]) -> ([u8; 4], std::collections::HashMap<u8, Vec<u8>>) {
+    assert_eq!(&frame[..6], &to, "to the client's MAC");
+    assert_eq!(&frame[6..12], &GW, "from the gateway's MAC");
+    let p = SlicedPacket::from_ethernet(frame).expect("reply parses");
+    let (Some(NetSlice::Ipv4(ip)), Some(TransportSlice::Udp(udp))) = (&p.net, &p.transport) else {
+        panic!("not UDP over IPv4")
+    };
+    let h = ip.header();
+    assert_eq!(h.header_checksum(), h.to_header().calc_header_checksum());
+    assert_eq!(h.source(), [10, 0, 2, 1], "from the gateway's address");
+    assert_eq!((udp.source_port(), udp.destination_port()), (67, 68));
+    let want = udp
+        .to_header()
+        .calc_checksum_ipv4(&h.to_header(), udp.payload())
+        .unwrap();
+    assert_eq!(udp.checksum(), want, "UDP checksum");
+    let m = udp.payload();
+    assert!(m.len() >= 300);
+    assert_eq!(
+        (m[0], &m[4..8], &m[28..34]),
+        (2, &[1, 2, 3, 4][..], &to[..])
+    );
+    assert_eq!(&m[236..240], &[99, 130, 83, 99]);
+    let mut opts = std::collections::HashMap::new();
+    let mut i = 240;
+    while m[i] != 255 {
+        opts.insert(m[i], m[i + 2..i + 2 + usize::from(m[i + 1])].to_vec());
+        i += 2 + usize::from(m[i + 1]);
+    }
+    (m[16..20].try_into().unwrap(), opts)
+}
+
+#[test]
+fn the_switch_serves_dhcp_static_bindings_and_a_pool_under_a_default_deny_policy() {
+    let topology = TOPOLOGY.replace(
+        "gateway = [\"10.0.2.1/24\", \"fd00:2::1/64\"]\n",
+        "gateway = [\"10.0.2.1/24\", \"fd00:2::1/64\"]\n\
+         dhcp = { pool = \"10.0.2.100-10.0.2.109\", dns = [\"10.0.2.53\"], mtu = 9000, lease_secs = 900 }\n",
+    );
+    let c = SwitchConfig::from_toml(&format!("{topology}[policy]\ndefault = \"deny\"\n")).unwrap();
+    let sw = TestSwitch::start_config(c);
+    let (mut web, mut app, mut db) = (sw.attach("web1"), sw.attach("app1"), sw.attach("db1"));
+
+    // app1 has 10.0.2.7 in the config: offered that, with every option, the discover split
+    // over three buffers (the server reads the whole frame, not only its head).
+    let discover = dhcp_client(APP, 1, &[55, 3, 1, 3, 26]);
+    let h = NetHdr::default().to_bytes();
+    app.send_pieces(
+        0,
+        &[
+            &h[..app.hdr_len()],
+            &discover[..40],
+            &discover[40..290],
+            &discover[290..],
+        ],
+        false,
+    )
+    .unwrap();
+    let (yiaddr, opts) = dhcp_reply(&receive(&mut app, "offer"), APP);
+    assert_eq!(yiaddr, APP4);
+    assert_eq!(opts[&53], [2], "OFFER");
+    assert_eq!(opts[&54], [10, 0, 2, 1], "server id");
+    assert_eq!(opts[&1], [255, 255, 255, 0], "mask");
+    assert_eq!(opts[&3], [10, 0, 2, 1], "router");
+    assert_eq!(opts[&6], [10, 0, 2, 53], "dns");
+    assert_eq!(opts[&26], 9000u16.to_be_bytes(), "mtu");
+    assert_eq!(opts[&51], 900u32.to_be_bytes(), "lease");
+    // The broadcast stopped at the switch: db1 in the same segment saw nothing.
+    nothing(&mut db, "the discover is not flooded");
+    let request = dhcp_client(APP, 3, &[50, 4, 10, 0, 2, 7, 54, 4, 10, 0, 2, 1]);
+    send(&mut app, &request);
+    let (yiaddr, opts) = dhcp_reply(&receive(&mut app, "ack"), APP);
+    assert_eq!((yiaddr, opts[&53].as_slice()), (APP4, &[5][..]));
+
+    // db1 has no address: one from the pool, and the same one when it asks again.
+    send(&mut db, &dhcp_client(DB, 1, &[]));
+    let (pooled, _) = dhcp_reply(&receive(&mut db, "offer from the pool"), DB);
+    assert_eq!(pooled, [10, 0, 2, 100]);
+    send(&mut db, &dhcp_client(DB, 3, &[50, 4, 10, 0, 2, 100]));
+    let (acked, opts) = dhcp_reply(&receive(&mut db, "ack from the pool"), DB);
+    assert_eq!((acked, opts[&53].as_slice()), (pooled, &[5][..]));
+    // Asking for what is not its own: NAK, broadcast.
+    send(&mut db, &dhcp_client(DB, 3, &[50, 4, 10, 0, 2, 7]));
+    let nak = receive(&mut db, "nak");
+    assert_eq!(&nak[..6], &[0xff; 6]);
+    assert_eq!(nak[14 + 20 + 8 + 242], 6, "NAK");
+
+    let leases: serde_json::Value = serde_json::from_str(&sw.server().command("leases")).unwrap();
+    let rows = leases["leases"].as_array().unwrap();
+    assert!(
+        rows.iter()
+            .any(|r| r["address"] == "10.0.2.7" && r["port"] == "app1"),
+        "{leases}"
+    );
+    assert!(
+        rows.iter().any(|r| r["address"] == "10.0.2.100"
+            && r["mac"] == "02:00:00:00:00:03"
+            && r["kind"] == "pool"),
+        "{leases}"
+    );
+
+    // web1's segment has no DHCP server: its discover is switched as any broadcast (and
+    // answered by nobody here).
+    send(&mut web, &dhcp_client(WEB, 1, &[]));
+    nothing(&mut web, "no server in vlan 10");
+}

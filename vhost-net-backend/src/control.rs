@@ -24,7 +24,7 @@ pub const COMMANDS: &str = "stats, rules, flows [port=NAME] [addr=IP], flush [po
 [addr=IP] [proto=P] [dport=N], reload, rule-add [at=N] action=allow|deny [from=..] [to=..] \
 [proto=..] [ports=..] [name=..] [rate_bps=N] [rate_pps=N], rule-remove NAME|N, \
 rule-move NAME|N TO, port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] \
-[rx_bps=N] [rx_pps=N], routes, neighbours";
+[rx_bps=N] [rx_pps=N], routes, neighbours, leases";
 
 #[derive(Serialize)]
 struct PortStats<'a> {
@@ -115,6 +115,7 @@ impl Control {
             "port-set" => self.edit(|c| port_set(c, &args)),
             "routes" => Ok(self.routes()),
             "neighbours" => Ok(self.neighbours()),
+            "leases" => Ok(self.leases()),
             "" => Err(format!("no command; try one of: {COMMANDS}")),
             other => Err(format!("unknown command '{other}'; try one of: {COMMANDS}")),
         };
@@ -213,6 +214,30 @@ impl Control {
             })
             .collect();
         json!({ "neighbours": rows })
+    }
+
+    fn leases(&self) -> Value {
+        let rows: Vec<Value> = self
+            .dp
+            .router
+            .leases()
+            .iter()
+            .map(|(segment, l)| {
+                let port = l
+                    .port
+                    .and_then(|p| self.dp.ports.get(usize::from(p)))
+                    .map(|p| p.name.as_str());
+                json!({
+                    "segment": segment,
+                    "address": l.address.to_string(),
+                    "port": port,
+                    "mac": l.mac.map(|m| m.to_string()),
+                    "kind": if l.port.is_some() { "static" } else { "pool" },
+                    "expires_in": l.expires_in,
+                })
+            })
+            .collect();
+        json!({ "leases": rows })
     }
 
     fn rules(&self) -> Value {

@@ -143,7 +143,8 @@ Commands:
   port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] [rx_bps=N] [rx_pps=N]
            (tx: what the guest sends, rx: what it receives; 0 removes the limit)
   routes                             routed segments with their gateways, static routes
-  neighbours                         the router's neighbour table (configured and learned)";
+  neighbours                         the router's neighbour table (configured and learned)
+  leases                             DHCP: static bindings and pool leases of every segment";
 
 /// Sends one command to a running switch and prints its reply.
 fn ctl(args: &CtlArgs) -> Result<()> {
@@ -208,6 +209,11 @@ fn ctl(args: &CtlArgs) -> Result<()> {
         "neighbours" => print_table(
             &v["neighbours"],
             &["ip", "mac", "port", "vlan", "source", "age_secs"],
+            "",
+        ),
+        "leases" => print_table(
+            &v["leases"],
+            &["segment", "address", "kind", "port", "mac", "expires_in"],
             "",
         ),
         _ => println!("{}", serde_json::to_string_pretty(&v)?),

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 pub use crate::types::MacAddr;
 pub use policy::{Action, PolicyConfig, RateConfig, RuleConfig};
-pub use route::{RouteConfig, SegmentConfig, DEFAULT_ROUTER_MAC};
+pub use route::{DhcpConfig, RouteConfig, SegmentConfig, DEFAULT_ROUTER_MAC};
 use thiserror::Error;
 
 /// Largest number of queue pairs one port may offer.
@@ -341,9 +341,14 @@ impl SwitchConfig {
         self.router_mac.unwrap_or(DEFAULT_ROUTER_MAC)
     }
 
+    /// Largest IP packet forwarded as one frame.
+    pub fn forward_mtu(&self) -> u16 {
+        self.mtu.unwrap_or(DEFAULT_FORWARD_MTU)
+    }
+
     /// Largest Ethernet frame (without the virtio-net header) forwarded as one frame.
     pub fn max_frame_len(&self) -> usize {
-        usize::from(self.mtu.unwrap_or(DEFAULT_FORWARD_MTU)) + 14
+        usize::from(self.forward_mtu()) + 14
     }
 
     /// Checks everything a running switch relies on.

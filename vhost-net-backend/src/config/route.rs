@@ -3,7 +3,7 @@
 //! checked; `route` builds the router from them.
 
 use std::collections::HashSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use serde::Deserialize;
 
@@ -28,6 +28,52 @@ pub struct SegmentConfig {
     /// The gateway's addresses with their subnets, at most one IPv4 and one IPv6:
     /// `["10.0.1.1/24", "fd00:1::1/64"]`.
     pub gateway: Vec<String>,
+    /// The switch's DHCPv4 server for the segment: absent, DHCP requests are switched like
+    /// any broadcast (to a server in the segment, if there is one).
+    #[serde(default)]
+    pub dhcp: Option<DhcpConfig>,
+}
+
+/// `dhcp = { ... }` of a segment. Every port of the segment with an IPv4 address gets
+/// that address (a static binding); other ports get one from `pool`, if given.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DhcpConfig {
+    /// Leases for ports without an address: `"10.0.1.100-10.0.1.199"`.
+    #[serde(default)]
+    pub pool: Option<String>,
+    /// DNS servers offered (option 6).
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    /// Lease time offered (option 51).
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u32,
+    /// The interface MTU offered (option 26), so a jumbo segment configures its guests.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+}
+
+fn default_lease_secs() -> u32 {
+    3600
+}
+
+impl DhcpConfig {
+    /// The pool's first and last address.
+    pub fn pool_range(&self) -> Result<Option<(Ipv4Addr, Ipv4Addr)>, String> {
+        let Some(pool) = &self.pool else {
+            return Ok(None);
+        };
+        let bad = || format!("pool '{pool}' is not FIRST-LAST, as in 10.0.1.100-10.0.1.199");
+        let (a, b) = pool.split_once('-').ok_or_else(bad)?;
+        let a: Ipv4Addr = a.trim().parse().map_err(|_| bad())?;
+        let b: Ipv4Addr = b.trim().parse().map_err(|_| bad())?;
+        if a > b {
+            return Err(format!(
+                "pool '{pool}': the first address is after the last"
+            ));
+        }
+        Ok(Some((a, b)))
+    }
 }
 
 impl SegmentConfig {
@@ -162,8 +208,77 @@ pub fn check(c: &SwitchConfig) -> Result<(), ConfigError> {
             )));
         }
     }
+    for s in &c.segments {
+        if let Some(d) = &s.dhcp {
+            check_dhcp(c, s, d).map_err(|m| err(format!("{} dhcp: {m}", s.label())))?;
+        }
+    }
+    let mut owners: Vec<(Ip, &str)> = Vec::new();
+    for p in c
+        .ports
+        .iter()
+        .filter(|p| c.segments.iter().any(|s| s.segment() == p.segment()))
+    {
+        for a in &p.addresses {
+            let ip = Ip::from(*a);
+            if let Some((_, other)) = owners.iter().find(|(o, _)| *o == ip) {
+                return Err(err(format!(
+                    "ports '{other}' and '{}' both claim {a}; an address belongs to one port",
+                    p.name
+                )));
+            }
+            owners.push((ip, &p.name));
+        }
+    }
     if !c.routes.is_empty() && c.segments.is_empty() {
         return Err(err("[[route]] needs at least one [[segment]]".into()));
+    }
+    Ok(())
+}
+
+/// A segment's DHCP settings against its subnet, its ports and the switch's MTU.
+fn check_dhcp(c: &SwitchConfig, s: &SegmentConfig, d: &DhcpConfig) -> Result<(), String> {
+    let Some(subnet) = s.gateways()?.into_iter().find(|g| g.addr.is_v4()) else {
+        return Err("the segment has no IPv4 gateway; DHCPv4 needs one".into());
+    };
+    if d.lease_secs < 60 {
+        return Err(format!(
+            "lease_secs = {} is too short; give 60 or more",
+            d.lease_secs
+        ));
+    }
+    if let Some(mtu) = d.mtu {
+        let max = c.forward_mtu();
+        if !(68..=max).contains(&mtu) {
+            return Err(format!(
+                "mtu = {mtu} is out of range: use 68..={max} (the switch's --mtu)"
+            ));
+        }
+    }
+    let Some((first, last)) = d.pool_range()? else {
+        return Ok(());
+    };
+    let (first_ip, last_ip) = (Ip::v4(first.octets()), Ip::v4(last.octets()));
+    if !subnet.contains(first_ip) || !subnet.contains(last_ip) {
+        return Err(format!(
+            "pool {first}-{last} is not inside the subnet {subnet}; give addresses of it"
+        ));
+    }
+    let within = |ip: Ip| (first_ip..=last_ip).contains(&ip);
+    if within(subnet.addr) {
+        return Err(format!(
+            "pool {first}-{last} holds the gateway {}; leave it out",
+            subnet.addr
+        ));
+    }
+    for p in c.ports.iter().filter(|p| p.segment() == s.segment()) {
+        if let Some(a) = p.addresses.iter().find(|a| within(Ip::from(**a))) {
+            return Err(format!(
+                "pool {first}-{last} holds {a}, the static address of port '{}'; \
+                 shrink the pool or move the port's address out of it",
+                p.name
+            ));
+        }
     }
     Ok(())
 }
@@ -197,7 +312,44 @@ vlan = 20
              [[route]]\nto = \"0.0.0.0/0\"\nvia = \"10.0.2.254\"\n"
         );
         check(&good).unwrap();
+        let dhcp = good.replace(
+            "gateway = [\"10.0.2.1/24\"]\n",
+            "gateway = [\"10.0.2.1/24\"]\ndhcp = { pool = \"10.0.2.100-10.0.2.199\", mtu = 1500 }\n",
+        );
+        check(&dhcp).unwrap();
         for (bad, needle) in [
+            (
+                dhcp.replace("10.0.2.100-10.0.2.199", "10.0.2.100-10.0.3.199"),
+                "not inside the subnet",
+            ),
+            (
+                dhcp.replace("10.0.2.100-", "10.0.2.1-"),
+                "holds the gateway",
+            ),
+            (
+                dhcp.replace(
+                    "\"/a\"\nvlan = 20\n",
+                    "\"/a\"\nvlan = 20\naddresses = [\"10.0.2.150\"]\n",
+                ),
+                "static address of port 'app1'",
+            ),
+            (dhcp.replace("mtu = 1500", "mtu = 9500"), "use 68..=9000"),
+            (
+                dhcp.replace("10.0.2.100-", "10.0.2.200-"),
+                "first address is after",
+            ),
+            (
+                dhcp.replace("10.0.2.1/24\"]\ndhcp", "fd00:2::1/64\"]\ndhcp")
+                    .replace("10.0.2.254", "10.0.1.254"),
+                "no IPv4 gateway",
+            ),
+            (
+                good.replace(
+                    "\"/a\"\nvlan = 20\n",
+                    "\"/a\"\nvlan = 10\naddresses = [\"10.0.1.5\"]\n",
+                ),
+                "both claim 10.0.1.5",
+            ),
             (
                 good.replace("10.0.2.1/24", "10.0.1.129/25"),
                 "overlaps 10.0.1.1/24",

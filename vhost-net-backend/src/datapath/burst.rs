@@ -89,7 +89,13 @@ pub struct Scratch {
     forwards: Vec<Forward>,
     policy: PolicyCache,
     made: Made,
+    /// A DHCP message, copied whole out of the guest for the server to read.
+    request: Vec<u8>,
 }
+
+/// The largest DHCP message the server reads (RFC 2131's clients may ask for up to 1500
+/// byte replies; their requests are smaller).
+const MAX_DHCP_FRAME: usize = 1514;
 
 /// Frames the router wrote for a burst (answers, questions), one after another, and where
 /// each is.
@@ -295,6 +301,24 @@ fn route(
             } else {
                 made.bytes.truncate(start);
                 from.counters.count_drop(DropReason::Malformed);
+                Forward::Dropped
+            }
+        }
+        Routing::Dhcp => {
+            let frame = burst.frame(i, segment);
+            let len = frame.src.len();
+            if len > MAX_DHCP_FRAME {
+                return Some(Forward::Dropped);
+            }
+            s.request.resize(len, 0);
+            frame.src.peek(&mut s.request);
+            s.request[..head.len()].copy_from_slice(head);
+            if dp
+                .router
+                .dhcp(from.id, segment, &s.request, &mut made.bytes)
+            {
+                Forward::Answer(made.note(start))
+            } else {
                 Forward::Dropped
             }
         }

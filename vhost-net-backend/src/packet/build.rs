@@ -2,7 +2,7 @@
 //! ARP and neighbour discovery, ICMP echo replies and ICMP errors. Pure functions on bytes;
 //! each appends one whole frame (Ethernet header on) to `out`.
 
-use super::l3::{Ip, ETHERTYPE_ARP, PROTO_ICMP, PROTO_ICMPV6};
+use super::l3::{Ip, ETHERTYPE_ARP, PROTO_ICMP, PROTO_ICMPV6, PROTO_UDP};
 use super::offload::{checksum_add, checksum_fold};
 use crate::types::{ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN};
 
@@ -44,6 +44,31 @@ pub fn arp_reply(out: &mut Vec<u8>, mac: [u8; 6], ip: [u8; 4], to_mac: [u8; 6], 
 pub fn arp_request(out: &mut Vec<u8>, mac: [u8; 6], ip: [u8; 4], target: [u8; 4]) {
     eth(out, [0xff; 6], mac, ETHERTYPE_ARP);
     arp(out, 1, mac, ip, [0; 6], target);
+}
+
+/// One end of a UDP exchange: MAC, IPv4 address, port.
+pub type UdpEnd = ([u8; 6], [u8; 4], u16);
+
+/// A UDP datagram over IPv4 carrying `payload`, checksummed.
+pub fn udp4(out: &mut Vec<u8>, src: UdpEnd, dst: UdpEnd, payload: &[u8]) {
+    eth(out, dst.0, src.0, ETHERTYPE_IPV4);
+    ipv4(out, src.1, dst.1, PROTO_UDP, 8 + payload.len());
+    let at = out.len();
+    let len = (8 + payload.len()) as u16;
+    out.extend_from_slice(&src.2.to_be_bytes());
+    out.extend_from_slice(&dst.2.to_be_bytes());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(payload);
+    let mut pseudo = [0u8; 12];
+    pseudo[..4].copy_from_slice(&src.1);
+    pseudo[4..8].copy_from_slice(&dst.1);
+    pseudo[9] = PROTO_UDP;
+    pseudo[10..].copy_from_slice(&len.to_be_bytes());
+    let sum = !checksum_fold(checksum_add(checksum_add(0, &pseudo), &out[at..]));
+    // 0 means "no checksum" in UDP over IPv4 (RFC 768).
+    let sum = if sum == 0 { 0xffff } else { sum };
+    out[at + 6..at + 8].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// An IPv4 header for `payload_len` bytes of `proto`, checksummed.

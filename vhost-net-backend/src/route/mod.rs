@@ -4,6 +4,7 @@
 //! Knows frames' parsed fields and port ids only; the frames it writes come from
 //! `packet::build`, and the pipeline delivers them.
 
+pub mod dhcp;
 pub mod neighbour;
 
 use std::collections::HashMap;
@@ -13,10 +14,11 @@ use std::time::Instant;
 use crate::config::SwitchConfig;
 use crate::counters::DropReason;
 use crate::packet::build::{self, IcmpError};
-use crate::packet::l3::{IcmpKind, Ip, IpPacket, Prefix, ETHERTYPE_ARP, L3};
+use crate::packet::l3::{IcmpKind, Ip, IpPacket, Prefix, ETHERTYPE_ARP, L3, PROTO_UDP};
 use crate::packet::meta::FrameMeta;
 use crate::packet::rewrite::hop_limit;
-use crate::types::{MacAddr, PortId, ETHERTYPE_IPV6, ETH_HLEN};
+use crate::types::{MacAddr, PortId, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN};
+use dhcp::{DhcpServer, LeaseRow};
 use neighbour::{Neighbour, NeighbourTable};
 
 /// The policy's zone of every routed segment: they share one address space, so that a
@@ -54,6 +56,9 @@ pub enum Routing {
     Reply,
     /// An echo request to a gateway: the pipeline answers it from the whole frame.
     Echo,
+    /// A message to the segment's DHCP server: the pipeline passes the whole frame to
+    /// `Router::dhcp`.
+    Dhcp,
     /// Routed: to `to` in `segment`, for the host at `mac`.
     Forward {
         to: PortId,
@@ -90,6 +95,23 @@ fn fixed_bindings(config: &SwitchConfig, segments: &[RoutedSegment]) -> HashMap<
     fixed
 }
 
+/// Each port's first IPv4 address in `subnet`: the DHCP server's static bindings.
+fn dhcp_bindings(config: &SwitchConfig, vlan: u16, subnet: &Prefix) -> Vec<(PortId, [u8; 4])> {
+    config
+        .ports
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.segment() == vlan)
+        .filter_map(|(id, p)| {
+            let a = p.addresses.iter().find_map(|a| match a {
+                std::net::IpAddr::V4(v4) if subnet.contains(Ip::from(*a)) => Some(v4.octets()),
+                _ => None,
+            })?;
+            Some((id as PortId, a))
+        })
+        .collect()
+}
+
 /// A rate limit of ICMP errors, for all ports together.
 struct IcmpBudget {
     window: Mutex<(Instant, u32)>,
@@ -116,6 +138,8 @@ pub struct Router {
     /// Bit `v` set: VLAN `v` is routed.
     routed: Box<[u64; 64]>,
     icmp: IcmpBudget,
+    /// The DHCP servers of the segments that have one: VLAN, server.
+    dhcp: Vec<(u16, DhcpServer)>,
 }
 
 impl Router {
@@ -144,7 +168,15 @@ impl Router {
             .collect();
         routes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len));
         let fixed = fixed_bindings(config, &segments);
-        Router {
+        let dhcp = config
+            .segments
+            .iter()
+            .filter_map(|s| {
+                let subnet = s.gateways().ok()?.into_iter().find(|g| g.addr.is_v4())?;
+                Some((s.segment(), DhcpServer::new(subnet, s.dhcp.as_ref()?)))
+            })
+            .collect();
+        let router = Router {
             mac: config.router_mac(),
             segments,
             routes,
@@ -153,6 +185,20 @@ impl Router {
             icmp: IcmpBudget {
                 window: Mutex::new((Instant::now(), 0)),
             },
+            dhcp,
+        };
+        router.set_dhcp_bindings(config);
+        router
+    }
+
+    fn set_dhcp_bindings(&self, config: &SwitchConfig) {
+        for (vlan, server) in &self.dhcp {
+            let Some(seg) = self.segment(*vlan) else {
+                continue;
+            };
+            if let Some(subnet) = seg.gateways.iter().find(|g| g.addr.is_v4()) {
+                server.set_fixed(dhcp_bindings(config, *vlan, subnet));
+            }
         }
     }
 
@@ -161,6 +207,7 @@ impl Router {
     pub fn set_ports(&self, config: &SwitchConfig) {
         self.neighbours
             .set_fixed(fixed_bindings(config, &self.segments));
+        self.set_dhcp_bindings(config);
     }
 
     /// Whether any segment is routed: if not, the router stage costs nothing.
@@ -185,14 +232,43 @@ impl Router {
         }
     }
 
-    /// Whether a frame in `segment` may be for the router: sent to its MAC, or an ARP or
-    /// IPv6 multicast (neighbour solicitations for a gateway).
+    /// Whether a frame in `segment` may be for the router: sent to its MAC, an ARP or
+    /// IPv6 multicast (neighbour solicitations for a gateway) or an IPv4 broadcast (DHCP).
     #[inline]
     pub fn may_want(&self, meta: &FrameMeta, segment: u16) -> bool {
         self.is_routed(segment)
             && (meta.dst == self.mac
                 || (meta.dst.is_multicast()
-                    && (meta.ethertype == ETHERTYPE_ARP || meta.ethertype == ETHERTYPE_IPV6)))
+                    && (meta.ethertype == ETHERTYPE_ARP
+                        || meta.ethertype == ETHERTYPE_IPV6
+                        || (meta.ethertype == ETHERTYPE_IPV4 && meta.dst.0 == [0xff; 6]))))
+    }
+
+    fn dhcp_server(&self, segment: u16) -> Option<&DhcpServer> {
+        self.dhcp
+            .iter()
+            .find(|(v, _)| *v == segment)
+            .map(|(_, s)| s)
+    }
+
+    /// Answers the DHCP message `frame` (whole, untagged) from port `from` in `segment`
+    /// (`route` said `Dhcp`): the reply is appended to `out`; false if there is none.
+    pub fn dhcp(&self, from: PortId, segment: u16, frame: &[u8], out: &mut Vec<u8>) -> bool {
+        self.dhcp_server(segment)
+            .is_some_and(|s| s.answer(from, self.mac, frame, out))
+    }
+
+    /// The DHCP leases of every segment: the segment's name with each.
+    pub fn leases(&self) -> Vec<(String, LeaseRow)> {
+        let mut rows = Vec::new();
+        for (vlan, server) in &self.dhcp {
+            let name = self
+                .segment(*vlan)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            rows.extend(server.rows().into_iter().map(|r| (name.clone(), r)));
+        }
+        rows
     }
 
     fn segment(&self, vlan: u16) -> Option<&RoutedSegment> {
@@ -280,6 +356,13 @@ impl Router {
             L3::Ip(p) => {
                 if p.icmp == Some(IcmpKind::Neighbour) {
                     return self.neighbour_discovery(seg, meta, p, head, out, &heard);
+                }
+                if p.key.proto == PROTO_UDP
+                    && p.key.dport == dhcp::SERVER_PORT
+                    && self.dhcp_server(segment).is_some()
+                    && (!to_me || self.is_gateway(p.key.dst))
+                {
+                    return Routing::Dhcp;
                 }
                 if !to_me {
                     return Routing::Pass;
