@@ -10,7 +10,7 @@ pub mod acl;
 pub mod launch;
 pub mod made;
 pub mod net;
-pub mod netlink;
+pub use hostnet::netlink;
 pub mod nft;
 pub mod port;
 pub mod privilege;

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::balancer::Balancer;
 use crate::config::policy::{OneOrMany, PortItem};
 use crate::config::{Action, RateConfig, RuleConfig, SwitchConfig};
 use crate::counters::CounterSnapshot;
@@ -24,7 +25,7 @@ pub const COMMANDS: &str = "stats, rules, flows [port=NAME] [addr=IP], flush [po
 [addr=IP] [proto=P] [dport=N], reload, rule-add [at=N] action=allow|deny [from=..] [to=..] \
 [proto=..] [ports=..] [name=..] [rate_bps=N] [rate_pps=N], rule-remove NAME|N, \
 rule-move NAME|N TO, port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] \
-[rx_bps=N] [rx_pps=N], routes, neighbours, leases";
+[rx_bps=N] [rx_pps=N], routes, neighbours, leases, balancers";
 
 #[derive(Serialize)]
 struct PortStats<'a> {
@@ -62,15 +63,17 @@ pub fn stats_json(dp: &Datapath) -> String {
 
 pub struct Control {
     dp: Arc<Datapath>,
+    balancers: Vec<Arc<Balancer>>,
     /// The config in force, edited by the commands.
     running: Mutex<SwitchConfig>,
     reloader: Mutex<Option<Reloader>>,
 }
 
 impl Control {
-    pub fn new(dp: Arc<Datapath>, running: SwitchConfig) -> Control {
+    pub fn new(dp: Arc<Datapath>, running: SwitchConfig, balancers: Vec<Arc<Balancer>>) -> Control {
         Control {
             dp,
+            balancers,
             running: Mutex::new(running),
             reloader: Mutex::new(None),
         }
@@ -116,6 +119,7 @@ impl Control {
             "routes" => Ok(self.routes()),
             "neighbours" => Ok(self.neighbours()),
             "leases" => Ok(self.leases()),
+            "balancers" => Ok(self.balancers()),
             "" => Err(format!("no command; try one of: {COMMANDS}")),
             other => Err(format!("unknown command '{other}'; try one of: {COMMANDS}")),
         };
@@ -214,6 +218,43 @@ impl Control {
             })
             .collect();
         json!({ "neighbours": rows })
+    }
+
+    /// Each balancer's backends: health, slots, checks, and the connections to it the
+    /// policy tracks (null without a policy).
+    fn balancers(&self) -> Value {
+        let conns = self
+            .dp
+            .policy
+            .active()
+            .then(|| self.dp.policy.conntrack.all());
+        let rows: Vec<Value> = self
+            .balancers
+            .iter()
+            .flat_map(|b| {
+                let port = b.config.port;
+                let conns = &conns;
+                b.rows().into_iter().map(move |r| {
+                    let ip = Ip::v4(r.address.octets());
+                    let open = conns.as_ref().map(|all| {
+                        all.iter()
+                            .filter(|c| c.key.dst == ip && c.key.dport == port)
+                            .count()
+                    });
+                    json!({
+                        "balancer": b.config.name,
+                        "backend": format!("{}:{port}", r.address),
+                        "state": if r.up { "up" } else { "down" },
+                        "slots": r.slots,
+                        "connections": open,
+                        "checks_passed": r.checks_passed,
+                        "checks_failed": r.checks_failed,
+                        "last_error": r.last_error,
+                    })
+                })
+            })
+            .collect();
+        json!({ "balancers": rows })
     }
 
     fn leases(&self) -> Value {

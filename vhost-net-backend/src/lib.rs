@@ -46,11 +46,13 @@
 //!
 //! From the tap, `datapath/tap_rx.rs` takes the place of the first step.
 
+pub mod balancer;
 pub mod config;
 pub mod control;
 pub mod counters;
 pub mod datapath;
 pub mod endpoint;
+pub mod host_side;
 pub mod mem;
 pub mod packet;
 pub mod policy;

@@ -144,7 +144,8 @@ Commands:
            (tx: what the guest sends, rx: what it receives; 0 removes the limit)
   routes                             routed segments with their gateways, static routes
   neighbours                         the router's neighbour table (configured and learned)
-  leases                             DHCP: static bindings and pool leases of every segment";
+  leases                             DHCP: static bindings and pool leases of every segment
+  balancers                          each balancer's backends: health, slots, connections, checks";
 
 /// Sends one command to a running switch and prints its reply.
 fn ctl(args: &CtlArgs) -> Result<()> {
@@ -209,6 +210,20 @@ fn ctl(args: &CtlArgs) -> Result<()> {
         "neighbours" => print_table(
             &v["neighbours"],
             &["ip", "mac", "port", "vlan", "source", "age_secs"],
+            "",
+        ),
+        "balancers" => print_table(
+            &v["balancers"],
+            &[
+                "balancer",
+                "backend",
+                "state",
+                "slots",
+                "connections",
+                "checks_passed",
+                "checks_failed",
+                "last_error",
+            ],
             "",
         ),
         "leases" => print_table(

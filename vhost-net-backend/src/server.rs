@@ -17,10 +17,12 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
+use crate::balancer::{health, Balancer};
 use crate::config::{ConfigError, SwitchConfig};
 use crate::control::{stats_json, Control, Reloader};
 use crate::datapath::{tap_rx, Datapath};
 use crate::endpoint::tap::TapPort;
+use crate::host_side::{HostSide, HostSideError};
 use crate::types::PortId;
 use crate::vhost_user::backend::Port;
 use crate::vhost_user::relay;
@@ -49,6 +51,8 @@ pub enum ServerError {
     },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    #[error(transparent)]
+    HostSide(#[from] HostSideError),
 }
 
 /// A running switch. Dropping it (or calling `stop`) closes every connection and removes
@@ -64,6 +68,8 @@ pub struct Server {
     control: Arc<Control>,
     /// Holds the protocol handlers' internal sockets; only we can reach it.
     private_dir: PathBuf,
+    /// The host's side of the uplink, removed at shutdown.
+    host_side: Option<Arc<HostSide>>,
 }
 
 fn make_private_dir() -> Result<PathBuf, ServerError> {
@@ -138,6 +144,15 @@ impl Server {
             None => None,
         };
 
+        let balancers: Vec<Arc<Balancer>> = config
+            .balancers
+            .iter()
+            .map(|b| Arc::new(Balancer::new(b)))
+            .collect();
+        let slots: Vec<_> = balancers
+            .iter()
+            .map(|b| (b.config.name.clone(), b.slot_addresses()))
+            .collect();
         let private_dir = make_private_dir()?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut server = Server {
@@ -148,8 +163,18 @@ impl Server {
             threads: Vec::new(),
             ticker: None,
             control_path: config.control_socket.clone(),
-            control: Arc::new(Control::new(dp.clone(), config.clone())),
+            control: Arc::new(Control::new(dp.clone(), config.clone(), balancers.clone())),
+            host_side: None,
         };
+        // Dropped on an error from here on, the server removes what the host side made.
+        server.host_side = HostSide::up(config, &slots)?.map(Arc::new);
+        if let Some(host) = server.host_side.clone() {
+            for b in &balancers {
+                let t = health::spawn(b.clone(), host.clone(), stop.clone())
+                    .map_err(ServerError::Thread)?;
+                server.threads.push(t);
+            }
+        }
         for (i, listener) in listeners.into_iter().enumerate() {
             server.wake_fds.push(listener.as_raw_fd());
             let (dp, stop) = (dp.clone(), stop.clone());
@@ -257,6 +282,9 @@ impl Server {
             let _ = std::fs::remove_file(path);
         }
         let _ = std::fs::remove_dir_all(&self.private_dir);
+        if let Some(host) = self.host_side.take() {
+            host.down();
+        }
         self.dp.policy.finish();
         for p in &self.dp.ports {
             info!("port {}: {}", p.name, p.counters.snapshot());

@@ -1,5 +1,6 @@
 //! The switch configuration: from a TOML file or from `--port` specs on the command line.
 
+pub mod north_south;
 pub mod policy;
 pub mod route;
 
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use crate::types::MacAddr;
+pub use north_south::{BalancerConfig, ForwardConfig, Proto};
 pub use policy::{Action, PolicyConfig, RateConfig, RuleConfig};
 pub use route::{DhcpConfig, RouteConfig, SegmentConfig, DEFAULT_ROUTER_MAC};
 use thiserror::Error;
@@ -48,6 +50,8 @@ pub enum ConfigError {
     Policy(String),
     #[error("routing: {0}")]
     Routing(String),
+    #[error("uplink: {0}")]
+    NorthSouth(String),
 }
 
 fn default_queues() -> u16 {
@@ -182,6 +186,22 @@ pub struct UplinkConfig {
     pub trunk: bool,
     #[serde(default = "default_queues")]
     pub queues: u16,
+    /// The host's address on the tap, with the uplink segment's length
+    /// (`"10.10.0.2/24"`): the switch sets it, routes every routed subnet through its
+    /// gateway, and programs the host's NAT (`north_south`). None: the host side is left
+    /// to the user.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Guests reach the outside through source NAT to the host's addresses.
+    #[serde(default = "default_true")]
+    pub masquerade: bool,
+    /// Host ports forwarded to a guest or a balancer: all the outside may reach.
+    #[serde(default, rename = "forward")]
+    pub forwards: Vec<ForwardConfig>,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl UplinkConfig {
@@ -202,6 +222,9 @@ impl UplinkConfig {
             vlan: None,
             trunk: false,
             queues: 1,
+            host: None,
+            masquerade: true,
+            forwards: Vec::new(),
         };
         for item in items {
             match item.split_once('=') {
@@ -266,6 +289,9 @@ pub struct SwitchConfig {
     /// The gateways' MAC (`DEFAULT_ROUTER_MAC` if unset).
     #[serde(default)]
     pub router_mac: Option<MacAddr>,
+    /// Services spread over several guests, for the uplink's forwards.
+    #[serde(default, rename = "balancer")]
+    pub balancers: Vec<BalancerConfig>,
 }
 
 impl Default for SwitchConfig {
@@ -283,6 +309,7 @@ impl Default for SwitchConfig {
             segments: Vec::new(),
             routes: Vec::new(),
             router_mac: None,
+            balancers: Vec::new(),
         }
     }
 }
@@ -448,7 +475,8 @@ impl SwitchConfig {
                 self.router_mac()
             )));
         }
-        route::check(self)
+        route::check(self)?;
+        north_south::check(self)
     }
 }
 

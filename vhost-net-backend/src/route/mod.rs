@@ -166,6 +166,13 @@ impl Router {
             .iter()
             .filter_map(|r| Some((r.to.parse().ok()?, Ip::from(r.via))))
             .collect();
+        // With the host's side of the uplink set, the host is the default router.
+        if let Some(host) = crate::config::north_south::host_prefix(config) {
+            let default: Prefix = "0.0.0.0/0".parse().unwrap_or(host);
+            if !routes.iter().any(|(p, _)| *p == default) {
+                routes.push((default, host.addr));
+            }
+        }
         routes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len));
         let fixed = fixed_bindings(config, &segments);
         let dhcp = config

@@ -2,7 +2,7 @@
 
 use std::net::IpAddr;
 
-use hostnet::rtnetlink::{Rtnetlink, RtnetlinkError};
+use crate::rtnetlink::{Rtnetlink, RtnetlinkError};
 use netlink_packet_core::{
     DefaultNla, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE,
 };
@@ -12,7 +12,7 @@ use netlink_packet_route::link::{
     InfoKind, InfoPortData, InfoPortKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage, TcOption};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -410,6 +410,37 @@ impl Netlink {
         .map(|_| ())
     }
 
+    /// The route to `dst/prefix` through the router `via` on `name`, in the main table
+    /// (replaced if there is one).
+    pub fn replace_route(
+        &mut self,
+        dst: IpAddr,
+        prefix: u8,
+        via: IpAddr,
+        name: &str,
+    ) -> Result<()> {
+        let msg = route_message(self.index(name)?, dst, prefix, via);
+        self.request(
+            &format!("add the route to {dst}/{prefix} via {via} dev {name}"),
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(|_| ())
+    }
+
+    /// Removes the route to `dst/prefix` via `via` on `name`; gone already is no error.
+    pub fn delete_route(&mut self, dst: IpAddr, prefix: u8, via: IpAddr, name: &str) -> Result<()> {
+        let msg = route_message(self.index(name)?, dst, prefix, via);
+        match self.request(
+            &format!("remove the route to {dst}/{prefix} via {via}"),
+            RouteNetlinkMessage::DelRoute(msg),
+            NLM_F_ACK,
+        ) {
+            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(()),
+            r => r.map(|_| ()),
+        }
+    }
+
     /// Adds an address; whether it was added (false: it was there already).
     pub fn add_address(&mut self, name: &str, addr: IpAddr, prefix: u8) -> Result<bool> {
         let msg = address_message(self.index(name)?, addr, prefix);
@@ -423,6 +454,29 @@ impl Netlink {
             r => r.map(|_| true),
         }
     }
+}
+
+/// A static unicast route of the main table, as RTM_NEWROUTE and RTM_DELROUTE carry it.
+fn route_message(index: u32, dst: IpAddr, prefix: u8, via: IpAddr) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    let h = &mut msg.header;
+    h.address_family = match dst {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    h.destination_prefix_length = prefix;
+    h.table = RouteHeader::RT_TABLE_MAIN;
+    h.protocol = RouteProtocol::Static;
+    h.scope = RouteScope::Universe;
+    h.kind = RouteType::Unicast;
+    let addr = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => RouteAddress::Inet(v4),
+        IpAddr::V6(v6) => RouteAddress::Inet6(v6),
+    };
+    msg.attributes.push(RouteAttribute::Destination(addr(dst)));
+    msg.attributes.push(RouteAttribute::Gateway(addr(via)));
+    msg.attributes.push(RouteAttribute::Oif(index));
+    msg
 }
 
 /// `addr/prefix` on link `index`, as RTM_NEWADDR and RTM_DELADDR carry it.

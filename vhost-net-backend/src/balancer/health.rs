@@ -1,0 +1,88 @@
+//! Active TCP health checks from the switch: every `interval_ms`, a connect to each
+//! backend's service port (through the host's route to its subnet, as a client from
+//! outside would come), given `timeout_ms`; a backend that fails `fall` in a row leaves
+//! the slot table, one that passes `rise` in a row comes back. Each change is logged and
+//! put in force in the host's NAT at once.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use super::Balancer;
+use crate::host_side::HostSide;
+
+/// One round of checks, the backends checked side by side.
+fn check_all(b: &Balancer) -> Vec<Result<(), String>> {
+    let timeout = Duration::from_millis(b.config.timeout_ms);
+    let port = b.config.port;
+    thread::scope(|s| {
+        let checks: Vec<_> = b
+            .config
+            .backends
+            .iter()
+            .map(|a| {
+                let to = SocketAddr::from((*a, port));
+                s.spawn(move || {
+                    TcpStream::connect_timeout(&to, timeout)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        checks
+            .into_iter()
+            .map(|c| c.join().unwrap_or_else(|_| Err("check panicked".into())))
+            .collect()
+    })
+}
+
+/// Checks `b`'s backends until `stop`, applying each change to `host`.
+pub fn spawn(
+    b: Arc<Balancer>,
+    host: Arc<HostSide>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    thread::Builder::new()
+        .name(format!("health-{}", b.config.name))
+        .spawn(move || {
+            let interval = Duration::from_millis(b.config.interval_ms);
+            while !stop.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                let results = check_all(&b);
+                for (address, up) in b.record(&results) {
+                    let why = results
+                        .iter()
+                        .zip(&b.config.backends)
+                        .find(|(_, a)| **a == address)
+                        .and_then(|(r, _)| r.as_ref().err().cloned());
+                    if up {
+                        info!("balancer {}: backend {address} is up", b.config.name);
+                    } else {
+                        warn!(
+                            "balancer {}: backend {address} is down ({} checks failed, last: {}); \
+                             it gets no new connections",
+                            b.config.name,
+                            b.config.fall,
+                            why.unwrap_or_default()
+                        );
+                    }
+                    if let Err(e) =
+                        host.set_balancer(&b.config.name, b.config.port, &b.slot_addresses())
+                    {
+                        warn!(
+                            "balancer {}: cannot update the host's NAT: {e}",
+                            b.config.name
+                        );
+                    }
+                }
+                // Sleep out the interval in steps, so that a stop is seen soon.
+                while started.elapsed() < interval && !stop.load(Ordering::SeqCst) {
+                    thread::sleep(Duration::from_millis(50).min(interval));
+                }
+            }
+        })
+}
