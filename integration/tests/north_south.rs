@@ -151,6 +151,13 @@ impl Responder {
                 if !tcp.syn() || tcp.ack() || tcp.destination_port() != port {
                     continue;
                 }
+                // Routed to us: our MAC, from the gateway's, one hop less than the host sent
+                // (64 from the host itself, 63 forwarded by it from the outside).
+                let ttl = ip.header().ttl();
+                if rx.frame[..6] != mac || rx.frame[6..12] != GW || !(62..=63).contains(&ttl) {
+                    *s.lock().unwrap().entry([0; 4]).or_default() += 1;
+                    continue;
+                }
                 let (src, dst) = (ip.header().source(), ip.header().destination());
                 *s.lock().unwrap().entry(src).or_default() += 1;
                 if !a.load(Ordering::Relaxed) {
@@ -273,6 +280,8 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
     for c in &counts {
         assert!((900..=1100).contains(c), "not spread evenly: {counts:?}");
     }
+    let misrouted: usize = webs.iter().map(|w| w.syns_from([0; 4])).sum();
+    assert_eq!(misrouted, 0, "SYNs arrived with the wrong MACs or TTL");
     eprintln!("3,000 connections through the balancer: {counts:?}");
     // A forward to one guest.
     assert_eq!(

@@ -2,9 +2,10 @@
 //! the VMs on them) rendered into host networks (through bridge-plugin) and QEMU command
 //! lines, and brought up and down in one command.
 //!
-//! Modules: `topology` (the file and its checks), `render` (QEMU arguments), `run` (up and
-//! down).
+//! Modules: `topology` (the file and its checks), `render` (QEMU arguments), `switch` (the
+//! switch configuration of `mode = "switch"` networks), `run` (up and down).
 
 pub mod render;
 pub mod run;
+pub mod switch;
 pub mod topology;

@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use log::{error, info};
-use qemu_configs::render::{qemu_args, shell_line, Layout};
+use qemu_configs::render::{qemu_args, qemu_version, shell_line, Layout};
 use qemu_configs::run::{down_leftovers, up};
+use qemu_configs::switch::checked_config;
 use qemu_configs::topology::Topology;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
@@ -26,7 +27,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Load the file and report the first problem, or nothing.
-    Check { file: PathBuf },
+    Check {
+        file: PathBuf,
+        #[command(flatten)]
+        where_: Where,
+    },
     /// Print each VM's QEMU command line.
     Render {
         file: PathBuf,
@@ -57,17 +62,32 @@ struct Where {
     /// qemu-bridge-helper does not take) [default: the one beside this program]
     #[arg(long)]
     helper: Option<PathBuf>,
+    /// vhost-net-backend, the switch of mode = "switch" networks [default: the one beside
+    /// this program]
+    #[arg(long)]
+    switch: Option<PathBuf>,
 }
 
 impl Where {
     fn layout(&self, topo: &Topology) -> Layout {
-        let helper = self.helper.clone().unwrap_or_else(|| {
+        let beside = |name: &str| {
             std::env::current_exe()
                 .ok()
-                .and_then(|p| Some(p.parent()?.join("qemu-bridge-plugin")))
-                .unwrap_or_else(|| "qemu-bridge-plugin".into())
-        });
+                .and_then(|p| Some(p.parent()?.join(name)))
+                .unwrap_or_else(|| name.into())
+        };
+        let helper = self
+            .helper
+            .clone()
+            .unwrap_or_else(|| beside("qemu-bridge-plugin"));
+        let switch = self
+            .switch
+            .clone()
+            .unwrap_or_else(|| beside("vhost-net-backend"));
         Layout {
+            // Not running: the file's checks say so when it matters; render assumes a new one.
+            qemu_version: qemu_version(&topo.guest.qemu).unwrap_or((10, 0)),
+            switch,
             state_dir: self
                 .state_dir
                 .clone()
@@ -90,12 +110,16 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Cmd::Check { file } => {
+        Cmd::Check { file, where_ } => {
             let t = Topology::load(&file)?;
+            if t.on_switch() {
+                checked_config(&t, &where_.layout(&t)).map_err(anyhow::Error::msg)?;
+            }
             println!(
-                "{}: {} networks, {} allowed flows, {} VMs",
+                "{}: {} networks{}, {} allowed flows, {} VMs",
                 t.name,
-                t.networks.len(),
+                t.network_names().len(),
+                if t.on_switch() { " on the switch" } else { "" },
                 t.allows.len(),
                 t.vms.len()
             );
@@ -128,12 +152,17 @@ fn run(cli: Cli) -> Result<()> {
             loop {
                 for signal in signals.pending() {
                     if signal == SIGUSR1 {
-                        report(&running.vm_names(), &t.net_file().table);
+                        report(&t, &layout, &running.vm_names());
                         continue;
                     }
                     info!("signal {signal}: taking {} down", t.name);
                     running.down();
                     return Ok(());
+                }
+                if let Some(status) = running.switch_exited() {
+                    let why = running.switch_log_tail();
+                    running.down();
+                    anyhow::bail!("the switch stopped ({status}): {why}");
                 }
                 while let Some((vm, status)) = running.exited() {
                     running.report_exit(&vm, status);
@@ -150,9 +179,21 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn report(vms: &[String], table: &str) {
+/// The running VMs and each rule's counters, in the log.
+fn report(t: &Topology, layout: &Layout, vms: &[String]) {
     info!("running: {}", vms.join(" "));
-    match bridge_plugin::net::counters(table) {
+    if t.on_switch() {
+        match switch_rules(layout) {
+            Ok(rules) => {
+                for (name, packets) in rules {
+                    info!("switch rule {name}: {packets} packets");
+                }
+            }
+            Err(e) => error!("the switch's rule counters: {e}"),
+        }
+        return;
+    }
+    match bridge_plugin::net::counters(&t.net_file().table) {
         Ok(rules) => {
             for r in rules {
                 info!("{} {}: {} packets", r.chain, r.rule, r.packets);
@@ -160,4 +201,29 @@ fn report(vms: &[String], table: &str) {
         }
         Err(e) => error!("rule counters: {e}"),
     }
+}
+
+/// `rules` over the switch's control socket: each rule's name and packets, and the
+/// default's drops.
+fn switch_rules(layout: &Layout) -> Result<Vec<(String, u64)>> {
+    use std::io::{BufRead, BufReader, Write};
+    let path = layout.switch_control();
+    let mut s = std::os::unix::net::UnixStream::connect(&path)
+        .with_context(|| format!("{}", path.display()))?;
+    writeln!(s, "rules")?;
+    let mut line = String::new();
+    BufReader::new(&s).read_line(&mut line)?;
+    let v: serde_json::Value = serde_json::from_str(&line)?;
+    Ok(v["rules"]
+        .as_array()
+        .map(|rules| {
+            rules
+                .iter()
+                .map(|r| {
+                    let name = r["name"].as_str().unwrap_or("?").to_string();
+                    (name, r["packets"].as_u64().unwrap_or(0))
+                })
+                .collect()
+        })
+        .unwrap_or_default())
 }

@@ -1,17 +1,21 @@
 //! A topology's VMs as QEMU command lines: each NIC a tap on its network's bridge, handed
-//! over by the bridge helper (`-netdev bridge,helper=...`), the console on a socket that
-//! also logs to a file.
+//! over by the bridge helper (`-netdev bridge,helper=...`), or a vhost-user port of the
+//! switch (guest memory a shared memfd); the console on a socket that also logs to a file.
 
 use std::path::{Path, PathBuf};
 
 use crate::topology::{base64, Topology, Vm};
 
-/// Where a running topology keeps its files, and the helper QEMU runs for its taps.
+/// Where a running topology keeps its files, and the programs it runs.
 #[derive(Clone, Debug)]
 pub struct Layout {
+    /// The QEMU's version (`qemu --version`): the vhost-user options differ by version.
+    pub qemu_version: (u32, u32),
     pub state_dir: PathBuf,
     /// `qemu-bridge-plugin` (it takes `--acl=`).
     pub helper: PathBuf,
+    /// `vhost-net-backend`, the switch of `mode = "switch"` networks.
+    pub switch: PathBuf,
 }
 
 impl Layout {
@@ -28,6 +32,25 @@ impl Layout {
     /// QEMU's monitor (QMP), through which `down` presses the ACPI power button.
     pub fn qmp(&self, vm: &str) -> PathBuf {
         self.state_dir.join(format!("{vm}.qmp"))
+    }
+
+    /// The vhost-user socket of a VM's NIC on the switch.
+    pub fn vm_socket(&self, vm: &str) -> PathBuf {
+        self.state_dir.join(format!("{vm}.sock"))
+    }
+
+    /// The switch's control socket (`vhost-net-backend ctl --socket PATH ...`).
+    pub fn switch_control(&self) -> PathBuf {
+        self.state_dir.join("switch.ctl")
+    }
+
+    /// The switch's configuration, as `up` wrote it, and its log.
+    pub fn switch_config(&self) -> PathBuf {
+        self.state_dir.join("switch.toml")
+    }
+
+    pub fn switch_log(&self) -> PathBuf {
+        self.state_dir.join("switch.log")
     }
 
     pub fn console_log(&self, vm: &str) -> PathBuf {
@@ -50,9 +73,6 @@ fn opt(value: &Path) -> String {
 /// The QEMU arguments for `vm` (without the binary).
 pub fn qemu_args(topo: &Topology, vm: &Vm, layout: &Layout) -> Vec<String> {
     let g = &topo.guest;
-    let net = topo
-        .network(&vm.network)
-        .expect("validated: the VM's network exists");
     let mem = vm.memory_mib.unwrap_or(g.memory_mib);
     let mut args: Vec<String> = [
         "-name",
@@ -108,6 +128,14 @@ pub fn qemu_args(topo: &Topology, vm: &Vm, layout: &Layout) -> Vec<String> {
     if let Some(disk) = topo.disk(vm) {
         args.extend(["-drive".into(), format!("file={},if=virtio", opt(disk))]);
     }
+    if topo.on_switch() {
+        args.extend(vhost_user_nic(topo, vm, layout, mem));
+        args.extend(g.qemu_args.iter().cloned());
+        return args;
+    }
+    let net = topo
+        .network(&vm.network)
+        .expect("validated: the VM's network exists");
     // QEMU runs a helper string with spaces through /bin/sh: every path quoted.
     let helper = format!(
         "{} {}",
@@ -129,6 +157,58 @@ pub fn qemu_args(topo: &Topology, vm: &Vm, layout: &Layout) -> Vec<String> {
     args.extend(["-device".into(), dev]);
     args.extend(g.qemu_args.iter().cloned());
     args
+}
+
+/// A NIC on the switch: the VM's memory a shared memfd (the switch maps it), its port's
+/// socket with the reconnect option this QEMU spells (9.2 renamed it), and MSI-X vectors
+/// for every queue, except QEMU 7.x under TCG, which crashes with MSI-X on vhost-user
+/// NICs and gets legacy interrupts (`vectors=0`).
+fn vhost_user_nic(topo: &Topology, vm: &Vm, layout: &Layout, mem: u32) -> Vec<String> {
+    let queues = topo.switch.queues;
+    let reconnect = if layout.qemu_version >= (9, 2) {
+        "reconnect-ms=1000"
+    } else {
+        "reconnect=1"
+    };
+    let mut dev = format!("virtio-net-pci,netdev=net0,mac={}", topo.mac(vm));
+    if queues > 1 {
+        dev.push_str(",mq=on");
+    }
+    if layout.qemu_version < (8, 0) && topo.guest.accel != "kvm" {
+        dev.push_str(",vectors=0");
+    } else {
+        dev.push_str(&format!(",vectors={}", 2 * queues + 2));
+    }
+    if let Some(mtu) = topo.switch_network(&vm.network).and_then(|n| n.mtu) {
+        dev.push_str(&format!(",host_mtu={mtu}"));
+    }
+    vec![
+        "-object".into(),
+        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+        "-numa".into(),
+        "node,memdev=mem".into(),
+        "-chardev".into(),
+        format!(
+            "socket,id=chr0,path={},{reconnect}",
+            opt(&layout.vm_socket(&vm.name))
+        ),
+        "-netdev".into(),
+        format!("vhost-user,id=net0,chardev=chr0,queues={queues}"),
+        "-device".into(),
+        dev,
+    ]
+}
+
+/// The version `qemu --version` prints, as (major, minor); None if it does not run.
+pub fn qemu_version(qemu: &str) -> Option<(u32, u32)> {
+    let out = std::process::Command::new(qemu)
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rest = text.split("version ").nth(1)?;
+    let mut it = rest.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
 /// One word as a shell takes it back.
@@ -161,6 +241,8 @@ mod tests {
         Layout {
             state_dir: "/run/qemu-configs/shop".into(),
             helper: "/usr/lib/qemu-bridge-plugin".into(),
+            switch: "/usr/bin/vhost-net-backend".into(),
+            qemu_version: (10, 0),
         }
     }
 
@@ -194,6 +276,8 @@ mod tests {
         let odd = Layout {
             state_dir: "/run/my vms/it's".into(),
             helper: "/opt/q b/qemu-bridge-plugin".into(),
+            switch: "/usr/bin/vhost-net-backend".into(),
+            qemu_version: (10, 0),
         };
         let args = qemu_args(&t, &t.vms[0], &odd);
         let netdev = args.iter().find(|a| a.starts_with("bridge,")).unwrap();

@@ -48,6 +48,8 @@ pub enum UpError {
         status: ExitStatus,
         stderr: String,
     },
+    #[error("{0}")]
+    Switch(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UpError + '_ {
@@ -57,11 +59,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> UpError + '_ {
     }
 }
 
-/// A topology that is up: its networks exist and its VMs run.
+/// A topology that is up: its networks exist (or its switch runs) and its VMs run.
 pub struct Running {
     topo: Topology,
     layout: Layout,
     vms: Vec<(String, Child)>,
+    switch: Option<Child>,
     /// Held while up: a second `up` or a `down` of the same state folder is refused.
     _lock: fs::File,
 }
@@ -102,6 +105,9 @@ pub fn up(topo: &Topology, layout: &Layout) -> Result<Running, UpError> {
             });
         }
     }
+    if topo.on_switch() {
+        return up_on_switch(topo, layout);
+    }
     if !layout.helper.exists() {
         return Err(UpError::Missing {
             what: "bridge helper",
@@ -126,12 +132,99 @@ pub fn up(topo: &Topology, layout: &Layout) -> Result<Running, UpError> {
         return Err(e.into());
     }
     info!("{}: networks up", topo.name);
+    start_vms(Running {
+        topo: topo.clone(),
+        layout: layout.clone(),
+        vms: Vec::new(),
+        switch: None,
+        _lock: lock,
+    })
+}
+
+/// `up` of a topology on the switch: the switch first (its config written to the state
+/// folder), then the VMs on its sockets.
+fn up_on_switch(topo: &Topology, layout: &Layout) -> Result<Running, UpError> {
+    if !layout.switch.exists() {
+        return Err(UpError::Missing {
+            what: "switch",
+            path: layout.switch.clone(),
+            fix: "build vhost-net-backend (cargo build -p vhost-net-backend) or pass --switch PATH",
+        });
+    }
+    let config = crate::switch::checked_config(topo, layout).map_err(UpError::Switch)?;
+    let lock = lock_state(layout)?;
+    let tap = topo.uplink_tap();
+    if Path::new("/sys/class/net").join(&tap).exists() {
+        return Err(UpError::Taken(format!("interface {tap}")));
+    }
+    let path = layout.switch_config();
+    let text = toml::to_string(&config).map_err(|e| UpError::Switch(e.to_string()))?;
+    fs::write(&path, text).map_err(io(&path))?;
+    let log_path = layout.switch_log();
+    let log = fs::File::create(&log_path).map_err(io(&log_path))?;
+    let mut cmd = Command::new(&layout.switch);
+    cmd.process_group(0);
+    // SAFETY: only prctl between fork and exec: the switch ends with this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| UpError::Switch(format!("cannot start {}: {e}", layout.switch.display())))?;
+    let pid_path = layout.state_dir.join("switch.pid");
+    fs::write(&pid_path, child.id().to_string()).map_err(io(&pid_path))?;
     let mut running = Running {
         topo: topo.clone(),
         layout: layout.clone(),
         vms: Vec::new(),
+        switch: Some(child),
         _lock: lock,
     };
+    info!(
+        "{}: switch starting ({}, log {})",
+        topo.name,
+        path.display(),
+        log_path.display()
+    );
+    let end = Instant::now() + Duration::from_secs(15);
+    while !topo
+        .vms
+        .iter()
+        .all(|vm| layout.vm_socket(&vm.name).exists())
+        || !layout.switch_control().exists()
+    {
+        if running.switch_exited().is_some() || Instant::now() > end {
+            let why = tail(&log_path, 5);
+            running.abort();
+            return Err(UpError::Switch(format!(
+                "the switch did not come up: {why}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    info!("{}: switch up, {} ports", topo.name, topo.vms.len());
+    start_vms(running)
+}
+
+/// The last `n` lines of a log, on one line.
+fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().rev().take(n).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+/// Starts every VM of `running`; on a failure, takes everything down again.
+fn start_vms(mut running: Running) -> Result<Running, UpError> {
+    let topo = running.topo.clone();
     for vm in &topo.vms {
         match running.start(vm) {
             Ok(child) => running.vms.push((vm.name.clone(), child)),
@@ -194,9 +287,17 @@ impl Running {
     }
 
     fn qemu_log_tail(&self, vm: &str) -> String {
-        let text = fs::read_to_string(self.qemu_log(vm)).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().rev().take(5).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        tail(&self.qemu_log(vm), 5)
+    }
+
+    /// The switch's exit status, if it has stopped (it should not while up).
+    pub fn switch_exited(&mut self) -> Option<ExitStatus> {
+        self.switch.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Why the switch stopped, from its log.
+    pub fn switch_log_tail(&self) -> String {
+        tail(&self.layout.switch_log(), 5)
     }
 
     /// The first VM found to have exited since the last call, taken off the list.
@@ -246,6 +347,10 @@ impl Running {
         stop_vms(&self.layout, &vms, shutdown_secs);
         for (_, child) in &mut self.vms {
             let _ = child.wait();
+        }
+        if let Some(mut switch) = self.switch.take() {
+            stop_switch(switch.id());
+            let _ = switch.wait();
         }
         clean_state(&self.topo, &self.layout);
     }
@@ -332,9 +437,33 @@ fn press_power_button(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Stops the switch: SIGTERM (it removes its sockets and the host side of its uplink),
+/// SIGKILL if it is still there 10 s later.
+fn stop_switch(pid: u32) {
+    // SAFETY: kill(2) on the switch's pid (our child, or a leftover checked to be it).
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let end = Instant::now() + Duration::from_secs(10);
+    while running(pid) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if running(pid) {
+        warn!("the switch ignored SIGTERM for 10 s; killing it");
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    } else {
+        info!("switch stopped");
+    }
+}
+
 /// Takes the networks down and removes the consoles' sockets and pid files (logs stay).
 fn clean_state(topo: &Topology, layout: &Layout) {
-    if let Err(e) = topo.net_file().down() {
+    if topo.on_switch() {
+        for vm in &topo.vms {
+            let _ = fs::remove_file(layout.vm_socket(&vm.name));
+        }
+        let _ = fs::remove_file(layout.switch_control());
+        let _ = fs::remove_file(layout.state_dir.join("switch.pid"));
+    } else if let Err(e) = topo.net_file().down() {
         warn!("{}: taking the networks down: {e}", topo.name);
     }
     for vm in &topo.vms {
@@ -373,6 +502,20 @@ pub fn down_leftovers(topo: &Topology, layout: &Layout) -> Result<Vec<String>, U
         }
     }
     stop_vms(layout, &stopped, topo.guest.shutdown_secs);
+    // The switch, if its pid file names a process that runs this topology's config.
+    let switch_pid = fs::read_to_string(layout.state_dir.join("switch.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                c.split(|b| *b == 0)
+                    .any(|w| w == layout.switch_config().as_os_str().as_encoded_bytes())
+            })
+        });
+    if let Some(pid) = switch_pid {
+        stop_switch(pid);
+        stopped.push(("switch".into(), pid));
+    }
     clean_state(topo, layout);
     Ok(stopped.into_iter().map(|(name, _)| name).collect())
 }

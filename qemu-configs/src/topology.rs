@@ -26,6 +26,8 @@ pub enum TopologyError {
     Vm { vm: String, message: String },
     #[error("[guest]: {0}")]
     Guest(String),
+    #[error("{0}")]
+    Switch(String),
 }
 
 /// How every VM boots, unless the VM says otherwise.
@@ -96,16 +98,97 @@ pub struct Vm {
     pub disk: Option<PathBuf>,
 }
 
+/// A network of our own switch (`mode = "switch"`): a segment and subnet of one
+/// vhost-net-backend, whose gateway, DHCP server and firewall the switch is.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct SwitchNetwork {
+    pub name: String,
+    /// Always "switch" (the other modes are kernel bridges).
+    pub mode: String,
+    /// The switch's (gateway) address with the subnet, CIDR; VMs get theirs by DHCP.
+    pub address: String,
+    /// The MTU DHCP gives the VMs (and QEMU's host_mtu).
+    pub mtu: Option<u16>,
+    /// Its VMs may open connections to the outside, through source NAT on the host.
+    #[serde(default)]
+    pub nat: bool,
+    /// Host ports forwarded to the network's service: its one VM, or a balancer over all.
+    #[serde(default)]
+    pub forward: Vec<SwitchForward>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchForward {
+    /// Only tcp: the balancer checks its backends with TCP.
+    #[serde(default = "default_tcp")]
+    pub proto: String,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+fn default_tcp() -> String {
+    "tcp".into()
+}
+
+/// `[switch]`: how the topology's vhost-net-backend is set up, for `mode = "switch"`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchSection {
+    /// The tap between the switch and the host (default: "vs-" and the topology's name).
+    pub uplink: Option<String>,
+    /// The uplink's subnet: the switch takes its first address, the host the second.
+    #[serde(default = "default_uplink_subnet")]
+    pub uplink_subnet: String,
+    /// Queue pairs of every VM NIC (QEMU `queues=`, the port's `queues`).
+    #[serde(default = "default_queues")]
+    pub queues: u16,
+}
+
+fn default_uplink_subnet() -> String {
+    "100.64.0.0/30".into()
+}
+fn default_queues() -> u16 {
+    1
+}
+
+impl Default for SwitchSection {
+    fn default() -> Self {
+        SwitchSection {
+            uplink: None,
+            uplink_subnet: default_uplink_subnet(),
+            queues: 1,
+        }
+    }
+}
+
+/// The file as written: networks are read once their mode is known.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopologyFile {
+    name: String,
+    guest: Guest,
+    #[serde(default)]
+    switch: SwitchSection,
+    #[serde(rename = "network")]
+    networks: Vec<toml::Value>,
+    #[serde(default, rename = "allow")]
+    allows: Vec<Allow>,
+    #[serde(default, rename = "vm")]
+    vms: Vec<Vm>,
+}
+
+#[derive(Clone, Debug)]
 pub struct Topology {
     pub name: String,
     pub guest: Guest,
-    #[serde(rename = "network")]
+    pub switch: SwitchSection,
+    /// Kernel-bridge networks (bridge-plugin's modes).
     pub networks: Vec<Network>,
-    #[serde(default, rename = "allow")]
+    /// Networks of our switch; a file has these or kernel ones, not both.
+    pub switch_networks: Vec<SwitchNetwork>,
     pub allows: Vec<Allow>,
-    #[serde(default, rename = "vm")]
     pub vms: Vec<Vm>,
 }
 
@@ -125,12 +208,66 @@ impl Topology {
     }
 
     pub fn parse(text: &str) -> Result<Topology, TopologyError> {
-        let topo: Topology = toml::from_str(text).map_err(|e| TopologyError::Parse {
+        let parse_err = |e: toml::de::Error| TopologyError::Parse {
             path: PathBuf::from("topology"),
             message: e.to_string().trim().replace('\n', " "),
-        })?;
+        };
+        let file: TopologyFile = toml::from_str(text).map_err(parse_err)?;
+        let (mut networks, mut switch_networks) = (Vec::new(), Vec::new());
+        for (i, n) in file.networks.into_iter().enumerate() {
+            let label = n
+                .get("name")
+                .and_then(|v| v.as_str())
+                .map_or(format!("[[network]] {}", i + 1), |s| {
+                    format!("network '{s}'")
+                });
+            let bad = |e: toml::de::Error| TopologyError::Parse {
+                path: PathBuf::from("topology"),
+                message: format!("{label}: {}", e.message().trim()),
+            };
+            if n.get("mode").and_then(|m| m.as_str()) == Some("switch") {
+                switch_networks.push(n.try_into().map_err(bad)?);
+            } else {
+                networks.push(n.try_into().map_err(bad)?);
+            }
+        }
+        let topo = Topology {
+            name: file.name,
+            guest: file.guest,
+            switch: file.switch,
+            networks,
+            switch_networks,
+            allows: file.allows,
+            vms: file.vms,
+        };
         topo.validate()?;
         Ok(topo)
+    }
+
+    /// Whether the topology runs on our switch (its networks are `mode = "switch"`).
+    pub fn on_switch(&self) -> bool {
+        !self.switch_networks.is_empty()
+    }
+
+    pub fn switch_network(&self, name: &str) -> Option<&SwitchNetwork> {
+        self.switch_networks.iter().find(|n| n.name == name)
+    }
+
+    /// The names of every network, in file order within their kind.
+    pub fn network_names(&self) -> Vec<&str> {
+        self.networks
+            .iter()
+            .map(|n| n.name.as_str())
+            .chain(self.switch_networks.iter().map(|n| n.name.as_str()))
+            .collect()
+    }
+
+    /// The host's (or, on the switch, the gateway's) address on a network, CIDR.
+    fn network_address(&self, name: &str) -> Option<&str> {
+        match self.switch_network(name) {
+            Some(n) => Some(&n.address),
+            None => self.network(name)?.address.as_deref(),
+        }
     }
 
     /// The host side: bridges, addresses, NAT and the rules between networks, in an
@@ -152,7 +289,7 @@ impl Topology {
         if let Some(m) = vm.mac {
             return m;
         }
-        let net = self.networks.iter().position(|n| n.name == vm.network);
+        let net = self.network_names().iter().position(|n| *n == vm.network);
         let idx = self.vms.iter().position(|v| v.name == vm.name);
         MacAddr([
             0x52,
@@ -166,8 +303,7 @@ impl Topology {
 
     /// The host's address on the VM's network, where it has one: the VM's gateway.
     pub fn gateway(&self, vm: &Vm) -> Option<Ipv4Addr> {
-        let a = self.network(&vm.network)?.address.as_deref()?;
-        parse_cidr(a).map(|(addr, _)| addr)
+        parse_cidr(self.network_address(&vm.network)?).map(|(addr, _)| addr)
     }
 
     /// The disk `vm` boots from, if VMs boot from disks.
@@ -191,7 +327,11 @@ impl Topology {
                 self.name
             )));
         }
-        self.net_file().validate()?;
+        if self.on_switch() {
+            self.validate_switch()?;
+        } else {
+            self.net_file().validate()?;
+        }
         let g = &self.guest;
         if g.initrd.is_some() && g.kernel.is_none() {
             return Err(TopologyError::Guest(
@@ -230,33 +370,38 @@ impl Topology {
             if !names.insert(&vm.name) {
                 return Err(bad("two VMs have this name".into()));
             }
-            let Some(net) = self.network(&vm.network) else {
-                let known: Vec<_> = self.networks.iter().map(|n| n.name.as_str()).collect();
+            if !self.network_names().contains(&vm.network.as_str()) {
                 return Err(bad(format!(
                     "network '{}' is not in the file (networks: {})",
                     vm.network,
-                    known.join(", ")
+                    self.network_names().join(", ")
                 )));
-            };
+            }
             let Some((addr, prefix)) = parse_cidr(&vm.address) else {
                 return Err(bad(format!(
                     "address '{}' is not an IPv4 CIDR like 10.0.0.10/24",
                     vm.address
                 )));
             };
-            if let Some((host, host_prefix)) = net.address.as_deref().and_then(parse_cidr) {
+            let net_address = self.network_address(&vm.network);
+            if let Some((host, host_prefix)) = net_address.and_then(parse_cidr) {
                 if prefix != host_prefix || subnet(addr, prefix) != subnet(host, host_prefix) {
                     return Err(bad(format!(
                         "address {} is outside network {} ({})",
                         vm.address,
-                        net.name,
-                        net.address.as_deref().unwrap_or_default()
+                        vm.network,
+                        net_address.unwrap_or_default()
                     )));
                 }
                 if addr == host {
                     return Err(bad(format!(
-                        "address {addr} is the host's own address on {}",
-                        net.name
+                        "address {addr} is the {} own address on {}",
+                        if self.on_switch() {
+                            "switch's"
+                        } else {
+                            "host's"
+                        },
+                        vm.network
                     )));
                 }
             }
@@ -296,6 +441,121 @@ impl Topology {
             }
         }
         Ok(())
+    }
+
+    /// The switch networks, their allows and forwards, and `[switch]`.
+    fn validate_switch(&self) -> Result<(), TopologyError> {
+        let err = |m: String| TopologyError::Switch(m);
+        if let Some(n) = self.networks.first() {
+            return Err(err(format!(
+                "network '{}' is a kernel bridge (mode {:?}) in a file whose other networks \
+                 are mode = \"switch\"; give every network mode = \"switch\", or none",
+                n.name, n.mode
+            )));
+        }
+        let mut names = HashSet::new();
+        let mut subnets: Vec<(Ipv4Addr, u8, &str)> = Vec::new();
+        for n in &self.switch_networks {
+            let at = format!("network '{}'", n.name);
+            if n.name.is_empty()
+                || n.name == "outside"
+                || !n
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(err(format!(
+                    "{at}: a name has letters, digits, '-' or '_', and is not 'outside'"
+                )));
+            }
+            if !names.insert(&n.name) {
+                return Err(err(format!("{at}: two networks have this name")));
+            }
+            let Some((a, len)) = parse_cidr(&n.address).filter(|(_, l)| *l <= 30) else {
+                return Err(err(format!(
+                    "{at}: address '{}' is not the gateway's IPv4 CIDR with room for VMs, as \
+                     in 10.10.1.1/24",
+                    n.address
+                )));
+            };
+            if let Some((_, _, other)) = subnets.iter().find(|(b, l, _)| {
+                let l = (*l).min(len);
+                subnet(a, l) == subnet(*b, l)
+            }) {
+                return Err(err(format!(
+                    "{at}: subnet {} overlaps network '{other}'; give each network its own",
+                    n.address
+                )));
+            }
+            subnets.push((a, len, &n.name));
+            if n.mtu.is_some_and(|m| !(68..=9000).contains(&m)) {
+                return Err(err(format!("{at}: mtu must be 68..=9000")));
+            }
+            let vms = self.vms.iter().filter(|v| v.network == n.name).count();
+            for f in &n.forward {
+                if f.proto != "tcp" {
+                    return Err(err(format!(
+                        "{at}: forward of {} port {}: only tcp is forwarded to a switch network",
+                        f.proto, f.host_port
+                    )));
+                }
+                if vms == 0 {
+                    return Err(err(format!(
+                        "{at}: forward of host port {} goes to no VM: the network has none",
+                        f.host_port
+                    )));
+                }
+                if f.host_port == 0 || f.guest_port == 0 {
+                    return Err(err(format!("{at}: forward ports must be above 0")));
+                }
+            }
+        }
+        for a in &self.allows {
+            for end in [&a.from, &a.to] {
+                if end != "outside" && self.switch_network(end).is_none() {
+                    return Err(err(format!(
+                        "[[allow]] {} -> {}: '{end}' is no network of the file (networks: {}, \
+                         or outside)",
+                        a.from,
+                        a.to,
+                        self.network_names().join(", ")
+                    )));
+                }
+            }
+        }
+        if !(1..=16).contains(&self.switch.queues) {
+            return Err(err(format!(
+                "[switch] queues = {}: the switch offers 1..=16 queue pairs a port",
+                self.switch.queues
+            )));
+        }
+        if parse_cidr(&self.switch.uplink_subnet).is_none_or(|(_, l)| l > 30) {
+            return Err(err(format!(
+                "[switch] uplink_subnet '{}' is not an IPv4 subnet with room for two \
+                 addresses, as in 100.64.0.0/30",
+                self.switch.uplink_subnet
+            )));
+        }
+        if self.uplink_tap().len() > 15 {
+            return Err(err(format!(
+                "[switch] uplink '{}' is longer than an interface name may be (15)",
+                self.uplink_tap()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The switch's uplink tap.
+    pub fn uplink_tap(&self) -> String {
+        self.switch.uplink.clone().unwrap_or_else(|| {
+            let name: String = self
+                .name
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .take(12)
+                .collect();
+            format!("vs-{name}")
+        })
     }
 }
 

@@ -108,7 +108,10 @@ fn three_tier_example_enforces_its_policy_with_real_guests() {
     let qemu = Qemu::from_env().expect("QEMU");
     let accel = detect_accel(&qemu, &image);
     let dir = tempfile::tempdir().unwrap();
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/three-tier.toml");
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/three-tier-bridges.toml"
+    );
     let topo = std::fs::read_to_string(example)
         .unwrap()
         .replace("@KERNEL@", &image.kernel.display().to_string())

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use crate::types::MacAddr;
 pub use north_south::{BalancerConfig, ForwardConfig, Proto};
@@ -59,7 +59,7 @@ fn default_queues() -> u16 {
 }
 
 /// One switch port: a vhost-user socket that one VM NIC connects to.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PortConfig {
     pub name: String,
@@ -173,7 +173,7 @@ impl PortConfig {
 }
 
 /// The tap uplink between the switch and the host kernel.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkConfig {
     /// Tap name; created if missing, attached to if it exists (multi-queue, vnet headers).
@@ -251,7 +251,7 @@ fn default_ageing() -> u64 {
     DEFAULT_MAC_AGEING_SECS
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SwitchConfig {
     /// Largest IP MTU forwarded, and advertised to guests (VIRTIO_NET_F_MTU). None: forward

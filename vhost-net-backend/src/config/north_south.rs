@@ -3,12 +3,12 @@
 
 use std::net::Ipv4Addr;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, SwitchConfig};
 use crate::packet::l3::{Ip, Prefix};
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
     Tcp,
@@ -26,7 +26,7 @@ impl Proto {
 
 /// `[[uplink.forward]]`: a port of the host's addresses forwarded to one guest
 /// (`to = "10.10.1.10:80"`) or to a balancer (`balancer = "web"`).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct ForwardConfig {
     #[serde(default = "default_proto")]
@@ -58,7 +58,7 @@ impl ForwardConfig {
 
 /// `[[balancer]]`: new connections to it spread over the healthy `backends` by a
 /// consistent hash; active TCP checks from the switch decide which are healthy.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct BalancerConfig {
     pub name: String,

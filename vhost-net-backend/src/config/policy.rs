@@ -3,14 +3,14 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_MAX_FLOWS: usize = 262_144;
 pub const DEFAULT_MAX_FLOWS_PER_PORT: usize = 65_536;
 pub const DEFAULT_FLOW_LOG_MAX_BYTES: u64 = 64 << 20;
 pub const DEFAULT_FLOW_LOG_INTERVAL_SECS: u64 = 60;
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
@@ -28,7 +28,7 @@ impl Action {
 }
 
 /// One value or a list of them.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum OneOrMany<T> {
     One(T),
@@ -45,7 +45,7 @@ impl<T> OneOrMany<T> {
 }
 
 /// A destination port or range: `443` or `"8000-8100"`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum PortItem {
     Number(u16),
@@ -66,7 +66,7 @@ fn default_log_interval() -> u64 {
 }
 
 /// `[policy]`: present (or any `[[rule]]` present) turns the policy on.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// What happens to traffic no rule decides: `deny` unless set to `allow`.
@@ -107,7 +107,7 @@ fn any() -> OneOrMany<String> {
 
 /// A rate as configured: `{ bits_per_sec = 100_000_000, burst_bytes = 125_000 }`,
 /// `{ packets_per_sec = 10_000 }`, or both.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RateConfig {
     #[serde(default)]
@@ -146,7 +146,7 @@ impl RateConfig {
 
 /// One `[[rule]]`: traffic `from` -> `to` of protocol `proto` to destination `ports`.
 /// `from` and `to` name groups (ports' `groups`), CIDRs, `outside` (the uplink) or `any`.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     #[serde(default)]

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, SwitchConfig};
 use crate::packet::l3::{Ip, Prefix};
@@ -16,7 +16,7 @@ use crate::types::MacAddr;
 pub const DEFAULT_ROUTER_MAC: MacAddr = MacAddr([0x02, 0x76, 0x6e, 0x00, 0x00, 0x01]);
 
 /// `[[segment]]`: a VLAN segment the switch routes to and from.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SegmentConfig {
     /// Its VLAN; absent: the untagged segment.
@@ -36,7 +36,7 @@ pub struct SegmentConfig {
 
 /// `dhcp = { ... }` of a segment. Every port of the segment with an IPv4 address gets
 /// that address (a static binding); other ports get one from `pool`, if given.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct DhcpConfig {
     /// Leases for ports without an address: `"10.0.1.100-10.0.1.199"`.
@@ -95,7 +95,7 @@ impl SegmentConfig {
 }
 
 /// `[[route]]`: traffic to `to` goes to the router at `via`, in a segment's subnet.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// A prefix: `"0.0.0.0/0"`, `"192.168.50.0/24"`, `"::/0"`.

@@ -483,7 +483,8 @@ impl RxScratch {
             // Taken out of `d` for the call: write_rx needs the rest of `d`.
             let out = std::mem::take(&mut d.out);
             let finished = FrameSource::Local(&out[..len]);
-            d.write_rx(rxq, plain, finished, frame.head);
+            // Whole already, head included (and its checksum completed).
+            d.write_rx(rxq, plain, finished, &[]);
             d.out = out;
             return;
         }
@@ -491,7 +492,7 @@ impl RxScratch {
         let mut out = std::mem::take(&mut d.out);
         let result = segment_tcp(&whole[..len], hdr, &mut out, |seg| {
             // Stop at the first segment that cannot be delivered: the rest would not be.
-            let delivered = d.write_rx(rxq, plain, FrameSource::Local(seg), frame.head);
+            let delivered = d.write_rx(rxq, plain, FrameSource::Local(seg), &[]);
             if delivered {
                 Ok(())
             } else {
@@ -851,7 +852,11 @@ impl<'a> LockedRx<'a> {
                     && writer.write(head)
                     && writer.copy_from(src.skip(head.len()))
             }
-            FrameSource::Local(b) => writer.write_net_hdr(out_hdr, hdr_len) && writer.write(b),
+            // A local frame's first bytes may have been rewritten (routed) in `head` too.
+            FrameSource::Local(b) => {
+                let rest = &b[head.len().min(b.len())..];
+                writer.write_net_hdr(out_hdr, hdr_len) && writer.write(head) && writer.write(rest)
+            }
         };
         let mut left = if ok { need } else { 0 };
         let used = bufs.chains.iter().map(|c| {
