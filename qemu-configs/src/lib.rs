@@ -3,9 +3,10 @@
 //! lines, and brought up and down in one command.
 //!
 //! Modules: `topology` (the file and its checks), `render` (QEMU arguments), `switch` (the
-//! switch configuration of `mode = "switch"` networks), `run` (up and down).
+//! switch configuration of `mode = "switch"` networks), `run` (up and down), `verify` (the reachability matrix against the policy).
 
 pub mod render;
 pub mod run;
 pub mod switch;
 pub mod topology;
+pub mod verify;

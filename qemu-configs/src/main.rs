@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use log::{error, info};
 use qemu_configs::render::{qemu_args, qemu_version, shell_line, Layout};
 use qemu_configs::run::{down_leftovers, up};
-use qemu_configs::switch::checked_config;
+use qemu_configs::switch::{checked_config, uplink_addresses};
 use qemu_configs::topology::Topology;
+use qemu_configs::verify;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
@@ -44,6 +45,21 @@ enum Cmd {
         file: PathBuf,
         #[command(flatten)]
         where_: Where,
+    },
+    /// From inside every guest of a running topology, try every service port of every other
+    /// VM, and each forwarded port from the host; print the matrix beside the policy and
+    /// exit non-zero if any cell differs.
+    Verify {
+        file: PathBuf,
+        #[command(flatten)]
+        where_: Where,
+        /// The host address the forwards are tried on [default: the host's address on the
+        /// switch's uplink]
+        #[arg(long)]
+        host: Option<String>,
+        /// The cells as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Undo an `up` that did not end cleanly.
     Down {
@@ -130,6 +146,26 @@ fn run(cli: Cli) -> Result<()> {
             for vm in &t.vms {
                 println!("# {}", vm.name);
                 println!("{}", shell_line(&t.guest.qemu, &qemu_args(&t, vm, &layout)));
+            }
+        }
+        Cmd::Verify {
+            file,
+            where_,
+            host,
+            json,
+        } => {
+            let t = Topology::load(&file)?;
+            let layout = where_.layout(&t);
+            let host = host.unwrap_or_else(|| uplink_addresses(&t).1.to_string());
+            let cells = verify::measure(&t, &layout, &host).map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", verify::json(&cells));
+            } else {
+                print!("{}", verify::table(&cells));
+            }
+            let differ = cells.iter().filter(|c| c.expected != c.measured).count();
+            if differ > 0 {
+                anyhow::bail!("{differ} cells differ from the policy");
             }
         }
         Cmd::Down { file, where_ } => {

@@ -101,8 +101,12 @@ impl Drop for Up {
     }
 }
 
+/// Guests are CPU-heavy under TCG on 2 cores: one topology of guests at a time.
+static GUESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn three_tier_example_enforces_its_policy_with_real_guests() {
+    let _one = GUESTS.lock().unwrap_or_else(|e| e.into_inner());
     let (host, outside) = Netns::host_with_outside("3t");
     let image = guest_image().expect("guest image");
     let qemu = Qemu::from_env().expect("QEMU");
@@ -347,4 +351,263 @@ fn two_topologies_live_side_by_side() {
         .try_sh("nft list table inet qemu_configs_ta")
         .status
         .success());
+}
+
+/// The example file for this machine: the guest image, accelerator and the QEMU of
+/// `VNET_QEMU` filled in; and the QEMU_MODULE_DIR an unpacked QEMU needs.
+fn example(dir: &Path, name: &str) -> (PathBuf, Option<PathBuf>) {
+    let image = guest_image().expect("guest image");
+    let qemu = Qemu::from_env().expect("QEMU");
+    let accel = detect_accel(&qemu, &image);
+    eprintln!(
+        "QEMU {}.{}, accel {}",
+        qemu.version.0,
+        qemu.version.1,
+        accel.name()
+    );
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
+    let mut guest = format!("[guest]\nqemu = \"{}\"\n", qemu.binary.display());
+    let mut args: Vec<String> = Vec::new();
+    for d in &qemu.data_dirs {
+        args.extend(["\"-L\"".into(), format!("\"{}\"", d.display())]);
+    }
+    if qemu.version >= (8, 2) && qemu.module_dir.is_some() {
+        args.extend(["\"-audio\"".into(), "\"none\"".into()]);
+    }
+    guest.push_str(&format!("qemu_args = [{}]\n", args.join(", ")));
+    let topo = std::fs::read_to_string(format!("{path}{name}"))
+        .unwrap()
+        .replace("[guest]\n", &guest)
+        .replace("@KERNEL@", &image.kernel.display().to_string())
+        .replace("@INITRD@", &image.initrd.display().to_string())
+        .replace("@ACCEL@", accel.name())
+        .replace("@UPLINK@", "up0");
+    let file = dir.join(name);
+    std::fs::write(&file, topo).unwrap();
+    (file, qemu.module_dir.clone())
+}
+
+#[test]
+fn three_tier_on_the_switch_is_verified_from_inside_the_guests() {
+    let _one = GUESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let (host, outside) = Netns::host_with_outside("3w");
+    let dir = tempfile::tempdir().unwrap();
+    let (file, modules) = example(dir.path(), "three-tier.toml");
+    let state = dir.path().join("state");
+    let log = dir.path().join("up.log");
+    let mut cmd = up_command(&host, &file, &state);
+    if let Some(m) = modules {
+        cmd.env("QEMU_MODULE_DIR", m);
+    }
+    let child = cmd
+        .arg("--switch")
+        .arg(bin("vhost-net-backend"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut up = Up(child);
+    let log_text = || {
+        format!(
+            "{}\nswitch:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(state.join("switch.log")).unwrap_or_default()
+        )
+    };
+    let vms = ["web1", "web2", "app1", "app2", "db1"];
+    for vm in vms {
+        let console_log = state.join(format!("{vm}.log"));
+        wait_for(&format!("{vm} to boot"), Duration::from_secs(180), || {
+            assert!(
+                !matches!(up.0.try_wait(), Ok(Some(_))),
+                "qemu-configs up ended: {}",
+                log_text()
+            );
+            std::fs::read_to_string(&console_log).is_ok_and(|t| t.contains("READY"))
+        });
+    }
+    // Addresses by DHCP from the switch: no vnet.ip= on the guests' command line.
+    let mut db = Console::connect(&state.join("db1.console"));
+    let (_, addr) = db.run("ip -4 -o addr show eth0; ip route");
+    assert!(
+        addr.contains("10.10.3.10/24") && addr.contains("default via 10.10.3.1"),
+        "{addr}"
+    );
+    drop(db);
+    // Both web VMs serve through the balancer once its checks pass.
+    const REQUEST: &str = "printf 'GET / HTTP/1.0\\r\\n\\r\\n'";
+    let http = format!("{REQUEST} | busybox nc -w 3");
+    let ask = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                let out = outside.try_sh(&format!("{http} 192.0.2.1 8080 | tail -n 1"));
+                String::from_utf8_lossy(&out.stdout).trim().to_string()
+            })
+            .collect()
+    };
+    wait_for(
+        "both web VMs behind the balancer",
+        Duration::from_secs(60),
+        || {
+            let got = ask(6);
+            got.contains(&"web1".to_string()) && got.contains(&"web2".to_string())
+        },
+    );
+
+    // The whole matrix, from inside every guest, equals the policy.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &host.name])
+        .arg(bin("qemu-configs"))
+        .arg("verify")
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let matrix = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{matrix}");
+    assert!(
+        out.status.success() && matrix.contains("is what the policy says"),
+        "{matrix}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(matrix.lines().count() >= 7, "{matrix}");
+
+    // 20 requests from outside through the forwarded port: both web VMs answer.
+    let got = ask(20);
+    let answered = |vm: &str| got.iter().filter(|g| *g == vm).count();
+    eprintln!(
+        "20 requests: web1 {}, web2 {}",
+        answered("web1"),
+        answered("web2")
+    );
+    assert_eq!(answered("web1") + answered("web2"), 20, "{got:?}");
+    assert!(answered("web1") > 0 && answered("web2") > 0, "{got:?}");
+    // Nothing else from outside, even with a route to the guests.
+    outside.sh("ip route add 10.10.0.0/16 via 192.0.2.1");
+    for (addr, port) in [
+        ("10.10.1.10", 80),
+        ("10.10.2.10", 8080),
+        ("10.10.3.10", 5432),
+    ] {
+        let direct = outside.try_sh(&format!("{http} {addr} {port} | tail -n 1"));
+        assert_eq!(
+            String::from_utf8_lossy(&direct.stdout).trim(),
+            "",
+            "{addr}:{port}"
+        );
+    }
+
+    // iperf3 from app1 to db1 through the switch (on db's allowed port).
+    let mut app = Console::connect(&state.join("app1.console"));
+    let mut db = Console::connect(&state.join("db1.console"));
+    db.run("killall httpd; iperf3 -s -p 5432 -D");
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, out) = app.run("iperf3 -c 10.10.3.10 -p 5432 -t 3 | tail -n 4");
+    eprintln!("iperf3 app1 -> db1 through the switch:\n{out}");
+    assert_eq!(code, 0, "{out}");
+
+    // web2 powered off: out of the balancer within its checks, the service stays up.
+    // (Before they booted, both were down once already.)
+    let downs = || log_text().matches("backend 10.10.1.11 is down").count();
+    let before = downs();
+    let mut web2 = Console::connect(&state.join("web2.console"));
+    let _ = writeln!(web2.writer, "poweroff -f");
+    wait_for(
+        "web2 off and down in the balancer",
+        Duration::from_secs(30),
+        || downs() > before && log_text().contains("vm web2 stopped"),
+    );
+    let got = ask(10);
+    assert!(got.iter().all(|g| g == "web1"), "{got:?}");
+
+    // SIGTERM: VMs stopped, then the switch; nothing left of either.
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(up.0.id() as libc::pid_t, libc::SIGTERM) };
+    let status = up.0.wait().unwrap();
+    assert!(status.success(), "{status}: {}", log_text());
+    assert!(log_text().contains("switch stopped"), "{}", log_text());
+    assert!(
+        !host.try_sh("ip link show vs-3tier").status.success(),
+        "tap left"
+    );
+    assert!(
+        host.sh("nft list tables").trim().is_empty(),
+        "nftables left"
+    );
+    for vm in vms {
+        assert!(!state.join(format!("{vm}.sock")).exists());
+        assert!(!state.join(format!("{vm}.console")).exists());
+    }
+    assert!(!state.join("switch.ctl").exists());
+    let ps = host.sh("ps -eo args");
+    assert!(
+        !ps.contains(&state.join("switch.toml").display().to_string()),
+        "{ps}"
+    );
+    assert!(
+        !ps.contains(&state.join("web1.console").display().to_string()),
+        "{ps}"
+    );
+}
+
+#[test]
+fn a_failed_up_on_the_switch_leaves_nothing_behind() {
+    let host = Netns::new("3wf");
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    let file = dir.path().join("t.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"t\"\n[guest]\nkernel = \"{}\"\naccel = \"tcg\"\nqemu_args = [\"-no-such-option\"]\n\
+             [[network]]\nname = \"app\"\nmode = \"switch\"\naddress = \"10.20.0.1/24\"\n\
+             [[network.forward]]\nhost_port = 8080\nguest_port = 80\n\
+             [[vm]]\nname = \"app1\"\nnetwork = \"app\"\naddress = \"10.20.0.10/24\"\n",
+            kernel.display()
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let out = up_command(&host, &file, &state)
+        .arg("--switch")
+        .arg(bin("vhost-net-backend"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("vm app1: QEMU exited at once") && err.contains("no-such-option"),
+        "{err}"
+    );
+    // The switch had come up (its tap, table and sockets) and is gone again.
+    let switch_log = std::fs::read_to_string(state.join("switch.log")).unwrap();
+    assert!(switch_log.contains("uplink host side"), "{switch_log}");
+    assert!(
+        !host.try_sh("ip link show vs-t").status.success(),
+        "tap left"
+    );
+    assert!(
+        host.sh("nft list tables").trim().is_empty(),
+        "nftables left"
+    );
+    assert!(!state.join("app1.sock").exists() && !state.join("switch.ctl").exists());
+    assert!(!host
+        .sh("ps -eo args")
+        .contains(&state.display().to_string()));
+
+    // A file the switch would refuse: named before anything starts.
+    std::fs::write(
+        &file,
+        std::fs::read_to_string(&file).unwrap().replace(
+            "[[vm]]",
+            "[[allow]]\nfrom = \"app\"\nto = \"dbs\"\nproto = \"tcp\"\n[[vm]]",
+        ),
+    )
+    .unwrap();
+    let out = up_command(&host, &file, &state).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("'dbs' is no network of the file"), "{err}");
 }

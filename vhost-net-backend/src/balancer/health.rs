@@ -53,7 +53,19 @@ pub fn spawn(
             while !stop.load(Ordering::SeqCst) {
                 let started = Instant::now();
                 let results = check_all(&b);
-                for (address, up) in b.record(&results) {
+                let changed = b.record(&results);
+                // In force first, so that what the log says holds when it is read.
+                if !changed.is_empty() {
+                    if let Err(e) =
+                        host.set_balancer(&b.config.name, b.config.port, &b.slot_addresses())
+                    {
+                        warn!(
+                            "balancer {}: cannot update the host's NAT: {e}",
+                            b.config.name
+                        );
+                    }
+                }
+                for (address, up) in changed {
                     let why = results
                         .iter()
                         .zip(&b.config.backends)
@@ -68,14 +80,6 @@ pub fn spawn(
                             b.config.name,
                             b.config.fall,
                             why.unwrap_or_default()
-                        );
-                    }
-                    if let Err(e) =
-                        host.set_balancer(&b.config.name, b.config.port, &b.slot_addresses())
-                    {
-                        warn!(
-                            "balancer {}: cannot update the host's NAT: {e}",
-                            b.config.name
                         );
                     }
                 }
