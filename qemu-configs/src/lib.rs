@@ -3,10 +3,14 @@
 //! lines, and brought up and down in one command.
 //!
 //! Modules: `topology` (the file and its checks), `render` (QEMU arguments), `switch` (the
-//! switch configuration of `mode = "switch"` networks), `run` (up and down), `verify` (the reachability matrix against the policy).
+//! switch configuration of `mode = "switch"` networks), `run` (up and down), `script`, `libvirt` and `graph` (the
+//! topology as a shell script, libvirt domains and Graphviz), `verify` (the reachability matrix against the policy).
 
+pub mod graph;
+pub mod libvirt;
 pub mod render;
 pub mod run;
+pub mod script;
 pub mod switch;
 pub mod topology;
 pub mod verify;

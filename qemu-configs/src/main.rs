@@ -7,8 +7,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use log::{error, info};
+use qemu_configs::graph::dot;
+use qemu_configs::libvirt::domain;
 use qemu_configs::render::{qemu_args, qemu_version, shell_line, Layout};
 use qemu_configs::run::{down_leftovers, up};
+use qemu_configs::script::script;
 use qemu_configs::switch::{checked_config, uplink_addresses};
 use qemu_configs::topology::Topology;
 use qemu_configs::verify;
@@ -33,11 +36,22 @@ enum Cmd {
         #[command(flatten)]
         where_: Where,
     },
-    /// Print each VM's QEMU command line.
+    /// Print each VM's QEMU command line, a shell script that starts the topology, or
+    /// libvirt domain XML (with the switch's config it needs).
     Render {
         file: PathBuf,
         #[command(flatten)]
         where_: Where,
+        #[arg(long, value_enum, default_value = "args")]
+        format: Format,
+    },
+    /// Write the topology as Graphviz (networks, VMs, allowed flows, the outside) to FILE.dot,
+    /// and FILE.svg where `dot` is installed.
+    Graph {
+        file: PathBuf,
+        /// The .dot file to write [default: NAME.dot in the current folder]
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Build the networks, start every VM, and keep them up until SIGINT/SIGTERM (then take
     /// everything down). SIGUSR1 logs the rules' counters and which VMs run.
@@ -67,6 +81,16 @@ enum Cmd {
         #[command(flatten)]
         where_: Where,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    /// Each VM's QEMU command line.
+    Args,
+    /// A shell script that starts the switch (its config inline) and the VMs.
+    Script,
+    /// libvirt domain XML per VM; on the switch, its config first, as a comment.
+    Libvirt,
 }
 
 #[derive(clap::Args)]
@@ -101,8 +125,13 @@ impl Where {
             .clone()
             .unwrap_or_else(|| beside("vhost-net-backend"));
         Layout {
-            // Not running: the file's checks say so when it matters; render assumes a new one.
-            qemu_version: qemu_version(&topo.guest.qemu).unwrap_or((10, 0)),
+            // Only the switch's vhost-user options depend on it. Not running: `up` says so
+            // when it starts QEMU; render assumes a new one.
+            qemu_version: if topo.on_switch() {
+                qemu_version(&topo.guest.qemu).unwrap_or((10, 0))
+            } else {
+                (10, 0)
+            },
             switch,
             state_dir: self
                 .state_dir
@@ -140,12 +169,55 @@ fn run(cli: Cli) -> Result<()> {
                 t.vms.len()
             );
         }
-        Cmd::Render { file, where_ } => {
+        Cmd::Render {
+            file,
+            where_,
+            format,
+        } => {
             let t = Topology::load(&file)?;
             let layout = where_.layout(&t);
-            for vm in &t.vms {
-                println!("# {}", vm.name);
-                println!("{}", shell_line(&t.guest.qemu, &qemu_args(&t, vm, &layout)));
+            match format {
+                Format::Args => {
+                    for vm in &t.vms {
+                        println!("# {}", vm.name);
+                        println!("{}", shell_line(&t.guest.qemu, &qemu_args(&t, vm, &layout)));
+                    }
+                }
+                Format::Script => print!("{}", script(&t, &layout)),
+                Format::Libvirt => {
+                    if t.on_switch() {
+                        let c = checked_config(&t, &layout).map_err(anyhow::Error::msg)?;
+                        println!(
+                            "<!-- the switch these domains need: vhost-net-backend --config {}\n{}-->",
+                            layout.switch_config().display(),
+                            toml::to_string(&c)?.replace("--", "- -")
+                        );
+                    }
+                    for vm in &t.vms {
+                        print!("{}", domain(&t, vm, &layout));
+                    }
+                }
+            }
+        }
+        Cmd::Graph { file, out } => {
+            let t = Topology::load(&file)?;
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("{}.dot", t.name)));
+            std::fs::write(&out, dot(&t)).with_context(|| format!("{}", out.display()))?;
+            println!("{}", out.display());
+            let svg = out.with_extension("svg");
+            match std::process::Command::new("dot")
+                .arg("-Tsvg")
+                .arg(&out)
+                .arg("-o")
+                .arg(&svg)
+                .status()
+            {
+                Ok(s) if s.success() => println!("{}", svg.display()),
+                Ok(s) => anyhow::bail!("dot failed ({s}) on {}", out.display()),
+                Err(_) => info!(
+                    "no `dot` here (Debian: graphviz): only {} was written",
+                    out.display()
+                ),
             }
         }
         Cmd::Verify {

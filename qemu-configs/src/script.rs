@@ -1,0 +1,54 @@
+//! A topology as a shell script a person can read and run: on the switch, its config (as
+//! `up` writes it), the switch, and each VM's QEMU; without `up`'s checks and supervision,
+//! and with a trap that stops what it started.
+
+use crate::render::{qemu_args, shell_line, shell_word, Layout};
+use crate::switch::switch_config;
+use crate::topology::Topology;
+
+pub fn script(topo: &Topology, layout: &Layout) -> String {
+    let state = shell_word(&layout.state_dir.display().to_string());
+    let mut s = format!(
+        "#!/bin/sh\n# {}: {} VMs, as `qemu-configs up` starts them (without its checks, its\n\
+         # supervision or its clean shutdown). Run as root; Ctrl-C stops what it started.\n\
+         set -e\nmkdir -p -m 700 {state}\npids=\n\
+         trap 'kill $pids 2>/dev/null' EXIT INT TERM\n",
+        topo.name,
+        topo.vms.len()
+    );
+    if topo.on_switch() {
+        let config = toml::to_string(&switch_config(topo, layout)).unwrap_or_default();
+        let path = shell_word(&layout.switch_config().display().to_string());
+        s += &format!("\n# The switch: one port per VM, a segment per network.\ncat > {path} <<'SWITCH'\n{config}SWITCH\n");
+        s += &format!(
+            "{} --config {path} &\npids=\"$pids $!\"\n",
+            shell_word(&layout.switch.display().to_string())
+        );
+        let socks: Vec<String> = topo
+            .vms
+            .iter()
+            .map(|vm| shell_word(&layout.vm_socket(&vm.name).display().to_string()))
+            .collect();
+        s += &format!(
+            "for s in {}; do while [ ! -S \"$s\" ]; do sleep 0.1; done; done\n",
+            socks.join(" ")
+        );
+    } else {
+        s += "\n# The networks (bridges, addresses, NAT, rules) come from `qemu-configs up` or\n\
+              # `bridge-plugin net up`; the VMs' taps from qemu-bridge-plugin.\n";
+        s += &format!(
+            "printf '{}' > {}\n",
+            crate::render::Layout::acl_text(topo).replace('\n', "\\n"),
+            shell_word(&layout.acl().display().to_string())
+        );
+    }
+    for vm in &topo.vms {
+        s += &format!(
+            "\n# {}\n{} &\npids=\"$pids $!\"\n",
+            vm.name,
+            shell_line(&topo.guest.qemu, &qemu_args(topo, vm, layout))
+        );
+    }
+    s += "\nwait\n";
+    s
+}

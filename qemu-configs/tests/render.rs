@@ -1,0 +1,126 @@
+//! The example rendered as a person or another tool takes it: libvirt domains that
+//! libvirt's own schema accepts (virt-xml-validate), a shell script a shell parses, and
+//! Graphviz.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn qemu_configs() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_qemu-configs"))
+}
+
+/// The switch example with placeholders filled with paths that need not exist.
+fn example(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/three-tier.toml"
+    ))
+    .unwrap()
+    .replace("@KERNEL@", "/boot/vmlinuz")
+    .replace("@INITRD@", "/boot/initrd.img")
+    .replace("@ACCEL@", "kvm:tcg");
+    let file = dir.join("three-tier.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+fn render(file: &Path, format: &str) -> String {
+    let out = qemu_configs()
+        .args([
+            "render",
+            "--state-dir",
+            "/run/qemu-configs/three-tier",
+            "--format",
+            format,
+        ])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn libvirt_domains_pass_libvirts_schema() {
+    let dir = tempfile::tempdir().unwrap();
+    let xml = render(&example(dir.path()), "libvirt");
+    assert!(
+        xml.starts_with("<!-- the switch these domains need"),
+        "{xml}"
+    );
+    let domains: Vec<&str> = xml.split("<domain").skip(1).collect();
+    assert_eq!(domains.len(), 5, "{xml}");
+    for (i, d) in domains.iter().enumerate() {
+        assert!(d.contains("<interface type='vhostuser'>"), "{d}");
+        let path = dir.path().join(format!("vm{i}.xml"));
+        std::fs::write(&path, format!("<domain{d}")).unwrap();
+        let out = Command::new("virt-xml-validate")
+            .arg(&path)
+            .arg("domain")
+            .output()
+            .expect("virt-xml-validate (libvirt-clients, from ci/install-deps.sh)");
+        assert!(
+            out.status.success(),
+            "domain {i} refused: {}{}\n<domain{d}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_script_parses_and_starts_the_switch_before_the_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = render(&example(dir.path()), "script");
+    let path = dir.path().join("up.sh");
+    std::fs::write(&path, &script).unwrap();
+    let out = Command::new("sh").arg("-n").arg(&path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let switch = script
+        .find("--config /run/qemu-configs/three-tier/switch.toml &")
+        .unwrap();
+    let first_vm = script.find("qemu-system-x86_64 -name web1").unwrap();
+    assert!(switch < first_vm, "{script}");
+    assert!(
+        script.contains("[[balancer]]") && script.contains("name = \"web-80\""),
+        "{script}"
+    );
+}
+
+#[test]
+fn the_graph_has_every_network_and_flow() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = example(dir.path());
+    let out_path = dir.path().join("t.dot");
+    let out = qemu_configs()
+        .arg("graph")
+        .arg(&file)
+        .arg("--out")
+        .arg(&out_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dot = std::fs::read_to_string(&out_path).unwrap();
+    for want in [
+        "label=\"web 10.10.1.1/24\"",
+        "label=\"db 10.10.3.1/24\"",
+        "label=\"tcp/8080\"",
+        "label=\"tcp/5432\"",
+        "host:8080 -> 80 (balanced)",
+        "label=\"nat\"",
+    ] {
+        assert!(dot.contains(want), "{want}\n{dot}");
+    }
+}
