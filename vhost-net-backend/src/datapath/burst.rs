@@ -17,6 +17,7 @@ use crate::packet::l3::{self, L3};
 use crate::packet::meta::FrameMeta;
 use crate::packet::rewrite;
 use crate::policy::{PolicyCache, PolicyFrame, Verdict};
+use crate::route::neighbour::NeighbourCache;
 use crate::route::Routing;
 use crate::switch::{DecisionCache, Forward};
 use crate::types::PortId;
@@ -91,6 +92,7 @@ pub struct Scratch {
     made: Made,
     /// A DHCP message, copied whole out of the guest for the server to read.
     request: Vec<u8>,
+    neighbours: NeighbourCache,
 }
 
 /// The largest DHCP message the server reads (RFC 2131's clients may ask for up to 1500
@@ -283,9 +285,15 @@ fn route(
     let (_, segment) = burst.eth(i, from.segment);
     let made = &mut s.made;
     let start = made.bytes.len();
-    let routing = dp
-        .router
-        .route(from.id, segment, meta, parsed, head, &mut made.bytes);
+    let routing = dp.router.route(
+        from.id,
+        segment,
+        meta,
+        parsed,
+        head,
+        &mut made.bytes,
+        &mut s.neighbours,
+    );
     Some(match routing {
         Routing::Pass => return None,
         Routing::Reply => Forward::Answer(made.note(start)),

@@ -19,7 +19,7 @@ use crate::packet::meta::FrameMeta;
 use crate::packet::rewrite::hop_limit;
 use crate::types::{MacAddr, PortId, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN};
 use dhcp::{DhcpServer, LeaseRow};
-use neighbour::{Neighbour, NeighbourTable};
+use neighbour::{Neighbour, NeighbourCache, NeighbourTable};
 
 /// The policy's zone of every routed segment: they share one address space, so that a
 /// routed flow's reply (from another segment) finds its connection. VLAN 4095 is reserved,
@@ -311,6 +311,9 @@ impl Router {
     /// Decides what to do with a frame from port `from` in `segment` (`may_want` said
     /// yes): `head` is its first bytes, `l3` their parse; frames to send are appended to
     /// `out`.
+    // The frame as the pipeline parsed it, where answers go, and the worker's cache: each
+    // its own borrow of the worker's scratch.
+    #[allow(clippy::too_many_arguments)]
     pub fn route(
         &self,
         from: PortId,
@@ -319,14 +322,16 @@ impl Router {
         l3: &L3,
         head: &[u8],
         out: &mut Vec<u8>,
+        cache: &mut NeighbourCache,
     ) -> Routing {
         let Some(seg) = self.segment(segment) else {
             return Routing::Pass;
         };
         let to_me = meta.dst == self.mac;
-        let heard = |ip: Ip| {
+        let heard = |cache: &mut NeighbourCache, ip: Ip| {
             if seg.gateways.iter().any(|g| g.contains(ip)) && !self.is_gateway(ip) {
-                self.neighbours.learn(
+                self.neighbours.learn_cached(
+                    cache,
                     ip,
                     Neighbour {
                         port: from,
@@ -348,7 +353,7 @@ impl Router {
                 let target: [u8; 4] = target.try_into().unwrap_or_default();
                 // Only what the frame's own source says of itself is learned.
                 if *sender_mac == meta.src.0 && *sender_ip != [0; 4] {
-                    heard(Ip::v4(*sender_ip));
+                    heard(cache, Ip::v4(*sender_ip));
                 }
                 let mine = seg.gateway_for(Ip::v4(target)) == Some(Ip::v4(target));
                 match op {
@@ -362,7 +367,8 @@ impl Router {
             }
             L3::Ip(p) => {
                 if p.icmp == Some(IcmpKind::Neighbour) {
-                    return self.neighbour_discovery(seg, meta, p, head, out, &heard);
+                    return self
+                        .neighbour_discovery(seg, meta, p, head, out, &mut |ip| heard(cache, ip));
                 }
                 if p.key.proto == PROTO_UDP
                     && p.key.dport == dhcp::SERVER_PORT
@@ -376,7 +382,7 @@ impl Router {
                 }
                 let src_known = !p.key.src.is_link_local() && p.key.src.0 != 0;
                 if src_known {
-                    heard(p.key.src);
+                    heard(cache, p.key.src);
                 }
                 let dst = p.key.dst;
                 if self.is_gateway(dst) {
@@ -396,7 +402,7 @@ impl Router {
                     let e = (IcmpError::TimeExceeded, DropReason::HopLimit);
                     return self.error(seg, meta, head, out, may_tell, e);
                 }
-                if let Some(n) = self.neighbours.lookup(hop) {
+                if let Some(n) = self.neighbours.lookup_cached(cache, hop) {
                     return Routing::Forward {
                         to: n.port,
                         mac: n.mac,
@@ -441,7 +447,7 @@ impl Router {
         p: &IpPacket,
         head: &[u8],
         out: &mut Vec<u8>,
-        heard: &dyn Fn(Ip),
+        heard: &mut dyn FnMut(Ip),
     ) -> Routing {
         let Some(target) = p.nd_target else {
             return Routing::Pass;
@@ -553,6 +559,7 @@ via = "10.0.2.254"
             &parsed,
             &frame[..frame.len().min(128)],
             out,
+            &mut NeighbourCache::default(),
         )
     }
 
