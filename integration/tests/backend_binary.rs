@@ -539,3 +539,41 @@ fn an_interrupt_eventfd_kept_full_stalls_no_other_port() {
     // a and b go on: a's worker did not wait on c's eventfd.
     exchange(&mut a, &mut b);
 }
+
+#[test]
+fn a_guest_wanting_more_queue_pairs_than_its_port_offers_is_told_once() {
+    // QEMU started with queues=2 on a port left at one queue pair: its messages for ring 2
+    // are refused with what to change, once, however often QEMU reconnects; the port then
+    // serves a frontend that asks for what it offers.
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut child = two_ports(&sa, &sb, "", |cmd| {
+        cmd.env("RUST_LOG", "info").stderr(Stdio::piped());
+    });
+    for _ in 0..3 {
+        let mut sock = std::os::unix::net::UnixStream::connect(&sa).unwrap();
+        let mut msg = Vec::new();
+        msg.extend_from_slice(&8u32.to_le_bytes()); // SET_VRING_NUM
+        msg.extend_from_slice(&1u32.to_le_bytes());
+        msg.extend_from_slice(&8u32.to_le_bytes());
+        msg.extend_from_slice(&2u32.to_le_bytes()); // ring 2: queue pair 2
+        msg.extend_from_slice(&256u32.to_le_bytes());
+        std::io::Write::write_all(&mut sock, &msg).unwrap();
+        // Closed by the backend.
+        let mut buf = [0u8; 16];
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(std::io::Read::read(&mut sock, &mut buf).unwrap_or(0), 0);
+    }
+    let _pair = connected_pair(&sa, &sb);
+    drop(_pair);
+    let log = stop_and_read_log(&mut child);
+    let told: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("uses queue pair 2 but the port offers 1"))
+        .collect();
+    assert_eq!(told.len(), 1, "{log}");
+    assert!(
+        told[0].contains("port a") && told[0].contains("queues = 2"),
+        "{log}"
+    );
+}

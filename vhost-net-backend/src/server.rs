@@ -306,6 +306,7 @@ fn serve_port(
     stop: Arc<AtomicBool>,
 ) {
     let shared = dp.ports[usize::from(id)].clone();
+    let told_queues = Arc::new(AtomicBool::new(false));
     // The protocol handler accepts on a private socket; the relay joins it to the frontend.
     let mut internal = match Listener::new(&internal_path, true) {
         Ok(l) => l,
@@ -333,7 +334,15 @@ fn serve_port(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        if let Err(e) = serve_connection(&dp, id, frontend, &mut internal, &internal_path, &stop) {
+        if let Err(e) = serve_connection(
+            &dp,
+            id,
+            frontend,
+            &mut internal,
+            &internal_path,
+            &stop,
+            &told_queues,
+        ) {
             error!("port {}: {e}", shared.name);
         }
     }
@@ -358,6 +367,7 @@ fn serve_connection(
     internal: &mut Listener,
     internal_path: &Path,
     stop: &AtomicBool,
+    told: &Arc<AtomicBool>,
 ) -> Result<(), String> {
     let shared = dp.ports[usize::from(id)].clone();
     let port = Port::new(dp.clone(), id).ok_or("not a VM port")?;
@@ -374,7 +384,7 @@ fn serve_connection(
         .start(internal)
         .map_err(|e| format!("cannot start the protocol handler: {e}"))?;
     let rings = u32::from(shared.queue_pairs) * 2;
-    let relay = match relay::spawn(&shared.name, rings, frontend, handler_side) {
+    let relay = match relay::spawn(&shared.name, rings, frontend, handler_side, told.clone()) {
         Ok(r) => r,
         Err(e) => {
             // Its protocol thread is running: end and join it, so the daemon's workers are

@@ -17,7 +17,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
@@ -33,6 +33,10 @@ const REQ_SET_FEATURES: u32 = 2;
 const REQ_SET_MEM_TABLE: u32 = 5;
 const REQ_GET_PROTOCOL_FEATURES: u32 = 15;
 const REQ_SET_PROTOCOL_FEATURES: u32 = 16;
+const REQ_SET_VRING_NUM: u32 = 8;
+const REQ_SET_VRING_ADDR: u32 = 9;
+const REQ_SET_VRING_BASE: u32 = 10;
+const REQ_GET_VRING_BASE: u32 = 11;
 const REQ_SET_VRING_KICK: u32 = 12;
 const REQ_SET_VRING_CALL: u32 = 13;
 const REQ_SET_VRING_ERR: u32 = 14;
@@ -119,6 +123,9 @@ pub enum Verdict {
     },
     /// Close the connection: the message would harm the whole process.
     Refuse(String),
+    /// A ring of a queue pair the port does not offer: the guest wants more queue pairs
+    /// than the port's `queues`. Closed, as Refuse, with its own message.
+    TooManyQueues(String),
 }
 
 /// Bytes of one SET_MEM_TABLE region: guest address, size, user address, file offset.
@@ -188,6 +195,18 @@ fn take_eventfd(file: &File) -> Result<(), String> {
 /// vhost-user's bit in the virtio feature word: the frontend speaks protocol features.
 const F_PROTOCOL_FEATURES: u64 = 1 << 30;
 
+/// The ring a per-ring request is about: the index leads `vhost_vring_state` and
+/// `vhost_vring_addr`; KICK, CALL and ERR carry it in the low byte of their u64.
+fn ring_index(msg: &Message) -> Option<u32> {
+    let p = &msg.payload;
+    match msg.request {
+        REQ_SET_VRING_NUM | REQ_SET_VRING_ADDR | REQ_SET_VRING_BASE | REQ_GET_VRING_BASE
+        | REQ_SET_VRING_ENABLE => Some(u32::from_le_bytes(p.get(..4)?.try_into().ok()?)),
+        REQ_SET_VRING_KICK | REQ_SET_VRING_CALL | REQ_SET_VRING_ERR => Some(u32::from(*p.first()?)),
+        _ => None,
+    }
+}
+
 /// The first 8 payload bytes as a little-endian word, if there are 8.
 fn word(payload: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(payload.get(..8)?.try_into().ok()?))
@@ -216,6 +235,18 @@ impl Filter {
     }
 
     pub fn judge(&mut self, msg: &Message) -> Verdict {
+        if let Some(index) = ring_index(msg) {
+            if index >= self.rings {
+                return Verdict::TooManyQueues(format!(
+                    "the guest uses queue pair {} but the port offers {}: give the port \
+                     queues = {} or more (--port ...,queues=N, or queues in its [[port]]), or \
+                     QEMU fewer (-netdev vhost-user,...,queues=N)",
+                    index / 2 + 1,
+                    self.rings / 2,
+                    index / 2 + 1
+                ));
+            }
+        }
         match msg.request {
             REQ_SET_FEATURES => {
                 self.features_set = true;
@@ -294,11 +325,14 @@ impl Filter {
 
 /// Relays between `frontend` and `backend` (the handler of a port with `rings` rings) until
 /// either side closes; then closes both.
+/// `told`: the port's "too many queue pairs" refusal was logged at warn already (QEMU
+/// reconnects every second; the log says it once).
 pub fn spawn(
     port: &str,
     rings: u32,
     frontend: UnixStream,
     backend: UnixStream,
+    told: Arc<AtomicBool>,
 ) -> io::Result<JoinHandle<()>> {
     let port = port.to_string();
     let offered = Arc::new(AtomicU64::new(0));
@@ -350,6 +384,17 @@ pub fn spawn(
                         log::warn!("port {port}: frontend refused: {why}; closing the connection");
                         false
                     }
+                    Verdict::TooManyQueues(why) => {
+                        if told.swap(true, Ordering::Relaxed) {
+                            log::debug!("port {port}: {why}; closing the connection");
+                        } else {
+                            log::warn!(
+                                "port {port}: {why}; closing the connection (said once; QEMU \
+                                 keeps reconnecting)"
+                            );
+                        }
+                        false
+                    }
                     Verdict::Absorb { ack: false } => true,
                     Verdict::Absorb { ack: true } => {
                         let reply = Message {
@@ -389,7 +434,7 @@ mod tests {
     fn absorbs_early_vring_enable_and_forwards_the_rest() {
         let (qemu, relay_front) = UnixStream::pair().unwrap();
         let (relay_back, handler) = UnixStream::pair().unwrap();
-        let t = spawn("test", 2, relay_front, relay_back).unwrap();
+        let t = spawn("test", 2, relay_front, relay_back, Arc::default()).unwrap();
 
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
         let disable_early = [0u8, 0, 0, 0, 0, 0, 0, 0];
@@ -554,12 +599,23 @@ mod tests {
             );
         }
         assert_eq!(filter.early_enables.len(), 4);
-        // A ring the port does not have, or a payload that is not a ring state: refused.
+        // A ring the port does not have (a queue pair it does not offer), or a payload that
+        // is not a ring state: refused.
         let mut state = 4u32.to_le_bytes().to_vec();
         state.extend_from_slice(&1u32.to_le_bytes());
         assert!(matches!(
             filter.judge(&msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &state)),
-            Verdict::Refuse(_)
+            Verdict::TooManyQueues(why) if why.contains("queue pair 3 but the port offers 2")
+        ));
+        for request in [REQ_SET_VRING_NUM, REQ_SET_VRING_ADDR, REQ_GET_VRING_BASE] {
+            assert!(matches!(
+                filter.judge(&msg(request, FLAG_VERSION, &state)),
+                Verdict::TooManyQueues(_)
+            ));
+        }
+        assert!(matches!(
+            filter.judge(&msg(REQ_SET_VRING_CALL, FLAG_VERSION, &4u64.to_le_bytes())),
+            Verdict::TooManyQueues(_)
         ));
         assert!(matches!(
             filter.judge(&msg(REQ_SET_VRING_ENABLE, FLAG_VERSION, &[0; 65536])),
