@@ -577,3 +577,64 @@ fn a_guest_wanting_more_queue_pairs_than_its_port_offers_is_told_once() {
         "{log}"
     );
 }
+
+#[test]
+fn a_ports_socket_gets_its_group_and_mode_and_lets_that_user_in() {
+    // A QEMU running as its own user (libvirt's) connects when the socket's group and mode
+    // say so, and not through the process umask alone.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut cmd = Command::new(backend_bin());
+    cmd.arg("--port")
+        .arg(format!(
+            "name=a,socket={},socket_group=nogroup,socket_mode=0660",
+            sa.display()
+        ))
+        .arg("--port")
+        .arg(format!("name=b,socket={}", sb.display()))
+        .stderr(Stdio::null());
+    let child = Reaped(cmd.spawn().unwrap());
+    wait_for(&sa);
+    wait_for(&sb);
+    let meta = std::fs::metadata(&sa).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    let nogroup = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("nogroup:x:")?
+                .split(':')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .unwrap();
+    assert_eq!(meta.gid(), nogroup);
+    // As nobody:nogroup: a connects, b (umask's mode, root's group) does not.
+    let connect_as_nobody = |sock: &Path| {
+        Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+            .args(["socat", "-u", "OPEN:/dev/null"])
+            .arg(format!("UNIX-CONNECT:{}", sock.display()))
+            .output()
+            .unwrap()
+    };
+    let a = connect_as_nobody(&sa);
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let b = connect_as_nobody(&sb);
+    assert!(!b.status.success());
+    assert!(String::from_utf8_lossy(&b.stderr).contains("Permission denied"));
+    drop(child);
+    // A name that resolves to nothing is refused before anything is made.
+    let out = run(&[
+        "--port",
+        &format!(
+            "name=c,socket={},socket_group=no-such-group",
+            dir.path().join("c").display()
+        ),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-group"));
+}

@@ -60,17 +60,20 @@ struct Args {
     #[command(subcommand)]
     command: Option<Command>,
 
-    /// A port: name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N][,group=G][,ip=ADDR].
+    /// A port: name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N][,group=G][,ip=ADDR]
+    /// [,socket_owner=U][,socket_group=G][,socket_mode=0660].
     /// Repeat for more ports. vlan puts the port on an access VLAN (1-4094); queues is the
     /// number of queue pairs offered (QEMU queues=, 1-16); mac is offered to the guest in
     /// the config space; max_macs limits the source MACs the guest may send from (mac
     /// counts as one); group (repeatable) names the port's groups for policy rules; ip
-    /// (repeatable) the addresses it owns, the only ones it may send from.
+    /// (repeatable) the addresses it owns, the only ones it may send from; socket_owner,
+    /// socket_group and socket_mode set who may connect (a QEMU running as another user).
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
 
     /// A TOML file with `mtu`, `mac_ageing_secs`, `control_socket`, `[[port]]` tables
-    /// (name, socket, vlan, mac, queues, max_macs, groups, addresses), `[policy]` (default,
+    /// (name, socket, vlan, mac, queues, max_macs, groups, addresses, socket_owner,
+    /// socket_group, socket_mode), `[policy]` (default,
     /// max_flows, max_flows_per_port, flow_log, flow_log_max_bytes, flow_log_interval_secs)
     /// and `[[rule]]` tables (name, action, from, to, proto, ports). Command-line ports are
     /// added to the file's. SIGHUP reads it again.

@@ -49,6 +49,12 @@ pub enum ServerError {
         tap: String,
         source: hostnet::tap::TapError,
     },
+    #[error("port '{port}': cannot set the owner or mode of {path}: {source} (changing the owner needs root)")]
+    SocketAccess {
+        port: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
@@ -123,11 +129,24 @@ impl Server {
                 .map(|k| inherited.swap_remove(k).1);
             let listener = match handed {
                 Some(fd) => Listener::from(UnixListener::from(fd)),
-                None => Listener::new(&p.socket, true).map_err(|source| ServerError::Listen {
-                    port: p.name.clone(),
-                    path: p.socket.clone(),
-                    source,
-                })?,
+                None => {
+                    let l =
+                        Listener::new(&p.socket, true).map_err(|source| ServerError::Listen {
+                            port: p.name.clone(),
+                            path: p.socket.clone(),
+                            source,
+                        })?;
+                    // Checked by validate: only the change itself can fail here.
+                    let access = p.socket_access().unwrap_or_default();
+                    access
+                        .apply(&p.socket)
+                        .map_err(|source| ServerError::SocketAccess {
+                            port: p.name.clone(),
+                            path: p.socket.clone(),
+                            source,
+                        })?;
+                    l
+                }
             };
             listeners.push(listener);
         }

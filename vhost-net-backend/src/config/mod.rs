@@ -3,6 +3,7 @@
 pub mod north_south;
 pub mod policy;
 pub mod route;
+pub mod socket_access;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -32,7 +33,7 @@ pub enum ConfigError {
     },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("port spec '{spec}': {message} (expected name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N][,group=G]...[,ip=ADDR]...)")]
+    #[error("port spec '{spec}': {message} (expected name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N][,group=G]...[,ip=ADDR]...[,socket_owner=U][,socket_group=G][,socket_mode=0660])")]
     PortSpec { spec: String, message: String },
     #[error("port '{port}': {message}")]
     Port { port: String, message: String },
@@ -92,6 +93,14 @@ pub struct PortConfig {
     /// A rate limit on what the switch delivers to the guest.
     #[serde(default)]
     pub rate_rx: Option<RateConfig>,
+    /// The socket's owner and group (names or numbers) and mode (octal, `"0660"`), set
+    /// once it is created: what lets a QEMU running as another user connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_mode: Option<String>,
 }
 
 impl Default for PortConfig {
@@ -107,6 +116,9 @@ impl Default for PortConfig {
             addresses: Vec::new(),
             rate_tx: None,
             rate_rx: None,
+            socket_owner: None,
+            socket_group: None,
+            socket_mode: None,
         }
     }
 }
@@ -118,7 +130,14 @@ impl PortConfig {
             spec: spec.to_string(),
             message,
         };
-        let (mut name, mut socket, mut vlan, mut mac, mut queues) = (None, None, None, None, 1);
+        let (mut name, mut vlan, mut mac, mut queues) = (None, None, None, 1);
+        // Path, then its owner, group and mode.
+        let mut socket: (
+            Option<PathBuf>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        ) = (None, None, None, None);
         let (mut max_macs, mut groups, mut addresses) = (None, Vec::new(), Vec::new());
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = item
@@ -126,7 +145,7 @@ impl PortConfig {
                 .ok_or_else(|| err(format!("'{item}' is not key=value")))?;
             match k {
                 "name" => name = Some(v.to_string()),
-                "socket" => socket = Some(PathBuf::from(v)),
+                "socket" => socket.0 = Some(PathBuf::from(v)),
                 "vlan" => {
                     vlan = Some(
                         v.parse()
@@ -146,6 +165,9 @@ impl PortConfig {
                     )
                 }
                 "group" => groups.push(v.to_string()),
+                "socket_owner" => socket.1 = Some(v.to_string()),
+                "socket_group" => socket.2 = Some(v.to_string()),
+                "socket_mode" => socket.3 = Some(v.to_string()),
                 "ip" => addresses.push(
                     v.parse()
                         .map_err(|_| err(format!("ip '{v}' is not an IPv4 or IPv6 address")))?,
@@ -155,7 +177,10 @@ impl PortConfig {
         }
         Ok(PortConfig {
             name: name.ok_or_else(|| err("missing name=".into()))?,
-            socket: socket.ok_or_else(|| err("missing socket=".into()))?,
+            socket: socket.0.ok_or_else(|| err("missing socket=".into()))?,
+            socket_owner: socket.1,
+            socket_group: socket.2,
+            socket_mode: socket.3,
             vlan,
             mac,
             queues,
@@ -164,6 +189,15 @@ impl PortConfig {
             addresses,
             ..Default::default()
         })
+    }
+
+    /// Who may connect to its socket, resolved.
+    pub fn socket_access(&self) -> Result<socket_access::SocketAccess, String> {
+        socket_access::SocketAccess::resolve(
+            self.socket_owner.as_deref(),
+            self.socket_group.as_deref(),
+            self.socket_mode.as_deref(),
+        )
     }
 
     /// The VLAN the port belongs to; 0 stands for the untagged segment.
@@ -440,6 +474,7 @@ impl SwitchConfig {
                     return Err(err(format!("vlan {v} is out of range: use 1..=4094")));
                 }
             }
+            p.socket_access().map_err(err)?;
             if let Some(n) = p.max_macs {
                 let most = crate::switch::MAC_PER_PORT_LIMIT;
                 if n == 0 || usize::from(n) > most {
