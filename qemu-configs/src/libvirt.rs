@@ -3,8 +3,8 @@
 //! shared through memfd, as vhost-user needs; on kernel bridges, `<interface
 //! type='bridge'>`. The console is a UNIX socket, as `up` makes it.
 
-use crate::render::Layout;
-use crate::topology::{base64, Topology, Vm};
+use crate::render::{kernel_cmdline, Layout};
+use crate::topology::{Topology, Vm};
 
 /// `s` with the five XML specials escaped, for text and attribute values.
 fn esc(s: &str) -> String {
@@ -45,21 +45,7 @@ pub fn domain(topo: &Topology, vm: &Vm, layout: &Layout) -> String {
                 esc(&initrd.display().to_string())
             );
         }
-        let cmdline = g
-            .append
-            .replace("{name}", &vm.name)
-            .replace("{address}", &vm.address)
-            .replace(
-                "{gateway}",
-                &topo.gateway(vm).map(|a| a.to_string()).unwrap_or_default(),
-            )
-            .replace(
-                "{run}",
-                &vm.run
-                    .as_deref()
-                    .map(|r| base64(r.as_bytes()))
-                    .unwrap_or_default(),
-            );
+        let cmdline = kernel_cmdline(topo, vm);
         x += &format!("    <cmdline>{}</cmdline>\n", esc(&cmdline));
     } else {
         x += "    <boot dev='hd'/>\n";

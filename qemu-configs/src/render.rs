@@ -65,6 +65,26 @@ impl Layout {
     }
 }
 
+/// `[guest] append` for `vm`: `{name}`, `{address}`, `{gateway}` and `{run}` (base64)
+/// filled in.
+pub fn kernel_cmdline(topo: &Topology, vm: &Vm) -> String {
+    topo.guest
+        .append
+        .replace("{name}", &vm.name)
+        .replace("{address}", &vm.address)
+        .replace(
+            "{gateway}",
+            &topo.gateway(vm).map(|a| a.to_string()).unwrap_or_default(),
+        )
+        .replace(
+            "{run}",
+            &vm.run
+                .as_deref()
+                .map(|r| base64(r.as_bytes()))
+                .unwrap_or_default(),
+        )
+}
+
 /// QemuOpts escapes a comma inside a value by doubling it.
 fn opt(value: &Path) -> String {
     value.display().to_string().replace(',', ",,")
@@ -108,22 +128,7 @@ pub fn qemu_args(topo: &Topology, vm: &Vm, layout: &Layout) -> Vec<String> {
         if let Some(initrd) = &g.initrd {
             args.extend(["-initrd".into(), initrd.display().to_string()]);
         }
-        let append = g
-            .append
-            .replace("{name}", &vm.name)
-            .replace("{address}", &vm.address)
-            .replace(
-                "{gateway}",
-                &topo.gateway(vm).map(|a| a.to_string()).unwrap_or_default(),
-            )
-            .replace(
-                "{run}",
-                &vm.run
-                    .as_deref()
-                    .map(|r| base64(r.as_bytes()))
-                    .unwrap_or_default(),
-            );
-        args.extend(["-append".into(), append]);
+        args.extend(["-append".into(), kernel_cmdline(topo, vm)]);
     }
     if let Some(disk) = topo.disk(vm) {
         args.extend(["-drive".into(), format!("file={},if=virtio", opt(disk))]);

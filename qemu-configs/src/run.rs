@@ -162,16 +162,7 @@ fn up_on_switch(topo: &Topology, layout: &Layout) -> Result<Running, UpError> {
     fs::write(&path, text).map_err(io(&path))?;
     let log_path = layout.switch_log();
     let log = fs::File::create(&log_path).map_err(io(&log_path))?;
-    let mut cmd = Command::new(&layout.switch);
-    cmd.process_group(0);
-    // SAFETY: only prctl between fork and exec: the switch ends with this process.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
-    let child = cmd
+    let child = supervised(&layout.switch)
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "info")
@@ -215,6 +206,23 @@ fn up_on_switch(topo: &Topology, layout: &Layout) -> Result<Running, UpError> {
     start_vms(running)
 }
 
+/// A command for a process `up` supervises (a QEMU, the switch): in its own process group,
+/// so that a Ctrl-C meant for `up` reaches `up`, which stops them in order, not all at
+/// once; and ending with `up` even when it is killed outright (SIGTERM on its death; what
+/// they leave is for `qemu-configs down`).
+fn supervised(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.process_group(0);
+    // SAFETY: only prctl between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// The last `n` lines of a log, on one line.
 fn tail(path: &Path, n: usize) -> String {
     let text = fs::read_to_string(path).unwrap_or_default();
@@ -254,19 +262,7 @@ impl Running {
         info!("vm {}: {}", vm.name, shell_line(qemu, &args));
         let log_path = self.qemu_log(&vm.name);
         let log = fs::File::create(&log_path).map_err(io(&log_path))?;
-        let mut cmd = Command::new(qemu);
-        // Its own process group: a Ctrl-C meant for `up` reaches `up`, which stops the VMs
-        // in order, not every QEMU at once.
-        cmd.process_group(0);
-        // SAFETY: only prctl between fork and exec. The VMs end with this process even when
-        // it is killed outright (its networks stay until `qemu-configs down`).
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let child = cmd
+        let child = supervised(qemu)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io(&log_path))?)
