@@ -106,6 +106,36 @@ fn prints_capabilities() {
 }
 
 #[test]
+fn installs_the_vhost_user_description_qemu_asks_for() {
+    // docs/interop/vhost-user.json: type, description and the binary, which must run and
+    // answer --print-capabilities.
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("share/qemu/vhost-user");
+    let out = run(&[
+        "install-description",
+        "--dir",
+        &target.display().to_string(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = target.join("50-vhost-net-backend.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(v["type"], "net");
+    assert!(v["description"].as_str().is_some_and(|d| !d.is_empty()));
+    let binary = Path::new(v["binary"].as_str().unwrap());
+    assert!(binary.is_absolute(), "{binary:?}");
+    let caps = Command::new(binary)
+        .arg("--print-capabilities")
+        .output()
+        .unwrap();
+    assert!(caps.status.success());
+}
+
+#[test]
 fn help_explains_options_with_a_qemu_example() {
     let out = run(&["--help"]);
     let text = String::from_utf8_lossy(&out.stdout);

@@ -1,7 +1,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -117,6 +117,13 @@ struct Args {
 enum Command {
     /// Talk to a running switch over its control socket.
     Ctl(CtlArgs),
+    /// Write the vhost-user description file QEMU's docs ask every backend to install
+    /// (docs/interop/vhost-user.json), naming this binary, so that management tools find it.
+    InstallDescription {
+        /// Where description files of vhost-user backends live.
+        #[arg(long, default_value = "/usr/share/qemu/vhost-user")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -149,6 +156,24 @@ Commands:
   neighbours                         the router's neighbour table (configured and learned)
   leases                             DHCP: static bindings and pool leases of every segment
   balancers                          each balancer's backends: health, slots, connections, checks";
+
+/// Writes `DIR/50-vhost-net-backend.json`: type net, this binary's absolute path.
+fn install_description(dir: &Path) -> Result<()> {
+    let binary = std::env::current_exe()
+        .and_then(|p| p.canonicalize())
+        .context("cannot find this program's own path")?;
+    let description = serde_json::json!({
+        "description": "vhost-net-backend: a vhost-user-net virtual switch (VLANs, policy, routing)",
+        "type": "net",
+        "binary": binary,
+    });
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("50-vhost-net-backend.json");
+    std::fs::write(&path, format!("{:#}\n", description))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    println!("{}", path.display());
+    Ok(())
+}
 
 /// Sends one command to a running switch and prints its reply.
 fn ctl(args: &CtlArgs) -> Result<()> {
@@ -335,8 +360,10 @@ fn run(args: Args) -> Result<()> {
         println!("{{\n  \"type\": \"net\"\n}}");
         return Ok(());
     }
-    if let Some(Command::Ctl(ctl_args)) = &args.command {
-        return ctl(ctl_args);
+    match &args.command {
+        Some(Command::Ctl(ctl_args)) => return ctl(ctl_args),
+        Some(Command::InstallDescription { dir }) => return install_description(dir),
+        None => {}
     }
     let config = build_config(&args)?;
     let inherited = match args.fd {
