@@ -668,3 +668,74 @@ fn a_ports_socket_gets_its_group_and_mode_and_lets_that_user_in() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no-such-group"));
 }
+
+#[test]
+fn socket_activation_and_readiness_as_systemd_does_them() {
+    // As systemd starts a socket-activated Type=notify service: two listening sockets at
+    // fds 3 and 4 named by LISTEN_FDNAMES (in the other order than the ports), LISTEN_PID
+    // the service's own, NOTIFY_SOCKET a datagram socket the test reads.
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::{UnixDatagram, UnixListener};
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let la = UnixListener::bind(&sa).unwrap();
+    let lb = UnixListener::bind(&sb).unwrap();
+    let notify = UnixDatagram::bind(dir.path().join("notify")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (fa, fb) = (la.as_raw_fd(), lb.as_raw_fd());
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
+        .arg(backend_bin())
+        .arg("--port")
+        .arg(format!("name=a,socket={}", sa.display()))
+        .arg("--port")
+        .arg(format!("name=b,socket={}", sb.display()))
+        .env("LISTEN_FDS", "2")
+        .env("LISTEN_FDNAMES", "b:a")
+        .env("NOTIFY_SOCKET", dir.path().join("notify"))
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped());
+    // SAFETY: dup2 between fork and exec, onto the numbers systemd uses.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Through numbers above both, so that neither is overwritten before it is
+            // copied.
+            if libc::dup2(fb, 100) < 0
+                || libc::dup2(fa, 101) < 0
+                || libc::dup2(100, 3) < 0
+                || libc::dup2(101, 4) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = Reaped(cmd.spawn().unwrap());
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY from the switch");
+    let ready = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(
+        ready.contains("READY=1") && ready.contains("STATUS=serving 2 ports"),
+        "{ready}"
+    );
+    // Frames cross between the two activated ports: each socket went to its named port.
+    let _pair = connected_pair(&sa, &sb);
+    drop(_pair);
+    let log = stop_and_read_log(&mut child);
+    let n = notify.recv(&mut buf).expect("STOPPING from the switch");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+    assert!(log.contains("port a: socket from systemd (a)"), "{log}");
+    // systemd's copies still listen: the next start would get them (the switch neither
+    // shut them down nor removed their paths).
+    assert!(sa.exists() && sb.exists());
+    let _client = std::os::unix::net::UnixStream::connect(&sa).unwrap();
+    la.set_nonblocking(true).unwrap();
+    assert!(
+        la.accept().is_ok(),
+        "the socket systemd holds was shut down"
+    );
+}

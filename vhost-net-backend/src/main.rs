@@ -1,7 +1,9 @@
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+
+mod systemd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -339,7 +341,7 @@ fn build_config(args: &Args) -> Result<SwitchConfig> {
 }
 
 /// Takes the listening socket the parent passed as `--fd N`: the one place this process
-/// claims a descriptor by number.
+/// claims a descriptor by number (socket activation's are claimed in `systemd`).
 fn inherited_listener(fd: i32) -> Result<OwnedFd> {
     // SAFETY: F_GETFD only asks whether `fd` is open; no memory is touched.
     if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -348,11 +350,67 @@ fn inherited_listener(fd: i32) -> Result<OwnedFd> {
     // SAFETY: `fd` is open, was handed to this process by its parent for this use, and
     // nothing else in the process has claimed it (it is read once, here).
     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-    let listener = UnixListener::from(owned);
-    if listener.local_addr().is_err() {
-        bail!("--fd {fd} is not a listening Unix socket");
+    listening(owned, &format!("--fd {fd}"))
+}
+
+/// `fd` if it is a listening Unix socket (a connected one would make accept() fail every
+/// time it is called).
+fn listening(fd: OwnedFd, what: &str) -> Result<OwnedFd> {
+    let mut on: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes one c_int into `on`, whose size `len` gives.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut on as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    let listener = UnixListener::from(fd);
+    if rc != 0 || on == 0 || listener.local_addr().is_err() {
+        bail!("{what} is not a listening Unix socket");
     }
     Ok(listener.into())
+}
+
+/// The sockets systemd activated the service with, as (port index, socket): by name when
+/// every `FileDescriptorName=` is a port's name, else in the order of the ports.
+fn activated(config: &SwitchConfig, skip_last: bool) -> Result<Vec<(usize, OwnedFd)>> {
+    let fds = systemd::listen_fds().map_err(anyhow::Error::msg)?;
+    if fds.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ports = config.ports.len() - usize::from(skip_last);
+    if fds.len() > ports {
+        bail!(
+            "systemd passed {} sockets for {ports} ports; give each socket a port",
+            fds.len()
+        );
+    }
+    let by_name = fds
+        .iter()
+        .all(|(n, _)| config.ports[..ports].iter().any(|p| &p.name == n));
+    let mut out = Vec::new();
+    for (i, (name, fd)) in fds.into_iter().enumerate() {
+        let port = if by_name {
+            config
+                .ports
+                .iter()
+                .position(|p| p.name == name)
+                .unwrap_or(i)
+        } else {
+            i
+        };
+        let fd = listening(fd, &format!("activated socket {} ({name})", i + 3))?;
+        info!(
+            "port {}: socket from systemd ({name})",
+            config.ports[port].name
+        );
+        out.push((port, fd));
+    }
+    Ok(out)
 }
 
 fn run(args: Args) -> Result<()> {
@@ -366,13 +424,27 @@ fn run(args: Args) -> Result<()> {
         None => {}
     }
     let config = build_config(&args)?;
-    let inherited = match args.fd {
+    let mut inherited = match args.fd {
         Some(fd) => vec![(config.ports.len() - 1, inherited_listener(fd)?)],
         None => Vec::new(),
     };
+    inherited.extend(activated(&config, args.fd.is_some())?);
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGHUP]).context("installing signal handlers")?;
     let server = Server::start_with(&config, inherited)?;
+    systemd::notify(&format!(
+        "READY=1\nSTATUS=serving {} ports",
+        config.ports.len()
+    ));
+    if let Some(every) = systemd::watchdog_interval() {
+        std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || loop {
+                systemd::notify("WATCHDOG=1");
+                std::thread::sleep(every);
+            })
+            .context("starting the watchdog thread")?;
+    }
     let again = args.clone();
     server.set_reloader(Box::new(move || {
         build_config(&again).map_err(|e| format!("{e:#}"))
@@ -389,16 +461,21 @@ fn run(args: Args) -> Result<()> {
     for signal in signals.forever() {
         match signal {
             SIGUSR1 => info!("counters: {}", server.stats_json()),
-            SIGHUP => match server.reload() {
-                Ok(()) => info!("SIGHUP: config read again, policy applied"),
-                Err(e) => error!("SIGHUP: {e}; the running policy stays"),
-            },
+            SIGHUP => {
+                systemd::notify("RELOADING=1");
+                match server.reload() {
+                    Ok(()) => info!("SIGHUP: config read again, policy applied"),
+                    Err(e) => error!("SIGHUP: {e}; the running policy stays"),
+                }
+                systemd::notify("READY=1");
+            }
             _ => {
                 info!("signal {signal}: shutting down");
                 break;
             }
         }
     }
+    systemd::notify("STOPPING=1");
     server.stop();
     Ok(())
 }

@@ -61,13 +61,22 @@ pub enum ServerError {
     HostSide(#[from] HostSideError),
 }
 
+/// How a thread blocked in accept() on a listening socket is woken at shutdown.
+enum Wake {
+    /// A socket of ours: shut down.
+    Shutdown(RawFd),
+    /// A socket handed over (`--fd`, socket activation) and still its owner's: a
+    /// connection to it, which the stopping thread drops.
+    Connect(std::os::unix::net::SocketAddr),
+}
+
 /// A running switch. Dropping it (or calling `stop`) closes every connection and removes
 /// the sockets it created.
 pub struct Server {
     dp: Arc<Datapath>,
     stop: Arc<AtomicBool>,
-    /// Listening fds, shut down to wake the threads blocked in accept().
-    wake_fds: Vec<RawFd>,
+    /// How to wake each thread blocked in accept() at shutdown.
+    wake: Vec<Wake>,
     threads: Vec<JoinHandle<()>>,
     ticker: Option<mpsc::Sender<()>>,
     control_path: Option<PathBuf>,
@@ -128,7 +137,17 @@ impl Server {
                 .position(|(port, _)| *port == i)
                 .map(|k| inherited.swap_remove(k).1);
             let listener = match handed {
-                Some(fd) => Listener::from(UnixListener::from(fd)),
+                Some(fd) => {
+                    let l = UnixListener::from(fd);
+                    // Shared with whoever handed it over (systemd keeps its copy to
+                    // activate the next start): woken by a connection, never shut down.
+                    let wake = match l.local_addr() {
+                        Ok(a) if a.as_pathname().is_some() => Wake::Connect(a),
+                        _ => Wake::Shutdown(l.as_raw_fd()),
+                    };
+                    listeners.push((Listener::from(l), wake));
+                    continue;
+                }
                 None => {
                     let l =
                         Listener::new(&p.socket, true).map_err(|source| ServerError::Listen {
@@ -148,7 +167,8 @@ impl Server {
                     l
                 }
             };
-            listeners.push(listener);
+            let wake = Wake::Shutdown(listener.as_raw_fd());
+            listeners.push((listener, wake));
         }
         let control = match &config.control_socket {
             Some(path) => {
@@ -178,7 +198,7 @@ impl Server {
             private_dir: private_dir.clone(),
             dp: dp.clone(),
             stop: stop.clone(),
-            wake_fds: Vec::new(),
+            wake: Vec::new(),
             threads: Vec::new(),
             ticker: None,
             control_path: config.control_socket.clone(),
@@ -194,8 +214,8 @@ impl Server {
                 server.threads.push(t);
             }
         }
-        for (i, listener) in listeners.into_iter().enumerate() {
-            server.wake_fds.push(listener.as_raw_fd());
+        for (i, (listener, wake)) in listeners.into_iter().enumerate() {
+            server.wake.push(wake);
             let (dp, stop) = (dp.clone(), stop.clone());
             let internal = private_dir.join(format!("{i}.sock"));
             let name = format!("port-{}", config.ports[i].name);
@@ -206,7 +226,7 @@ impl Server {
             server.threads.push(t);
         }
         if let Some(control) = control {
-            server.wake_fds.push(control.as_raw_fd());
+            server.wake.push(Wake::Shutdown(control.as_raw_fd()));
             let (commands, stop) = (server.control.clone(), stop.clone());
             let t = thread::Builder::new()
                 .name("control".into())
@@ -289,9 +309,17 @@ impl Server {
         for p in &self.dp.ports {
             p.reset_connection();
         }
-        for fd in &self.wake_fds {
-            // SAFETY: shutting down a listening socket we own; it wakes a blocked accept().
-            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        for w in &self.wake {
+            match w {
+                // SAFETY: shutting down a listening socket we own; it wakes a blocked
+                // accept().
+                Wake::Shutdown(fd) => unsafe {
+                    libc::shutdown(*fd, libc::SHUT_RDWR);
+                },
+                Wake::Connect(addr) => {
+                    let _ = UnixStream::connect_addr(addr);
+                }
+            }
         }
         self.ticker.take();
         for t in self.threads.drain(..) {
