@@ -697,6 +697,7 @@ fn socket_activation_and_readiness_as_systemd_does_them() {
         .env("LISTEN_FDS", "2")
         .env("LISTEN_FDNAMES", "b:a")
         .env("NOTIFY_SOCKET", dir.path().join("notify"))
+        .env("JOURNAL_STREAM", "8:12345")
         .env("RUST_LOG", "info")
         .stderr(Stdio::piped());
     // SAFETY: dup2 between fork and exec, onto the numbers systemd uses.
@@ -729,6 +730,9 @@ fn socket_activation_and_readiness_as_systemd_does_them() {
     let n = notify.recv(&mut buf).expect("STOPPING from the switch");
     assert_eq!(&buf[..n], b"STOPPING=1");
     assert!(log.contains("port a: socket from systemd (a)"), "{log}");
+    // Under journald (JOURNAL_STREAM set), each line carries its priority.
+    assert!(log.lines().all(|l| l.starts_with('<')), "{log}");
+    assert!(log.contains("<6>port a: socket from systemd (a)"), "{log}");
     // systemd's copies still listen: the next start would get them (the switch neither
     // shut them down nor removed their paths).
     assert!(sa.exists() && sb.exists());

@@ -481,7 +481,22 @@ fn run(args: Args) -> Result<()> {
 }
 
 fn main() {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut logger =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    // Under systemd (stderr connected to the journal), each line carries its priority the
+    // way journald reads it (sd-daemon(3): "<3>" error ... "<7>" debug).
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        logger.format(|out, record| {
+            let priority = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(out, "<{priority}>{}", record.args())
+        });
+    }
+    logger.init();
     if let Err(e) = run(Args::parse()) {
         error!("{e:#}");
         std::process::exit(1);
