@@ -74,6 +74,51 @@ fn learns_floods_and_forwards_unicast_across_three_ports() {
     assert_eq!(ca.tx_packets, 2);
     assert_eq!(ca.rx_packets, 2);
     assert_eq!(sw.counters("b").rx_bytes, (200 + 400 + 100) as u64);
+
+    // ctl: the MAC table as learned, the ports as attached; a flush makes a -> b flood
+    // again until b is heard from.
+    let ctl = |line: &str| -> serde_json::Value {
+        serde_json::from_str(&sw.server().command(line)).unwrap()
+    };
+    let macs = ctl("macs");
+    let rows: Vec<(String, String)> = macs["macs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["mac"].as_str().unwrap().into(),
+                r["port"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let m = |n: u8| vhost_net_backend::config::MacAddr(mac(n)).to_string();
+    assert_eq!(
+        rows,
+        vec![(m(1), "a".into()), (m(2), "b".into()), (m(3), "c".into())],
+        "{macs}"
+    );
+    assert_eq!(ctl("macs port=b")["macs"].as_array().unwrap().len(), 1);
+    let ports = ctl("ports");
+    let pa = &ports["ports"][0];
+    assert_eq!(
+        (pa["name"].as_str(), pa["kind"].as_str()),
+        (Some("a"), Some("vm"))
+    );
+    assert_eq!(pa["connected"], true);
+    assert_eq!(pa["macs_learned"], 1);
+    assert!(
+        pa["features"].as_str().is_some_and(|f| f.starts_with("0x")),
+        "{ports}"
+    );
+    assert_eq!(ctl("mac-flush port=b")["flushed"], 1);
+    a.send(0, &plain(), &f3).unwrap();
+    assert_eq!(b.recv(0, WAIT).unwrap().frame, f3);
+    assert_eq!(c.recv(0, WAIT).expect("flooded after the flush").frame, f3);
+    assert!(ctl("macs port=nobody")["error"]
+        .as_str()
+        .unwrap()
+        .contains("no port named"));
 }
 
 #[test]

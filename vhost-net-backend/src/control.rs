@@ -17,6 +17,7 @@ use crate::datapath::Datapath;
 use crate::packet::l3::Ip;
 use crate::policy::conntrack::{tcp, Conn};
 use crate::policy::flow_log::{proto_name, tcp_flags_text};
+use crate::types::PortId;
 
 /// Reads the config again (the file and command line it came from).
 pub type Reloader = Box<dyn Fn() -> Result<SwitchConfig, String> + Send + Sync>;
@@ -25,7 +26,7 @@ pub const COMMANDS: &str = "stats, rules, flows [port=NAME] [addr=IP], flush [po
 [addr=IP] [proto=P] [dport=N], reload, rule-add [at=N] action=allow|deny [from=..] [to=..] \
 [proto=..] [ports=..] [name=..] [rate_bps=N] [rate_pps=N], rule-remove NAME|N, \
 rule-move NAME|N TO, port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] \
-[rx_bps=N] [rx_pps=N], routes, neighbours, leases, balancers";
+[rx_bps=N] [rx_pps=N], routes, neighbours, leases, balancers, ports, macs [port=NAME], mac-flush [port=NAME]";
 
 #[derive(Serialize)]
 struct PortStats<'a> {
@@ -120,6 +121,11 @@ impl Control {
             "neighbours" => Ok(self.neighbours()),
             "leases" => Ok(self.leases()),
             "balancers" => Ok(self.balancers()),
+            "ports" => Ok(self.ports()),
+            "macs" => self.port_arg(&args).map(|p| self.macs(p)),
+            "mac-flush" => self
+                .port_arg(&args)
+                .map(|p| json!({ "flushed": self.dp.switch.macs.flush(p) })),
             "" => Err(format!("no command; try one of: {COMMANDS}")),
             other => Err(format!("unknown command '{other}'; try one of: {COMMANDS}")),
         };
@@ -255,6 +261,69 @@ impl Control {
             })
             .collect();
         json!({ "balancers": rows })
+    }
+
+    /// `port=NAME` among `args`, if given: that port's id.
+    fn port_arg(&self, args: &[&str]) -> Result<Option<PortId>, String> {
+        let Some(name) = args.iter().find_map(|a| a.strip_prefix("port=")) else {
+            return match args.first() {
+                Some(a) => Err(format!("'{a}' is not port=NAME")),
+                None => Ok(None),
+            };
+        };
+        self.dp
+            .ports
+            .iter()
+            .position(|p| p.name == name)
+            .map(|i| Some(i as PortId))
+            .ok_or_else(|| format!("no port named '{name}'"))
+    }
+
+    /// Every port: kind, segment, queue pairs offered, whether a guest is attached, what
+    /// it negotiated, its configured MAC and how many MACs it holds in the table.
+    fn ports(&self) -> Value {
+        let rows: Vec<Value> = self
+            .dp
+            .ports
+            .iter()
+            .map(|p| {
+                let (kind, features) = match p.as_vm() {
+                    Some(vm) => {
+                        let rx = vm.vm.rx_read();
+                        ("vm", rx.features_acked.then_some(rx.features))
+                    }
+                    None => ("tap", None),
+                };
+                json!({
+                    "name": p.name,
+                    "kind": kind,
+                    "vlan": p.segment,
+                    "queue_pairs": p.queue_pairs,
+                    "connected": p.connected(),
+                    "features": features.map(|f| format!("{f:#x}")),
+                    "mac": p.mac.map(|m| m.to_string()),
+                    "macs_learned": self.dp.switch.macs.count_of(p.id),
+                })
+            })
+            .collect();
+        json!({ "ports": rows })
+    }
+
+    /// The MAC table, of one port or all.
+    fn macs(&self, port: Option<PortId>) -> Value {
+        let name = |id: PortId| self.dp.ports.get(usize::from(id)).map_or("?", |p| &p.name);
+        let rows: Vec<Value> = self
+            .dp
+            .switch
+            .macs
+            .rows()
+            .into_iter()
+            .filter(|r| port.is_none_or(|p| p == r.2))
+            .map(|(vlan, mac, id, age)| {
+                json!({ "vlan": vlan, "mac": mac.to_string(), "port": name(id), "age_secs": age })
+            })
+            .collect();
+        json!({ "macs": rows })
     }
 
     fn leases(&self) -> Value {

@@ -157,7 +157,10 @@ Commands:
   routes                             routed segments with their gateways, static routes
   neighbours                         the router's neighbour table (configured and learned)
   leases                             DHCP: static bindings and pool leases of every segment
-  balancers                          each balancer's backends: health, slots, connections, checks";
+  balancers                          each balancer's backends: health, slots, connections, checks
+  ports                              every port: kind, vlan, queue pairs, attached, negotiated features, MACs
+  macs [port=NAME]                   the MAC table (vlan, mac, port, age)
+  mac-flush [port=NAME]              forget learned MACs (of a port): their frames flood until heard again";
 
 /// Writes `DIR/50-vhost-net-backend.json`: type net, this binary's absolute path.
 fn install_description(dir: &Path) -> Result<()> {
@@ -256,6 +259,21 @@ fn ctl(args: &CtlArgs) -> Result<()> {
             ],
             "",
         ),
+        "ports" => print_table(
+            &v["ports"],
+            &[
+                "name",
+                "kind",
+                "vlan",
+                "queue_pairs",
+                "connected",
+                "features",
+                "mac",
+                "macs_learned",
+            ],
+            "",
+        ),
+        "macs" => print_table(&v["macs"], &["vlan", "mac", "port", "age_secs"], ""),
         "leases" => print_table(
             &v["leases"],
             &["segment", "address", "kind", "port", "mac", "expires_in"],

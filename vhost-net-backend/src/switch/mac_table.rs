@@ -249,6 +249,34 @@ impl MacTable {
             .unwrap_or(0)
     }
 
+    /// Every entry: VLAN, MAC, port, seconds since last heard; sorted by VLAN and MAC.
+    pub fn rows(&self) -> Vec<(u16, MacAddr, PortId, u64)> {
+        let now = self.now.load(Ordering::Relaxed);
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<_> = entries
+            .map
+            .iter()
+            .map(|((vlan, mac), e)| {
+                let age = now.saturating_sub(e.seen.load(Ordering::Relaxed));
+                (*vlan, *mac, e.port.load(Ordering::Relaxed), age)
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.0, r.1 .0));
+        rows
+    }
+
+    /// Forgets the entries of `port`, or all; how many went. Frames to those MACs are
+    /// flooded until they are heard again.
+    pub fn flush(&self, port: Option<PortId>) -> usize {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let before = entries.map.len();
+        entries.retain(|e| port.is_some_and(|p| e.port.load(Ordering::Relaxed) != p));
+        let gone = before - entries.map.len();
+        drop(entries);
+        self.version.fetch_add(1, Ordering::Release);
+        gone
+    }
+
     /// Changes whenever a lookup could answer differently (see `version`).
     pub fn version(&self) -> u64 {
         self.version.load(Ordering::Acquire)
@@ -258,6 +286,28 @@ impl MacTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_list_and_flush_forgets_a_port_or_all() {
+        let t = MacTable::new(300);
+        let mac = |n: u8| MacAddr([2, 0, 0, 0, 0, n]);
+        t.learn(10, mac(2), 1);
+        t.learn(10, mac(1), 0);
+        t.learn(20, mac(3), 1);
+        let rows = t.rows();
+        assert_eq!(
+            rows.iter().map(|r| (r.0, r.1, r.2)).collect::<Vec<_>>(),
+            vec![(10, mac(1), 0), (10, mac(2), 1), (20, mac(3), 1)]
+        );
+        let v = t.version();
+        assert_eq!(t.flush(Some(1)), 2);
+        assert_ne!(t.version(), v, "workers' caches must drop what they hold");
+        assert_eq!(t.lookup(10, mac(2)), None);
+        assert_eq!(t.lookup(10, mac(1)), Some(0));
+        assert_eq!(t.count_of(1), 0);
+        assert_eq!(t.flush(None), 1);
+        assert!(t.is_empty());
+    }
 
     fn mac(last: u8) -> MacAddr {
         MacAddr([2, 0, 0, 0, 0, last])
