@@ -28,6 +28,36 @@ pub enum TopologyError {
     Guest(String),
     #[error("{0}")]
     Switch(String),
+    /// Another error, where in the file it is.
+    #[error("{path}:{line}:{column}: {source}")]
+    At {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        source: Box<TopologyError>,
+    },
+}
+
+/// Where `[[table]]`'s entry `name = "NAME"` is written in `text`: line and column
+/// (from 1) of its name.
+fn locate(text: &str, table: &str, name: &str) -> Option<(usize, usize)> {
+    let header = format!("[[{table}]]");
+    let mut inside = false;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            inside = t == header;
+            continue;
+        }
+        let Some((key, value)) = t.split_once('=') else {
+            continue;
+        };
+        if inside && key.trim() == "name" && value.trim().trim_matches('"') == name {
+            let column = line.find(value.trim()).map_or(1, |c| c + 1);
+            return Some((i + 1, column));
+        }
+    }
+    None
 }
 
 /// How every VM boots, unless the VM says otherwise.
@@ -198,12 +228,32 @@ impl Topology {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| match e {
-            TopologyError::Parse { message, .. } => TopologyError::Parse {
-                path: path.to_path_buf(),
-                message,
-            },
-            other => other,
+        Self::parse(&text).map_err(|e| {
+            // The entry an error is about, where the file has it: "vm NAME: ..." and
+            // "network 'NAME': ...".
+            let at = match &e {
+                TopologyError::Parse { message, .. } => {
+                    return TopologyError::Parse {
+                        path: path.to_path_buf(),
+                        message: message.clone(),
+                    }
+                }
+                TopologyError::Vm { vm, .. } => locate(&text, "vm", vm),
+                TopologyError::Switch(m) => m
+                    .strip_prefix("network '")
+                    .and_then(|r| r.split_once('\''))
+                    .and_then(|(n, _)| locate(&text, "network", n)),
+                _ => None,
+            };
+            match at {
+                Some((line, column)) => TopologyError::At {
+                    path: path.to_path_buf(),
+                    line,
+                    column,
+                    source: Box::new(e),
+                },
+                None => e,
+            }
         })
     }
 
@@ -692,6 +742,32 @@ address = "10.10.2.10/24"
             "network = \"app\"\ndisk = \"/vm/app1.qcow2\"\n",
         );
         Topology::parse(&own).unwrap();
+    }
+
+    #[test]
+    fn errors_of_a_file_name_its_line_and_column() {
+        let dir = std::env::temp_dir().join(format!("qc-at-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.toml");
+        std::fs::write(
+            &path,
+            THREE_TIER.replace("network = \"app\"", "network = \"ap\""),
+        )
+        .unwrap();
+        let e = Topology::load(&path).unwrap_err().to_string();
+        let line = THREE_TIER
+            .lines()
+            .position(|l| l == "name = \"app1\"")
+            .unwrap()
+            + 1;
+        assert!(
+            e.starts_with(&format!(
+                "{}:{line}:8: vm app1: network 'ap'",
+                path.display()
+            )),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
