@@ -370,10 +370,13 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
         std::thread::sleep(Duration::from_millis(100));
     }
     let before: Vec<usize> = webs.iter().map(|w| w.syns_from(outside_ip)).collect();
-    assert_eq!(connections(&outside, "192.0.2.1:8080", 300), 300);
+    // As with the 3,000 above, a handshake may miss its 500 ms under a loaded CI machine
+    // (the SYN's retransmission comes after 1 s): nearly all complete, and none reaches web3.
+    let done = connections(&outside, "192.0.2.1:8080", 300);
+    assert!(done >= 295, "only {done} of 300 connections completed");
     let after: Vec<usize> = webs.iter().map(|w| w.syns_from(outside_ip)).collect();
     assert_eq!(after[2], before[2], "web3 got new connections while down");
-    assert_eq!(after[0] + after[1] - before[0] - before[1], 300);
+    assert!(after[0] + after[1] - before[0] - before[1] >= done);
     assert!(log().contains("backend 10.10.1.12 is down"), "{}", log());
 
     // Stopped, the switch leaves the host as it was.
