@@ -121,6 +121,23 @@ pub struct Allow {
     pub port: Option<u16>,
 }
 
+/// `allow web -> app tcp/8080`: how rules, counters and reports name an allowed flow.
+impl std::fmt::Display for Allow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "allow {} -> {} {}",
+            self.from,
+            self.to,
+            self.proto.name()
+        )?;
+        match self.port {
+            Some(p) => write!(f, "/{p}"),
+            None => Ok(()),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetFile {
@@ -386,12 +403,7 @@ impl NetFile {
             }
             expr.push(json!({"counter": null}));
             expr.push(json!({"accept": null}));
-            let port = a.port.map(|p| format!("/{p}")).unwrap_or_default();
-            cmds.push(rule(
-                "forward",
-                format!("allow {} -> {} {p}{port}", a.from, a.to),
-                expr,
-            ));
+            cmds.push(rule("forward", a.to_string(), expr));
         }
         let ours: Vec<&str> = self.networks.iter().map(|n| n.bridge.as_str()).collect();
         for (dir, key) in [("from", "iifname"), ("to", "oifname")] {

@@ -156,13 +156,7 @@ pub fn switch_config(topo: &Topology, layout: &Layout) -> SwitchConfig {
     }
     for a in &topo.allows {
         c.rules.push(RuleConfig {
-            name: Some(format!(
-                "allow {} -> {} {}{}",
-                a.from,
-                a.to,
-                a.proto.name(),
-                a.port.map(|p| format!("/{p}")).unwrap_or_default()
-            )),
+            name: Some(a.to_string()),
             action: Action::Allow,
             from: one(&a.from),
             to: one(&a.to),

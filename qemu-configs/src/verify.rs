@@ -79,15 +79,7 @@ fn policy(topo: &Topology, from: &str, to: &Service) -> (bool, String) {
             && a.port.is_none_or(|p| p == to.port)
     });
     match allow {
-        Some(a) => (
-            true,
-            format!(
-                "allow {} -> {} tcp{}",
-                a.from,
-                a.to,
-                a.port.map(|p| format!("/{p}")).unwrap_or_default()
-            ),
-        ),
+        Some(a) => (true, a.to_string()),
         None => (false, "default deny".into()),
     }
 }

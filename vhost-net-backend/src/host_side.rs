@@ -156,7 +156,7 @@ pub fn ruleset(config: &SwitchConfig, slots: &[(String, Vec<Option<Ipv4Addr>>)])
         let subnets: Vec<Value> = config
             .segments
             .iter()
-            .filter_map(|s| s.gateways().ok()?.into_iter().find(|g| g.addr.is_v4()))
+            .filter_map(|s| s.gateway_v4())
             .map(|g| {
                 let (a, len) = network(&g);
                 json!({"prefix": {"addr": a.to_string(), "len": len}})
@@ -254,15 +254,11 @@ impl HostSide {
             .segments
             .iter()
             .find(|s| s.segment() == vlan)
-            .and_then(|s| s.gateways().ok()?.into_iter().find(|g| g.addr.is_v4()))
+            .and_then(|s| s.gateway_v4())
             .map(|g| v4(&g));
         if let Some(via) = via {
             for s in config.segments.iter().filter(|s| s.segment() != vlan) {
-                let Some(g) = s
-                    .gateways()
-                    .ok()
-                    .and_then(|g| g.into_iter().find(|g| g.addr.is_v4()))
-                else {
+                let Some(g) = s.gateway_v4() else {
                     continue;
                 };
                 let (dst, len) = network(&g);

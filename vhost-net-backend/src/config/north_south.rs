@@ -176,8 +176,7 @@ pub fn check(c: &SwitchConfig) -> Result<(), ConfigError> {
              [[segment]] with vlan = {vlan} and a gateway in {host}'s subnet"
         )));
     };
-    let gws = seg.gateways().unwrap_or_default();
-    let Some(gw) = gws.iter().find(|g| g.addr.is_v4()) else {
+    let Some(gw) = seg.gateway_v4() else {
         return Err(err(format!("{} has no IPv4 gateway", seg.label())));
     };
     if !gw.contains(host.addr) || gw.len != host.len || gw.addr == host.addr {

@@ -92,6 +92,12 @@ impl SegmentConfig {
     pub fn gateways(&self) -> Result<Vec<Prefix>, String> {
         self.gateway.iter().map(|g| g.parse()).collect()
     }
+
+    /// The IPv4 gateway with its subnet, if the segment has one (and it parses: `check`
+    /// names the error).
+    pub fn gateway_v4(&self) -> Option<Prefix> {
+        self.gateways().ok()?.into_iter().find(|g| g.addr.is_v4())
+    }
 }
 
 /// `[[route]]`: traffic to `to` goes to the router at `via`, in a segment's subnet.
@@ -238,7 +244,7 @@ pub fn check(c: &SwitchConfig) -> Result<(), ConfigError> {
 
 /// A segment's DHCP settings against its subnet, its ports and the switch's MTU.
 fn check_dhcp(c: &SwitchConfig, s: &SegmentConfig, d: &DhcpConfig) -> Result<(), String> {
-    let Some(subnet) = s.gateways()?.into_iter().find(|g| g.addr.is_v4()) else {
+    let Some(subnet) = s.gateway_v4() else {
         return Err("the segment has no IPv4 gateway; DHCPv4 needs one".into());
     };
     if d.lease_secs < 60 {

@@ -179,7 +179,7 @@ impl Router {
             .segments
             .iter()
             .filter_map(|s| {
-                let subnet = s.gateways().ok()?.into_iter().find(|g| g.addr.is_v4())?;
+                let subnet = s.gateway_v4()?;
                 Some((s.segment(), DhcpServer::new(subnet, s.dhcp.as_ref()?)))
             })
             .collect();
