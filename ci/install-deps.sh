@@ -5,7 +5,8 @@
 #    image built from them (integration::guest_image);
 #  - nftables, iproute2, util-linux (setpriv), libcap2-bin (setcap): bridge-plugin and its
 #    namespace tests;
-#  - dpdk-dev (dpdk-testpmd) with the vhost PMD, and openvswitch-switch-dpdk (OVS-DPDK,
+#  - dpdk-dev (dpdk-testpmd) with the vhost PMD (reference backend) and the virtio PMD (a
+#    foreign frontend: tests/foreign_frontend.rs, vnet-bench), and openvswitch-switch-dpdk (OVS-DPDK,
 #    plain and with a conntrack firewall): the benchmark's reference backends;
 #  - the tests run guests on QEMU 7.2 (bookworm) and QEMU 10 (bookworm-backports): the
 #    system QEMU is bookworm's 7.2 unless the machine already has QEMU 10's qemu-utils
@@ -21,7 +22,7 @@ export DEBIAN_FRONTEND=noninteractive
 packages=(busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux libcap2-bin)
 if [ "${1:-}" != example ]; then
     # libvirt-clients: virt-xml-validate (and xmllint, which it runs), for rendered libvirt domains.
-    packages+=(dpdk-dev librte-net-vhost23 librte-mempool-ring23 openvswitch-switch-dpdk libvirt-clients libxml2-utils)
+    packages+=(dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23 openvswitch-switch-dpdk libvirt-clients libxml2-utils)
 fi
 missing=()
 for p in "${packages[@]}"; do

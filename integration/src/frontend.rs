@@ -116,6 +116,8 @@ struct DriverQueue {
     bufs: GuestAddress,
     buf_size: u64,
     kick: EventFd,
+    /// Kicks `publish_idx` sent: the ones the backend asked for.
+    kicks: u64,
     call: EventFd,
     avail_idx: u16,
     last_used: u16,
@@ -249,6 +251,7 @@ impl VirtioNetDevice {
                 bufs,
                 buf_size,
                 kick: EventFd::new(EFD_NONBLOCK)?,
+                kicks: 0,
                 call: EventFd::new(EFD_NONBLOCK)?,
                 avail_idx: 0,
                 last_used: 0,
@@ -340,7 +343,7 @@ impl VirtioNetDevice {
             .expect("descriptor table is in memory");
     }
 
-    /// Makes the chain at `head` available and kicks the queue.
+    /// Makes the chain at `head` available and kicks the queue if the backend asks for it.
     fn publish(&mut self, q: usize, head: u16) -> Result<()> {
         let (avail, size, idx) = {
             let dq = &self.queues[q];
@@ -348,15 +351,7 @@ impl VirtioNetDevice {
         };
         let slot = GuestAddress(avail.0 + 4 + u64::from(idx % size) * 2);
         self.mem.write_obj(head.to_le(), slot).unwrap();
-        fence(Ordering::Release);
-        let idx = idx.wrapping_add(1);
-        self.mem
-            .store(idx.to_le(), GuestAddress(avail.0 + 2), Ordering::Release)
-            .unwrap();
-        let dq = &mut self.queues[q];
-        dq.avail_idx = idx;
-        fence(Ordering::SeqCst);
-        dq.kick.write(1)?;
+        self.publish_idx(q, idx.wrapping_add(1));
         Ok(())
     }
 
@@ -646,6 +641,7 @@ impl VirtioNetDevice {
         };
         if kick {
             let _ = self.queues[q].kick.write(1);
+            self.queues[q].kicks += 1;
         }
     }
 
@@ -672,6 +668,12 @@ impl VirtioNetDevice {
             self.publish_idx(q, idx);
         }
         (frames, bytes)
+    }
+
+    /// Kicks sent on queue `q` (RX queues even, TX odd) after new buffers were made
+    /// available, as the backend asked for them (EVENT_IDX's avail_event or NO_NOTIFY).
+    pub fn kicks(&self, q: usize) -> u64 {
+        self.queues[q].kicks
     }
 
     /// Address of a TX data buffer the test may fill and point raw descriptors at.

@@ -8,6 +8,7 @@ pub mod guest_image;
 pub mod netns;
 pub mod qemu;
 pub mod testbed;
+pub mod testpmd;
 
 pub use frontend::{DeviceOptions, RawDesc, RawNext, RxFrame, VirtioNetDevice};
 pub use testbed::TestSwitch;

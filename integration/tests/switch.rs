@@ -781,3 +781,27 @@ fn a_driver_that_breaks_the_ring_protocol_is_reset_and_can_come_back() {
         77
     );
 }
+
+#[test]
+fn a_driver_without_event_idx_is_asked_for_kicks_only_when_the_switch_waits_for_them() {
+    let sw = TestSwitch::start(ports(&["a", "b"]), None);
+    let no_event_idx = opts(ALL_FEATURES & !f::RING_EVENT_IDX);
+    let mut a = device(&sw, "a", no_event_idx.clone());
+    let mut b = device(&sw, "b", no_event_idx);
+    // Frames one at a time, each received (and its RX buffer posted again) before the next.
+    for i in 0..200u32 {
+        let mut frame = udp_frame(mac(1), mac(2), 100);
+        frame[60..64].copy_from_slice(&i.to_be_bytes());
+        a.send(0, &plain(), &frame).unwrap();
+        assert_eq!(b.recv(0, WAIT).expect("frame arrives").frame, frame);
+    }
+    // RX buffers are never waited for: after the first, reposting them needs no kick
+    // (before: one kick, one wake-up of b's worker, per buffer).
+    assert!(b.kicks(0) <= 2, "b's RX queue kicked {} times", b.kicks(0));
+    // TX: the switch sleeps between frames, so it asks for each one's kick.
+    assert!(
+        a.kicks(1) >= 150,
+        "a's TX queue kicked {} times",
+        a.kicks(1)
+    );
+}

@@ -31,6 +31,7 @@ pub const BASE_FEATURES: u64 = f::VERSION_1
     | f::MRG_RXBUF
     | f::RING_EVENT_IDX
     | f::RING_INDIRECT_DESC
+    | f::IN_ORDER
     | f::CSUM
     | f::GUEST_CSUM
     | f::HOST_TSO4
@@ -203,7 +204,21 @@ impl VhostUserBackend for Port {
             }
             worker.published = true;
         }
-        // Event 0 is the RX kick (new buffers): frames are never queued, nothing to do.
+        // Event 0 is the RX kick (new buffers): frames are never queued for them, so the
+        // driver need not kick at all. Without EVENT_IDX it kicks until the used ring's
+        // NO_NOTIFY flag says otherwise (with it, after the first kick, only when its index
+        // passes an avail_event never moved on), each kick a wake-up of this thread.
+        if device_event == 0 {
+            if let (Some(rx), Some(mem)) = (vrings.first(), inner.vm.rx_read().mem.clone()) {
+                use vhost_user_backend::VringT;
+                use virtio_queue::QueueT;
+                use vm_memory::GuestAddressSpace;
+                let _ = rx
+                    .get_mut()
+                    .get_queue_mut()
+                    .disable_notification(&*mem.memory());
+            }
+        }
         if device_event == 1 {
             if let Some(tx) = vrings.get(1) {
                 let queue = TxQueue {

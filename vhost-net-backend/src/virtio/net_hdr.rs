@@ -2,7 +2,7 @@
 
 /// Virtio-net and ring feature bits (virtio 1.2, section 5.1.3 and 6), as masks.
 pub mod features {
-    use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+    use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
     use virtio_bindings::virtio_net as n;
     use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -29,6 +29,7 @@ pub mod features {
     pub const PROTOCOL_FEATURES: u64 =
         vhost::vhost_user::message::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
     pub const VERSION_1: u64 = bit(VIRTIO_F_VERSION_1);
+    pub const IN_ORDER: u64 = bit(VIRTIO_F_IN_ORDER);
 }
 
 pub const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 =

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use integration::frames::{as_partial_tcp, mac, tcp_frame, udp_frame, BROADCAST};
 use integration::frontend::ALL_FEATURES;
 use integration::testbed::backend_binary;
+use integration::testpmd::{self, ForwardRun, VirtioUser};
 use integration::{DeviceOptions, VirtioNetDevice};
 use serde::Serialize;
 use vhost_net_backend::virtio::{features as f, NetHdr};
@@ -82,6 +83,270 @@ struct Report {
     vs_ovs: Vec<(String, String, f64)>,
     ovs: Option<String>,
     dpdk: Option<String>,
+    /// DPDK's virtio-user PMD (testpmd) as the frontend, against ours and testpmd's vhost PMD.
+    foreign: Vec<ForeignRun>,
+    /// Ours over testpmd's vhost PMD with that frontend: case, medians' ratio.
+    vs_dpdk_foreign: Vec<(String, f64)>,
+    foreign_note: Option<String>,
+}
+
+/// One run of DPDK's virtio-user frontend (testpmd, mac forwarding, frames circulating
+/// both ways) against a backend.
+#[derive(Serialize)]
+struct ForeignRun {
+    backend: &'static str,
+    case: &'static str,
+    round: usize,
+    /// Both directions summed.
+    mpps: f64,
+    /// testpmd's forwarding core: busy time per frame (idle polls excluded). Near
+    /// 1000 / mpps, the frontend was the bottleneck.
+    frontend_ns_per_frame: Option<f64>,
+}
+
+const FOREIGN_CASES: [(&str, usize); 2] = [("64 B", 64), ("1518 B", 1518)];
+/// Rounds of the foreign-frontend section; the backends take turns within each.
+const FOREIGN_ROUNDS: usize = 3;
+
+/// DPDK's virtio-user frontend against ours and against testpmd's vhost PMD (one queue
+/// pair, its forwarding core on CPU 1), interleaved round by round in alternating order
+/// so that a drift of the machine reaches both; medians and their ratio per case.
+fn foreign_frontend(seconds: f64, only: Option<&str>, report: &mut Report) {
+    if !testpmd::available() {
+        report.foreign_note = Some(
+            "not run: dpdk-testpmd or DPDK's virtio PMD missing (apt-get install dpdk-dev \
+             librte-net-virtio23)"
+                .into(),
+        );
+        return;
+    }
+    const OURS: &str = "vhost-net-backend";
+    const THEIRS: &str = "dpdk-testpmd vhost";
+    let dev = VirtioUser::default();
+    for (case, size) in FOREIGN_CASES
+        .into_iter()
+        .filter(|(n, _)| only.is_none_or(|o| n.starts_with(o)))
+    {
+        for round in 0..FOREIGN_ROUNDS {
+            let order = if round % 2 == 0 {
+                [OURS, THEIRS]
+            } else {
+                [THEIRS, OURS]
+            };
+            for backend in order {
+                let target: Box<dyn Target> = if backend == OURS {
+                    Box::new(Backend::start(&[]))
+                } else {
+                    match Dpdk::start(1) {
+                        Some(d) => Box::new(d),
+                        None => continue,
+                    }
+                };
+                let run = ForwardRun {
+                    frame_bytes: size,
+                    warmup: Duration::from_secs(1),
+                    measure: Duration::from_secs_f64(seconds.max(0.5)),
+                    forwarding_cpu: 0,
+                    file_prefix: format!("vnetbench-fe-{}", std::process::id()),
+                };
+                match testpmd::forward([&target.sock("a"), &target.sock("b")], &dev, &run) {
+                    Ok(r) => report.foreign.push(ForeignRun {
+                        backend,
+                        case,
+                        round,
+                        mpps: r.mpps(),
+                        frontend_ns_per_frame: r.frontend_ns_per_frame(),
+                    }),
+                    Err(e) => {
+                        let tail: String = e.lines().rev().take(15).collect::<Vec<_>>().join("\n");
+                        eprintln!("vnet-bench: {backend}, {case}, DPDK frontend: {tail}");
+                    }
+                }
+            }
+        }
+        let median_of = |backend: &str| {
+            median(
+                report
+                    .foreign
+                    .iter()
+                    .filter(|r| r.backend == backend && r.case == case)
+                    .map(|r| r.mpps)
+                    .collect(),
+            )
+        };
+        if let (Some(ours), Some(theirs)) = (median_of(OURS), median_of(THEIRS)) {
+            if theirs > 0.0 {
+                report
+                    .vs_dpdk_foreign
+                    .push((case.to_string(), ours / theirs));
+            }
+        }
+    }
+    report.foreign_note = Some(format!(
+        "dpdk-testpmd 22.11 as the frontend: two net_virtio_user ports ({} entries, in_order=1, \
+         mrg_rxbuf=0), mac forwarding of 16 bursts of 32 frames a port, forwarding core on CPU 0; \
+         the backend on CPU 1 ({FOREIGN_ROUNDS} interleaved rounds)",
+        dev.queue_size
+    ));
+}
+
+/// Every section driven by our own frontend (`integration::frontend`).
+fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: Setup) {
+    let seconds = setup.seconds;
+    for (label, extra) in [
+        ("vhost-net-backend", &[][..]),
+        ("  --poll-us 50", &["--poll-us", "50"][..]),
+    ] {
+        let backend = Backend::start(extra);
+        for qps in [1u16, 2] {
+            for &case in cases {
+                let (t, huge) = throughput(&backend, case, qps, setup);
+                report.record(t, huge, label);
+            }
+        }
+    }
+    // The policy stage: established flows under 10 and 1,000 rules, and new connections.
+    let policy_cases: Vec<Case> = cases
+        .iter()
+        .filter(|c| !c.tso && !c.both_ways)
+        .copied()
+        .collect();
+    let new_flows = only.is_none_or(|o| NEW_FLOWS.name.starts_with(o));
+    // Then routing between two subnets, alone and with the policy.
+    for (label, rules, routed) in [
+        ("  policy 10 rules", Some(10), false),
+        ("  policy 1000 rules", Some(1000), false),
+        ("  routed", None, true),
+        ("  routed + policy 10 rules", Some(10), true),
+    ] {
+        if policy_cases.is_empty() && !(new_flows && rules == Some(10) && !routed) {
+            continue;
+        }
+        let backend = Backend::start_with(rules, routed, &[]);
+        for &case in &policy_cases {
+            let (t, huge) = throughput(&backend, case, 1, setup);
+            let plain = report
+                .throughput
+                .iter()
+                .find(|o| {
+                    o.backend == "vhost-net-backend" && o.case == case.name && o.queue_pairs == 1
+                })
+                .map_or(0.0, |o| o.mpps);
+            if plain > 0.0 {
+                report.vs_plain.push((
+                    label.trim().to_string(),
+                    case.name.to_string(),
+                    t.mpps / plain,
+                ));
+            }
+            report.record(t, huge, label);
+        }
+        if rules == Some(10) && !routed && new_flows {
+            let (t, huge) = throughput(&backend, NEW_FLOWS, 1, setup);
+            report.record(t, huge, label);
+        }
+    }
+
+    // OVS-DPDK, NORMAL and with a conntrack firewall, on the same cases.
+    if !policy_cases.is_empty() {
+        report.ovs = Some(match ovs::Ovs::start() {
+            Some(o) => {
+                let mut mpps = std::collections::HashMap::new();
+                for (label, flows) in [
+                    ("ovs-dpdk NORMAL", ovs::OvsFlows::Normal),
+                    ("ovs-dpdk conntrack", ovs::OvsFlows::Conntrack),
+                ] {
+                    if !o.set_flows(flows) {
+                        break;
+                    }
+                    for &case in &policy_cases {
+                        let (t, huge) = throughput(&o, case, 1, setup);
+                        mpps.insert((label, case.name), t.mpps);
+                        report.record(t, huge, label);
+                    }
+                }
+                for &case in &policy_cases {
+                    let get = |label: &str| mpps.get(&(label, case.name)).copied().unwrap_or(0.0);
+                    let ours = report
+                        .throughput
+                        .iter()
+                        .find(|t| t.backend == "  policy 10 rules" && t.case == case.name)
+                        .map_or(0.0, |t| t.mpps);
+                    let (normal, ct) = (get("ovs-dpdk NORMAL"), get("ovs-dpdk conntrack"));
+                    if normal > 0.0 && ct > 0.0 {
+                        report.vs_ovs.push((
+                            "OVS-DPDK conntrack / its NORMAL".into(),
+                            case.name.into(),
+                            ct / normal,
+                        ));
+                        report.vs_ovs.push((
+                            "ours, policy 10 rules / OVS-DPDK conntrack".into(),
+                            case.name.into(),
+                            ours / ct,
+                        ));
+                    }
+                }
+                "OVS-DPDK 3.1 (Debian), netdev bridge, two dpdkvhostuser ports, one PMD core, \
+                 256 MiB of 2 MiB pages"
+                    .into()
+            }
+            None => "not run: OVS-DPDK missing or did not start (apt-get install \
+                     openvswitch-switch-dpdk; it needs 128 free 2 MiB huge pages)"
+                .into(),
+        });
+    }
+
+    for poll_us in [0u64, 50] {
+        if only.is_some() {
+            break;
+        }
+        let backend = Backend::start(&["--poll-us", &poll_us.to_string()]);
+        let trips = (seconds * 2000.0) as usize;
+        report
+            .latency
+            .push(latency(&backend, poll_us, trips.max(200)));
+    }
+
+    if only.is_none() {
+        report.wakeup_floor = Some(wakeup_floor((seconds * 2000.0).max(200.0) as usize));
+    }
+
+    match Dpdk::start(2) {
+        Some(dpdk) => {
+            for qps in [1u16, 2] {
+                for &case in cases {
+                    let (t, huge) = throughput(&dpdk, case, qps, setup);
+                    let ours = report
+                        .throughput
+                        .iter()
+                        .filter(|o| o.case == case.name && o.queue_pairs == qps)
+                        .map(|o| o.mpps)
+                        .fold(0.0, f64::max);
+                    let ratio = if t.mpps > 0.0 { ours / t.mpps } else { 0.0 };
+                    report.vs_dpdk.push((case.name.to_string(), qps, ratio));
+                    report.record(t, huge, "dpdk-testpmd");
+                }
+            }
+            report.dpdk = Some(
+                "dpdk-testpmd 22.11, two net_vhost ports, io forwarding, one forwarding core, --no-huge"
+                    .into(),
+            );
+        }
+        None => {
+            report.dpdk = Some(
+                "not run: dpdk-testpmd missing (apt-get install dpdk-dev librte-net-vhost23)"
+                    .into(),
+            );
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
 }
 
 struct Backend {
@@ -180,11 +445,12 @@ struct Dpdk {
 const DPDK_PMDS: &str = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0";
 
 impl Dpdk {
-    fn start() -> Option<Dpdk> {
+    /// With `queues` queue pairs a port.
+    fn start(queues: u16) -> Option<Dpdk> {
         let dir = tempfile::tempdir().ok()?;
         let vdev = |i: u32, name: &str| {
             format!(
-                "net_vhost{i},iface={},queues=2,tso=1",
+                "net_vhost{i},iface={},queues={queues},tso=1",
                 dir.path().join(format!("{name}.sock")).display()
             )
         };
@@ -215,7 +481,8 @@ impl Dpdk {
                 "60",
                 "--nb-cores=1",
             ])
-            .args(["--rxq=2", "--txq=2"])
+            .arg(format!("--rxq={queues}"))
+            .arg(format!("--txq={queues}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -683,7 +950,8 @@ impl Report {
 }
 
 const USAGE: &str =
-    "usage: vnet-bench [--seconds S] [--json] [--case NAME] [--queue-size 256|512|1024]";
+    "usage: vnet-bench [--seconds S] [--json] [--case NAME] [--queue-size 256|512|1024] \
+     [--frontend ours|dpdk]";
 
 /// Refuses what it does not know (a mistyped option silently ran the whole benchmark).
 fn check_args(args: &[String]) -> Result<(), String> {
@@ -691,7 +959,12 @@ fn check_args(args: &[String]) -> Result<(), String> {
     while i < args.len() {
         match args[i].as_str() {
             "--json" => i += 1,
-            "--seconds" | "--case" | "--queue-size" => {
+            "--frontend"
+                if !matches!(args.get(i + 1).map(String::as_str), Some("ours" | "dpdk")) =>
+            {
+                return Err("--frontend takes ours or dpdk".into());
+            }
+            "--seconds" | "--case" | "--queue-size" | "--frontend" => {
                 if args.get(i + 1).is_none() {
                     return Err(format!("{} needs a value", args[i]));
                 }
@@ -763,152 +1036,20 @@ fn main() {
         vs_ovs: Vec::new(),
         ovs: None,
         dpdk: None,
+        foreign: Vec::new(),
+        vs_dpdk_foreign: Vec::new(),
+        foreign_note: None,
     };
-    for (label, extra) in [
-        ("vhost-net-backend", &[][..]),
-        ("  --poll-us 50", &["--poll-us", "50"][..]),
-    ] {
-        let backend = Backend::start(extra);
-        for qps in [1u16, 2] {
-            for &case in &cases {
-                let (t, huge) = throughput(&backend, case, qps, setup);
-                report.record(t, huge, label);
-            }
-        }
-    }
-    // The policy stage: established flows under 10 and 1,000 rules, and new connections.
-    let policy_cases: Vec<Case> = cases
+    let frontend = args
         .iter()
-        .filter(|c| !c.tso && !c.both_ways)
-        .copied()
-        .collect();
-    let new_flows = only.is_none_or(|o| NEW_FLOWS.name.starts_with(o));
-    // Then routing between two subnets, alone and with the policy.
-    for (label, rules, routed) in [
-        ("  policy 10 rules", Some(10), false),
-        ("  policy 1000 rules", Some(1000), false),
-        ("  routed", None, true),
-        ("  routed + policy 10 rules", Some(10), true),
-    ] {
-        if policy_cases.is_empty() && !(new_flows && rules == Some(10) && !routed) {
-            continue;
-        }
-        let backend = Backend::start_with(rules, routed, &[]);
-        for &case in &policy_cases {
-            let (t, huge) = throughput(&backend, case, 1, setup);
-            let plain = report
-                .throughput
-                .iter()
-                .find(|o| {
-                    o.backend == "vhost-net-backend" && o.case == case.name && o.queue_pairs == 1
-                })
-                .map_or(0.0, |o| o.mpps);
-            if plain > 0.0 {
-                report.vs_plain.push((
-                    label.trim().to_string(),
-                    case.name.to_string(),
-                    t.mpps / plain,
-                ));
-            }
-            report.record(t, huge, label);
-        }
-        if rules == Some(10) && !routed && new_flows {
-            let (t, huge) = throughput(&backend, NEW_FLOWS, 1, setup);
-            report.record(t, huge, label);
-        }
+        .position(|a| a == "--frontend")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    if frontend != Some("dpdk") {
+        own_frontend(&mut report, &cases, only, setup);
     }
-
-    // OVS-DPDK, NORMAL and with a conntrack firewall, on the same cases.
-    if !policy_cases.is_empty() {
-        report.ovs = Some(match ovs::Ovs::start() {
-            Some(o) => {
-                let mut mpps = std::collections::HashMap::new();
-                for (label, flows) in [
-                    ("ovs-dpdk NORMAL", ovs::OvsFlows::Normal),
-                    ("ovs-dpdk conntrack", ovs::OvsFlows::Conntrack),
-                ] {
-                    if !o.set_flows(flows) {
-                        break;
-                    }
-                    for &case in &policy_cases {
-                        let (t, huge) = throughput(&o, case, 1, setup);
-                        mpps.insert((label, case.name), t.mpps);
-                        report.record(t, huge, label);
-                    }
-                }
-                for &case in &policy_cases {
-                    let get = |label: &str| mpps.get(&(label, case.name)).copied().unwrap_or(0.0);
-                    let ours = report
-                        .throughput
-                        .iter()
-                        .find(|t| t.backend == "  policy 10 rules" && t.case == case.name)
-                        .map_or(0.0, |t| t.mpps);
-                    let (normal, ct) = (get("ovs-dpdk NORMAL"), get("ovs-dpdk conntrack"));
-                    if normal > 0.0 && ct > 0.0 {
-                        report.vs_ovs.push((
-                            "OVS-DPDK conntrack / its NORMAL".into(),
-                            case.name.into(),
-                            ct / normal,
-                        ));
-                        report.vs_ovs.push((
-                            "ours, policy 10 rules / OVS-DPDK conntrack".into(),
-                            case.name.into(),
-                            ours / ct,
-                        ));
-                    }
-                }
-                "OVS-DPDK 3.1 (Debian), netdev bridge, two dpdkvhostuser ports, one PMD core, \
-                 256 MiB of 2 MiB pages"
-                    .into()
-            }
-            None => "not run: OVS-DPDK missing or did not start (apt-get install \
-                     openvswitch-switch-dpdk; it needs 128 free 2 MiB huge pages)"
-                .into(),
-        });
-    }
-
-    for poll_us in [0u64, 50] {
-        if only.is_some() {
-            break;
-        }
-        let backend = Backend::start(&["--poll-us", &poll_us.to_string()]);
-        let trips = (seconds * 2000.0) as usize;
-        report
-            .latency
-            .push(latency(&backend, poll_us, trips.max(200)));
-    }
-
-    if only.is_none() {
-        report.wakeup_floor = Some(wakeup_floor((seconds * 2000.0).max(200.0) as usize));
-    }
-
-    match Dpdk::start() {
-        Some(dpdk) => {
-            for qps in [1u16, 2] {
-                for &case in &cases {
-                    let (t, huge) = throughput(&dpdk, case, qps, setup);
-                    let ours = report
-                        .throughput
-                        .iter()
-                        .filter(|o| o.case == case.name && o.queue_pairs == qps)
-                        .map(|o| o.mpps)
-                        .fold(0.0, f64::max);
-                    let ratio = if t.mpps > 0.0 { ours / t.mpps } else { 0.0 };
-                    report.vs_dpdk.push((case.name.to_string(), qps, ratio));
-                    report.record(t, huge, "dpdk-testpmd");
-                }
-            }
-            report.dpdk = Some(
-                "dpdk-testpmd 22.11, two net_vhost ports, io forwarding, one forwarding core, --no-huge"
-                    .into(),
-            );
-        }
-        None => {
-            report.dpdk = Some(
-                "not run: dpdk-testpmd missing (apt-get install dpdk-dev librte-net-vhost23)"
-                    .into(),
-            );
-        }
+    if frontend != Some("ours") {
+        foreign_frontend(seconds, only, &mut report);
     }
 
     if json {
@@ -923,6 +1064,9 @@ fn main() {
          one frontend thread on CPU 0; guest memory on {} pages; rings of {} entries; ports on VLAN 10",
         report.guest_pages, report.queue_size
     );
+    if report.throughput.is_empty() {
+        println!("(own frontend's sections not run)");
+    }
     println!(
         "{:<18} {:<11} {:>3} {:>7} {:>7} {:>12} {:>13} {:>11} {:>9}",
         "backend",
@@ -969,6 +1113,32 @@ fn main() {
     }
     if let Some(d) = &report.dpdk {
         println!("DPDK reference: {d}");
+    }
+    if !report.foreign.is_empty() {
+        println!("DPDK virtio-user frontend (testpmd, both directions summed):");
+        println!(
+            "{:<20} {:<7} {:>5} {:>7} {:>17}",
+            "backend", "case", "round", "Mpps", "frontend busy ns/f"
+        );
+        for r in &report.foreign {
+            println!(
+                "{:<20} {:<7} {:>5} {:>7.3} {:>17}",
+                r.backend,
+                r.case,
+                r.round + 1,
+                r.mpps,
+                r.frontend_ns_per_frame
+                    .map_or("-".into(), |n| format!("{n:.0}"))
+            );
+        }
+    }
+    for (case, ratio) in &report.vs_dpdk_foreign {
+        println!(
+            "ours / DPDK testpmd vhost PMD, DPDK virtio-user frontend, {case}, medians: {ratio:.2}"
+        );
+    }
+    if let Some(n) = &report.foreign_note {
+        println!("foreign frontend: {n}");
     }
     for l in &report.latency {
         println!(

@@ -1,0 +1,115 @@
+//! DPDK's virtio PMD as the frontend (testpmd's virtio-user ports): a driver written by
+//! others, with its own choices (in-order rings, no EVENT_IDX, mergeable RX buffers or not,
+//! packed rings asked for), gets the switch's service as QEMU's guests do.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use integration::testbed::{backend_binary, BackendProcess};
+use integration::testpmd::{self, ForwardRun, VirtioUser};
+
+const IN_ORDER: u64 = 1 << 35;
+
+/// The negotiated features of every connected port, by name.
+fn negotiated(ctl: &Path) -> Vec<(String, u64)> {
+    let out = Command::new(backend_binary())
+        .args(["ctl", "--json", "--socket"])
+        .arg(ctl)
+        .arg("ports")
+        .output()
+        .expect("ctl runs");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ctl ports --json");
+    v["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .filter_map(|p| {
+            let hex = p["features"].as_str()?.trim_start_matches("0x");
+            Some((
+                p["name"].as_str()?.to_string(),
+                u64::from_str_radix(hex, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn dpdk_virtio_user_ports_forward_through_the_switch() {
+    assert!(
+        testpmd::available(),
+        "dpdk-testpmd with DPDK's virtio PMD is needed: bash ci/install-deps.sh"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, ctl) = (
+        dir.path().join("a.sock"),
+        dir.path().join("b.sock"),
+        dir.path().join("ctl.sock"),
+    );
+    let mut backend = BackendProcess::start(
+        vec![
+            "--port".into(),
+            format!("name=a,socket={}", a.display()),
+            "--port".into(),
+            format!("name=b,socket={}", b.display()),
+            "--control-socket".into(),
+            ctl.display().to_string(),
+        ],
+        vec![a.clone(), b.clone()],
+        dir.path().join("backend.log"),
+    );
+    let in_order_split = VirtioUser::default();
+    let mergeable_packed_asked = VirtioUser {
+        queue_size: 256,
+        in_order: false,
+        mrg_rxbuf: true,
+        packed_vq: true,
+    };
+    // The second frontend connects to the same ports after the first quit.
+    for (dev, size) in [(in_order_split, 64), (mergeable_packed_asked, 1518)] {
+        let seen = {
+            let ctl = ctl.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(2500));
+                negotiated(&ctl)
+            })
+        };
+        let run = ForwardRun {
+            frame_bytes: size,
+            warmup: Duration::from_millis(500),
+            measure: Duration::from_secs(1),
+            forwarding_cpu: 0,
+            file_prefix: format!("vnet-test-{}", std::process::id()),
+        };
+        let r = testpmd::forward([&a, &b], &dev, &run).unwrap_or_else(|e| panic!("{e}"));
+        let tail: String = r
+            .output
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n");
+        for (i, p) in r.ports.iter().enumerate() {
+            // Frames circulate both ways for a second and a half: far more than the 512
+            // injected on each port, or the ring stalled.
+            assert!(
+                p.rx_packets > 20_000,
+                "{dev:?}, {size} B: port {i} received {} frames\n{tail}",
+                p.rx_packets
+            );
+            assert_eq!(p.rx_errors, 0, "{dev:?}, {size} B: port {i}\n{tail}");
+        }
+        let features = seen.join().unwrap();
+        assert_eq!(features.len(), 2, "both ports connected: {features:?}");
+        for (name, f) in features {
+            assert_eq!(
+                f & IN_ORDER != 0,
+                dev.in_order,
+                "port {name}: features {f:#x} with {dev:?}"
+            );
+        }
+    }
+    let log = std::fs::read_to_string(&backend.log).unwrap_or_default();
+    assert!(backend.stop(), "backend exits cleanly\n{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}
