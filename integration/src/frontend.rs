@@ -295,6 +295,36 @@ impl VirtioNetDevice {
         })
     }
 
+    /// Gives the device up (RESET_OWNER), as a frontend may at any time.
+    pub fn reset_owner(&mut self) -> Result<()> {
+        self.frontend.reset_owner()?;
+        Ok(())
+    }
+
+    /// Moves guest memory to a new memfd at the same guest addresses (a new mapping, as
+    /// when a VM's memory is rebuilt) with the same contents, and sends the backend the new
+    /// table (SET_MEM_TABLE). Everything written from now on lands in the new memory only.
+    pub fn remap_memory(&mut self) -> Result<()> {
+        let size = self.mem_size as usize;
+        let (file, _) = memfd(self.mem_size, false)?;
+        let region = MmapRegion::from_file(FileOffset::new(file, 0), size)
+            .map_err(|e| FrontendError::Memory(e.to_string()))?;
+        let region = GuestRegionMmap::new(region, GuestAddress(0))
+            .ok_or_else(|| FrontendError::Memory("region".into()))?;
+        let info = VhostUserMemoryRegionInfo::from_guest_region(&region)?;
+        let mem = GuestMemoryMmap::from_regions(vec![region])
+            .map_err(|e| FrontendError::Memory(e.to_string()))?;
+        let mut bytes = vec![0u8; size];
+        self.mem
+            .read_slice(&mut bytes, GuestAddress(0))
+            .map_err(|e| FrontendError::Memory(e.to_string()))?;
+        mem.write_slice(&bytes, GuestAddress(0))
+            .map_err(|e| FrontendError::Memory(e.to_string()))?;
+        self.frontend.set_mem_table(&[info])?;
+        self.mem = mem;
+        Ok(())
+    }
+
     /// Gives queue `q` another interrupt eventfd (SET_VRING_CALL), as a frontend may at any
     /// time: a hostile one, one that nobody reads or that is kept full.
     pub fn replace_call(&mut self, q: usize, call: EventFd) -> Result<()> {

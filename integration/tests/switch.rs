@@ -805,3 +805,81 @@ fn a_driver_without_event_idx_is_asked_for_kicks_only_when_the_switch_waits_for_
         a.kicks(1)
     );
 }
+
+#[test]
+fn a_new_memory_table_is_used_at_once_by_a_polling_worker() {
+    // A worker polling its TX ring (here for up to a second) keeps going from burst to
+    // burst; a memory table sent meanwhile must take effect there, not at its next sleep.
+    let sw = TestSwitch::start_config(vhost_net_backend::SwitchConfig {
+        poll_us: 1_000_000,
+        ports: ["a", "b"]
+            .iter()
+            .map(|n| vhost_net_backend::PortConfig {
+                name: n.to_string(),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    });
+    let mut a = device(&sw, "a", DeviceOptions::default());
+    let mut b = device(&sw, "b", DeviceOptions::default());
+    let frame = |i: u8| {
+        let mut f = udp_frame(mac(1), mac(2), 120);
+        f[70] = i;
+        f
+    };
+    for i in 0..3u8 {
+        a.send(0, &plain(), &frame(i)).unwrap();
+        assert_eq!(b.recv(0, WAIT).expect("frame arrives").frame, frame(i));
+    }
+    // a's worker is inside its polling window now.
+    a.remap_memory().unwrap();
+    let sent = std::time::Instant::now();
+    a.send(0, &plain(), &frame(10)).unwrap();
+    let got = b.recv(0, WAIT).map(|r| r.frame);
+    assert_eq!(got, Some(frame(10)), "the frame sent from the new memory");
+    assert!(
+        sent.elapsed() < Duration::from_millis(500),
+        "it waited for the polling window to close: {:?}",
+        sent.elapsed()
+    );
+    // The receiving side too.
+    b.remap_memory().unwrap();
+    a.send(0, &plain(), &frame(11)).unwrap();
+    assert_eq!(b.recv(0, WAIT).map(|r| r.frame), Some(frame(11)));
+}
+
+#[test]
+fn reset_owner_resets_the_port_until_a_frontend_connects_again() {
+    let sw = TestSwitch::start(ports(&["a", "b"]), None);
+    let mut a = device(&sw, "a", DeviceOptions::default());
+    let mut b = device(&sw, "b", DeviceOptions::default());
+    let to_b = udp_frame(mac(1), mac(2), 100);
+    a.send(0, &plain(), &to_b).unwrap();
+    assert_eq!(b.recv(0, WAIT).expect("before").frame, to_b);
+    a.reset_owner().unwrap();
+    // The old rings are no longer served: nothing a posts reaches b, nothing reaches a.
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = a.send(0, &plain(), &to_b);
+    assert!(b.recv(0, QUIET).is_none(), "a's rings were still served");
+    b.send(0, &plain(), &udp_frame(mac(2), mac(1), 100))
+        .unwrap();
+    assert!(a.recv(0, QUIET).is_none(), "a's RX ring was still written");
+    // A new frontend on the port gets a working device.
+    let end = std::time::Instant::now() + WAIT;
+    let mut a2 = loop {
+        match sw.connect("a", DeviceOptions::default()) {
+            Ok(d) => break d,
+            Err(_) if std::time::Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("no new connection: {e}"),
+        }
+    };
+    a2.post_rx(0, 64).unwrap();
+    a2.send(0, &plain(), &to_b).unwrap();
+    assert_eq!(b.recv(0, WAIT).expect("after").frame, to_b);
+    let back = udp_frame(mac(2), mac(1), 90);
+    b.send(0, &plain(), &back).unwrap();
+    assert_eq!(a2.recv(0, WAIT).expect("back").frame, back);
+}

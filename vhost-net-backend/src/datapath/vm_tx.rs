@@ -121,16 +121,20 @@ impl TxQueue<'_> {
     /// Takes what the guest transmitted, a burst at a time, until its ring is empty (or,
     /// with `--poll-us`, stays empty for that long).
     pub fn process(&self, vring: &Vring, w: &mut Worker) {
-        let (atomic, features) = {
-            let rx = self.vm.rx_read();
-            match rx.mem.clone() {
-                Some(m) => (m, rx.features),
-                None => return,
-            }
+        let Some((mut ram, mut features, mut generation)) = self.connection_state() else {
+            return;
         };
-        let ram = Ram::new(atomic.memory().into_inner());
-        let hdr_len = net_hdr_len(features);
         while self.alive() {
+            if !self.vm.is_current(generation) {
+                // A new memory table (or features) arrived while this loop ran, as it may
+                // for ever while the guest keeps sending or the worker polls: the old table
+                // may describe memory the guest no longer uses.
+                match self.connection_state() {
+                    Some(now) => (ram, features, generation) = now,
+                    None => return,
+                }
+            }
+            let hdr_len = net_hdr_len(features);
             let mut state = vring.get_mut();
             if !state.is_enabled() {
                 return;
@@ -279,7 +283,7 @@ impl TxQueue<'_> {
             if let TxOutcome::Broken(why) = outcome {
                 return self.broken(why);
             }
-            if more || (polling && self.poll_for_tx(vring, &ram)) {
+            if more || (polling && self.poll_for_tx(vring, &ram, generation)) {
                 continue;
             }
             if polling {
@@ -293,15 +297,31 @@ impl TxQueue<'_> {
         }
     }
 
+    /// The connection's guest memory and features now, and the generation they belong to.
+    fn connection_state(&self) -> Option<(Ram, u64, u64)> {
+        let rx = self.vm.rx_read();
+        let generation = self.vm.generation();
+        let atomic = rx.mem.clone()?;
+        Some((
+            Ram::new(atomic.memory().into_inner()),
+            rx.features,
+            generation,
+        ))
+    }
+
     /// Busy-polls the TX ring for up to `--poll-us` for new chains, so a latency-sensitive
-    /// guest's next frame is taken without waiting for its kick to wake this thread.
-    fn poll_for_tx(&self, vring: &Vring, ram: &Ram) -> bool {
+    /// guest's next frame is taken without waiting for its kick to wake this thread. Also
+    /// true when the connection changed (the caller looks again with the new memory).
+    fn poll_for_tx(&self, vring: &Vring, ram: &Ram, generation: u64) -> bool {
         let window = self.dp.poll_us;
         if window == 0 {
             return false;
         }
         let end = std::time::Instant::now() + std::time::Duration::from_micros(window);
         while std::time::Instant::now() < end && self.alive() {
+            if !self.vm.is_current(generation) {
+                return true;
+            }
             {
                 let state = vring.get_ref();
                 let q = state.get_queue();

@@ -164,6 +164,11 @@ impl VmEndpoint {
         rx.open(id, self.generation.load(Ordering::Acquire))
     }
 
+    /// The generation now (read under `rx_read` to pair it with what that shows).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Whether `ep` is still this port's current RX side. Checked under the destination
     /// queue's lock before writing or publishing, which `detach` takes after a change.
     #[inline]

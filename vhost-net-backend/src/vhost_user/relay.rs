@@ -30,6 +30,7 @@ const MAX_PAYLOAD: usize = 64 * 1024;
 const MAX_FDS: usize = 32;
 
 const REQ_SET_FEATURES: u32 = 2;
+const REQ_RESET_OWNER: u32 = 4;
 const REQ_SET_MEM_TABLE: u32 = 5;
 const REQ_GET_PROTOCOL_FEATURES: u32 = 15;
 const REQ_SET_PROTOCOL_FEATURES: u32 = 16;
@@ -123,6 +124,8 @@ pub enum Verdict {
     },
     /// Close the connection: the message would harm the whole process.
     Refuse(String),
+    /// Close the connection, as the frontend asked for (RESET_OWNER): not a fault.
+    End(String),
     /// A ring of a queue pair the port does not offer: the guest wants more queue pairs
     /// than the port's `queues`. Closed, as Refuse, with its own message.
     TooManyQueues(String),
@@ -252,6 +255,14 @@ impl Filter {
                 self.features_set = true;
                 Verdict::Forward
             }
+            // The frontend gives the device up; vhost-user-backend would only forget the
+            // features while the rings and memory stay in use. Ending the connection
+            // resets all of it, as a disconnect does; a frontend connects again to go on.
+            REQ_RESET_OWNER => Verdict::End(
+                "RESET_OWNER: the frontend gave the device up; the port is reset (its rings, \
+                 memory and learned MACs dropped) until a frontend connects again"
+                    .into(),
+            ),
             // vhost-user-backend takes whatever protocol features it is told (CONFIGURE_MEM_SLOTS
             // included, which opens ADD_MEM_REG): only what was offered may be set.
             REQ_SET_PROTOCOL_FEATURES => {
@@ -382,6 +393,10 @@ pub fn spawn(
                     Verdict::Forward => write_message(&backend, &msg).is_ok(),
                     Verdict::Refuse(why) => {
                         log::warn!("port {port}: frontend refused: {why}; closing the connection");
+                        false
+                    }
+                    Verdict::End(why) => {
+                        log::info!("port {port}: {why}");
                         false
                     }
                     Verdict::TooManyQueues(why) => {
