@@ -418,7 +418,8 @@ fn a_memory_table_past_its_file_is_refused_and_other_ports_keep_working() {
 
     // A frontend whose memory file holds 2 MiB while its table claims 4: mapped as it
     // says, the first access past 2 MiB would kill the backend with SIGBUS.
-    let memory = tempfile::tempfile().unwrap();
+    // In /dev/shm (tmpfs), where QEMU puts file-backed guest memory.
+    let memory = tempfile::tempfile_in("/dev/shm").unwrap();
     memory.set_len(2 << 20).unwrap();
     let bad = Frontend::connect(&sa, 2).unwrap();
     bad.set_owner().unwrap();
@@ -500,7 +501,8 @@ fn protocol_features_never_offered_are_refused_and_added_regions_checked() {
 
     // CONFIGURE_MEM_SLOTS is not offered; a frontend that sets it anyway, then adds a
     // region of 4 MiB backed by a 2 MiB file, would have the backend map past the file's end.
-    let memory = tempfile::tempfile().unwrap();
+    // In /dev/shm (tmpfs), where QEMU puts file-backed guest memory.
+    let memory = tempfile::tempfile_in("/dev/shm").unwrap();
     memory.set_len(2 << 20).unwrap();
     let mut bad = Frontend::connect(&sa, 2).unwrap();
     bad.set_owner().unwrap();

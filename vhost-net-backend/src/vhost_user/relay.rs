@@ -134,8 +134,8 @@ pub enum Verdict {
 /// Bytes of one SET_MEM_TABLE region: guest address, size, user address, file offset.
 const MEM_REGION_LEN: usize = 32;
 
-/// Checks that each region of a SET_MEM_TABLE backed by a regular file (memfd, hugetlbfs,
-/// /dev/shm) lies inside that file. A mapping past a file's end is made without complaint,
+/// Checks that each region of a SET_MEM_TABLE backed by a regular file is on tmpfs or
+/// hugetlbfs (memfd, /dev/shm, hugetlbfs) and lies inside that file. A mapping past a file's end is made without complaint,
 /// and the first access there (a ring, a buffer the guest points at) kills the process with
 /// SIGBUS: every port, not only this one. A table malformed otherwise is forwarded for the
 /// protocol handler to refuse; other kinds of files (a DAX device) have no size to check.
@@ -156,6 +156,13 @@ pub fn check_mem_table(msg: &Message) -> Result<(), String> {
         if !meta.is_file() {
             continue;
         }
+        if let Err(fs) = memory_filesystem(file) {
+            return Err(format!(
+                "memory region {i} is a file on {fs}: a fault there (a slow or gone server, a \
+                 full disk) would block or kill the switch's workers, every port's; give the \
+                 guest memory-backend-memfd, or memory-backend-file on /dev/shm or hugetlbfs"
+            ));
+        }
         if offset.checked_add(size).is_none_or(|end| end > meta.len()) {
             return Err(format!(
                 "memory region {i} maps {size} bytes at offset {offset} of a {}-byte file, \
@@ -165,6 +172,34 @@ pub fn check_mem_table(msg: &Message) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Guest memory must live where QEMU puts it: memfd (tmpfs or hugetlbfs inside), /dev/shm
+/// (tmpfs) or hugetlbfs. Their pages are in memory or reserved; a file on a disk or network
+/// filesystem can fault in ways (I/O, a full disk, a server gone) that block or kill the
+/// worker touching it. Err names the filesystem otherwise.
+fn memory_filesystem(file: &File) -> Result<(), String> {
+    // SAFETY: fstatfs fills the zeroed struct we pass for a descriptor `file` owns.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(format!(
+            "a filesystem fstatfs fails on ({})",
+            io::Error::last_os_error()
+        ));
+    }
+    filesystem_kind(st.f_type)
+}
+
+fn filesystem_kind(magic: libc::__fsword_t) -> Result<(), String> {
+    match magic {
+        libc::TMPFS_MAGIC | libc::HUGETLBFS_MAGIC => Ok(()),
+        libc::NFS_SUPER_MAGIC => Err("NFS".into()),
+        libc::FUSE_SUPER_MAGIC => Err("FUSE".into()),
+        m => Err(format!(
+            "a filesystem of type {m:#x}, not tmpfs or hugetlbfs"
+        )),
+    }
 }
 
 /// Checks that a kick, call or error descriptor is an eventfd and makes it non-blocking.
@@ -583,6 +618,27 @@ mod tests {
         // Not a regular file: nothing to measure it against, the handler decides.
         let dev = File::open("/dev/zero").unwrap();
         assert_eq!(check_mem_table(&mem_table(&dev, &[(2 * mb, 0)])), Ok(()));
+    }
+
+    #[test]
+    fn guest_memory_must_be_in_memory_filesystems() {
+        let mb = 1u64 << 20;
+        // /dev/shm is tmpfs, where QEMU's memory-backend-file usually points.
+        let shm = tempfile::tempfile_in("/dev/shm").unwrap();
+        shm.set_len(mb).unwrap();
+        assert_eq!(check_mem_table(&mem_table(&shm, &[(mb, 0)])), Ok(()));
+        // A file on the disk this crate sits on (ext4 on our machines).
+        let disk = tempfile::tempfile_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        disk.set_len(mb).unwrap();
+        let err = check_mem_table(&mem_table(&disk, &[(mb, 0)])).unwrap_err();
+        assert!(
+            err.contains("region 0 is a file on a filesystem of type")
+                && err.contains("memory-backend-memfd"),
+            "{err}"
+        );
+        assert_eq!(filesystem_kind(libc::HUGETLBFS_MAGIC), Ok(()));
+        assert_eq!(filesystem_kind(libc::NFS_SUPER_MAGIC), Err("NFS".into()));
+        assert_eq!(filesystem_kind(libc::FUSE_SUPER_MAGIC), Err("FUSE".into()));
     }
 
     #[test]
