@@ -883,3 +883,44 @@ fn reset_owner_resets_the_port_until_a_frontend_connects_again() {
     b.send(0, &plain(), &back).unwrap();
     assert_eq!(a2.recv(0, WAIT).expect("back").frame, back);
 }
+
+#[test]
+fn a_flooded_tso_frame_with_a_tiny_mss_is_not_segmented_for_every_port() {
+    let sw = TestSwitch::start(ports(&["a", "tso", "plain", "plain2"]), None);
+    let mut a = device(&sw, "a", DeviceOptions::default());
+    let mut tso = device(
+        &sw,
+        "tso",
+        DeviceOptions {
+            features: ALL_FEATURES & !f::MRG_RXBUF,
+            rx_buf_size: 65562,
+            ..Default::default()
+        },
+    );
+    let mut plains = [
+        device(&sw, "plain", opts(PLAIN_FEATURES)),
+        device(&sw, "plain2", opts(PLAIN_FEATURES)),
+    ];
+    // 62,000 bytes with an MSS of 48: 1,292 segments for each port without TSO.
+    let mut partial = tcp_frame(mac(1), BROADCAST, false, 62000);
+    let hdr = as_partial_tcp(&mut partial, 48);
+    a.send(0, &hdr, &partial).unwrap();
+    assert_eq!(
+        tso.recv(0, WAIT).expect("whole to the TSO port").frame,
+        partial
+    );
+    for p in &mut plains {
+        assert!(p.recv(0, QUIET).is_none(), "segmented for a flood target");
+    }
+    assert_eq!(sw.counters("a").drop_count(DropReason::BadOffload), 2);
+    // Learned unicast to a port without TSO is segmented, MSS 48 or not.
+    plains[0]
+        .send(0, &plain(), &udp_frame(mac(3), mac(1), 60))
+        .unwrap();
+    assert!(a.recv(0, WAIT).is_some());
+    let mut partial = tcp_frame(mac(1), mac(3), false, 2400);
+    let hdr = as_partial_tcp(&mut partial, 48);
+    a.send(0, &hdr, &partial).unwrap();
+    let segments = plains[0].recv_all(0, QUIET).len();
+    assert_eq!(segments, 50, "2,400 bytes in segments of 48");
+}

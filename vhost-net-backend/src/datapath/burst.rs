@@ -237,7 +237,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                     if policy && police(dp, &mut s.policy, from.id, p, f, true) != Forward::To(p) {
                         continue;
                     }
-                    deliver(from, &dp.ports[usize::from(p)], &frame, &mut s.rx);
+                    deliver_flooded(from, &dp.ports[usize::from(p)], &frame, &mut s.rx);
                 }
             }
             Forward::Routed { to, mac, segment } => {
@@ -394,6 +394,23 @@ fn deliver(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &mut RxSc
                 Err(reason) => dst.counters.count_drop(reason),
             }
         }
+    }
+}
+
+/// One copy of a flooded frame: as `deliver`, but a VM gets a TSO frame only if it takes
+/// it whole (`RxScratch::deliver_flooded`); the tap always does.
+fn deliver_flooded(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &mut RxScratch) {
+    match &dst.endpoint {
+        Endpoint::Vm(vm) => {
+            let vm = VmPort {
+                id: dst.id,
+                name: &dst.name,
+                counters: &dst.counters,
+                vm,
+            };
+            rx.deliver_flooded(&from.counters, vm, frame)
+        }
+        Endpoint::Tap(_) => deliver(from, dst, frame, rx),
     }
 }
 

@@ -468,6 +468,21 @@ impl RxScratch {
         self.open = open;
     }
 
+    /// `deliver` for one copy of a flooded frame. A TSO frame with an MSS below
+    /// `FLOOD_MIN_MSS` goes only to receivers that take it whole: segmenting it in software
+    /// for every flood target would let a guest turn one 64 KiB frame with a 48-byte MSS
+    /// into 1,366 frames at each port of its segment. Learned unicast is segmented as
+    /// usual (one receiver, as a host's own stack would).
+    pub fn deliver_flooded(&mut self, from: &PortCounters, dst: VmPort<'_>, frame: &Frame<'_>) {
+        if frame.hdr.is_gso() && usize::from(frame.hdr.gso_size) < FLOOD_MIN_MSS {
+            let i = self.endpoint(dst.id, dst.vm);
+            if !gso_supported(self.open[i].features, &frame.hdr) {
+                return from.count_drop(DropReason::BadOffload);
+            }
+        }
+        self.deliver(from, dst, frame);
+    }
+
     /// `deliver` once the destination queue is chosen.
     fn deliver_to(&mut self, from: &PortCounters, rxq: &RxQueue<'_>, frame: &Frame<'_>) {
         let d = self;
@@ -686,6 +701,10 @@ struct LockedRx<'a> {
     shadow: Option<&'a mut Vec<(u16, u32)>>,
     shadow_at: u16,
 }
+
+/// Smallest MSS of a TSO frame segmented in software for a flood target: IPv4's default
+/// MSS (RFC 9293), at most 123 segments of a 64 KiB frame.
+const FLOOD_MIN_MSS: usize = 536;
 
 /// Used entries held back by a short-path run before they are written.
 const SHADOW_USED: usize = 32;
