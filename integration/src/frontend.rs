@@ -295,6 +295,22 @@ impl VirtioNetDevice {
         })
     }
 
+    /// `connect`, tried again for up to 10 s while the socket is not there yet or the
+    /// backend is still closing the port's previous connection.
+    pub fn connect_retry(path: impl AsRef<Path>, opts: DeviceOptions) -> VirtioNetDevice {
+        let path = path.as_ref();
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match VirtioNetDevice::connect(path, opts.clone()) {
+                Ok(d) => return d,
+                Err(e) if Instant::now() > end => {
+                    panic!("cannot connect to {}: {e}", path.display())
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
     /// Gives the device up (RESET_OWNER), as a frontend may at any time.
     pub fn reset_owner(&mut self) -> Result<()> {
         self.frontend.reset_owner()?;

@@ -13,7 +13,7 @@ use integration::frames::{mac, udp_frame};
 use integration::{DeviceOptions, VirtioNetDevice};
 use vhost_net_backend::virtio::NetHdr;
 
-use integration::testbed::backend_binary as backend_bin;
+use integration::testbed::{backend_binary as backend_bin, rss_kib};
 
 fn run(args: &[&str]) -> Output {
     Command::new(backend_bin()).args(args).output().unwrap()
@@ -444,16 +444,6 @@ fn a_memory_table_past_its_file_is_refused_and_other_ports_keep_working() {
     );
 }
 
-/// The backend's resident memory, KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn early_ring_enables_cannot_pile_up_in_the_backend() {
     // Before SET_FEATURES the relay answers SET_VRING_ENABLE itself and keeps the last state
@@ -744,4 +734,25 @@ fn socket_activation_and_readiness_as_systemd_does_them() {
         la.accept().is_ok(),
         "the socket systemd holds was shut down"
     );
+}
+
+#[test]
+fn a_frontend_that_closes_its_socket_is_a_disconnect_not_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let mut child = two_ports(&sa, &sb, "", |cmd| {
+        cmd.env("RUST_LOG", "info").stderr(Stdio::piped());
+    });
+    let (a, b) = connected_pair(&sa, &sb);
+    // A VM shutting down: QEMU closes the socket.
+    drop(a);
+    drop(b);
+    std::thread::sleep(Duration::from_millis(300));
+    let log = stop_and_read_log(&mut child);
+    assert!(
+        log.contains("port a: frontend disconnected")
+            && log.contains("port b: frontend disconnected"),
+        "{log}"
+    );
+    assert!(!log.contains("WARN"), "{log}");
 }

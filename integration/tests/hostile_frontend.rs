@@ -11,12 +11,11 @@
 //!   VNET_HOSTILE_SECS=600 VNET_HOSTILE_SEED=7 cargo test -p integration --test hostile_frontend
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use integration::frames::{mac, udp_frame, BROADCAST};
 use integration::frontend::{ALL_FEATURES, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE};
-use integration::testbed::BackendProcess;
+use integration::testbed::{rss_kib, BackendProcess};
 use integration::{DeviceOptions, RawDesc, RawNext, VirtioNetDevice};
 use vhost_net_backend::virtio::{features as f, NetHdr};
 use vmm_sys_util::eventfd::EventFd;
@@ -42,15 +41,6 @@ impl Rng {
     }
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
 /// Running, not exited (a child that exited stays a zombie until reaped).
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -61,17 +51,6 @@ fn alive(pid: u32) -> bool {
 
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
-}
-
-fn connect_retry(sock: &Path, opts: DeviceOptions) -> VirtioNetDevice {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        match VirtioNetDevice::connect(sock, opts.clone()) {
-            Ok(d) => return d,
-            Err(e) if Instant::now() > end => panic!("cannot connect to {}: {e}", sock.display()),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
 }
 
 /// A random feature set and ring size for the hostile port.
@@ -243,8 +222,8 @@ fn canaries_keep_talking_beside_a_hostile_frontend() {
         dir.path().join("backend.log"),
     );
     let pid = backend.pid();
-    let mut a = connect_retry(&sock("a"), DeviceOptions::default());
-    let mut b = connect_retry(&sock("b"), DeviceOptions::default());
+    let mut a = VirtioNetDevice::connect_retry(sock("a"), DeviceOptions::default());
+    let mut b = VirtioNetDevice::connect_retry(sock("b"), DeviceOptions::default());
     a.post_rx(0, 128).unwrap();
     b.post_rx(0, 128).unwrap();
     let (rss0, fds0) = (rss_kib(pid), fd_count(pid));
@@ -252,7 +231,7 @@ fn canaries_keep_talking_beside_a_hostile_frontend() {
     let mut reconnects = 0;
     for &seed in &seeds {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-        let mut h = connect_retry(&sock("h"), hostile_opts(&mut rng));
+        let mut h = VirtioNetDevice::connect_retry(sock("h"), hostile_opts(&mut rng));
         let end = Instant::now() + Duration::from_secs(secs);
         while Instant::now() < end {
             for _ in 0..40 {
@@ -262,7 +241,7 @@ fn canaries_keep_talking_beside_a_hostile_frontend() {
                 if (refused && rng.chance(20)) || rng.chance(1) {
                     drop(h);
                     reconnects += 1;
-                    h = connect_retry(&sock("h"), hostile_opts(&mut rng));
+                    h = VirtioNetDevice::connect_retry(sock("h"), hostile_opts(&mut rng));
                 }
             }
             canaries_talk(&mut a, &mut b, round, seed);

@@ -34,6 +34,15 @@ fn opts(features: u64) -> DeviceOptions {
     }
 }
 
+/// A receiver with 64 KiB buffers and no mergeable RX, as Linux posts with GUEST_TSO.
+fn big_buffers() -> DeviceOptions {
+    DeviceOptions {
+        features: ALL_FEATURES & !f::MRG_RXBUF,
+        rx_buf_size: 65562,
+        ..Default::default()
+    }
+}
+
 fn ports(names: &[&'static str]) -> Vec<TestPort> {
     names.iter().map(|n| TestPort::new(n)).collect()
 }
@@ -160,15 +169,7 @@ fn jumbo_frames_pass_by_default_and_oversize_is_dropped() {
     let sw = TestSwitch::start(ports(&["a", "b"]), None);
     let mut a = device(&sw, "a", DeviceOptions::default());
     // Non-mergeable receiver with big buffers, as Linux posts with GUEST_TSO and no MRG_RXBUF.
-    let mut b = device(
-        &sw,
-        "b",
-        DeviceOptions {
-            features: ALL_FEATURES & !f::MRG_RXBUF,
-            rx_buf_size: 65562,
-            ..Default::default()
-        },
-    );
+    let mut b = device(&sw, "b", big_buffers());
     let jumbo = udp_frame(mac(1), mac(2), 9014);
     a.send(0, &plain(), &jumbo).unwrap();
     let got = b.recv(0, WAIT).expect("9000-byte MTU frame arrives");
@@ -245,15 +246,7 @@ fn mergeable_rx_buffers_span_several_descriptors() {
 fn check_tso(ipv6: bool) {
     let sw = TestSwitch::start(ports(&["a", "tso", "plain"]), None);
     let mut a = device(&sw, "a", DeviceOptions::default());
-    let mut tso = device(
-        &sw,
-        "tso",
-        DeviceOptions {
-            features: ALL_FEATURES & !f::MRG_RXBUF,
-            rx_buf_size: 65562,
-            ..Default::default()
-        },
-    );
+    let mut tso = device(&sw, "tso", big_buffers());
     let mut plain_port = device(&sw, "plain", opts(PLAIN_FEATURES));
     assert_eq!(plain_port.features & (f::GUEST_TSO4 | f::GUEST_CSUM), 0);
 
@@ -888,15 +881,7 @@ fn reset_owner_resets_the_port_until_a_frontend_connects_again() {
 fn a_flooded_tso_frame_with_a_tiny_mss_is_not_segmented_for_every_port() {
     let sw = TestSwitch::start(ports(&["a", "tso", "plain", "plain2"]), None);
     let mut a = device(&sw, "a", DeviceOptions::default());
-    let mut tso = device(
-        &sw,
-        "tso",
-        DeviceOptions {
-            features: ALL_FEATURES & !f::MRG_RXBUF,
-            rx_buf_size: 65562,
-            ..Default::default()
-        },
-    );
+    let mut tso = device(&sw, "tso", big_buffers());
     let mut plains = [
         device(&sw, "plain", opts(PLAIN_FEATURES)),
         device(&sw, "plain2", opts(PLAIN_FEATURES)),

@@ -457,7 +457,12 @@ fn serve_connection(
     dp.switch.macs.forget_port(id);
     let _ = relay.join();
     match result {
-        Ok(()) => info!("port {}: frontend disconnected", shared.name),
+        // A frontend closing its socket (a VM shut down, QEMU or testpmd quit) is the
+        // usual end of a connection, not a fault.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
+            info!("port {}: frontend disconnected", shared.name)
+        }
         Err(e) => warn!("port {}: connection ended: {e}", shared.name),
     }
     Ok(())

@@ -400,17 +400,9 @@ fn deliver(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &mut RxSc
 /// One copy of a flooded frame: as `deliver`, but a VM gets a TSO frame only if it takes
 /// it whole (`RxScratch::deliver_flooded`); the tap always does.
 fn deliver_flooded(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &mut RxScratch) {
-    match &dst.endpoint {
-        Endpoint::Vm(vm) => {
-            let vm = VmPort {
-                id: dst.id,
-                name: &dst.name,
-                counters: &dst.counters,
-                vm,
-            };
-            rx.deliver_flooded(&from.counters, vm, frame)
-        }
-        Endpoint::Tap(_) => deliver(from, dst, frame, rx),
+    match dst.as_vm() {
+        Some(vm) => rx.deliver_flooded(&from.counters, vm, frame),
+        None => deliver(from, dst, frame, rx),
     }
 }
 

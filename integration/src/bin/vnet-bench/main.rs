@@ -26,7 +26,7 @@
 mod ovs;
 
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -589,17 +589,6 @@ impl Drop for Backend {
     }
 }
 
-fn connect(path: &Path, opts: DeviceOptions) -> VirtioNetDevice {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        match VirtioNetDevice::connect(path, opts.clone()) {
-            Ok(d) => return d,
-            Err(e) if Instant::now() > end => panic!("cannot connect to {}: {e}", path.display()),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
 /// Copies `frames` frames of `size` bytes from `ring` buffers into `ring` others (as many
 /// as the case's rings hold, so both copies touch as much memory); Gbit/s.
 fn memcpy_gbit_s(size: usize, frames: u64, ring: usize) -> f64 {
@@ -724,8 +713,8 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Thro
             ..Default::default()
         }
     };
-    let mut a = connect(&backend.sock("a"), sender_opts);
-    let mut b = connect(&backend.sock("b"), receiver_opts);
+    let mut a = VirtioNetDevice::connect_retry(backend.sock("a"), sender_opts);
+    let mut b = VirtioNetDevice::connect_retry(backend.sock("b"), receiver_opts);
     for qp in 0..qps {
         b.post_rx(qp, usize::from(queue_size)).unwrap();
         if both_ways {
@@ -838,8 +827,8 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Thro
 
 fn latency(backend: &dyn Target, poll_us: u64, round_trips: usize) -> Latency {
     let opts = DeviceOptions::default();
-    let mut a = connect(&backend.sock("a"), opts.clone());
-    let mut b = connect(&backend.sock("b"), opts);
+    let mut a = VirtioNetDevice::connect_retry(backend.sock("a"), opts.clone());
+    let mut b = VirtioNetDevice::connect_retry(backend.sock("b"), opts);
     a.post_rx(0, 128).unwrap();
     b.post_rx(0, 128).unwrap();
     std::thread::sleep(Duration::from_millis(200));
