@@ -319,7 +319,8 @@ impl VirtioNetDevice {
 
     /// Moves guest memory to a new memfd at the same guest addresses (a new mapping, as
     /// when a VM's memory is rebuilt) with the same contents, and sends the backend the new
-    /// table (SET_MEM_TABLE). Everything written from now on lands in the new memory only.
+    /// table (SET_MEM_TABLE), returning once the backend has taken it. Everything written
+    /// from now on lands in the new memory only.
     pub fn remap_memory(&mut self) -> Result<()> {
         let size = self.mem_size as usize;
         let (file, _) = memfd(self.mem_size, false)?;
@@ -338,7 +339,8 @@ impl VirtioNetDevice {
             .map_err(|e| FrontendError::Memory(e.to_string()))?;
         self.frontend.set_mem_table(&[info])?;
         self.mem = mem;
-        Ok(())
+        // As QEMU waits for the reply: from here on the backend uses the new table.
+        self.sync()
     }
 
     /// Gives queue `q` another interrupt eventfd (SET_VRING_CALL), as a frontend may at any

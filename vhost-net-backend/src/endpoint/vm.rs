@@ -430,7 +430,9 @@ impl RxScratch {
             }
             j += 1;
         }
-        if !broken && locked.write_shadow().is_err() {
+        // Even after a failure: the entries counted in next_used must be in the ring
+        // before the burst's flush publishes it.
+        if locked.write_shadow().is_err() {
             broken = true;
         }
         let avail = locked.avail;
