@@ -194,6 +194,24 @@ fn memfd(size: u64, hugepages: bool) -> Result<(File, bool)> {
     Ok((create(libc::MFD_CLOEXEC)?, false))
 }
 
+/// Guest memory of `size` bytes at guest address 0 in a new memfd (on 2 MiB pages if
+/// asked and the host has them), and its region as a memory table describes it; whether
+/// it is on 2 MiB pages.
+fn guest_memory(
+    size: u64,
+    hugepages: bool,
+) -> Result<(GuestMemoryMmap, VhostUserMemoryRegionInfo, bool)> {
+    let (file, hugepages) = memfd(size, hugepages)?;
+    let region = MmapRegion::from_file(FileOffset::new(file, 0), size as usize)
+        .map_err(|e| FrontendError::Memory(e.to_string()))?;
+    let region = GuestRegionMmap::new(region, GuestAddress(0))
+        .ok_or_else(|| FrontendError::Memory("region".into()))?;
+    let info = VhostUserMemoryRegionInfo::from_guest_region(&region)?;
+    let mem = GuestMemoryMmap::from_regions(vec![region])
+        .map_err(|e| FrontendError::Memory(e.to_string()))?;
+    Ok((mem, info, hugepages))
+}
+
 impl VirtioNetDevice {
     /// Connects to a backend socket and brings the device up: negotiation, memory table,
     /// every queue set up and enabled. RX queues start empty.
@@ -207,15 +225,8 @@ impl VirtioNetDevice {
         let per_pair = 2 * ring_bytes + qsize * (rx_buf + TX_BUF_SIZE);
         let mem_size = (PAGE + per_pair * opts.queue_pairs as u64).next_multiple_of(2 << 20);
 
-        let (file, hugepages) = memfd(mem_size, opts.hugepages)?;
-        let region = MmapRegion::from_file(FileOffset::new(file, 0), mem_size as usize)
-            .map_err(|e| FrontendError::Memory(e.to_string()))?;
-        let region = GuestRegionMmap::new(region, GuestAddress(0))
-            .ok_or_else(|| FrontendError::Memory("region".into()))?;
-        let info = VhostUserMemoryRegionInfo::from_guest_region(&region)?;
+        let (mem, info, hugepages) = guest_memory(mem_size, opts.hugepages)?;
         let host_base = info.userspace_addr;
-        let mem = GuestMemoryMmap::from_regions(vec![region])
-            .map_err(|e| FrontendError::Memory(e.to_string()))?;
 
         let mut frontend = Frontend::connect(path, nq as u64)?;
         frontend.set_owner()?;
@@ -322,16 +333,8 @@ impl VirtioNetDevice {
     /// table (SET_MEM_TABLE), returning once the backend has taken it. Everything written
     /// from now on lands in the new memory only.
     pub fn remap_memory(&mut self) -> Result<()> {
-        let size = self.mem_size as usize;
-        let (file, _) = memfd(self.mem_size, false)?;
-        let region = MmapRegion::from_file(FileOffset::new(file, 0), size)
-            .map_err(|e| FrontendError::Memory(e.to_string()))?;
-        let region = GuestRegionMmap::new(region, GuestAddress(0))
-            .ok_or_else(|| FrontendError::Memory("region".into()))?;
-        let info = VhostUserMemoryRegionInfo::from_guest_region(&region)?;
-        let mem = GuestMemoryMmap::from_regions(vec![region])
-            .map_err(|e| FrontendError::Memory(e.to_string()))?;
-        let mut bytes = vec![0u8; size];
+        let (mem, info, _) = guest_memory(self.mem_size, false)?;
+        let mut bytes = vec![0u8; self.mem_size as usize];
         self.mem
             .read_slice(&mut bytes, GuestAddress(0))
             .map_err(|e| FrontendError::Memory(e.to_string()))?;

@@ -272,10 +272,8 @@ impl Control {
             };
         };
         self.dp
-            .ports
-            .iter()
-            .position(|p| p.name == name)
-            .map(|i| Some(i as PortId))
+            .port_by_name(name)
+            .map(|p| Some(p.id))
             .ok_or_else(|| format!("no port named '{name}'"))
     }
 
@@ -311,7 +309,6 @@ impl Control {
 
     /// The MAC table, of one port or all.
     fn macs(&self, port: Option<PortId>) -> Value {
-        let name = |id: PortId| self.dp.ports.get(usize::from(id)).map_or("?", |p| &p.name);
         let rows: Vec<Value> = self
             .dp
             .switch
@@ -320,7 +317,7 @@ impl Control {
             .into_iter()
             .filter(|r| port.is_none_or(|p| p == r.2))
             .map(|(vlan, mac, id, age)| {
-                json!({ "vlan": vlan, "mac": mac.to_string(), "port": name(id), "age_secs": age })
+                json!({ "vlan": vlan, "mac": mac.to_string(), "port": self.dp.port_name(id), "age_secs": age })
             })
             .collect();
         json!({ "macs": rows })
@@ -388,7 +385,7 @@ impl Control {
     fn flows(&self, f: &FlowFilter) -> Value {
         let rules = self.dp.policy.rules();
         let now = self.dp.policy.now();
-        let name = |p: u16| self.dp.ports.get(usize::from(p)).map_or("?", |p| &p.name);
+        let name = |p: u16| self.dp.port_name(p);
         let list: Vec<Value> = self
             .dp
             .policy

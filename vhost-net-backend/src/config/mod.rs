@@ -131,13 +131,9 @@ impl PortConfig {
             message,
         };
         let (mut name, mut vlan, mut mac, mut queues) = (None, None, None, 1);
-        // Path, then its owner, group and mode.
-        let mut socket: (
-            Option<PathBuf>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        ) = (None, None, None, None);
+        let mut socket: Option<PathBuf> = None;
+        // Who may connect to it.
+        let (mut socket_owner, mut socket_group, mut socket_mode) = (None, None, None);
         let (mut max_macs, mut groups, mut addresses) = (None, Vec::new(), Vec::new());
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = item
@@ -145,7 +141,7 @@ impl PortConfig {
                 .ok_or_else(|| err(format!("'{item}' is not key=value")))?;
             match k {
                 "name" => name = Some(v.to_string()),
-                "socket" => socket.0 = Some(PathBuf::from(v)),
+                "socket" => socket = Some(PathBuf::from(v)),
                 "vlan" => {
                     vlan = Some(
                         v.parse()
@@ -165,9 +161,9 @@ impl PortConfig {
                     )
                 }
                 "group" => groups.push(v.to_string()),
-                "socket_owner" => socket.1 = Some(v.to_string()),
-                "socket_group" => socket.2 = Some(v.to_string()),
-                "socket_mode" => socket.3 = Some(v.to_string()),
+                "socket_owner" => socket_owner = Some(v.to_string()),
+                "socket_group" => socket_group = Some(v.to_string()),
+                "socket_mode" => socket_mode = Some(v.to_string()),
                 "ip" => addresses.push(
                     v.parse()
                         .map_err(|_| err(format!("ip '{v}' is not an IPv4 or IPv6 address")))?,
@@ -177,10 +173,10 @@ impl PortConfig {
         }
         Ok(PortConfig {
             name: name.ok_or_else(|| err("missing name=".into()))?,
-            socket: socket.0.ok_or_else(|| err("missing socket=".into()))?,
-            socket_owner: socket.1,
-            socket_group: socket.2,
-            socket_mode: socket.3,
+            socket: socket.ok_or_else(|| err("missing socket=".into()))?,
+            socket_owner,
+            socket_group,
+            socket_mode,
             vlan,
             mac,
             queues,

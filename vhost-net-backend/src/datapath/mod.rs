@@ -96,4 +96,9 @@ impl Datapath {
     pub fn port_by_name(&self, name: &str) -> Option<&Arc<SwitchPort>> {
         self.ports.iter().find(|p| p.name == name)
     }
+
+    /// The name of port `id`, for tables and logs ("?" for an id no port has).
+    pub fn port_name(&self, id: PortId) -> &str {
+        self.ports.get(usize::from(id)).map_or("?", |p| &p.name)
+    }
 }

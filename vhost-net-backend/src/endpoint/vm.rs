@@ -392,8 +392,6 @@ impl RxScratch {
                 next.prefetch_body(ram, segs);
                 // Small frames gain nothing: their buffer's first line comes with the
                 // used-ring write's latency anyway, and the lookup costs more.
-                // Small frames gain nothing: their buffer's first line comes with the
-                // used-ring write's latency anyway, and the lookup costs more.
                 if next.len > 512 {
                     locked.prefetch_following_buffer((next.len + 12).min(PREFETCH_BODY));
                 }
@@ -697,11 +695,10 @@ struct LockedRx<'a> {
     /// The last avail index read: it only grows, so entries up to it can be taken without
     /// reading it again (each read pulls a cache line the driver keeps writing).
     avail: u16,
-    /// Used entries of short-path frames not yet in the used ring (from `shadow_at`):
-    /// written together, so the used ring's lines, which the driver keeps reading, are
-    /// taken from its core once per run instead of once per frame.
+    /// Used entries of short-path frames not yet in the used ring (the last ones before
+    /// `queue.next_used()`): written together, so the used ring's lines, which the driver
+    /// keeps reading, are taken from its core once per run instead of once per frame.
     shadow: Option<&'a mut Vec<(u16, u32)>>,
-    shadow_at: u16,
 }
 
 /// Smallest MSS of a TSO frame segmented in software for a flood target: IPv4's default
@@ -746,7 +743,6 @@ impl<'a> LockedRx<'a> {
             mergeable: rxq.features & f::MRG_RXBUF != 0,
             ram: rxq.mem,
             avail,
-            shadow_at: queue.next_used(),
             shadow,
             queue,
         })
@@ -758,12 +754,16 @@ impl<'a> LockedRx<'a> {
         let Some(shadow) = self.shadow.as_deref_mut().filter(|s| !s.is_empty()) else {
             return Ok(());
         };
-        let entries = shadow.iter().copied();
-        let next = write_used(self.ram, self.used_ring, self.size, self.shadow_at, entries)
-            .ok_or(RxError::Broken)?;
-        debug_assert_eq!(next, self.queue.next_used());
+        let at = self.queue.next_used().wrapping_sub(shadow.len() as u16);
+        write_used(
+            self.ram,
+            self.used_ring,
+            self.size,
+            at,
+            shadow.iter().copied(),
+        )
+        .ok_or(RxError::Broken)?;
         shadow.clear();
-        self.shadow_at = next;
         Ok(())
     }
 
@@ -810,9 +810,6 @@ impl<'a> LockedRx<'a> {
                 },
             );
         };
-        if shadow.is_empty() {
-            self.shadow_at = old_used;
-        }
         shadow.push(used);
         self.queue.set_next_used(old_used.wrapping_add(1));
         if shadow.len() == SHADOW_USED {

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use integration::frames::{as_partial_tcp, mac, tcp_frame, udp_frame, BROADCAST};
 use integration::frontend::ALL_FEATURES;
 use integration::testbed::backend_binary;
-use integration::testpmd::{self, ForwardRun, VirtioUser};
+use integration::testpmd::{self, ForwardRun, VirtioUser, DPDK_PMDS};
 use integration::{DeviceOptions, VirtioNetDevice};
 use serde::Serialize;
 use vhost_net_backend::virtio::{features as f, NetHdr};
@@ -441,8 +441,6 @@ struct Dpdk {
     child: Child,
     dir: tempfile::TempDir,
 }
-
-const DPDK_PMDS: &str = "/usr/lib/x86_64-linux-gnu/dpdk/pmds-23.0";
 
 impl Dpdk {
     /// With `queues` queue pairs a port.
