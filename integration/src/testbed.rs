@@ -99,9 +99,9 @@ impl TestSwitch {
             .as_ref()
             .expect("running")
             .datapath()
-            .port_by_name(port)
-            .expect("port exists")
-            .clone();
+            .ports
+            .by_name(port)
+            .expect("port exists");
         let end = Instant::now() + Duration::from_secs(5);
         while shared.rx_queues_published() < pairs && Instant::now() < end {
             std::thread::sleep(Duration::from_millis(1));
@@ -124,7 +124,8 @@ impl TestSwitch {
             .as_ref()
             .expect("running")
             .datapath()
-            .port_by_name(port)
+            .ports
+            .by_name(port)
             .expect("port exists")
             .counters
             .snapshot()

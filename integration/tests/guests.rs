@@ -253,6 +253,70 @@ fn backend_restart_is_picked_up_by_running_guests() {
     finish(env, vec![a, b], backend);
 }
 
+/// Runs `ctl ARGS` against the backend's control socket; its stdout, or a panic with its
+/// stderr.
+fn ctl(control: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(backend_binary())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(control)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_port_added_at_run_time_serves_a_guest_and_a_deleted_one_costs_the_others_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let env = env();
+    let control = env.dir.path().join("control.sock");
+    let control_arg = control.display().to_string();
+    let backend = env.backend(&[("a", ""), ("b", "")], &["--control-socket", &control_arg]);
+    let mut a = env.boot(env.guest("a", 1, "10.0.3.1/24"));
+    let b = env.boot(env.guest("b", 2, "10.0.3.2/24"));
+    wait_ping(&mut a, "10.0.3.2");
+    // a pings b the whole time the ports change: 150 pings, 0.1 s apart.
+    a.ok(
+        "/usr/bin/ping -q -c 150 -i 0.1 10.0.3.2 > /tmp/ping.out 2>&1 &",
+        CMD,
+    );
+    let spec = format!("name=c,socket={}", env.sock("c").display());
+    ctl(&control, &["port", "add", &spec]);
+    let mut c = env.boot(env.guest("c", 3, "10.0.3.3/24"));
+    wait_ping(&mut c, "10.0.3.1");
+    ctl(&control, &["port", "del", "c"]);
+    assert!(!env.sock("c").exists(), "c's socket is removed");
+    assert!(!ping_ok(&mut c, "-c 1 10.0.3.1"), "c is cut off");
+    // Back in the same place, c's QEMU reconnects (it retries every second) and its guest
+    // is switched again without a reboot.
+    ctl(&control, &["port", "add", &spec]);
+    wait_ping(&mut c, "10.0.3.2");
+    let end = Instant::now() + Duration::from_secs(60);
+    let summary = loop {
+        let out = a.ok("cat /tmp/ping.out", CMD);
+        if out.contains("packets transmitted") {
+            break out;
+        }
+        assert!(Instant::now() < end, "a's ping never ended: {out}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(
+        summary.contains("150 packets transmitted, 150 received"),
+        "a lost pings to b while c came and went: {summary}"
+    );
+    let log = finish(env, vec![a, b, c], backend);
+    assert!(
+        log.contains("port c: deleted") && log.contains("port c: added"),
+        "{log}"
+    );
+}
+
 /// Whether `g` opens a TCP connection to `addr:port` (an iperf3 client for one second:
 /// a real handshake, then data).
 fn tcp_connects(g: &mut Guest, addr: &str, port: u16) -> bool {

@@ -6,17 +6,21 @@ use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use log::info;
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::balancer::Balancer;
 use crate::config::policy::{OneOrMany, PortItem};
-use crate::config::{Action, RateConfig, RuleConfig, SwitchConfig};
+use crate::config::{Action, PortConfig, RateConfig, RuleConfig, SwitchConfig};
 use crate::counters::CounterSnapshot;
-use crate::datapath::Datapath;
+use crate::datapath::{ports, Datapath};
+use crate::endpoint::SwitchPort;
 use crate::packet::l3::Ip;
 use crate::policy::conntrack::{tcp, Conn};
 use crate::policy::flow_log::{proto_name, tcp_flags_text};
+use crate::policy::rules::RuleSet;
+use crate::port_sockets::{self, PortSockets};
 use crate::types::PortId;
 
 /// Reads the config again (the file and command line it came from).
@@ -26,11 +30,12 @@ pub const COMMANDS: &str = "stats, rules, flows [port=NAME] [addr=IP], flush [po
 [addr=IP] [proto=P] [dport=N], reload, rule-add [at=N] action=allow|deny [from=..] [to=..] \
 [proto=..] [ports=..] [name=..] [rate_bps=N] [rate_pps=N], rule-remove NAME|N, \
 rule-move NAME|N TO, port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] \
-[rx_bps=N] [rx_pps=N], routes, neighbours, leases, balancers, ports, macs [port=NAME], mac-flush [port=NAME]";
+[rx_bps=N] [rx_pps=N], port-add name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N]..., \
+port-del NAME, routes, neighbours, leases, balancers, ports, macs [port=NAME], mac-flush [port=NAME]";
 
 #[derive(Serialize)]
-struct PortStats<'a> {
-    name: &'a str,
+struct PortStats {
+    name: String,
     vlan: u16,
     connected: bool,
     #[serde(flatten)]
@@ -39,11 +44,12 @@ struct PortStats<'a> {
 
 /// Counters of every port as one JSON document.
 pub fn stats_json(dp: &Datapath) -> String {
-    let ports: Vec<PortStats<'_>> = dp
+    let ports: Vec<PortStats> = dp
         .ports
+        .in_use()
         .iter()
         .map(|p| PortStats {
-            name: &p.name,
+            name: p.name.clone(),
             vlan: p.segment,
             connected: p.connected(),
             counters: p.counters.snapshot(),
@@ -64,6 +70,7 @@ pub fn stats_json(dp: &Datapath) -> String {
 
 pub struct Control {
     dp: Arc<Datapath>,
+    sockets: Arc<PortSockets>,
     balancers: Vec<Arc<Balancer>>,
     /// The config in force, edited by the commands.
     running: Mutex<SwitchConfig>,
@@ -71,9 +78,15 @@ pub struct Control {
 }
 
 impl Control {
-    pub fn new(dp: Arc<Datapath>, running: SwitchConfig, balancers: Vec<Arc<Balancer>>) -> Control {
+    pub fn new(
+        dp: Arc<Datapath>,
+        sockets: Arc<PortSockets>,
+        running: SwitchConfig,
+        balancers: Vec<Arc<Balancer>>,
+    ) -> Control {
         Control {
             dp,
+            sockets,
             balancers,
             running: Mutex::new(running),
             reloader: Mutex::new(None),
@@ -88,8 +101,13 @@ impl Control {
     /// Answers one command line.
     pub fn handle(&self, line: &str) -> String {
         let mut words = line.split_whitespace();
-        let cmd = words.next().unwrap_or("");
-        let args: Vec<&str> = words.collect();
+        let mut cmd = words.next().unwrap_or("").to_string();
+        let mut args: Vec<&str> = words.collect();
+        // `port add|del|set ...`, as OVS's and ip's users type it.
+        if cmd == "port" && !args.is_empty() {
+            cmd = format!("port-{}", args.remove(0));
+        }
+        let cmd = cmd.as_str();
         let reply = match cmd {
             "stats" => return stats_json(&self.dp),
             "rules" => Ok(self.rules()),
@@ -117,6 +135,8 @@ impl Control {
                 Ok(())
             }),
             "port-set" => self.edit(|c| port_set(c, &args)),
+            "port-add" => self.edit(|c| port_add(c, &args)),
+            "port-del" => self.edit(|c| port_del(c, &args)),
             "routes" => Ok(self.routes()),
             "neighbours" => Ok(self.neighbours()),
             "leases" => Ok(self.leases()),
@@ -146,9 +166,7 @@ impl Control {
             reloader()?
         };
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        self.apply(&running, &new)?;
-        *running = new;
-        Ok(())
+        self.apply(&mut running, new)
     }
 
     /// Applies `edit` to a copy of the running config, then puts it in force.
@@ -161,13 +179,17 @@ impl Control {
         // Positions in the file no longer hold once rules are edited.
         new.rule_positions.clear();
         edit(&mut new)?;
-        self.apply(&running, &new)?;
-        *running = new;
+        self.apply(&mut running, new)?;
         Ok(json!({ "ok": true }))
     }
 
-    fn apply(&self, old: &SwitchConfig, new: &SwitchConfig) -> Result<(), String> {
-        new.validate().map_err(|e| e.to_string())?;
+    /// Puts `new` in force over `running`: the policy and routes, and the ports that came,
+    /// went or changed (each brought down or up alone; the others never notice). On an
+    /// error nothing changed, except when a port's socket could not be bound: that port
+    /// is left out (the error names it) and the rest is in force.
+    fn apply(&self, running: &mut SwitchConfig, new: SwitchConfig) -> Result<(), String> {
+        let (old, new) = (&*running, &new);
+        new.validate_running().map_err(|e| e.to_string())?;
         let changed = restart_only_changes(old, new);
         if !changed.is_empty() {
             return Err(format!(
@@ -175,9 +197,54 @@ impl Control {
                 changed.join(", ")
             ));
         }
-        self.dp.policy.replace(new).map_err(|e| e.to_string())?;
-        self.dp.router.set_ports(new);
-        Ok(())
+        let plan = self.dp.ports.plan(old, new)?;
+        RuleSet::compile(&plan.by_id).map_err(|e| e.to_string())?;
+        for &id in &plan.down {
+            let name = self.dp.ports.name(id);
+            self.sockets.stop(id);
+            self.dp.ports.set(SwitchPort::vacant(id));
+            info!("port {name}: deleted");
+        }
+        let mut applied = new.clone();
+        let mut failed = Vec::new();
+        let mut listening = Vec::new();
+        for (id, p) in &plan.up {
+            match port_sockets::listen(p) {
+                Ok(l) => {
+                    self.dp.ports.set(ports::vm_port(*id, p));
+                    listening.push((*id, l));
+                }
+                Err(e) => {
+                    applied.ports.retain(|a| a.name != p.name);
+                    failed.push(e.to_string());
+                }
+            }
+        }
+        // The switch and the policy see the new table before a guest can connect.
+        self.dp.switch.set_ports(&self.dp.ports.profiles());
+        for id in plan.down.iter().chain(plan.up.iter().map(|(id, _)| id)) {
+            self.dp.switch.macs.forget_port(*id);
+            self.dp.router.neighbours.forget_port(*id);
+            self.dp
+                .policy
+                .flush(|c| c.orig_port == *id || c.reply_port == *id);
+        }
+        let by_id = self.dp.ports.by_id(&applied);
+        self.dp.policy.replace(&by_id).map_err(|e| e.to_string())?;
+        self.dp.router.set_ports(&by_id);
+        for (id, l) in listening {
+            let name = self.dp.ports.name(id);
+            match self.sockets.start(id, l) {
+                Ok(()) => info!("port {name}: added"),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        *running = applied;
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(failed.join("; "))
+        }
     }
 
     fn routes(&self) -> Value {
@@ -216,7 +283,7 @@ impl Control {
                 json!({
                     "ip": n.ip.to_string(),
                     "mac": n.at.mac.to_string(),
-                    "port": self.dp.ports.get(usize::from(n.at.port)).map(|p| p.name.as_str()),
+                    "port": self.dp.ports.name(n.at.port),
                     "vlan": n.at.segment,
                     "source": if n.age.is_some() { "learned" } else { "config" },
                     "age_secs": n.age,
@@ -272,7 +339,8 @@ impl Control {
             };
         };
         self.dp
-            .port_by_name(name)
+            .ports
+            .by_name(name)
             .map(|p| Some(p.id))
             .ok_or_else(|| format!("no port named '{name}'"))
     }
@@ -283,6 +351,7 @@ impl Control {
         let rows: Vec<Value> = self
             .dp
             .ports
+            .in_use()
             .iter()
             .map(|p| {
                 let (kind, features) = match p.as_vm() {
@@ -317,7 +386,7 @@ impl Control {
             .into_iter()
             .filter(|r| port.is_none_or(|p| p == r.2))
             .map(|(vlan, mac, id, age)| {
-                json!({ "vlan": vlan, "mac": mac.to_string(), "port": self.dp.port_name(id), "age_secs": age })
+                json!({ "vlan": vlan, "mac": mac.to_string(), "port": self.dp.ports.name(id), "age_secs": age })
             })
             .collect();
         json!({ "macs": rows })
@@ -330,10 +399,7 @@ impl Control {
             .leases()
             .iter()
             .map(|(segment, l)| {
-                let port = l
-                    .port
-                    .and_then(|p| self.dp.ports.get(usize::from(p)))
-                    .map(|p| p.name.as_str());
+                let port = l.port.map(|p| self.dp.ports.name(p));
                 json!({
                     "segment": segment,
                     "address": l.address.to_string(),
@@ -385,7 +451,7 @@ impl Control {
     fn flows(&self, f: &FlowFilter) -> Value {
         let rules = self.dp.policy.rules();
         let now = self.dp.policy.now();
-        let name = |p: u16| self.dp.port_name(p);
+        let name = |p: u16| self.dp.ports.name(p);
         let list: Vec<Value> = self
             .dp
             .policy
@@ -440,21 +506,8 @@ fn restart_only_changes(old: &SwitchConfig, new: &SwitchConfig) -> Vec<String> {
     {
         changed.push("[[segment]], [[route]] or router_mac".into());
     }
-    let strip = |c: &SwitchConfig| {
-        c.ports
-            .iter()
-            .map(|p| {
-                let mut p = p.clone();
-                p.groups.clear();
-                p.addresses.clear();
-                p.rate_tx = None;
-                p.rate_rx = None;
-                p
-            })
-            .collect::<Vec<_>>()
-    };
-    if strip(old) != strip(new) {
-        changed.push("the ports (other than their groups, addresses and rates)".into());
+    if old.max_ports != new.max_ports {
+        changed.push("max_ports".into());
     }
     let settings = |c: &SwitchConfig| {
         c.policy.clone().map(|mut p| {
@@ -479,8 +532,11 @@ struct FlowFilter {
 
 impl FlowFilter {
     fn matches(&self, c: &Conn, dp: &Datapath) -> bool {
-        let port_named =
-            |id: u16, n: &str| dp.ports.get(usize::from(id)).is_some_and(|p| p.name == n);
+        let port_named = |id: u16, n: &str| {
+            dp.ports
+                .get(id)
+                .is_some_and(|p| !p.is_vacant() && p.name == n)
+        };
         self.port
             .as_deref()
             .is_none_or(|n| port_named(c.orig_port, n) || port_named(c.reply_port, n))
@@ -639,6 +695,42 @@ fn port_set(c: &mut SwitchConfig, args: &[&str]) -> Result<(), String> {
                 ))
             }
         }
+    }
+    Ok(())
+}
+
+/// `port-add name=NAME,socket=PATH[,vlan=..]...`: the same spec as `--port`.
+fn port_add(c: &mut SwitchConfig, args: &[&str]) -> Result<(), String> {
+    let [spec] = args else {
+        return Err(
+            "port-add needs one spec: name=NAME,socket=PATH[,vlan=ID][,mac=MAC]\
+                    [,queues=N][,group=G]...[,ip=ADDR]..."
+                .into(),
+        );
+    };
+    let port = PortConfig::parse_spec(spec).map_err(|e| e.to_string())?;
+    if port.socket.as_os_str().is_empty() {
+        return Err(format!("port spec '{spec}': socket=PATH is missing"));
+    }
+    if c.ports.iter().any(|p| p.name == port.name) {
+        return Err(format!(
+            "a port named '{}' exists: delete it first, or use port-set",
+            port.name
+        ));
+    }
+    c.ports.push(port);
+    Ok(())
+}
+
+/// `port-del NAME`.
+fn port_del(c: &mut SwitchConfig, args: &[&str]) -> Result<(), String> {
+    let [name] = args else {
+        return Err("port-del needs one port name".into());
+    };
+    let before = c.ports.len();
+    c.ports.retain(|p| p.name != *name);
+    if c.ports.len() == before {
+        return Err(format!("no port named '{name}'"));
     }
     Ok(())
 }

@@ -10,11 +10,13 @@
 //! Each module imports only modules of its own layer or below.
 //!
 //! ```text
-//! 6 control    server (listeners, connections, ageing and the policy's clock),
-//!              control (the control socket's commands: counters, rules, flows, changes),
+//! 6 control    server (start and stop, ageing and the policy's clock),
+//!              control (the control socket's commands: counters, rules, flows, changes,
+//!              ports added and deleted), port_sockets (each VM port's socket and thread),
 //!              vhost_user::{backend (VhostUserBackend of a VM port), relay}
 //! 5 datapath   datapath::burst: THE pipeline, decision -> policy -> delivery -> flush;
-//!              datapath::vm_tx (a VM's TX ring), datapath::tap_rx (the tap's readers)
+//!              datapath::vm_tx (a VM's TX ring), datapath::tap_rx (the tap's readers),
+//!              datapath::ports (the port table, replaced whole when ports change)
 //! 4 endpoints  endpoint::{vm (RX ring driver), tap}: where a decided frame goes;
 //!              `Endpoint` is every kind of port, matched on the hot path
 //! 3 decisions  switch::{mac_table, cache}, policy::{source_guard, rules, conntrack, rate,
@@ -56,6 +58,7 @@ pub mod host_side;
 pub mod mem;
 pub mod packet;
 pub mod policy;
+pub mod port_sockets;
 pub mod route;
 pub mod server;
 pub mod switch;

@@ -154,6 +154,11 @@ Commands:
   rule-remove NAME|N                 rule-move NAME|N TO
   port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] [rx_bps=N] [rx_pps=N]
            (tx: what the guest sends, rx: what it receives; 0 removes the limit)
+  port-add name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,group=G]...[,ip=ADDR]...
+                                     a new port, served at once (the spec of --port)
+  port-del NAME                      delete a port; its guest is disconnected, its socket removed
+                                     (also `port add|del|set`; SIGHUP or `reload` applies the
+                                     ports of the config file the same way)
   routes                             routed segments with their gateways, static routes
   neighbours                         the router's neighbour table (configured and learned)
   leases                             DHCP: static bindings and pool leases of every segment

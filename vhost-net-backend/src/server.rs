@@ -2,20 +2,18 @@
 //! disconnect, MAC ageing, and the control socket that reports counters.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use log::{error, info, warn};
+use log::info;
 use thiserror::Error;
 use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::balancer::{health, Balancer};
 use crate::config::{ConfigError, SwitchConfig};
@@ -23,22 +21,15 @@ use crate::control::{stats_json, Control, Reloader};
 use crate::datapath::{tap_rx, Datapath};
 use crate::endpoint::tap::TapPort;
 use crate::host_side::{HostSide, HostSideError};
+use crate::port_sockets::{self, ListenError, PortSockets, Wake};
 use crate::types::PortId;
-use crate::vhost_user::backend::Port;
-use crate::vhost_user::relay;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error(
-        "port '{port}': cannot listen on {path}: {source} (is the directory there and writable?)"
-    )]
-    Listen {
-        port: String,
-        path: PathBuf,
-        source: vhost::vhost_user::Error,
-    },
+    #[error(transparent)]
+    Listen(#[from] ListenError),
     #[error("{path}: {source}")]
     Control {
         path: PathBuf,
@@ -49,25 +40,10 @@ pub enum ServerError {
         tap: String,
         source: hostnet::tap::TapError,
     },
-    #[error("port '{port}': cannot set the owner or mode of {path}: {source} (changing the owner needs root)")]
-    SocketAccess {
-        port: String,
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
     HostSide(#[from] HostSideError),
-}
-
-/// How a thread blocked in accept() on a listening socket is woken at shutdown.
-enum Wake {
-    /// A socket of ours: shut down.
-    Shutdown(RawFd),
-    /// A socket handed over (`--fd`, socket activation) and still its owner's: a
-    /// connection to it, which the stopping thread drops.
-    Connect(std::os::unix::net::SocketAddr),
 }
 
 /// A running switch. Dropping it (or calling `stop`) closes every connection and removes
@@ -75,13 +51,15 @@ enum Wake {
 pub struct Server {
     dp: Arc<Datapath>,
     stop: Arc<AtomicBool>,
-    /// How to wake each thread blocked in accept() at shutdown.
+    /// The threads serving the VM ports' sockets.
+    sockets: Arc<PortSockets>,
+    /// How to wake the control thread, blocked in accept(), at shutdown.
     wake: Vec<Wake>,
     threads: Vec<JoinHandle<()>>,
     ticker: Option<mpsc::Sender<()>>,
     control_path: Option<PathBuf>,
     control: Arc<Control>,
-    /// Holds the protocol handlers' internal sockets; only we can reach it.
+    /// Holds the protocol handlers' internal sockets.
     private_dir: PathBuf,
     /// The host's side of the uplink, removed at shutdown.
     host_side: Option<Arc<HostSide>>,
@@ -145,30 +123,11 @@ impl Server {
                         Ok(a) if a.as_pathname().is_some() => Wake::Connect(a),
                         _ => Wake::Shutdown(l.as_raw_fd()),
                     };
-                    listeners.push((Listener::from(l), wake));
-                    continue;
+                    (Listener::from(l), wake)
                 }
-                None => {
-                    let l =
-                        Listener::new(&p.socket, true).map_err(|source| ServerError::Listen {
-                            port: p.name.clone(),
-                            path: p.socket.clone(),
-                            source,
-                        })?;
-                    // Checked by validate: only the change itself can fail here.
-                    let access = p.socket_access().unwrap_or_default();
-                    access
-                        .apply(&p.socket)
-                        .map_err(|source| ServerError::SocketAccess {
-                            port: p.name.clone(),
-                            path: p.socket.clone(),
-                            source,
-                        })?;
-                    l
-                }
+                None => port_sockets::listen(p)?,
             };
-            let wake = Wake::Shutdown(listener.as_raw_fd());
-            listeners.push((listener, wake));
+            listeners.push(listener);
         }
         let control = match &config.control_socket {
             Some(path) => {
@@ -194,15 +153,22 @@ impl Server {
             .collect();
         let private_dir = make_private_dir()?;
         let stop = Arc::new(AtomicBool::new(false));
+        let sockets = Arc::new(PortSockets::new(dp.clone(), private_dir.clone()));
         let mut server = Server {
-            private_dir: private_dir.clone(),
+            private_dir,
             dp: dp.clone(),
             stop: stop.clone(),
+            sockets: sockets.clone(),
             wake: Vec::new(),
             threads: Vec::new(),
             ticker: None,
             control_path: config.control_socket.clone(),
-            control: Arc::new(Control::new(dp.clone(), config.clone(), balancers.clone())),
+            control: Arc::new(Control::new(
+                dp.clone(),
+                sockets.clone(),
+                config.clone(),
+                balancers.clone(),
+            )),
             host_side: None,
         };
         // Dropped on an error from here on, the server removes what the host side made.
@@ -214,16 +180,8 @@ impl Server {
                 server.threads.push(t);
             }
         }
-        for (i, (listener, wake)) in listeners.into_iter().enumerate() {
-            server.wake.push(wake);
-            let (dp, stop) = (dp.clone(), stop.clone());
-            let internal = private_dir.join(format!("{i}.sock"));
-            let name = format!("port-{}", config.ports[i].name);
-            let t = thread::Builder::new()
-                .name(name)
-                .spawn(move || serve_port(dp, i as PortId, listener, internal, stop))
-                .map_err(ServerError::Thread)?;
-            server.threads.push(t);
+        for (i, listener) in listeners.into_iter().enumerate() {
+            sockets.start(i as PortId, listener)?;
         }
         if let Some(control) = control {
             server.wake.push(Wake::Shutdown(control.as_raw_fd()));
@@ -234,7 +192,7 @@ impl Server {
                 .map_err(ServerError::Thread)?;
             server.threads.push(t);
         }
-        if let (Some(up), Some(tap), Some(port)) = (&config.uplink, tap, dp.ports.last()) {
+        if let (Some(up), Some(tap), Some(port)) = (&config.uplink, tap, dp.ports.uplink()) {
             let readers = tap_rx::spawn_readers(dp.clone(), port.clone(), tap, stop.clone())
                 .map_err(ServerError::Thread)?;
             server.threads.extend(readers);
@@ -306,20 +264,9 @@ impl Server {
         if self.stop.swap(true, Ordering::SeqCst) {
             return;
         }
-        for p in &self.dp.ports {
-            p.reset_connection();
-        }
+        self.sockets.stop_all();
         for w in &self.wake {
-            match w {
-                // SAFETY: shutting down a listening socket we own; it wakes a blocked
-                // accept().
-                Wake::Shutdown(fd) => unsafe {
-                    libc::shutdown(*fd, libc::SHUT_RDWR);
-                },
-                Wake::Connect(addr) => {
-                    let _ = UnixStream::connect_addr(addr);
-                }
-            }
+            w.wake();
         }
         self.ticker.take();
         for t in self.threads.drain(..) {
@@ -333,7 +280,7 @@ impl Server {
             host.down();
         }
         self.dp.policy.finish();
-        for p in &self.dp.ports {
+        for p in self.dp.ports.in_use() {
             info!("port {}: {}", p.name, p.counters.snapshot());
         }
     }
@@ -343,129 +290,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown();
     }
-}
-
-fn serve_port(
-    dp: Arc<Datapath>,
-    id: PortId,
-    public: Listener,
-    internal_path: PathBuf,
-    stop: Arc<AtomicBool>,
-) {
-    let shared = dp.ports[usize::from(id)].clone();
-    let told_queues = Arc::new(AtomicBool::new(false));
-    // The protocol handler accepts on a private socket; the relay joins it to the frontend.
-    let mut internal = match Listener::new(&internal_path, true) {
-        Ok(l) => l,
-        Err(e) => {
-            error!(
-                "port {}: cannot create {}: {e}",
-                shared.name,
-                internal_path.display()
-            );
-            return;
-        }
-    };
-    while !stop.load(Ordering::SeqCst) {
-        let frontend = match public.accept() {
-            Ok(Some(s)) => s,
-            Ok(None) => continue,
-            Err(e) => {
-                if !stop.load(Ordering::SeqCst) {
-                    error!("port {}: accept failed: {e}", shared.name);
-                    thread::sleep(Duration::from_millis(100));
-                }
-                continue;
-            }
-        };
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        if let Err(e) = serve_connection(
-            &dp,
-            id,
-            frontend,
-            &mut internal,
-            &internal_path,
-            &stop,
-            &told_queues,
-        ) {
-            error!("port {}: {e}", shared.name);
-        }
-    }
-    // Dropping the listeners removes their socket files.
-}
-
-/// Closes a connection's leftover exit-event descriptors (`Port::close_exit_events`)
-/// when dropped, after the connection's daemon.
-struct ExitEvents(Port);
-
-impl Drop for ExitEvents {
-    fn drop(&mut self) {
-        self.0.close_exit_events();
-    }
-}
-
-/// Serves one frontend connection until it ends.
-fn serve_connection(
-    dp: &Arc<Datapath>,
-    id: PortId,
-    frontend: UnixStream,
-    internal: &mut Listener,
-    internal_path: &Path,
-    stop: &AtomicBool,
-    told: &Arc<AtomicBool>,
-) -> Result<(), String> {
-    let shared = dp.ports[usize::from(id)].clone();
-    let port = Port::new(dp.clone(), id).ok_or("not a VM port")?;
-    let vm = port.vm().clone();
-    // Declared before the daemon, so dropped after it, on every return path.
-    let _exit_events = ExitEvents(port.clone());
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new(shared.name.clone(), port.clone(), mem)
-        .map_err(|e| format!("cannot set up the device: {e}"))?;
-    // Connecting first leaves the connection in the backlog for the daemon's accept.
-    let handler_side = UnixStream::connect(internal_path)
-        .map_err(|e| format!("cannot reach {}: {e}", internal_path.display()))?;
-    daemon
-        .start(internal)
-        .map_err(|e| format!("cannot start the protocol handler: {e}"))?;
-    let rings = u32::from(shared.queue_pairs) * 2;
-    let relay = match relay::spawn(&shared.name, rings, frontend, handler_side, told.clone()) {
-        Ok(r) => r,
-        Err(e) => {
-            // Its protocol thread is running: end and join it, so the daemon's workers are
-            // gone when it is dropped.
-            daemon.request_shutdown();
-            let _ = daemon.wait();
-            return Err(format!("relay: {e}"));
-        }
-    };
-    *vm.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
-    if stop.load(Ordering::SeqCst) {
-        // Shutdown began before the handle was stored: it could not close this connection.
-        daemon.request_shutdown();
-    }
-    info!("port {}: frontend connected", shared.name);
-    let result = daemon.wait();
-    *vm.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    port.retire();
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
-    vm.detach();
-    dp.switch.macs.forget_port(id);
-    let _ = relay.join();
-    match result {
-        // A frontend closing its socket (a VM shut down, QEMU or testpmd quit) is the
-        // usual end of a connection, not a fault.
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
-            info!("port {}: frontend disconnected", shared.name)
-        }
-        Err(e) => warn!("port {}: connection ended: {e}", shared.name),
-    }
-    Ok(())
 }
 
 fn serve_control(control: &Control, listener: UnixListener, stop: Arc<AtomicBool>) {

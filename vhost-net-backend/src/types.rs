@@ -8,6 +8,8 @@ pub type PortId = u16;
 
 /// The segment of a trunk port: it carries every VLAN, tagged.
 pub const TRUNK: u16 = u16::MAX;
+/// The segment of a free place in the port table: no frame is ever in it.
+pub const VACANT: u16 = u16::MAX - 1;
 
 pub const ETH_HLEN: usize = 14;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;

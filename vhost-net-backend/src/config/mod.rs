@@ -23,6 +23,12 @@ pub const MAX_QUEUE_PAIRS: u16 = 16;
 /// out of the box.
 pub const DEFAULT_FORWARD_MTU: u16 = 9000;
 pub const DEFAULT_MAC_AGEING_SECS: u64 = 300;
+/// VM ports a switch holds, counting those added at run time, unless `max_ports` says
+/// otherwise.
+pub const DEFAULT_MAX_PORTS: u16 = 64;
+/// Most VM ports `max_ports` may ask for: each place costs a few hundred bytes in every
+/// per-port table, used or not.
+pub const MAX_PORTS_LIMIT: u16 = 4000;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -45,6 +51,10 @@ pub enum ConfigError {
     PollUs(u64),
     #[error("mtu {0} is out of range: use 68..=65521")]
     Mtu(u32),
+    #[error("{ports} ports are configured but max_ports is {max}: raise max_ports (up to {MAX_PORTS_LIMIT}) or remove ports")]
+    TooManyPorts { ports: usize, max: usize },
+    #[error("max_ports {0} is out of range: use 1..={MAX_PORTS_LIMIT}")]
+    MaxPorts(u16),
     #[error("{at}: {message}")]
     Rule { at: String, message: String },
     #[error("[policy]: {0}")]
@@ -322,6 +332,10 @@ pub struct SwitchConfig {
     /// Services spread over several guests, for the uplink's forwards.
     #[serde(default, rename = "balancer")]
     pub balancers: Vec<BalancerConfig>,
+    /// VM ports the switch can hold, counting those added at run time (`ctl port-add`).
+    /// None: `DEFAULT_MAX_PORTS`, or as many as are configured if that is more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ports: Option<u16>,
 }
 
 impl Default for SwitchConfig {
@@ -340,6 +354,7 @@ impl Default for SwitchConfig {
             routes: Vec::new(),
             router_mac: None,
             balancers: Vec::new(),
+            max_ports: None,
         }
     }
 }
@@ -409,9 +424,35 @@ impl SwitchConfig {
     }
 
     /// Checks everything a running switch relies on.
+    /// How many VM ports the switch can hold.
+    pub fn port_capacity(&self) -> usize {
+        match self.max_ports {
+            Some(n) => usize::from(n),
+            None => usize::from(DEFAULT_MAX_PORTS).max(self.ports.len()),
+        }
+    }
+
+    /// Checks a config to start a switch from: `validate_running`, and at least one port.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.ports.is_empty() {
             return Err(ConfigError::NoPorts);
+        }
+        self.validate_running()
+    }
+
+    /// Checks a config for a running switch, whose ports may all have been deleted.
+    pub fn validate_running(&self) -> Result<(), ConfigError> {
+        if let Some(n) = self
+            .max_ports
+            .filter(|n| !(1..=MAX_PORTS_LIMIT).contains(n))
+        {
+            return Err(ConfigError::MaxPorts(n));
+        }
+        if self.ports.len() > self.port_capacity() {
+            return Err(ConfigError::TooManyPorts {
+                ports: self.ports.len(),
+                max: self.port_capacity(),
+            });
         }
         if let Some(mtu) = self.mtu {
             if !(68..=65521).contains(&mtu) {

@@ -138,6 +138,7 @@ impl Made {
 pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) {
     s.forwards.clear();
     s.made.clear();
+    let ports = dp.ports.load();
     let policy = dp.policy.active();
     let routing = dp.router.active();
     if policy {
@@ -206,7 +207,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             Forward::RateLimited => from.counters.count_drop(DropReason::RateLimited),
             Forward::Dropped => {}
             Forward::To(p) => {
-                let dst = &dp.ports[usize::from(p)];
+                let dst = &ports[usize::from(p)];
                 if let (Some(vm), Burst::Guest { ram, segs, frames }) = (dst.as_vm(), burst) {
                     let run = s.forwards[i..]
                         .iter()
@@ -237,7 +238,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                     if policy && police(dp, &mut s.policy, from.id, p, f, true) != Forward::To(p) {
                         continue;
                     }
-                    deliver_flooded(from, &dp.ports[usize::from(p)], &frame, &mut s.rx);
+                    deliver_flooded(from, &ports[usize::from(p)], &frame, &mut s.rx);
                 }
             }
             Forward::Routed { to, mac, segment } => {
@@ -252,7 +253,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                         segment,
                         ..frame
                     };
-                    deliver(from, &dp.ports[usize::from(to)], &routed, &mut s.rx);
+                    deliver(from, &ports[usize::from(to)], &routed, &mut s.rx);
                 }
             }
             Forward::Answer(n) => {
@@ -262,7 +263,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             Forward::Ask { n, segment } => {
                 let question = s.made.frame(n, segment);
                 for p in dp.switch.flood_targets(from.id, segment) {
-                    deliver(from, &dp.ports[usize::from(p)], &question, &mut s.rx);
+                    deliver(from, &ports[usize::from(p)], &question, &mut s.rx);
                 }
             }
         }
@@ -365,9 +366,9 @@ fn police(
         Verdict::Allow if dp.policy.rx_allows(cache, to, f.len) => Forward::To(to),
         Verdict::Allow => {
             // Over the receiver's rate: counted there.
-            dp.ports[usize::from(to)]
-                .counters
-                .count_drop(DropReason::RateLimited);
+            if let Some(p) = dp.ports.load().get(usize::from(to)) {
+                p.counters.count_drop(DropReason::RateLimited);
+            }
             Forward::Dropped
         }
         Verdict::Deny => Forward::Denied,
@@ -394,6 +395,8 @@ fn deliver(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &mut RxSc
                 Err(reason) => dst.counters.count_drop(reason),
             }
         }
+        // Deleted since the decision: nobody to count it for.
+        Endpoint::Vacant => {}
     }
 }
 
@@ -409,5 +412,6 @@ fn deliver_flooded(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &
 /// The pipeline's last stage: interrupts each RX queue written since the last flush once,
 /// if its driver wants it. Call it with no lock held that another port needs.
 pub fn flush(dp: &Datapath, s: &mut Scratch) {
-    s.rx.flush(|id| dp.ports.get(usize::from(id)).and_then(|p| p.as_vm()));
+    let ports = dp.ports.load();
+    s.rx.flush(|id| ports.get(usize::from(id)).and_then(|p| p.as_vm()));
 }

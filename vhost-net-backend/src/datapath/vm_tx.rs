@@ -455,7 +455,7 @@ mod tests {
 
     /// Attaches guest memory `m` to port `id`, with RX queue `rx` if given.
     fn attach(dp: &Datapath, id: usize, m: &GuestMemory, rx: Option<Layout>) -> Arc<VmEndpoint> {
-        let Endpoint::Vm(vm) = &dp.ports[id].endpoint else {
+        let Endpoint::Vm(vm) = &dp.ports.load()[id].endpoint else {
             panic!("a VM port")
         };
         let atomic = GuestMemoryAtomic::new(m.clone());
@@ -520,7 +520,7 @@ mod tests {
         let alive = AtomicBool::new(true);
         let queue = TxQueue {
             dp: &dp,
-            port: &dp.ports[0],
+            port: &dp.ports.load()[0],
             vm: &a,
             alive: &alive,
         };
@@ -540,8 +540,8 @@ mod tests {
             .unwrap();
         assert_eq!(got, f1);
         let (ca, cb) = (
-            dp.ports[0].counters.snapshot(),
-            dp.ports[1].counters.snapshot(),
+            dp.ports.load()[0].counters.snapshot(),
+            dp.ports.load()[1].counters.snapshot(),
         );
         assert_eq!((ca.tx_packets, ca.tx_bytes), (2, 160));
         assert_eq!(ca.drop_count(DropReason::BadTxDescriptor), 1);

@@ -12,7 +12,7 @@ pub(crate) use vm::test_rings;
 use std::sync::Arc;
 
 use crate::counters::PortCounters;
-use crate::types::{MacAddr, PortId};
+use crate::types::{MacAddr, PortId, VACANT};
 use tap::TapPort;
 use vm::{VmEndpoint, VmPort};
 
@@ -22,6 +22,9 @@ pub enum Endpoint {
     Vm(Arc<VmEndpoint>),
     /// The tap uplink towards the host.
     Tap(Arc<TapPort>),
+    /// A free place in the port table: a port deleted, or room for `port-add`. Nothing
+    /// is delivered to it and nothing comes from it.
+    Vacant,
 }
 
 /// One port of the switch: what outlives a guest connection.
@@ -33,6 +36,8 @@ pub struct SwitchPort {
     pub queue_pairs: u16,
     /// The MAC configured on it (`mac=`).
     pub mac: Option<MacAddr>,
+    /// Port security: the most source MACs it may send from.
+    pub max_macs: Option<u16>,
     pub counters: PortCounters,
     pub endpoint: Endpoint,
 }
@@ -48,8 +53,26 @@ impl SwitchPort {
                 counters: &self.counters,
                 vm,
             }),
-            Endpoint::Tap(_) => None,
+            Endpoint::Tap(_) | Endpoint::Vacant => None,
         }
+    }
+
+    /// A free place in the port table at `id`.
+    pub fn vacant(id: PortId) -> SwitchPort {
+        SwitchPort {
+            id,
+            name: String::new(),
+            segment: VACANT,
+            queue_pairs: 0,
+            mac: None,
+            max_macs: None,
+            counters: PortCounters::default(),
+            endpoint: Endpoint::Vacant,
+        }
+    }
+
+    pub fn is_vacant(&self) -> bool {
+        matches!(self.endpoint, Endpoint::Vacant)
     }
 
     /// Whether something is attached: a guest (its memory table taken), or the tap.
@@ -57,6 +80,7 @@ impl SwitchPort {
         match &self.endpoint {
             Endpoint::Vm(vm) => vm.rx_read().mem.is_some(),
             Endpoint::Tap(_) => true,
+            Endpoint::Vacant => false,
         }
     }
 
@@ -65,7 +89,7 @@ impl SwitchPort {
     pub fn rx_queues_published(&self) -> usize {
         match &self.endpoint {
             Endpoint::Vm(vm) => vm.rx_read().queue_count(),
-            Endpoint::Tap(_) => 0,
+            Endpoint::Tap(_) | Endpoint::Vacant => 0,
         }
     }
 

@@ -107,7 +107,6 @@ pub struct Policy {
     full_reported: AtomicU8,
     log: Mutex<Option<FlowLog>>,
     log_interval: u32,
-    names: Vec<String>,
 }
 
 fn unix_now() -> u64 {
@@ -117,9 +116,11 @@ fn unix_now() -> u64 {
 }
 
 impl Policy {
-    /// The policy of `config`, for its ports (named `names`, the uplink last if any).
-    pub fn new(config: &SwitchConfig, names: Vec<String>) -> Result<Policy, ConfigError> {
+    /// The policy of `config`, whose ports are laid out by id (the uplink after them, if
+    /// any). Its port table keeps that size: later configs name the same places.
+    pub fn new(config: &SwitchConfig) -> Result<Policy, ConfigError> {
         let rules = RuleSet::compile(config)?;
+        let ports = rules.ports.len();
         let settings = config.policy.clone().unwrap_or_default();
         if settings.max_flows == 0 || settings.max_flows_per_port == 0 {
             return Err(ConfigError::Policy(
@@ -138,7 +139,7 @@ impl Policy {
             active: AtomicBool::new(rules.active),
             rules: Mutex::new(Arc::new(rules)),
             generation: AtomicU64::new(0),
-            conntrack: Conntrack::new(names.len(), settings.max_flows, settings.max_flows_per_port),
+            conntrack: Conntrack::new(ports, settings.max_flows, settings.max_flows_per_port),
             clock: AtomicU32::new(0),
             started: Instant::now(),
             started_unix: unix_now(),
@@ -147,7 +148,6 @@ impl Policy {
             full_reported: AtomicU8::new(0),
             log: Mutex::new(log),
             log_interval: settings.flow_log_interval_secs.clamp(1, 86_400) as u32,
-            names,
         })
     }
 
@@ -166,9 +166,9 @@ impl Policy {
     /// again at their next packet. An error leaves the running rules as they are.
     pub fn replace(&self, config: &SwitchConfig) -> Result<(), ConfigError> {
         let rules = RuleSet::compile(config)?;
-        if rules.ports.len() != self.names.len() {
+        if rules.ports.len() != self.rules().ports.len() {
             return Err(ConfigError::Policy(
-                "ports cannot be added or removed by a reload: restart the switch".into(),
+                "the port table's size (max_ports) changes only with a restart".into(),
             ));
         }
         let active = rules.active;
@@ -449,20 +449,15 @@ impl Policy {
         };
         counter.fetch_add(1, Ordering::Relaxed);
         if self.full_reported.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+            let rules = self.rules();
             warn!(
                 "policy: new flows from port {} refused: {what} (max_flows {}, \
                  max_flows_per_port {}); counted, reported once",
-                self.name(src),
+                rules.port_name(src),
                 self.conntrack.max,
                 self.conntrack.max_per_port
             );
         }
-    }
-
-    fn name(&self, port: PortId) -> &str {
-        self.names
-            .get(usize::from(port))
-            .map_or("?", |n| n.as_str())
     }
 
     /// Stops tracking `conn`, logs it as ended and adds its traffic to its rule's.
@@ -589,8 +584,8 @@ impl Policy {
             event,
             start,
             end: end.max(start),
-            src_port: self.name(src),
-            dst_port: self.name(dst),
+            src_port: rules.port_name(src),
+            dst_port: rules.port_name(dst),
             src_groups: groups(src),
             dst_groups: groups(dst),
             segment: key.zone,
@@ -668,7 +663,7 @@ mod tests {
 
     fn policy(extra: &str) -> (Policy, PolicyCache) {
         let c = config(extra);
-        let p = Policy::new(&c, c.ports.iter().map(|p| p.name.clone()).collect()).unwrap();
+        let p = Policy::new(&c).unwrap();
         let mut cache = PolicyCache::default();
         p.refresh(&mut cache);
         (p, cache)

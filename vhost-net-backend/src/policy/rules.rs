@@ -83,6 +83,8 @@ impl AclRule {
 /// What the policy knows of a port.
 #[derive(Debug, Default)]
 pub struct PortPolicy {
+    /// Its name, for logs ("" for a free place in the port table).
+    pub name: String,
     pub groups: u64,
     pub uplink: bool,
     pub mac: Option<MacAddr>,
@@ -149,6 +151,7 @@ impl RuleSet {
                 let (v4, v6) = p.addresses.iter().partition(|a| a.is_ipv4());
                 let ips = |v: Vec<&IpAddr>| v.into_iter().map(|a| Ip::from(*a)).collect();
                 PortPolicy {
+                    name: p.name.clone(),
                     groups: p.groups.iter().map(|g| bit_of[g.as_str()]).sum(),
                     uplink: false,
                     mac: p.mac,
@@ -161,6 +164,7 @@ impl RuleSet {
             .collect();
         if config.uplink.is_some() {
             ports.push(PortPolicy {
+                name: "uplink".into(),
                 uplink: true,
                 ..Default::default()
             });
@@ -260,6 +264,15 @@ impl RuleSet {
     pub fn decider_name(&self, d: Decider) -> &str {
         d.and_then(|i| self.rules.get(i as usize))
             .map_or("default", |r| r.name.as_str())
+    }
+
+    /// The name of port `port`, for logs ("?" for none).
+    pub fn port_name(&self, port: PortId) -> &str {
+        self.ports
+            .get(usize::from(port))
+            .map(|p| p.name.as_str())
+            .filter(|n| !n.is_empty())
+            .unwrap_or("?")
     }
 
     /// The names of the groups in `bits`.

@@ -7,6 +7,9 @@ mod forward;
 pub mod mac_table;
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 
 pub use cache::DecisionCache;
 use cache::{CachedDecision, DECISION_SLOTS};
@@ -26,19 +29,19 @@ pub struct PortProfile {
     pub max_macs: Option<u16>,
 }
 
-pub struct Switch {
-    /// Each port's segment, by port id.
+/// What the switch knows of every port, by id; replaced whole when ports change.
+struct Profiles {
+    /// Each port's segment (`VACANT` for a free place).
     segments: Vec<u16>,
-    /// Each port's configured MAC and source-MAC limit, by port id.
+    /// Each port's configured MAC and source-MAC limit.
     security: Vec<(Option<MacAddr>, Option<u16>)>,
     /// MACs configured on ports (`mac=`): only that port may send from them.
     pinned: HashMap<MacAddr, PortId>,
-    pub macs: MacTable,
 }
 
-impl Switch {
-    pub fn new(ports: &[PortProfile], mac_ageing_secs: u64) -> Switch {
-        Switch {
+impl Profiles {
+    fn new(ports: &[PortProfile]) -> Profiles {
+        Profiles {
             segments: ports.iter().map(|p| p.segment).collect(),
             security: ports.iter().map(|p| (p.mac, p.max_macs)).collect(),
             pinned: ports
@@ -46,8 +49,28 @@ impl Switch {
                 .enumerate()
                 .filter_map(|(id, p)| Some((p.mac?, id as PortId)))
                 .collect(),
+        }
+    }
+}
+
+pub struct Switch {
+    profiles: ArcSwap<Profiles>,
+    pub macs: MacTable,
+}
+
+impl Switch {
+    pub fn new(ports: &[PortProfile], mac_ageing_secs: u64) -> Switch {
+        Switch {
+            profiles: ArcSwap::from_pointee(Profiles::new(ports)),
             macs: MacTable::new(mac_ageing_secs),
         }
+    }
+
+    /// Puts the ports' new profiles in force (a port added or deleted). The caller then
+    /// makes the MAC table forget the ports that changed, which also drops every worker's
+    /// cached decisions.
+    pub fn set_ports(&self, ports: &[PortProfile]) {
+        self.profiles.store(Arc::new(Profiles::new(ports)));
     }
 
     /// `decide`, answered from `cache` when the same decision was made since the MAC table
@@ -87,10 +110,11 @@ impl Switch {
 
     /// Learns the source and decides where a frame from `src`, in `segment`, goes.
     pub fn decide(&self, src: PortId, segment: u16, src_mac: MacAddr, dst_mac: MacAddr) -> Forward {
-        if self.pinned.get(&src_mac).is_some_and(|p| *p != src) {
+        let profiles = self.profiles.load();
+        if profiles.pinned.get(&src_mac).is_some_and(|p| *p != src) {
             return Forward::Spoofed;
         }
-        if let Some(&(mac, Some(most))) = self.security.get(usize::from(src)) {
+        if let Some(&(mac, Some(most))) = profiles.security.get(usize::from(src)) {
             // A new source MAC on a port that has used up its share: refused, not learned.
             // Its configured MAC always passes and takes one of the places.
             let reserved = usize::from(mac.is_some_and(|m| !self.macs.holds(segment, m, src)));
@@ -109,8 +133,9 @@ impl Switch {
         if found.is_none() {
             // A MAC configured on a port lives there: no flood to find it (which would
             // show a VM's frames to every other port of the segment until it answered).
-            found = self.pinned.get(&dst_mac).copied().filter(|p| {
-                self.segments
+            found = profiles.pinned.get(&dst_mac).copied().filter(|p| {
+                profiles
+                    .segments
                     .get(usize::from(*p))
                     .is_some_and(|s| *s == segment || *s == TRUNK)
             });
@@ -124,12 +149,14 @@ impl Switch {
 
     /// The ports a flooded frame from `src` in `segment` reaches: that segment's ports and
     /// any trunk, never back to the source.
-    pub fn flood_targets(&self, src: PortId, segment: u16) -> impl Iterator<Item = PortId> + '_ {
-        self.segments
-            .iter()
-            .enumerate()
-            .filter(move |(id, s)| *id != usize::from(src) && (**s == segment || **s == TRUNK))
-            .map(|(id, _)| id as PortId)
+    pub fn flood_targets(&self, src: PortId, segment: u16) -> impl Iterator<Item = PortId> {
+        let profiles = self.profiles.load();
+        (0..profiles.segments.len())
+            .filter(move |id| {
+                let s = profiles.segments[*id];
+                *id != usize::from(src) && (s == segment || s == TRUNK)
+            })
+            .map(|id| id as PortId)
     }
 }
 

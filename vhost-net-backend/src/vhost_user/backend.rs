@@ -20,7 +20,6 @@ use crate::datapath::Datapath;
 use crate::endpoint::vm::{VmEndpoint, Vring};
 use crate::endpoint::{Endpoint, SwitchPort};
 use crate::mem::GuestMemory;
-use crate::types::PortId;
 use crate::virtio::features as f;
 
 /// Largest queue size offered (QEMU accepts up to 1024 for vhost-user).
@@ -63,9 +62,8 @@ struct PortInner {
 pub struct Port(Arc<PortInner>);
 
 impl Port {
-    /// The backend of VM port `id`; None if there is no such VM port.
-    pub fn new(dp: Arc<Datapath>, id: PortId) -> Option<Port> {
-        let port = dp.ports.get(usize::from(id))?.clone();
+    /// The backend of `port`; None if it is not a VM port.
+    pub fn new(dp: Arc<Datapath>, port: Arc<SwitchPort>) -> Option<Port> {
         let Endpoint::Vm(vm) = &port.endpoint else {
             return None;
         };

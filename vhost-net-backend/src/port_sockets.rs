@@ -1,0 +1,301 @@
+//! Each VM port's listening socket and the thread that serves it, one connection after
+//! another; started and stopped one port at a time (at start, and by `port-add` and
+//! `port-del`), never touching another port.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use log::{error, info, warn};
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::config::PortConfig;
+use crate::datapath::Datapath;
+use crate::endpoint::SwitchPort;
+use crate::types::PortId;
+use crate::vhost_user::backend::Port;
+use crate::vhost_user::relay;
+
+#[derive(Debug, Error)]
+pub enum ListenError {
+    #[error(
+        "port '{port}': cannot listen on {path}: {source} (is the directory there and writable?)"
+    )]
+    Listen {
+        port: String,
+        path: PathBuf,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("port '{port}': cannot set the owner or mode of {path}: {source} (changing the owner needs root)")]
+    SocketAccess {
+        port: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("port '{port}': cannot start its thread: {source}")]
+    Thread {
+        port: String,
+        source: std::io::Error,
+    },
+}
+
+/// How a thread blocked in accept() on a listening socket is woken at shutdown.
+pub enum Wake {
+    /// A socket of ours: shut down.
+    Shutdown(RawFd),
+    /// A socket handed over (`--fd`, socket activation) and still its owner's: a
+    /// connection to it, which the stopping thread drops.
+    Connect(std::os::unix::net::SocketAddr),
+}
+
+impl Wake {
+    pub fn wake(&self) {
+        match self {
+            // SAFETY: shutting down a listening socket we own; it wakes a blocked
+            // accept().
+            Wake::Shutdown(fd) => unsafe {
+                libc::shutdown(*fd, libc::SHUT_RDWR);
+            },
+            Wake::Connect(addr) => {
+                let _ = UnixStream::connect_addr(addr);
+            }
+        }
+    }
+}
+
+/// Binds port `p`'s socket (removing a stale one) and gives it the configured owner and
+/// mode.
+pub fn listen(p: &PortConfig) -> Result<(Listener, Wake), ListenError> {
+    let l = Listener::new(&p.socket, true).map_err(|source| ListenError::Listen {
+        port: p.name.clone(),
+        path: p.socket.clone(),
+        source,
+    })?;
+    // Checked by validate: only the change itself can fail here.
+    let access = p.socket_access().unwrap_or_default();
+    access
+        .apply(&p.socket)
+        .map_err(|source| ListenError::SocketAccess {
+            port: p.name.clone(),
+            path: p.socket.clone(),
+            source,
+        })?;
+    let wake = Wake::Shutdown(l.as_raw_fd());
+    Ok((l, wake))
+}
+
+struct PortThread {
+    port: Arc<SwitchPort>,
+    stop: Arc<AtomicBool>,
+    wake: Wake,
+    thread: JoinHandle<()>,
+}
+
+impl PortThread {
+    fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.port.reset_connection();
+        self.wake.wake();
+        let _ = self.thread.join();
+    }
+}
+
+/// The threads serving the VM ports' sockets, by port id.
+pub struct PortSockets {
+    dp: Arc<Datapath>,
+    /// Holds the protocol handlers' internal sockets; only we can reach it.
+    private_dir: PathBuf,
+    running: Mutex<HashMap<PortId, PortThread>>,
+}
+
+impl PortSockets {
+    pub fn new(dp: Arc<Datapath>, private_dir: PathBuf) -> PortSockets {
+        PortSockets {
+            dp,
+            private_dir,
+            running: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Serves the port at `id` (in the port table already) on `listener`.
+    pub fn start(&self, id: PortId, (listener, wake): (Listener, Wake)) -> Result<(), ListenError> {
+        let Some(port) = self.dp.ports.get(id).filter(|p| p.as_vm().is_some()) else {
+            return Ok(());
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let internal = self.private_dir.join(format!("{id}.sock"));
+        let (dp, p, s) = (self.dp.clone(), port.clone(), stop.clone());
+        let thread = thread::Builder::new()
+            .name(format!("port-{}", port.name))
+            .spawn(move || serve_port(dp, p, listener, internal, s))
+            .map_err(|source| ListenError::Thread {
+                port: port.name.clone(),
+                source,
+            })?;
+        let t = PortThread {
+            port,
+            stop,
+            wake,
+            thread,
+        };
+        if let Some(old) = self.lock().insert(id, t) {
+            old.stop();
+        }
+        Ok(())
+    }
+
+    /// Closes port `id`'s connection, stops its thread and removes its socket (one it
+    /// created). Returns when all of it is done.
+    pub fn stop(&self, id: PortId) {
+        let t = self.lock().remove(&id);
+        if let Some(t) = t {
+            t.stop();
+        }
+    }
+
+    /// `stop` for every port, all connections closed first.
+    pub fn stop_all(&self) {
+        let all: Vec<PortThread> = self.lock().drain().map(|(_, t)| t).collect();
+        for t in &all {
+            t.stop.store(true, Ordering::SeqCst);
+            t.port.reset_connection();
+            t.wake.wake();
+        }
+        for t in all {
+            let _ = t.thread.join();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PortId, PortThread>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn serve_port(
+    dp: Arc<Datapath>,
+    shared: Arc<SwitchPort>,
+    public: Listener,
+    internal_path: PathBuf,
+    stop: Arc<AtomicBool>,
+) {
+    let told_queues = Arc::new(AtomicBool::new(false));
+    // The protocol handler accepts on a private socket; the relay joins it to the frontend.
+    let mut internal = match Listener::new(&internal_path, true) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(
+                "port {}: cannot create {}: {e}",
+                shared.name,
+                internal_path.display()
+            );
+            return;
+        }
+    };
+    while !stop.load(Ordering::SeqCst) {
+        let frontend = match public.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                if !stop.load(Ordering::SeqCst) {
+                    error!("port {}: accept failed: {e}", shared.name);
+                    thread::sleep(Duration::from_millis(100));
+                }
+                continue;
+            }
+        };
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        if let Err(e) = serve_connection(
+            &dp,
+            &shared,
+            frontend,
+            &mut internal,
+            &internal_path,
+            &stop,
+            &told_queues,
+        ) {
+            error!("port {}: {e}", shared.name);
+        }
+    }
+    // Dropping the listeners removes their socket files.
+}
+
+/// Closes a connection's leftover exit-event descriptors (`Port::close_exit_events`)
+/// when dropped, after the connection's daemon.
+struct ExitEvents(Port);
+
+impl Drop for ExitEvents {
+    fn drop(&mut self) {
+        self.0.close_exit_events();
+    }
+}
+
+/// Serves one frontend connection until it ends.
+fn serve_connection(
+    dp: &Arc<Datapath>,
+    shared: &Arc<SwitchPort>,
+    frontend: UnixStream,
+    internal: &mut Listener,
+    internal_path: &Path,
+    stop: &AtomicBool,
+    told: &Arc<AtomicBool>,
+) -> Result<(), String> {
+    let port = Port::new(dp.clone(), shared.clone()).ok_or("not a VM port")?;
+    let vm = port.vm().clone();
+    // Declared before the daemon, so dropped after it, on every return path.
+    let _exit_events = ExitEvents(port.clone());
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new(shared.name.clone(), port.clone(), mem)
+        .map_err(|e| format!("cannot set up the device: {e}"))?;
+    // Connecting first leaves the connection in the backlog for the daemon's accept.
+    let handler_side = UnixStream::connect(internal_path)
+        .map_err(|e| format!("cannot reach {}: {e}", internal_path.display()))?;
+    daemon
+        .start(internal)
+        .map_err(|e| format!("cannot start the protocol handler: {e}"))?;
+    let rings = u32::from(shared.queue_pairs) * 2;
+    let relay = match relay::spawn(&shared.name, rings, frontend, handler_side, told.clone()) {
+        Ok(r) => r,
+        Err(e) => {
+            // Its protocol thread is running: end and join it, so the daemon's workers are
+            // gone when it is dropped.
+            daemon.request_shutdown();
+            let _ = daemon.wait();
+            return Err(format!("relay: {e}"));
+        }
+    };
+    *vm.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+    if stop.load(Ordering::SeqCst) {
+        // Shutdown began before the handle was stored: it could not close this connection.
+        daemon.request_shutdown();
+    }
+    info!("port {}: frontend connected", shared.name);
+    let result = daemon.wait();
+    *vm.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    port.retire();
+    for handler in daemon.get_epoll_handlers() {
+        handler.send_exit_event();
+    }
+    vm.detach();
+    dp.switch.macs.forget_port(shared.id);
+    let _ = relay.join();
+    match result {
+        // A frontend closing its socket (a VM shut down, QEMU or testpmd quit) is the
+        // usual end of a connection, not a fault.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(vhost::vhost_user::Error::Disconnected)) => {
+            info!("port {}: frontend disconnected", shared.name)
+        }
+        Err(e) => warn!("port {}: connection ended: {e}", shared.name),
+    }
+    Ok(())
+}
