@@ -217,6 +217,35 @@ impl VirtioNetDevice {
     /// every queue set up and enabled. RX queues start empty.
     pub fn connect(path: impl AsRef<Path>, opts: DeviceOptions) -> Result<Self> {
         let nq = usize::from(opts.queue_pairs) * 2;
+        let frontend = Frontend::connect(path, nq as u64)?;
+        Self::set_up(frontend, opts)
+    }
+
+    /// As QEMU with `server=on`: waits up to `within` on `listener` for the backend to
+    /// connect (a port in client mode), then brings the device up as `connect` does.
+    pub fn accept(
+        listener: &std::os::unix::net::UnixListener,
+        opts: DeviceOptions,
+        within: Duration,
+    ) -> Result<Self> {
+        let nq = usize::from(opts.queue_pairs) * 2;
+        let end = Instant::now() + within;
+        listener.set_nonblocking(true)?;
+        let stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        stream.set_nonblocking(false)?;
+        Self::set_up(Frontend::from_stream(stream, nq as u64), opts)
+    }
+
+    fn set_up(mut frontend: Frontend, opts: DeviceOptions) -> Result<Self> {
+        let nq = usize::from(opts.queue_pairs) * 2;
         let qsize = u64::from(opts.queue_size);
         let ring_bytes = (16 * qsize).next_multiple_of(PAGE)
             + (6 + 2 * qsize).next_multiple_of(PAGE)
@@ -228,7 +257,6 @@ impl VirtioNetDevice {
         let (mem, info, hugepages) = guest_memory(mem_size, opts.hugepages)?;
         let host_base = info.userspace_addr;
 
-        let mut frontend = Frontend::connect(path, nq as u64)?;
         frontend.set_owner()?;
         let offered = frontend.get_features()?;
         let features = offered & opts.features;

@@ -212,6 +212,8 @@ pub struct Nic {
 pub enum NicBackend {
     /// A vhost-user socket of the switch.
     VhostUser(PathBuf),
+    /// A vhost-user socket QEMU listens on (`server=on`), for a switch port in client mode.
+    VhostUserServer(PathBuf),
     /// A tap on a kernel bridge, made by a bridge helper (`-netdev bridge`).
     Bridge { bridge: String, helper: String },
     /// A `-netdev` with this id that the command's `wrapper` adds (multi-queue taps).
@@ -316,13 +318,13 @@ pub fn guest_args(qemu: &Qemu, accel: Accel, image: &GuestImage, spec: &GuestSpe
         );
         let mut dev = format!("virtio-net-pci,netdev=net{i},mac={mac}");
         match &nic.backend {
-            NicBackend::VhostUser(socket) => {
+            NicBackend::VhostUser(socket) | NicBackend::VhostUserServer(socket) => {
+                let side = match &nic.backend {
+                    NicBackend::VhostUserServer(_) => "server=on,wait=off",
+                    _ => qemu.reconnect_option(),
+                };
                 args.push("-chardev".into());
-                args.push(format!(
-                    "socket,id=chr{i},path={},{}",
-                    socket.display(),
-                    qemu.reconnect_option()
-                ));
+                args.push(format!("socket,id=chr{i},path={},{side}", socket.display()));
                 args.push("-netdev".into());
                 args.push(format!(
                     "vhost-user,id=net{i},chardev=chr{i},queues={}",

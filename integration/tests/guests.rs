@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use integration::guest_image::{guest_image, GuestImage};
 use integration::netns::Netns;
-use integration::qemu::{detect_accel, Accel, Guest, GuestSpec, Qemu};
+use integration::qemu::{detect_accel, Accel, Guest, GuestSpec, NicBackend, Qemu};
 use integration::testbed::{backend_binary, BackendProcess};
 use tempfile::TempDir;
 
@@ -313,6 +313,35 @@ fn a_port_added_at_run_time_serves_a_guest_and_a_deleted_one_costs_the_others_no
     let log = finish(env, vec![a, b, c], backend);
     assert!(
         log.contains("port c: deleted") && log.contains("port c: added"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_client_port_serves_qemu_as_the_server_across_a_switch_crash() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let env = env();
+    // QEMU listens on g's socket (libvirt's mode='server'); the switch connects to it.
+    let g_port = format!("name=g,socket={},mode=client", env.sock("g").display());
+    let mut backend = env.backend(&[("b", "")], &["--port", &g_port]);
+    let mut spec = env.guest("g", 1, "10.0.4.1/24");
+    spec.nics[0].backend = NicBackend::VhostUserServer(env.sock("g"));
+    let mut g = env.boot(spec);
+    let b = env.boot(env.guest("b", 2, "10.0.4.2/24"));
+    wait_ping(&mut g, "10.0.4.2");
+    // A crash: no clean-up, QEMU's socket stays; the new switch connects to it again,
+    // with no reconnect= on QEMU's side.
+    backend.crash_and_restart();
+    let restarted = Instant::now();
+    wait_ping(&mut g, "10.0.4.2");
+    eprintln!(
+        "g reaches b again {} ms after the switch restarted (one ping, its console round \
+         trip included)",
+        restarted.elapsed().as_millis()
+    );
+    let log = finish(env, vec![g, b], backend);
+    assert!(
+        log.matches("port g: frontend connected").count() >= 2,
         "{log}"
     );
 }

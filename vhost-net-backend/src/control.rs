@@ -209,7 +209,7 @@ impl Control {
         let mut failed = Vec::new();
         let mut listening = Vec::new();
         for (id, p) in &plan.up {
-            match port_sockets::listen(p) {
+            match port_sockets::open(p) {
                 Ok(l) => {
                     self.dp.ports.set(ports::vm_port(*id, p));
                     listening.push((*id, l));

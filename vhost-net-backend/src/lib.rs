@@ -66,6 +66,6 @@ pub mod types;
 pub mod vhost_user;
 pub mod virtio;
 
-pub use config::{MacAddr, PortConfig, SwitchConfig};
+pub use config::{MacAddr, PortConfig, PortMode, SwitchConfig};
 pub use counters::{CounterSnapshot, DropReason};
 pub use server::Server;

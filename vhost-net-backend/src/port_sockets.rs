@@ -17,7 +17,7 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::config::PortConfig;
+use crate::config::{PortConfig, PortMode};
 use crate::datapath::Datapath;
 use crate::endpoint::SwitchPort;
 use crate::types::PortId;
@@ -47,6 +47,14 @@ pub enum ListenError {
     },
 }
 
+/// Where a port's frontends come from.
+pub enum Socket {
+    /// Our listening socket: QEMU connects.
+    Listening(Listener, Wake),
+    /// QEMU's listening socket (`mode=client`): we connect, again after each connection.
+    Connecting(PathBuf),
+}
+
 /// How a thread blocked in accept() on a listening socket is woken at shutdown.
 pub enum Wake {
     /// A socket of ours: shut down.
@@ -71,9 +79,17 @@ impl Wake {
     }
 }
 
-/// Binds port `p`'s socket (removing a stale one) and gives it the configured owner and
-/// mode.
-pub fn listen(p: &PortConfig) -> Result<(Listener, Wake), ListenError> {
+/// Port `p`'s socket: bound, in server mode (a stale one removed; the configured owner and
+/// mode given); QEMU's path, in client mode.
+pub fn open(p: &PortConfig) -> Result<Socket, ListenError> {
+    if p.mode == PortMode::Client {
+        return Ok(Socket::Connecting(p.socket.clone()));
+    }
+    let (l, wake) = listen(p)?;
+    Ok(Socket::Listening(l, wake))
+}
+
+fn listen(p: &PortConfig) -> Result<(Listener, Wake), ListenError> {
     let l = Listener::new(&p.socket, true).map_err(|source| ListenError::Listen {
         port: p.name.clone(),
         path: p.socket.clone(),
@@ -95,15 +111,22 @@ pub fn listen(p: &PortConfig) -> Result<(Listener, Wake), ListenError> {
 struct PortThread {
     port: Arc<SwitchPort>,
     stop: Arc<AtomicBool>,
-    wake: Wake,
+    /// None for a client port, whose thread sees `stop` while it waits to connect.
+    wake: Option<Wake>,
     thread: JoinHandle<()>,
 }
 
 impl PortThread {
-    fn stop(self) {
+    fn signal(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.port.reset_connection();
-        self.wake.wake();
+        if let Some(w) = &self.wake {
+            w.wake();
+        }
+    }
+
+    fn stop(self) {
+        self.signal();
         let _ = self.thread.join();
     }
 }
@@ -125,17 +148,21 @@ impl PortSockets {
         }
     }
 
-    /// Serves the port at `id` (in the port table already) on `listener`.
-    pub fn start(&self, id: PortId, (listener, wake): (Listener, Wake)) -> Result<(), ListenError> {
+    /// Serves the port at `id` (in the port table already) on `socket`.
+    pub fn start(&self, id: PortId, socket: Socket) -> Result<(), ListenError> {
         let Some(port) = self.dp.ports.get(id).filter(|p| p.as_vm().is_some()) else {
             return Ok(());
         };
         let stop = Arc::new(AtomicBool::new(false));
         let internal = self.private_dir.join(format!("{id}.sock"));
         let (dp, p, s) = (self.dp.clone(), port.clone(), stop.clone());
+        let (source, wake) = match socket {
+            Socket::Listening(l, wake) => (Source::Listening(l), Some(wake)),
+            Socket::Connecting(path) => (Source::Connecting(path), None),
+        };
         let thread = thread::Builder::new()
             .name(format!("port-{}", port.name))
-            .spawn(move || serve_port(dp, p, listener, internal, s))
+            .spawn(move || serve_port(dp, p, source, internal, s))
             .map_err(|source| ListenError::Thread {
                 port: port.name.clone(),
                 source,
@@ -165,9 +192,7 @@ impl PortSockets {
     pub fn stop_all(&self) {
         let all: Vec<PortThread> = self.lock().drain().map(|(_, t)| t).collect();
         for t in &all {
-            t.stop.store(true, Ordering::SeqCst);
-            t.port.reset_connection();
-            t.wake.wake();
+            t.signal();
         }
         for t in all {
             let _ = t.thread.join();
@@ -179,10 +204,61 @@ impl PortSockets {
     }
 }
 
+/// A port thread's way to its next frontend.
+enum Source {
+    Listening(Listener),
+    Connecting(PathBuf),
+}
+
+/// Longest wait between two attempts to reach QEMU's socket: a restarted QEMU is served
+/// within this (OVS's vhost-user client retries every second too).
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+impl Source {
+    /// The next frontend; None when there is none yet (try again) or `stop` was set.
+    fn next(&self, port: &str, stop: &AtomicBool, tries: &mut u32) -> Option<UnixStream> {
+        match self {
+            Source::Listening(l) => match l.accept() {
+                Ok(s) => s,
+                Err(e) => {
+                    if !stop.load(Ordering::SeqCst) {
+                        error!("port {port}: accept failed: {e}");
+                        thread::sleep(Duration::from_millis(100));
+                    }
+                    None
+                }
+            },
+            Source::Connecting(path) => match UnixStream::connect(path) {
+                Ok(s) => {
+                    *tries = 0;
+                    Some(s)
+                }
+                Err(e) => {
+                    if *tries == 0 {
+                        info!(
+                            "port {port}: waiting for QEMU to listen on {} ({e})",
+                            path.display()
+                        );
+                    }
+                    // 10 ms, doubling up to a second, in slices that notice `stop`.
+                    let wait = (Duration::from_millis(10) * 2u32.pow((*tries).min(7)))
+                        .min(CONNECT_BACKOFF_MAX);
+                    *tries += 1;
+                    let end = std::time::Instant::now() + wait;
+                    while std::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    None
+                }
+            },
+        }
+    }
+}
+
 fn serve_port(
     dp: Arc<Datapath>,
     shared: Arc<SwitchPort>,
-    public: Listener,
+    source: Source,
     internal_path: PathBuf,
     stop: Arc<AtomicBool>,
 ) {
@@ -199,17 +275,10 @@ fn serve_port(
             return;
         }
     };
+    let mut tries = 0;
     while !stop.load(Ordering::SeqCst) {
-        let frontend = match public.accept() {
-            Ok(Some(s)) => s,
-            Ok(None) => continue,
-            Err(e) => {
-                if !stop.load(Ordering::SeqCst) {
-                    error!("port {}: accept failed: {e}", shared.name);
-                    thread::sleep(Duration::from_millis(100));
-                }
-                continue;
-            }
+        let Some(frontend) = source.next(&shared.name, &stop, &mut tries) else {
+            continue;
         };
         if stop.load(Ordering::SeqCst) {
             break;
@@ -224,6 +293,14 @@ fn serve_port(
             &told_queues,
         ) {
             error!("port {}: {e}", shared.name);
+        }
+        if matches!(source, Source::Connecting(_)) {
+            // QEMU still listening after a connection it ended at once (a frontend that
+            // refuses us) is not reconnected to in a tight loop.
+            let end = std::time::Instant::now() + Duration::from_millis(100);
+            while std::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
+                thread::sleep(Duration::from_millis(10));
+            }
         }
     }
     // Dropping the listeners removes their socket files.

@@ -21,7 +21,7 @@ use crate::control::{stats_json, Control, Reloader};
 use crate::datapath::{tap_rx, Datapath};
 use crate::endpoint::tap::TapPort;
 use crate::host_side::{HostSide, HostSideError};
-use crate::port_sockets::{self, ListenError, PortSockets, Wake};
+use crate::port_sockets::{self, ListenError, PortSockets, Socket, Wake};
 use crate::types::PortId;
 
 #[derive(Debug, Error)]
@@ -123,9 +123,9 @@ impl Server {
                         Ok(a) if a.as_pathname().is_some() => Wake::Connect(a),
                         _ => Wake::Shutdown(l.as_raw_fd()),
                     };
-                    (Listener::from(l), wake)
+                    Socket::Listening(Listener::from(l), wake)
                 }
-                None => port_sockets::listen(p)?,
+                None => port_sockets::open(p)?,
             };
             listeners.push(listener);
         }

@@ -39,7 +39,7 @@ pub enum ConfigError {
     },
     #[error("config file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("port spec '{spec}': {message} (expected name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N][,group=G]...[,ip=ADDR]...[,socket_owner=U][,socket_group=G][,socket_mode=0660])")]
+    #[error("port spec '{spec}': {message} (expected name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N][,max_macs=N][,group=G]...[,ip=ADDR]...[,socket_owner=U][,socket_group=G][,socket_mode=0660][,mode=server|client])")]
     PortSpec { spec: String, message: String },
     #[error("port '{port}': {message}")]
     Port { port: String, message: String },
@@ -111,6 +111,22 @@ pub struct PortConfig {
     pub socket_group: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket_mode: Option<String>,
+    /// Who listens on `socket`: the switch (`server`), or QEMU (`client`: the switch
+    /// connects, and connects again whenever the connection ends).
+    #[serde(default)]
+    pub mode: PortMode,
+}
+
+/// Which side of a port's vhost-user socket listens.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PortMode {
+    /// The switch listens; QEMU connects (`-chardev socket,path=...,reconnect=1`).
+    #[default]
+    Server,
+    /// QEMU listens (`-chardev socket,path=...,server=on`, libvirt's `mode='server'`);
+    /// the switch connects, and a restarted switch connects again.
+    Client,
 }
 
 impl Default for PortConfig {
@@ -129,6 +145,7 @@ impl Default for PortConfig {
             socket_owner: None,
             socket_group: None,
             socket_mode: None,
+            mode: PortMode::Server,
         }
     }
 }
@@ -145,6 +162,7 @@ impl PortConfig {
         // Who may connect to it.
         let (mut socket_owner, mut socket_group, mut socket_mode) = (None, None, None);
         let (mut max_macs, mut groups, mut addresses) = (None, Vec::new(), Vec::new());
+        let mut mode = PortMode::Server;
         for item in spec.split(',').filter(|s| !s.is_empty()) {
             let (k, v) = item
                 .split_once('=')
@@ -174,6 +192,13 @@ impl PortConfig {
                 "socket_owner" => socket_owner = Some(v.to_string()),
                 "socket_group" => socket_group = Some(v.to_string()),
                 "socket_mode" => socket_mode = Some(v.to_string()),
+                "mode" => {
+                    mode = match v {
+                        "server" => PortMode::Server,
+                        "client" => PortMode::Client,
+                        _ => return Err(err(format!("mode '{v}' is not server or client"))),
+                    }
+                }
                 "ip" => addresses.push(
                     v.parse()
                         .map_err(|_| err(format!("ip '{v}' is not an IPv4 or IPv6 address")))?,
@@ -193,6 +218,7 @@ impl PortConfig {
             max_macs,
             groups,
             addresses,
+            mode,
             ..Default::default()
         })
     }
@@ -512,6 +538,18 @@ impl SwitchConfig {
                 }
             }
             p.socket_access().map_err(err)?;
+            if p.mode == PortMode::Client {
+                if p.socket.as_os_str().is_empty() {
+                    return Err(err("mode client needs socket=PATH: QEMU's socket".into()));
+                }
+                if p.socket_owner.is_some() || p.socket_group.is_some() || p.socket_mode.is_some() {
+                    return Err(err(
+                        "socket_owner, socket_group and socket_mode apply to sockets the switch \
+                         creates; in mode client QEMU creates the socket"
+                            .into(),
+                    ));
+                }
+            }
             if let Some(n) = p.max_macs {
                 let most = crate::switch::MAC_PER_PORT_LIMIT;
                 if n == 0 || usize::from(n) > most {
