@@ -244,6 +244,12 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
         dir.path().join("backend.log"),
     );
     let log = || std::fs::read_to_string(dir.path().join("backend.log")).unwrap_or_default();
+    // The sockets come first; the host side is done once the switch says it is up.
+    let end = Instant::now() + Duration::from_secs(10);
+    while !log().contains("switch up") {
+        assert!(Instant::now() < end, "the switch never came up:\n{}", log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // The host side the switch made: the address, a route per guest subnet, the table.
     let addrs = host.sh("ip -4 -o addr show dev vnet0");
     assert!(addrs.contains("10.10.0.2/24"), "{addrs}\n{}", log());
