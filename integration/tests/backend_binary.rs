@@ -563,6 +563,70 @@ fn an_interrupt_eventfd_kept_full_stalls_no_other_port() {
 }
 
 #[test]
+fn an_interrupt_eventfd_made_blocking_again_by_its_frontend_stalls_no_other_port() {
+    // The backend makes every call eventfd non-blocking when it gets it, but the frontend
+    // shares the descriptor's open file: port c's frontend clears O_NONBLOCK again through
+    // its own copy and fills the counter. Any write of c's interrupt now blocks until c
+    // reads, that is for ever; a and b must not notice, and the backend must still stop.
+    use vmm_sys_util::eventfd::EventFd;
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb, sc) = (
+        dir.path().join("a.sock"),
+        dir.path().join("b.sock"),
+        dir.path().join("c.sock"),
+    );
+    let mut child = two_ports(&sa, &sb, "", |cmd| {
+        cmd.arg("--port")
+            .arg(format!("name=c,socket={}", sc.display()))
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped());
+    });
+    wait_for(&sc);
+    let mut c = VirtioNetDevice::connect(&sc, DeviceOptions::default()).unwrap();
+    c.post_rx(0, 16).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let ours = call.try_clone().unwrap();
+    c.replace_call(0, call).unwrap();
+    c.sync().unwrap();
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe {
+        let flags = libc::fcntl(ours.as_raw_fd(), libc::F_GETFL);
+        assert_ne!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "the backend made it non-blocking"
+        );
+        assert_eq!(
+            libc::fcntl(ours.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK),
+            0
+        );
+    }
+    ours.write(0xffff_ffff_ffff_fffe).unwrap();
+    let mut a = VirtioNetDevice::connect(&sa, DeviceOptions::default()).unwrap();
+    let mut b = VirtioNetDevice::connect(&sb, DeviceOptions::default()).unwrap();
+    a.post_rx(0, 16).unwrap();
+    b.post_rx(0, 16).unwrap();
+    // Broadcasts from a reach b, and c, whose interrupt cannot be written.
+    let broadcast = udp_frame(mac(1), integration::frames::BROADCAST, 100);
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut heard = 0;
+    while heard < 3 {
+        a.send(0, &NetHdr::default(), &broadcast).unwrap();
+        if b.recv(0, Duration::from_millis(200))
+            .is_some_and(|f| f.frame == broadcast)
+        {
+            heard += 1;
+        }
+        assert!(Instant::now() < end, "b got {heard} of the broadcasts");
+    }
+    while b.recv(0, Duration::from_millis(100)).is_some() {}
+    exchange(&mut a, &mut b);
+    // And the whole backend stops cleanly, c's blocked interrupt included.
+    let log = stop_and_read_log(&mut child);
+    assert!(!log.contains("panicked"), "{log}");
+}
+
+#[test]
 fn a_guest_wanting_more_queue_pairs_than_its_port_offers_is_told_once() {
     // QEMU started with queues=2 on a port left at one queue pair: its messages for ring 2
     // are refused with what to change, once, however often QEMU reconnects; the port then

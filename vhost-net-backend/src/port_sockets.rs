@@ -19,6 +19,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::config::{PortConfig, PortMode};
 use crate::datapath::Datapath;
+use crate::endpoint::notifier::NotifierThread;
 use crate::endpoint::SwitchPort;
 use crate::types::PortId;
 use crate::vhost_user::backend::Port;
@@ -328,6 +329,9 @@ fn serve_connection(
 ) -> Result<(), String> {
     let port = Port::new(dp.clone(), shared.clone()).ok_or("not a VM port")?;
     let vm = port.vm().clone();
+    // This connection's interrupts: stopped when this returns, after the daemon is gone.
+    let _notifier = NotifierThread::spawn(vm.notifier.clone(), &shared.name)
+        .map_err(|e| format!("cannot start the notifier thread: {e}"))?;
     // Declared before the daemon, so dropped after it, on every return path.
     let _exit_events = ExitEvents(port.clone());
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

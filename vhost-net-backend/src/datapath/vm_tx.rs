@@ -92,6 +92,8 @@ pub struct TxQueue<'a> {
     pub vm: &'a VmEndpoint,
     /// False once the connection ended: stop at the next step.
     pub alive: &'a AtomicBool,
+    /// This TX ring's vring index, for its interrupts.
+    pub vring_index: usize,
 }
 
 /// Starts fetching the first buffer of walked chain `k`, if there is one (a chain of empty
@@ -278,7 +280,7 @@ impl TxQueue<'_> {
             drop(state);
             burst::flush(self.dp, &mut w.scratch);
             if notify {
-                let _ = vring.signal_used_queue();
+                self.vm.notifier.ring(self.vring_index);
             }
             if let TxOutcome::Broken(why) = outcome {
                 return self.broken(why);
@@ -523,6 +525,7 @@ mod tests {
             port: &dp.ports.load()[0],
             vm: &a,
             alive: &alive,
+            vring_index: 1,
         };
         let mut w = Worker::new();
         queue.process(&txq, &mut w);

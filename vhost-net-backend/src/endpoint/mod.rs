@@ -3,6 +3,7 @@
 //! endpoint knows rings, guest memory and file descriptors, never the switch or the policy.
 
 pub mod frame;
+pub mod notifier;
 pub mod tap;
 pub mod vm;
 

@@ -4,14 +4,15 @@
 //! back), with one interrupt per queue per burst.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use log::{debug, warn};
-use vhost_user_backend::{ShutdownHandle, VringRwLock, VringState, VringT};
+use vhost_user_backend::{ShutdownHandle, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
 use super::frame::{Frame, TxFrame, PREFETCH_BODY};
+use super::notifier::Notifier;
 use crate::counters::{DropReason, PortCounters};
 use crate::mem::{GuestMemory, GuestSlice, Ram};
 use crate::packet::offload::{complete_checksum, segment_tcp};
@@ -27,8 +28,7 @@ use crate::virtio::{
     VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
-/// A queue of a VM port, as vhost-user-backend holds it.
-pub type Vring = VringRwLock<GuestMemoryAtomic<GuestMemory>>;
+pub use crate::mem::Vring;
 
 /// Most RX buffers one mergeable frame may use.
 const MAX_MERGED_BUFFERS: usize = 256;
@@ -128,6 +128,8 @@ pub struct VmEndpoint {
     /// Whether this connection's broken ring was logged already: every frame sent to it
     /// until the reset takes effect would log again.
     broken_logged: AtomicBool,
+    /// Raises this port's interrupts, on the connection's notifier thread.
+    pub notifier: Arc<Notifier>,
 }
 
 impl VmEndpoint {
@@ -141,6 +143,7 @@ impl VmEndpoint {
             generation: AtomicU64::new(0),
             connection: Mutex::new(None),
             broken_logged: AtomicBool::new(false),
+            notifier: Arc::new(Notifier::new(2 * usize::from(queue_pairs))),
         }
     }
 }
@@ -197,6 +200,9 @@ impl VmEndpoint {
         // queue's lock: taking each lock once waits for it. Later ones see the change.
         for vring in old.queues.iter().flatten() {
             drop(vring.get_mut());
+        }
+        for i in 0..2 * usize::from(self.queue_pairs) {
+            self.notifier.set_vring(i, None);
         }
     }
 
@@ -615,7 +621,8 @@ impl RxScratch {
                 )
             };
             if notify {
-                let _ = vring.signal_used_queue();
+                // RX queue pair i is vring 2i.
+                vm.notifier.ring(2 * t.queue);
             }
         }
         scratch.open.clear();

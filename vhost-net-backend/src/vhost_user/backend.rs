@@ -199,6 +199,12 @@ impl VhostUserBackend for Port {
                 if let Some(slot) = ep.queues.get_mut(thread_id) {
                     *slot = Some(rx.clone());
                 }
+                // Queue pair i is vrings 2i (RX) and 2i + 1 (TX).
+                inner.vm.notifier.set_vring(2 * thread_id, Some(rx.clone()));
+                inner
+                    .vm
+                    .notifier
+                    .set_vring(2 * thread_id + 1, vrings.get(1).cloned());
             }
             worker.published = true;
         }
@@ -224,6 +230,7 @@ impl VhostUserBackend for Port {
                     port: &inner.port,
                     vm: &inner.vm,
                     alive: &inner.alive,
+                    vring_index: 2 * thread_id + 1,
                 };
                 queue.process(tx, &mut worker);
             }
