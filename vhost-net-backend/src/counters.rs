@@ -43,10 +43,12 @@ pub enum DropReason {
     HopLimit,
     /// Routed to a host whose MAC is not known yet (the switch asked for it).
     NoNeighbour,
+    /// The switch panicked handling it (a bug): the frame was dropped, nothing else. Logged.
+    InternalError,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::NoRxBuffer,
         DropReason::RxBufferTooSmall,
         DropReason::BadTxDescriptor,
@@ -63,6 +65,7 @@ impl DropReason {
         DropReason::NoRoute,
         DropReason::HopLimit,
         DropReason::NoNeighbour,
+        DropReason::InternalError,
     ];
 
     pub fn name(self) -> &'static str {
@@ -83,6 +86,7 @@ impl DropReason {
             DropReason::NoRoute => "no_route",
             DropReason::HopLimit => "hop_limit",
             DropReason::NoNeighbour => "no_neighbour",
+            DropReason::InternalError => "internal_error",
         }
     }
 }

@@ -28,7 +28,7 @@
 //! 1 guest      mem (the only place guest addresses become host pointers),
 //!              virtio::{net_hdr, chain, ring (the only file that knows the split ring's
 //!              layout), copy}
-//! 0 vocabulary types, counters, config
+//! 0 vocabulary types, counters, config, fault (panics contained where they would spread)
 //! ```
 //!
 //! # A frame's way
@@ -54,6 +54,7 @@ pub mod control;
 pub mod counters;
 pub mod datapath;
 pub mod endpoint;
+pub mod fault;
 pub mod host_side;
 pub mod mem;
 pub mod packet;

@@ -20,6 +20,7 @@ use crate::config::{ConfigError, SwitchConfig};
 use crate::control::{stats_json, Control, Reloader};
 use crate::datapath::{tap_rx, Datapath};
 use crate::endpoint::tap::TapPort;
+use crate::fault;
 use crate::host_side::{HostSide, HostSideError};
 use crate::port_sockets::{self, ListenError, PortSockets, Socket, Wake};
 use crate::types::PortId;
@@ -304,7 +305,10 @@ fn serve_control(control: &Control, listener: UnixListener, stop: Arc<AtomicBool
         if reader.by_ref().take(4096).read_line(&mut line).is_err() {
             continue;
         }
-        let reply = control.handle(line.trim());
+        let reply = fault::contain("answering a control command", || {
+            control.handle(line.trim())
+        })
+        .unwrap_or_else(|| r#"{"error":"internal error (a bug, logged)"}"#.to_string());
         let _ = conn.write_all(reply.as_bytes());
         let _ = conn.write_all(b"\n");
     }

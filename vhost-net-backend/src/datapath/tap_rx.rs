@@ -15,6 +15,7 @@ use crate::counters::DropReason;
 use crate::endpoint::frame::Frame;
 use crate::endpoint::tap::{TapPort, VNET_HDR_LEN};
 use crate::endpoint::SwitchPort;
+use crate::fault;
 use crate::packet::flow::flow_hash;
 use crate::packet::ingress::{self, Limits};
 use crate::packet::vlan::pop_tag;
@@ -89,8 +90,15 @@ fn read_loop(dp: &Datapath, port: &SwitchPort, tap: &TapPort, q: usize, stop: &A
                     hash: flow_hash(frame_bytes),
                     segment,
                 };
-                burst::run(dp, port, Burst::Local(frame), &mut scratch);
-                burst::flush(dp, &mut scratch);
+                // A panic (a bug) drops this frame; the reader goes on with a new scratch.
+                let done = fault::contain("switching a frame from the tap", || {
+                    burst::run(dp, port, Burst::Local(frame), &mut scratch);
+                    burst::flush(dp, &mut scratch);
+                });
+                if done.is_none() {
+                    port.counters.count_drop(DropReason::InternalError);
+                    scratch = Scratch::default();
+                }
             }
             Err(reason) => port.counters.count_drop(reason),
         }

@@ -14,6 +14,7 @@ use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use super::frame::{Frame, TxFrame, PREFETCH_BODY};
 use super::notifier::Notifier;
 use crate::counters::{DropReason, PortCounters};
+use crate::fault;
 use crate::mem::{GuestMemory, GuestSlice, Ram};
 use crate::packet::offload::{complete_checksum, segment_tcp};
 use crate::packet::vlan::passed_header;
@@ -379,70 +380,79 @@ impl RxScratch {
             return 0;
         }
         let mut state = rxq.vring.get_mut();
-        let mut locked = match LockedRx::new(&mut state, &rxq, avail_cache, Some(used_shadow)) {
-            Ok(l) => l,
-            Err(_) => {
-                drop(state);
-                // Not writable: each frame is counted as dropped by the general path.
-                return 0;
+        // Under `contain`: a panic here must not poison the receiver's ring (see `fault`).
+        let run = fault::contain("delivering frames", || {
+            fault::inject_delivery(dst.id);
+            // Not writable: None, and each frame is counted as dropped by the general path.
+            let mut locked =
+                LockedRx::new(&mut state, &rxq, avail_cache, Some(used_shadow)).ok()?;
+            let old_used = locked.queue.next_used();
+            let (mut packets, mut bytes) = (0u64, 0u64);
+            let mut j = 0;
+            let mut broken = false;
+            // A port that changed meanwhile (new memory table or features) stops the run: the
+            // rest take the general path, which sees the change.
+            while j < frames.len() && plain(&frames[j]) && vm.is_current(rxq.generation) {
+                if let Some(next) = frames.get(j + 1) {
+                    next.prefetch_body(ram, segs);
+                    // Small frames gain nothing: their buffer's first line comes with the
+                    // used-ring write's latency anyway, and the lookup costs more.
+                    if next.len > 512 {
+                        locked.prefetch_following_buffer((next.len + 12).min(PREFETCH_BODY));
+                    }
+                }
+                let t = &frames[j];
+                let header = passed(&t.hdr);
+                let short = if t.head_len == t.len {
+                    locked.write_short(header, t.head(), None)
+                } else if t.end - t.first == 1 {
+                    // One TX buffer: the rest of the frame follows its head in it.
+                    segs[t.first]
+                        .addr
+                        .checked_add((t.hdr_len + t.head_len) as u64)
+                        .and_then(|at| ram.slice(at, t.len - t.head_len))
+                        .and_then(|rest| locked.write_short(header, t.head(), Some(rest)))
+                } else {
+                    None
+                };
+                let written = short.unwrap_or_else(|| {
+                    let frame = t.frame(ram, segs, segment);
+                    locked.write(header, frame.src, frame.head, rx)
+                });
+                match written {
+                    Ok(()) => {
+                        packets += 1;
+                        bytes += t.len as u64;
+                    }
+                    Err(RxError::Drop(reason)) => dst.counters.count_drop(reason),
+                    Err(RxError::Broken) => {
+                        broken = true;
+                        j += 1;
+                        break;
+                    }
+                }
+                j += 1;
+            }
+            // Even after a failure: the entries counted in next_used must be in the ring
+            // before the burst's flush publishes it.
+            if locked.write_shadow().is_err() {
+                broken = true;
+            }
+            // Bad chains handed back unused move the used ring too: the driver hears of them.
+            let moved = locked.queue.next_used() != old_used;
+            Some((j, packets, bytes, broken, locked.avail, moved, old_used))
+        });
+        drop(state);
+        let (j, packets, bytes, broken, avail, moved, old_used) = match run {
+            Some(Some(done)) => done,
+            Some(None) => return 0,
+            None => {
+                for _ in frames {
+                    dst.counters.count_drop(DropReason::InternalError);
+                }
+                return frames.len();
             }
         };
-        let old_used = locked.queue.next_used();
-        let (mut packets, mut bytes) = (0u64, 0u64);
-        let mut j = 0;
-        let mut broken = false;
-        // A port that changed meanwhile (new memory table or features) stops the run: the
-        // rest take the general path, which sees the change.
-        while j < frames.len() && plain(&frames[j]) && vm.is_current(rxq.generation) {
-            if let Some(next) = frames.get(j + 1) {
-                next.prefetch_body(ram, segs);
-                // Small frames gain nothing: their buffer's first line comes with the
-                // used-ring write's latency anyway, and the lookup costs more.
-                if next.len > 512 {
-                    locked.prefetch_following_buffer((next.len + 12).min(PREFETCH_BODY));
-                }
-            }
-            let t = &frames[j];
-            let header = passed(&t.hdr);
-            let short = if t.head_len == t.len {
-                locked.write_short(header, t.head(), None)
-            } else if t.end - t.first == 1 {
-                // One TX buffer: the rest of the frame follows its head in it.
-                segs[t.first]
-                    .addr
-                    .checked_add((t.hdr_len + t.head_len) as u64)
-                    .and_then(|at| ram.slice(at, t.len - t.head_len))
-                    .and_then(|rest| locked.write_short(header, t.head(), Some(rest)))
-            } else {
-                None
-            };
-            let written = short.unwrap_or_else(|| {
-                let frame = t.frame(ram, segs, segment);
-                locked.write(header, frame.src, frame.head, rx)
-            });
-            match written {
-                Ok(()) => {
-                    packets += 1;
-                    bytes += t.len as u64;
-                }
-                Err(RxError::Drop(reason)) => dst.counters.count_drop(reason),
-                Err(RxError::Broken) => {
-                    broken = true;
-                    j += 1;
-                    break;
-                }
-            }
-            j += 1;
-        }
-        // Even after a failure: the entries counted in next_used must be in the ring
-        // before the burst's flush publishes it.
-        if locked.write_shadow().is_err() {
-            broken = true;
-        }
-        let avail = locked.avail;
-        // Bad chains handed back unused move the used ring too: the driver hears of them.
-        let moved = locked.queue.next_used() != old_used;
-        drop(state);
         remember_avail(avail_cache, (dst.id, *index), avail);
         if moved {
             let t = Touched {
@@ -968,20 +978,30 @@ fn write_rx_buffers(
     d: &mut RxScratch,
 ) -> (Result<(), RxError>, Option<u16>) {
     let mut state = rxq.vring.get_mut();
-    let mut rx = match LockedRx::new(&mut state, rxq, &d.avail_cache, None) {
-        Ok(rx) => rx,
-        Err(e) => return (Err(e), None),
+    // Under `contain`: a panic here must not poison the receiver's ring (see `fault`).
+    let written = fault::contain("delivering a frame", || {
+        fault::inject_delivery(rxq.port.id);
+        let mut rx = match LockedRx::new(&mut state, rxq, &d.avail_cache, None) {
+            Ok(rx) => rx,
+            Err(e) => return (Err(e), None, None),
+        };
+        let old_used = rx.queue.next_used();
+        // A small frame takes the short path, as in runs (`deliver_run`).
+        let short = match src {
+            FrameSource::Guest { .. } if head.len() == src.len() => rx.write_short(hdr, head, None),
+            _ => None,
+        };
+        let result = short.unwrap_or_else(|| rx.write(hdr, src, head, &mut d.rx));
+        let moved = (rx.queue.next_used() != old_used).then_some(old_used);
+        (result, moved, Some(rx.avail))
+    });
+    drop(state);
+    let Some((result, moved, avail)) = written else {
+        return (Err(RxError::Drop(DropReason::InternalError)), None);
     };
-    let old_used = rx.queue.next_used();
-    // A small frame takes the short path, as in runs (`deliver_run`).
-    let short = match src {
-        FrameSource::Guest { .. } if head.len() == src.len() => rx.write_short(hdr, head, None),
-        _ => None,
-    };
-    let result = short.unwrap_or_else(|| rx.write(hdr, src, head, &mut d.rx));
-    let avail = rx.avail;
-    let moved = (rx.queue.next_used() != old_used).then_some(old_used);
-    remember_avail(&mut d.avail_cache, (rxq.port.id, rxq.index), avail);
+    if let Some(avail) = avail {
+        remember_avail(&mut d.avail_cache, (rxq.port.id, rxq.index), avail);
+    }
     (result, moved)
 }
 

@@ -15,10 +15,12 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
+use crate::counters::DropReason;
 use crate::datapath::vm_tx::{TxQueue, Worker};
 use crate::datapath::Datapath;
 use crate::endpoint::vm::{VmEndpoint, Vring};
 use crate::endpoint::{Endpoint, SwitchPort};
+use crate::fault;
 use crate::mem::GuestMemory;
 use crate::virtio::features as f;
 
@@ -232,7 +234,18 @@ impl VhostUserBackend for Port {
                     alive: &inner.alive,
                     vring_index: 2 * thread_id + 1,
                 };
-                queue.process(tx, &mut worker);
+                // A panic here (a bug) costs this port only: its half-done burst is
+                // dropped, its connection reset (its own ring may be poisoned; the guest
+                // starts over), and this thread, which vhost-user-backend would lose, goes on.
+                let done = fault::contain("in a TX worker", || {
+                    fault::inject_tx(inner.port.id);
+                    queue.process(tx, &mut worker)
+                });
+                if done.is_none() {
+                    inner.port.counters.count_drop(DropReason::InternalError);
+                    *worker = Worker::new();
+                    inner.vm.reset_connection();
+                }
             }
         }
         // Guest faults are counted, never returned: an error would stop this worker thread.
