@@ -820,3 +820,102 @@ fn a_frontend_that_closes_its_socket_is_a_disconnect_not_a_warning() {
     );
     assert!(!log.contains("WARN"), "{log}");
 }
+
+/// GETs `path` from `addr`; the status line and the body.
+fn http_get(addr: &str, path: &str) -> (String, String) {
+    let mut conn = Tcp::connect(addr);
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+struct Tcp;
+
+impl Tcp {
+    fn connect(addr: &str) -> std::net::TcpStream {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::net::TcpStream::connect(addr) {
+                Ok(s) => return s,
+                Err(e) => {
+                    assert!(Instant::now() < end, "cannot reach {addr}: {e}");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn prometheus_metrics_count_what_the_ports_did() {
+    // A free loopback port, given as a port alone: the switch listens on 127.0.0.1.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let _child = two_ports(&sa, &sb, ",vlan=7", |cmd| {
+        cmd.arg("--metrics").arg(port.to_string());
+    });
+    let (mut a, mut b) = connected_pair(&sa, &sb);
+    for _ in 0..9 {
+        exchange(&mut a, &mut b);
+    }
+    // A frame b cannot take: too big for the switch, dropped as oversize on a.
+    let _ = a.send(0, &NetHdr::default(), &udp_frame(mac(1), mac(2), 9200));
+    std::thread::sleep(Duration::from_millis(200));
+    let addr = format!("127.0.0.1:{port}");
+    let (status, body) = http_get(&addr, "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let lines = body.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("a Prometheus text page");
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in:\n{body}"));
+        match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} is not a number"),
+        }
+    };
+    assert!(
+        value(
+            "vnet_port_rx_packets_total",
+            &[("port", "b"), ("kind", "vm")]
+        ) >= 10.0
+    );
+    assert!(value("vnet_port_tx_packets_total", &[("port", "a")]) >= 10.0);
+    assert!(value("vnet_port_rx_bytes_total", &[("port", "b")]) >= 1280.0);
+    assert_eq!(
+        value(
+            "vnet_port_dropped_total",
+            &[("port", "a"), ("reason", "oversize")]
+        ),
+        1.0
+    );
+    assert_eq!(value("vnet_port_connected", &[("port", "b")]), 1.0);
+    assert_eq!(value("vnet_port_rx_queues", &[("port", "a")]), 1.0);
+    assert!(value("vnet_mac_table_entries", &[]) >= 1.0);
+    assert_eq!(value("vnet_contained_panics_total", &[]), 0.0);
+    assert!(
+        body.contains("# TYPE vnet_port_rx_packets counter"),
+        "{body}"
+    );
+    let (status, _) = http_get(&addr, "/nothing");
+    assert!(status.contains("404"), "{status}");
+}

@@ -509,6 +509,9 @@ fn restart_only_changes(old: &SwitchConfig, new: &SwitchConfig) -> Vec<String> {
     if old.max_ports != new.max_ports {
         changed.push("max_ports".into());
     }
+    if old.metrics_address != new.metrics_address {
+        changed.push("metrics_address".into());
+    }
     let settings = |c: &SwitchConfig| {
         c.policy.clone().map(|mut p| {
             p.default = Action::Deny;

@@ -13,6 +13,7 @@
 //! 6 control    server (start and stop, ageing and the policy's clock),
 //!              control (the control socket's commands: counters, rules, flows, changes,
 //!              ports added and deleted), port_sockets (each VM port's socket and thread),
+//!              metrics (Prometheus, over HTTP),
 //!              vhost_user::{backend (VhostUserBackend of a VM port), relay}
 //! 5 datapath   datapath::burst: THE pipeline, decision -> policy -> delivery -> flush;
 //!              datapath::vm_tx (a VM's TX ring), datapath::tap_rx (the tap's readers),
@@ -57,6 +58,7 @@ pub mod endpoint;
 pub mod fault;
 pub mod host_side;
 pub mod mem;
+pub mod metrics;
 pub mod packet;
 pub mod policy;
 pub mod port_sockets;

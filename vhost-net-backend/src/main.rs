@@ -102,6 +102,10 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics; a port alone means 127.0.0.1:PORT.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = vhost_net_backend::metrics::parse_address)]
+    metrics: Option<std::net::SocketAddr>,
+
     /// vhost-user convention: serve one port (named after the file) on this socket.
     #[arg(long, value_name = "PATH")]
     socket_path: Option<PathBuf>,
@@ -355,6 +359,9 @@ fn build_config(args: &Args) -> Result<SwitchConfig> {
     }
     if let Some(spec) = &args.uplink {
         config.uplink = Some(UplinkConfig::parse_spec(spec)?);
+    }
+    if args.metrics.is_some() {
+        config.metrics_address = args.metrics;
     }
     if args.control_socket.is_some() {
         config.control_socket = args.control_socket.clone();

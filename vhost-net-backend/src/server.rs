@@ -22,6 +22,7 @@ use crate::datapath::{tap_rx, Datapath};
 use crate::endpoint::tap::TapPort;
 use crate::fault;
 use crate::host_side::{HostSide, HostSideError};
+use crate::metrics;
 use crate::port_sockets::{self, ListenError, PortSockets, Socket, Wake};
 use crate::types::PortId;
 
@@ -40,6 +41,11 @@ pub enum ServerError {
     Uplink {
         tap: String,
         source: hostnet::tap::TapError,
+    },
+    #[error("metrics: cannot listen on {addr}: {source} (is another exporter on that port?)")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
     },
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
@@ -130,6 +136,13 @@ impl Server {
             };
             listeners.push(listener);
         }
+        let metrics = match config.metrics_address {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .map_err(|source| ServerError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
         let control = match &config.control_socket {
             Some(path) => {
                 let _ = std::fs::remove_file(path);
@@ -183,6 +196,11 @@ impl Server {
         }
         for (i, listener) in listeners.into_iter().enumerate() {
             sockets.start(i as PortId, listener)?;
+        }
+        if let Some(listener) = metrics {
+            let t =
+                metrics::spawn(dp.clone(), listener, stop.clone()).map_err(ServerError::Thread)?;
+            server.threads.push(t);
         }
         if let Some(control) = control {
             server.wake.push(Wake::Shutdown(control.as_raw_fd()));

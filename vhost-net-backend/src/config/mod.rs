@@ -362,6 +362,9 @@ pub struct SwitchConfig {
     /// None: `DEFAULT_MAX_PORTS`, or as many as are configured if that is more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ports: Option<u16>,
+    /// Where Prometheus scrapes `/metrics` (`"127.0.0.1:9465"`). None: not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 impl Default for SwitchConfig {
@@ -381,6 +384,7 @@ impl Default for SwitchConfig {
             router_mac: None,
             balancers: Vec::new(),
             max_ports: None,
+            metrics_address: None,
         }
     }
 }
