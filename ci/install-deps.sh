@@ -21,8 +21,9 @@ command -v cargo >/dev/null || { echo "cargo is required (Rust toolchain)" >&2; 
 export DEBIAN_FRONTEND=noninteractive
 packages=(busybox-static iperf3 ethtool iputils-ping socat nftables iproute2 util-linux libcap2-bin)
 if [ "${1:-}" != example ]; then
-    # libvirt-clients: virt-xml-validate (and xmllint, which it runs), for rendered libvirt domains.
-    packages+=(dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23 openvswitch-switch-dpdk libvirt-clients libxml2-utils)
+    # libvirt-clients: virt-xml-validate (and xmllint, which it runs), for rendered libvirt domains;
+    # tcpdump reads back the switch's capture files.
+    packages+=(tcpdump dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23 openvswitch-switch-dpdk libvirt-clients libxml2-utils)
 fi
 missing=()
 for p in "${packages[@]}"; do

@@ -11,6 +11,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::balancer::Balancer;
+use crate::capture;
 use crate::config::policy::{OneOrMany, PortItem};
 use crate::config::{Action, PortConfig, RateConfig, RuleConfig, SwitchConfig};
 use crate::counters::CounterSnapshot;
@@ -31,7 +32,7 @@ pub const COMMANDS: &str = "stats, rules, flows [port=NAME] [addr=IP], flush [po
 [proto=..] [ports=..] [name=..] [rate_bps=N] [rate_pps=N], rule-remove NAME|N, \
 rule-move NAME|N TO, port-set NAME [groups=A,B] [addresses=IP,IP] [tx_bps=N] [tx_pps=N] \
 [rx_bps=N] [rx_pps=N], port-add name=NAME,socket=PATH[,vlan=ID][,mac=MAC][,queues=N]..., \
-port-del NAME, routes, neighbours, leases, balancers, ports, macs [port=NAME], mac-flush [port=NAME]";
+port-del NAME, capture PORT FILE [count=N], capture-stop PORT, routes, neighbours, leases, balancers, ports, macs [port=NAME], mac-flush [port=NAME]";
 
 #[derive(Serialize)]
 struct PortStats {
@@ -137,6 +138,8 @@ impl Control {
             "port-set" => self.edit(|c| port_set(c, &args)),
             "port-add" => self.edit(|c| port_add(c, &args)),
             "port-del" => self.edit(|c| port_del(c, &args)),
+            "capture" => self.capture(&args),
+            "capture-stop" => self.capture_stop(&args),
             "routes" => Ok(self.routes()),
             "neighbours" => Ok(self.neighbours()),
             "leases" => Ok(self.leases()),
@@ -245,6 +248,49 @@ impl Control {
         } else {
             Err(failed.join("; "))
         }
+    }
+
+    /// `capture PORT FILE [count=N]`: starts writing the port's frames to FILE (pcap).
+    fn capture(&self, args: &[&str]) -> Result<Value, String> {
+        let usage = "capture needs a port and an absolute file: capture PORT FILE [count=N]";
+        let (Some(name), Some(file)) = (args.first(), args.get(1)) else {
+            return Err(usage.into());
+        };
+        let mut count = capture::DEFAULT_COUNT;
+        for (k, v) in key_values(&args[2..])? {
+            match k {
+                "count" => {
+                    count = v
+                        .parse()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or(format!("count '{v}' is not a whole number above 0"))?
+                }
+                _ => return Err(format!("unknown key '{k}' (count)")),
+            }
+        }
+        let port = self
+            .dp
+            .ports
+            .by_name(name)
+            .ok_or_else(|| format!("no port named '{name}'"))?;
+        capture::start(port, std::path::Path::new(file), count)?;
+        Ok(json!({ "capturing": name, "file": file, "count": count }))
+    }
+
+    /// `capture-stop PORT`: ends the port's capture, its file complete.
+    fn capture_stop(&self, args: &[&str]) -> Result<Value, String> {
+        let [name] = args else {
+            return Err("capture-stop needs one port name".into());
+        };
+        let port = self
+            .dp
+            .ports
+            .by_name(name)
+            .ok_or_else(|| format!("no port named '{name}'"))?;
+        let was = port.capture.active();
+        port.capture.stop();
+        Ok(json!({ "stopped": was }))
     }
 
     fn routes(&self) -> Value {

@@ -13,7 +13,7 @@
 //! 6 control    server (start and stop, ageing and the policy's clock),
 //!              control (the control socket's commands: counters, rules, flows, changes,
 //!              ports added and deleted), port_sockets (each VM port's socket and thread),
-//!              metrics (Prometheus, over HTTP),
+//!              metrics (Prometheus, over HTTP), capture (`ctl capture`'s pcap writer),
 //!              vhost_user::{backend (VhostUserBackend of a VM port), relay}
 //! 5 datapath   datapath::burst: THE pipeline, decision -> policy -> delivery -> flush;
 //!              datapath::vm_tx (a VM's TX ring), datapath::tap_rx (the tap's readers),
@@ -50,6 +50,7 @@
 //! From the tap, `datapath/tap_rx.rs` takes the place of the first step.
 
 pub mod balancer;
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod counters;

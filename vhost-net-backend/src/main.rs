@@ -163,6 +163,9 @@ Commands:
   port-del NAME                      delete a port; its guest is disconnected, its socket removed
                                      (also `port add|del|set`; SIGHUP or `reload` applies the
                                      ports of the config file the same way)
+  capture PORT FILE [count=N]        write the port's frames, both ways, to FILE (pcap: tcpdump -r,
+                                     Wireshark): a new file, absolute path; 1000 frames by default
+  capture-stop PORT                  end a capture early (the file is complete)
   routes                             routed segments with their gateways, static routes
   neighbours                         the router's neighbour table (configured and learned)
   leases                             DHCP: static bindings and pool leases of every segment

@@ -195,6 +195,12 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
         };
         s.forwards.push(forward);
     }
+    if from.capture.active() {
+        // What the port sent, as it sent it (dropped or not, as tcpdump on its NIC).
+        for i in 0..burst.len() {
+            from.capture.record(&burst.frame(i, from.segment));
+        }
+    }
     let mut i = 0;
     while i < burst.len() {
         let frame = burst.frame(i, from.segment);
@@ -215,6 +221,11 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                         .count();
                     let done =
                         s.rx.deliver_run(vm, ram, segs, &frames[i..i + run], from.segment);
+                    if dst.capture.active() {
+                        for j in i..i + done {
+                            dst.capture.record(&burst.frame(j, from.segment));
+                        }
+                    }
                     if done > 0 {
                         i += done;
                         continue;
@@ -379,6 +390,9 @@ fn police(
 /// Delivers one frame to `dst`, whatever kind of port it is.
 #[inline]
 fn deliver(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &mut RxScratch) {
+    if dst.capture.active() {
+        dst.capture.record(frame);
+    }
     match &dst.endpoint {
         Endpoint::Vm(vm) => {
             let vm = VmPort {
@@ -404,7 +418,12 @@ fn deliver(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &mut RxSc
 /// it whole (`RxScratch::deliver_flooded`); the tap always does.
 fn deliver_flooded(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &mut RxScratch) {
     match dst.as_vm() {
-        Some(vm) => rx.deliver_flooded(&from.counters, vm, frame),
+        Some(vm) => {
+            if dst.capture.active() {
+                dst.capture.record(frame);
+            }
+            rx.deliver_flooded(&from.counters, vm, frame)
+        }
         None => deliver(from, dst, frame, rx),
     }
 }

@@ -60,6 +60,7 @@ pub fn vm_port(id: PortId, p: &PortConfig) -> SwitchPort {
         mac: p.mac,
         max_macs: p.max_macs,
         counters: PortCounters::default(),
+        capture: Default::default(),
         endpoint: Endpoint::Vm(Arc::new(VmEndpoint::new(p.queues))),
     }
 }
@@ -86,6 +87,7 @@ impl PortTable {
                 mac: None,
                 max_macs: None,
                 counters: PortCounters::default(),
+                capture: Default::default(),
                 endpoint: Endpoint::Tap(t),
             }));
         }

@@ -2,6 +2,7 @@
 //! datapath delivers to (`Endpoint`, matched on the hot path: no dynamic dispatch). An
 //! endpoint knows rings, guest memory and file descriptors, never the switch or the policy.
 
+pub mod capture;
 pub mod frame;
 pub mod notifier;
 pub mod tap;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 use crate::counters::PortCounters;
 use crate::types::{MacAddr, PortId, VACANT};
+use capture::Capture;
 use tap::TapPort;
 use vm::{VmEndpoint, VmPort};
 
@@ -40,6 +42,8 @@ pub struct SwitchPort {
     /// Port security: the most source MACs it may send from.
     pub max_macs: Option<u16>,
     pub counters: PortCounters,
+    /// Copies of its frames while `ctl capture` runs.
+    pub capture: Capture,
     pub endpoint: Endpoint,
 }
 
@@ -68,6 +72,7 @@ impl SwitchPort {
             mac: None,
             max_macs: None,
             counters: PortCounters::default(),
+            capture: Capture::default(),
             endpoint: Endpoint::Vacant,
         }
     }
