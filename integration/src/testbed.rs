@@ -132,6 +132,17 @@ impl TestSwitch {
     }
 }
 
+/// Runs `vhost-net-backend ctl --socket CONTROL ARGS...` (the backend binary's own client).
+pub fn ctl(control: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(backend_binary())
+        .arg("ctl")
+        .arg("--socket")
+        .arg(control)
+        .args(args)
+        .output()
+        .expect("the backend binary runs")
+}
+
 /// The `vhost-net-backend` binary built beside the running test or tool (build it with
 /// `cargo build --workspace --bins`, as ci/test.sh does); `VNET_BACKEND` overrides.
 pub fn backend_binary() -> PathBuf {

@@ -919,3 +919,79 @@ fn prometheus_metrics_count_what_the_ports_did() {
     let (status, _) = http_get(&addr, "/nothing");
     assert!(status.contains("404"), "{status}");
 }
+
+#[test]
+fn the_control_socket_gets_the_configured_group_and_mode() {
+    // An operator's group (here nogroup) may run `ctl`; others may not.
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, control, config) = (
+        dir.path().join("a.sock"),
+        dir.path().join("control.sock"),
+        dir.path().join("switch.toml"),
+    );
+    std::fs::write(
+        &config,
+        format!(
+            "control_socket = \"{}\"\ncontrol_socket_group = \"nogroup\"\n\
+             control_socket_mode = \"0660\"\n[[port]]\nname = \"a\"\nsocket = \"{}\"\n",
+            control.display(),
+            sa.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(backend_bin());
+    cmd.arg("--config").arg(&config).stderr(Stdio::null());
+    let child = Reaped(cmd.spawn().unwrap());
+    wait_for(&sa);
+    wait_for(&control);
+    let meta = std::fs::metadata(&control).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o660);
+    let as_user = |group: &str| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=nobody",
+                &format!("--regid={group}"),
+                "--clear-groups",
+            ])
+            .arg(backend_bin())
+            .args(["ctl", "--json", "--socket"])
+            .arg(&control)
+            .arg("stats")
+            .output()
+            .unwrap()
+    };
+    let ok = as_user("nogroup");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("\"name\":\"a\""));
+    let refused = as_user("daemon");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    drop(child);
+    // A group that does not exist is refused at start, naming it.
+    std::fs::write(
+        &config,
+        format!(
+            "control_socket = \"{}\"\ncontrol_socket_group = \"no-such-group\"\n\
+             [[port]]\nname = \"a\"\nsocket = \"{}\"\n",
+            control.display(),
+            sa.display()
+        ),
+    )
+    .unwrap();
+    let out = run(&["--config", config.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-group"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -256,13 +256,7 @@ fn backend_restart_is_picked_up_by_running_guests() {
 /// Runs `ctl ARGS` against the backend's control socket; its stdout, or a panic with its
 /// stderr.
 fn ctl(control: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(backend_binary())
-        .arg("ctl")
-        .arg("--socket")
-        .arg(control)
-        .args(args)
-        .output()
-        .unwrap();
+    let out = integration::testbed::ctl(control, args);
     assert!(
         out.status.success(),
         "ctl {args:?}: {}",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use etherparse::PacketBuilder;
 use integration::frames::{mac, BROADCAST};
-use integration::testbed::BackendProcess;
+use integration::testbed::{ctl, BackendProcess};
 use integration::{TestSwitch, VirtioNetDevice};
 use vhost_net_backend::virtio::NetHdr;
 use vhost_net_backend::{DropReason, MacAddr, PortConfig, SwitchConfig};
@@ -516,16 +516,6 @@ fn rules_change_at_run_time_and_a_bad_reload_keeps_the_running_ones() {
         let reply = sw.server().command(cmd);
         assert!(reply.contains(needle), "{cmd}: {reply}");
     }
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(integration::testbed::backend_binary())
-        .arg("ctl")
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use integration::frames::{mac, udp_frame, BROADCAST};
-use integration::testbed::TestPort;
+use integration::testbed::{ctl, TestPort};
 use integration::TestSwitch;
 use vhost_net_backend::virtio::NetHdr;
 
@@ -160,16 +160,6 @@ fn bad_port_changes_are_refused_with_the_reason_and_change_nothing() {
     let f = udp_frame(mac(1), BROADCAST, 64);
     a.send(0, &NetHdr::default(), &f).unwrap();
     assert_eq!(x.recv(0, WAIT).expect("x is switched").frame, f);
-}
-
-fn ctl(control: &std::path::Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(integration::testbed::backend_binary())
-        .arg("ctl")
-        .arg("--socket")
-        .arg(control)
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 #[test]

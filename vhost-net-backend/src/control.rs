@@ -539,8 +539,18 @@ fn restart_only_changes(old: &SwitchConfig, new: &SwitchConfig) -> Vec<String> {
     if old.mac_ageing_secs != new.mac_ageing_secs {
         changed.push("mac_ageing_secs".into());
     }
-    if old.control_socket != new.control_socket {
-        changed.push("control_socket".into());
+    if (
+        &old.control_socket,
+        &old.control_socket_owner,
+        &old.control_socket_group,
+        &old.control_socket_mode,
+    ) != (
+        &new.control_socket,
+        &new.control_socket_owner,
+        &new.control_socket_group,
+        &new.control_socket_mode,
+    ) {
+        changed.push("control_socket (or its owner, group, mode)".into());
     }
     if old.uplink != new.uplink {
         changed.push("uplink".into());

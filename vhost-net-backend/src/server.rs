@@ -146,12 +146,17 @@ impl Server {
         let control = match &config.control_socket {
             Some(path) => {
                 let _ = std::fs::remove_file(path);
-                Some(
-                    UnixListener::bind(path).map_err(|source| ServerError::Control {
-                        path: path.clone(),
-                        source,
-                    })?,
-                )
+                let l = UnixListener::bind(path).map_err(|source| ServerError::Control {
+                    path: path.clone(),
+                    source,
+                })?;
+                // Checked by validate: only the change itself can fail here.
+                let access = config.control_socket_access().unwrap_or_default();
+                access.apply(path).map_err(|source| ServerError::Control {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(l)
             }
             None => None,
         };

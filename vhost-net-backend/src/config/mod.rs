@@ -55,6 +55,8 @@ pub enum ConfigError {
     TooManyPorts { ports: usize, max: usize },
     #[error("max_ports {0} is out of range: use 1..={MAX_PORTS_LIMIT}")]
     MaxPorts(u16),
+    #[error("{0}")]
+    Control(String),
     #[error("{at}: {message}")]
     Rule { at: String, message: String },
     #[error("[policy]: {0}")]
@@ -329,6 +331,14 @@ pub struct SwitchConfig {
     /// Unix socket answering `stats` with the counters as JSON.
     #[serde(default)]
     pub control_socket: Option<PathBuf>,
+    /// The control socket's owner and group (names or numbers) and mode (`"0660"`): who
+    /// may read counters and change the switch. None: root's, with the process umask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket_owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket_group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_socket_mode: Option<String>,
     #[serde(default, rename = "port")]
     pub ports: Vec<PortConfig>,
     #[serde(default)]
@@ -373,6 +383,9 @@ impl Default for SwitchConfig {
             mtu: None,
             mac_ageing_secs: DEFAULT_MAC_AGEING_SECS,
             control_socket: None,
+            control_socket_owner: None,
+            control_socket_group: None,
+            control_socket_mode: None,
             ports: Vec::new(),
             uplink: None,
             poll_us: 0,
@@ -454,6 +467,15 @@ impl SwitchConfig {
     }
 
     /// Checks everything a running switch relies on.
+    /// Who may connect to the control socket, resolved.
+    pub fn control_socket_access(&self) -> Result<socket_access::SocketAccess, String> {
+        socket_access::SocketAccess::resolve(
+            self.control_socket_owner.as_deref(),
+            self.control_socket_group.as_deref(),
+            self.control_socket_mode.as_deref(),
+        )
+    }
+
     /// How many VM ports the switch can hold.
     pub fn port_capacity(&self) -> usize {
         match self.max_ports {
@@ -472,6 +494,8 @@ impl SwitchConfig {
 
     /// Checks a config for a running switch, whose ports may all have been deleted.
     pub fn validate_running(&self) -> Result<(), ConfigError> {
+        self.control_socket_access()
+            .map_err(|m| ConfigError::Control(format!("control socket: {m}")))?;
         if let Some(n) = self
             .max_ports
             .filter(|n| !(1..=MAX_PORTS_LIMIT).contains(n))
