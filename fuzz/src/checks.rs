@@ -1,0 +1,330 @@
+//! What each fuzz target checks, on any input: no panic, and the property named on each.
+//! Shared by the libFuzzer targets (`fuzz_targets/`, nightly, `cargo fuzz run`) and by the
+//! corpus replay that runs on stable in the test suite (`integration/tests/fuzz_corpus.rs`).
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+
+use vhost_net_backend::mem::{GuestMemory, Ram};
+use vhost_net_backend::packet::ingress::{self, Limits};
+use vhost_net_backend::packet::offload::{complete_checksum, segment_tcp};
+use vhost_net_backend::vhost_user::relay::{check_mem_table, Filter, Message, Verdict};
+use vhost_net_backend::virtio::chain::{walk_chain, DescTable};
+use vhost_net_backend::virtio::{features as f, NetHdr};
+use vm_memory::{Bytes, GuestAddress};
+
+/// Guest memory of the chain target: two regions back to back, so that buffers and
+/// tables may span both.
+const REGION: u64 = 0x8000;
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+/// The chain walker against a plain reference walker, over guest memory made of the input:
+/// both accept the same chains, with the same buffers; every buffer lies in guest memory.
+pub fn chain_walk(data: &[u8]) {
+    if data.len() < 6 {
+        return;
+    }
+    let (size, head, flags) = (
+        u16::from_le_bytes([data[0], data[1]]) % 512 + 1,
+        u16::from_le_bytes([data[2], data[3]]),
+        data[4],
+    );
+    let (writable, indirect_ok) = (flags & 1 != 0, flags & 2 != 0);
+    let table_at = u64::from(data[5]) * 64;
+    let image = &data[6..];
+    // One guest memory for every run (made once: an mmap per run costs more than the walk).
+    static RAM: OnceLock<Ram> = OnceLock::new();
+    let ram = RAM.get_or_init(|| {
+        let mem = GuestMemory::from_ranges(&[
+            (GuestAddress(0), REGION as usize),
+            (GuestAddress(REGION), REGION as usize),
+        ])
+        .expect("guest memory");
+        Ram::new(Arc::new(mem))
+    });
+    let mut flat = vec![0u8; 2 * REGION as usize];
+    let n = image.len().min(flat.len());
+    flat[..n].copy_from_slice(&image[..n]);
+    ram.memory()
+        .write_slice(&flat, GuestAddress(0))
+        .expect("fits");
+    let table = DescTable::new(ram, GuestAddress(table_at), size).with_indirect(indirect_ok);
+    let mut segs = Vec::new();
+    let got = walk_chain(ram, &table, head, writable, &mut segs);
+    let want = reference_walk(&flat, table_at, size, head, writable, indirect_ok);
+    match (&got, &want) {
+        (Ok(total), Ok(bufs)) => {
+            let segs: Vec<(u64, u32)> = segs.iter().map(|s| (s.addr.0, s.len)).collect();
+            assert_eq!(&segs, bufs, "buffers differ");
+            assert_eq!(
+                u64::from(*total),
+                bufs.iter().map(|b| u64::from(b.1)).sum::<u64>()
+            );
+            for (addr, len) in bufs {
+                assert!(
+                    addr + u64::from(*len) <= 2 * REGION,
+                    "buffer outside memory"
+                );
+            }
+        }
+        (Err(_), Err(_)) => {}
+        _ => panic!("walker {got:?}, reference {want:?}"),
+    }
+}
+
+/// The chain rules, written plainly: follow `next` while NEXT is set, at most the table's
+/// size per table (and 1024 descriptors in all); an indirect descriptor (if negotiated, not
+/// inside an indirect table, without NEXT) is a table of len/16 descriptors walked from 0;
+/// every buffer must lie in memory and go the wanted way; empty buffers add nothing.
+fn reference_walk(
+    mem: &[u8],
+    table: u64,
+    size: u16,
+    head: u16,
+    writable: bool,
+    indirect_ok: bool,
+) -> Result<Vec<(u64, u32)>, &'static str> {
+    let inside = |addr: u64, len: u64| {
+        addr.checked_add(len)
+            .is_some_and(|end| end <= mem.len() as u64)
+    };
+    let (mut table, mut size, mut index) = (table, u64::from(size), u64::from(head));
+    let (mut left_here, mut left_all, mut in_indirect) = (size, 1024u32, false);
+    let mut bufs = Vec::new();
+    let mut total = 0u64;
+    loop {
+        if left_all == 0 {
+            return Err("too many descriptors");
+        }
+        left_all -= 1;
+        if index >= size {
+            return Err("index out of range");
+        }
+        let at = table + index * 16;
+        if !inside(at, 16) {
+            return Err("table outside memory");
+        }
+        let d = &mem[at as usize..at as usize + 16];
+        let addr = u64::from_le_bytes(d[0..8].try_into().unwrap());
+        let len = u32::from_le_bytes(d[8..12].try_into().unwrap());
+        let flags = u16::from_le_bytes([d[12], d[13]]);
+        let next = u16::from_le_bytes([d[14], d[15]]);
+        if flags & F_INDIRECT != 0 {
+            if !indirect_ok || in_indirect || flags & F_NEXT != 0 {
+                return Err("indirect not allowed here");
+            }
+            if len == 0 || len % 16 != 0 || len / 16 > 65535 || !inside(addr, u64::from(len)) {
+                return Err("bad indirect table");
+            }
+            (table, size, index) = (addr, u64::from(len / 16), 0);
+            left_here = size;
+            in_indirect = true;
+            continue;
+        }
+        if (flags & F_WRITE != 0) != writable {
+            return Err("wrong direction");
+        }
+        if len > 0 {
+            if !inside(addr, u64::from(len)) {
+                return Err("buffer outside memory");
+            }
+            total += u64::from(len);
+            if total > u64::from(u32::MAX) {
+                return Err("length overflow");
+            }
+            bufs.push((addr, len));
+        }
+        left_here -= 1;
+        if flags & F_NEXT == 0 {
+            return Ok(bufs);
+        }
+        if left_here == 0 {
+            return Err("loop");
+        }
+        index = u64::from(next);
+    }
+}
+
+/// A virtio-net header and a frame that the ingress check lets in: finishing its checksum
+/// writes inside the frame after the Ethernet header; its TCP segments each fit the MTU,
+/// carry valid IPv4 and TCP checksums, and put the payload back together.
+pub fn offload(data: &[u8]) {
+    if data.len() < 12 {
+        return;
+    }
+    let hdr = NetHdr::parse(&data[..10]);
+    let frame = &data[10..];
+    if frame.len() < 14 {
+        return;
+    }
+    const MTU_FRAME: usize = 1514;
+    let limits = Limits {
+        max_frame_len: MTU_FRAME,
+        offloads: f::CSUM | f::HOST_TSO4 | f::HOST_TSO6 | f::HOST_ECN,
+    };
+    if ingress::check(&hdr, &frame[..14.min(frame.len())], frame.len(), limits).is_err() {
+        return;
+    }
+    if !hdr.is_gso() {
+        assert!(
+            frame.len() <= MTU_FRAME,
+            "a plain frame over the MTU was let in"
+        );
+    }
+    if hdr.needs_csum() {
+        let (start, off) = (usize::from(hdr.csum_start), usize::from(hdr.csum_offset));
+        assert!(
+            start >= 14,
+            "a checksum starting in the Ethernet header was let in"
+        );
+        let mut copy = frame.to_vec();
+        if complete_checksum(&mut copy, start, off).is_ok() {
+            assert_eq!(
+                copy[..start],
+                frame[..start],
+                "bytes before csum_start changed"
+            );
+        }
+    }
+    if !hdr.is_gso() {
+        return;
+    }
+    let mut out = vec![0u8; 65_535 + 14];
+    let mut payload = Vec::new();
+    let mut headers_len = None;
+    let result = segment_tcp(frame, &hdr, &mut out, |seg| {
+        assert!(
+            seg.len() <= MTU_FRAME,
+            "a {}-byte segment over the MTU",
+            seg.len()
+        );
+        let l4 = verify_segment(seg);
+        let doff = usize::from(seg[l4 + 12] >> 4) * 4;
+        headers_len.get_or_insert(l4 + doff);
+        payload.extend_from_slice(&seg[l4 + doff..]);
+        Ok::<(), ()>(())
+    });
+    if let (Ok(Ok(_)), Some(h)) = (result, headers_len) {
+        // The segments carry the frame's payload, in order, once.
+        assert_eq!(payload, frame[h..], "payload not reassembled");
+    }
+}
+
+/// RFC 1071, written plainly (not the switch's own code): the ones'-complement sum.
+fn ones_sum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u64 = 0;
+    for p in parts {
+        for pair in p.chunks(2) {
+            let hi = u64::from(pair[0]) << 8;
+            sum += hi | pair.get(1).map_or(0, |b| u64::from(*b));
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Checks a segment's IP header checksum (IPv4) and TCP checksum, and that its IP length
+/// is its own; returns where its TCP header starts.
+fn verify_segment(seg: &[u8]) -> usize {
+    let l3 = 14;
+    let ethertype = u16::from_be_bytes([seg[12], seg[13]]);
+    let (l4, pseudo) = match ethertype {
+        0x0800 => {
+            let ihl = usize::from(seg[l3] & 15) * 4;
+            assert_eq!(
+                ones_sum(&[&seg[l3..l3 + ihl]]),
+                0xffff,
+                "bad IPv4 header checksum"
+            );
+            let total = usize::from(u16::from_be_bytes([seg[l3 + 2], seg[l3 + 3]]));
+            assert_eq!(total, seg.len() - l3, "IPv4 total length");
+            let mut p = seg[l3 + 12..l3 + 20].to_vec();
+            p.extend_from_slice(&[0, 6]);
+            p.extend_from_slice(&((seg.len() - l3 - ihl) as u16).to_be_bytes());
+            (l3 + ihl, p)
+        }
+        0x86dd => {
+            let plen = usize::from(u16::from_be_bytes([seg[l3 + 4], seg[l3 + 5]]));
+            assert_eq!(plen, seg.len() - l3 - 40, "IPv6 payload length");
+            let mut p = seg[l3 + 8..l3 + 40].to_vec();
+            p.extend_from_slice(&(plen as u32).to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, 6]);
+            (l3 + 40, p)
+        }
+        other => panic!("a segment with ethertype {other:#06x}"),
+    };
+    assert_eq!(ones_sum(&[&pseudo, &seg[l4..]]), 0xffff, "bad TCP checksum");
+    l4
+}
+
+/// vhost-user messages, as the relay's filter judges them: no panic, and what it keeps
+/// stays bounded (at most one early enable per ring).
+pub fn relay(data: &[u8]) {
+    let offered = Arc::new(AtomicU64::new(u64::MAX));
+    let mut filter = Filter::new(4, offered);
+    let mut rest = data;
+    while rest.len() >= 6 {
+        let request = u32::from(rest[0]) % 64;
+        let flags = u32::from(rest[1]);
+        let len = usize::from(u16::from_le_bytes([rest[2], rest[3]])) % 512;
+        let body = &rest[4..];
+        let len = len.min(body.len());
+        let msg = Message {
+            request,
+            flags,
+            payload: body[..len].to_vec(),
+            fds: Vec::new(),
+        };
+        rest = &body[len..];
+        let _ = check_mem_table(&msg);
+        let verdict = filter.judge(&msg);
+        if let Verdict::Forward = verdict {
+            if request == 2 {
+                // SET_FEATURES forwarded: the early enables are replayed, each once.
+                assert!(filter.replay(&msg).len() <= 5, "more replayed than rings");
+            }
+        }
+        assert!(
+            filter.kept() <= 4,
+            "kept {} early enables for 4 rings",
+            filter.kept()
+        );
+    }
+}
+
+/// The parsers of frames from guests and the tap: no panic on any bytes.
+pub fn frame_parsers(data: &[u8]) {
+    if data.len() < 14 {
+        return;
+    }
+    let head: &[u8; 14] = data[..14].try_into().unwrap();
+    let _ = vhost_net_backend::packet::meta::FrameMeta::parse(head);
+    for zone in [0, 1] {
+        let _ = vhost_net_backend::packet::l3::parse(&data[..data.len().min(128)], zone);
+    }
+    let hdr = NetHdr::parse(&data[..12]);
+    let limits = Limits {
+        max_frame_len: 9014,
+        offloads: u64::from(data[0]) << 8,
+    };
+    let _ = ingress::check(&hdr, &data[..14], data.len(), limits);
+}
+
+/// The config parsers: a switch config file and a `--port` spec; no panic, and a config
+/// that validates also compiles its policy without panicking.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let _ = vhost_net_backend::PortConfig::parse_spec(text);
+    if let Ok(c) = vhost_net_backend::SwitchConfig::from_toml(text) {
+        if c.validate().is_ok() {
+            let _ = vhost_net_backend::policy::rules::RuleSet::compile(&c);
+        }
+    }
+}
