@@ -139,6 +139,9 @@ impl DriverQueue {
 pub struct VirtioNetDevice {
     frontend: Frontend,
     mem: GuestMemoryMmap,
+    /// Where the rings and buffers end: guest memory from here on (and the first page)
+    /// is never handed to the backend.
+    layout_end: u64,
     mem_size: u64,
     /// Whether guest memory ended up on 2 MiB pages.
     pub on_hugepages: bool,
@@ -325,6 +328,7 @@ impl VirtioNetDevice {
             frontend,
             mem,
             mem_size,
+            layout_end: next,
             on_hugepages: hugepages,
             features,
             protocol_features,
@@ -761,6 +765,32 @@ impl VirtioNetDevice {
         let q = usize::from(qp) * 2 + 1;
         let dq = &self.queues[q];
         dq.buf(dq.size - 1).0
+    }
+
+    /// The guest memory no ring or buffer uses (the first page, and everything after the
+    /// last buffer): the backend has no business writing there.
+    fn unused(&self) -> [(u64, u64); 2] {
+        [(0, PAGE), (self.layout_end, self.mem_size)]
+    }
+
+    /// Fills the unused guest memory with `pattern`.
+    pub fn fill_unused(&self, pattern: u8) {
+        for (start, end) in self.unused() {
+            let fill = vec![pattern; (end - start) as usize];
+            self.write_mem(start, &fill);
+        }
+    }
+
+    /// The first address of unused guest memory that no longer holds `pattern`, if any.
+    pub fn unused_changed(&self, pattern: u8) -> Option<u64> {
+        for (start, end) in self.unused() {
+            let mut buf = vec![0u8; (end - start) as usize];
+            self.mem.read_slice(&mut buf, GuestAddress(start)).ok()?;
+            if let Some(i) = buf.iter().position(|b| *b != pattern) {
+                return Some(start + i as u64);
+            }
+        }
+        None
     }
 
     pub fn write_mem(&self, addr: u64, data: &[u8]) {

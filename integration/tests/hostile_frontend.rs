@@ -226,6 +226,9 @@ fn canaries_keep_talking_beside_a_hostile_frontend() {
     let mut b = VirtioNetDevice::connect_retry(sock("b"), DeviceOptions::default());
     a.post_rx(0, 128).unwrap();
     b.post_rx(0, 128).unwrap();
+    // The canaries' guest memory outside their rings and buffers must never change.
+    a.fill_unused(0xa5);
+    b.fill_unused(0x5a);
     let (rss0, fds0) = (rss_kib(pid), fd_count(pid));
     let mut round = 0u32;
     let mut reconnects = 0;
@@ -245,6 +248,11 @@ fn canaries_keep_talking_beside_a_hostile_frontend() {
                 }
             }
             canaries_talk(&mut a, &mut b, round, seed);
+            for (name, dev, pattern) in [("a", &a, 0xa5), ("b", &b, 0x5a)] {
+                if let Some(at) = dev.unused_changed(pattern) {
+                    panic!("seed {seed} round {round}: canary {name}'s memory changed at {at:#x}, outside its rings and buffers");
+                }
+            }
             round += 1;
             assert!(alive(pid), "seed {seed}: the backend died");
         }
