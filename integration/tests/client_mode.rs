@@ -53,10 +53,20 @@ fn a_client_port_connects_to_the_frontend_and_again_after_a_switch_restart() {
     let mut a = sw.attach("a");
     exchange(&mut a, &mut q, &udp_frame(mac(1), BROADCAST, 100));
     exchange(&mut q, &mut a, &udp_frame(mac(2), mac(1), 200));
-    assert!(
-        sw.server().command("ports").contains("\"connected\":true"),
-        "{}",
-        sw.server().command("ports")
+    let ports: serde_json::Value = serde_json::from_str(&sw.server().command("ports")).unwrap();
+    let q_row = ports["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "q")
+        .cloned()
+        .unwrap();
+    assert_eq!(q_row["mode"], "client", "{ports}");
+    assert_eq!(q_row["connected"], true, "{ports}");
+    assert_eq!(
+        q_row["socket"].as_str(),
+        Some(sw.socket("q").to_str().unwrap()),
+        "{ports}"
     );
 
     // The switch restarts: it connects again to the socket the frontend kept.

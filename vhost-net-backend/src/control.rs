@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::balancer::Balancer;
 use crate::capture;
 use crate::config::policy::{OneOrMany, PortItem};
-use crate::config::{Action, PortConfig, RateConfig, RuleConfig, SwitchConfig};
+use crate::config::{Action, PortConfig, PortMode, RateConfig, RuleConfig, SwitchConfig};
 use crate::counters::CounterSnapshot;
 use crate::datapath::{ports, Datapath};
 use crate::endpoint::SwitchPort;
@@ -394,12 +394,22 @@ impl Control {
     /// Every port: kind, segment, queue pairs offered, whether a guest is attached, what
     /// it negotiated, its configured MAC and how many MACs it holds in the table.
     fn ports(&self) -> Value {
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let rows: Vec<Value> = self
             .dp
             .ports
             .in_use()
             .iter()
             .map(|p| {
+                let config = running.ports.iter().find(|c| c.name == p.name);
+                let mode = config.map(|c| match c.mode {
+                    PortMode::Server => "server",
+                    PortMode::Client => "client",
+                });
                 let (kind, features) = match p.as_vm() {
                     Some(vm) => {
                         let rx = vm.vm.rx_read();
@@ -416,6 +426,8 @@ impl Control {
                     "features": features.map(|f| format!("{f:#x}")),
                     "mac": p.mac.map(|m| m.to_string()),
                     "macs_learned": self.dp.switch.macs.count_of(p.id),
+                    "mode": mode,
+                    "socket": config.map(|c| c.socket.display().to_string()),
                 })
             })
             .collect();
