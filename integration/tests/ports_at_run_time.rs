@@ -245,3 +245,38 @@ fn sighup_applies_the_ports_of_the_file_and_ctl_adds_more() {
         assert!(!socket(n).exists(), "{n}'s socket is removed at exit");
     }
 }
+
+#[test]
+fn a_reload_whose_new_port_cannot_listen_applies_the_rest_and_keeps_the_rules_coherent() {
+    // The file adds port x, in a directory that does not exist, with the only group a new
+    // rule names: x is left out (the error says why) and the rule with it; a and b stay.
+    let sw = TestSwitch::start(vec![TestPort::new("a"), TestPort::new("b")], None);
+    let mut text = String::new();
+    for n in ["a", "b"] {
+        text.push_str(&format!(
+            "[[port]]\nname = \"{n}\"\nsocket = \"{}\"\n",
+            sw.socket(n).display()
+        ));
+    }
+    text.push_str(
+        "[[port]]\nname = \"x\"\nsocket = \"/nonexistent/dir/x.sock\"\ngroups = [\"newtier\"]\n\
+         [[rule]]\naction = \"allow\"\nfrom = \"newtier\"\n",
+    );
+    let next = vhost_net_backend::SwitchConfig::from_toml(&text).unwrap();
+    assert_eq!(next.rules.len(), 1);
+    sw.server().set_reloader(Box::new(move || Ok(next.clone())));
+    let reply = command(&sw, "reload");
+    let e = reply["error"].as_str().unwrap_or_default();
+    assert!(e.contains("/nonexistent/dir/x.sock"), "{reply}");
+    assert_eq!(port_names(&sw), vec!["a", "b"]);
+    let rules = command(&sw, "rules");
+    assert_eq!(rules["rules"].as_array().unwrap().len(), 0, "{rules}");
+    // The switch still works, and a good change after it applies.
+    let mut a = sw.attach("a");
+    let mut b = sw.attach("b");
+    let f = udp_frame(mac(1), BROADCAST, 90);
+    a.send(0, &NetHdr::default(), &f).unwrap();
+    assert_eq!(b.recv(0, WAIT).expect("a -> b").frame, f);
+    add(&sw, &format!("name=y,socket={}", sw.socket("y").display()));
+    assert_eq!(port_names(&sw), vec!["a", "b", "y"]);
+}

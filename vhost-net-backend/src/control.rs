@@ -233,7 +233,14 @@ impl Control {
                 .flush(|c| c.orig_port == *id || c.reply_port == *id);
         }
         let by_id = self.dp.ports.by_id(&applied);
-        self.dp.policy.replace(&by_id).map_err(|e| e.to_string())?;
+        // Checked above; it can fail only if a port left out (its socket) was the one
+        // that gave a rule its group: the running rules stay, the ports are in force.
+        if let Err(e) = self.dp.policy.replace(&by_id) {
+            failed.push(format!("{e}; the rules in force are the old ones"));
+            applied.rules = old.rules.clone();
+            applied.rule_positions = old.rule_positions.clone();
+            applied.policy = old.policy.clone();
+        }
         self.dp.router.set_ports(&by_id);
         for (id, l) in listening {
             let name = self.dp.ports.name(id);
