@@ -258,6 +258,32 @@ const INJECT: &str = "import socket,sys
 s=socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind(('vnet0', 0)); s.send(bytes.fromhex(sys.argv[1]))";
 
 #[test]
+fn a_vm_port_added_at_run_time_cannot_take_the_uplinks_name() {
+    let ns = Netns::new("upname");
+    let control = tempfile::tempdir().unwrap();
+    let ctl_path = control.path().join("ctl.sock");
+    let backend = Backend::start_with(
+        &ns,
+        &["a"],
+        "tap:vnet0",
+        Some(&format!("control_socket = \"{}\"\n", ctl_path.display())),
+    );
+    let spec = format!("name=uplink,socket={}", backend.sock("x").display());
+    let out = integration::testbed::ctl(&ctl_path, &["port", "add", &spec]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("'uplink' names the tap uplink"), "{err}");
+    // The switch answers on: a port under another name is added.
+    let spec = format!("name=b,socket={}", backend.sock("b").display());
+    let out = integration::testbed::ctl(&ctl_path, &["port", "add", &spec]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn a_trunk_carries_vlans_tagged() {
     let ns = Netns::new("trunk");
     let backend = Backend::start(&ns, &["a,vlan=10", "b,vlan=20"], "tap:vnet0,trunk");

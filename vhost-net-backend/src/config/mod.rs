@@ -548,6 +548,13 @@ impl SwitchConfig {
                     "name must be non-empty, without spaces or commas".into()
                 ));
             }
+            if self.uplink.is_some() && p.name == "uplink" {
+                return Err(err(
+                    "'uplink' names the tap uplink in counters and commands; give this \
+                     port another name"
+                        .into(),
+                ));
+            }
             if !names.insert(&p.name) {
                 return Err(err(
                     "name is used by two ports; give each port its own".into()
@@ -689,6 +696,13 @@ mod tests {
         let mut m = c.clone();
         m.mtu = Some(20);
         assert!(m.validate().is_err());
+        // With an uplink, "uplink" is its name: a VM port cannot take it.
+        let mut u = c.clone();
+        u.ports[1].name = "uplink".into();
+        u.validate().unwrap();
+        u.uplink = Some(UplinkConfig::parse_spec("tap:vnet0").unwrap());
+        let e = u.validate().unwrap_err().to_string();
+        assert!(e.contains("'uplink' names the tap uplink"), "{e}");
         assert!(matches!(
             SwitchConfig::default().validate(),
             Err(ConfigError::NoPorts)

@@ -177,8 +177,9 @@ impl PortTable {
     /// and up again at its id, a new one takes the lowest free id.
     pub fn plan(&self, old: &SwitchConfig, new: &SwitchConfig) -> Result<PortPlan, String> {
         let table = self.load();
+        // VM ports only: the uplink's place is not one to plan.
         let id_of = |name: &str| {
-            table
+            table[..self.capacity.min(table.len())]
                 .iter()
                 .find(|s| !s.is_vacant() && s.name == name)
                 .map(|s| s.id)
