@@ -276,11 +276,7 @@ impl Control {
                 _ => return Err(format!("unknown key '{k}' (count)")),
             }
         }
-        let port = self
-            .dp
-            .ports
-            .by_name(name)
-            .ok_or_else(|| format!("no port named '{name}'"))?;
+        let port = self.port_named(name)?;
         capture::start(port, std::path::Path::new(file), count)?;
         Ok(json!({ "capturing": name, "file": file, "count": count }))
     }
@@ -290,11 +286,7 @@ impl Control {
         let [name] = args else {
             return Err("capture-stop needs one port name".into());
         };
-        let port = self
-            .dp
-            .ports
-            .by_name(name)
-            .ok_or_else(|| format!("no port named '{name}'"))?;
+        let port = self.port_named(name)?;
         let was = port.capture.active();
         port.capture.stop();
         Ok(json!({ "stopped": was }))
@@ -391,21 +383,20 @@ impl Control {
                 None => Ok(None),
             };
         };
+        self.port_named(name).map(|p| Some(p.id))
+    }
+
+    fn port_named(&self, name: &str) -> Result<Arc<SwitchPort>, String> {
         self.dp
             .ports
             .by_name(name)
-            .map(|p| Some(p.id))
             .ok_or_else(|| format!("no port named '{name}'"))
     }
 
     /// Every port: kind, segment, queue pairs offered, whether a guest is attached, what
     /// it negotiated, its configured MAC and how many MACs it holds in the table.
     fn ports(&self) -> Value {
-        let running = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         let rows: Vec<Value> = self
             .dp
             .ports

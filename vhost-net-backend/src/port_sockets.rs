@@ -174,7 +174,9 @@ impl PortSockets {
             wake,
             thread,
         };
-        if let Some(old) = self.lock().insert(id, t) {
+        // Taken out under the lock, stopped (and joined) without it.
+        let old = self.lock().insert(id, t);
+        if let Some(old) = old {
             old.stop();
         }
         Ok(())
@@ -241,18 +243,23 @@ impl Source {
                             path.display()
                         );
                     }
-                    // 10 ms, doubling up to a second, in slices that notice `stop`.
+                    // 10 ms, doubling up to a second.
                     let wait = (Duration::from_millis(10) * 2u32.pow((*tries).min(7)))
                         .min(CONNECT_BACKOFF_MAX);
                     *tries += 1;
-                    let end = std::time::Instant::now() + wait;
-                    while std::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
-                        thread::sleep(Duration::from_millis(10));
-                    }
+                    sleep_unless_stopped(wait, stop);
                     None
                 }
             },
         }
+    }
+}
+
+/// Sleeps for `wait`, in 10 ms slices that notice `stop`.
+fn sleep_unless_stopped(wait: Duration, stop: &AtomicBool) {
+    let end = std::time::Instant::now() + wait;
+    while std::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -298,10 +305,7 @@ fn serve_port(
         if matches!(source, Source::Connecting(_)) {
             // QEMU still listening after a connection it ended at once (a frontend that
             // refuses us) is not reconnected to in a tight loop.
-            let end = std::time::Instant::now() + Duration::from_millis(100);
-            while std::time::Instant::now() < end && !stop.load(Ordering::SeqCst) {
-                thread::sleep(Duration::from_millis(10));
-            }
+            sleep_unless_stopped(Duration::from_millis(100), &stop);
         }
     }
     // Dropping the listeners removes their socket files.

@@ -138,11 +138,6 @@ impl PortTable {
             .cloned()
     }
 
-    /// How many VM ports the table holds at most.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// What the switch knows of each port, by id.
     pub fn profiles(&self) -> Vec<PortProfile> {
         self.load()

@@ -71,11 +71,16 @@ impl Notifier {
         self.vrings.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Vring `index` of the current connection (None at its end).
-    pub fn set_vring(&self, index: usize, vring: Option<Vring>) {
+    /// Vring `index` of the current connection.
+    pub fn set_vring(&self, index: usize, vring: Vring) {
         if let Some(slot) = self.lock().get_mut(index) {
-            *slot = vring;
+            *slot = Some(vring);
         }
+    }
+
+    /// Forgets the connection's vrings (at its end).
+    pub fn clear(&self) {
+        self.lock().fill(None);
     }
 
     /// Asks for an interrupt on vring `index`. Never blocks: an atomic, and a write to our
@@ -172,9 +177,6 @@ impl Drop for NotifierThread {
         }
         if thread.is_finished() {
             let _ = thread.join();
-        }
-        for v in self.notifier.lock().iter_mut() {
-            *v = None;
         }
     }
 }

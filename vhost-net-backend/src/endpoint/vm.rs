@@ -202,9 +202,7 @@ impl VmEndpoint {
         for vring in old.queues.iter().flatten() {
             drop(vring.get_mut());
         }
-        for i in 0..2 * usize::from(self.queue_pairs) {
-            self.notifier.set_vring(i, None);
-        }
+        self.notifier.clear();
     }
 
     /// Drops the current connection; the frontend reconnects and renegotiates.

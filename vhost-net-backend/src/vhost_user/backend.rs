@@ -202,11 +202,10 @@ impl VhostUserBackend for Port {
                     *slot = Some(rx.clone());
                 }
                 // Queue pair i is vrings 2i (RX) and 2i + 1 (TX).
-                inner.vm.notifier.set_vring(2 * thread_id, Some(rx.clone()));
-                inner
-                    .vm
-                    .notifier
-                    .set_vring(2 * thread_id + 1, vrings.get(1).cloned());
+                inner.vm.notifier.set_vring(2 * thread_id, rx.clone());
+                if let Some(tx) = vrings.get(1) {
+                    inner.vm.notifier.set_vring(2 * thread_id + 1, tx.clone());
+                }
             }
             worker.published = true;
         }
