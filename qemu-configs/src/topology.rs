@@ -28,6 +28,17 @@ pub enum TopologyError {
     Guest(String),
     #[error("{0}")]
     Switch(String),
+    /// An `[[allow]]` (the `index`th, from 0) whose `key` is wrong.
+    #[error("[[allow]] {label}: {message}")]
+    Allow {
+        index: usize,
+        key: &'static str,
+        label: String,
+        message: String,
+    },
+    /// A key of `[switch]`.
+    #[error("[switch] {key}: {message}")]
+    SwitchKey { key: &'static str, message: String },
     /// Another error, where in the file it is.
     #[error("{path}:{line}:{column}: {source}")]
     At {
@@ -36,6 +47,12 @@ pub enum TopologyError {
         column: usize,
         source: Box<TopologyError>,
     },
+}
+
+/// Line and column (from 1) of the value of `line`'s `key = value`, if it is that key.
+fn value_at(line: &str, key: &str) -> Option<usize> {
+    let (k, value) = line.split_once('=')?;
+    (k.trim() == key).then(|| line.find(value.trim()).map_or(1, |c| c + 1))
 }
 
 /// Where `[[table]]`'s entry `name = "NAME"` is written in `text`: line and column
@@ -49,15 +66,41 @@ fn locate(text: &str, table: &str, name: &str) -> Option<(usize, usize)> {
             inside = t == header;
             continue;
         }
-        let Some((key, value)) = t.split_once('=') else {
-            continue;
-        };
-        if inside && key.trim() == "name" && value.trim().trim_matches('"') == name {
-            let column = line.find(value.trim()).map_or(1, |c| c + 1);
+        let named = t
+            .split_once('=')
+            .is_some_and(|(_, v)| v.trim().trim_matches('"') == name);
+        if let Some(column) = value_at(line, "name").filter(|_| inside && named) {
             return Some((i + 1, column));
         }
     }
     None
+}
+
+/// Where `key` of the table `header` (`[switch]`, or the `nth` `[[allow]]` from 0) is
+/// written in `text`: its value's line and column, or the header's line when the key is
+/// not written (a default).
+fn locate_key(text: &str, header: &str, nth: usize, key: &str) -> Option<(usize, usize)> {
+    let mut seen = 0;
+    let mut start = None;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            if start.is_some() {
+                break;
+            }
+            if t == header {
+                if seen == nth {
+                    start = Some(i + 1);
+                }
+                seen += 1;
+            }
+            continue;
+        }
+        if let Some(column) = value_at(line, key).filter(|_| start.is_some()) {
+            return Some((i + 1, column));
+        }
+    }
+    start.map(|line| (line, 1))
 }
 
 /// How every VM boots, unless the VM says otherwise.
@@ -243,6 +286,10 @@ impl Topology {
                     .strip_prefix("network '")
                     .and_then(|r| r.split_once('\''))
                     .and_then(|(n, _)| locate(&text, "network", n)),
+                TopologyError::Allow { index, key, .. } => {
+                    locate_key(&text, "[[allow]]", *index, key)
+                }
+                TopologyError::SwitchKey { key, .. } => locate_key(&text, "[switch]", 0, key),
                 _ => None,
             };
             match at {
@@ -377,6 +424,7 @@ impl Topology {
                 self.name
             )));
         }
+        self.validate_allows()?;
         if self.on_switch() {
             self.validate_switch()?;
         } else {
@@ -560,37 +608,67 @@ impl Topology {
                 }
             }
         }
-        for a in &self.allows {
-            for end in [&a.from, &a.to] {
-                if end != "outside" && self.switch_network(end).is_none() {
-                    return Err(err(format!(
-                        "[[allow]] {} -> {}: '{end}' is no network of the file (networks: {}, \
-                         or outside)",
-                        a.from,
-                        a.to,
-                        self.network_names().join(", ")
-                    )));
-                }
-            }
-        }
+        let key_err = |key, message| TopologyError::SwitchKey { key, message };
         if !(1..=16).contains(&self.switch.queues) {
-            return Err(err(format!(
-                "[switch] queues = {}: the switch offers 1..=16 queue pairs a port",
-                self.switch.queues
-            )));
+            return Err(key_err(
+                "queues",
+                format!(
+                    "{} queue pairs: the switch offers 1 to 16 a port",
+                    self.switch.queues
+                ),
+            ));
         }
         if parse_cidr(&self.switch.uplink_subnet).is_none_or(|(_, l)| l > 30) {
-            return Err(err(format!(
-                "[switch] uplink_subnet '{}' is not an IPv4 subnet with room for two \
-                 addresses, as in 100.64.0.0/30",
-                self.switch.uplink_subnet
-            )));
+            return Err(key_err(
+                "uplink_subnet",
+                format!(
+                    "'{}' is not an IPv4 subnet with room for two addresses, as in \
+                     100.64.0.0/30",
+                    self.switch.uplink_subnet
+                ),
+            ));
         }
         if self.uplink_tap().len() > 15 {
-            return Err(err(format!(
-                "[switch] uplink '{}' is longer than an interface name may be (15)",
-                self.uplink_tap()
-            )));
+            return Err(key_err(
+                "uplink",
+                format!(
+                    "'{}' is longer than an interface name may be (15)",
+                    self.uplink_tap()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Each `[[allow]]` names networks of the file (or the outside, on the switch), and a
+    /// port only where its protocol has ports.
+    fn validate_allows(&self) -> Result<(), TopologyError> {
+        for (index, a) in self.allows.iter().enumerate() {
+            let bad = |key, message| TopologyError::Allow {
+                index,
+                key,
+                label: format!("{} -> {}", a.from, a.to),
+                message,
+            };
+            for (key, end) in [("from", &a.from), ("to", &a.to)] {
+                let outside = end == "outside" && self.on_switch();
+                if !outside && !self.network_names().contains(&end.as_str()) {
+                    return Err(bad(
+                        key,
+                        format!(
+                            "'{end}' is no network of the file (networks: {}{})",
+                            self.network_names().join(", "),
+                            if self.on_switch() { ", or outside" } else { "" }
+                        ),
+                    ));
+                }
+            }
+            if a.port.is_some() && a.proto.name() == "icmp" {
+                return Err(bad(
+                    "port",
+                    "icmp has no ports: leave port out, or give proto = \"tcp\" or \"udp\"".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -768,6 +846,122 @@ address = "10.10.2.10/24"
             "{e}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A switch topology with two networks, an allow and a `[switch]` table.
+    const ON_SWITCH: &str = r#"
+name = "sw"
+[guest]
+kernel = "/boot/vmlinuz"
+
+[switch]
+queues = 2
+
+[[network]]
+name = "web"
+mode = "switch"
+address = "10.10.1.1/24"
+
+[[network]]
+name = "app"
+mode = "switch"
+address = "10.10.2.1/24"
+
+[[allow]]
+from = "web"
+to = "app"
+proto = "tcp"
+port = 8080
+
+[[allow]]
+from = "outside"
+to = "web"
+proto = "tcp"
+port = 80
+
+[[vm]]
+name = "web1"
+network = "web"
+address = "10.10.1.10/24"
+"#;
+
+    /// `text`'s error when loaded from a file, and the line (from 1) of `needle` in it.
+    fn load_err(text: &str, needle: &str) -> (String, usize, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("qc-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{}.toml", needle.len()));
+        std::fs::write(&path, text).unwrap();
+        let e = Topology::load(&path).unwrap_err().to_string();
+        let line = text.lines().position(|l| l == needle).map_or(0, |i| i + 1);
+        (e, line, path)
+    }
+
+    #[test]
+    fn errors_of_allows_and_the_switch_table_name_their_line_and_column() {
+        Topology::parse(ON_SWITCH).unwrap();
+        // The second allow's `to`, a network that is not there.
+        let text = ON_SWITCH.replace("to = \"web\"", "to = \"wbe\"");
+        let (e, line, path) = load_err(&text, "to = \"wbe\"");
+        assert_eq!(
+            e,
+            format!(
+                "{}:{line}:6: [[allow]] outside -> wbe: 'wbe' is no network of the file \
+                 (networks: web, app, or outside)",
+                path.display()
+            )
+        );
+        // A port on icmp: the port's line.
+        let text = ON_SWITCH.replacen("proto = \"tcp\"", "proto = \"icmp\"", 1);
+        let (e, line, path) = load_err(&text, "port = 8080");
+        assert!(
+            e.starts_with(&format!(
+                "{}:{line}:8: [[allow]] web -> app: icmp has no ports",
+                path.display()
+            )),
+            "{e}"
+        );
+        // [switch] keys: the value written, or the table's header for a default.
+        let text = ON_SWITCH.replace("queues = 2", "queues = 17");
+        let (e, line, path) = load_err(&text, "queues = 17");
+        assert_eq!(
+            e,
+            format!(
+                "{}:{line}:10: [switch] queues: 17 queue pairs: the switch offers 1 to 16 a port",
+                path.display()
+            )
+        );
+        let text = ON_SWITCH.replace("queues = 2", "queues = 2\nuplink = \"vs-a-very-long-one\"");
+        let (e, line, path) = load_err(&text, "uplink = \"vs-a-very-long-one\"");
+        assert!(
+            e.starts_with(&format!(
+                "{}:{line}:10: [switch] uplink: 'vs-a-very-long-one' is longer",
+                path.display()
+            )),
+            "{e}"
+        );
+        let text = ON_SWITCH.replace(
+            "[switch]\nqueues = 2",
+            "[switch]\nuplink_subnet = \"100.64.0.0/31\"",
+        );
+        let (e, line, path) = load_err(&text, "uplink_subnet = \"100.64.0.0/31\"");
+        assert!(
+            e.starts_with(&format!(
+                "{}:{line}:17: [switch] uplink_subnet:",
+                path.display()
+            )),
+            "{e}"
+        );
+        // Kernel-bridge files: the same check, without the outside.
+        let text = THREE_TIER.replace("to = \"app\"", "to = \"apps\"");
+        let (e, line, path) = load_err(&text, "to = \"apps\"");
+        assert_eq!(
+            e,
+            format!(
+                "{}:{line}:6: [[allow]] web -> apps: 'apps' is no network of the file \
+                 (networks: web, app)",
+                path.display()
+            )
+        );
     }
 
     #[test]
