@@ -41,7 +41,7 @@ impl ImageSpec {
 }
 
 /// Bump when the image layout or init changes, so caches are rebuilt.
-const IMAGE_VERSION: &str = "9";
+const IMAGE_VERSION: &str = "10";
 
 pub const READY_MARKER: &str = "VNET-GUEST-READY";
 
@@ -82,7 +82,16 @@ bound|renew)
     [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
     ip addr flush dev "$interface"
     ip addr add "$ip/$mask" dev "$interface"
-    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    [ -n "$router" ] || exit 0
+    # The default route goes through the first NIC; every NIC answers from its own
+    # address through its own router (a table per NIC), so a reply never leaves by
+    # another NIC with an address that port does not own.
+    [ "$interface" = eth0 ] && ip route replace default via "${router%% *}" dev "$interface"
+    t=$((100 + $(cat /sys/class/net/$interface/ifindex)))
+    ip rule del from "$ip" table $t 2>/dev/null
+    ip rule add from "$ip" table $t
+    ip route replace "$(ip route show dev "$interface" scope link proto kernel | head -n 1 | cut -d' ' -f1)" dev "$interface" table $t
+    ip route replace default via "${router%% *}" dev "$interface" table $t
     ;;
 deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
 esac

@@ -311,6 +311,20 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
     );
     assert_eq!(webs[0].syns_from(outside_ip), counts[0]);
     assert_eq!(app.syns_from(outside_ip), 5);
+    // Nor from the host itself, which is outside too (the balancer's health checks, its
+    // own connections, still pass); its own forward works.
+    let host_ip = [10, 10, 0, 2];
+    assert_eq!(
+        connections(&host, "10.10.1.10:80", 3),
+        0,
+        "web1 reached directly from the host"
+    );
+    assert_eq!(
+        connections(&host, "10.10.0.2:2222", 2),
+        2,
+        "the host's own forward to app1:22"
+    );
+    assert_eq!(app.syns_from(host_ip), 2);
 
     // A guest reaches the outside through source NAT; the answer comes back to it.
     let server = in_netns(&outside, || UdpSocket::bind("0.0.0.0:7000").unwrap());

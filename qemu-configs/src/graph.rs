@@ -25,11 +25,12 @@ pub fn dot(topo: &Topology) -> String {
             q(&format!("{name} {subnet}")),
             q(&format!("net:{name}"))
         );
-        for vm in topo.vms.iter().filter(|v| v.network == name) {
+        // A node per NIC (a VM with several is in several clusters), named by its port.
+        for (vm, nic) in topo.nics_on(name) {
             d += &format!(
                 "    {} [label={}];\n",
-                q(&vm.name),
-                q(&format!("{}\n{}", vm.name, vm.address))
+                q(&nic.port),
+                q(&format!("{}\n{}", vm.name, nic.address))
             );
         }
         d += "  }\n";
@@ -37,10 +38,9 @@ pub fn dot(topo: &Topology) -> String {
     // An edge between networks ends at the cluster's first VM (or its anchor), clipped to
     // the cluster by lhead/ltail.
     let anchor = |net: &str| -> String {
-        topo.vms
-            .iter()
-            .find(|v| v.network == net)
-            .map(|v| v.name.clone())
+        topo.nics_on(net)
+            .next()
+            .map(|(_, nic)| nic.port)
             .unwrap_or_else(|| format!("net:{net}"))
     };
     let cluster = |net: &str| {
@@ -75,7 +75,7 @@ pub fn dot(topo: &Topology) -> String {
     }
     for n in &topo.switch_networks {
         for f in &n.forward {
-            let balanced = topo.vms.iter().filter(|v| v.network == n.name).count() > 1;
+            let balanced = topo.nics_on(&n.name).count() > 1;
             let label = format!(
                 "host:{} -> {}{}",
                 f.host_port,
@@ -104,10 +104,9 @@ pub fn dot(topo: &Topology) -> String {
     for n in &topo.networks {
         for f in &n.forward {
             let to = topo
-                .vms
-                .iter()
-                .find(|v| v.address.split('/').next() == Some(&f.guest.to_string()))
-                .map_or(f.guest.to_string(), |v| v.name.clone());
+                .nics_on(&n.name)
+                .find(|(_, nic)| nic.ip() == Some(f.guest))
+                .map_or(f.guest.to_string(), |(_, nic)| nic.port);
             d += &format!(
                 "  \"outside\" -> {} [label={}, color=blue];\n",
                 q(&to),

@@ -4,7 +4,7 @@
 //! type='bridge'>`. The console is a UNIX socket, as `up` makes it.
 
 use crate::render::{kernel_cmdline, Layout};
-use crate::topology::{Topology, Vm};
+use crate::topology::{Nic, Topology, Vm};
 
 /// `s` with the five XML specials escaped, for text and attribute values.
 fn esc(s: &str) -> String {
@@ -61,29 +61,8 @@ pub fn domain(topo: &Topology, vm: &Vm, layout: &Layout) -> String {
             esc(&disk.display().to_string())
         );
     }
-    let mac = topo.mac(vm);
-    if topo.on_switch() {
-        let queues = topo.switch.queues;
-        x += &format!(
-            "    <interface type='vhostuser'>\n      <mac address='{mac}'/>\n      <source type='unix' path='{}' mode='client'>\n        <reconnect enabled='yes' timeout='1'/>\n      </source>\n      <model type='virtio'/>\n",
-            esc(&layout.vm_socket(&vm.name).display().to_string())
-        );
-        if queues > 1 {
-            x += &format!("      <driver queues='{queues}'/>\n");
-        }
-        if let Some(mtu) = topo.switch_network(&vm.network).and_then(|n| n.mtu) {
-            x += &format!("      <mtu size='{mtu}'/>\n");
-        }
-        x += "    </interface>\n";
-    } else if let Some(net) = topo.network(&vm.network) {
-        x += &format!(
-            "    <interface type='bridge'>\n      <mac address='{mac}'/>\n      <source bridge='{}'/>\n      <model type='virtio'/>\n",
-            esc(&net.bridge)
-        );
-        if let Some(mtu) = net.mtu {
-            x += &format!("      <mtu size='{mtu}'/>\n");
-        }
-        x += "    </interface>\n";
+    for nic in topo.nics(vm) {
+        x += &interface(topo, &nic, layout);
     }
     x += &format!(
         "    <serial type='unix'>\n      <source mode='bind' path='{}'/>\n      <target port='0'/>\n    </serial>\n",
@@ -91,6 +70,40 @@ pub fn domain(topo: &Topology, vm: &Vm, layout: &Layout) -> String {
     );
     x += "  </devices>\n</domain>\n";
     x
+}
+
+/// A NIC's `<interface>`: on the switch, vhost-user on its port's socket; else a bridge.
+fn interface(topo: &Topology, nic: &Nic, layout: &Layout) -> String {
+    let mac = nic.mac;
+    let mut x;
+    let mtu: Option<u32>;
+    if topo.on_switch() {
+        x = format!(
+            "    <interface type='vhostuser'>\n      <mac address='{mac}'/>\n      <source type='unix' path='{}' mode='client'>\n        <reconnect enabled='yes' timeout='1'/>\n      </source>\n      <model type='virtio'/>\n",
+            esc(&layout.vm_socket(&nic.port).display().to_string())
+        );
+        let queues = topo.switch.queues;
+        if queues > 1 {
+            x += &format!("      <driver queues='{queues}'/>\n");
+        }
+        mtu = topo
+            .switch_network(&nic.network)
+            .and_then(|n| n.mtu)
+            .map(u32::from);
+    } else {
+        let Some(net) = topo.network(&nic.network) else {
+            return String::new();
+        };
+        x = format!(
+            "    <interface type='bridge'>\n      <mac address='{mac}'/>\n      <source bridge='{}'/>\n      <model type='virtio'/>\n",
+            esc(&net.bridge)
+        );
+        mtu = net.mtu;
+    }
+    if let Some(mtu) = mtu {
+        x += &format!("      <mtu size='{mtu}'/>\n");
+    }
+    x + "    </interface>\n"
 }
 
 #[cfg(test)]

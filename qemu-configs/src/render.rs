@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::topology::{base64, Topology, Vm};
+use crate::topology::{base64, Nic, Topology, Vm};
 
 /// Where a running topology keeps its files, and the programs it runs.
 #[derive(Clone, Debug)]
@@ -34,9 +34,9 @@ impl Layout {
         self.state_dir.join(format!("{vm}.qmp"))
     }
 
-    /// The vhost-user socket of a VM's NIC on the switch.
-    pub fn vm_socket(&self, vm: &str) -> PathBuf {
-        self.state_dir.join(format!("{vm}.sock"))
+    /// The vhost-user socket of a NIC's port on the switch (`Nic::port`).
+    pub fn vm_socket(&self, port: &str) -> PathBuf {
+        self.state_dir.join(format!("{port}.sock"))
     }
 
     /// The switch's control socket (`vhost-net-backend ctl --socket PATH ...`).
@@ -65,13 +65,14 @@ impl Layout {
     }
 }
 
-/// `[guest] append` for `vm`: `{name}`, `{address}`, `{gateway}` and `{run}` (base64)
-/// filled in.
+/// `[guest] append` for `vm`: `{name}`, `{address}` (every NIC's, comma-separated, in
+/// the guest's eth order), `{gateway}` (the first NIC's) and `{run}` (base64) filled in.
 pub fn kernel_cmdline(topo: &Topology, vm: &Vm) -> String {
+    let addresses: Vec<String> = topo.nics(vm).into_iter().map(|n| n.address).collect();
     topo.guest
         .append
         .replace("{name}", &vm.name)
-        .replace("{address}", &vm.address)
+        .replace("{address}", &addresses.join(","))
         .replace(
             "{gateway}",
             &topo.gateway(vm).map(|a| a.to_string()).unwrap_or_default(),
@@ -134,48 +135,65 @@ pub fn qemu_args(topo: &Topology, vm: &Vm, layout: &Layout) -> Vec<String> {
         args.extend(["-drive".into(), format!("file={},if=virtio", opt(disk))]);
     }
     if topo.on_switch() {
-        args.extend(vhost_user_nic(topo, vm, layout, mem));
-        args.extend(g.qemu_args.iter().cloned());
-        return args;
+        // The switch maps the guest's memory: a shared memfd, one for all its NICs.
+        args.extend([
+            "-object".into(),
+            format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            "-numa".into(),
+            "node,memdev=mem".into(),
+        ]);
     }
+    for nic in topo.nics(vm) {
+        if topo.on_switch() {
+            args.extend(vhost_user_nic(topo, &nic, layout));
+        } else {
+            args.extend(bridge_nic(topo, &nic, layout));
+        }
+    }
+    args.extend(g.qemu_args.iter().cloned());
+    args
+}
+
+/// A NIC on a kernel bridge: a tap the bridge helper makes and hands over.
+fn bridge_nic(topo: &Topology, nic: &Nic, layout: &Layout) -> Vec<String> {
     let net = topo
-        .network(&vm.network)
-        .expect("validated: the VM's network exists");
+        .network(&nic.network)
+        .expect("validated: the NIC's network exists");
     // QEMU runs a helper string with spaces through /bin/sh: every path quoted.
     let helper = format!(
         "{} {}",
         shell_word(&layout.helper.display().to_string()),
         shell_word(&format!("--acl={}", layout.acl().display()))
     );
-    args.extend([
-        "-netdev".into(),
-        format!(
-            "bridge,id=net0,br={},helper={}",
-            net.bridge,
-            helper.replace(',', ",,")
-        ),
-    ]);
-    let mut dev = format!("virtio-net-pci,netdev=net0,mac={}", topo.mac(vm));
+    let i = nic.index;
+    let mut dev = format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac);
     if let Some(mtu) = net.mtu {
         dev.push_str(&format!(",host_mtu={mtu}"));
     }
-    args.extend(["-device".into(), dev]);
-    args.extend(g.qemu_args.iter().cloned());
-    args
+    vec![
+        "-netdev".into(),
+        format!(
+            "bridge,id=net{i},br={},helper={}",
+            net.bridge,
+            helper.replace(',', ",,")
+        ),
+        "-device".into(),
+        dev,
+    ]
 }
 
-/// A NIC on the switch: the VM's memory a shared memfd (the switch maps it), its port's
-/// socket with the reconnect option this QEMU spells (9.2 renamed it), and MSI-X vectors
-/// for every queue, except QEMU 7.x under TCG, which crashes with MSI-X on vhost-user
-/// NICs and gets legacy interrupts (`vectors=0`).
-fn vhost_user_nic(topo: &Topology, vm: &Vm, layout: &Layout, mem: u32) -> Vec<String> {
+/// A NIC on the switch: its port's socket with the reconnect option this QEMU spells
+/// (9.2 renamed it), and MSI-X vectors for every queue, except QEMU 7.x under TCG, which
+/// crashes with MSI-X on vhost-user NICs and gets legacy interrupts (`vectors=0`).
+fn vhost_user_nic(topo: &Topology, nic: &Nic, layout: &Layout) -> Vec<String> {
     let queues = topo.switch.queues;
     let reconnect = if layout.qemu_version >= (9, 2) {
         "reconnect-ms=1000"
     } else {
         "reconnect=1"
     };
-    let mut dev = format!("virtio-net-pci,netdev=net0,mac={}", topo.mac(vm));
+    let i = nic.index;
+    let mut dev = format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac);
     if queues > 1 {
         dev.push_str(",mq=on");
     }
@@ -184,21 +202,17 @@ fn vhost_user_nic(topo: &Topology, vm: &Vm, layout: &Layout, mem: u32) -> Vec<St
     } else {
         dev.push_str(&format!(",vectors={}", 2 * queues + 2));
     }
-    if let Some(mtu) = topo.switch_network(&vm.network).and_then(|n| n.mtu) {
+    if let Some(mtu) = topo.switch_network(&nic.network).and_then(|n| n.mtu) {
         dev.push_str(&format!(",host_mtu={mtu}"));
     }
     vec![
-        "-object".into(),
-        format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
-        "-numa".into(),
-        "node,memdev=mem".into(),
         "-chardev".into(),
         format!(
-            "socket,id=chr0,path={},{reconnect}",
-            opt(&layout.vm_socket(&vm.name))
+            "socket,id=chr{i},path={},{reconnect}",
+            opt(&layout.vm_socket(&nic.port))
         ),
         "-netdev".into(),
-        format!("vhost-user,id=net0,chardev=chr0,queues={queues}"),
+        format!("vhost-user,id=net{i},chardev=chr{i},queues={queues}"),
         "-device".into(),
         dev,
     ]
@@ -326,6 +340,74 @@ mod tests {
             "{args:?}"
         );
         assert!(!args.contains(&"-kernel".to_string()));
+    }
+
+    #[test]
+    fn a_vm_with_two_nics_on_the_switch_gets_a_port_and_a_vhost_user_nic_for_each() {
+        let t = Topology::parse(&crate::topology::tests::two_nics()).unwrap();
+        let app1 = &t.vms[1];
+        let line = shell_line("q", &qemu_args(&t, app1, &layout()));
+        for want in [
+            "-object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem -chardev",
+            "socket,id=chr0,path=/run/qemu-configs/shop/app1.sock,reconnect-ms=1000",
+            "vhost-user,id=net0,chardev=chr0,queues=2",
+            "virtio-net-pci,netdev=net0,mac=52:54:00:0a:01:02,mq=on,vectors=6",
+            "socket,id=chr1,path=/run/qemu-configs/shop/app1.eth1.sock,reconnect-ms=1000",
+            "vhost-user,id=net1,chardev=chr1,queues=2",
+            "virtio-net-pci,netdev=net1,mac=52:54:00:0a:00:02,mq=on,vectors=6",
+        ] {
+            assert!(line.contains(want), "{want}\nnot in\n{line}");
+        }
+        assert_eq!(line.matches("memory-backend-memfd").count(), 1, "{line}");
+        // The switch: a port per NIC, in its network's group and segment.
+        let c = crate::switch::switch_config(&t, &layout());
+        let ports: Vec<(&str, Option<u16>, &[String])> = c
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), p.vlan, p.groups.as_slice()))
+            .collect();
+        let (web, app) = (["web".to_string()], ["app".to_string()]);
+        assert_eq!(
+            ports,
+            [
+                ("web1", Some(100), &web[..]),
+                ("app1", Some(101), &app[..]),
+                ("app1.eth1", Some(100), &web[..])
+            ]
+        );
+        assert_eq!(
+            c.ports[2].socket,
+            Path::new("/run/qemu-configs/shop/app1.eth1.sock")
+        );
+        // The guest learns every address, in its eth order.
+        let t = Topology::parse(&crate::topology::tests::two_nics().replace(
+            "kernel = \"/boot/vmlinuz\"",
+            "kernel = \"/k\"\nappend = \"vnet.ip={address}\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            kernel_cmdline(&t, &t.vms[1]),
+            "vnet.ip=10.10.2.10/24,10.10.1.20/24"
+        );
+    }
+
+    #[test]
+    fn a_vm_with_two_nics_on_bridges_gets_a_tap_on_each() {
+        let text = THREE_TIER.replace(
+            "address = \"10.10.2.10/24\"\n",
+            "address = \"10.10.2.10/24\"\n[[vm.nic]]\nnetwork = \"web\"\naddress = \"10.10.1.20/24\"\n",
+        );
+        let t = Topology::parse(&text).unwrap();
+        let line = shell_line("q", &qemu_args(&t, &t.vms[1], &layout()));
+        for want in [
+            "'bridge,id=net0,br=br-app,helper=",
+            "-device virtio-net-pci,netdev=net0,mac=52:54:00:0a:01:02",
+            "'bridge,id=net1,br=br-web,helper=",
+            "-device virtio-net-pci,netdev=net1,mac=52:54:00:0a:00:02",
+            "vnet.ip=10.10.2.10/24,10.10.1.20/24 vnet.gw=10.10.2.1",
+        ] {
+            assert!(line.contains(want), "{want}\nnot in\n{line}");
+        }
     }
 
     #[test]

@@ -187,12 +187,7 @@ fn up_on_switch(topo: &Topology, layout: &Layout) -> Result<Running, UpError> {
         log_path.display()
     );
     let end = Instant::now() + Duration::from_secs(15);
-    while !topo
-        .vms
-        .iter()
-        .all(|vm| layout.vm_socket(&vm.name).exists())
-        || !layout.switch_control().exists()
-    {
+    while !config.ports.iter().all(|p| p.socket.exists()) || !layout.switch_control().exists() {
         if running.switch_exited().is_some() || Instant::now() > end {
             let why = tail(&log_path, 5);
             running.abort();
@@ -202,7 +197,7 @@ fn up_on_switch(topo: &Topology, layout: &Layout) -> Result<Running, UpError> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    info!("{}: switch up, {} ports", topo.name, topo.vms.len());
+    info!("{}: switch up, {} ports", topo.name, config.ports.len());
     start_vms(running)
 }
 
@@ -454,8 +449,8 @@ fn stop_switch(pid: u32) {
 /// Takes the networks down and removes the consoles' sockets and pid files (logs stay).
 fn clean_state(topo: &Topology, layout: &Layout) {
     if topo.on_switch() {
-        for vm in &topo.vms {
-            let _ = fs::remove_file(layout.vm_socket(&vm.name));
+        for nic in topo.vms.iter().flat_map(|vm| topo.nics(vm)) {
+            let _ = fs::remove_file(layout.vm_socket(&nic.port));
         }
         let _ = fs::remove_file(layout.switch_control());
         let _ = fs::remove_file(layout.state_dir.join("switch.pid"));

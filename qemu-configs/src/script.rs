@@ -17,18 +17,19 @@ pub fn script(topo: &Topology, layout: &Layout) -> String {
         topo.vms.len()
     );
     if topo.on_switch() {
-        let config = toml::to_string(&switch_config(topo, layout)).unwrap_or_default();
+        let config = switch_config(topo, layout);
+        let socks: Vec<String> = config
+            .ports
+            .iter()
+            .map(|p| shell_word(&p.socket.display().to_string()))
+            .collect();
+        let config = toml::to_string(&config).unwrap_or_default();
         let path = shell_word(&layout.switch_config().display().to_string());
-        s += &format!("\n# The switch: one port per VM, a segment per network.\ncat > {path} <<'SWITCH'\n{config}SWITCH\n");
+        s += &format!("\n# The switch: one port per VM NIC, a segment per network.\ncat > {path} <<'SWITCH'\n{config}SWITCH\n");
         s += &format!(
             "{} --config {path} &\npids=\"$pids $!\"\n",
             shell_word(&layout.switch.display().to_string())
         );
-        let socks: Vec<String> = topo
-            .vms
-            .iter()
-            .map(|vm| shell_word(&layout.vm_socket(&vm.name).display().to_string()))
-            .collect();
         s += &format!(
             "for s in {}; do while [ ! -S \"$s\" ]; do sleep 0.1; done; done\n",
             socks.join(" ")

@@ -63,18 +63,18 @@ pub fn switch_config(topo: &Topology, layout: &Layout) -> SwitchConfig {
         ..SwitchConfig::default()
     };
     for vm in &topo.vms {
-        c.ports.push(PortConfig {
-            name: vm.name.clone(),
-            socket: layout.vm_socket(&vm.name),
-            vlan: Some(vlan(topo, &vm.network)),
-            mac: Some(topo.mac(vm)),
-            queues: topo.switch.queues,
-            groups: vec![vm.network.clone()],
-            addresses: parse_cidr(&vm.address)
-                .map(|(a, _)| vec![a.into()])
-                .unwrap_or_default(),
-            ..PortConfig::default()
-        });
+        for nic in topo.nics(vm) {
+            c.ports.push(PortConfig {
+                socket: layout.vm_socket(&nic.port),
+                vlan: Some(vlan(topo, &nic.network)),
+                mac: Some(nic.mac),
+                queues: topo.switch.queues,
+                groups: vec![nic.network.clone()],
+                addresses: nic.ip().map(|a| vec![a.into()]).unwrap_or_default(),
+                name: nic.port,
+                ..PortConfig::default()
+            });
+        }
     }
     for n in &topo.switch_networks {
         c.segments.push(SegmentConfig {
@@ -99,10 +99,8 @@ pub fn switch_config(topo: &Topology, layout: &Layout) -> SwitchConfig {
     let mut forwards = Vec::new();
     for n in &topo.switch_networks {
         let backends: Vec<Ipv4Addr> = topo
-            .vms
-            .iter()
-            .filter(|v| v.network == n.name)
-            .filter_map(|v| parse_cidr(&v.address).map(|(a, _)| a))
+            .nics_on(&n.name)
+            .filter_map(|(_, nic)| nic.ip())
             .collect();
         for f in &n.forward {
             let mut fwd = ForwardConfig {

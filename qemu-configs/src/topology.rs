@@ -154,7 +154,7 @@ fn default_shutdown_secs() -> u64 {
     30
 }
 
-/// One VM with one NIC on one network.
+/// One VM: its first NIC on `network`, more in `[[vm.nic]]`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Vm {
@@ -164,11 +164,44 @@ pub struct Vm {
     pub address: String,
     /// Default: 52:54:00:0a:NN:VV from the network's and the VM's place in the file.
     pub mac: Option<MacAddr>,
+    /// Further NICs, the guest's eth1, eth2, ... in file order.
+    #[serde(default)]
+    pub nic: Vec<NicConfig>,
     /// A command the guest starts at boot (handed over as `{run}` in `append`).
     pub run: Option<String>,
     pub memory_mib: Option<u32>,
     /// This VM's disk image, when VMs boot from disks.
     pub disk: Option<PathBuf>,
+}
+
+/// A VM's further NIC, `[[vm.nic]]`: each on a network of its own.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NicConfig {
+    pub network: String,
+    pub address: String,
+    pub mac: Option<MacAddr>,
+}
+
+/// A NIC of a VM as `up` makes it: the first is the VM's own `network` and `address`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nic {
+    /// The guest's ethN; QEMU's netdev netN.
+    pub index: usize,
+    pub network: String,
+    /// CIDR.
+    pub address: String,
+    pub mac: MacAddr,
+    /// Its port on the switch (and the socket's name): the VM's name for the first NIC,
+    /// "VM.ethN" for the others (a VM name has no '.').
+    pub port: String,
+}
+
+impl Nic {
+    /// The address without its length.
+    pub fn ip(&self) -> Option<Ipv4Addr> {
+        parse_cidr(&self.address).map(|(a, _)| a)
+    }
 }
 
 /// A network of our own switch (`mode = "switch"`): a segment and subnet of one
@@ -381,24 +414,58 @@ impl Topology {
         self.networks.iter().find(|n| n.name == name)
     }
 
-    /// The VM's MAC: configured, or derived from its place in the file.
-    pub fn mac(&self, vm: &Vm) -> MacAddr {
-        if let Some(m) = vm.mac {
-            return m;
-        }
-        let net = self.network_names().iter().position(|n| *n == vm.network);
-        let idx = self.vms.iter().position(|v| v.name == vm.name);
-        MacAddr([
-            0x52,
-            0x54,
-            0x00,
-            0x0a,
-            net.unwrap_or(0) as u8,
-            idx.unwrap_or(0) as u8 + 1,
-        ])
+    /// The VM's NICs, its first (`network`, `address`) then `[[vm.nic]]`'s. A MAC not
+    /// configured is derived from the network's and the VM's places in the file.
+    pub fn nics(&self, vm: &Vm) -> Vec<Nic> {
+        let idx = self.vms.iter().position(|v| v.name == vm.name).unwrap_or(0);
+        let first = (vm.network.as_str(), vm.address.as_str(), vm.mac);
+        let rest = vm
+            .nic
+            .iter()
+            .map(|n| (n.network.as_str(), n.address.as_str(), n.mac));
+        std::iter::once(first)
+            .chain(rest)
+            .enumerate()
+            .map(|(index, (network, address, mac))| {
+                let net = self.network_names().iter().position(|n| *n == network);
+                Nic {
+                    index,
+                    network: network.to_string(),
+                    address: address.to_string(),
+                    mac: mac.unwrap_or(MacAddr([
+                        0x52,
+                        0x54,
+                        0x00,
+                        0x0a,
+                        net.unwrap_or(0) as u8,
+                        idx as u8 + 1,
+                    ])),
+                    port: if index == 0 {
+                        vm.name.clone()
+                    } else {
+                        format!("{}.eth{index}", vm.name)
+                    },
+                }
+            })
+            .collect()
     }
 
-    /// The host's address on the VM's network, where it has one: the VM's gateway.
+    /// Every VM's NICs on `network`, with their VM.
+    pub fn nics_on<'a>(&'a self, network: &'a str) -> impl Iterator<Item = (&'a Vm, Nic)> + 'a {
+        self.vms.iter().flat_map(move |vm| {
+            self.nics(vm)
+                .into_iter()
+                .filter(move |n| n.network == network)
+                .map(move |n| (vm, n))
+        })
+    }
+
+    /// The host's (on the switch, the gateway's) address on `nic`'s network, if it has one.
+    pub fn nic_gateway(&self, nic: &Nic) -> Option<Ipv4Addr> {
+        parse_cidr(self.network_address(&nic.network)?).map(|(addr, _)| addr)
+    }
+
+    /// The host's address on the VM's first network, where it has one: the VM's gateway.
     pub fn gateway(&self, vm: &Vm) -> Option<Ipv4Addr> {
         parse_cidr(self.network_address(&vm.network)?).map(|(addr, _)| addr)
     }
@@ -468,50 +535,27 @@ impl Topology {
             if !names.insert(&vm.name) {
                 return Err(bad("two VMs have this name".into()));
             }
-            if !self.network_names().contains(&vm.network.as_str()) {
-                return Err(bad(format!(
-                    "network '{}' is not in the file (networks: {})",
-                    vm.network,
-                    self.network_names().join(", ")
-                )));
+            if vm.nic.len() > 7 {
+                return Err(bad("more than 8 NICs".into()));
             }
-            let Some((addr, prefix)) = parse_cidr(&vm.address) else {
-                return Err(bad(format!(
-                    "address '{}' is not an IPv4 CIDR like 10.0.0.10/24",
-                    vm.address
-                )));
-            };
-            let net_address = self.network_address(&vm.network);
-            if let Some((host, host_prefix)) = net_address.and_then(parse_cidr) {
-                if prefix != host_prefix || subnet(addr, prefix) != subnet(host, host_prefix) {
+            let mut networks = HashSet::new();
+            for nic in self.nics(vm) {
+                // The first NIC's errors read as before; the others' name their ethN.
+                let bad = |message: String| {
+                    bad(if nic.index == 0 {
+                        message
+                    } else {
+                        format!("nic eth{}: {message}", nic.index)
+                    })
+                };
+                if !networks.insert(nic.network.clone()) {
                     return Err(bad(format!(
-                        "address {} is outside network {} ({})",
-                        vm.address,
-                        vm.network,
-                        net_address.unwrap_or_default()
+                        "a second NIC on network '{}': give each NIC of a VM its own network",
+                        nic.network
                     )));
                 }
-                if addr == host {
-                    return Err(bad(format!(
-                        "address {addr} is the {} own address on {}",
-                        if self.on_switch() {
-                            "switch's"
-                        } else {
-                            "host's"
-                        },
-                        vm.network
-                    )));
-                }
-            }
-            if !addrs.insert(addr) {
-                return Err(bad(format!("address {addr} is taken by another VM")));
-            }
-            let mac = self.mac(vm);
-            if mac.0[0] & 1 != 0 {
-                return Err(bad(format!("MAC {mac} is a multicast address")));
-            }
-            if !macs.insert(mac) {
-                return Err(bad(format!("MAC {mac} is taken by another VM")));
+                self.validate_nic(&nic, &mut addrs, &mut macs)
+                    .map_err(bad)?;
             }
             if vm.run.as_deref().is_some_and(|r| r.len() > 1024) {
                 return Err(bad(
@@ -537,6 +581,61 @@ impl Topology {
                 }
                 _ => {}
             }
+        }
+        Ok(())
+    }
+
+    /// One NIC: its network exists, its address is in that network's subnet and is no
+    /// one else's, its MAC is unicast and no one else's.
+    fn validate_nic(
+        &self,
+        nic: &Nic,
+        addrs: &mut HashSet<Ipv4Addr>,
+        macs: &mut HashSet<MacAddr>,
+    ) -> Result<(), String> {
+        if !self.network_names().contains(&nic.network.as_str()) {
+            return Err(format!(
+                "network '{}' is not in the file (networks: {})",
+                nic.network,
+                self.network_names().join(", ")
+            ));
+        }
+        let Some((addr, prefix)) = parse_cidr(&nic.address) else {
+            return Err(format!(
+                "address '{}' is not an IPv4 CIDR like 10.0.0.10/24",
+                nic.address
+            ));
+        };
+        let net_address = self.network_address(&nic.network);
+        if let Some((host, host_prefix)) = net_address.and_then(parse_cidr) {
+            if prefix != host_prefix || subnet(addr, prefix) != subnet(host, host_prefix) {
+                return Err(format!(
+                    "address {} is outside network {} ({})",
+                    nic.address,
+                    nic.network,
+                    net_address.unwrap_or_default()
+                ));
+            }
+            if addr == host {
+                return Err(format!(
+                    "address {addr} is the {} own address on {}",
+                    if self.on_switch() {
+                        "switch's"
+                    } else {
+                        "host's"
+                    },
+                    nic.network
+                ));
+            }
+        }
+        if !addrs.insert(addr) {
+            return Err(format!("address {addr} is taken by another NIC"));
+        }
+        if nic.mac.0[0] & 1 != 0 {
+            return Err(format!("MAC {} is a multicast address", nic.mac));
+        }
+        if !macs.insert(nic.mac) {
+            return Err(format!("MAC {} is taken by another NIC", nic.mac));
         }
         Ok(())
     }
@@ -764,8 +863,8 @@ address = "10.10.2.10/24"
     fn loads_and_derives_macs_and_gateways() {
         let t = Topology::parse(THREE_TIER).unwrap();
         assert_eq!(t.vms.len(), 2);
-        assert_eq!(t.mac(&t.vms[0]).to_string(), "52:54:00:0a:00:01");
-        assert_eq!(t.mac(&t.vms[1]).to_string(), "52:54:00:0a:01:02");
+        assert_eq!(t.nics(&t.vms[0])[0].mac.to_string(), "52:54:00:0a:00:01");
+        assert_eq!(t.nics(&t.vms[1])[0].mac.to_string(), "52:54:00:0a:01:02");
         assert_eq!(t.gateway(&t.vms[1]), Some(Ipv4Addr::new(10, 10, 2, 1)));
         assert_eq!(t.net_file().allows.len(), 1);
         assert_eq!(t.net_file().table, "qemu_configs_shop");
@@ -884,6 +983,80 @@ name = "web1"
 network = "web"
 address = "10.10.1.10/24"
 "#;
+
+    /// ON_SWITCH with app1 on app and, by a second NIC, on web.
+    pub fn two_nics() -> String {
+        format!(
+            "{ON_SWITCH}\n[[vm]]\nname = \"app1\"\nnetwork = \"app\"\naddress = \"10.10.2.10/24\"\n\
+             [[vm.nic]]\nnetwork = \"web\"\naddress = \"10.10.1.20/24\"\n"
+        )
+    }
+
+    #[test]
+    fn a_vm_may_have_a_nic_on_each_of_several_networks() {
+        let t = Topology::parse(&two_nics()).unwrap();
+        let nics = t.nics(&t.vms[1]);
+        let seen: Vec<(usize, &str, &str, String, &str)> = nics
+            .iter()
+            .map(|n| {
+                let mac = n.mac.to_string();
+                (
+                    n.index,
+                    n.network.as_str(),
+                    n.address.as_str(),
+                    mac,
+                    n.port.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (
+                    0,
+                    "app",
+                    "10.10.2.10/24",
+                    "52:54:00:0a:01:02".into(),
+                    "app1"
+                ),
+                (
+                    1,
+                    "web",
+                    "10.10.1.20/24",
+                    "52:54:00:0a:00:02".into(),
+                    "app1.eth1"
+                ),
+            ]
+        );
+        let on_web: Vec<String> = t.nics_on("web").map(|(_, n)| n.port).collect();
+        assert_eq!(on_web, ["web1", "app1.eth1"]);
+        // Each NIC is checked as a VM's first is, and names its ethN.
+        let e = err(&two_nics().replace("10.10.1.20/24", "10.10.3.20/24"));
+        assert!(
+            e.contains("vm app1: nic eth1: address 10.10.3.20/24 is outside network web"),
+            "{e}"
+        );
+        let e = err(&two_nics().replace("10.10.1.20/24", "10.10.1.10/24"));
+        assert!(e.contains("nic eth1: address 10.10.1.10 is taken"), "{e}");
+        let e = err(&two_nics().replace(
+            "network = \"web\"\naddress = \"10.10.1.20",
+            "network = \"app\"\naddress = \"10.10.2.20",
+        ));
+        assert!(e.contains("nic eth1: a second NIC on network 'app'"), "{e}");
+        let e = err(&two_nics().replace(
+            "network = \"web\"\naddress = \"10.10.1.20",
+            "network = \"wbe\"\naddress = \"10.10.1.20",
+        ));
+        assert!(
+            e.contains("nic eth1: network 'wbe' is not in the file"),
+            "{e}"
+        );
+        let e = err(&format!("{}mac = \"52:54:00:0a:00:01\"\n", two_nics()));
+        assert!(
+            e.contains("nic eth1: MAC 52:54:00:0a:00:01 is taken"),
+            "{e}"
+        );
+    }
 
     /// `text`'s error when loaded from a file, and the line (from 1) of `needle` in it.
     fn load_err(text: &str, needle: &str) -> (String, usize, PathBuf) {

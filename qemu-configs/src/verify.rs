@@ -9,16 +9,17 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use bridge_plugin::net::parse_cidr;
 use serde_json::{json, Value};
 
 use crate::render::Layout;
 use crate::topology::{Topology, Vm};
 
-/// A service: a VM's address and TCP port.
+/// A service: a VM NIC's address and TCP port.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Service {
     vm: String,
+    /// The NIC's port name: the VM's for its first NIC, "VM.ethN" for others.
+    nic: String,
     network: String,
     address: String,
     port: u16,
@@ -38,36 +39,46 @@ pub struct Cell {
     pub rule: String,
 }
 
-/// Every TCP port the file gives a VM: the ports of `[[allow]]`s to its network and of
-/// forwards to it.
+/// Every TCP port the file gives a VM NIC: the ports of `[[allow]]`s to its network and
+/// of forwards to it.
 fn services(topo: &Topology) -> Vec<Service> {
     let mut out = Vec::new();
     for vm in &topo.vms {
-        let mut ports: Vec<u16> = topo
-            .allows
-            .iter()
-            .filter(|a| a.to == vm.network && a.proto.name() == "tcp")
-            .filter_map(|a| a.port)
-            .collect();
-        if let Some(n) = topo.switch_network(&vm.network) {
-            ports.extend(n.forward.iter().map(|f| f.guest_port));
+        for nic in topo.nics(vm) {
+            let mut ports: Vec<u16> = topo
+                .allows
+                .iter()
+                .filter(|a| a.to == nic.network && a.proto.name() == "tcp")
+                .filter_map(|a| a.port)
+                .collect();
+            if let Some(n) = topo.switch_network(&nic.network) {
+                ports.extend(n.forward.iter().map(|f| f.guest_port));
+            }
+            if let Some(n) = topo.network(&nic.network) {
+                ports.extend(n.forward.iter().map(|f| f.guest_port));
+            }
+            ports.sort_unstable();
+            ports.dedup();
+            let address = nic.ip().map(|a| a.to_string()).unwrap_or_default();
+            out.extend(ports.into_iter().map(|port| Service {
+                vm: vm.name.clone(),
+                nic: nic.port.clone(),
+                network: nic.network.clone(),
+                address: address.clone(),
+                port,
+            }));
         }
-        if let Some(n) = topo.network(&vm.network) {
-            ports.extend(n.forward.iter().map(|f| f.guest_port));
-        }
-        ports.sort_unstable();
-        ports.dedup();
-        let address = parse_cidr(&vm.address)
-            .map(|(a, _)| a.to_string())
-            .unwrap_or_default();
-        out.extend(ports.into_iter().map(|port| Service {
-            vm: vm.name.clone(),
-            network: vm.network.clone(),
-            address: address.clone(),
-            port,
-        }));
     }
     out
+}
+
+/// The network `vm`'s traffic to `to` leaves from: a NIC of its own on `to`'s network,
+/// else its first NIC's (the guest's default route).
+fn source_network(topo: &Topology, vm: &Vm, to: &Service) -> String {
+    topo.nics(vm)
+        .into_iter()
+        .find(|n| n.network == to.network)
+        .map_or_else(|| vm.network.clone(), |n| n.network)
 }
 
 /// What the file says of `from` (a network) to `to`'s port, and the rule that says it.
@@ -122,52 +133,75 @@ impl Console {
 }
 
 /// Measures every cell: each VM to each other VM's services (from its console), and the
-/// host to each forwarded port (on `host_address`).
+/// host to each forwarded port (on `host_address`) and, on the switch, straight to each
+/// service (with the route the host has to the guests: only forwards get in).
 pub fn measure(topo: &Topology, layout: &Layout, host_address: &str) -> Result<Vec<Cell>, String> {
     let services = services(topo);
     let mut cells = Vec::new();
     for (row, vm) in topo.vms.iter().enumerate() {
         let mut console = Console::open(layout, &vm.name)?;
         for (col, s) in services.iter().enumerate().filter(|(_, s)| s.vm != vm.name) {
-            let (expected, rule) = policy(topo, &vm.network, s);
+            let (expected, rule) = policy(topo, &source_network(topo, vm, s), s);
             // busybox nc: 0 once connected (stdin at its end closes it), else 1.
             let status = console.status(&format!("nc -w 2 {} {} </dev/null", s.address, s.port))?;
             cells.push(Cell {
                 row,
                 col,
                 from: vm.name.clone(),
-                to: format!("{}:{}", s.vm, s.port),
+                to: s.label(),
                 expected,
                 measured: status == 0,
                 rule,
             });
         }
     }
-    for (i, (host_port, target, rule)) in forwards(topo).into_iter().enumerate() {
-        let to: SocketAddr = format!("{host_address}:{host_port}")
+    let connects = |to: String| -> Result<bool, String> {
+        let to: SocketAddr = to
             .parse()
-            .map_err(|_| format!("'{host_address}' is not an IPv4 address"))?;
-        let measured = TcpStream::connect_timeout(&to, Duration::from_secs(2)).is_ok();
+            .map_err(|_| format!("'{to}' is not an IPv4 address and port"))?;
+        Ok(TcpStream::connect_timeout(&to, Duration::from_secs(2)).is_ok())
+    };
+    let outside = topo.vms.len();
+    if topo.on_switch() {
+        for (col, s) in services.iter().enumerate() {
+            cells.push(Cell {
+                row: outside,
+                col,
+                from: "outside".into(),
+                to: s.label(),
+                expected: false,
+                measured: connects(format!("{}:{}", s.address, s.port))?,
+                rule: "not forwarded (from outside, only forwards reach the guests)".into(),
+            });
+        }
+    }
+    for (i, (host_port, target, rule)) in forwards(topo).into_iter().enumerate() {
         cells.push(Cell {
-            row: topo.vms.len(),
+            row: outside,
             col: services.len() + i,
             from: "outside".into(),
             to: format!("host:{host_port} -> {target}"),
             expected: true,
-            measured,
+            measured: connects(format!("{host_address}:{host_port}"))?,
             rule,
         });
     }
     Ok(cells)
 }
 
+impl Service {
+    /// Its column in the table: the NIC's port name and the TCP port.
+    fn label(&self) -> String {
+        format!("{}:{}", self.nic, self.port)
+    }
+}
+
 /// The forwards: host port, where it goes, and its line in the file.
 fn forwards(topo: &Topology) -> Vec<(u16, String, String)> {
     let mut out = Vec::new();
     for n in &topo.switch_networks {
-        let vms: Vec<&Vm> = topo.vms.iter().filter(|v| v.network == n.name).collect();
+        let names: Vec<String> = topo.nics_on(&n.name).map(|(_, nic)| nic.port).collect();
         for f in &n.forward {
-            let names: Vec<&str> = vms.iter().map(|v| v.name.as_str()).collect();
             out.push((
                 f.host_port,
                 format!("{}:{}", names.join("|"), f.guest_port),

@@ -2,7 +2,8 @@
 //! tap, a route to every routed subnet through the uplink segment's gateway, and one
 //! nftables table of the host kernel: source NAT for the guests (masquerade), the forwards
 //! (destination NAT from a host port to a guest, or to a balancer's slot table), and a guard
-//! that lets no new connection from outside into the guests unless a forward translated it.
+//! that lets no new connection from outside into the guests unless a forward translated it
+//! (the host's own connections included: it is outside too).
 //! Everything is removed again by `down`.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -50,6 +51,9 @@ fn network(p: &Prefix) -> (Ipv4Addr, u8) {
 fn v4(p: &Prefix) -> Ipv4Addr {
     Ipv4Addr::from(p.addr.0 as u32)
 }
+
+/// The firewall mark of the balancers' health checks ("vnhc").
+pub const CHECK_MARK: u32 = 0x766e_6863;
 
 /// The nftables table of the uplink on tap `tap`: one per switch, named after the tap.
 pub fn table_name(tap: &str) -> String {
@@ -119,6 +123,7 @@ pub fn ruleset(config: &SwitchConfig, slots: &[(String, Vec<Option<Ipv4Addr>>)])
         chain("forward_local", "nat", "output", -100),
         chain("masquerade", "nat", "postrouting", 100),
         chain("guard", "filter", "forward", 0),
+        chain("guard_local", "filter", "output", 0),
     ];
     for b in &config.balancers {
         cmds.push(
@@ -175,24 +180,36 @@ pub fn ruleset(config: &SwitchConfig, slots: &[(String, Vec<Option<Ipv4Addr>>)])
             ));
         }
     }
-    // Into the guests: what a forward translated, and replies; no other new connection.
+    // Into the guests: what a forward translated, and replies; no other new connection,
+    // from elsewhere (forward) or from the host itself (output): the host is outside too.
+    // The balancers' health checks are the host's own connections: marked, let through.
     cmds.push(rule(
-        "guard",
+        "guard_local",
         vec![
             oifname(&up.tap),
-            json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
+            json!({"match": {"op": "==", "left": {"meta": {"key": "mark"}}, "right": CHECK_MARK}}),
             json!({"accept": null}),
         ],
     ));
-    cmds.push(rule(
-        "guard",
-        vec![
-            oifname(&up.tap),
-            json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}),
-            json!({"counter": null}),
-            json!({"drop": null}),
-        ],
-    ));
+    for guard in ["guard", "guard_local"] {
+        cmds.push(rule(
+            guard,
+            vec![
+                oifname(&up.tap),
+                json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
+                json!({"accept": null}),
+            ],
+        ));
+        cmds.push(rule(
+            guard,
+            vec![
+                oifname(&up.tap),
+                json!({"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": "new"}}),
+                json!({"counter": null}),
+                json!({"drop": null}),
+            ],
+        ));
+    }
     for b in &config.balancers {
         let s = slots
             .iter()

@@ -4,16 +4,26 @@
 //! the slot table, one that passes `rise` in a row comes back. Each change is logged and
 //! put in force in the host's NAT at once.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use super::Balancer;
-use crate::host_side::HostSide;
+use crate::host_side::{HostSide, CHECK_MARK};
+
+/// One check: a TCP connection to `to` within `timeout`, marked with `CHECK_MARK` so that
+/// the host's guard, which lets no other connection of the host into the guests, lets it
+/// through.
+fn check(to: SocketAddr, timeout: Duration) -> std::io::Result<()> {
+    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    s.set_mark(CHECK_MARK)?;
+    s.connect_timeout(&to.into(), timeout)
+}
 
 /// One round of checks, the backends checked side by side.
 fn check_all(b: &Balancer) -> Vec<Result<(), String>> {
@@ -26,11 +36,7 @@ fn check_all(b: &Balancer) -> Vec<Result<(), String>> {
             .iter()
             .map(|a| {
                 let to = SocketAddr::from((*a, port));
-                s.spawn(move || {
-                    TcpStream::connect_timeout(&to, timeout)
-                        .map(drop)
-                        .map_err(|e| e.to_string())
-                })
+                s.spawn(move || check(to, timeout).map_err(|e| e.to_string()))
             })
             .collect();
         checks
