@@ -353,9 +353,19 @@ fn two_topologies_live_side_by_side() {
         .success());
 }
 
-/// The example file for this machine: the guest image, accelerator and the QEMU of
+/// The example file `name` for this machine: the guest image, accelerator and the QEMU of
 /// `VNET_QEMU` filled in; and the QEMU_MODULE_DIR an unpacked QEMU needs.
 fn example(dir: &Path, name: &str) -> (PathBuf, Option<PathBuf>) {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
+    topology(
+        dir,
+        name,
+        &std::fs::read_to_string(format!("{path}{name}")).unwrap(),
+    )
+}
+
+/// `text` (a topology with the example's placeholders) for this machine, as `dir/name`.
+fn topology(dir: &Path, name: &str, text: &str) -> (PathBuf, Option<PathBuf>) {
     let image = guest_image().expect("guest image");
     let qemu = Qemu::from_env().expect("QEMU");
     let accel = detect_accel(&qemu, &image);
@@ -365,7 +375,6 @@ fn example(dir: &Path, name: &str) -> (PathBuf, Option<PathBuf>) {
         qemu.version.1,
         accel.name()
     );
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/");
     let mut guest = format!("[guest]\nqemu = \"{}\"\n", qemu.binary.display());
     let mut args: Vec<String> = Vec::new();
     for d in &qemu.data_dirs {
@@ -375,8 +384,7 @@ fn example(dir: &Path, name: &str) -> (PathBuf, Option<PathBuf>) {
         args.extend(["\"-audio\"".into(), "\"none\"".into()]);
     }
     guest.push_str(&format!("qemu_args = [{}]\n", args.join(", ")));
-    let topo = std::fs::read_to_string(format!("{path}{name}"))
-        .unwrap()
+    let topo = text
         .replace("[guest]\n", &guest)
         .replace("@KERNEL@", &image.kernel.display().to_string())
         .replace("@INITRD@", &image.initrd.display().to_string())
@@ -387,15 +395,10 @@ fn example(dir: &Path, name: &str) -> (PathBuf, Option<PathBuf>) {
     (file, qemu.module_dir.clone())
 }
 
-#[test]
-fn three_tier_on_the_switch_is_verified_from_inside_the_guests() {
-    let _one = GUESTS.lock().unwrap_or_else(|e| e.into_inner());
-    let (host, outside) = Netns::host_with_outside("3w");
-    let dir = tempfile::tempdir().unwrap();
-    let (file, modules) = example(dir.path(), "three-tier.toml");
-    let state = dir.path().join("state");
-    let log = dir.path().join("up.log");
-    let mut cmd = up_command(&host, &file, &state);
+/// `qemu-configs up` of `file` in `host` (on the switch, when the file says so), its
+/// state in `state`, its log in `log`.
+fn start_up(host: &Netns, file: &Path, state: &Path, modules: Option<PathBuf>, log: &Path) -> Up {
+    let mut cmd = up_command(host, file, state);
     if let Some(m) = modules {
         cmd.env("QEMU_MODULE_DIR", m);
     }
@@ -403,18 +406,14 @@ fn three_tier_on_the_switch_is_verified_from_inside_the_guests() {
         .arg("--switch")
         .arg(bin("vhost-net-backend"))
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
-    let mut up = Up(child);
-    let log_text = || {
-        format!(
-            "{}\nswitch:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default(),
-            std::fs::read_to_string(state.join("switch.log")).unwrap_or_default()
-        )
-    };
-    let vms = ["web1", "web2", "app1", "app2", "db1"];
+    Up(child)
+}
+
+/// Waits until each of `vms` has booted (its console said READY), `up` still running.
+fn wait_booted(up: &mut Up, state: &Path, vms: &[&str], log_text: impl Fn() -> String) {
     for vm in vms {
         let console_log = state.join(format!("{vm}.log"));
         wait_for(&format!("{vm} to boot"), Duration::from_secs(180), || {
@@ -426,6 +425,89 @@ fn three_tier_on_the_switch_is_verified_from_inside_the_guests() {
             std::fs::read_to_string(&console_log).is_ok_and(|t| t.contains("READY"))
         });
     }
+}
+
+/// `qemu-configs verify` of a running topology: its exit status and the matrix.
+fn verify(host: &Netns, file: &Path, state: &Path) -> (bool, String) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &host.name])
+        .arg(bin("qemu-configs"))
+        .arg("verify")
+        .arg(file)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
+    let matrix = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), matrix)
+}
+
+/// iperf3 for 3 s from app1 to db1 (db's allowed port 5432): the receiver's bit rate.
+fn iperf_app1_to_db1(state: &Path) -> String {
+    let mut app = Console::connect(&state.join("app1.console"));
+    let mut db = Console::connect(&state.join("db1.console"));
+    db.run("killall httpd; iperf3 -s -p 5432 -D");
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, out) = app.run("iperf3 -c 10.10.3.10 -p 5432 -t 3");
+    assert_eq!(code, 0, "{out}");
+    out.lines()
+        .find(|l| l.contains("receiver"))
+        .and_then(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let i = words.iter().position(|w| w.ends_with("bits/sec"))?;
+            Some(format!("{} {}", words[i - 1], words[i]))
+        })
+        .unwrap_or_else(|| panic!("no receiver line in:\n{out}"))
+}
+
+/// The kernel-bridge example with app1 and db1 only, up for the iperf3 figure beside
+/// the switch's: the receiver's bit rate.
+fn iperf_over_kernel_bridges(host: &Netns, dir: &Path) -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/three-tier-bridges.toml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    // Without web1: its [[vm]] runs up to the next one.
+    let start = text.find("[[vm]]\nname = \"web1\"").unwrap();
+    let end = start + 1 + text[start + 1..].find("[[vm]]").unwrap();
+    let text = format!("{}{}", &text[..start], &text[end..]);
+    let (file, modules) = topology(dir, "bridges.toml", &text);
+    let state = dir.join("bridges-state");
+    let log = dir.join("bridges-up.log");
+    let mut up = start_up(host, &file, &state, modules, &log);
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait_booted(&mut up, &state, &["app1", "db1"], log_text);
+    let rate = iperf_app1_to_db1(&state);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(up.0.id() as libc::pid_t, libc::SIGTERM) };
+    let status = up.0.wait().unwrap();
+    assert!(status.success(), "{status}: {}", log_text());
+    rate
+}
+
+#[test]
+fn three_tier_on_the_switch_is_verified_from_inside_the_guests() {
+    let _one = GUESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let (host, outside) = Netns::host_with_outside("3w");
+    let dir = tempfile::tempdir().unwrap();
+    let (file, modules) = example(dir.path(), "three-tier.toml");
+    let state = dir.path().join("state");
+    let log = dir.path().join("up.log");
+    let mut up = start_up(&host, &file, &state, modules, &log);
+    let log_text = || {
+        format!(
+            "{}\nswitch:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(state.join("switch.log")).unwrap_or_default()
+        )
+    };
+    let vms = ["web1", "web2", "app1", "app2", "db1"];
+    wait_booted(&mut up, &state, &vms, log_text);
     // Addresses by DHCP from the switch: no vnet.ip= on the guests' command line.
     let mut db = Console::connect(&state.join("db1.console"));
     let (_, addr) = db.run("ip -4 -o addr show eth0; ip route");
@@ -454,23 +536,10 @@ fn three_tier_on_the_switch_is_verified_from_inside_the_guests() {
         },
     );
 
-    // The whole matrix, from inside every guest, equals the policy.
-    let out = Command::new("ip")
-        .args(["netns", "exec", &host.name])
-        .arg(bin("qemu-configs"))
-        .arg("verify")
-        .arg(&file)
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
-    let matrix = String::from_utf8_lossy(&out.stdout);
+    // The whole matrix, from inside every guest and from outside, equals the policy.
+    let (ok, matrix) = verify(&host, &file, &state);
     eprintln!("{matrix}");
-    assert!(
-        out.status.success() && matrix.contains("is what the policy says"),
-        "{matrix}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(ok && matrix.contains("is what the policy says"), "{matrix}");
     assert!(matrix.lines().count() >= 7, "{matrix}");
 
     // 20 requests from outside through the forwarded port: both web VMs answer.
@@ -498,14 +567,9 @@ fn three_tier_on_the_switch_is_verified_from_inside_the_guests() {
         );
     }
 
-    // iperf3 from app1 to db1 through the switch (on db's allowed port).
-    let mut app = Console::connect(&state.join("app1.console"));
-    let mut db = Console::connect(&state.join("db1.console"));
-    db.run("killall httpd; iperf3 -s -p 5432 -D");
-    std::thread::sleep(Duration::from_secs(1));
-    let (code, out) = app.run("iperf3 -c 10.10.3.10 -p 5432 -t 3 | tail -n 4");
-    eprintln!("iperf3 app1 -> db1 through the switch:\n{out}");
-    assert_eq!(code, 0, "{out}");
+    // iperf3 from app1 to db1 through the switch (on db's allowed port); the same over
+    // kernel bridges comes once this topology is down.
+    let on_switch = iperf_app1_to_db1(&state);
 
     // web2 powered off: out of the balancer within its checks, the service stays up.
     // (Before they booted, both were down once already.)
@@ -549,6 +613,121 @@ fn three_tier_on_the_switch_is_verified_from_inside_the_guests() {
         !ps.contains(&state.join("web1.console").display().to_string()),
         "{ps}"
     );
+
+    let on_bridges = iperf_over_kernel_bridges(&host, dir.path());
+    eprintln!(
+        "iperf3 app1 -> db1 (3 s, one TCP stream), same run: through the switch \
+         {on_switch}, through kernel bridges and nftables {on_bridges}"
+    );
+}
+
+/// b1 on back, and by a second NIC on front; f1 on front. front reaches back's 7000
+/// (routed) and front's 80 (within the segment); b1 listens on 80 on every address.
+const TWO_NICS: &str = r#"
+name = "twonics"
+[guest]
+kernel = "@KERNEL@"
+initrd = "@INITRD@"
+append = "console=ttyS0 quiet panic=-1 vnet.run={run}"
+accel = "@ACCEL@"
+memory_mib = 256
+
+[switch]
+uplink = "vs-2nic"
+
+[[network]]
+name = "front"
+mode = "switch"
+address = "10.20.1.1/24"
+
+[[network]]
+name = "back"
+mode = "switch"
+address = "10.20.2.1/24"
+
+[[allow]]
+from = "front"
+to = "back"
+proto = "tcp"
+port = 7000
+
+[[allow]]
+from = "front"
+to = "front"
+proto = "tcp"
+port = 80
+
+[[vm]]
+name = "f1"
+network = "front"
+address = "10.20.1.10/24"
+run = "mkdir -p /www && httpd -p 80 -h /www"
+
+[[vm]]
+name = "b1"
+network = "back"
+address = "10.20.2.10/24"
+run = "mkdir -p /www && httpd -p 7000 -h /www && httpd -p 80 -h /www"
+[[vm.nic]]
+network = "front"
+address = "10.20.1.20/24"
+"#;
+
+#[test]
+fn a_vm_with_nics_on_two_networks_on_the_switch_is_reached_on_each_as_the_policy_says() {
+    let _one = GUESTS.lock().unwrap_or_else(|e| e.into_inner());
+    let host = Netns::new("2n");
+    let dir = tempfile::tempdir().unwrap();
+    let (file, modules) = topology(dir.path(), "twonics.toml", TWO_NICS);
+    let state = dir.path().join("state");
+    let log = dir.path().join("up.log");
+    let mut up = start_up(&host, &file, &state, modules, &log);
+    let log_text = || {
+        format!(
+            "{}\nswitch:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(state.join("switch.log")).unwrap_or_default()
+        )
+    };
+    wait_booted(&mut up, &state, &["f1", "b1"], log_text);
+    // Both NICs got their addresses by DHCP; the default route is the first NIC's.
+    let mut b1 = Console::connect(&state.join("b1.console"));
+    let (_, addrs) = b1.run("ip -4 -o addr show; ip route");
+    for want in [
+        "eth0    inet 10.20.2.10/24",
+        "eth1    inet 10.20.1.20/24",
+        "default via 10.20.2.1 dev eth0",
+    ] {
+        assert!(
+            addrs
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+                .contains(&want.split_whitespace().collect::<Vec<_>>().join(" ")),
+            "{want}:\n{addrs}"
+        );
+    }
+    let mut f1 = Console::connect(&state.join("f1.console"));
+    // b1's port 80 answers on its front address, not routed to its back one (front
+    // reaches back on 7000 only).
+    let nc = |c: &mut Console, to: &str| c.run(&format!("nc -w 2 {to} </dev/null")).0;
+    wait_for("b1's services", Duration::from_secs(30), || {
+        nc(&mut f1, "10.20.1.20 80") == 0
+    });
+    assert_eq!(nc(&mut f1, "10.20.2.10 7000"), 0, "f1 -> b1:7000, routed");
+    assert_ne!(nc(&mut f1, "10.20.2.10 80"), 0, "f1 -> b1:80 on back");
+    drop((f1, b1));
+    let (ok, matrix) = verify(&host, &file, &state);
+    eprintln!("{matrix}");
+    assert!(ok && matrix.contains("is what the policy says"), "{matrix}");
+    for column in ["f1:80", "b1:7000", "b1.eth1:80"] {
+        assert!(matrix.lines().next().unwrap().contains(column), "{matrix}");
+    }
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(up.0.id() as libc::pid_t, libc::SIGTERM) };
+    let status = up.0.wait().unwrap();
+    assert!(status.success(), "{status}: {}", log_text());
+    assert!(!state.join("b1.eth1.sock").exists());
 }
 
 #[test]
