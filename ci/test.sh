@@ -29,4 +29,4 @@ sysctl -qw vm.nr_hugepages="$hugepages" || true
 echo "== end-to-end guests on QEMU 10"
 VNET_QEMU=10 cargo test -p integration --test guests -- --nocapture
 VNET_QEMU=10 cargo test -p bridge-plugin --test guest
-VNET_QEMU=10 cargo test -p qemu-configs --test three_tier three_tier_on_the_switch -- --nocapture
+VNET_QEMU=10 cargo test -p qemu-configs --test three_tier on_the_switch -- --nocapture
