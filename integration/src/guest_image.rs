@@ -41,7 +41,7 @@ impl ImageSpec {
 }
 
 /// Bump when the image layout or init changes, so caches are rebuilt.
-const IMAGE_VERSION: &str = "10";
+const IMAGE_VERSION: &str = "11";
 
 pub const READY_MARKER: &str = "VNET-GUEST-READY";
 
@@ -80,7 +80,9 @@ if [ -z "$(arg ip)" ]; then
 case "$1" in
 bound|renew)
     [ -n "$mtu" ] && ip link set "$interface" mtu "$mtu"
-    ip addr flush dev "$interface"
+    # IPv4 only: the IPv6 addresses (link-local, SLAAC from router advertisements) are
+    # the kernel's.
+    ip -4 addr flush dev "$interface"
     ip addr add "$ip/$mask" dev "$interface"
     [ -n "$router" ] || exit 0
     # The default route goes through the first NIC; every NIC answers from its own
@@ -93,7 +95,7 @@ bound|renew)
     ip route replace "$(ip route show dev "$interface" scope link proto kernel | head -n 1 | cut -d' ' -f1)" dev "$interface" table $t
     ip route replace default via "${router%% *}" dev "$interface" table $t
     ;;
-deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+deconfig) ip -4 addr flush dev "$interface"; ip link set "$interface" up ;;
 esac
 SCRIPT
     chmod +x /run/udhcpc.sh

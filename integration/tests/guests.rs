@@ -464,21 +464,24 @@ fn two_guests_in_two_subnets_talk_through_the_switch_as_their_router() {
     let config = files.path().join("routed.toml");
     std::fs::write(
         &config,
-        "[[segment]]\nname = \"front\"\nvlan = 10\ngateway = [\"10.0.11.1/24\"]\n\
-         dhcp = { mtu = 4000 }\n\
-         [[segment]]\nname = \"back\"\nvlan = 20\ngateway = [\"10.0.12.1/24\"]\n\
-         dhcp = { mtu = 4000 }\n\
+        "[[segment]]\nname = \"front\"\nvlan = 10\n\
+         gateway = [\"10.0.11.1/24\", \"fd00:11::1/64\"]\ndhcp = { mtu = 4000 }\n\
+         [[segment]]\nname = \"back\"\nvlan = 20\n\
+         gateway = [\"10.0.12.1/24\", \"fd00:12::1/64\"]\ndhcp = { mtu = 4000 }\n\
          [[rule]]\nname = \"web-to-app\"\naction = \"allow\"\nfrom = \"web\"\nto = \"app\"\n\
          proto = \"tcp\"\nports = 8080\n",
     )
     .unwrap();
-    // web's binding is learned (it has no mac=), app's is configured.
+    // web's binding is learned (it has no mac=), app's is configured. Their IPv6
+    // addresses are the ones SLAAC derives from their MACs (EUI-64).
+    const WEB6: &str = "fd00:11::5054:ff:fe00:1";
+    const APP6: &str = "fd00:12::5054:ff:fe00:2";
     let backend = env.backend(
         &[
-            ("web", ",vlan=10,group=web,ip=10.0.11.2"),
+            ("web", &format!(",vlan=10,group=web,ip=10.0.11.2,ip={WEB6}")),
             (
                 "app",
-                ",vlan=20,group=app,ip=10.0.12.2,mac=52:54:00:00:00:02",
+                &format!(",vlan=20,group=app,ip=10.0.12.2,ip={APP6},mac=52:54:00:00:00:02"),
             ),
         ],
         &["--config", &config.display().to_string()],
@@ -546,10 +549,38 @@ fn two_guests_in_two_subnets_talk_through_the_switch_as_their_router() {
         trace.contains("10.0.11.1"),
         "no first hop at the gateway:\n{trace}"
     );
+    // IPv6 from the switch's router advertisements alone: each guest's address (SLAAC)
+    // and default route through the router's link-local address; across the subnets.
+    for (g, addr) in [(&mut web, WEB6), (&mut app, APP6)] {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = g.ok(
+                "ip -6 -o addr show dev eth0 scope global; ip -6 route show default; \
+                 cat /proc/sys/net/ipv6/conf/eth0/mtu",
+                CMD,
+            );
+            if got.contains(addr) && got.contains("default via fe80::76:6eff:fe00:1") {
+                assert!(got.lines().any(|l| l.trim() == "4000"), "{}: {got}", g.name);
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "{}: no IPv6 from the router:\n{got}",
+                g.name
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    wait_ping(&mut web, "fd00:11::1");
+    assert!(tcp_connects(&mut web, APP6, 8080), "web -> app over IPv6");
     // The policy holds between the subnets: app may not open a connection to web.
     assert!(
         !tcp_connects(&mut app, "10.0.11.2", 8080),
         "app reached web"
+    );
+    assert!(
+        !tcp_connects(&mut app, WEB6, 8080),
+        "app reached web over IPv6"
     );
     assert!(!ping_ok(&mut web, "10.0.12.2"), "ping between tiers passed");
     let text = finish(env, vec![web, app], backend);

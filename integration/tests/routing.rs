@@ -291,6 +291,177 @@ ports = 2000
     assert_eq!(sw.counters("web1").drop_count(DropReason::SpoofedIp), 1);
 }
 
+/// The options of a neighbour discovery message after its fixed part: type and body.
+fn nd_options(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    while b.len() >= 8 {
+        let len = usize::from(b[1]) * 8;
+        assert!(len >= 8 && len <= b.len(), "bad option length in {b:?}");
+        out.push((b[0], b[2..len].to_vec()));
+        b = &b[len..];
+    }
+    assert!(b.is_empty(), "{} bytes after the options", b.len());
+    out
+}
+
+/// The router's link-local address (modified EUI-64 of its MAC).
+const GW_LL: [u8; 16] = [
+    0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x76, 0x6e, 0xff, 0xfe, 0, 0, 1,
+];
+
+/// Checks `frame` is the router's advertisement of `prefix`/64 to `to_mac`/`to_ip`.
+#[track_caller]
+fn assert_advert(frame: &[u8], to: ([u8; 6], [u8; 16]), prefix: &str, mtu: Option<u32>, life: u16) {
+    use etherparse::Icmpv6Type;
+    let p = SlicedPacket::from_ethernet(frame).expect("parses");
+    let Some(etherparse::LinkSlice::Ethernet2(e)) = &p.link else {
+        panic!("not Ethernet")
+    };
+    assert_eq!((e.destination(), e.source()), (to.0, GW));
+    let Some(NetSlice::Ipv6(ip)) = &p.net else {
+        panic!("not IPv6")
+    };
+    let h = ip.header();
+    assert_eq!(
+        (h.source(), h.destination(), h.hop_limit()),
+        (GW_LL, to.1, 255)
+    );
+    let Some(TransportSlice::Icmpv6(i)) = &p.transport else {
+        panic!("not ICMPv6")
+    };
+    assert!(i.is_checksum_valid(GW_LL, to.1), "ICMPv6 checksum");
+    let Icmpv6Type::RouterAdvertisement(ra) = i.icmp_type() else {
+        panic!("not a router advertisement: {:?}", i.icmp_type())
+    };
+    assert_eq!(
+        (
+            ra.cur_hop_limit,
+            ra.managed_address_config,
+            ra.other_config,
+            ra.router_lifetime
+        ),
+        (64, false, false, life)
+    );
+    // After reachable time and retransmission timer (8 bytes): the options.
+    let opts = nd_options(&i.payload()[8..]);
+    assert!(
+        opts.contains(&(1, GW.to_vec())),
+        "source link-layer address: {opts:?}"
+    );
+    let mut info = vec![64, 0xc0];
+    info.extend_from_slice(&2_592_000u32.to_be_bytes());
+    info.extend_from_slice(&604_800u32.to_be_bytes());
+    info.extend_from_slice(&[0; 4]);
+    info.extend_from_slice(&v6(prefix));
+    assert!(
+        opts.contains(&(3, info)),
+        "prefix {prefix}/64, on-link, SLAAC: {opts:?}"
+    );
+    let mtus: Vec<&Vec<u8>> = opts
+        .iter()
+        .filter(|(t, _)| *t == 5)
+        .map(|(_, b)| b)
+        .collect();
+    match mtu {
+        Some(m) => {
+            let mut body = vec![0, 0];
+            body.extend_from_slice(&m.to_be_bytes());
+            assert_eq!(mtus, [&body], "MTU option");
+        }
+        None => assert!(mtus.is_empty(), "{opts:?}"),
+    }
+}
+
+#[test]
+fn the_switch_advertises_itself_as_the_ipv6_router_of_its_segments() {
+    use etherparse::Icmpv6Type;
+    // back advertises every 4 s and gives its guests an MTU; front at the default 200 s.
+    let sw = switch("ra_interval_secs = 4\ndhcp = { mtu = 4000 }\n");
+    let (mut web, mut app) = (sw.attach("web1"), sw.attach("app1"));
+    let started = std::time::Instant::now();
+
+    // A solicitation from web1's link-local address: answered to it at once, not flooded.
+    let web_ll = v6("fe80::1");
+    let mut rs = Vec::new();
+    PacketBuilder::ethernet2(WEB, [0x33, 0x33, 0, 0, 0, 2])
+        .ipv6(web_ll, v6("ff02::2"), 255)
+        .icmpv6(Icmpv6Type::RouterSolicitation)
+        .write(&mut rs, &[1, 1, 2, 0, 0, 0, 0, 1])
+        .unwrap();
+    send(&mut web, &rs);
+    let ra = receive(&mut web, "advertisement for web1's solicitation");
+    assert_advert(&ra, (WEB, web_ll), "fd00:1::", None, 600);
+    // From a host with no address yet (::): to all nodes.
+    let mut rs = Vec::new();
+    PacketBuilder::ethernet2(WEB, [0x33, 0x33, 0, 0, 0, 2])
+        .ipv6([0; 16], v6("ff02::2"), 255)
+        .icmpv6(Icmpv6Type::RouterSolicitation)
+        .write(&mut rs, &[])
+        .unwrap();
+    send(&mut web, &rs);
+    let ra = receive(&mut web, "advertisement for a solicitation from ::");
+    assert_advert(
+        &ra,
+        ([0x33, 0x33, 0, 0, 0, 1], v6("ff02::1")),
+        "fd00:1::",
+        None,
+        600,
+    );
+    nothing(&mut app, "front's advertisements in back");
+
+    // Hosts route through the router's link-local address: it is resolved to its MAC.
+    let mut ns = Vec::new();
+    let mut body = GW_LL.to_vec();
+    body.extend_from_slice(&[1, 1, 2, 0, 0, 0, 0, 2]);
+    PacketBuilder::ethernet2(APP, [0x33, 0x33, 0xff, 0, 0, 1])
+        .ipv6(v6("fe80::2"), v6("ff02::1:ff00:1"), 255)
+        .icmpv6(Icmpv6Type::NeighborSolicitation)
+        .write(&mut ns, &body)
+        .unwrap();
+    send(&mut app, &ns);
+    let na = receive(&mut app, "advertisement of the link-local address");
+    let p = SlicedPacket::from_ethernet(&na).unwrap();
+    let Some(TransportSlice::Icmpv6(i)) = &p.transport else {
+        panic!("not ICMPv6")
+    };
+    assert!(matches!(
+        i.icmp_type(),
+        Icmpv6Type::NeighborAdvertisement(_)
+    ));
+    assert!(i.is_checksum_valid(GW_LL, v6("fe80::2")));
+    assert_eq!(&i.payload()[..16], &GW_LL);
+    assert_eq!(nd_options(&i.payload()[16..]), [(2, GW.to_vec())]);
+
+    // Unsolicited: back's, to all nodes, within its interval of the start (and its MTU);
+    // none in front meanwhile.
+    let ra = app
+        .recv(0, Duration::from_secs(6))
+        .expect("back's periodic advertisement")
+        .frame;
+    let after = started.elapsed();
+    assert!(after >= Duration::from_secs(3), "{after:?}");
+    assert_advert(
+        &ra,
+        ([0x33, 0x33, 0, 0, 0, 1], v6("ff02::1")),
+        "fd00:2::",
+        Some(4000),
+        12,
+    );
+    let ra = app
+        .recv(0, Duration::from_secs(6))
+        .expect("back's next advertisement")
+        .frame;
+    assert!(started.elapsed() >= after + Duration::from_secs(3));
+    assert_advert(
+        &ra,
+        ([0x33, 0x33, 0, 0, 0, 1], v6("ff02::1")),
+        "fd00:2::",
+        Some(4000),
+        12,
+    );
+    nothing(&mut web, "back's advertisements in front");
+}
+
 /// A DHCP client message from `mac` (udhcpc's layout), broadcast; `opts` after the type.
 fn dhcp_client(mac: [u8; 6], kind: u8, opts: &[u8]) -> Vec<u8> {
     let mut m = vec![0u8; 236];

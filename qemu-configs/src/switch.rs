@@ -87,6 +87,7 @@ pub fn switch_config(topo: &Topology, layout: &Layout) -> SwitchConfig {
                 lease_secs: 3600,
                 mtu: n.mtu,
             }),
+            ra_interval_secs: SegmentConfig::default_ra_interval(),
         });
     }
     let (switch_ip, host_ip, len) = uplink_addresses(topo);
@@ -95,6 +96,7 @@ pub fn switch_config(topo: &Topology, layout: &Layout) -> SwitchConfig {
         name: Some("uplink".into()),
         gateway: vec![format!("{switch_ip}/{len}")],
         dhcp: None,
+        ra_interval_secs: SegmentConfig::default_ra_interval(),
     });
     let mut forwards = Vec::new();
     for n in &topo.switch_networks {

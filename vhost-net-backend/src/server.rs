@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use log::info;
 use thiserror::Error;
@@ -18,6 +18,7 @@ use vhost::vhost_user::Listener;
 use crate::balancer::{health, Balancer};
 use crate::config::{ConfigError, SwitchConfig};
 use crate::control::{stats_json, Control, Reloader};
+use crate::datapath::adverts::Advertiser;
 use crate::datapath::{tap_rx, Datapath};
 use crate::endpoint::tap::TapPort;
 use crate::fault;
@@ -235,6 +236,7 @@ impl Server {
         let t = thread::Builder::new()
             .name("mac-ageing".into())
             .spawn(move || {
+                let mut adverts = Advertiser::default();
                 // A closed channel is the stop signal; a timeout is a tick.
                 while let Err(mpsc::RecvTimeoutError::Timeout) =
                     rx.recv_timeout(Duration::from_secs(1))
@@ -242,6 +244,7 @@ impl Server {
                     ageing.switch.macs.tick(1);
                     ageing.policy.tick();
                     ageing.router.neighbours.age();
+                    adverts.tick(&ageing, Instant::now());
                 }
             })
             .map_err(ServerError::Thread)?;

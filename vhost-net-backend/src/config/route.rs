@@ -32,6 +32,16 @@ pub struct SegmentConfig {
     /// any broadcast (to a server in the segment, if there is one).
     #[serde(default)]
     pub dhcp: Option<DhcpConfig>,
+    /// With an IPv6 gateway, the switch advertises itself as the segment's router (the
+    /// prefix, SLAAC for a /64, `dhcp.mtu`): every `ra_interval_secs` (RFC 4861's
+    /// MaxRtrAdvInterval, 4 to 1800) to every VM of the segment, and at once to a router
+    /// solicitation. Not in the uplink's segment: the host routes for itself.
+    #[serde(default = "default_ra_interval")]
+    pub ra_interval_secs: u32,
+}
+
+fn default_ra_interval() -> u32 {
+    SegmentConfig::default_ra_interval()
 }
 
 /// `dhcp = { ... }` of a segment. Every port of the segment with an IPv4 address gets
@@ -77,6 +87,12 @@ impl DhcpConfig {
 }
 
 impl SegmentConfig {
+    /// Seconds between router advertisements unless the file says (radvd's 200 is
+    /// within RFC 4861's default of 600 and its 4 s minimum).
+    pub const fn default_ra_interval() -> u32 {
+        200
+    }
+
     pub fn segment(&self) -> u16 {
         self.vlan.unwrap_or(0)
     }
@@ -123,6 +139,12 @@ pub fn check(c: &SwitchConfig) -> Result<(), ConfigError> {
             return Err(err(format!(
                 "{label}: a second [[segment]] for the same vlan; give each vlan one, with \
                  all its gateway addresses"
+            )));
+        }
+        if !(4..=1800).contains(&s.ra_interval_secs) {
+            return Err(err(format!(
+                "{label}: ra_interval_secs = {} is outside 4..=1800 (RFC 4861)",
+                s.ra_interval_secs
             )));
         }
         let gws = s
@@ -383,6 +405,13 @@ vlan = 20
             (
                 good.replace("vlan = 20\ngateway", "vlan = 10\ngateway"),
                 "same vlan",
+            ),
+            (
+                good.replace(
+                    "gateway = [\"10.0.2.1/24\"]\n",
+                    "gateway = [\"10.0.2.1/24\"]\nra_interval_secs = 3\n",
+                ),
+                "ra_interval_secs = 3 is outside 4..=1800",
             ),
             (
                 good.replace("\"fd00:1::1/64\"", "\"10.0.7.1/24\""),

@@ -428,6 +428,26 @@ fn deliver_flooded(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &
     }
 }
 
+/// Sends `bytes`, a frame the switch made (a router advertisement), as `from` to every VM
+/// port of `segment`, then interrupts the queues written.
+pub fn flood_made(dp: &Datapath, from: &SwitchPort, segment: u16, bytes: &[u8], s: &mut Scratch) {
+    let frame = Frame {
+        hdr: NetHdr::default(),
+        src: FrameSource::Local(bytes),
+        head: &bytes[..bytes.len().min(MAX_HEAD)],
+        hash: 0,
+        segment,
+    };
+    let ports = dp.ports.load();
+    for p in dp.switch.flood_targets(from.id, segment) {
+        if let Some(dst) = ports.get(usize::from(p)).filter(|d| d.as_vm().is_some()) {
+            deliver_flooded(from, dst, &frame, &mut s.rx);
+        }
+    }
+    drop(ports);
+    flush(dp, s);
+}
+
 /// The pipeline's last stage: interrupts each RX queue written since the last flush once,
 /// if its driver wants it. Call it with no lock held that another port needs.
 pub fn flush(dp: &Datapath, s: &mut Scratch) {

@@ -1,7 +1,9 @@
 //! The datapath: the port table (`ports`) with the decisions that run over it, and the drivers that
 //! pull frames in and run them through the pipeline (`burst`): a VM's TX ring (`vm_tx`)
-//! and the tap's readers (`tap_rx`).
+//! and the tap's readers (`tap_rx`); and the router's advertisements the ticker sends
+//! (`adverts`).
 
+pub mod adverts;
 pub mod burst;
 pub mod ports;
 pub mod tap_rx;

@@ -139,6 +139,78 @@ pub fn neighbour_advert(
     icmpv6_checksum(&mut out[start..], ETH_HLEN, icmp - start);
 }
 
+/// The link-local address of an interface with `mac` (modified EUI-64, RFC 4291).
+pub fn link_local(mac: [u8; 6]) -> [u8; 16] {
+    let mut ip = [0u8; 16];
+    ip[0..2].copy_from_slice(&[0xfe, 0x80]);
+    ip[8..11].copy_from_slice(&[mac[0] ^ 0x02, mac[1], mac[2]]);
+    ip[11..13].copy_from_slice(&[0xff, 0xfe]);
+    ip[13..16].copy_from_slice(&mac[3..6]);
+    ip
+}
+
+/// The all-nodes group, ff02::1, and its MAC.
+pub const ALL_NODES: ([u8; 16], [u8; 6]) = (
+    [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+    [0x33, 0x33, 0, 0, 0, 1],
+);
+
+/// What a router advertisement says (RFC 4861 4.2).
+#[derive(Clone, Copy, Debug)]
+pub struct Advert<'a> {
+    /// The segment's IPv6 subnets: on-link, and autonomous (SLAAC) where /64.
+    pub prefixes: &'a [super::l3::Prefix],
+    /// The segment's MTU, if the switch sets one.
+    pub mtu: Option<u16>,
+    /// How long hosts may use the router as their default, in seconds.
+    pub lifetime_secs: u16,
+}
+
+/// A router advertisement from the router at `mac` (from its link-local address) to
+/// `to_mac`/`to_ip` (a host that solicited it, or `ALL_NODES`).
+pub fn router_advert(
+    out: &mut Vec<u8>,
+    mac: [u8; 6],
+    to_mac: [u8; 6],
+    to_ip: [u8; 16],
+    a: &Advert<'_>,
+) {
+    let start = out.len();
+    let v6: Vec<&super::l3::Prefix> = a.prefixes.iter().filter(|p| !p.addr.is_v4()).collect();
+    let len = 16 + 8 + 8 * usize::from(a.mtu.is_some()) + 32 * v6.len();
+    eth(out, to_mac, mac, ETHERTYPE_IPV6);
+    ipv6(out, link_local(mac), to_ip, PROTO_ICMPV6, len, 255);
+    let icmp = out.len();
+    // Type 134; current hop limit 64; no managed or other-config flag (no DHCPv6);
+    // router lifetime; reachable time and retransmission timer unspecified.
+    out.extend_from_slice(&[134, 0, 0, 0, 64, 0]);
+    out.extend_from_slice(&a.lifetime_secs.to_be_bytes());
+    out.extend_from_slice(&[0; 8]);
+    // Source link-layer address.
+    out.extend_from_slice(&[1, 1]);
+    out.extend_from_slice(&mac);
+    if let Some(mtu) = a.mtu {
+        out.extend_from_slice(&[5, 1, 0, 0]);
+        out.extend_from_slice(&u32::from(mtu).to_be_bytes());
+    }
+    for p in v6 {
+        // On-link; autonomous only for a /64, the length SLAAC takes (RFC 4862 5.5.3).
+        let flags = if p.len == 64 { 0xc0 } else { 0x80 };
+        out.extend_from_slice(&[3, 4, p.len, flags]);
+        // Valid 30 days, preferred 7 (radvd's defaults), reserved.
+        out.extend_from_slice(&2_592_000u32.to_be_bytes());
+        out.extend_from_slice(&604_800u32.to_be_bytes());
+        out.extend_from_slice(&[0; 4]);
+        let mut net = p.addr.0.to_be_bytes();
+        for (i, b) in net.iter_mut().enumerate() {
+            let bits = usize::from(p.len).saturating_sub(8 * i).min(8);
+            *b &= !(0xffu16 >> bits) as u8;
+        }
+        out.extend_from_slice(&net);
+    }
+    icmpv6_checksum(&mut out[start..], ETH_HLEN, icmp - start);
+}
+
 /// "Who has `target`?", to its solicited-node group, from the gateway `ip`.
 pub fn neighbour_solicit(out: &mut Vec<u8>, mac: [u8; 6], ip: [u8; 16], target: [u8; 16]) {
     let start = out.len();
@@ -265,6 +337,39 @@ mod tests {
 
     const MAC: [u8; 6] = [2, 0x76, 0x6e, 0, 0, 1];
     const GUEST: [u8; 6] = [2, 0, 0, 0, 0, 7];
+
+    #[test]
+    fn advertisements_mask_their_prefixes_and_offer_slaac_for_a_64_only() {
+        assert_eq!(
+            std::net::Ipv6Addr::from(link_local([0x52, 0x54, 0, 0x12, 0x34, 0x56])).to_string(),
+            "fe80::5054:ff:fe12:3456"
+        );
+        let prefixes: Vec<super::super::l3::Prefix> = ["10.0.1.1/24", "fd00:1:2:ffff::1/60"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let mut out = Vec::new();
+        let a = Advert {
+            prefixes: &prefixes,
+            mtu: None,
+            lifetime_secs: 0,
+        };
+        router_advert(&mut out, MAC, ALL_NODES.1, ALL_NODES.0, &a);
+        let p = SlicedPacket::from_ethernet(&out).unwrap();
+        let Some(TransportSlice::Icmpv6(i)) = &p.transport else {
+            panic!("not ICMPv6")
+        };
+        assert!(i.is_checksum_valid(link_local(MAC), ALL_NODES.0));
+        assert!(matches!(i.icmp_type(), Icmpv6Type::RouterAdvertisement(_)));
+        // After the 8 bytes of timers: the MAC (8), then the one IPv6 prefix (32), no MTU.
+        let opts = &i.payload()[8..];
+        assert_eq!(opts.len(), 8 + 32);
+        assert_eq!(&opts[..8], &[1, 1, 2, 0x76, 0x6e, 0, 0, 1]);
+        let info = &opts[8..];
+        assert_eq!(&info[..4], &[3, 4, 60, 0x80], "on-link only: not a /64");
+        let prefix: std::net::Ipv6Addr = "fd00:1:2:fff0::".parse().unwrap();
+        assert_eq!(&info[16..], &prefix.octets());
+    }
 
     #[test]
     fn arp_answers_and_questions_are_well_formed() {

@@ -8,8 +8,9 @@ pub mod dhcp;
 pub mod neighbour;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::SwitchConfig;
 use crate::counters::DropReason;
@@ -36,9 +37,25 @@ pub struct RoutedSegment {
     pub name: String,
     /// Gateway address with the subnet's length.
     pub gateways: Vec<Prefix>,
+    /// The MTU its hosts are given (DHCP option 26, the advertisements' MTU option).
+    pub mtu: Option<u16>,
+    /// Seconds between router advertisements; None: the switch does not advertise here
+    /// (no IPv6 gateway, or the uplink's segment).
+    pub advert_secs: Option<u32>,
 }
 
 impl RoutedSegment {
+    /// How the router advertises itself here, if it does.
+    fn advert(&self) -> Option<build::Advert<'_>> {
+        let secs = self.advert_secs?;
+        Some(build::Advert {
+            prefixes: &self.gateways,
+            mtu: self.mtu,
+            // Three intervals, as RFC 4861 6.2.1's default, at most its 9000 s.
+            lifetime_secs: (secs * 3).min(9000) as u16,
+        })
+    }
+
     fn gateway_for(&self, ip: Ip) -> Option<Ip> {
         self.gateways
             .iter()
@@ -140,21 +157,44 @@ pub struct Router {
     icmp: IcmpBudget,
     /// The DHCP servers of the segments that have one: VLAN, server.
     dhcp: Vec<(u16, DhcpServer)>,
+    /// The router's link-local address, where its IPv6 neighbours reach it.
+    link_local: Ip,
+    /// When each advertising segment gets its next unsolicited advertisement: VLAN, time.
+    next_advert: Mutex<Vec<(u16, Instant)>>,
 }
 
 impl Router {
     /// The router of `config` (checked already), for its ports in config order.
     pub fn new(config: &SwitchConfig) -> Router {
+        let uplink = config.uplink.as_ref().map(|u| u.vlan.unwrap_or(0));
         let segments: Vec<RoutedSegment> = config
             .segments
             .iter()
-            .map(|s| RoutedSegment {
-                vlan: s.segment(),
-                name: s
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| format!("vlan{}", s.segment())),
-                gateways: s.gateways().unwrap_or_default(),
+            .map(|s| {
+                let gateways = s.gateways().unwrap_or_default();
+                let v6 = gateways.iter().any(|g| !g.addr.is_v4());
+                RoutedSegment {
+                    vlan: s.segment(),
+                    name: s
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| format!("vlan{}", s.segment())),
+                    gateways,
+                    mtu: s.dhcp.as_ref().and_then(|d| d.mtu),
+                    advert_secs: (v6 && uplink != Some(s.segment())).then_some(s.ra_interval_secs),
+                }
+            })
+            .collect();
+        // The first unsolicited advertisement one interval after the start: a host
+        // coming up solicits one, and gets it at once.
+        let next_advert = segments
+            .iter()
+            .filter_map(|s| {
+                let secs = s.advert_secs?;
+                Some((
+                    s.vlan,
+                    Instant::now() + Duration::from_secs(u64::from(secs)),
+                ))
             })
             .collect();
         let mut routed = Box::new([0u64; 64]);
@@ -183,8 +223,11 @@ impl Router {
                 Some((s.segment(), DhcpServer::new(subnet, s.dhcp.as_ref()?)))
             })
             .collect();
+        let mac = config.router_mac();
         let router = Router {
-            mac: config.router_mac(),
+            link_local: Ip::from_octets(build::link_local(mac.0)),
+            next_advert: Mutex::new(next_advert),
+            mac,
             segments,
             routes,
             neighbours: NeighbourTable::new(fixed, config.mac_ageing_secs),
@@ -283,9 +326,30 @@ impl Router {
     }
 
     fn is_gateway(&self, ip: Ip) -> bool {
-        self.segments
-            .iter()
-            .any(|s| s.gateways.iter().any(|g| g.addr == ip))
+        ip == self.link_local
+            || self
+                .segments
+                .iter()
+                .any(|s| s.gateways.iter().any(|g| g.addr == ip))
+    }
+
+    /// The unsolicited router advertisements due at `now`, each appended to `out` as a
+    /// frame to all nodes: the segment and where its frame is in `out`.
+    pub fn adverts_due(&self, now: Instant, out: &mut Vec<u8>) -> Vec<(u16, Range<usize>)> {
+        let mut due = Vec::new();
+        let mut next = self.next_advert.lock().unwrap_or_else(|e| e.into_inner());
+        for (vlan, at) in next.iter_mut().filter(|(_, at)| *at <= now) {
+            let Some((seg, advert)) = self.segment(*vlan).and_then(|s| Some((s, s.advert()?)))
+            else {
+                continue;
+            };
+            let start = out.len();
+            let (group, group_mac) = build::ALL_NODES;
+            build::router_advert(out, self.mac.0, group_mac, group, &advert);
+            due.push((seg.vlan, start..out.len()));
+            *at = now + Duration::from_secs(u64::from(seg.advert_secs.unwrap_or(200)));
+        }
+        due
     }
 
     /// The segment whose subnet holds `ip`.
@@ -449,12 +513,28 @@ impl Router {
         out: &mut Vec<u8>,
         heard: &mut dyn FnMut(Ip),
     ) -> Routing {
+        let kind = head.get(ETH_HLEN + 40).copied();
+        if kind == Some(133) {
+            // A router solicitation: answered where the switch advertises (to the asker,
+            // or to all nodes from a host without an address yet); else switched.
+            let Some(advert) = seg.advert() else {
+                return Routing::Pass;
+            };
+            let (to_mac, to_ip) = if p.key.src.0 == 0 {
+                (build::ALL_NODES.1, build::ALL_NODES.0)
+            } else {
+                (meta.src.0, p.key.src.0.to_be_bytes())
+            };
+            build::router_advert(out, self.mac.0, to_mac, to_ip, &advert);
+            return Routing::Reply;
+        }
         let Some(target) = p.nd_target else {
             return Routing::Pass;
         };
-        // Type 135/136 only: router solicitations and MLD are switched as they are.
-        let kind = head.get(ETH_HLEN + 40).copied();
-        let mine = seg.gateway_for(target) == Some(target);
+        // Type 135/136 only: MLD is switched as it is. The router's link-local address is
+        // its own where it advertises (hosts route through it).
+        let mine = seg.gateway_for(target) == Some(target)
+            || (target == self.link_local && seg.advert_secs.is_some());
         match kind {
             Some(135) if mine => {
                 // A solicitation from :: is duplicate address detection: not answered.
