@@ -431,6 +431,21 @@ fn the_switch_advertises_itself_as_the_ipv6_router_of_its_segments() {
     assert!(i.is_checksum_valid(GW_LL, v6("fe80::2")));
     assert_eq!(&i.payload()[..16], &GW_LL);
     assert_eq!(nd_options(&i.payload()[16..]), [(2, GW.to_vec())]);
+    // And answers pings.
+    let mut ping = Vec::new();
+    PacketBuilder::ethernet2(APP, GW)
+        .ipv6(v6("fe80::2"), GW_LL, 64)
+        .icmpv6_echo_request(9, 1)
+        .write(&mut ping, &[7; 32])
+        .unwrap();
+    send(&mut app, &ping);
+    let pong = receive(&mut app, "echo reply from the link-local address");
+    let p = SlicedPacket::from_ethernet(&pong).unwrap();
+    let Some(TransportSlice::Icmpv6(i)) = &p.transport else {
+        panic!("not ICMPv6")
+    };
+    assert!(matches!(i.icmp_type(), Icmpv6Type::EchoReply(_)));
+    assert!(i.is_checksum_valid(GW_LL, v6("fe80::2")));
 
     // Unsolicited: back's, to all nodes, within its interval of the start (and its MTU);
     // none in front meanwhile.
