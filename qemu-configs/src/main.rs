@@ -9,11 +9,12 @@ use clap::{Parser, Subcommand};
 use log::{error, info};
 use qemu_configs::graph::dot;
 use qemu_configs::libvirt::domain;
-use qemu_configs::render::{qemu_args, qemu_version, shell_line, Layout};
+use qemu_configs::probe::{qemu_version, switch_ready};
+use qemu_configs::render::{qemu_args, shell_line, Layout};
 use qemu_configs::run::{down_leftovers, up};
 use qemu_configs::script::script;
 use qemu_configs::switch::{checked_config, uplink_addresses};
-use qemu_configs::topology::Topology;
+use qemu_configs::topology::{place_of, Topology};
 use qemu_configs::verify;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
@@ -159,6 +160,7 @@ fn run(cli: Cli) -> Result<()> {
             let t = Topology::load(&file)?;
             if t.on_switch() {
                 checked_config(&t, &where_.layout(&t)).map_err(anyhow::Error::msg)?;
+                qemu_ready(&t, &file)?;
             }
             println!(
                 "{}: {} networks{}, {} allowed flows, {} VMs",
@@ -247,6 +249,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Up { file, where_ } => {
             let t = Topology::load(&file)?;
+            if t.on_switch() {
+                qemu_ready(&t, &file)?;
+            }
             let layout = where_.layout(&t);
             // A closed terminal (SIGHUP) takes the topology down like Ctrl-C does.
             let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1])
@@ -285,6 +290,13 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the topology's QEMU has what VMs on the switch need; else where the file names
+/// it, what it lacks and the fix.
+fn qemu_ready(t: &Topology, file: &std::path::Path) -> Result<()> {
+    switch_ready(&t.guest.qemu)
+        .map_err(|e| anyhow::anyhow!("{}: [guest] qemu: {e}", place_of(file, "[guest]", "qemu")))
 }
 
 /// The running VMs and each rule's counters, in the log.

@@ -218,34 +218,6 @@ fn vhost_user_nic(topo: &Topology, nic: &Nic, layout: &Layout) -> Vec<String> {
     ]
 }
 
-/// The version `qemu --version` prints, as (major, minor); None if it does not run, or
-/// does not answer within 5 s.
-pub fn qemu_version(qemu: &str) -> Option<(u32, u32)> {
-    use std::io::Read;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(qemu)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .ok()?;
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while child.try_wait().ok()?.is_none() {
-        if std::time::Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let mut text = String::new();
-    child.stdout.take()?.read_to_string(&mut text).ok()?;
-    let rest = text.split("version ").nth(1)?;
-    let mut it = rest.split(|c: char| !c.is_ascii_digit());
-    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
-}
-
 /// One word as a shell takes it back.
 pub fn shell_word(w: &str) -> String {
     if !w.is_empty()

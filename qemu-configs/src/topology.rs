@@ -103,6 +103,18 @@ fn locate_key(text: &str, header: &str, nth: usize, key: &str) -> Option<(usize,
     start.map(|line| (line, 1))
 }
 
+/// "FILE:LINE:COL" of `key` in the table `header` (`[guest]`, `[switch]`) of the file at
+/// `path` (its header's line when the key is not written); just "FILE" if unreadable.
+pub fn place_of(path: &Path, header: &str, key: &str) -> String {
+    let at = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| locate_key(&text, header, 0, key));
+    match at {
+        Some((line, column)) => format!("{}:{line}:{column}", path.display()),
+        None => path.display().to_string(),
+    }
+}
+
 /// How every VM boots, unless the VM says otherwise.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -124,3 +124,33 @@ fn the_graph_has_every_network_and_flow() {
         assert!(dot.contains(want), "{want}\n{dot}");
     }
 }
+
+#[test]
+fn check_passes_the_example_and_names_a_qemu_without_vhost_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = example(dir.path());
+    let check = |file: &Path| qemu_configs().arg("check").arg(file).output().unwrap();
+    let out = check(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("5 VMs"));
+    // A QEMU that runs but lists no vhost-user backend (here: one that prints nothing).
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("[guest]\n", "[guest]\nqemu = \"/bin/true\"\n");
+    std::fs::write(&file, &text).unwrap();
+    let out = check(&file);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line = text.lines().position(|l| l.starts_with("qemu =")).unwrap() + 1;
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "{}:{line}:8: [guest] qemu: /bin/true has no vhost-user network backend",
+            file.display()
+        )) && err.contains("qemu-system-x86"),
+        "{err}"
+    );
+}
