@@ -47,7 +47,28 @@ fn render(file: &Path, format: &str) -> String {
 #[test]
 fn libvirt_domains_pass_libvirts_schema() {
     let dir = tempfile::tempdir().unwrap();
-    let xml = render(&example(dir.path()), "libvirt");
+    // app1 with a second NIC, on db.
+    let file = example(dir.path());
+    let text = std::fs::read_to_string(&file).unwrap().replace(
+        "echo app1 > /www/index.html && httpd -p 8080 -h /www\"\n",
+        "echo app1 > /www/index.html && httpd -p 8080 -h /www\"\n\
+         [[vm.nic]]\nnetwork = \"db\"\naddress = \"10.10.3.20/24\"\n",
+    );
+    std::fs::write(&file, text).unwrap();
+    let xml = render(&file, "libvirt");
+    let app1 = xml
+        .split("<domain")
+        .find(|d| d.contains("<name>app1</name>"))
+        .unwrap();
+    assert_eq!(
+        app1.matches("<interface type='vhostuser'>").count(),
+        2,
+        "{app1}"
+    );
+    assert!(
+        app1.contains("path='/run/qemu-configs/three-tier/app1.eth1.sock'"),
+        "{app1}"
+    );
     assert!(
         xml.starts_with("<!-- the switch these domains need"),
         "{xml}"
