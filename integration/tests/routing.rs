@@ -251,6 +251,23 @@ fn the_switch_routes_between_segments_and_answers_for_its_gateways() {
         routes.contains("10.0.1.1/24") && routes.contains("fd00:2::1/64"),
         "{routes}"
     );
+    // Per route, what it forwarded: into front app -> web (72 bytes); into back web -> app
+    // over IPv4 (142) and IPv6 (126), the jumbo frame (3042) and web -> db (62). Frames
+    // refused (TTL, no route, no neighbour yet) are not counted.
+    let v: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    let counted = |i: usize| {
+        (
+            v["segments"][i]["packets"].clone(),
+            v["segments"][i]["bytes"].clone(),
+        )
+    };
+    assert_eq!(counted(0), (1.into(), 72.into()), "{routes}");
+    assert_eq!(counted(1), (4.into(), 3372.into()), "{routes}");
+    let page = vhost_net_backend::metrics::render(sw.server().datapath());
+    assert!(
+        page.contains("vnet_route_packets_total{route=\"segment back\"} 4"),
+        "{page}"
+    );
 }
 
 #[test]

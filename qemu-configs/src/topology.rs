@@ -1105,7 +1105,7 @@ address = "10.10.1.10/24"
             )),
             "{e}"
         );
-        // [switch] keys: the value written, or the table's header for a default.
+        // [switch] keys: the value written.
         let text = ON_SWITCH.replace("queues = 2", "queues = 17");
         let (e, line, path) = load_err(&text, "queues = 17");
         assert_eq!(

@@ -412,6 +412,15 @@ fn start_up(host: &Netns, file: &Path, state: &Path, modules: Option<PathBuf>, l
     Up(child)
 }
 
+/// `up`'s log at `log`, then the switch's in `state`.
+fn up_and_switch_logs(log: &Path, state: &Path) -> String {
+    format!(
+        "{}\nswitch:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default(),
+        std::fs::read_to_string(state.join("switch.log")).unwrap_or_default()
+    )
+}
+
 /// Waits until each of `vms` has booted (its console said READY), `up` still running.
 fn wait_booted(up: &mut Up, state: &Path, vms: &[&str], log_text: impl Fn() -> String) {
     for vm in vms {
@@ -499,13 +508,7 @@ fn three_tier_on_the_switch_is_verified_from_inside_the_guests() {
     let state = dir.path().join("state");
     let log = dir.path().join("up.log");
     let mut up = start_up(&host, &file, &state, modules, &log);
-    let log_text = || {
-        format!(
-            "{}\nswitch:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default(),
-            std::fs::read_to_string(state.join("switch.log")).unwrap_or_default()
-        )
-    };
+    let log_text = || up_and_switch_logs(&log, &state);
     let vms = ["web1", "web2", "app1", "app2", "db1"];
     wait_booted(&mut up, &state, &vms, log_text);
     // Addresses by DHCP from the switch: no vnet.ip= on the guests' command line.
@@ -682,13 +685,7 @@ fn a_vm_with_nics_on_two_networks_on_the_switch_is_reached_on_each_as_the_policy
     let state = dir.path().join("state");
     let log = dir.path().join("up.log");
     let mut up = start_up(&host, &file, &state, modules, &log);
-    let log_text = || {
-        format!(
-            "{}\nswitch:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default(),
-            std::fs::read_to_string(state.join("switch.log")).unwrap_or_default()
-        )
-    };
+    let log_text = || up_and_switch_logs(&log, &state);
     wait_booted(&mut up, &state, &["f1", "b1"], log_text);
     // Both NICs got their addresses by DHCP; the default route is the first NIC's.
     let mut b1 = Console::connect(&state.join("b1.console"));

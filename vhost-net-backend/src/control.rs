@@ -294,23 +294,31 @@ impl Control {
 
     fn routes(&self) -> Value {
         let r = &self.dp.router;
+        // Route ids: the segments' subnets, then the static routes (RouteId).
         let segments: Vec<Value> = r
             .segments
             .iter()
-            .map(|s| {
+            .enumerate()
+            .map(|(i, s)| {
                 let gws: Vec<String> = s.gateways.iter().map(|g| g.to_string()).collect();
-                json!({ "segment": s.name, "vlan": s.vlan, "gateways": gws.join(" ") })
+                let (packets, bytes) = r.counters.get(i as u16);
+                json!({ "segment": s.name, "vlan": s.vlan, "gateways": gws.join(" "),
+                        "packets": packets, "bytes": bytes })
             })
             .collect();
         let routes: Vec<Value> = r
             .routes
             .iter()
-            .map(|(to, via)| {
+            .enumerate()
+            .map(|(i, (to, via))| {
                 let seg = r.segment_holding(*via);
+                let (packets, bytes) = r.counters.get((r.segments.len() + i) as u16);
                 json!({
                     "to": to.to_string(),
                     "via": via.to_string(),
                     "segment": seg.map(|s| s.name.as_str()),
+                    "packets": packets,
+                    "bytes": bytes,
                 })
             })
             .collect();

@@ -166,7 +166,8 @@ Commands:
   capture PORT FILE [count=N]        write the port's frames, both ways, to FILE (pcap: tcpdump -r,
                                      Wireshark): a new file, absolute path; 1000 frames by default
   capture-stop PORT                  end a capture early (the file is complete)
-  routes                             routed segments with their gateways, static routes
+  routes                             routed segments with their gateways, static routes,
+                                     packets and bytes routed by each
   neighbours                         the router's neighbour table (configured and learned)
   leases                             DHCP: static bindings and pool leases of every segment
   balancers                          each balancer's backends: health, slots, connections, checks
@@ -246,11 +247,15 @@ fn ctl(args: &CtlArgs) -> Result<()> {
         "routes" => {
             print_table(
                 &v["segments"],
-                &["segment", "vlan", "gateways"],
+                &["segment", "vlan", "gateways", "packets", "bytes"],
                 &format!("gateway MAC {}", v["router_mac"].as_str().unwrap_or("?")),
             );
             println!();
-            print_table(&v["routes"], &["to", "via", "segment"], "");
+            print_table(
+                &v["routes"],
+                &["to", "via", "segment", "packets", "bytes"],
+                "",
+            );
         }
         "neighbours" => print_table(
             &v["neighbours"],

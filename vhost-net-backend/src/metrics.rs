@@ -157,6 +157,23 @@ impl Collector for SwitchCollector {
             ]
             .map(|(why, n)| (vec![("reason", why.to_string())], ConstCounter::new(n))),
         )?;
+        let routes = dp.router.route_counts();
+        family(
+            e,
+            "vnet_route_packets",
+            "Frames the router forwarded, by route (a segment's subnets, or a static route)",
+            routes
+                .iter()
+                .map(|(r, p, _)| (vec![("route", r.clone())], ConstCounter::new(*p))),
+        )?;
+        family(
+            e,
+            "vnet_route_bytes",
+            "Bytes the router forwarded, by route",
+            routes
+                .iter()
+                .map(|(r, _, b)| (vec![("route", r.clone())], ConstCounter::new(*b))),
+        )?;
         family(
             e,
             "vnet_contained_panics",

@@ -17,6 +17,7 @@ use crate::packet::l3::{self, L3};
 use crate::packet::meta::FrameMeta;
 use crate::packet::rewrite;
 use crate::policy::{PolicyCache, PolicyFrame, Verdict};
+use crate::route::counters::RouteTally;
 use crate::route::neighbour::NeighbourCache;
 use crate::route::Routing;
 use crate::switch::{DecisionCache, Forward};
@@ -93,6 +94,8 @@ pub struct Scratch {
     /// A DHCP message, copied whole out of the guest for the server to read.
     request: Vec<u8>,
     neighbours: NeighbourCache,
+    /// What the burst routed, by route, until `flush` adds it up.
+    routes: RouteTally,
 }
 
 /// The largest DHCP message the server reads (RFC 2131's clients may ask for up to 1500
@@ -342,7 +345,15 @@ fn route(
                 Forward::Dropped
             }
         }
-        Routing::Forward { to, mac, segment } => Forward::Routed { to, mac, segment },
+        Routing::Forward {
+            to,
+            mac,
+            segment,
+            route,
+        } => {
+            s.routes.add(route, burst.head(i).1);
+            Forward::Routed { to, mac, segment }
+        }
         Routing::Resolve { segment } => {
             from.counters.count_drop(DropReason::NoNeighbour);
             Forward::Ask {
@@ -451,6 +462,9 @@ pub fn flood_made(dp: &Datapath, from: &SwitchPort, segment: u16, bytes: &[u8], 
 /// The pipeline's last stage: interrupts each RX queue written since the last flush once,
 /// if its driver wants it. Call it with no lock held that another port needs.
 pub fn flush(dp: &Datapath, s: &mut Scratch) {
+    if s.routes.used() {
+        dp.router.counters.take(&mut s.routes);
+    }
     let ports = dp.ports.load();
     s.rx.flush(|id| ports.get(usize::from(id)).and_then(|p| p.as_vm()));
 }

@@ -4,6 +4,7 @@
 //! Knows frames' parsed fields and port ids only; the frames it writes come from
 //! `packet::build`, and the pipeline delivers them.
 
+pub mod counters;
 pub mod dhcp;
 pub mod neighbour;
 
@@ -19,6 +20,7 @@ use crate::packet::l3::{IcmpKind, Ip, IpPacket, Prefix, ETHERTYPE_ARP, L3, PROTO
 use crate::packet::meta::FrameMeta;
 use crate::packet::rewrite::hop_limit;
 use crate::types::{MacAddr, PortId, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN};
+use counters::{RouteCounters, RouteId};
 use dhcp::{DhcpServer, LeaseRow};
 use neighbour::{Neighbour, NeighbourCache, NeighbourTable};
 
@@ -76,11 +78,12 @@ pub enum Routing {
     /// A message to the segment's DHCP server: the pipeline passes the whole frame to
     /// `Router::dhcp`.
     Dhcp,
-    /// Routed: to `to` in `segment`, for the host at `mac`.
+    /// Routed by `route`: to `to` in `segment`, for the host at `mac`.
     Forward {
         to: PortId,
         mac: MacAddr,
         segment: u16,
+        route: RouteId,
     },
     /// The next hop's MAC is not known: the question for it was appended to `out`, to be
     /// flooded in `segment`. The frame is dropped (`NoNeighbour`).
@@ -161,6 +164,8 @@ pub struct Router {
     link_local: Ip,
     /// When each advertising segment gets its next unsolicited advertisement: VLAN, time.
     next_advert: Mutex<Vec<(u16, Instant)>>,
+    /// What each route forwarded: the segments' subnets, then `routes`.
+    pub counters: RouteCounters,
 }
 
 impl Router {
@@ -227,6 +232,7 @@ impl Router {
         let router = Router {
             link_local: Ip::from_octets(build::link_local(mac.0)),
             next_advert: Mutex::new(next_advert),
+            counters: RouteCounters::new(segments.len() + routes.len()),
             mac,
             segments,
             routes,
@@ -352,6 +358,27 @@ impl Router {
         due
     }
 
+    /// Each route with what it forwarded (packets, bytes): "segment NAME" for a segment's
+    /// subnets, "TO via VIA" for a static route, in route id order.
+    pub fn route_counts(&self) -> Vec<(String, u64, u64)> {
+        let names = self
+            .segments
+            .iter()
+            .map(|s| format!("segment {}", s.name))
+            .chain(
+                self.routes
+                    .iter()
+                    .map(|(to, via)| format!("{to} via {via}")),
+            );
+        names
+            .enumerate()
+            .map(|(i, name)| {
+                let (packets, bytes) = self.counters.get(i as RouteId);
+                (name, packets, bytes)
+            })
+            .collect()
+    }
+
     /// The segment whose subnet holds `ip`.
     pub fn segment_holding(&self, ip: Ip) -> Option<&RoutedSegment> {
         self.segments
@@ -361,15 +388,21 @@ impl Router {
 
     /// The segment whose subnet holds `ip`, and the address to resolve there: `ip` itself,
     /// or the next hop of the longest matching route.
-    fn next_hop(&self, ip: Ip) -> Option<(&RoutedSegment, Ip)> {
-        if let Some(s) = self.segment_holding(ip) {
-            return Some((s, ip));
+    fn next_hop(&self, ip: Ip) -> Option<(&RoutedSegment, Ip, RouteId)> {
+        if let Some(i) = self
+            .segments
+            .iter()
+            .position(|s| s.gateways.iter().any(|g| g.contains(ip)))
+        {
+            return Some((&self.segments[i], ip, i as RouteId));
         }
-        let (_, via) = self
+        let i = self
             .routes
             .iter()
-            .find(|(p, via)| p.contains(ip) && via.is_v4() == ip.is_v4())?;
-        self.segment_holding(*via).map(|s| (s, *via))
+            .position(|(p, via)| p.contains(ip) && via.is_v4() == ip.is_v4())?;
+        let via = self.routes[i].1;
+        let id = (self.segments.len() + i) as RouteId;
+        self.segment_holding(via).map(|s| (s, via, id))
     }
 
     /// Decides what to do with a frame from port `from` in `segment` (`may_want` said
@@ -458,7 +491,7 @@ impl Router {
                 }
                 // Never an ICMP error about an ICMP error (RFC 1122 3.2.2).
                 let may_tell = p.icmp != Some(IcmpKind::Error);
-                let Some((egress, hop)) = self.next_hop(dst) else {
+                let Some((egress, hop, route)) = self.next_hop(dst) else {
                     let e = (IcmpError::NoRoute, DropReason::NoRoute);
                     return self.error(seg, meta, head, out, may_tell, e);
                 };
@@ -471,6 +504,7 @@ impl Router {
                         to: n.port,
                         mac: n.mac,
                         segment: n.segment,
+                        route,
                     };
                 }
                 if !self.neighbours.should_ask(hop) {
@@ -702,7 +736,8 @@ via = "10.0.2.254"
             Routing::Forward {
                 to: 0,
                 mac: MacAddr(WEB_MAC),
-                segment: 10
+                segment: 10,
+                route: 0,
             }
         );
         // web1 -> 10.0.2.9, unknown: asked for in vlan 20 (once a second).
@@ -729,6 +764,25 @@ via = "10.0.2.254"
         );
         assert_eq!(&out[14 + 24..14 + 28], &[10, 0, 2, 254]);
         out.clear();
+        // Once the next hop is known, the frame goes by the static route: route 2, after
+        // the two segments' subnets.
+        r.neighbours.learn(
+            Ip::v4([10, 0, 2, 254]),
+            Neighbour {
+                port: 1,
+                mac: MacAddr(APP_MAC),
+                segment: 20,
+            },
+        );
+        assert_eq!(
+            decide(&r, 0, 10, &f, &mut out),
+            Routing::Forward {
+                to: 1,
+                mac: MacAddr(APP_MAC),
+                segment: 20,
+                route: 2,
+            }
+        );
         // No route: dropped with an ICMP error; a hop limit of 1 too.
         let f = udp(WEB_MAC, [10, 0, 1, 5], [172, 16, 0, 1], 64);
         assert_eq!(
