@@ -328,3 +328,115 @@ pub fn config(data: &[u8]) {
         }
     }
 }
+
+/// The switching decision over a sequence of frames: up to 8 ports (segments, trunks and
+/// pinned MACs from the input), then frames (source port, a trunk's tag, source and
+/// destination MAC from small sets, so that they meet). Whatever the order: a frame goes
+/// only to a port of its own segment or a trunk, never back to its source; a MAC pinned to
+/// a port is refused from any other and never learned there; the cached decision is the
+/// uncached one.
+pub fn switching(data: &[u8]) {
+    use vhost_net_backend::switch::{DecisionCache, Forward, PortProfile, Switch};
+    use vhost_net_backend::types::TRUNK;
+    use vhost_net_backend::MacAddr;
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let n = usize::from(n % 8) + 1;
+    if rest.len() < 2 * n {
+        return;
+    }
+    let (spec, frames) = rest.split_at(2 * n);
+    // A small universe of MACs: unicast 02:..:k and a multicast one.
+    let mac = |k: u8| {
+        if k % 16 == 15 {
+            MacAddr([0x01, 0, 0x5e, 0, 0, 1])
+        } else {
+            MacAddr([2, 0, 0, 0, 0, k % 16])
+        }
+    };
+    let profiles: Vec<PortProfile> = spec
+        .chunks(2)
+        .map(|b| PortProfile {
+            // Three segments and trunks.
+            segment: match b[0] % 4 {
+                3 => TRUNK,
+                s => u16::from(s) + 10,
+            },
+            mac: (b[1] & 0x80 != 0).then(|| mac(b[1])),
+            max_macs: (b[1] & 0x40 != 0).then_some(u16::from(b[1] & 3) + 1),
+        })
+        .collect();
+    // Two MACs pinned to two ports: `mac=` is unique in a valid config.
+    let mut pinned = std::collections::HashMap::new();
+    let profiles: Vec<PortProfile> = profiles
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut p)| {
+            if let Some(m) = p.mac {
+                if pinned.insert(m, i).is_some() || m.is_multicast() {
+                    p.mac = None;
+                    pinned.retain(|_, port| *port != i);
+                }
+            }
+            p
+        })
+        .collect();
+    let pinned: std::collections::HashMap<MacAddr, usize> = profiles
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| Some((p.mac?, i)))
+        .collect();
+    let switch = Switch::new(&profiles, 300);
+    let twin = Switch::new(&profiles, 300);
+    let mut cache = DecisionCache::default();
+    for f in frames.chunks_exact(4) {
+        let src = usize::from(f[0]) % n;
+        let segment = match profiles[src].segment {
+            TRUNK => u16::from(f[1] % 4) + 10,
+            s => s,
+        };
+        let (src_mac, dst_mac) = (mac(f[2]), mac(f[3]));
+        if src_mac.is_multicast() {
+            continue;
+        }
+        let id = src as u16;
+        let plain = twin.decide(id, segment, src_mac, dst_mac);
+        let cached = switch.decide_cached(&mut cache, id, segment, src_mac, dst_mac);
+        assert_eq!(plain, cached, "cached decision differs");
+        let in_segment = |p: usize| {
+            let s = profiles[p].segment;
+            s == segment || s == TRUNK
+        };
+        match plain {
+            Forward::To(p) => {
+                let p = usize::from(p);
+                assert!(p < n && p != src, "to port {p} from {src}");
+                assert!(in_segment(p), "to port {p} outside segment {segment}");
+            }
+            Forward::Flood => {
+                for p in switch.flood_targets(id, segment) {
+                    let p = usize::from(p);
+                    assert!(p != src && in_segment(p), "flooded to {p} from {src}");
+                }
+            }
+            Forward::Spoofed => {}
+            Forward::Local => {}
+            other => panic!("the switch alone decided {other:?}"),
+        }
+        if let Some(&owner) = pinned.get(&src_mac) {
+            if owner != src {
+                assert_eq!(plain, Forward::Spoofed, "pinned MAC from port {src}");
+            }
+        }
+        // A pinned MAC is never learned behind another port.
+        for (m, &owner) in &pinned {
+            for p in (0..n).filter(|p| *p != owner) {
+                assert!(
+                    !switch.macs.holds(segment, *m, p as u16),
+                    "pinned {m} at {p}"
+                );
+            }
+        }
+    }
+}

@@ -32,12 +32,13 @@ type Target = (&'static str, fn(&[u8]));
 
 #[test]
 fn every_committed_fuzz_input_passes_its_checks() {
-    let targets: [Target; 5] = [
+    let targets: [Target; 6] = [
         ("chain_walk", checks::chain_walk),
         ("offload", checks::offload),
         ("relay", checks::relay),
         ("frame_parsers", checks::frame_parsers),
         ("config", checks::config),
+        ("switching", checks::switching),
     ];
     for (name, check) in targets {
         let n = replay(name, check);
