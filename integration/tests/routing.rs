@@ -321,6 +321,18 @@ fn nd_options(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
     out
 }
 
+/// `frame`'s ICMPv6 message.
+#[track_caller]
+fn icmpv6(frame: &[u8]) -> etherparse::Icmpv6Slice<'_> {
+    match SlicedPacket::from_ethernet(frame)
+        .expect("parses")
+        .transport
+    {
+        Some(TransportSlice::Icmpv6(i)) => i,
+        other => panic!("not ICMPv6: {other:?}"),
+    }
+}
+
 /// The router's link-local address (modified EUI-64 of its MAC).
 const GW_LL: [u8; 16] = [
     0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0x76, 0x6e, 0xff, 0xfe, 0, 0, 1,
@@ -343,9 +355,7 @@ fn assert_advert(frame: &[u8], to: ([u8; 6], [u8; 16]), prefix: &str, mtu: Optio
         (h.source(), h.destination(), h.hop_limit()),
         (GW_LL, to.1, 255)
     );
-    let Some(TransportSlice::Icmpv6(i)) = &p.transport else {
-        panic!("not ICMPv6")
-    };
+    let i = icmpv6(frame);
     assert!(i.is_checksum_valid(GW_LL, to.1), "ICMPv6 checksum");
     let Icmpv6Type::RouterAdvertisement(ra) = i.icmp_type() else {
         panic!("not a router advertisement: {:?}", i.icmp_type())
@@ -437,10 +447,7 @@ fn the_switch_advertises_itself_as_the_ipv6_router_of_its_segments() {
         .unwrap();
     send(&mut app, &ns);
     let na = receive(&mut app, "advertisement of the link-local address");
-    let p = SlicedPacket::from_ethernet(&na).unwrap();
-    let Some(TransportSlice::Icmpv6(i)) = &p.transport else {
-        panic!("not ICMPv6")
-    };
+    let i = icmpv6(&na);
     assert!(matches!(
         i.icmp_type(),
         Icmpv6Type::NeighborAdvertisement(_)
@@ -457,10 +464,7 @@ fn the_switch_advertises_itself_as_the_ipv6_router_of_its_segments() {
         .unwrap();
     send(&mut app, &ping);
     let pong = receive(&mut app, "echo reply from the link-local address");
-    let p = SlicedPacket::from_ethernet(&pong).unwrap();
-    let Some(TransportSlice::Icmpv6(i)) = &p.transport else {
-        panic!("not ICMPv6")
-    };
+    let i = icmpv6(&pong);
     assert!(matches!(i.icmp_type(), Icmpv6Type::EchoReply(_)));
     assert!(i.is_checksum_valid(GW_LL, v6("fe80::2")));
 
