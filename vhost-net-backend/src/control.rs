@@ -294,14 +294,13 @@ impl Control {
 
     fn routes(&self) -> Value {
         let r = &self.dp.router;
-        // Route ids: the segments' subnets, then the static routes (RouteId).
         let segments: Vec<Value> = r
             .segments
             .iter()
             .enumerate()
             .map(|(i, s)| {
                 let gws: Vec<String> = s.gateways.iter().map(|g| g.to_string()).collect();
-                let (packets, bytes) = r.counters.get(i as u16);
+                let (packets, bytes) = r.segment_traffic(i);
                 json!({ "segment": s.name, "vlan": s.vlan, "gateways": gws.join(" "),
                         "packets": packets, "bytes": bytes })
             })
@@ -312,7 +311,7 @@ impl Control {
             .enumerate()
             .map(|(i, (to, via))| {
                 let seg = r.segment_holding(*via);
-                let (packets, bytes) = r.counters.get((r.segments.len() + i) as u16);
+                let (packets, bytes) = r.route_traffic(i);
                 json!({
                     "to": to.to_string(),
                     "via": via.to_string(),

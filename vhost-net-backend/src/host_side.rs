@@ -42,10 +42,7 @@ pub struct HostSide {
 
 /// The network address of `p` (its address with the host bits cleared).
 fn network(p: &Prefix) -> (Ipv4Addr, u8) {
-    let len = p.family_len();
-    let a = p.addr.0 as u32;
-    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-    (Ipv4Addr::from(a & mask), len)
+    (Ipv4Addr::from(p.network().0 as u32), p.family_len())
 }
 
 fn v4(p: &Prefix) -> Ipv4Addr {

@@ -466,7 +466,6 @@ impl SwitchConfig {
         usize::from(self.forward_mtu()) + 14
     }
 
-    /// Checks everything a running switch relies on.
     /// Who may connect to the control socket, resolved.
     pub fn control_socket_access(&self) -> Result<socket_access::SocketAccess, String> {
         socket_access::SocketAccess::resolve(

@@ -463,7 +463,7 @@ pub fn flood_made(dp: &Datapath, from: &SwitchPort, segment: u16, bytes: &[u8], 
 /// if its driver wants it. Call it with no lock held that another port needs.
 pub fn flush(dp: &Datapath, s: &mut Scratch) {
     if s.routes.used() {
-        dp.router.counters.take(&mut s.routes);
+        dp.router.count_routed(&mut s.routes);
     }
     let ports = dp.ports.load();
     s.rx.flush(|id| ports.get(usize::from(id)).and_then(|p| p.as_vm()));

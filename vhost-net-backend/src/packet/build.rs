@@ -201,12 +201,7 @@ pub fn router_advert(
         out.extend_from_slice(&2_592_000u32.to_be_bytes());
         out.extend_from_slice(&604_800u32.to_be_bytes());
         out.extend_from_slice(&[0; 4]);
-        let mut net = p.addr.0.to_be_bytes();
-        for (i, b) in net.iter_mut().enumerate() {
-            let bits = usize::from(p.len).saturating_sub(8 * i).min(8);
-            *b &= !(0xffu16 >> bits) as u8;
-        }
-        out.extend_from_slice(&net);
+        out.extend_from_slice(&p.network().0.to_be_bytes());
     }
     icmpv6_checksum(&mut out[start..], ETH_HLEN, icmp - start);
 }

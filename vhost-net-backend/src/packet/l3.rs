@@ -72,13 +72,22 @@ pub struct Prefix {
 }
 
 impl Prefix {
+    /// The bits of the prefix (an IPv4 one's low 32 bits are its netmask).
+    #[inline]
+    pub fn mask(&self) -> u128 {
+        u128::MAX
+            .checked_shl(128 - u32::from(self.len))
+            .unwrap_or(0)
+    }
+
+    /// The prefix's first address, its host bits cleared.
+    pub fn network(&self) -> Ip {
+        Ip(self.addr.0 & self.mask())
+    }
+
     #[inline]
     pub fn contains(&self, a: Ip) -> bool {
-        let mask = if self.len == 0 {
-            0
-        } else {
-            u128::MAX << (128 - u32::from(self.len))
-        };
+        let mask = self.mask();
         a.0 & mask == self.addr.0 & mask
     }
 

@@ -157,11 +157,9 @@ impl DhcpServer {
     /// length); `config` was checked.
     pub fn new(subnet: Prefix, config: &DhcpConfig) -> DhcpServer {
         let v4 = |ip: Ipv4Addr| u32::from(ip);
-        let len = u32::from(subnet.family_len());
-        let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
         DhcpServer {
             gateway: (subnet.addr.0 as u32).to_be_bytes(),
-            mask: mask.to_be_bytes(),
+            mask: (subnet.mask() as u32).to_be_bytes(),
             dns: config.dns.iter().map(|d| d.octets()).collect(),
             lease_secs: config.lease_secs,
             mtu: config.mtu,

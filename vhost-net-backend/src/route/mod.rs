@@ -20,7 +20,7 @@ use crate::packet::l3::{IcmpKind, Ip, IpPacket, Prefix, ETHERTYPE_ARP, L3, PROTO
 use crate::packet::meta::FrameMeta;
 use crate::packet::rewrite::hop_limit;
 use crate::types::{MacAddr, PortId, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN};
-use counters::{RouteCounters, RouteId};
+use counters::{RouteCounters, RouteId, RouteTally};
 use dhcp::{DhcpServer, LeaseRow};
 use neighbour::{Neighbour, NeighbourCache, NeighbourTable};
 
@@ -164,8 +164,8 @@ pub struct Router {
     link_local: Ip,
     /// When each advertising segment gets its next unsolicited advertisement: VLAN, time.
     next_advert: Mutex<Vec<(u16, Instant)>>,
-    /// What each route forwarded: the segments' subnets, then `routes`.
-    pub counters: RouteCounters,
+    /// What each route forwarded: the segments' subnets, then `routes` (`static_route`).
+    counters: RouteCounters,
 }
 
 impl Router {
@@ -345,55 +345,70 @@ impl Router {
         let mut due = Vec::new();
         let mut next = self.next_advert.lock().unwrap_or_else(|e| e.into_inner());
         for (vlan, at) in next.iter_mut().filter(|(_, at)| *at <= now) {
-            let Some((seg, advert)) = self.segment(*vlan).and_then(|s| Some((s, s.advert()?)))
-            else {
+            let Some(seg) = self.segment(*vlan) else {
+                continue;
+            };
+            let (Some(secs), Some(advert)) = (seg.advert_secs, seg.advert()) else {
                 continue;
             };
             let start = out.len();
             let (group, group_mac) = build::ALL_NODES;
             build::router_advert(out, self.mac.0, group_mac, group, &advert);
             due.push((seg.vlan, start..out.len()));
-            *at = now + Duration::from_secs(u64::from(seg.advert_secs.unwrap_or(200)));
+            *at = now + Duration::from_secs(u64::from(secs));
         }
         due
     }
 
+    /// Route ids: segment `i`'s subnets are route `i`; static route `i` comes after them.
+    fn static_route(&self, i: usize) -> RouteId {
+        (self.segments.len() + i) as RouteId
+    }
+
+    /// Packets and bytes segment `i`'s subnets forwarded.
+    pub fn segment_traffic(&self, i: usize) -> (u64, u64) {
+        self.counters.get(i as RouteId)
+    }
+
+    /// Packets and bytes static route `i` forwarded.
+    pub fn route_traffic(&self, i: usize) -> (u64, u64) {
+        self.counters.get(self.static_route(i))
+    }
+
     /// Each route with what it forwarded (packets, bytes): "segment NAME" for a segment's
-    /// subnets, "TO via VIA" for a static route, in route id order.
+    /// subnets, "TO via VIA" for a static route.
     pub fn route_counts(&self) -> Vec<(String, u64, u64)> {
-        let names = self
-            .segments
-            .iter()
-            .map(|s| format!("segment {}", s.name))
-            .chain(
-                self.routes
-                    .iter()
-                    .map(|(to, via)| format!("{to} via {via}")),
-            );
-        names
-            .enumerate()
-            .map(|(i, name)| {
-                let (packets, bytes) = self.counters.get(i as RouteId);
-                (name, packets, bytes)
-            })
-            .collect()
+        let segments = self.segments.iter().enumerate().map(|(i, s)| {
+            let (packets, bytes) = self.segment_traffic(i);
+            (format!("segment {}", s.name), packets, bytes)
+        });
+        let routes = self.routes.iter().enumerate().map(|(i, (to, via))| {
+            let (packets, bytes) = self.route_traffic(i);
+            (format!("{to} via {via}"), packets, bytes)
+        });
+        segments.chain(routes).collect()
+    }
+
+    /// Adds what a worker's burst routed (`flush`).
+    pub fn count_routed(&self, tally: &mut RouteTally) {
+        self.counters.take(tally);
     }
 
     /// The segment whose subnet holds `ip`.
     pub fn segment_holding(&self, ip: Ip) -> Option<&RoutedSegment> {
+        self.segment_index_holding(ip).map(|i| &self.segments[i])
+    }
+
+    fn segment_index_holding(&self, ip: Ip) -> Option<usize> {
         self.segments
             .iter()
-            .find(|s| s.gateways.iter().any(|g| g.contains(ip)))
+            .position(|s| s.gateways.iter().any(|g| g.contains(ip)))
     }
 
     /// The segment whose subnet holds `ip`, and the address to resolve there: `ip` itself,
     /// or the next hop of the longest matching route.
     fn next_hop(&self, ip: Ip) -> Option<(&RoutedSegment, Ip, RouteId)> {
-        if let Some(i) = self
-            .segments
-            .iter()
-            .position(|s| s.gateways.iter().any(|g| g.contains(ip)))
-        {
+        if let Some(i) = self.segment_index_holding(ip) {
             return Some((&self.segments[i], ip, i as RouteId));
         }
         let i = self
@@ -401,8 +416,8 @@ impl Router {
             .iter()
             .position(|(p, via)| p.contains(ip) && via.is_v4() == ip.is_v4())?;
         let via = self.routes[i].1;
-        let id = (self.segments.len() + i) as RouteId;
-        self.segment_holding(via).map(|s| (s, via, id))
+        self.segment_holding(via)
+            .map(|s| (s, via, self.static_route(i)))
     }
 
     /// Decides what to do with a frame from port `from` in `segment` (`may_want` said

@@ -347,13 +347,13 @@ impl Filter {
         }
     }
 
-    /// The enable requests to send after `set_features` went through. Without
-    /// PROTOCOL_FEATURES the handler enables every ring by itself.
     /// Early ring enables held until SET_FEATURES (at most one per ring).
     pub fn kept(&self) -> usize {
         self.early_enables.len()
     }
 
+    /// The enable requests to send after `set_features` went through. Without
+    /// PROTOCOL_FEATURES the handler enables every ring by itself.
     pub fn replay(&mut self, set_features: &Message) -> Vec<Message> {
         let mut word = [0u8; 8];
         let n = set_features.payload.len().min(8);
