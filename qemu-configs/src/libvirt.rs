@@ -75,10 +75,8 @@ pub fn domain(topo: &Topology, vm: &Vm, layout: &Layout) -> String {
 /// A NIC's `<interface>`: on the switch, vhost-user on its port's socket; else a bridge.
 fn interface(topo: &Topology, nic: &Nic, layout: &Layout) -> String {
     let mac = nic.mac;
-    let mut x;
-    let mtu: Option<u32>;
-    if topo.on_switch() {
-        x = format!(
+    let mut x = if topo.on_switch() {
+        let mut x = format!(
             "    <interface type='vhostuser'>\n      <mac address='{mac}'/>\n      <source type='unix' path='{}' mode='client'>\n        <reconnect enabled='yes' timeout='1'/>\n      </source>\n      <model type='virtio'/>\n",
             esc(&layout.vm_socket(&nic.port).display().to_string())
         );
@@ -86,21 +84,17 @@ fn interface(topo: &Topology, nic: &Nic, layout: &Layout) -> String {
         if queues > 1 {
             x += &format!("      <driver queues='{queues}'/>\n");
         }
-        mtu = topo
-            .switch_network(&nic.network)
-            .and_then(|n| n.mtu)
-            .map(u32::from);
+        x
     } else {
         let Some(net) = topo.network(&nic.network) else {
             return String::new();
         };
-        x = format!(
+        format!(
             "    <interface type='bridge'>\n      <mac address='{mac}'/>\n      <source bridge='{}'/>\n      <model type='virtio'/>\n",
             esc(&net.bridge)
-        );
-        mtu = net.mtu;
-    }
-    if let Some(mtu) = mtu {
+        )
+    };
+    if let Some(mtu) = topo.nic_mtu(nic) {
         x += &format!("      <mtu size='{mtu}'/>\n");
     }
     x + "    </interface>\n"

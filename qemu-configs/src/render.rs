@@ -166,10 +166,6 @@ fn bridge_nic(topo: &Topology, nic: &Nic, layout: &Layout) -> Vec<String> {
         shell_word(&format!("--acl={}", layout.acl().display()))
     );
     let i = nic.index;
-    let mut dev = format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac);
-    if let Some(mtu) = net.mtu {
-        dev.push_str(&format!(",host_mtu={mtu}"));
-    }
     vec![
         "-netdev".into(),
         format!(
@@ -178,8 +174,20 @@ fn bridge_nic(topo: &Topology, nic: &Nic, layout: &Layout) -> Vec<String> {
             helper.replace(',', ",,")
         ),
         "-device".into(),
-        dev,
+        nic_device(topo, nic, ""),
     ]
+}
+
+/// The guest's virtio-net device of `nic`, with `extra` options (`,mq=on...`).
+fn nic_device(topo: &Topology, nic: &Nic, extra: &str) -> String {
+    let mut dev = format!(
+        "virtio-net-pci,netdev=net{},mac={}{extra}",
+        nic.index, nic.mac
+    );
+    if let Some(mtu) = topo.nic_mtu(nic) {
+        dev.push_str(&format!(",host_mtu={mtu}"));
+    }
+    dev
 }
 
 /// A NIC on the switch: its port's socket with the reconnect option this QEMU spells
@@ -193,18 +201,12 @@ fn vhost_user_nic(topo: &Topology, nic: &Nic, layout: &Layout) -> Vec<String> {
         "reconnect=1"
     };
     let i = nic.index;
-    let mut dev = format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac);
-    if queues > 1 {
-        dev.push_str(",mq=on");
-    }
-    if layout.qemu_version < (8, 0) && topo.guest.accel != "kvm" {
-        dev.push_str(",vectors=0");
+    let mq = if queues > 1 { ",mq=on" } else { "" };
+    let vectors = if layout.qemu_version < (8, 0) && topo.guest.accel != "kvm" {
+        0
     } else {
-        dev.push_str(&format!(",vectors={}", 2 * queues + 2));
-    }
-    if let Some(mtu) = topo.switch_network(&nic.network).and_then(|n| n.mtu) {
-        dev.push_str(&format!(",host_mtu={mtu}"));
-    }
+        2 * queues + 2
+    };
     vec![
         "-chardev".into(),
         format!(
@@ -214,7 +216,7 @@ fn vhost_user_nic(topo: &Topology, nic: &Nic, layout: &Layout) -> Vec<String> {
         "-netdev".into(),
         format!("vhost-user,id=net{i},chardev=chr{i},queues={queues}"),
         "-device".into(),
-        dev,
+        nic_device(topo, nic, &format!("{mq},vectors={vectors}")),
     ]
 }
 

@@ -472,9 +472,12 @@ impl Topology {
         })
     }
 
-    /// The host's (on the switch, the gateway's) address on `nic`'s network, if it has one.
-    pub fn nic_gateway(&self, nic: &Nic) -> Option<Ipv4Addr> {
-        parse_cidr(self.network_address(&nic.network)?).map(|(addr, _)| addr)
+    /// The MTU `nic`'s network gives its VMs (QEMU's host_mtu), where it sets one.
+    pub fn nic_mtu(&self, nic: &Nic) -> Option<u32> {
+        match self.switch_network(&nic.network) {
+            Some(n) => n.mtu.map(u32::from),
+            None => self.network(&nic.network)?.mtu,
+        }
     }
 
     /// The host's address on the VM's first network, where it has one: the VM's gateway.
