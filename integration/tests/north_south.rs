@@ -98,6 +98,7 @@ interval_ms = 300
 timeout_ms = 200
 rise = 2
 fall = 2
+on_down = "reset"
 
 [[rule]]
 action = "allow"
@@ -121,10 +122,15 @@ ports = 7000
 }
 
 /// A guest's TCP side, as far as a handshake: answers SYNs to `port` with SYN-ACK while
-/// `answering`, and counts them by source address.
+/// `answering`, and counts them by source address; keeps the client's port and initial
+/// sequence number of each, and the source ports of the resets it gets; sends what is put
+/// in `outbox`.
 struct Responder {
     answering: Arc<AtomicBool>,
     syns: Arc<Mutex<HashMap<[u8; 4], usize>>>,
+    clients: Arc<Mutex<HashMap<u16, u32>>>,
+    resets: Arc<Mutex<Vec<u16>>>,
+    outbox: Arc<Mutex<Vec<Vec<u8>>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<VirtioNetDevice>>,
 }
@@ -134,9 +140,16 @@ impl Responder {
         let answering = Arc::new(AtomicBool::new(true));
         let syns = Arc::new(Mutex::new(HashMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let clients = Arc::new(Mutex::new(HashMap::new()));
+        let resets = Arc::new(Mutex::new(Vec::new()));
+        let outbox = Arc::new(Mutex::new(Vec::<Vec<u8>>::new()));
         let (a, s, st) = (answering.clone(), syns.clone(), stop.clone());
+        let (c, r, o) = (clients.clone(), resets.clone(), outbox.clone());
         let thread = std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
+                for f in o.lock().unwrap().drain(..) {
+                    dev.send(0, &NetHdr::default(), &f).unwrap();
+                }
                 let Some(rx) = dev.recv(0, Duration::from_millis(20)) else {
                     continue;
                 };
@@ -148,6 +161,9 @@ impl Responder {
                 else {
                     continue;
                 };
+                if tcp.rst() {
+                    r.lock().unwrap().push(tcp.source_port());
+                }
                 if !tcp.syn() || tcp.ack() || tcp.destination_port() != port {
                     continue;
                 }
@@ -163,6 +179,9 @@ impl Responder {
                 if !a.load(Ordering::Relaxed) {
                     continue;
                 }
+                c.lock()
+                    .unwrap()
+                    .insert(tcp.source_port(), tcp.sequence_number());
                 let mut f = Vec::new();
                 PacketBuilder::ethernet2(mac, GW)
                     .ipv4(dst, src, 64)
@@ -178,6 +197,9 @@ impl Responder {
         Responder {
             answering,
             syns,
+            clients,
+            resets,
+            outbox,
             stop,
             thread: Some(thread),
         }
@@ -367,6 +389,27 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
         .expect("the outside's answer reached the guest");
     assert_eq!((reply.0, reply.1), (APP, 5555));
 
+    // Two connections from the outside that landed on web3, open when it goes down.
+    let on_web3 = webs[2].clients.clone();
+    let mut held: Vec<(TcpStream, u16)> = in_netns(&outside, move || {
+        let to: SocketAddr = "192.0.2.1:8080".parse().unwrap();
+        let mut held = Vec::new();
+        for _ in 0..200 {
+            let Ok(s) = TcpStream::connect_timeout(&to, Duration::from_millis(500)) else {
+                continue;
+            };
+            let port = s.local_addr().unwrap().port();
+            if on_web3.lock().unwrap().contains_key(&port) {
+                held.push((s, port));
+                if held.len() == 2 {
+                    break;
+                }
+            }
+        }
+        held
+    });
+    assert_eq!(held.len(), 2, "no two connections landed on web3");
+
     // web3 stops answering: out of the balancer within its window (2 x 300 ms and a
     // timeout), and no new connection goes to it; its peers take them all.
     webs[2].answering.store(false, Ordering::Relaxed);
@@ -398,6 +441,41 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
     assert_eq!(after[2], before[2], "web3 got new connections while down");
     assert!(after[0] + after[1] - before[0] - before[1] >= done);
     assert!(log().contains("backend 10.10.1.12 is down"), "{}", log());
+
+    // on_down = "reset": the host resets web3's open connections at their next packet,
+    // from either end. The client's data is answered with a reset ...
+    let (mut client, _) = held.remove(0);
+    client.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let got = std::io::Read::read(&mut client, &mut [0u8; 64]);
+    assert_eq!(
+        got.as_ref().map_err(|e| e.kind()).err(),
+        Some(std::io::ErrorKind::ConnectionReset),
+        "the client's connection to the down web3 was not reset: {got:?}"
+    );
+    // ... and so is web3's, in its window.
+    let (_other, port) = held.remove(0);
+    let isn = webs[2].clients.lock().unwrap()[&port];
+    let mut f = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 1, 3], GW)
+        .ipv4(WEBS[2].1, outside_ip, 64)
+        .tcp(80, port, 7001, 64240)
+        .ack(isn.wrapping_add(1))
+        .write(&mut f, b"late answer")
+        .unwrap();
+    webs[2].outbox.lock().unwrap().push(f);
+    let end = Instant::now() + Duration::from_secs(3);
+    while !webs[2].resets.lock().unwrap().contains(&port) {
+        assert!(
+            Instant::now() < end,
+            "web3's side of its connection from port {port} was not reset\n{}",
+            host.sh("nft list table ip vnet_vnet0")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(log().contains("reset at their next packet"), "{}", log());
 
     // Stopped, the switch leaves the host as it was.
     for w in webs {

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::config::north_south::host_prefix;
-use crate::config::{Proto, SwitchConfig};
+use crate::config::{BalancerConfig, OnDown, Proto, SwitchConfig};
 use crate::packet::l3::Prefix;
 
 #[derive(Debug, Error)]
@@ -69,20 +69,21 @@ fn l4(proto: Proto, field: &str) -> Value {
     json!({"payload": {"protocol": proto.name(), "field": field}})
 }
 
+fn down_set_of(balancer: &str) -> String {
+    format!("down_{balancer}")
+}
+
 /// The rule of a balancer's chain: destination NAT to the backend of the connection's slot
-/// (a hash of its source address and port); no rule while no backend is healthy.
-pub fn balancer_rules(
-    table: &str,
-    name: &str,
-    port: u16,
-    slots: &[Option<Ipv4Addr>],
-) -> Vec<Value> {
+/// (a hash of its source address and port); no rule while no backend is healthy. With
+/// `on_down = "reset"`, also the set of its down backends (those holding no slot), whose
+/// translated connections the guard resets.
+pub fn balancer_rules(table: &str, b: &BalancerConfig, slots: &[Option<Ipv4Addr>]) -> Vec<Value> {
     let map: Vec<Value> = slots
         .iter()
         .enumerate()
         .filter_map(|(i, a)| Some(json!([i, a.as_ref()?.to_string()])))
         .collect();
-    let chain = chain_of(name);
+    let chain = chain_of(&b.name);
     let mut cmds =
         vec![json!({"flush": {"chain": {"family": "ip", "table": table, "name": chain}}})];
     if map.len() == slots.len() {
@@ -93,10 +94,48 @@ pub fn balancer_rules(
             json!({"add": {"rule": {"family": "ip", "table": table, "chain": chain,
             "expr": [{"counter": null},
                      {"dnat": {"family": "ip", "addr": {"map": {"key": key, "data": {"set": map}}},
-                               "port": port}}]}}}),
+                               "port": b.port}}]}}}),
         );
     }
+    if b.on_down == OnDown::Reset {
+        let set = json!({"family": "ip", "table": table, "name": down_set_of(&b.name)});
+        cmds.push(json!({"flush": {"set": set}}));
+        let down: Vec<String> = b
+            .backends
+            .iter()
+            .filter(|a| !slots.contains(&Some(**a)))
+            .map(|a| a.to_string())
+            .collect();
+        if !down.is_empty() {
+            let mut element = set;
+            element["elem"] = json!(down);
+            cmds.push(json!({"add": {"element": element}}));
+        }
+    }
     cmds
+}
+
+/// The guard's rules that reset the host-translated connections of `b`'s down backends:
+/// a packet towards one (`to_backend`, from a client outside or on the host) or from one
+/// is refused with a TCP reset to its sender, so each end learns at its next packet.
+fn reset_rules(b: &BalancerConfig, tap: &str, to_backend: bool) -> Vec<Value> {
+    let (iface, addr, port) = if to_backend {
+        ("oifname", "daddr", "dport")
+    } else {
+        ("iifname", "saddr", "sport")
+    };
+    vec![
+        json!({"match": {"op": "==", "left": {"meta": {"key": iface}}, "right": tap}}),
+        json!({"match": {"op": "in", "left": {"ct": {"key": "status"}}, "right": "dnat"}}),
+        json!({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": addr}},
+            "right": format!("@{}", down_set_of(&b.name))}}),
+        json!({"match": {"op": "==", "left": l4(Proto::Tcp, port), "right": b.port}}),
+        // Not a reset: one is a close, and the host's own reset, sent out through the
+        // output hook, would meet this rule there.
+        json!({"match": {"op": "==", "left": {"&": [l4(Proto::Tcp, "flags"), "rst"]}, "right": 0}}),
+        json!({"counter": null}),
+        json!({"reject": {"type": "tcp reset"}}),
+    ]
 }
 
 /// The whole table for `config` (checked, with `host` set), balancers at `slots` (name,
@@ -126,6 +165,14 @@ pub fn ruleset(config: &SwitchConfig, slots: &[(String, Vec<Option<Ipv4Addr>>)])
         cmds.push(
             json!({"add": {"chain": {"family": "ip", "table": t, "name": chain_of(&b.name)}}}),
         );
+        if b.on_down == OnDown::Reset {
+            cmds.push(json!({"add": {"set": {"family": "ip", "table": t,
+                "name": down_set_of(&b.name), "type": "ipv4_addr"}}}));
+            // Before the guard's accept of translated connections.
+            cmds.push(rule("guard", reset_rules(b, &up.tap, true)));
+            cmds.push(rule("guard", reset_rules(b, &up.tap, false)));
+            cmds.push(rule("guard_local", reset_rules(b, &up.tap, true)));
+        }
     }
     // Forwards: to the host's own addresses, from anywhere but the guests' side.
     let local = json!({"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}},
@@ -213,7 +260,7 @@ pub fn ruleset(config: &SwitchConfig, slots: &[(String, Vec<Option<Ipv4Addr>>)])
             .find(|(n, _)| *n == b.name)
             .map(|(_, s)| s.as_slice())
             .unwrap_or(&[]);
-        cmds.extend(balancer_rules(t, &b.name, b.port, s));
+        cmds.extend(balancer_rules(t, b, s));
     }
     cmds
 }
@@ -291,11 +338,10 @@ impl HostSide {
     /// Puts a balancer's new slot table in force, atomically.
     pub fn set_balancer(
         &self,
-        name: &str,
-        port: u16,
+        b: &BalancerConfig,
         slots: &[Option<Ipv4Addr>],
     ) -> Result<(), NftError> {
-        nft::apply(balancer_rules(&self.table, name, port, slots))
+        nft::apply(balancer_rules(&self.table, b, slots))
     }
 
     /// Removes the table, the routes and the address (if it was ours).
@@ -320,5 +366,84 @@ impl HostSide {
         if self.added_address {
             let _ = nl.delete_address(&self.tap, IpAddr::V4(self.address.0), self.address.1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = r#"
+[[port]]
+name = "web1"
+socket = "/w1"
+vlan = 10
+addresses = ["10.10.1.10"]
+[[port]]
+name = "web2"
+socket = "/w2"
+vlan = 10
+addresses = ["10.10.1.11"]
+[[segment]]
+vlan = 10
+gateway = ["10.10.1.1/24"]
+[[segment]]
+vlan = 100
+gateway = ["10.10.0.1/24"]
+[uplink]
+tap = "up0"
+vlan = 100
+host = "10.10.0.2/24"
+[[uplink.forward]]
+host_port = 8080
+balancer = "web"
+[[balancer]]
+name = "web"
+port = 80
+backends = ["10.10.1.10", "10.10.1.11"]
+"#;
+
+    /// The last expression (the verdict) of each of the guard chain's rules, in order.
+    fn guard(cmds: &[Value]) -> Vec<String> {
+        cmds.iter()
+            .filter_map(|c| c["add"]["rule"].as_object())
+            .filter(|r| r["chain"] == "guard")
+            .map(|r| r["expr"].as_array().unwrap().last().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn only_a_resetting_balancer_gets_reset_rules_and_its_down_backends_in_a_set() {
+        let keep = SwitchConfig::from_toml(CONFIG).unwrap();
+        keep.validate().unwrap();
+        let cmds = ruleset(&keep, &[]);
+        assert!(!serde_json::to_string(&cmds).unwrap().contains("reject"));
+        assert!(!serde_json::to_string(&cmds).unwrap().contains("down_web"));
+
+        let reset = SwitchConfig::from_toml(
+            &CONFIG.replace("port = 80\n", "port = 80\non_down = \"reset\"\n"),
+        )
+        .unwrap();
+        reset.validate().unwrap();
+        let cmds = ruleset(&reset, &[]);
+        // Both resets come before the accept of translated connections.
+        let verdicts = guard(&cmds);
+        assert_eq!(verdicts.len(), 4, "{verdicts:?}");
+        assert!(verdicts[0].contains("tcp reset") && verdicts[1].contains("tcp reset"));
+        assert!(verdicts[2].contains("accept"), "{verdicts:?}");
+
+        // web2 down: it alone is in the set; all up again: the set is emptied.
+        let b = &reset.balancers[0];
+        let a = Ipv4Addr::new(10, 10, 1, 10);
+        let cmds = balancer_rules("t", b, &[Some(a); 256]);
+        let elements: Vec<_> = cmds
+            .iter()
+            .filter_map(|c| c["add"]["element"]["elem"].as_array())
+            .collect();
+        assert_eq!(elements, vec![&vec![json!("10.10.1.11")]]);
+        let both: Vec<_> = (0..256).map(|i| Some(b.backends[i % 2])).collect();
+        let cmds = balancer_rules("t", b, &both);
+        assert!(cmds.iter().any(|c| c["flush"]["set"]["name"] == "down_web"));
+        assert!(!cmds.iter().any(|c| c["add"]["element"].is_object()));
     }
 }

@@ -14,6 +14,7 @@ use log::{info, warn};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::Balancer;
+use crate::config::OnDown;
 use crate::host_side::{HostSide, CHECK_MARK};
 
 /// One check: a TCP connection to `to` within `timeout`, marked with `CHECK_MARK` so that
@@ -62,9 +63,7 @@ pub fn spawn(
                 let changed = b.record(&results);
                 // In force first, so that what the log says holds when it is read.
                 if !changed.is_empty() {
-                    if let Err(e) =
-                        host.set_balancer(&b.config.name, b.config.port, &b.slot_addresses())
-                    {
+                    if let Err(e) = host.set_balancer(&b.config, &b.slot_addresses()) {
                         warn!(
                             "balancer {}: cannot update the host's NAT: {e}",
                             b.config.name
@@ -80,9 +79,13 @@ pub fn spawn(
                     if up {
                         info!("balancer {}: backend {address} is up", b.config.name);
                     } else {
+                        let open = match b.config.on_down {
+                            OnDown::Keep => "its open ones are left to finish",
+                            OnDown::Reset => "its open ones are reset at their next packet",
+                        };
                         warn!(
                             "balancer {}: backend {address} is down ({} checks failed, last: {}); \
-                             it gets no new connections",
+                             it gets no new connections, {open}",
                             b.config.name,
                             b.config.fall,
                             why.unwrap_or_default()

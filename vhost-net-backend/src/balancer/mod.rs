@@ -149,6 +149,7 @@ mod tests {
             timeout_ms: 500,
             rise: 3,
             fall: 2,
+            on_down: Default::default(),
         };
         let b = Balancer::new(&config);
         let ok = || Ok(());

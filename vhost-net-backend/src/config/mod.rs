@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use crate::types::MacAddr;
-pub use north_south::{BalancerConfig, ForwardConfig, Proto};
+pub use north_south::{BalancerConfig, ForwardConfig, OnDown, Proto};
 pub use policy::{Action, PolicyConfig, RateConfig, RuleConfig};
 pub use route::{DhcpConfig, RouteConfig, SegmentConfig, DEFAULT_ROUTER_MAC};
 use thiserror::Error;

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, SwitchConfig};
+use crate::balancer::slots::SLOTS;
 use crate::packet::l3::{Ip, Prefix};
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq, Hash)]
@@ -76,6 +77,20 @@ pub struct BalancerConfig {
     /// Checks failed in a row before a backend gets no more new connections.
     #[serde(default = "default_fall")]
     pub fall: u32,
+    /// What becomes of a down backend's open connections.
+    #[serde(default)]
+    pub on_down: OnDown,
+}
+
+/// `on_down`: a down backend's open connections are left to finish or time out (`keep`),
+/// or reset at their next packet (`reset`), as IPVS's `expire_nodest_conn` and HAProxy's
+/// `on-marked-down shutdown-sessions` do.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDown {
+    #[default]
+    Keep,
+    Reset,
 }
 
 fn default_interval_ms() -> u64 {
@@ -116,6 +131,20 @@ pub fn check(c: &SwitchConfig) -> Result<(), ConfigError> {
         if b.backends.is_empty() {
             return Err(err(format!(
                 "{at}: no backends; give backends = [\"10.10.1.10\", ...]"
+            )));
+        }
+        if let Some((_, a)) = b
+            .backends
+            .iter()
+            .enumerate()
+            .find(|(i, a)| b.backends[..*i].contains(a))
+        {
+            return Err(err(format!("{at}: backend {a} is listed twice")));
+        }
+        if b.backends.len() > SLOTS {
+            return Err(err(format!(
+                "{at}: {} backends; a balancer has at most {SLOTS}",
+                b.backends.len()
             )));
         }
         if let Some(a) = b.backends.iter().find(|a| !owned(**a)) {
@@ -319,6 +348,30 @@ backends = ["10.10.1.10", "10.10.1.11"]
             (
                 GOOD.replace("host = \"10.10.0.2/24\"\n", ""),
                 "forwards need the host's side",
+            ),
+            (
+                GOOD.replace("port = 80\n", "port = 80\non_down = \"drop\"\n"),
+                "expected `keep` or `reset`",
+            ),
+            (
+                GOOD.replace(
+                    "backends = [\"10.10.1.10\", \"10.10.1.11\"]",
+                    &format!(
+                        "backends = [{}]",
+                        (0..257)
+                            .map(|i| format!("\"10.10.{}.{}\"", 1 + i / 200, 10 + i % 200))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ),
+                "257 backends; a balancer has at most 256",
+            ),
+            (
+                GOOD.replace(
+                    "backends = [\"10.10.1.10\", \"10.10.1.11\"]",
+                    "backends = [\"10.10.1.10\", \"10.10.1.11\", \"10.10.1.10\"]",
+                ),
+                "backend 10.10.1.10 is listed twice",
             ),
             (
                 GOOD.replace("port = 80\n", "port = 80\ntimeout_ms = 2000\n"),
