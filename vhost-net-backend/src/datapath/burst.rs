@@ -96,6 +96,8 @@ pub struct Scratch {
     neighbours: NeighbourCache,
     /// What the burst routed, by route, until `flush` adds it up.
     routes: RouteTally,
+    /// The heads of a run of routed frames, as rewritten for their next hop.
+    routed_heads: Vec<[u8; MAX_HEAD]>,
 }
 
 /// The largest DHCP message the server reads (RFC 2131's clients may ask for up to 1500
@@ -144,6 +146,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
     let ports = dp.ports.load();
     let policy = dp.policy.active();
     let routing = dp.router.active();
+    let router_mac = dp.router.mac.0;
     if policy {
         dp.policy.refresh(&mut s.policy);
     }
@@ -223,7 +226,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                         .take_while(|f| **f == Forward::To(p))
                         .count();
                     let done =
-                        s.rx.deliver_run(vm, ram, segs, &frames[i..i + run], from.segment);
+                        s.rx.deliver_run(vm, ram, segs, &frames[i..i + run], None, from.segment);
                     if dst.capture.active() {
                         for j in i..i + done {
                             dst.capture.record(&burst.frame(j, from.segment));
@@ -256,18 +259,50 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                 }
             }
             Forward::Routed { to, mac, segment } => {
+                let dst = &ports[usize::from(to)];
+                if let (Some(vm), Burst::Guest { ram, segs, frames }) = (dst.as_vm(), burst) {
+                    // As a switched run, under one lock of the receiver's queue: a routed
+                    // frame delivered alone cost 2.4x a switched one at 64 B (146 ns/60).
+                    let run = s.forwards[i..]
+                        .iter()
+                        .take_while(|f| **f == s.forwards[i])
+                        .count();
+                    let frames = &frames[i..i + run];
+                    if s.routed_heads.len() < run {
+                        s.routed_heads.resize(run, [0; MAX_HEAD]);
+                    }
+                    for (t, h) in frames.iter().zip(&mut s.routed_heads) {
+                        // The hop limit was checked on the same bytes: this cannot fail.
+                        let _ = rewrite::route(t.head(), &mut h[..t.head_len], mac.0, router_mac);
+                    }
+                    let heads = &s.routed_heads[..run];
+                    let done =
+                        s.rx.deliver_run(vm, ram, segs, frames, Some(heads), segment);
+                    if dst.capture.active() {
+                        for (t, h) in frames.iter().zip(heads).take(done) {
+                            let f = t.frame(ram, segs, segment);
+                            dst.capture.record(&Frame {
+                                head: &h[..t.head_len],
+                                ..f
+                            });
+                        }
+                    }
+                    if done > 0 {
+                        i += done;
+                        continue;
+                    }
+                }
                 let (head, _) = burst.head(i);
                 let mut rewritten = [0u8; MAX_HEAD];
                 let h = &mut rewritten[..head.len()];
-                h.copy_from_slice(head);
-                // The hop limit was checked on the same copy: this cannot fail.
-                if rewrite::route(h, mac.0, dp.router.mac.0).is_ok() {
+                // The hop limit was checked on the same bytes: this cannot fail.
+                if rewrite::route(head, h, mac.0, router_mac).is_ok() {
                     let routed = Frame {
                         head: h,
                         segment,
                         ..frame
                     };
-                    deliver(from, &ports[usize::from(to)], &routed, &mut s.rx);
+                    deliver(from, dst, &routed, &mut s.rx);
                 }
             }
             Forward::Answer(n) => {

@@ -11,7 +11,7 @@ use vhost_user_backend::{ShutdownHandle, VringState, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 
-use super::frame::{Frame, TxFrame, PREFETCH_BODY};
+use super::frame::{Frame, TxFrame, MAX_HEAD, PREFETCH_BODY};
 use super::notifier::Notifier;
 use crate::counters::{DropReason, PortCounters};
 use crate::fault;
@@ -343,16 +343,18 @@ impl RxScratch {
         }
     }
 
-    /// Writes `frames` (a run of a burst all switched to `dst`, from a port in `segment`)
-    /// under one lock of the RX queue the first goes to, for as long as they go there and
-    /// need no software offload; returns how many it handled (0: the first is not such a
-    /// frame, `deliver` takes it).
+    /// Writes `frames` (a run of a burst all going to `dst`, in `segment`) under one lock
+    /// of the RX queue the first goes to, for as long as they go there and need no software
+    /// offload; returns how many it handled (0: the first is not such a frame, `deliver`
+    /// takes it). `heads`, if given, are the frames' heads as routed (one per frame, each
+    /// as long as the frame's own), written in place of what the sender wrote.
     pub fn deliver_run(
         &mut self,
         dst: VmPort<'_>,
         ram: &Ram,
         segs: &[Segment],
         frames: &[TxFrame],
+        heads: Option<&[[u8; MAX_HEAD]]>,
         segment: u16,
     ) -> usize {
         let vm = dst.vm;
@@ -401,21 +403,22 @@ impl RxScratch {
                 }
                 let t = &frames[j];
                 let header = passed(&t.hdr);
+                let head = heads.map_or(t.head(), |h| &h[j][..t.head_len]);
                 let short = if t.head_len == t.len {
-                    locked.write_short(header, t.head(), None)
+                    locked.write_short(header, head, None)
                 } else if t.end - t.first == 1 {
                     // One TX buffer: the rest of the frame follows its head in it.
                     segs[t.first]
                         .addr
                         .checked_add((t.hdr_len + t.head_len) as u64)
                         .and_then(|at| ram.slice(at, t.len - t.head_len))
-                        .and_then(|rest| locked.write_short(header, t.head(), Some(rest)))
+                        .and_then(|rest| locked.write_short(header, head, Some(rest)))
                 } else {
                     None
                 };
                 let written = short.unwrap_or_else(|| {
                     let frame = t.frame(ram, segs, segment);
-                    locked.write(header, frame.src, frame.head, rx)
+                    locked.write(header, frame.src, head, rx)
                 });
                 match written {
                     Ok(()) => {

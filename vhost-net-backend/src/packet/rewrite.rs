@@ -25,18 +25,23 @@ pub fn hop_limit(head: &[u8]) -> Option<u8> {
     }
 }
 
-/// Rewrites `head` for its next hop: to `dst`, from `src`, one hop less.
+/// Writes `head` to `out` (as long) as it goes to its next hop: to `dst`, from `src`, one
+/// hop less. What changes is computed from `head` alone: reading the hop limit back from
+/// `out` right after the copy stalled on the copy's stores (15 % of a routed frame's
+/// time at 64 B).
 #[inline]
-pub fn route(head: &mut [u8], dst: [u8; 6], src: [u8; 6]) -> Result<(), NotRoutable> {
+pub fn route(head: &[u8], out: &mut [u8], dst: [u8; 6], src: [u8; 6]) -> Result<(), NotRoutable> {
     let hops = hop_limit(head).ok_or(NotRoutable::NotIp)?;
     if hops <= 1 {
         return Err(NotRoutable::HopLimit);
     }
     let ip = ETH_HLEN;
-    if head[12..14] == ETHERTYPE_IPV4.to_be_bytes() {
-        if head.len() < ip + 20 {
-            return Err(NotRoutable::NotIp);
-        }
+    let v4 = head[12..14] == ETHERTYPE_IPV4.to_be_bytes();
+    if head.len() < ip + if v4 { 20 } else { 40 } {
+        return Err(NotRoutable::NotIp);
+    }
+    out.copy_from_slice(head);
+    if v4 {
         // TTL is the high byte of the word at 8; HC' = ~(~HC + ~m + m'), m' = m - 0x100.
         let old = u16::from_be_bytes([head[ip + 8], head[ip + 9]]);
         let new = old - 0x100;
@@ -44,16 +49,13 @@ pub fn route(head: &mut [u8], dst: [u8; 6], src: [u8; 6]) -> Result<(), NotRouta
         let mut sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
         sum = (sum & 0xffff) + (sum >> 16);
         sum = (sum & 0xffff) + (sum >> 16);
-        head[ip + 8] = hops - 1;
-        head[ip + 10..ip + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        out[ip + 8] = hops - 1;
+        out[ip + 10..ip + 12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     } else {
-        if head.len() < ip + 40 {
-            return Err(NotRoutable::NotIp);
-        }
-        head[ip + 7] = hops - 1;
+        out[ip + 7] = hops - 1;
     }
-    head[..6].copy_from_slice(&dst);
-    head[6..12].copy_from_slice(&src);
+    out[..6].copy_from_slice(&dst);
+    out[6..12].copy_from_slice(&src);
     Ok(())
 }
 
@@ -80,7 +82,8 @@ mod tests {
             let h = etherparse::Ipv4Header::from_slice(&f[14..]).unwrap().0;
             let sum = h.calc_header_checksum().to_be_bytes();
             f[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&sum);
-            route(&mut f, [8; 6], [9; 6]).unwrap();
+            let sent = f.clone();
+            route(&sent, &mut f, [8; 6], [9; 6]).unwrap();
             let h = etherparse::Ipv4Header::from_slice(&f[14..]).unwrap().0;
             assert_eq!(h.time_to_live, ttl - 1);
             assert_eq!(h.header_checksum, h.calc_header_checksum(), "ttl {ttl}");
@@ -90,21 +93,20 @@ mod tests {
 
     #[test]
     fn hop_limits_of_one_and_non_ip_frames_are_not_routed() {
-        assert_eq!(
-            route(&mut v4(1), [8; 6], [9; 6]),
-            Err(NotRoutable::HopLimit)
-        );
+        let routed = |f: &[u8]| route(f, &mut vec![0; f.len()], [8; 6], [9; 6]);
+        assert_eq!(routed(&v4(1)), Err(NotRoutable::HopLimit));
         let mut arp = v4(64);
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
-        assert_eq!(route(&mut arp, [8; 6], [9; 6]), Err(NotRoutable::NotIp));
+        assert_eq!(routed(&arp), Err(NotRoutable::NotIp));
         let mut f = Vec::new();
         etherparse::PacketBuilder::ethernet2([2; 6], [4; 6])
             .ipv6([1; 16], [2; 16], 9)
             .udp(1, 2)
             .write(&mut f, &[0; 3])
             .unwrap();
-        route(&mut f, [8; 6], [9; 6]).unwrap();
-        assert_eq!(f[ETH_HLEN + 7], 8);
-        assert_eq!(route(&mut f[..40], [8; 6], [9; 6]), Err(NotRoutable::NotIp));
+        let mut out = vec![0; f.len()];
+        route(&f, &mut out, [8; 6], [9; 6]).unwrap();
+        assert_eq!(out[ETH_HLEN + 7], 8);
+        assert_eq!(routed(&f[..40]), Err(NotRoutable::NotIp));
     }
 }
