@@ -25,9 +25,9 @@ pub fn hop_limit(head: &[u8]) -> Option<u8> {
     }
 }
 
-/// Writes `head` to `out` (as long) as it goes to its next hop: to `dst`, from `src`, one
-/// hop less. What changes is computed from `head` alone: reading the hop limit back from
-/// `out` right after the copy stalled on the copy's stores (15 % of a routed frame's
+/// Rewrites `out`, a copy of `head` the caller made, for the next hop: to `dst`, from
+/// `src`, one hop less. What changes is computed from `head` alone: reading the hop limit
+/// back from the copy just written stalled on the copy's stores (15 % of a routed frame's
 /// time at 64 B).
 #[inline]
 pub fn route(head: &[u8], out: &mut [u8], dst: [u8; 6], src: [u8; 6]) -> Result<(), NotRoutable> {
@@ -40,7 +40,6 @@ pub fn route(head: &[u8], out: &mut [u8], dst: [u8; 6], src: [u8; 6]) -> Result<
     if head.len() < ip + if v4 { 20 } else { 40 } {
         return Err(NotRoutable::NotIp);
     }
-    out.copy_from_slice(head);
     if v4 {
         // TTL is the high byte of the word at 8; HC' = ~(~HC + ~m + m'), m' = m - 0x100.
         let old = u16::from_be_bytes([head[ip + 8], head[ip + 9]]);
@@ -93,7 +92,7 @@ mod tests {
 
     #[test]
     fn hop_limits_of_one_and_non_ip_frames_are_not_routed() {
-        let routed = |f: &[u8]| route(f, &mut vec![0; f.len()], [8; 6], [9; 6]);
+        let routed = |f: &[u8]| route(f, &mut f.to_vec(), [8; 6], [9; 6]);
         assert_eq!(routed(&v4(1)), Err(NotRoutable::HopLimit));
         let mut arp = v4(64);
         arp[12..14].copy_from_slice(&[0x08, 0x06]);
@@ -104,7 +103,7 @@ mod tests {
             .udp(1, 2)
             .write(&mut f, &[0; 3])
             .unwrap();
-        let mut out = vec![0; f.len()];
+        let mut out = f.clone();
         route(&f, &mut out, [8; 6], [9; 6]).unwrap();
         assert_eq!(out[ETH_HLEN + 7], 8);
         assert_eq!(routed(&f[..40]), Err(NotRoutable::NotIp));

@@ -6,6 +6,7 @@
 
 pub mod counters;
 pub mod dhcp;
+pub mod flow_cache;
 pub mod neighbour;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use crate::packet::rewrite::hop_limit;
 use crate::types::{MacAddr, PortId, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN};
 use counters::{RouteCounters, RouteId, RouteTally};
 use dhcp::{DhcpServer, LeaseRow};
+use flow_cache::{FlowOrigin, RouteCache};
 use neighbour::{Neighbour, NeighbourCache, NeighbourTable};
 
 /// The policy's zone of every routed segment: they share one address space, so that a
@@ -418,6 +420,83 @@ impl Router {
         let via = self.routes[i].1;
         self.segment_holding(via)
             .map(|s| (s, via, self.static_route(i)))
+    }
+
+    /// The flow of a frame whose forwarding decision a worker may cache (`flow_cache`): an
+    /// IP packet sent to the router's MAC with a hop to spare that is no neighbour
+    /// discovery.
+    #[inline]
+    pub fn flow_origin(
+        &self,
+        from: PortId,
+        segment: u16,
+        meta: &FrameMeta,
+        l3: &L3,
+        head: &[u8],
+    ) -> Option<FlowOrigin> {
+        match l3 {
+            L3::Ip(p)
+                if meta.dst == self.mac
+                    && p.icmp != Some(IcmpKind::Neighbour)
+                    && hop_limit(head).is_some_and(|h| h > 1) =>
+            {
+                Some(FlowOrigin {
+                    from,
+                    segment,
+                    mac: meta.src,
+                    src: p.key.src,
+                    dst: p.key.dst,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Where `origin`'s frames go, if `cache` holds a decision still in force.
+    #[inline]
+    pub fn cached(&self, origin: &FlowOrigin, cache: &RouteCache) -> Option<(Neighbour, RouteId)> {
+        let generation = self.neighbours.generation();
+        cache.get(origin, generation, self.neighbours.coarse_second())
+    }
+
+    /// `route`, keeping a forwarding decision for `origin` (the frame's, if it may be
+    /// cached) in the worker's cache.
+    // As `route`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_caching(
+        &self,
+        from: PortId,
+        segment: u16,
+        meta: &FrameMeta,
+        l3: &L3,
+        head: &[u8],
+        out: &mut Vec<u8>,
+        origin: Option<FlowOrigin>,
+        caches: (&mut RouteCache, &mut NeighbourCache),
+    ) -> Routing {
+        let (decisions, neighbours) = caches;
+        // Read before deciding: a change meanwhile leaves the decision stale, never wrong.
+        let generation = self.neighbours.generation();
+        let second = self.neighbours.coarse_second();
+        let routing = self.route(from, segment, meta, l3, head, out, neighbours);
+        if let (
+            Some(origin),
+            Routing::Forward {
+                to,
+                mac,
+                segment,
+                route,
+            },
+        ) = (origin, routing)
+        {
+            let n = Neighbour {
+                port: to,
+                mac,
+                segment,
+            };
+            decisions.put(origin, generation, second, (n, route));
+        }
+        routing
     }
 
     /// Decides what to do with a frame from port `from` in `segment` (`may_want` said

@@ -136,6 +136,18 @@ impl NeighbourTable {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
+    /// Bumped by every change of a binding.
+    #[inline]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Seconds since the table started, as of the last `age` (about once a second).
+    #[inline]
+    pub fn coarse_second(&self) -> u64 {
+        self.coarse_secs.load(Ordering::Relaxed)
+    }
+
     fn now(&self) -> u64 {
         self.start.elapsed().as_secs()
     }
@@ -263,7 +275,7 @@ impl NeighbourTable {
     /// Drops what `c` holds if the table changed since it was filled.
     #[inline]
     fn sync(&self, c: &mut NeighbourCache) {
-        let g = self.generation.load(Ordering::Acquire);
+        let g = self.generation();
         if c.generation != g {
             c.found.fill(CacheSlot::default());
             c.heard.fill(CacheSlot::default());
@@ -294,7 +306,7 @@ impl NeighbourTable {
     #[inline]
     pub fn learn_cached(&self, c: &mut NeighbourCache, ip: Ip, at: Neighbour) {
         self.sync(c);
-        let now = self.coarse_secs.load(Ordering::Relaxed);
+        let now = self.coarse_second();
         let slot = &mut c.heard[cache_slot(ip)];
         if slot.valid && slot.ip == ip && slot.at == Some(at) && now.saturating_sub(slot.heard) < 5
         {
