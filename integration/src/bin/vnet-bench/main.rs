@@ -21,8 +21,11 @@
 //! the same established-flow cases, with NORMAL alone and with a conntrack firewall in front
 //! of it, as the reference for a stateful switch (`ovs.rs`). Then A and B are put in two
 //! subnets (VLANs 10 and 20) and A sends to the switch's gateway: routed, alone and under
-//! the 10-rule policy, beside plain L2.
+//! the 10-rule policy, beside plain L2. Last, new connections per second through the
+//! uplink's load balancer, from the host's NAT to three backends (`balancer.rs`,
+//! `--case balancer` alone).
 
+mod balancer;
 mod ovs;
 
 use std::os::unix::process::CommandExt;
@@ -88,6 +91,9 @@ struct Report {
     /// Ours over testpmd's vhost PMD with that frontend: case, medians' ratio.
     vs_dpdk_foreign: Vec<(String, f64)>,
     foreign_note: Option<String>,
+    /// New connections per second through the uplink's load balancer.
+    balancer: Option<balancer::BalancerRun>,
+    balancer_error: Option<String>,
 }
 
 /// One run of DPDK's virtio-user frontend (testpmd, mac forwarding, frames circulating
@@ -244,6 +250,13 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
         if rules == Some(10) && !routed && new_flows {
             let (t, huge) = throughput(&backend, NEW_FLOWS, 1, setup);
             report.record(t, huge, label);
+        }
+    }
+
+    if only.is_none_or(|o| BALANCER_CASE.starts_with(o)) {
+        match balancer::new_connections(seconds) {
+            Ok(r) => report.balancer = Some(r),
+            Err(e) => report.balancer_error = Some(e),
         }
     }
 
@@ -622,6 +635,9 @@ const NEW_FLOWS: Case = Case {
     both_ways: false,
     new_flows: true,
 };
+
+/// `--case` name of the balancer's new connections (`balancer.rs`).
+const BALANCER_CASE: &str = "balancer";
 
 const CASES: [Case; 5] = [
     Case {
@@ -1026,6 +1042,8 @@ fn main() {
         foreign: Vec::new(),
         vs_dpdk_foreign: Vec::new(),
         foreign_note: None,
+        balancer: None,
+        balancer_error: None,
     };
     let frontend = args
         .iter()
@@ -1088,6 +1106,12 @@ fn main() {
             "new connections (a new 5-tuple every frame, 10 rules): {:.2} M/s",
             t.mpps
         );
+    }
+    if let Some(r) = &report.balancer {
+        println!("{}", balancer::describe(r));
+    }
+    if let Some(e) = &report.balancer_error {
+        println!("new connections through the balancer: not measured: {e}");
     }
     for (label, case, ratio) in &report.vs_ovs {
         println!("{label}, Mpps, {case}, 1 queue pair: {ratio:.2}");
