@@ -124,7 +124,7 @@ pub fn switch_config(topo: &Topology, layout: &Layout) -> SwitchConfig {
                         timeout_ms: 500,
                         rise: 2,
                         fall: 2,
-                        on_down: Default::default(),
+                        on_down: f.on_down,
                     });
                 }
                 fwd.balancer = Some(name);

@@ -10,6 +10,7 @@ use bridge_plugin::net::{parse_cidr, subnet, Allow, NetFile, Network};
 use hostnet::MacAddr;
 use serde::Deserialize;
 use thiserror::Error;
+use vhost_net_backend::config::OnDown;
 
 #[derive(Debug, Error)]
 pub enum TopologyError {
@@ -244,6 +245,10 @@ pub struct SwitchForward {
     pub proto: String,
     pub host_port: u16,
     pub guest_port: u16,
+    /// With a balancer (several VMs): a down VM's open connections are kept to finish or
+    /// time out ("keep"), or reset at their next packet ("reset").
+    #[serde(default)]
+    pub on_down: OnDown,
 }
 
 fn default_tcp() -> String {
@@ -703,7 +708,8 @@ impl Topology {
             if n.mtu.is_some_and(|m| !(68..=9000).contains(&m)) {
                 return Err(err(format!("{at}: mtu must be 68..=9000")));
             }
-            let vms = self.vms.iter().filter(|v| v.network == n.name).count();
+            // Every NIC on the network, a VM's first or a further one: each is a backend.
+            let vms = self.nics_on(&n.name).count();
             for f in &n.forward {
                 if f.proto != "tcp" {
                     return Err(err(format!(
@@ -719,6 +725,26 @@ impl Topology {
                 }
                 if f.host_port == 0 || f.guest_port == 0 {
                     return Err(err(format!("{at}: forward ports must be above 0")));
+                }
+                if f.on_down == OnDown::Reset && vms == 1 {
+                    return Err(err(format!(
+                        "{at}: forward of host port {}: on_down = \"reset\" acts on a \
+                         balancer's backends, and one VM gets a plain forward (no health \
+                         checks); remove on_down or add VMs to the network",
+                        f.host_port
+                    )));
+                }
+                // One balancer per guest port: its forwards agree on what it does.
+                if let Some(g) = n
+                    .forward
+                    .iter()
+                    .find(|g| g.guest_port == f.guest_port && g.on_down != f.on_down)
+                {
+                    return Err(err(format!(
+                        "{at}: forwards of host ports {} and {} go to guest port {} with \
+                         different on_down; give both the same",
+                        g.host_port, f.host_port, f.guest_port
+                    )));
                 }
             }
         }
@@ -1005,6 +1031,41 @@ address = "10.10.1.10/24"
             "{ON_SWITCH}\n[[vm]]\nname = \"app1\"\nnetwork = \"app\"\naddress = \"10.10.2.10/24\"\n\
              [[vm.nic]]\nnetwork = \"web\"\naddress = \"10.10.1.20/24\"\n"
         )
+    }
+
+    #[test]
+    fn a_forward_counts_every_nic_on_its_network_and_its_on_down_is_checked() {
+        // web's service on web1 and on app1's second NIC: a balancer over both.
+        let forward = "[[network.forward]]\nhost_port = 8080\nguest_port = 80\n";
+        let with = |extra: &str| {
+            two_nics().replace(
+                "address = \"10.10.1.1/24\"\n",
+                &format!("address = \"10.10.1.1/24\"\n{forward}{extra}"),
+            )
+        };
+        let t = Topology::parse(&with("on_down = \"reset\"\n")).unwrap();
+        assert_eq!(t.switch_networks[0].forward[0].on_down, OnDown::Reset);
+        // Only a secondary NIC on the network: still a VM to forward to.
+        let t = Topology::parse(&two_nics().replace(
+            "address = \"10.10.2.1/24\"\n",
+            &format!("address = \"10.10.2.1/24\"\n{forward}"),
+        ));
+        assert!(t.is_ok(), "{:?}", t.err());
+        let e = err(&with("on_down = \"drop\"\n"));
+        assert!(e.contains("expected `keep` or `reset`"), "{e}");
+        let e = err(&format!(
+            "{}{forward}",
+            ON_SWITCH.replace(
+                "address = \"10.10.1.1/24\"\n",
+                "address = \"10.10.1.1/24\"\n[[network.forward]]\nhost_port = 8080\nguest_port = 80\non_down = \"reset\"\n"
+            )
+        ));
+        assert!(e.contains("one VM gets a plain forward"), "{e}");
+        let e = err(&with(&format!(
+            "on_down = \"reset\"\n{}",
+            forward.replace("8080", "8081")
+        )));
+        assert!(e.contains("different on_down"), "{e}");
     }
 
     #[test]
