@@ -912,12 +912,139 @@ fn prometheus_metrics_count_what_the_ports_did() {
     assert_eq!(value("vnet_port_rx_queues", &[("port", "a")]), 1.0);
     assert!(value("vnet_mac_table_entries", &[]) >= 1.0);
     assert_eq!(value("vnet_contained_panics_total", &[]), 0.0);
+    // Per queue pair: one pair each here, so it holds all of the port's traffic.
+    let q0 = |port| [("port", port), ("queue", "0")];
+    assert_eq!(
+        value("vnet_queue_rx_packets_total", &q0("b")),
+        value("vnet_port_rx_packets_total", &[("port", "b")])
+    );
+    assert_eq!(
+        value("vnet_queue_tx_bytes_total", &q0("a")),
+        value("vnet_port_tx_bytes_total", &[("port", "a")])
+    );
+    // a's worker took 10 bursts at least (each frame was sent alone), all of one frame.
+    let bursts: f64 = ["1", "2-4", "5-16", "17-64", "65+"]
+        .iter()
+        .map(|size| {
+            value(
+                "vnet_worker_bursts_total",
+                &[("port", "a"), ("queue", "0"), ("size", size)],
+            )
+        })
+        .sum();
+    assert!(bursts >= 10.0, "{bursts} bursts");
+    assert_eq!(
+        value(
+            "vnet_worker_bursts_total",
+            &[("port", "a"), ("queue", "0"), ("size", "1")]
+        ),
+        bursts
+    );
+    let busy = value("vnet_worker_busy_seconds_total", &q0("a"));
+    assert!(busy > 0.0 && busy < 1.0, "{busy} s busy");
     assert!(
         body.contains("# TYPE vnet_port_rx_packets counter"),
         "{body}"
     );
     let (status, _) = http_get(&addr, "/nothing");
     assert!(status.contains("404"), "{status}");
+}
+
+#[test]
+fn each_queue_pair_counts_its_own_traffic_and_worker() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let _child = two_ports(&sa, &sb, ",vlan=7,queues=2", |cmd| {
+        cmd.arg("--metrics").arg(port.to_string());
+    });
+    let opts = DeviceOptions {
+        queue_pairs: 2,
+        ..Default::default()
+    };
+    let mut a = VirtioNetDevice::connect_retry(&sa, opts.clone());
+    let mut b = VirtioNetDevice::connect_retry(&sb, opts);
+    for qp in 0..2 {
+        a.post_rx(qp, 16).unwrap();
+        b.post_rx(qp, 64).unwrap();
+    }
+    // A new connection's workers pick up its rings asynchronously: a frame of a's first
+    // pair until one arrives, wherever.
+    let end = Instant::now() + Duration::from_secs(10);
+    let (mut warm, mut sent) = ([0usize; 2], 0);
+    while warm == [0, 0] {
+        assert!(Instant::now() < end, "no frame ever arrived");
+        sent += 1;
+        a.send(0, &NetHdr::default(), &udp_frame(mac(1), mac(2), 128))
+            .unwrap();
+        for (qp, n) in warm.iter_mut().enumerate() {
+            while b.recv(qp as u16, Duration::from_millis(50)).is_some() {
+                *n += 1;
+            }
+        }
+    }
+    // 64 flows (source ports) sent from a's second queue pair, 16 at a time: the switch
+    // spreads them over b's two RX queues by their hash.
+    let mut received = warm;
+    for round in 0..4u16 {
+        for i in 0..16u16 {
+            let mut f = udp_frame(mac(1), mac(2), 128);
+            f[34..36].copy_from_slice(&(1000 + round * 16 + i).to_be_bytes());
+            a.send(1, &NetHdr::default(), &f).unwrap();
+        }
+        while received.iter().sum::<usize>()
+            < warm.iter().sum::<usize>() + usize::from(round + 1) * 16
+        {
+            assert!(Instant::now() < end, "only {received:?} arrived");
+            for (qp, n) in received.iter_mut().enumerate() {
+                while b.recv(qp as u16, Duration::from_millis(5)).is_some() {
+                    *n += 1;
+                }
+            }
+        }
+    }
+    assert!(
+        received.iter().all(|n| *n > 0),
+        "one RX queue took all: {received:?}"
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let (status, body) = http_get(&format!("127.0.0.1:{port}"), "/metrics");
+    assert!(status.contains("200"), "{status}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("a Prometheus text page");
+    let value = |name: &str, port: &str, queue: &str| -> f64 {
+        let s = scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == name
+                    && s.labels.get("port") == Some(port)
+                    && s.labels.get("queue") == Some(queue)
+            })
+            .unwrap_or_else(|| panic!("no {name} {port} {queue} in:\n{body}"));
+        match s.value {
+            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{name} is not a counter"),
+        }
+    };
+    // What each RX queue got, as the guest saw it; a's 64 flows all from its second pair.
+    for (qp, n) in received.iter().enumerate() {
+        assert_eq!(
+            value("vnet_queue_rx_packets_total", "b", &qp.to_string()),
+            *n as f64,
+            "b's RX queue {qp}"
+        );
+    }
+    assert_eq!(value("vnet_queue_tx_packets_total", "a", "1"), 64.0);
+    // The first pair sent the warm-up frames (one arrived; earlier ones may have found
+    // b's queues not ready yet).
+    let first = value("vnet_queue_tx_packets_total", "a", "0");
+    assert!((1.0..=sent as f64).contains(&first), "{first} of {sent}");
+    assert!(value("vnet_worker_busy_seconds_total", "a", "1") > 0.0);
 }
 
 #[test]

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
+use crate::config::MAX_QUEUE_PAIRS;
+
 /// Why a frame was not delivered. Counted on the port where the problem lies: the sender for
 /// a malformed frame, the receiver for a full or missing RX queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +93,64 @@ impl DropReason {
     }
 }
 
+/// Upper bounds of the TX burst sizes counted per queue pair (the last takes the rest).
+pub const BURST_BUCKETS: [usize; 5] = [1, 4, 16, 64, usize::MAX];
+
+/// One queue pair's counters: its RX queue's deliveries (by whichever worker wrote them),
+/// and its TX queue's frames, bursts and the time its worker spent on them.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct QueueCounters {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    /// TX bursts by size, `BURST_BUCKETS`.
+    tx_bursts: [AtomicU64; BURST_BUCKETS.len()],
+    /// Nanoseconds the queue's worker spent taking bursts in and delivering them.
+    busy_ns: AtomicU64,
+}
+
+/// A queue pair's counters as read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct QueueSnapshot {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_bursts: [u64; BURST_BUCKETS.len()],
+    pub busy_ns: u64,
+}
+
+impl QueueCounters {
+    pub fn add_rx(&self, packets: u64, bytes: u64) {
+        self.rx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A TX burst of `frames` chains (`packets` of them delivered as frames, `bytes`),
+    /// taken in and delivered in `busy_ns`. Only the queue's own worker writes these.
+    pub fn add_tx_burst(&self, frames: usize, packets: u64, bytes: u64, busy_ns: u64) {
+        self.tx_packets.fetch_add(packets, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let b = BURST_BUCKETS.iter().position(|max| frames <= *max);
+        self.tx_bursts[b.unwrap_or(BURST_BUCKETS.len() - 1)].fetch_add(1, Ordering::Relaxed);
+        self.busy_ns.fetch_add(busy_ns, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> QueueSnapshot {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        QueueSnapshot {
+            rx_packets: load(&self.rx_packets),
+            rx_bytes: load(&self.rx_bytes),
+            tx_packets: load(&self.tx_packets),
+            tx_bytes: load(&self.tx_bytes),
+            tx_bursts: std::array::from_fn(|i| load(&self.tx_bursts[i])),
+            busy_ns: load(&self.busy_ns),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct PortCounters {
     rx_packets: AtomicU64,
@@ -98,6 +158,8 @@ pub struct PortCounters {
     tx_packets: AtomicU64,
     tx_bytes: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
+    /// By queue pair (VM ports; the tap counts in pair 0).
+    queues: [QueueCounters; MAX_QUEUE_PAIRS as usize],
 }
 
 impl PortCounters {
@@ -119,6 +181,13 @@ impl PortCounters {
     pub fn add_tx(&self, packets: u64, bytes: u64) {
         self.tx_packets.fetch_add(packets, Ordering::Relaxed);
         self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Queue pair `qp`'s counters (the last pair's for an index beyond them, which the
+    /// config never allows).
+    #[inline]
+    pub fn queue(&self, qp: usize) -> &QueueCounters {
+        &self.queues[qp.min(self.queues.len() - 1)]
     }
 
     pub fn count_drop(&self, reason: DropReason) {

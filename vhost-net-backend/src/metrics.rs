@@ -16,6 +16,7 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 
+use crate::counters::{QueueSnapshot, BURST_BUCKETS};
 use crate::datapath::Datapath;
 use crate::endpoint::Endpoint;
 use crate::fault;
@@ -132,6 +133,75 @@ impl Collector for SwitchCollector {
                     ConstGauge::new(dp.switch.macs.count_of(p.id) as i64),
                 )
             }),
+        )?;
+        // Per queue pair: its RX and TX traffic, and its worker (a thread per queue pair;
+        // the tap's reader for the tap's one queue).
+        let queues: Vec<_> = snapshots
+            .iter()
+            .flat_map(|(l, _, p)| {
+                (0..usize::from(p.queue_pairs.max(1))).map(move |q| {
+                    let mut labels = l.clone();
+                    labels.push(("queue", q.to_string()));
+                    (labels, p.counters.queue(q).snapshot())
+                })
+            })
+            .collect();
+        let per_queue = |f: &dyn Fn(&QueueSnapshot) -> u64| {
+            queues
+                .iter()
+                .map(|(l, s)| (l.clone(), ConstCounter::new(f(s))))
+                .collect::<Vec<_>>()
+        };
+        family(
+            e,
+            "vnet_queue_rx_packets",
+            "Frames delivered to the queue pair's RX queue",
+            per_queue(&|s| s.rx_packets),
+        )?;
+        family(
+            e,
+            "vnet_queue_rx_bytes",
+            "Bytes delivered to the queue pair's RX queue",
+            per_queue(&|s| s.rx_bytes),
+        )?;
+        family(
+            e,
+            "vnet_queue_tx_packets",
+            "Frames taken from the queue pair's TX queue",
+            per_queue(&|s| s.tx_packets),
+        )?;
+        family(
+            e,
+            "vnet_queue_tx_bytes",
+            "Bytes taken from the queue pair's TX queue",
+            per_queue(&|s| s.tx_bytes),
+        )?;
+        family(
+            e,
+            "vnet_worker_bursts",
+            "TX bursts the queue pair's worker took, by size in frames",
+            queues.iter().flat_map(|(l, s)| {
+                let mut low = 1;
+                BURST_BUCKETS.iter().zip(s.tx_bursts).map(move |(high, n)| {
+                    let size = match *high {
+                        usize::MAX => format!("{low}+"),
+                        h if h == low => h.to_string(),
+                        h => format!("{low}-{h}"),
+                    };
+                    low = high.saturating_add(1);
+                    let mut labels = l.clone();
+                    labels.push(("size", size));
+                    (labels, ConstCounter::new(n))
+                })
+            }),
+        )?;
+        family(
+            e,
+            "vnet_worker_busy_seconds",
+            "Time the queue pair's worker spent taking its TX bursts in and switching them",
+            queues
+                .iter()
+                .map(|(l, s)| (l.clone(), ConstCounter::new(s.busy_ns as f64 / 1e9))),
         )?;
         let none = Vec::new;
         family(

@@ -6,6 +6,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
+use std::time::Instant;
 
 use log::warn;
 
@@ -90,11 +91,16 @@ fn read_loop(dp: &Datapath, port: &SwitchPort, tap: &TapPort, q: usize, stop: &A
                     hash: flow_hash(frame_bytes),
                     segment,
                 };
+                let started = Instant::now();
+                let len = frame_bytes.len() as u64;
                 // A panic (a bug) drops this frame; the reader goes on with a new scratch.
                 let done = fault::contain("switching a frame from the tap", || {
                     burst::run(dp, port, Burst::Local(frame), &mut scratch);
                     burst::flush(dp, &mut scratch);
                 });
+                // The tap's one queue: a burst of one frame each read.
+                let busy = started.elapsed().as_nanos() as u64;
+                port.counters.queue(0).add_tx_burst(1, 1, len, busy);
                 if done.is_none() {
                     port.counters.count_drop(DropReason::InternalError);
                     scratch = Scratch::default();

@@ -3,6 +3,7 @@
 //! pipeline, the chains go back to the guest and the queues written are interrupted.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use log::{debug, warn};
 use vhost_user_backend::VringT;
@@ -158,6 +159,8 @@ impl TxQueue<'_> {
             // kicked after every burst it sent (DPDK's virtio PMD: a syscall per 32 frames,
             // about 30 ns a frame of its core).
             let _ = queue.disable_notification(ram.memory());
+            // A burst's time, for the queue's busy counter: two clock reads a burst.
+            let started = Instant::now();
             let table = DescTable::new(&ram, GuestAddress(queue.desc_table()), queue.size())
                 .with_indirect(features & f::RING_INDIRECT_DESC != 0);
             let used_ring = GuestAddress(queue.used_ring());
@@ -251,6 +254,13 @@ impl TxQueue<'_> {
             burst::run(self.dp, self.port, burst, &mut w.scratch);
             // Counted before the guest can see its chains returned.
             self.port.counters.add_tx(w.tx_packets, w.tx_bytes);
+            if handled > 0 {
+                let busy = started.elapsed().as_nanos() as u64;
+                // TX queue 2n + 1 is queue pair n's.
+                let qp = self.vring_index / 2;
+                let counters = self.port.counters.queue(qp);
+                counters.add_tx_burst(handled, w.tx_packets, w.tx_bytes, busy);
+            }
             (w.tx_packets, w.tx_bytes) = (0, 0);
             // Returned to the guest in one go, with one index store.
             let new_used =

@@ -601,6 +601,7 @@ impl RxScratch {
                 continue;
             };
             counters.add_rx(t.packets, t.bytes);
+            counters.queue(t.queue).add_rx(t.packets, t.bytes);
             // Touched queues were written through an endpoint opened in this burst.
             let Some((vring, mem, generation)) = scratch
                 .open
