@@ -16,8 +16,8 @@
 //!
 //! The policy section runs the same backend with a policy: A's group may send UDP and TCP
 //! to B's after 9 or 999 rules that do not match (so 10 or 1,000 rules), on established
-//! flows (64 KiB TSO too: its TCP flow opened by a SYN first)
-//! (one flow per queue pair), beside plain L2 in the same run; and new connections per
+//! flows (one flow per queue pair; at 64 KiB TSO, a TCP flow opened by a SYN first),
+//! beside plain L2 in the same run; and new connections per
 //! second, every frame a new 5-tuple (its ports counted up by the frontend). OVS-DPDK runs
 //! the same established-flow cases, with NORMAL alone and with a conntrack firewall in front
 //! of it, as the reference for a stateful switch (`ovs.rs`). Then A and B are put in two
