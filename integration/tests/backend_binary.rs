@@ -855,14 +855,19 @@ impl Tcp {
     }
 }
 
-#[test]
-fn prometheus_metrics_count_what_the_ports_did() {
-    // A free loopback port, given as a port alone: the switch listens on 127.0.0.1.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A loopback TCP port nobody listens on (for the metrics).
+fn free_loopback_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+#[test]
+fn prometheus_metrics_count_what_the_ports_did() {
+    // Given as a port alone: the switch listens on 127.0.0.1.
+    let port = free_loopback_port();
     let dir = tempfile::tempdir().unwrap();
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
     let _child = two_ports(&sa, &sb, ",vlan=7", |cmd| {
@@ -952,11 +957,7 @@ fn prometheus_metrics_count_what_the_ports_did() {
 
 #[test]
 fn each_queue_pair_counts_its_own_traffic_and_worker() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_loopback_port();
     let dir = tempfile::tempdir().unwrap();
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
     let _child = two_ports(&sa, &sb, ",vlan=7,queues=2", |cmd| {

@@ -4,8 +4,8 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -74,20 +74,36 @@ pub struct Server {
 }
 
 fn make_private_dir() -> Result<PathBuf, ServerError> {
-    use std::os::unix::fs::DirBuilderExt;
+    // Unique within the process by the counter: two servers of one process started at
+    // once met on one name in CI ("File exists"), and names of killed processes stay.
+    static STARTED: AtomicU32 = AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    let dir = std::env::temp_dir().join(format!("vnet-{}-{nanos}", std::process::id()));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|source| ServerError::Control {
-            path: dir.clone(),
-            source,
-        })?;
-    Ok(dir)
+    let pid = std::process::id();
+    create_private_dir(&std::env::temp_dir(), || {
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        format!("vnet-{pid}-{n}-{nanos}")
+    })
+}
+
+/// A new directory of mode 0700 in `base`, named by `name`; a name taken already is
+/// passed over for the next (up to 100 times).
+fn create_private_dir(
+    base: &Path,
+    mut name: impl FnMut() -> String,
+) -> Result<PathBuf, ServerError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut tries = 0;
+    loop {
+        let dir = base.join(name());
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 100 => tries += 1,
+            Err(source) => return Err(ServerError::Control { path: dir, source }),
+        }
+    }
 }
 
 impl Server {
@@ -337,5 +353,44 @@ fn serve_control(control: &Control, listener: UnixListener, stop: Arc<AtomicBool
         .unwrap_or_else(|| r#"{"error":"internal error (a bug, logged)"}"#.to_string());
         let _ = conn.write_all(reply.as_bytes());
         let _ = conn.write_all(b"\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{create_private_dir, make_private_dir};
+
+    #[test]
+    fn a_private_directory_passes_over_names_taken_already() {
+        let base = tempfile::tempdir().unwrap();
+        std::fs::create_dir(base.path().join("taken")).unwrap();
+        let mut names = ["taken", "free"].into_iter();
+        let dir = create_private_dir(base.path(), || names.next().unwrap().into()).unwrap();
+        assert_eq!(dir, base.path().join("free"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn servers_started_at_once_get_private_directories_of_their_own() {
+        let made: Vec<_> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..4)
+                .map(|_| s.spawn(|| (0..200).map(|_| make_private_dir()).collect::<Vec<_>>()))
+                .collect();
+            threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect()
+        });
+        let dirs: Vec<_> = made
+            .into_iter()
+            .map(|d| d.expect("a new directory"))
+            .collect();
+        let unique: std::collections::HashSet<_> = dirs.iter().collect();
+        assert_eq!(unique.len(), dirs.len());
+        for d in &dirs {
+            std::fs::remove_dir(d).unwrap();
+        }
     }
 }

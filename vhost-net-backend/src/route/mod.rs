@@ -505,7 +505,7 @@ impl Router {
     // The frame as the pipeline parsed it, where answers go, and the worker's cache: each
     // its own borrow of the worker's scratch.
     #[allow(clippy::too_many_arguments)]
-    pub fn route(
+    fn route(
         &self,
         from: PortId,
         segment: u16,
