@@ -338,13 +338,19 @@ impl Policy {
                 && f.conn.alive.load(Ordering::Relaxed)
                 && f.conn.generation.load(Ordering::Relaxed) == cache.generation
             {
-                if on_path(&f.conn, f.dir, src, dst) {
+                if !on_path(&f.conn, f.dir, src, dst) {
+                    return self.stateless(cache, src, dst, p, len, quiet);
+                }
+                if !f.conn.reopened_by(f.dir, p.tcp_flags) {
                     return f
                         .conn
                         .count(f.dir, len, p.tcp_flags, now)
                         .then(|| f.conn.rule());
                 }
-                return self.stateless(cache, src, dst, p, len, quiet);
+                // A new connection on a closed one's key: that one ends, this one is new.
+                let old = f.conn.clone();
+                cache.slots[slot] = None;
+                self.end(&old, &cache.rules);
             }
         }
         if let Some((conn, dir)) = self.conntrack.lookup(&p.key, hash) {
@@ -363,13 +369,18 @@ impl Policy {
             if !on_path(&conn, dir, src, dst) {
                 return self.stateless(cache, src, dst, p, len, quiet);
             }
-            let ok = conn.count(dir, len, p.tcp_flags, now).then(|| conn.rule());
-            cache.slots[slot] = Some(CachedFlow {
-                key: p.key,
-                conn,
-                dir,
-            });
-            return ok;
+            if conn.reopened_by(dir, p.tcp_flags) {
+                // As above: ended, and decided below as the new connection it is.
+                self.end(&conn, &cache.rules);
+            } else {
+                let ok = conn.count(dir, len, p.tcp_flags, now).then(|| conn.rule());
+                cache.slots[slot] = Some(CachedFlow {
+                    key: p.key,
+                    conn,
+                    dir,
+                });
+                return ok;
+            }
         }
         let (action, rule) = cache.rules.decide(src, dst, &p.key);
         if action == Action::Deny {
@@ -735,6 +746,50 @@ mod tests {
         assert_eq!(p.rules().rules[0].counters.hits.load(Ordering::Relaxed), 1);
         // Three denied attempts (the forged reply is denied too), aggregated by flow.
         assert_eq!(p.denied.take().len(), 4);
+    }
+
+    #[test]
+    fn a_syn_on_a_closed_flows_key_ends_it_and_tracks_a_new_connection() {
+        let (p, mut c) = policy("");
+        let mut pass = |src, dst, l3: L3| p.allows(&mut c, src, dst, fr(&l3, 60), false);
+        let handshake = |pass: &mut dyn FnMut(PortId, PortId, L3) -> bool| {
+            assert!(pass(WEB, APP, tcp(WEB, APP, 40000, 8080, TCP_SYN)));
+            assert!(pass(
+                APP,
+                WEB,
+                tcp(APP, WEB, 8080, 40000, TCP_SYN | TCP_ACK)
+            ));
+            assert!(pass(WEB, APP, tcp(WEB, APP, 40000, 8080, TCP_ACK)));
+        };
+        handshake(&mut pass);
+        let first = p.conntrack.all().pop().unwrap();
+        // Reset; the client takes the same port again at once.
+        assert!(pass(WEB, APP, tcp(WEB, APP, 40000, 8080, TCP_RST)));
+        assert!(!pass(APP, WEB, tcp(APP, WEB, 8080, 40000, TCP_ACK)));
+        handshake(&mut pass);
+        let second = p.conntrack.all().pop().unwrap();
+        assert!(!first.alive.load(Ordering::Relaxed), "the old one ended");
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.totals()[0].0, 2, "its own counters: SYN, ACK");
+        assert_eq!(second.state.load(Ordering::Relaxed), tcp::ESTABLISHED);
+        // After FINs both ways (TIME_WAIT) too; still one flow tracked.
+        assert!(pass(
+            WEB,
+            APP,
+            tcp(WEB, APP, 40000, 8080, TCP_FIN | TCP_ACK)
+        ));
+        assert!(pass(
+            APP,
+            WEB,
+            tcp(APP, WEB, 8080, 40000, TCP_FIN | TCP_ACK)
+        ));
+        handshake(&mut pass);
+        assert_eq!(p.conntrack.len(), 1);
+        // Only the side that opened it, and as the rules say: app may not open to web.
+        assert!(pass(WEB, APP, tcp(WEB, APP, 40000, 8080, TCP_RST)));
+        assert!(!pass(APP, WEB, tcp(APP, WEB, 8080, 40000, TCP_SYN)));
+        // Ended flows count in their rule's totals.
+        assert!(p.rules().rules[0].counters.packets.load(Ordering::Relaxed) >= 5);
     }
 
     #[test]
