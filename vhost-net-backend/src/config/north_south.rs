@@ -77,8 +77,9 @@ pub struct BalancerConfig {
     /// Checks failed in a row before a backend gets no more new connections.
     #[serde(default = "default_fall")]
     pub fall: u32,
-    /// What becomes of a down backend's open connections.
-    #[serde(default)]
+    /// What becomes of a down backend's open connections. Left out of a written file
+    /// when it is the default, so that a switch from before the key reads the file.
+    #[serde(default, skip_serializing_if = "OnDown::is_keep")]
     pub on_down: OnDown,
 }
 
@@ -91,6 +92,12 @@ pub enum OnDown {
     #[default]
     Keep,
     Reset,
+}
+
+impl OnDown {
+    fn is_keep(&self) -> bool {
+        *self == OnDown::Keep
+    }
 }
 
 fn default_interval_ms() -> u64 {
@@ -298,6 +305,16 @@ name = "web"
 port = 80
 backends = ["10.10.1.10", "10.10.1.11"]
 "#;
+
+    #[test]
+    fn a_written_config_names_on_down_only_when_it_is_not_the_default() {
+        let mut c = SwitchConfig::from_toml(GOOD).unwrap();
+        assert!(!toml::to_string(&c).unwrap().contains("on_down"));
+        c.balancers[0].on_down = super::OnDown::Reset;
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("on_down = \"reset\""), "{text}");
+        assert_eq!(SwitchConfig::from_toml(&text).unwrap(), c);
+    }
 
     #[test]
     fn forwards_and_balancers_are_checked_with_the_fix_named() {
