@@ -128,11 +128,15 @@ impl QueueCounters {
         self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
     }
 
-    /// A TX burst of `frames` chains (`packets` of them delivered as frames, `bytes`),
-    /// taken in and delivered in `busy_ns`. Only the queue's own worker writes these.
-    pub fn add_tx_burst(&self, frames: usize, packets: u64, bytes: u64, busy_ns: u64) {
+    /// Frames taken from the TX queue (or read from the tap), before they are switched.
+    pub fn add_tx(&self, packets: u64, bytes: u64) {
         self.tx_packets.fetch_add(packets, Ordering::Relaxed);
         self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A TX burst of `frames` chains taken in and switched in `busy_ns`. Only the queue's
+    /// own worker writes these.
+    pub fn add_burst(&self, frames: usize, busy_ns: u64) {
         let b = BURST_BUCKETS.iter().position(|max| frames <= *max);
         self.tx_bursts[b.unwrap_or(BURST_BUCKETS.len() - 1)].fetch_add(1, Ordering::Relaxed);
         self.busy_ns.fetch_add(busy_ns, Ordering::Relaxed);
@@ -153,36 +157,13 @@ impl QueueCounters {
 
 #[derive(Debug, Default)]
 pub struct PortCounters {
-    rx_packets: AtomicU64,
-    rx_bytes: AtomicU64,
-    tx_packets: AtomicU64,
-    tx_bytes: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
-    /// By queue pair (VM ports; the tap counts in pair 0).
+    /// Traffic by queue pair (VM ports; the tap counts in pair 0), counted a burst's worth
+    /// at once; the port's totals are their sums, read by `snapshot`.
     queues: [QueueCounters; MAX_QUEUE_PAIRS as usize],
 }
 
 impl PortCounters {
-    pub fn count_rx(&self, bytes: usize) {
-        self.add_rx(1, bytes as u64);
-    }
-
-    pub fn count_tx(&self, bytes: usize) {
-        self.add_tx(1, bytes as u64);
-    }
-
-    /// A burst's worth at once: these lines are shared with the stats reader and, for RX,
-    /// with every worker delivering to the port.
-    pub fn add_rx(&self, packets: u64, bytes: u64) {
-        self.rx_packets.fetch_add(packets, Ordering::Relaxed);
-        self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
-
-    pub fn add_tx(&self, packets: u64, bytes: u64) {
-        self.tx_packets.fetch_add(packets, Ordering::Relaxed);
-        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
-    }
-
     /// Queue pair `qp`'s counters (the last pair's for an index beyond them, which the
     /// config never allows).
     #[inline]
@@ -196,11 +177,14 @@ impl PortCounters {
 
     pub fn snapshot(&self) -> CounterSnapshot {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let sum = |field: fn(&QueueCounters) -> &AtomicU64| {
+            self.queues.iter().map(|q| load(field(q))).sum()
+        };
         CounterSnapshot {
-            rx_packets: load(&self.rx_packets),
-            rx_bytes: load(&self.rx_bytes),
-            tx_packets: load(&self.tx_packets),
-            tx_bytes: load(&self.tx_bytes),
+            rx_packets: sum(|q| &q.rx_packets),
+            rx_bytes: sum(|q| &q.rx_bytes),
+            tx_packets: sum(|q| &q.tx_packets),
+            tx_bytes: sum(|q| &q.tx_bytes),
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.name(), load(&self.drops[*r as usize])))

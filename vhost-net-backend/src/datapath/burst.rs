@@ -486,10 +486,7 @@ fn deliver(from: &SwitchPort, dst: &SwitchPort, frame: &Frame<'_>, rx: &mut RxSc
         }
         Endpoint::Tap(tap) => {
             match tap.send(frame.hash, &frame.hdr, frame.src, frame.head, frame.segment) {
-                Ok(()) => {
-                    dst.counters.count_rx(frame.src.len());
-                    dst.counters.queue(0).add_rx(1, frame.src.len() as u64);
-                }
+                Ok(()) => dst.counters.queue(0).add_rx(1, frame.src.len() as u64),
                 Err(reason) => dst.counters.count_drop(reason),
             }
         }

@@ -83,7 +83,9 @@ fn read_loop(dp: &Datapath, port: &SwitchPort, tap: &TapPort, q: usize, stop: &A
         match take_in(tap, &mut buf[..n], dp.max_frame_len) {
             Ok((hdr, start, segment)) => {
                 let frame_bytes = &buf[start..n];
-                port.counters.count_tx(frame_bytes.len());
+                // The tap's one queue: a burst of one frame each read.
+                let queue = port.counters.queue(0);
+                queue.add_tx(1, frame_bytes.len() as u64);
                 let frame = Frame {
                     hdr,
                     src: FrameSource::Local(frame_bytes),
@@ -92,15 +94,12 @@ fn read_loop(dp: &Datapath, port: &SwitchPort, tap: &TapPort, q: usize, stop: &A
                     segment,
                 };
                 let started = Instant::now();
-                let len = frame_bytes.len() as u64;
                 // A panic (a bug) drops this frame; the reader goes on with a new scratch.
                 let done = fault::contain("switching a frame from the tap", || {
                     burst::run(dp, port, Burst::Local(frame), &mut scratch);
                     burst::flush(dp, &mut scratch);
                 });
-                // The tap's one queue: a burst of one frame each read.
-                let busy = started.elapsed().as_nanos() as u64;
-                port.counters.queue(0).add_tx_burst(1, 1, len, busy);
+                queue.add_burst(1, started.elapsed().as_nanos() as u64);
                 if done.is_none() {
                     port.counters.count_drop(DropReason::InternalError);
                     scratch = Scratch::default();

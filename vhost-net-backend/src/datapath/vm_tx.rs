@@ -252,14 +252,12 @@ impl TxQueue<'_> {
                 frames: &w.tx_frames,
             };
             burst::run(self.dp, self.port, burst, &mut w.scratch);
-            // Counted before the guest can see its chains returned.
-            self.port.counters.add_tx(w.tx_packets, w.tx_bytes);
+            // Counted before the guest can see its chains returned; TX queue 2n + 1 is
+            // queue pair n's.
+            let counters = self.port.counters.queue(self.vring_index / 2);
+            counters.add_tx(w.tx_packets, w.tx_bytes);
             if handled > 0 {
-                let busy = started.elapsed().as_nanos() as u64;
-                // TX queue 2n + 1 is queue pair n's.
-                let qp = self.vring_index / 2;
-                let counters = self.port.counters.queue(qp);
-                counters.add_tx_burst(handled, w.tx_packets, w.tx_bytes, busy);
+                counters.add_burst(handled, started.elapsed().as_nanos() as u64);
             }
             (w.tx_packets, w.tx_bytes) = (0, 0);
             // Returned to the guest in one go, with one index store.

@@ -600,7 +600,6 @@ impl RxScratch {
             let Some(VmPort { counters, vm, .. }) = port(t.port) else {
                 continue;
             };
-            counters.add_rx(t.packets, t.bytes);
             counters.queue(t.queue).add_rx(t.packets, t.bytes);
             // Touched queues were written through an endpoint opened in this burst.
             let Some((vring, mem, generation)) = scratch
