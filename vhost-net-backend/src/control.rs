@@ -575,6 +575,9 @@ fn restart_only_changes(old: &SwitchConfig, new: &SwitchConfig) -> Vec<String> {
     if old.poll_us != new.poll_us {
         changed.push("poll_us".into());
     }
+    if (old.workers, &old.worker_cpus) != (new.workers, &new.worker_cpus) {
+        changed.push("workers or worker_cpus".into());
+    }
     if (&old.segments, &old.routes, old.router_mac) != (&new.segments, &new.routes, new.router_mac)
     {
         changed.push("[[segment]], [[route]] or router_mac".into());

@@ -26,10 +26,12 @@
 //! 2 packet     packet::{ingress (one check for every port), meta, flow, l3, vlan, offload,
 //!              rewrite (a routed frame's head), build (the frames the router writes)}:
 //!              pure functions on bytes
-//! 1 guest      mem (the only place guest addresses become host pointers),
+//! 1 guest      mem (the only place guest addresses become host pointers), vring (a
+//!              queue as vhost-user-backend keeps it, and who watches its kicks),
 //!              virtio::{net_hdr, chain, ring (the only file that knows the split ring's
 //!              layout), copy}
-//! 0 vocabulary types, counters, config, fault (panics contained where they would spread)
+//! 0 vocabulary types, counters, config, cpu_set, fault (panics contained where they would
+//!              spread)
 //! ```
 //!
 //! # A frame's way
@@ -54,6 +56,7 @@ pub mod capture;
 pub mod config;
 pub mod control;
 pub mod counters;
+pub mod cpu_set;
 pub mod datapath;
 pub mod endpoint;
 pub mod fault;
@@ -69,6 +72,7 @@ pub mod switch;
 pub mod types;
 pub mod vhost_user;
 pub mod virtio;
+pub mod vring;
 
 pub use config::{MacAddr, PortConfig, PortMode, SwitchConfig};
 pub use counters::{CounterSnapshot, DropReason};

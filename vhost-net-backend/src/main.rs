@@ -98,6 +98,17 @@ struct Args {
     #[arg(long, value_name = "US")]
     poll_us: Option<u64>,
 
+    /// Serve every port's queue pairs with N threads, each pair given to the one with the
+    /// fewest, one TX burst at a time in turn (as OVS's PMD threads). Default: a thread of
+    /// its own for each queue pair of each connected port.
+    #[arg(long, value_name = "N")]
+    workers: Option<usize>,
+
+    /// Run the datapath's threads (the workers, the uplink's readers) on these CPUs, e.g.
+    /// 2-3 or 1,3: with --workers, worker i on the i-th CPU of the list.
+    #[arg(long, value_name = "LIST")]
+    worker_cpus: Option<String>,
+
     /// A socket answering the line `stats` with every port's counters as JSON.
     #[arg(long, value_name = "PATH")]
     control_socket: Option<PathBuf>,
@@ -366,6 +377,13 @@ fn build_config(args: &Args) -> Result<SwitchConfig> {
     }
     if let Some(us) = args.poll_us {
         config.poll_us = us;
+    }
+    if let Some(n) = args.workers {
+        config.workers = n;
+    }
+    if let Some(cpus) = &args.worker_cpus {
+        config.worker_cpus = vhost_net_backend::cpu_set::parse(cpus)
+            .map_err(|e| anyhow::anyhow!("--worker-cpus: {e}"))?;
     }
     if let Some(spec) = &args.uplink {
         config.uplink = Some(UplinkConfig::parse_spec(spec)?);

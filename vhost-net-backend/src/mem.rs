@@ -17,9 +17,6 @@ use vm_memory::{
 /// Guest memory as mapped by the backend (no dirty-page bitmap).
 pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
 
-/// A queue of a VM port, as vhost-user-backend holds it (the ring, its eventfds, its lock).
-pub type Vring = vhost_user_backend::VringRwLock<vm_memory::GuestMemoryAtomic<GuestMemory>>;
-
 /// Host mapping of guest bytes.
 pub type GuestSlice<'a> = VolatileSlice<'a, <() as vm_memory::bitmap::WithBitmapSlice<'a>>::S>;
 

@@ -24,6 +24,8 @@ use crate::endpoint::SwitchPort;
 use crate::types::PortId;
 use crate::vhost_user::backend::Port;
 use crate::vhost_user::relay;
+use crate::vhost_user::worker_pool::WorkerPool;
+use crate::vring;
 
 #[derive(Debug, Error)]
 pub enum ListenError {
@@ -138,14 +140,21 @@ pub struct PortSockets {
     /// Holds the protocol handlers' internal sockets; only we can reach it.
     private_dir: PathBuf,
     running: Mutex<HashMap<PortId, PortThread>>,
+    /// Serves every port's queue pairs (`--workers`); None: a thread per queue pair.
+    pool: Option<Arc<WorkerPool>>,
 }
 
 impl PortSockets {
-    pub fn new(dp: Arc<Datapath>, private_dir: PathBuf) -> PortSockets {
+    pub fn new(
+        dp: Arc<Datapath>,
+        private_dir: PathBuf,
+        pool: Option<Arc<WorkerPool>>,
+    ) -> PortSockets {
         PortSockets {
             dp,
             private_dir,
             running: Mutex::new(HashMap::new()),
+            pool,
         }
     }
 
@@ -157,13 +166,14 @@ impl PortSockets {
         let stop = Arc::new(AtomicBool::new(false));
         let internal = self.private_dir.join(format!("{id}.sock"));
         let (dp, p, s) = (self.dp.clone(), port.clone(), stop.clone());
+        let pool = self.pool.clone();
         let (source, wake) = match socket {
             Socket::Listening(l, wake) => (Source::Listening(l), Some(wake)),
             Socket::Connecting(path) => (Source::Connecting(path), None),
         };
         let thread = thread::Builder::new()
             .name(format!("port-{}", port.name))
-            .spawn(move || serve_port(dp, p, source, internal, s))
+            .spawn(move || serve_port(dp, p, source, internal, s, pool))
             .map_err(|source| ListenError::Thread {
                 port: port.name.clone(),
                 source,
@@ -269,6 +279,7 @@ fn serve_port(
     source: Source,
     internal_path: PathBuf,
     stop: Arc<AtomicBool>,
+    pool: Option<Arc<WorkerPool>>,
 ) {
     let told_queues = Arc::new(AtomicBool::new(false));
     // The protocol handler accepts on a private socket; the relay joins it to the frontend.
@@ -291,15 +302,13 @@ fn serve_port(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        if let Err(e) = serve_connection(
-            &dp,
-            &shared,
-            frontend,
-            &mut internal,
-            &internal_path,
-            &stop,
-            &told_queues,
-        ) {
+        let served = Served {
+            dp: &dp,
+            shared: &shared,
+            pool: pool.as_ref(),
+            told: &told_queues,
+        };
+        if let Err(e) = serve_connection(&served, frontend, &mut internal, &internal_path, &stop) {
             error!("port {}: {e}", shared.name);
         }
         if matches!(source, Source::Connecting(_)) {
@@ -321,17 +330,31 @@ impl Drop for ExitEvents {
     }
 }
 
+/// What a port's connections are served with.
+struct Served<'a> {
+    dp: &'a Arc<Datapath>,
+    shared: &'a Arc<SwitchPort>,
+    /// None: a thread per queue pair.
+    pool: Option<&'a Arc<WorkerPool>>,
+    /// Whether a frontend asking for too many queue pairs was told already.
+    told: &'a Arc<AtomicBool>,
+}
+
 /// Serves one frontend connection until it ends.
 fn serve_connection(
-    dp: &Arc<Datapath>,
-    shared: &Arc<SwitchPort>,
+    served: &Served,
     frontend: UnixStream,
     internal: &mut Listener,
     internal_path: &Path,
     stop: &AtomicBool,
-    told: &Arc<AtomicBool>,
 ) -> Result<(), String> {
-    let port = Port::new(dp.clone(), shared.clone()).ok_or("not a VM port")?;
+    let Served {
+        dp,
+        shared,
+        pool,
+        told,
+    } = *served;
+    let port = Port::new(dp.clone(), shared.clone(), pool.is_some()).ok_or("not a VM port")?;
     let vm = port.vm().clone();
     // This connection's interrupts: stopped when this returns, after the daemon is gone.
     let _notifier = NotifierThread::spawn(vm.notifier.clone(), &shared.name)
@@ -339,8 +362,20 @@ fn serve_connection(
     // Declared before the daemon, so dropped after it, on every return path.
     let _exit_events = ExitEvents(port.clone());
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new(shared.name.clone(), port.clone(), mem)
-        .map_err(|e| format!("cannot set up the device: {e}"))?;
+    let (daemon, rings) =
+        vring::collect(|| VhostUserDaemon::new(shared.name.clone(), port.clone(), mem));
+    let mut daemon = daemon.map_err(|e| format!("cannot set up the device: {e}"))?;
+    if rings.len() != usize::from(shared.queue_pairs) * 2 {
+        // vhost-user-backend made its rings elsewhere than `collect` expects.
+        return Err(format!(
+            "the protocol handler made {} rings where {} were expected",
+            rings.len(),
+            usize::from(shared.queue_pairs) * 2
+        ));
+    }
+    port.publish(&rings);
+    // Dropped (its pairs off the pool) when this returns, before the daemon.
+    let _pooled = pool.map(|pool| pool.attach(&port, &rings));
     // Connecting first leaves the connection in the backlog for the daemon's accept.
     let handler_side = UnixStream::connect(internal_path)
         .map_err(|e| format!("cannot reach {}: {e}", internal_path.display()))?;

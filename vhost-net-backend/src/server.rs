@@ -26,6 +26,7 @@ use crate::host_side::{HostSide, HostSideError};
 use crate::metrics;
 use crate::port_sockets::{self, ListenError, PortSockets, Socket, Wake};
 use crate::types::PortId;
+use crate::vhost_user::worker_pool::WorkerPool;
 
 #[derive(Debug, Error)]
 pub enum ServerError {
@@ -189,7 +190,11 @@ impl Server {
             .collect();
         let private_dir = make_private_dir()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let sockets = Arc::new(PortSockets::new(dp.clone(), private_dir.clone()));
+        let pool = match config.workers {
+            0 => None,
+            n => Some(WorkerPool::start(n, &config.worker_cpus).map_err(ServerError::Thread)?),
+        };
+        let sockets = Arc::new(PortSockets::new(dp.clone(), private_dir.clone(), pool));
         let mut server = Server {
             private_dir,
             dp: dp.clone(),

@@ -19,6 +19,12 @@ use thiserror::Error;
 
 /// Largest number of queue pairs one port may offer.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// Most threads of the worker pool (`workers`).
+pub const MAX_WORKERS: usize = 256;
 /// Largest frame payload the switch forwards when no `--mtu` is given: jumbo frames work
 /// out of the box.
 pub const DEFAULT_FORWARD_MTU: u16 = 9000;
@@ -49,6 +55,10 @@ pub enum ConfigError {
     Uplink { spec: String, message: String },
     #[error("poll-us {0} is out of range: use 0..=1000000 (a second)")]
     PollUs(u64),
+    #[error("workers {0} is out of range: use 0 (a thread per queue pair) to {MAX_WORKERS}")]
+    Workers(usize),
+    #[error("worker CPU {cpu} is not one this process may run on ({allowed}); see `taskset -p $$` or the cgroup's cpuset")]
+    WorkerCpu { cpu: usize, allowed: String },
     #[error("mtu {0} is out of range: use 68..=65521")]
     Mtu(u32),
     #[error("{ports} ports are configured but max_ports is {max}: raise max_ports (up to {MAX_PORTS_LIMIT}) or remove ports")]
@@ -347,6 +357,13 @@ pub struct SwitchConfig {
     /// lower latency for a core's worth of CPU. 0: off.
     #[serde(default)]
     pub poll_us: u64,
+    /// Threads serving every VM port's queue pairs, each pair given to the one with the
+    /// fewest (OVS's PMD threads). 0: a thread of its own for each queue pair.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub workers: usize,
+    /// CPUs the datapath's threads (the workers, the uplink's readers) run on. Empty: any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub worker_cpus: Vec<usize>,
     /// The policy's settings; present, or with any rule, traffic no rule allows is dropped.
     #[serde(default)]
     pub policy: Option<PolicyConfig>,
@@ -389,6 +406,8 @@ impl Default for SwitchConfig {
             ports: Vec::new(),
             uplink: None,
             poll_us: 0,
+            workers: 0,
+            worker_cpus: Vec::new(),
             policy: None,
             rules: Vec::new(),
             rule_positions: Vec::new(),
@@ -514,6 +533,16 @@ impl SwitchConfig {
         }
         if self.poll_us > 1_000_000 {
             return Err(ConfigError::PollUs(self.poll_us));
+        }
+        if self.workers > MAX_WORKERS {
+            return Err(ConfigError::Workers(self.workers));
+        }
+        if let Err((cpu, allowed)) = crate::cpu_set::check(&self.worker_cpus) {
+            let allowed = allowed.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+            return Err(ConfigError::WorkerCpu {
+                cpu,
+                allowed: format!("allowed: {}", allowed.join(",")),
+            });
         }
         if let Some(up) = &self.uplink {
             let bad = |message: &str| ConfigError::Uplink {

@@ -29,6 +29,8 @@ pub struct Datapath {
     pub max_frame_len: usize,
     /// Busy-poll window of the TX workers after a burst, microseconds (0: none).
     pub poll_us: u64,
+    /// CPUs the datapath's threads run on (empty: any).
+    pub worker_cpus: Vec<usize>,
 }
 
 impl Datapath {
@@ -49,6 +51,7 @@ impl Datapath {
             mtu: config.mtu,
             max_frame_len: config.max_frame_len(),
             poll_us: config.poll_us,
+            worker_cpus: config.worker_cpus.clone(),
         }))
     }
 }

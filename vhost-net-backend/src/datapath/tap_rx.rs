@@ -46,6 +46,7 @@ pub fn spawn_readers(
 }
 
 fn read_loop(dp: &Datapath, port: &SwitchPort, tap: &TapPort, q: usize, stop: &AtomicBool) {
+    crate::cpu_set::pin(&dp.worker_cpus);
     let fd = tap.queue(q).as_raw_fd();
     // Room for the largest frame the host may send, tagged, and one byte more: a read that
     // fills it all was a larger frame, cut short.

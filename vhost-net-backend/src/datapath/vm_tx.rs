@@ -44,10 +44,22 @@ struct WalkedChain {
     total: usize,
 }
 
+/// How long one call of `TxQueue::process` may run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Turn {
+    /// Until the ring is empty (and stays so for `--poll-us`): the queue has a thread of
+    /// its own.
+    UntilEmpty,
+    /// One burst: the thread serves other queues too, and calls again while `process`
+    /// says so (polling, too, is the caller's then).
+    OneBurst,
+}
+
 /// Per-queue-pair state of one connection.
 pub struct Worker {
-    /// Whether this queue pair's RX vring was published to the other ports.
-    pub published: bool,
+    /// Since when the ring has been found empty with kicks left off (`Turn::OneBurst`
+    /// with `--poll-us`): the polling window's start.
+    quiet_since: Option<Instant>,
     /// The heads of this burst's chains.
     tx_heads: Vec<u16>,
     /// The buffers of every chain of this burst, one after another.
@@ -67,7 +79,7 @@ pub struct Worker {
 impl Worker {
     pub fn new() -> Self {
         Worker {
-            published: false,
+            quiet_since: None,
             tx_heads: Vec::with_capacity(TX_BURST),
             tx_segs: Vec::with_capacity(4 * TX_BURST),
             tx_walked: Vec::with_capacity(TX_BURST),
@@ -122,10 +134,12 @@ impl TxQueue<'_> {
     }
 
     /// Takes what the guest transmitted, a burst at a time, until its ring is empty (or,
-    /// with `--poll-us`, stays empty for that long).
-    pub fn process(&self, vring: &Vring, w: &mut Worker) {
+    /// with `--poll-us`, stays empty for that long), or for one burst (`turn`). True when
+    /// the caller should call again: chains are left, or the polling window is open (the
+    /// guest's kicks are off then).
+    pub fn process(&self, vring: &Vring, w: &mut Worker, turn: Turn) -> bool {
         let Some((mut ram, mut features, mut generation)) = self.connection_state() else {
-            return;
+            return false;
         };
         while self.alive() {
             if !self.vm.is_current(generation) {
@@ -134,24 +148,25 @@ impl TxQueue<'_> {
                 // may describe memory the guest no longer uses.
                 match self.connection_state() {
                     Some(now) => (ram, features, generation) = now,
-                    None => return,
+                    None => return false,
                 }
             }
             let hdr_len = net_hdr_len(features);
             let mut state = vring.get_mut();
             if !state.is_enabled() {
-                return;
+                return false;
             }
             let queue = state.get_queue_mut();
             if !queue.ready() {
-                return;
+                return false;
             }
             let event_idx = queue.event_idx_enabled();
             let pending = match checked_avail_idx(&ram, queue) {
                 Some(avail) => avail.wrapping_sub(queue.next_avail()),
                 None => {
                     drop(state);
-                    return self.broken("TX avail index out of range");
+                    self.broken("TX avail index out of range");
+                    return false;
                 }
             };
             // No kicks while this runs. Without EVENT_IDX that is the used ring's
@@ -268,7 +283,8 @@ impl TxQueue<'_> {
                         drop(state);
                         // What this burst delivered to others still reaches them.
                         burst::flush(self.dp, &mut w.scratch);
-                        return self.broken("TX used ring outside memory");
+                        self.broken("TX used ring outside memory");
+                        return false;
                     }
                 };
             queue.set_next_used(new_used);
@@ -291,20 +307,46 @@ impl TxQueue<'_> {
                 self.vm.notifier.ring(self.vring_index);
             }
             if let TxOutcome::Broken(why) = outcome {
-                return self.broken(why);
+                self.broken(why);
+                return false;
             }
-            if more || (polling && self.poll_for_tx(vring, &ram, generation)) {
+            if more {
+                if turn == Turn::OneBurst {
+                    return true;
+                }
                 continue;
             }
             if polling {
+                match turn {
+                    Turn::UntilEmpty => {
+                        if self.poll_for_tx(vring, &ram, generation) {
+                            continue;
+                        }
+                    }
+                    Turn::OneBurst => {
+                        let now = Instant::now();
+                        if handled > 0 {
+                            w.quiet_since = Some(now);
+                        }
+                        let since = *w.quiet_since.get_or_insert(now);
+                        if now.duration_since(since).as_micros() < u128::from(self.dp.poll_us) {
+                            return true;
+                        }
+                        w.quiet_since = None;
+                    }
+                }
                 // The window closed empty: ask for kicks again, unless work slipped in.
                 let mut state = vring.get_mut();
                 if rearm(state.get_queue_mut(), &ram) {
+                    if turn == Turn::OneBurst {
+                        return true;
+                    }
                     continue;
                 }
             }
-            return;
+            return false;
         }
+        false
     }
 
     /// The connection's guest memory and features now, and the generation they belong to.
@@ -448,6 +490,10 @@ mod tests {
     const BUFS: u64 = 0x4000;
 
     fn two_ports() -> Arc<Datapath> {
+        two_ports_polled(0)
+    }
+
+    fn two_ports_polled(poll_us: u64) -> Arc<Datapath> {
         let port = |name: &str| PortConfig {
             name: name.into(),
             socket: format!("/nonexistent/{name}").into(),
@@ -456,6 +502,7 @@ mod tests {
         Datapath::new(
             &SwitchConfig {
                 ports: vec![port("a"), port("b")],
+                poll_us,
                 ..Default::default()
             },
             None,
@@ -536,7 +583,7 @@ mod tests {
             vring_index: 1,
         };
         let mut w = Worker::new();
-        queue.process(&txq, &mut w);
+        assert!(!queue.process(&txq, &mut w, Turn::UntilEmpty));
 
         // Every chain back to the guest, in order, the bad one too.
         assert_eq!(used(&ma, TX, 0), (4, (0, 0)));
@@ -562,5 +609,56 @@ mod tests {
         // a's MAC was learned on its port.
         let src = crate::types::MacAddr([2, 0, 0, 0, 0, 0x11]);
         assert_eq!(dp.switch.macs.lookup(0, src), Some(0));
+    }
+
+    /// The used ring's flags: 1 is NO_NOTIFY (the guest's kicks are off).
+    fn used_flags(m: &GuestMemory, l: Layout) -> u16 {
+        m.read_obj(GuestAddress(l.used)).unwrap()
+    }
+
+    #[test]
+    fn a_shared_worker_polls_by_being_called_again_never_by_spinning() {
+        let dp = two_ports_polled(50_000);
+        let ma = mem();
+        let a = attach(&dp, 0, &ma, None);
+        let one = [vec![0u8; 12], frame(60, 0)].concat();
+        ma.write_slice(&one, GuestAddress(BUFS)).unwrap();
+        put_desc(&ma, TX.desc, 0, BUFS, one.len() as u32, 0, 0);
+        post(&ma, TX, 0, 0);
+        let atomic = GuestMemoryAtomic::new(ma.clone());
+        let txq = vring(&atomic, TX);
+        let alive = AtomicBool::new(true);
+        let queue = TxQueue {
+            dp: &dp,
+            port: &dp.ports.load()[0],
+            vm: &a,
+            alive: &alive,
+            vring_index: 1,
+        };
+        let mut w = Worker::new();
+        // One burst, then back to the caller with the window open and kicks off.
+        let started = Instant::now();
+        assert!(queue.process(&txq, &mut w, Turn::OneBurst));
+        assert!(started.elapsed() < std::time::Duration::from_millis(50));
+        assert_eq!(used(&ma, TX, 0), (1, (0, 0)));
+        assert_eq!(used_flags(&ma, TX), 1);
+        // A chain posted meanwhile is taken by the next call, which keeps polling.
+        ma.write_slice(&one, GuestAddress(BUFS + 0x800)).unwrap();
+        put_desc(&ma, TX.desc, 1, BUFS + 0x800, one.len() as u32, 0, 0);
+        post(&ma, TX, 1, 1);
+        assert!(queue.process(&txq, &mut w, Turn::OneBurst));
+        assert_eq!(used(&ma, TX, 1), (2, (1, 0)));
+        // Once the window has passed empty: kicks on again, and done.
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(!queue.process(&txq, &mut w, Turn::OneBurst));
+        assert_eq!(used_flags(&ma, TX), 0);
+        // A queue of its own polls the whole window in one call.
+        ma.write_slice(&one, GuestAddress(BUFS + 0x1000)).unwrap();
+        put_desc(&ma, TX.desc, 2, BUFS + 0x1000, one.len() as u32, 0, 0);
+        post(&ma, TX, 2, 2);
+        let started = Instant::now();
+        assert!(!queue.process(&txq, &mut w, Turn::UntilEmpty));
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+        assert_eq!(used(&ma, TX, 2), (3, (2, 0)));
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use vhost_user_backend::VringT;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::mem::Vring;
+use crate::vring::Vring;
 
 /// The signal that interrupts a notifier blocked in a write; its handler does nothing and
 /// is installed without SA_RESTART, so the write fails with EINTR. SIGURG: ignored by

@@ -29,7 +29,7 @@ use crate::virtio::{
     VIRTIO_NET_HDR_GSO_TCPV6,
 };
 
-pub use crate::mem::Vring;
+pub use crate::vring::Vring;
 
 /// Most RX buffers one mergeable frame may use.
 const MAX_MERGED_BUFFERS: usize = 256;

@@ -1,6 +1,7 @@
 //! The `VhostUserBackend` of one VM port for one frontend connection: features and
-//! protocol features offered, memory and queues taken in, each queue pair's worker
-//! driving its TX ring (`datapath::vm_tx`) and publishing its RX ring to the other ports.
+//! protocol features offered, memory and queues taken in, its rings published to the other
+//! ports, and each queue pair's work on a kick (`serve_ring`), done on a thread of the
+//! pair's own (vhost-user-backend's) or of the worker pool.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::{VhostUserBackend, VringT};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -16,13 +17,14 @@ use vmm_sys_util::event::{
 };
 
 use crate::counters::DropReason;
-use crate::datapath::vm_tx::{TxQueue, Worker};
+use crate::datapath::vm_tx::{Turn, TxQueue, Worker};
 use crate::datapath::Datapath;
-use crate::endpoint::vm::{VmEndpoint, Vring};
+use crate::endpoint::vm::VmEndpoint;
 use crate::endpoint::{Endpoint, SwitchPort};
 use crate::fault;
 use crate::mem::GuestMemory;
 use crate::virtio::features as f;
+use crate::vring::Vring;
 
 /// Largest queue size offered (QEMU accepts up to 1024 for vhost-user).
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -49,6 +51,8 @@ struct PortInner {
     port: Arc<SwitchPort>,
     vm: Arc<VmEndpoint>,
     workers: Vec<Mutex<Worker>>,
+    /// Whether the worker pool serves the rings (vhost-user-backend starts no threads).
+    pooled: bool,
     /// False once the connection ended: old workers still draining must not touch the
     /// port's shared state, which may already belong to the next connection.
     alive: AtomicBool,
@@ -64,8 +68,9 @@ struct PortInner {
 pub struct Port(Arc<PortInner>);
 
 impl Port {
-    /// The backend of `port`; None if it is not a VM port.
-    pub fn new(dp: Arc<Datapath>, port: Arc<SwitchPort>) -> Option<Port> {
+    /// The backend of `port`; None if it is not a VM port. `pooled`: the worker pool
+    /// serves its rings, not a thread per queue pair.
+    pub fn new(dp: Arc<Datapath>, port: Arc<SwitchPort>, pooled: bool) -> Option<Port> {
         let Endpoint::Vm(vm) = &port.endpoint else {
             return None;
         };
@@ -78,6 +83,7 @@ impl Port {
             port,
             vm,
             workers,
+            pooled,
             alive: AtomicBool::new(true),
             exit_events: Mutex::new(Vec::new()),
         })))
@@ -101,6 +107,82 @@ impl Port {
     /// Marks the connection as ended; its workers stop at their next step.
     pub fn retire(&self) {
         self.0.alive.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the connection is still on.
+    pub fn alive(&self) -> bool {
+        self.0.alive.load(Ordering::Relaxed)
+    }
+
+    /// The switch port served.
+    pub fn port(&self) -> &Arc<SwitchPort> {
+        &self.0.port
+    }
+
+    /// Makes the connection's rings (`vrings`, by index: pair i is 2i RX and 2i + 1 TX)
+    /// known to the other ports and to the notifier. Before the protocol starts: a ring is
+    /// written only once its guest has started and enabled it, which each write checks.
+    pub fn publish(&self, vrings: &[Vring]) {
+        let inner = self.inner();
+        let mut ep = inner.vm.rx_write();
+        for (i, pair) in vrings.chunks(2).enumerate() {
+            if let Some(slot) = ep.queues.get_mut(i) {
+                *slot = Some(pair[0].clone());
+            }
+            for (k, ring) in pair.iter().enumerate() {
+                inner.vm.notifier.set_vring(2 * i + k, ring.clone());
+            }
+        }
+    }
+
+    /// What a kick of queue pair `pair`'s RX ring (`tx` false) or TX ring means: for the
+    /// TX ring, the guest's frames taken (all of them, or one burst: `turn`). True when
+    /// the caller should call again (`TxQueue::process`).
+    pub fn serve_ring(&self, pair: usize, tx: bool, rings: (&Vring, &Vring), turn: Turn) -> bool {
+        let inner = self.inner();
+        let Some(worker) = inner.workers.get(pair) else {
+            return false;
+        };
+        let (rx_ring, tx_ring) = rings;
+        // A kick of the RX ring says new buffers: frames are never queued for them, so the
+        // driver need not kick at all. Without EVENT_IDX it kicks until the used ring's
+        // NO_NOTIFY flag says otherwise (with it, after the first kick, only when its index
+        // passes an avail_event never moved on), each kick a wake-up of a worker.
+        if !tx {
+            if let Some(mem) = inner.vm.rx_read().mem.clone() {
+                use virtio_queue::QueueT;
+                use vm_memory::GuestAddressSpace;
+                let _ = rx_ring
+                    .get_mut()
+                    .get_queue_mut()
+                    .disable_notification(&*mem.memory());
+            }
+            return false;
+        }
+        let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = TxQueue {
+            dp: &inner.dp,
+            port: &inner.port,
+            vm: &inner.vm,
+            alive: &inner.alive,
+            vring_index: 2 * pair + 1,
+        };
+        // A panic here (a bug) costs this port only: its half-done burst is dropped, its
+        // connection reset (its own ring may be poisoned; the guest starts over), and the
+        // thread, which vhost-user-backend or the pool would lose, goes on.
+        let again = fault::contain("in a TX worker", || {
+            fault::inject_tx(inner.port.id);
+            queue.process(tx_ring, &mut worker, turn)
+        });
+        match again {
+            Some(again) => again,
+            None => {
+                inner.port.counters.count_drop(DropReason::InternalError);
+                *worker = Worker::new();
+                inner.vm.reset_connection();
+                false
+            }
+        }
     }
 
     fn inner(&self) -> &PortInner {
@@ -162,6 +244,9 @@ impl VhostUserBackend for Port {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
+        if self.inner().pooled {
+            return Vec::new();
+        }
         (0..self.inner().port.queue_pairs)
             .map(|i| 0b11u64 << (2 * i))
             .collect()
@@ -184,68 +269,11 @@ impl VhostUserBackend for Port {
         vrings: &[Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        let inner = self.inner();
-        let Some(worker) = inner.workers.get(thread_id) else {
-            return Ok(());
-        };
-        let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
-        if !worker.published {
-            // The framework hands a queue pair's vrings only to its own worker: publish the
-            // RX one so that other ports can deliver into it. Checked under the lock that
-            // detaching takes, so a retired connection never publishes into the next one.
-            if let Some(rx) = vrings.first() {
-                let mut ep = inner.vm.rx_write();
-                if !inner.alive.load(Ordering::SeqCst) {
-                    return Ok(());
-                }
-                if let Some(slot) = ep.queues.get_mut(thread_id) {
-                    *slot = Some(rx.clone());
-                }
-                // Queue pair i is vrings 2i (RX) and 2i + 1 (TX).
-                inner.vm.notifier.set_vring(2 * thread_id, rx.clone());
-                if let Some(tx) = vrings.get(1) {
-                    inner.vm.notifier.set_vring(2 * thread_id + 1, tx.clone());
-                }
-            }
-            worker.published = true;
-        }
-        // Event 0 is the RX kick (new buffers): frames are never queued for them, so the
-        // driver need not kick at all. Without EVENT_IDX it kicks until the used ring's
-        // NO_NOTIFY flag says otherwise (with it, after the first kick, only when its index
-        // passes an avail_event never moved on), each kick a wake-up of this thread.
-        if device_event == 0 {
-            if let (Some(rx), Some(mem)) = (vrings.first(), inner.vm.rx_read().mem.clone()) {
-                use vhost_user_backend::VringT;
-                use virtio_queue::QueueT;
-                use vm_memory::GuestAddressSpace;
-                let _ = rx
-                    .get_mut()
-                    .get_queue_mut()
-                    .disable_notification(&*mem.memory());
-            }
-        }
-        if device_event == 1 {
-            if let Some(tx) = vrings.get(1) {
-                let queue = TxQueue {
-                    dp: &inner.dp,
-                    port: &inner.port,
-                    vm: &inner.vm,
-                    alive: &inner.alive,
-                    vring_index: 2 * thread_id + 1,
-                };
-                // A panic here (a bug) costs this port only: its half-done burst is
-                // dropped, its connection reset (its own ring may be poisoned; the guest
-                // starts over), and this thread, which vhost-user-backend would lose, goes on.
-                let done = fault::contain("in a TX worker", || {
-                    fault::inject_tx(inner.port.id);
-                    queue.process(tx, &mut worker)
-                });
-                if done.is_none() {
-                    inner.port.counters.count_drop(DropReason::InternalError);
-                    *worker = Worker::new();
-                    inner.vm.reset_connection();
-                }
-            }
+        // vhost-user-backend starts this thread: pinned at its first event.
+        crate::cpu_set::pin_once(&self.inner().dp.worker_cpus);
+        // This thread's rings are its queue pair's: event 0 the RX ring, 1 the TX ring.
+        if let [rx, tx] = vrings {
+            self.serve_ring(thread_id, device_event == 1, (rx, tx), Turn::UntilEmpty);
         }
         // Guest faults are counted, never returned: an error would stop this worker thread.
         Ok(())
