@@ -628,12 +628,12 @@ fn an_interrupt_eventfd_made_blocking_again_by_its_frontend_stalls_no_other_port
 
 #[test]
 fn a_guest_wanting_more_queue_pairs_than_its_port_offers_is_told_once() {
-    // QEMU started with queues=2 on a port left at one queue pair: its messages for ring 2
+    // QEMU started with queues=2 on a port set to one queue pair: its messages for ring 2
     // are refused with what to change, once, however often QEMU reconnects; the port then
     // serves a frontend that asks for what it offers.
     let dir = tempfile::tempdir().unwrap();
     let (sa, sb) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
-    let mut child = two_ports(&sa, &sb, "", |cmd| {
+    let mut child = two_ports(&sa, &sb, ",queues=1", |cmd| {
         cmd.env("RUST_LOG", "info").stderr(Stdio::piped());
     });
     for _ in 0..3 {

@@ -782,7 +782,13 @@ fn a_driver_without_event_idx_is_asked_for_kicks_only_when_the_switch_waits_for_
     let mut a = device(&sw, "a", no_event_idx.clone());
     let mut b = device(&sw, "b", no_event_idx);
     // Frames one at a time, each received (and its RX buffer posted again) before the next.
-    for i in 0..200u32 {
+    // The first 20 while b's queue pair's thread starts (at its rings' enable): its first
+    // RX kick turns them off.
+    let mut warm_kicks = 0;
+    for i in 0..220u32 {
+        if i == 20 {
+            warm_kicks = b.kicks(0);
+        }
         let mut frame = udp_frame(mac(1), mac(2), 100);
         frame[60..64].copy_from_slice(&i.to_be_bytes());
         a.send(0, &plain(), &frame).unwrap();
@@ -790,7 +796,11 @@ fn a_driver_without_event_idx_is_asked_for_kicks_only_when_the_switch_waits_for_
     }
     // RX buffers are never waited for: after the first, reposting them needs no kick
     // (before: one kick, one wake-up of b's worker, per buffer).
-    assert!(b.kicks(0) <= 2, "b's RX queue kicked {} times", b.kicks(0));
+    let kicks = b.kicks(0) - warm_kicks;
+    assert!(
+        kicks <= 1,
+        "b's RX queue kicked {kicks} times in 200 frames"
+    );
     // TX: the switch sleeps between frames, so it asks for each one's kick.
     assert!(
         a.kicks(1) >= 150,

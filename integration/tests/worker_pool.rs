@@ -154,8 +154,8 @@ fn one_worker_serves_eight_ports_of_two_queue_pairs() {
         "{names:?}"
     );
     assert!(
-        !names.iter().any(|n| n == "vring_worker"),
-        "threads of vhost-user-backend's own: {names:?}"
+        !names.iter().any(|n| n.starts_with("q0-")),
+        "threads of a queue pair's own: {names:?}"
     );
     assert!(p.backend.stop(), "the backend exits cleanly");
     let log = std::fs::read_to_string(&p.backend.log).unwrap();
@@ -207,7 +207,7 @@ fn workers_run_on_the_cpus_given() {
     assert_eq!(pool.len(), 2, "{pool:?}");
     assert!(pool.iter().all(|(_, c)| *c == last), "{pool:?}");
     assert!(p.backend.stop());
-    // A thread per queue pair: pinned once it serves its first kick.
+    // A thread per queue pair, on the CPUs given.
     let mut p = start(2, 1, &["--worker-cpus", &last]);
     let mut a = guest(&p.sockets[0], 1, 1);
     let mut b = guest(&p.sockets[1], 2, 1);
@@ -217,12 +217,42 @@ fn workers_run_on_the_cpus_given() {
     }
     let workers: Vec<_> = threads(p.backend.pid())
         .into_iter()
-        .filter(|(n, _)| n == "vring_worker")
+        .filter(|(n, _)| n.starts_with("q0-"))
         .collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
     assert!(
-        workers.iter().any(|(_, c)| *c == last),
-        "no worker on CPU {last}: {workers:?}"
+        workers.iter().all(|(_, c)| *c == last),
+        "a worker not on CPU {last}: {workers:?}"
     );
+    assert!(p.backend.stop());
+}
+
+#[test]
+fn a_port_offering_sixteen_queue_pairs_costs_threads_only_for_those_started() {
+    let mut p = start(2, 16, &[]);
+    let pid = p.backend.pid();
+    let count = |pid: u32| {
+        threads(pid)
+            .iter()
+            .filter(|(n, _)| n.starts_with('q') && n.contains('-'))
+            .count()
+    };
+    let mut a = guest(&p.sockets[0], 1, 1);
+    let mut b = guest(&p.sockets[1], 2, 2);
+    let end = Instant::now() + Duration::from_secs(10);
+    while send_and_count(&mut a, 0, &mut b, 1, SHORT) == 0 {
+        assert!(Instant::now() < end, "no frame arrived");
+    }
+    assert_eq!(send_and_count(&mut b, 1, &mut a, 8, SECOND), 8);
+    // One pair started on a, two on b: three threads, not 32.
+    assert_eq!(count(pid), 3, "{:?}", threads(pid));
+    // A guest gone takes its threads with it.
+    drop(b);
+    let end = Instant::now() + Duration::from_secs(5);
+    while count(pid) != 1 {
+        assert!(Instant::now() < end, "{:?}", threads(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(p.backend.stop());
 }
 

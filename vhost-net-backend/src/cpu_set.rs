@@ -2,8 +2,6 @@
 //! OVS's `pmd-cpu-mask` users write it ("0-3,6"), checked against the CPUs this process
 //! may use, and a thread pinned to them.
 
-use std::cell::Cell;
-
 /// Parses "2", "0-3" or "0-3,6,8-9"; CPUs in order, each once.
 pub fn parse(text: &str) -> Result<Vec<usize>, String> {
     let mut cpus = Vec::new();
@@ -73,17 +71,6 @@ pub fn pin(cpus: &[usize]) {
             "cannot pin a worker to CPUs {cpus:?}: {}",
             std::io::Error::last_os_error()
         );
-    }
-}
-
-thread_local! {
-    static PINNED: Cell<bool> = const { Cell::new(false) };
-}
-
-/// `pin`, once per thread: for threads started by others (vhost-user-backend's workers).
-pub fn pin_once(cpus: &[usize]) {
-    if !cpus.is_empty() && !PINNED.with(|p| p.replace(true)) {
-        pin(cpus);
     }
 }
 

@@ -135,14 +135,19 @@ impl Collector for SwitchCollector {
             }),
         )?;
         // Per queue pair: its RX and TX traffic, and its worker (a thread per queue pair;
-        // the tap's reader for the tap's one queue).
+        // the tap's reader for the tap's one queue). The first pair always, others once
+        // they carried something: a port offers 16, most guests use a few.
         let queues: Vec<_> = snapshots
             .iter()
             .flat_map(|(l, _, p)| {
-                (0..usize::from(p.queue_pairs.max(1))).map(move |q| {
+                (0..usize::from(p.queue_pairs.max(1))).filter_map(move |q| {
+                    let snapshot = p.counters.queue(q).snapshot();
+                    if q > 0 && snapshot == QueueSnapshot::default() {
+                        return None;
+                    }
                     let mut labels = l.clone();
                     labels.push(("queue", q.to_string()));
-                    (labels, p.counters.queue(q).snapshot())
+                    Some((labels, snapshot))
                 })
             })
             .collect();

@@ -140,16 +140,12 @@ pub struct PortSockets {
     /// Holds the protocol handlers' internal sockets; only we can reach it.
     private_dir: PathBuf,
     running: Mutex<HashMap<PortId, PortThread>>,
-    /// Serves every port's queue pairs (`--workers`); None: a thread per queue pair.
-    pool: Option<Arc<WorkerPool>>,
+    /// The threads serving every port's queue pairs.
+    pool: Arc<WorkerPool>,
 }
 
 impl PortSockets {
-    pub fn new(
-        dp: Arc<Datapath>,
-        private_dir: PathBuf,
-        pool: Option<Arc<WorkerPool>>,
-    ) -> PortSockets {
+    pub fn new(dp: Arc<Datapath>, private_dir: PathBuf, pool: Arc<WorkerPool>) -> PortSockets {
         PortSockets {
             dp,
             private_dir,
@@ -279,7 +275,7 @@ fn serve_port(
     source: Source,
     internal_path: PathBuf,
     stop: Arc<AtomicBool>,
-    pool: Option<Arc<WorkerPool>>,
+    pool: Arc<WorkerPool>,
 ) {
     let told_queues = Arc::new(AtomicBool::new(false));
     // The protocol handler accepts on a private socket; the relay joins it to the frontend.
@@ -305,7 +301,7 @@ fn serve_port(
         let served = Served {
             dp: &dp,
             shared: &shared,
-            pool: pool.as_ref(),
+            pool: &pool,
             told: &told_queues,
         };
         if let Err(e) = serve_connection(&served, frontend, &mut internal, &internal_path, &stop) {
@@ -320,22 +316,11 @@ fn serve_port(
     // Dropping the listeners removes their socket files.
 }
 
-/// Closes a connection's leftover exit-event descriptors (`Port::close_exit_events`)
-/// when dropped, after the connection's daemon.
-struct ExitEvents(Port);
-
-impl Drop for ExitEvents {
-    fn drop(&mut self) {
-        self.0.close_exit_events();
-    }
-}
-
 /// What a port's connections are served with.
 struct Served<'a> {
     dp: &'a Arc<Datapath>,
     shared: &'a Arc<SwitchPort>,
-    /// None: a thread per queue pair.
-    pool: Option<&'a Arc<WorkerPool>>,
+    pool: &'a WorkerPool,
     /// Whether a frontend asking for too many queue pairs was told already.
     told: &'a Arc<AtomicBool>,
 }
@@ -354,13 +339,11 @@ fn serve_connection(
         pool,
         told,
     } = *served;
-    let port = Port::new(dp.clone(), shared.clone(), pool.is_some()).ok_or("not a VM port")?;
+    let port = Port::new(dp.clone(), shared.clone()).ok_or("not a VM port")?;
     let vm = port.vm().clone();
     // This connection's interrupts: stopped when this returns, after the daemon is gone.
     let _notifier = NotifierThread::spawn(vm.notifier.clone(), &shared.name)
         .map_err(|e| format!("cannot start the notifier thread: {e}"))?;
-    // Declared before the daemon, so dropped after it, on every return path.
-    let _exit_events = ExitEvents(port.clone());
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let (daemon, rings) =
         vring::collect(|| VhostUserDaemon::new(shared.name.clone(), port.clone(), mem));
@@ -374,8 +357,10 @@ fn serve_connection(
         ));
     }
     port.publish(&rings);
-    // Dropped (its pairs off the pool) when this returns, before the daemon.
-    let _pooled = pool.map(|pool| pool.attach(&port, &rings));
+    // Dropped (its pairs off their threads) when this returns, before the daemon.
+    let _served = pool
+        .attach(&port, &rings)
+        .map_err(|e| format!("cannot give its queue pairs a thread: {e}"))?;
     // Connecting first leaves the connection in the backlog for the daemon's accept.
     let handler_side = UnixStream::connect(internal_path)
         .map_err(|e| format!("cannot reach {}: {e}", internal_path.display()))?;
@@ -402,9 +387,6 @@ fn serve_connection(
     let result = daemon.wait();
     *vm.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
     port.retire();
-    for handler in daemon.get_epoll_handlers() {
-        handler.send_exit_event();
-    }
     vm.detach();
     dp.switch.macs.forget_port(shared.id);
     let _ = relay.join();

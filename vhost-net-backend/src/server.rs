@@ -190,10 +190,9 @@ impl Server {
             .collect();
         let private_dir = make_private_dir()?;
         let stop = Arc::new(AtomicBool::new(false));
-        let pool = match config.workers {
-            0 => None,
-            n => Some(WorkerPool::start(n, &config.worker_cpus).map_err(ServerError::Thread)?),
-        };
+        let pool = Arc::new(
+            WorkerPool::start(config.workers, &config.worker_cpus).map_err(ServerError::Thread)?,
+        );
         let sockets = Arc::new(PortSockets::new(dp.clone(), private_dir.clone(), pool));
         let mut server = Server {
             private_dir,

@@ -13,6 +13,7 @@ use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost_user_backend::{VringRwLock, VringStateGuard, VringStateMutGuard, VringT};
@@ -24,12 +25,18 @@ use crate::mem::GuestMemory;
 
 type Mem = GuestMemoryAtomic<GuestMemory>;
 
+/// Called each time a ring's kick descriptor is added to its watching epoll: the thread
+/// waiting on that epoll is started then, not before (a queue pair the guest never starts
+/// costs no thread).
+pub type OnWatched = Arc<dyn Fn() + Send + Sync>;
+
 /// The epoll that watches a ring's kicks, and what it reports them as.
 struct Watch {
     epoll: Arc<Epoll>,
     token: u64,
     /// The kick descriptor added to `epoll`, if one is.
     added: Option<RawFd>,
+    on_watched: OnWatched,
 }
 
 impl Watch {
@@ -50,6 +57,9 @@ impl Watch {
 pub struct Vring {
     ring: VringRwLock<Mem>,
     watch: Arc<Mutex<Option<Watch>>>,
+    /// Started and enabled, as last changed: read for every destination of every burst
+    /// (`RxEndpoint::open`), where the ring's lock would cost one lock a queue offered.
+    usable: Arc<AtomicBool>,
 }
 
 thread_local! {
@@ -74,8 +84,9 @@ impl Vring {
     }
 
     /// Has `epoll` report this ring's kicks as `token` from now on, while the ring is
-    /// started and enabled (at once if it is, and a kick is waiting).
-    pub fn watch_kicks(&self, epoll: Arc<Epoll>, token: u64) {
+    /// started and enabled (at once if it is, and a kick is waiting); `on_watched` runs
+    /// each time the kick descriptor is added.
+    pub fn watch_kicks(&self, epoll: Arc<Epoll>, token: u64, on_watched: OnWatched) {
         let mut watch = self.watch();
         if let Some(old) = watch.as_mut() {
             old.remove();
@@ -84,6 +95,7 @@ impl Vring {
             epoll,
             token,
             added: None,
+            on_watched,
         });
         self.update(&mut watch);
     }
@@ -93,6 +105,13 @@ impl Vring {
         if let Some(mut old) = self.watch().take() {
             old.remove();
         }
+    }
+
+    /// Whether the guest has started and enabled the ring (a hint: a write still checks
+    /// under the ring's lock).
+    #[inline]
+    pub fn usable(&self) -> bool {
+        self.usable.load(Ordering::Acquire)
     }
 
     /// Consumes a waiting kick, if there is one (the descriptor is non-blocking).
@@ -106,11 +125,12 @@ impl Vring {
     /// removes it otherwise. Level-triggered: a kick that came while the ring was not
     /// watched is reported once it is.
     fn update(&self, watch: &mut Option<Watch>) {
+        let state = self.ring.get_ref();
+        let usable = state.is_enabled() && state.get_queue().ready();
+        self.usable.store(usable, Ordering::Release);
         let Some(w) = watch.as_mut() else {
             return;
         };
-        let state = self.ring.get_ref();
-        let usable = state.is_enabled() && state.get_queue().ready();
         let kick = state.get_kick().as_ref().map(|k| k.as_raw_fd());
         match (usable, kick) {
             (true, Some(fd)) if w.added == Some(fd) => {}
@@ -121,10 +141,12 @@ impl Vring {
                     fd,
                     EpollEvent::new(EventSet::IN, w.token),
                 );
-                if added.is_ok() {
-                    w.added = Some(fd);
-                } else if let Err(e) = added {
-                    log::warn!("cannot watch a ring's kicks: {e}");
+                match added {
+                    Ok(()) => {
+                        w.added = Some(fd);
+                        (w.on_watched)();
+                    }
+                    Err(e) => log::warn!("cannot watch a ring's kicks: {e}"),
                 }
             }
             _ => w.remove(),
@@ -145,6 +167,7 @@ impl VringT<Mem> for Vring {
         let vring = Vring {
             ring: VringRwLock::new(mem, max_queue_size)?,
             watch: Arc::new(Mutex::new(None)),
+            usable: Arc::new(AtomicBool::new(false)),
         };
         MADE.with(|m| {
             if let Some(made) = m.borrow_mut().as_mut() {
@@ -288,7 +311,15 @@ mod tests {
     fn kicks_are_reported_only_while_the_ring_is_started_and_enabled() {
         let epoll = Arc::new(Epoll::new().unwrap());
         let v = ring();
-        v.watch_kicks(epoll.clone(), 7);
+        let watched = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = watched.clone();
+        v.watch_kicks(
+            epoll.clone(),
+            7,
+            Arc::new(move || {
+                count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }),
+        );
         let kick = EventFd::new(EFD_NONBLOCK).unwrap();
         v.set_kick(Some(kick_file(&kick)));
         kick.write(1).unwrap();
@@ -296,9 +327,13 @@ mod tests {
         assert!(reported(&epoll).is_empty());
         v.set_queue_ready(true);
         assert!(reported(&epoll).is_empty());
+        assert_eq!(watched.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(!v.usable());
         // A kick that came before is reported once the ring is enabled.
         v.set_enabled(true);
         assert_eq!(reported(&epoll), vec![7]);
+        assert_eq!(watched.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(v.usable());
         v.consume_kick();
         assert!(reported(&epoll).is_empty());
         // A new kick descriptor replaces the old one: the old one's kicks are not heard
@@ -312,6 +347,7 @@ mod tests {
         v.consume_kick();
         // Stopped (GET_VRING_BASE) or unwatched: not reported.
         v.set_queue_ready(false);
+        assert!(!v.usable());
         kick2.write(1).unwrap();
         assert!(reported(&epoll).is_empty());
         v.set_queue_ready(true);

@@ -77,7 +77,14 @@ pub enum ConfigError {
     NorthSouth(String),
 }
 
+/// Queue pairs a VM port offers unless told: all a guest may ask for. A pair its guest
+/// never starts costs no thread and no burst state (`vhost_user::worker_pool`).
 fn default_queues() -> u16 {
+    MAX_QUEUE_PAIRS
+}
+
+/// The uplink's tap queues: one reader thread each, from the start.
+fn default_uplink_queues() -> u16 {
     1
 }
 
@@ -93,7 +100,7 @@ pub struct PortConfig {
     /// MAC offered to the guest through the device config space.
     #[serde(default)]
     pub mac: Option<MacAddr>,
-    /// Queue pairs offered (QEMU `queues=`).
+    /// Queue pairs offered (QEMU `queues=` up to this); 16 unless told.
     #[serde(default = "default_queues")]
     pub queues: u16,
     /// Port security: the guest may send from at most this many MAC addresses (its `mac=`
@@ -148,7 +155,7 @@ impl Default for PortConfig {
             socket: PathBuf::new(),
             vlan: None,
             mac: None,
-            queues: 1,
+            queues: default_queues(),
             max_macs: None,
             groups: Vec::new(),
             addresses: Vec::new(),
@@ -169,7 +176,7 @@ impl PortConfig {
             spec: spec.to_string(),
             message,
         };
-        let (mut name, mut vlan, mut mac, mut queues) = (None, None, None, 1);
+        let (mut name, mut vlan, mut mac, mut queues) = (None, None, None, default_queues());
         let mut socket: Option<PathBuf> = None;
         // Who may connect to it.
         let (mut socket_owner, mut socket_group, mut socket_mode) = (None, None, None);
@@ -262,7 +269,7 @@ pub struct UplinkConfig {
     /// Carry every VLAN as 802.1Q-tagged frames; untagged frames are the untagged segment.
     #[serde(default)]
     pub trunk: bool,
-    #[serde(default = "default_queues")]
+    #[serde(default = "default_uplink_queues")]
     pub queues: u16,
     /// The host's address on the tap, with the uplink segment's length
     /// (`"10.10.0.2/24"`): the switch sets it, routes every routed subnet through its

@@ -90,8 +90,8 @@ impl SwitchPort {
         }
     }
 
-    /// How many RX queues a VM port's guest has published to the others so far (0 for the
-    /// tap, which has none).
+    /// How many RX queues a VM port's guest has started and enabled, those frames go to
+    /// (0 for the tap, which has none).
     pub fn rx_queues_published(&self) -> usize {
         match &self.endpoint {
             Endpoint::Vm(vm) => vm.rx_read().queue_count(),

@@ -59,8 +59,7 @@ impl RxEndpoint {
         };
         for (i, q) in self.queues.iter().enumerate() {
             if let Some(v) = q {
-                let state = v.get_ref();
-                if state.is_enabled() && state.get_queue().ready() && open.enabled < MAX_QP {
+                if v.usable() && open.enabled < MAX_QP {
                     open.queues[open.enabled] = Some((i, v.clone()));
                     open.enabled += 1;
                 }
@@ -72,9 +71,9 @@ impl RxEndpoint {
         open
     }
 
-    /// Number of RX queues published so far.
+    /// Number of RX queues the guest has started and enabled: those frames go to.
     pub fn queue_count(&self) -> usize {
-        self.queues.iter().filter(|q| q.is_some()).count()
+        self.queues.iter().flatten().filter(|v| v.usable()).count()
     }
 }
 

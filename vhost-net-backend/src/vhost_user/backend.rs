@@ -1,10 +1,9 @@
 //! The `VhostUserBackend` of one VM port for one frontend connection: features and
 //! protocol features offered, memory and queues taken in, its rings published to the other
-//! ports, and each queue pair's work on a kick (`serve_ring`), done on a thread of the
-//! pair's own (vhost-user-backend's) or of the worker pool.
+//! ports, and each queue pair's work on a kick (`serve_ring`), done by the thread the
+//! worker pool gives the pair (vhost-user-backend starts none).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -12,9 +11,6 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringT};
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 
 use crate::counters::DropReason;
 use crate::datapath::vm_tx::{Turn, TxQueue, Worker};
@@ -50,17 +46,12 @@ struct PortInner {
     dp: Arc<Datapath>,
     port: Arc<SwitchPort>,
     vm: Arc<VmEndpoint>,
-    workers: Vec<Mutex<Worker>>,
-    /// Whether the worker pool serves the rings (vhost-user-backend starts no threads).
-    pooled: bool,
+    /// Each queue pair's burst state, made at its first kick (a pair never started
+    /// costs none).
+    workers: Vec<Mutex<Option<Worker>>>,
     /// False once the connection ended: old workers still draining must not touch the
     /// port's shared state, which may already belong to the next connection.
     alive: AtomicBool,
-    /// The workers' exit-event descriptors handed to vhost-user-backend, which (0.24.0)
-    /// registers them with its epoll as raw descriptors and never closes them: closed by
-    /// `close_exit_events` once the connection's daemon is gone, or every reconnect of a
-    /// guest would leave one per queue pair open.
-    exit_events: Mutex<Vec<RawFd>>,
 }
 
 /// The `VhostUserBackend` of one port for one frontend connection.
@@ -68,40 +59,20 @@ struct PortInner {
 pub struct Port(Arc<PortInner>);
 
 impl Port {
-    /// The backend of `port`; None if it is not a VM port. `pooled`: the worker pool
-    /// serves its rings, not a thread per queue pair.
-    pub fn new(dp: Arc<Datapath>, port: Arc<SwitchPort>, pooled: bool) -> Option<Port> {
+    /// The backend of `port`; None if it is not a VM port.
+    pub fn new(dp: Arc<Datapath>, port: Arc<SwitchPort>) -> Option<Port> {
         let Endpoint::Vm(vm) = &port.endpoint else {
             return None;
         };
         let vm = vm.clone();
-        let workers = (0..port.queue_pairs)
-            .map(|_| Mutex::new(Worker::new()))
-            .collect();
+        let workers = (0..port.queue_pairs).map(|_| Mutex::new(None)).collect();
         Some(Port(Arc::new(PortInner {
             dp,
             port,
             vm,
             workers,
-            pooled,
             alive: AtomicBool::new(true),
-            exit_events: Mutex::new(Vec::new()),
         })))
-    }
-
-    /// Closes the exit-event descriptors vhost-user-backend took and left open. Only once
-    /// the daemon that took them is dropped (its worker threads joined): nothing uses them
-    /// then, and the crate never closes them itself, so none is closed twice. (Were a
-    /// worker still running, it would still exit: it is woken through the notifier, a
-    /// duplicate of the same eventfd, which keeps the epoll entry alive.)
-    pub(crate) fn close_exit_events(&self) {
-        let fds =
-            std::mem::take(&mut *self.0.exit_events.lock().unwrap_or_else(|e| e.into_inner()));
-        for fd in fds {
-            // SAFETY: `fd` came from `exit_event`; vhost-user-backend turned it into a raw
-            // descriptor that nothing owns (see `exit_events`), so this is its only owner.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
     }
 
     /// Marks the connection as ended; its workers stop at their next step.
@@ -160,6 +131,7 @@ impl Port {
             return false;
         }
         let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
+        let worker = worker.get_or_insert_with(Worker::new);
         let queue = TxQueue {
             dp: &inner.dp,
             port: &inner.port,
@@ -172,7 +144,7 @@ impl Port {
         // thread, which vhost-user-backend or the pool would lose, goes on.
         let again = fault::contain("in a TX worker", || {
             fault::inject_tx(inner.port.id);
-            queue.process(tx_ring, &mut worker, turn)
+            queue.process(tx_ring, worker, turn)
         });
         match again {
             Some(again) => again,
@@ -244,38 +216,18 @@ impl VhostUserBackend for Port {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        if self.inner().pooled {
-            return Vec::new();
-        }
-        (0..self.inner().port.queue_pairs)
-            .map(|i| 0b11u64 << (2 * i))
-            .collect()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()?;
-        self.inner()
-            .exit_events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(consumer.as_raw_fd());
-        Some((consumer, notifier))
+        // No threads of vhost-user-backend's: the worker pool serves the rings.
+        Vec::new()
     }
 
     fn handle_event(
         &self,
-        device_event: u16,
+        _device_event: u16,
         _evset: EventSet,
-        vrings: &[Vring],
-        thread_id: usize,
+        _vrings: &[Vring],
+        _thread_id: usize,
     ) -> io::Result<()> {
-        // vhost-user-backend starts this thread: pinned at its first event.
-        crate::cpu_set::pin_once(&self.inner().dp.worker_cpus);
-        // This thread's rings are its queue pair's: event 0 the RX ring, 1 the TX ring.
-        if let [rx, tx] = vrings {
-            self.serve_ring(thread_id, device_event == 1, (rx, tx), Turn::UntilEmpty);
-        }
-        // Guest faults are counted, never returned: an error would stop this worker thread.
+        // Called only on vhost-user-backend's threads, of which there are none.
         Ok(())
     }
 }

@@ -1,13 +1,14 @@
-//! The worker pool (`--workers N`): N threads, each serving the queue pairs of many ports,
-//! as OVS's PMD threads serve rx queues, so that 50 ports with 16 queue pairs each are not
-//! 800 threads. A connection's pairs go to the threads with the fewest pairs; a pair the
-//! guest never starts costs an entry in a map and nothing else (its kicks are watched only
-//! once the ring is started and enabled, `vring::Vring`).
+//! The threads that serve VM ports' queue pairs: by default a thread for each queue pair
+//! a guest starts (started at its ring's first watch, so pairs offered and never used cost
+//! no thread), or, with `--workers N`, N threads each serving the pairs of many ports, as
+//! OVS's PMD threads serve rx queues, so that 50 ports of 16 pairs are not 800 threads.
+//! vhost-user-backend starts no threads of its own: a ring's kick descriptor is watched by
+//! its pair's thread's epoll (`vring::Vring::watch_kicks`).
 //!
-//! A thread takes one TX burst of each pair with work in turn, so a guest that never stops
-//! sending holds its thread for a burst at a time, not for as long as it sends; a pair
-//! with chains left stays on the thread's ready list with the guest's kicks off, as it
-//! would with a thread of its own.
+//! A shared thread takes one TX burst of each pair with work in turn, so a guest that never
+//! stops sending holds it for a burst at a time, not for as long as it sends; a pair with
+//! chains left stays on the thread's ready list with the guest's kicks off, as it would with
+//! a thread of its own. A pair's thread of its own empties the ring in one turn.
 
 use std::collections::HashMap;
 use std::io;
@@ -31,7 +32,7 @@ const WAKE: u64 = u64::MAX;
 /// Events taken from the epoll at once.
 const EVENTS: usize = 64;
 
-/// A queue pair of one connection, as a pool thread serves it.
+/// A queue pair of one connection, as a thread serves it.
 struct Pair {
     port: Port,
     index: usize,
@@ -40,28 +41,81 @@ struct Pair {
 }
 
 impl Pair {
-    fn serve(&self, tx: bool) -> bool {
+    fn serve(&self, tx: bool, turn: Turn) -> bool {
         self.port
-            .serve_ring(self.index, tx, (&self.rx, &self.tx), Turn::OneBurst)
+            .serve_ring(self.index, tx, (&self.rx, &self.tx), turn)
     }
 }
 
 struct Thread {
+    name: String,
     epoll: Arc<Epoll>,
     /// The pairs this thread serves, by id (never reused: an event read just before a
     /// pair left finds nothing).
     pairs: Mutex<HashMap<u64, Arc<Pair>>>,
     wake: EventFd,
     stop: AtomicBool,
+    /// One burst of a pair at a time (shared), or until its ring is empty (its own).
+    turn: Turn,
+    cpus: Vec<usize>,
+    handle: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Thread {
+    fn new(name: String, turn: Turn, cpus: Vec<usize>) -> io::Result<Arc<Thread>> {
+        let thread = Thread {
+            name,
+            epoll: Arc::new(Epoll::new()?),
+            pairs: Mutex::new(HashMap::new()),
+            wake: EventFd::new(EFD_NONBLOCK)?,
+            stop: AtomicBool::new(false),
+            turn,
+            cpus,
+            handle: Mutex::new(None),
+        };
+        thread.epoll.ctl(
+            ControlOperation::Add,
+            thread.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE),
+        )?;
+        Ok(Arc::new(thread))
+    }
+
     fn pairs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Pair>>> {
         self.pairs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn run(&self, cpus: &[usize]) {
-        cpu_set::pin(cpus);
+    fn handle(&self) -> std::sync::MutexGuard<'_, Option<JoinHandle<()>>> {
+        self.handle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the thread unless it runs (or was stopped).
+    fn start(self: &Arc<Self>) -> io::Result<()> {
+        let mut handle = self.handle();
+        if handle.is_some() || self.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let t = self.clone();
+        *handle = Some(
+            std::thread::Builder::new()
+                .name(self.name.clone())
+                .spawn(move || t.run())?,
+        );
+        Ok(())
+    }
+
+    /// Stops the thread (a burst under way ends first) and waits for it.
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.wake.write(1);
+        let handle = self.handle().take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    fn run(&self) {
+        cpu_set::pin(&self.cpus);
         let mut events = [EpollEvent::default(); EVENTS];
         // Pairs whose TX ring had chains left (or is polled): one burst each per round.
         let mut ready: Vec<Arc<Pair>> = Vec::new();
@@ -71,7 +125,7 @@ impl Thread {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    error!("worker pool: epoll failed, this worker stops: {e}");
+                    error!("{}: epoll failed, this worker stops: {e}", self.name);
                     return;
                 }
             };
@@ -84,82 +138,71 @@ impl Thread {
                 let Some(pair) = self.pairs().get(&(token >> 1)).cloned() else {
                     continue;
                 };
-                let tx = token & 1 == 1;
-                if tx {
+                if token & 1 == 1 {
                     pair.tx.consume_kick();
                     if !ready.iter().any(|p| Arc::ptr_eq(p, &pair)) {
                         ready.push(pair);
                     }
                 } else {
                     pair.rx.consume_kick();
-                    pair.serve(false);
+                    pair.serve(false, self.turn);
                 }
             }
-            ready.retain(|pair| pair.port.alive() && pair.serve(true));
+            ready.retain(|pair| pair.port.alive() && pair.serve(true, self.turn));
         }
     }
 }
 
-/// The pool's threads.
+/// The threads serving every VM port's queue pairs.
 pub struct WorkerPool {
-    threads: Vec<Arc<Thread>>,
-    handles: Mutex<Vec<JoinHandle<()>>>,
+    /// `--workers N`: N threads, running from the start. Empty: a thread per pair.
+    shared: Vec<Arc<Thread>>,
+    cpus: Vec<usize>,
     next_id: AtomicU64,
 }
 
 impl WorkerPool {
-    /// Starts `workers` threads, each pinned to `cpus` (empty: any): thread i to the i-th
-    /// CPU of the list, round the list, as OVS places PMD threads on its mask's cores.
-    pub fn start(workers: usize, cpus: &[usize]) -> io::Result<Arc<WorkerPool>> {
-        // Threads started before a failure are stopped by the pool's drop.
+    /// `workers` shared threads, thread i pinned to the i-th CPU of `cpus` round the list
+    /// (as OVS places PMD threads on its mask's cores); 0: a thread per queue pair, each
+    /// free to run on any of `cpus` (empty: any CPU).
+    pub fn start(workers: usize, cpus: &[usize]) -> io::Result<WorkerPool> {
         let mut pool = WorkerPool {
-            threads: Vec::new(),
-            handles: Mutex::new(Vec::new()),
+            shared: Vec::new(),
+            cpus: cpus.to_vec(),
             next_id: AtomicU64::new(0),
         };
         for i in 0..workers {
-            let thread = Arc::new(Thread {
-                epoll: Arc::new(Epoll::new()?),
-                pairs: Mutex::new(HashMap::new()),
-                wake: EventFd::new(EFD_NONBLOCK)?,
-                stop: AtomicBool::new(false),
-            });
-            thread.epoll.ctl(
-                ControlOperation::Add,
-                thread.wake.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, WAKE),
+            let pinned = cpus.get(i % cpus.len().max(1)).copied();
+            let thread = Thread::new(
+                format!("vnet-worker-{i}"),
+                Turn::OneBurst,
+                pinned.into_iter().collect(),
             )?;
-            let pinned: Vec<usize> = cpus
-                .get(i % cpus.len().max(1))
-                .copied()
-                .into_iter()
-                .collect();
-            let t = thread.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("vnet-worker-{i}"))
-                .spawn(move || t.run(&pinned))?;
-            pool.threads.push(thread);
-            pool.handles
-                .get_mut()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(handle);
+            // Those started before a failure are stopped by the pool's drop.
+            pool.shared.push(thread.clone());
+            thread.start()?;
         }
-        info!("worker pool: {workers} threads");
-        Ok(Arc::new(pool))
+        if workers > 0 {
+            info!("worker pool: {workers} threads serve every port's queue pairs");
+        }
+        Ok(pool)
     }
 
     /// Serves `port`'s queue pairs (`rings`, by index: pair i is 2i RX and 2i + 1 TX) until
     /// the attachment returned is dropped.
-    pub fn attach(self: &Arc<Self>, port: &Port, rings: &[Vring]) -> Attachment {
-        let mut held = Vec::new();
+    pub fn attach(&self, port: &Port, rings: &[Vring]) -> io::Result<Attachment> {
+        let mut held = Attachment { pairs: Vec::new() };
         for (index, pair) in rings.chunks_exact(2).enumerate() {
-            let Some((t, thread)) = self
-                .threads
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, t)| t.pairs().len())
-            else {
-                break;
+            let (thread, own) = match self.shared.iter().min_by_key(|t| t.pairs().len()) {
+                Some(t) => (t.clone(), false),
+                None => {
+                    // Linux shows 15 bytes of a thread's name: the pair's number first.
+                    let name = format!("q{index}-{}", port.port().name);
+                    (
+                        Thread::new(name, Turn::UntilEmpty, self.cpus.clone())?,
+                        true,
+                    )
+                }
             };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let entry = Arc::new(Pair {
@@ -169,51 +212,51 @@ impl WorkerPool {
                 tx: pair[1].clone(),
             });
             thread.pairs().insert(id, entry.clone());
-            entry.rx.watch_kicks(thread.epoll.clone(), id << 1);
-            entry.tx.watch_kicks(thread.epoll.clone(), id << 1 | 1);
-            held.push((t, id));
+            held.pairs.push((thread.clone(), id, own));
+            let starter = thread.clone();
+            let on_watched: crate::vring::OnWatched = Arc::new(move || {
+                if let Err(e) = starter.start() {
+                    error!("{}: cannot start its thread: {e}", starter.name);
+                }
+            });
+            entry
+                .rx
+                .watch_kicks(thread.epoll.clone(), id << 1, on_watched.clone());
+            entry
+                .tx
+                .watch_kicks(thread.epoll.clone(), id << 1 | 1, on_watched);
         }
-        Attachment {
-            pool: self.clone(),
-            held,
-        }
-    }
-
-    /// Queue pairs served by each thread, in thread order.
-    pub fn loads(&self) -> Vec<usize> {
-        self.threads.iter().map(|t| t.pairs().len()).collect()
+        Ok(held)
     }
 }
 
 impl Drop for WorkerPool {
     fn drop(&mut self) {
-        for t in &self.threads {
-            t.stop.store(true, Ordering::Relaxed);
-            let _ = t.wake.write(1);
-        }
-        let handles = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|e| e.into_inner()));
-        for h in handles {
-            let _ = h.join();
+        for t in &self.shared {
+            t.stop();
         }
     }
 }
 
-/// A connection's queue pairs on the pool's threads; dropped, they leave the pool (their
-/// kicks no longer watched) and a burst under way ends at its next step (the connection
-/// retired first).
+/// A connection's queue pairs on their threads; dropped, they leave (their kicks no longer
+/// watched, threads of their own stopped, a burst under way ended first).
 pub struct Attachment {
-    pool: Arc<WorkerPool>,
-    /// (thread, pair id)
-    held: Vec<(usize, u64)>,
+    /// (thread, pair id, whether the thread is the pair's own)
+    pairs: Vec<(Arc<Thread>, u64, bool)>,
 }
 
 impl Drop for Attachment {
     fn drop(&mut self) {
-        for &(t, id) in &self.held {
-            let thread = &self.pool.threads[t];
-            if let Some(pair) = thread.pairs().remove(&id) {
+        for (thread, id, own) in &self.pairs {
+            if let Some(pair) = thread.pairs().remove(id) {
+                // A thread of the pair's own stops only once its burst ends, and a guest
+                // that keeps sending never lets it: the connection ends first.
+                pair.port.retire();
                 pair.rx.unwatch_kicks();
                 pair.tx.unwatch_kicks();
+            }
+            if *own {
+                thread.stop();
             }
         }
     }

@@ -24,9 +24,12 @@
 //! subnets (VLANs 10 and 20) and A sends to the switch's gateway: routed, alone and under
 //! the 10-rule policy, beside plain L2. Last, new connections per second through the
 //! uplink's load balancer, from the host's NAT to three backends (`balancer.rs`,
-//! `--case balancer` alone).
+//! `--case balancer` alone); and eight ports, four senders each to a receiver of its own,
+//! served by a thread per queue pair and by one pool worker (`many_ports.rs`, `--case
+//! "8 ports"` alone).
 
 mod balancer;
+mod many_ports;
 mod ovs;
 
 use std::os::unix::process::CommandExt;
@@ -95,6 +98,9 @@ struct Report {
     /// New connections per second through the uplink's load balancer.
     balancer: Option<balancer::BalancerRun>,
     balancer_error: Option<String>,
+    /// Eight ports, a thread per queue pair against `--workers 1`.
+    many_ports: Option<many_ports::ManyPortsRun>,
+    many_ports_error: Option<String>,
 }
 
 /// One run of DPDK's virtio-user frontend (testpmd, mac forwarding, frames circulating
@@ -128,6 +134,8 @@ fn foreign_frontend(seconds: f64, only: Option<&str>, report: &mut Report) {
         return;
     }
     const OURS: &str = "vhost-net-backend";
+    // Both ports' queues on one thread, as testpmd's one forwarding loop serves both.
+    const POOLED: &str = "vhost-net-backend --workers 1";
     const THEIRS: &str = "dpdk-testpmd vhost";
     let dev = VirtioUser::default();
     for (case, size) in FOREIGN_CASES
@@ -136,18 +144,18 @@ fn foreign_frontend(seconds: f64, only: Option<&str>, report: &mut Report) {
     {
         for round in 0..FOREIGN_ROUNDS {
             let order = if round % 2 == 0 {
-                [OURS, THEIRS]
+                [OURS, POOLED, THEIRS]
             } else {
-                [THEIRS, OURS]
+                [THEIRS, POOLED, OURS]
             };
             for backend in order {
-                let target: Box<dyn Target> = if backend == OURS {
-                    Box::new(Backend::start(&[]))
-                } else {
-                    match Dpdk::start(1) {
+                let target: Box<dyn Target> = match backend {
+                    OURS => Box::new(Backend::start(&[])),
+                    POOLED => Box::new(Backend::start(&["--workers", "1"])),
+                    _ => match Dpdk::start(1) {
                         Some(d) => Box::new(d),
                         None => continue,
-                    }
+                    },
                 };
                 let run = ForwardRun {
                     frame_bytes: size,
@@ -181,11 +189,13 @@ fn foreign_frontend(seconds: f64, only: Option<&str>, report: &mut Report) {
                     .collect(),
             )
         };
-        if let (Some(ours), Some(theirs)) = (median_of(OURS), median_of(THEIRS)) {
-            if theirs > 0.0 {
-                report
-                    .vs_dpdk_foreign
-                    .push((case.to_string(), ours / theirs));
+        for mine in [OURS, POOLED] {
+            if let (Some(ours), Some(theirs)) = (median_of(mine), median_of(THEIRS)) {
+                if theirs > 0.0 {
+                    report
+                        .vs_dpdk_foreign
+                        .push((format!("{case}, {mine}"), ours / theirs));
+                }
             }
         }
     }
@@ -264,6 +274,13 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
         match balancer::new_connections(seconds) {
             Ok(r) => report.balancer = Some(r),
             Err(e) => report.balancer_error = Some(e),
+        }
+    }
+
+    if only.is_none_or(|o| many_ports::CASE.starts_with(o)) {
+        match many_ports::compare(seconds, setup.queue_size) {
+            Ok(r) => report.many_ports = Some(r),
+            Err(e) => report.many_ports_error = Some(e),
         }
     }
 
@@ -1098,6 +1115,8 @@ fn main() {
         foreign_note: None,
         balancer: None,
         balancer_error: None,
+        many_ports: None,
+        many_ports_error: None,
     };
     let frontend = args
         .iter()
@@ -1164,6 +1183,24 @@ fn main() {
     if let Some(r) = &report.balancer {
         println!("{}", balancer::describe(r));
     }
+    if let Some(r) = &report.many_ports {
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|m| format!("{m:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "8 ports, 4 senders at 64 B, Mpps summed: a thread per queue pair {}; --workers 1 {}; \
+             one worker / a thread per queue pair (medians): {:.2}",
+            list(&r.per_queue_mpps),
+            list(&r.one_worker_mpps),
+            r.ratio
+        );
+    }
+    if let Some(e) = &report.many_ports_error {
+        println!("8 ports: not measured: {e}");
+    }
     if let Some(e) = &report.balancer_error {
         println!("new connections through the balancer: not measured: {e}");
     }
@@ -1182,12 +1219,12 @@ fn main() {
     if !report.foreign.is_empty() {
         println!("DPDK virtio-user frontend (testpmd, both directions summed):");
         println!(
-            "{:<20} {:<7} {:>5} {:>7} {:>17}",
+            "{:<30} {:<7} {:>5} {:>7} {:>17}",
             "backend", "case", "round", "Mpps", "frontend busy ns/f"
         );
         for r in &report.foreign {
             println!(
-                "{:<20} {:<7} {:>5} {:>7.3} {:>17}",
+                "{:<30} {:<7} {:>5} {:>7.3} {:>17}",
                 r.backend,
                 r.case,
                 r.round + 1,
