@@ -200,12 +200,22 @@ fn workers_run_on_the_cpus_given() {
     let last = (cpus - 1).to_string();
     // Pool threads, each on one CPU of the list.
     let mut p = start(1, 1, &["--workers", "2", "--worker-cpus", &last]);
-    let pool: Vec<_> = threads(p.backend.pid())
-        .into_iter()
-        .filter(|(n, _)| n.starts_with("vnet-worker"))
-        .collect();
-    assert_eq!(pool.len(), 2, "{pool:?}");
-    assert!(pool.iter().all(|(_, c)| *c == last), "{pool:?}");
+    // Each names and pins itself as it starts, maybe after the sockets appeared.
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pool: Vec<_> = threads(p.backend.pid())
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("vnet-worker"))
+            .collect();
+        if pool.len() == 2 && pool.iter().all(|(_, c)| *c == last) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "not two workers on CPU {last}: {pool:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     assert!(p.backend.stop());
     // A thread per queue pair, on the CPUs given.
     let mut p = start(2, 1, &["--worker-cpus", &last]);
@@ -244,7 +254,14 @@ fn a_port_offering_sixteen_queue_pairs_costs_threads_only_for_those_started() {
         assert!(Instant::now() < end, "no frame arrived");
     }
     assert_eq!(send_and_count(&mut b, 1, &mut a, 8, SECOND), 8);
-    // One pair started on a, two on b: three threads, not 32.
+    // One pair started on a, two on b: three threads, not 32 (each names itself as it
+    // starts, maybe after the frames went).
+    let end = Instant::now() + Duration::from_secs(5);
+    while count(pid) != 3 {
+        assert!(Instant::now() < end, "{:?}", threads(pid));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(count(pid), 3, "{:?}", threads(pid));
     // A guest gone takes its threads with it.
     drop(b);
