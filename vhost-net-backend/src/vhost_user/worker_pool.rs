@@ -126,7 +126,7 @@ impl Thread {
         let mut rounds = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
             rounds = rounds.wrapping_add(1);
-            if !ready.is_empty() && rounds % LOOK_EVERY != 0 {
+            if !ready.is_empty() && !rounds.is_multiple_of(LOOK_EVERY) {
                 ready.retain(|pair| pair.port.alive() && pair.serve(true, self.turn));
                 continue;
             }
