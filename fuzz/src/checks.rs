@@ -440,3 +440,346 @@ pub fn switching(data: &[u8]) {
         }
     }
 }
+
+/// The receiver's memory of the RX target: two regions back to back, its ring at fixed
+/// places (descriptors, avail ring, used ring), the rest for buffers.
+const RX_MEM: u64 = 0x10000;
+const RX_DESC: u64 = 0;
+const RX_AVAIL: u64 = 0x1000;
+const RX_USED: u64 = 0x2000;
+
+/// A frame of the RX target: IPv4, TCP or UDP, `len` bytes, with a virtio header of the
+/// kind `mode` says (0 none, 1 checksum to complete, 2 TSO, 3 as the input gives it).
+fn rx_frame(len: usize, mode: u8, raw_hdr: &[u8], mss: u16, udp: bool) -> (NetHdr, Vec<u8>) {
+    let len = len.max(14 + 20 + 20);
+    let mut f: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+    f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[12..14].copy_from_slice(&[0x08, 0x00]);
+    let ip = &mut f[14..34];
+    ip.copy_from_slice(&[
+        0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 6, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ]);
+    ip[2..4].copy_from_slice(&((len - 14).min(65535) as u16).to_be_bytes());
+    if udp {
+        ip[9] = 17;
+    }
+    let sum = !ones_sum(&[&f[14..34]]);
+    f[24..26].copy_from_slice(&sum.to_be_bytes());
+    if udp {
+        f[38..40].copy_from_slice(&((len - 34).min(65535) as u16).to_be_bytes());
+        f[40..42].fill(0);
+    } else {
+        f[46] = 0x50;
+        f[47] = 0x18;
+    }
+    let mut hdr = NetHdr::default();
+    match mode % 4 {
+        0 => {}
+        1 => {
+            hdr.flags = 1;
+            hdr.csum_start = 34;
+            hdr.csum_offset = if udp { 6 } else { 16 };
+        }
+        2 => {
+            hdr.flags = 1;
+            hdr.csum_start = 34;
+            hdr.csum_offset = 16;
+            hdr.gso_type = 1;
+            hdr.hdr_len = 54;
+            hdr.gso_size = mss;
+        }
+        _ => hdr = NetHdr::parse(raw_hdr),
+    }
+    (hdr, f)
+}
+
+/// The RX writers over the receiver's memory made of the input (its descriptors, avail
+/// ring and buffers), frames delivered one by one (`deliver`) or as a run from a sender's
+/// memory (`deliver_run`), with the receiver's features taken from the input: no byte
+/// changes outside the used ring and the buffers of the chains posted (walked by the
+/// reference walker: a chain it refuses gets nothing written); every used entry's length
+/// fits its chain, and a refused chain comes back with length 0.
+pub fn rx_write(data: &[u8]) {
+    use vhost_net_backend::counters::PortCounters;
+    use vhost_net_backend::endpoint::frame::MAX_HEAD;
+    use vhost_net_backend::endpoint::vm::{RxScratch, VmEndpoint, VmPort};
+    use vhost_net_backend::vring::Vring;
+    use vm_memory::GuestMemoryAtomic;
+
+    // Per frame: length, header kind, MSS, UDP or TCP, and a virtio header for kind 3.
+    const SPEC: usize = 16;
+    if data.len() < 4 {
+        return;
+    }
+    let size = 1u16 << (data[0] % 9);
+    let mut features = f::VERSION_1;
+    for (bit, feature) in [
+        f::MRG_RXBUF,
+        f::RING_EVENT_IDX,
+        f::RING_INDIRECT_DESC,
+        f::GUEST_CSUM,
+        f::GUEST_TSO4,
+        f::GUEST_TSO6,
+        f::GUEST_ECN,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if data[1] & (1 << bit) != 0 {
+            features |= feature;
+        }
+    }
+    let as_run = data[2] & 1 != 0;
+    let count = usize::from(data[3] % 8) + 1;
+    let specs = &data[4..];
+    let image = specs.get(count * SPEC..).unwrap_or(&[]);
+
+    static MEM: OnceLock<GuestMemory> = OnceLock::new();
+    let mem = MEM.get_or_init(|| {
+        let half = (RX_MEM / 2) as usize;
+        GuestMemory::from_ranges(&[(GuestAddress(0), half), (GuestAddress(RX_MEM / 2), half)])
+            .expect("guest memory")
+    });
+    let mut flat = vec![0u8; RX_MEM as usize];
+    let n = image.len().min(flat.len());
+    flat[..n].copy_from_slice(&image[..n]);
+    // The device's own fields start as a fresh ring's: used index 0, nothing used yet.
+    flat[RX_USED as usize..RX_USED as usize + 4].fill(0);
+    mem.write_slice(&flat, GuestAddress(0)).expect("fits");
+
+    let event_idx = features & f::RING_EVENT_IDX != 0;
+    let atomic = GuestMemoryAtomic::new(mem.clone());
+    let Ok(vring) = Vring::started(
+        atomic.clone(),
+        size,
+        (RX_DESC, RX_AVAIL, RX_USED),
+        event_idx,
+    ) else {
+        return;
+    };
+    let vm = VmEndpoint::new(1);
+    {
+        let mut rx = vm.rx_write();
+        rx.mem = Some(atomic);
+        rx.features = features;
+        rx.features_acked = true;
+        rx.queues = vec![Some(vring)];
+    }
+    let counters = PortCounters::default();
+    let dst = VmPort {
+        id: 0,
+        name: "fuzz",
+        counters: &counters,
+        vm: &vm,
+    };
+    let limits = Limits {
+        max_frame_len: 9014,
+        offloads: f::CSUM | f::HOST_TSO4 | f::HOST_TSO6 | f::HOST_ECN,
+    };
+    let mut frames: Vec<(NetHdr, Vec<u8>)> = Vec::new();
+    for spec in specs.chunks_exact(SPEC).take(count) {
+        let len = usize::from(u16::from_le_bytes([spec[0], spec[1]]));
+        let mss = u16::from_le_bytes([spec[3], spec[4]]);
+        let (hdr, frame) = rx_frame(len, spec[2], &spec[6..16], mss, spec[5] & 1 != 0);
+        if ingress::check(
+            &hdr,
+            &frame[..MAX_HEAD.min(frame.len())],
+            frame.len(),
+            limits,
+        )
+        .is_ok()
+        {
+            frames.push((hdr, frame));
+        }
+    }
+    thread_local! {
+        // Made once: a scratch holds two 64 KiB buffers, zeroed, each time it is made.
+        static SCRATCH: std::cell::RefCell<RxScratch> =
+            std::cell::RefCell::new(RxScratch::default());
+    }
+    SCRATCH.with(|s| deliver_all(&mut s.borrow_mut(), dst, &frames, as_run));
+    check_rx_writes(&flat, mem, size, features & f::RING_INDIRECT_DESC != 0);
+}
+
+/// Delivers `frames` to `dst`, one by one or as runs from a sender's memory, then flushes.
+fn deliver_all(
+    scratch: &mut vhost_net_backend::endpoint::vm::RxScratch,
+    dst: vhost_net_backend::endpoint::vm::VmPort<'_>,
+    frames: &[(NetHdr, Vec<u8>)],
+    as_run: bool,
+) {
+    use vhost_net_backend::counters::PortCounters;
+    use vhost_net_backend::endpoint::frame::{TxFrame, MAX_HEAD};
+    use vhost_net_backend::virtio::chain::Segment;
+    use vhost_net_backend::virtio::copy::Cursor;
+
+    let from = PortCounters::default();
+    if as_run && !frames.is_empty() {
+        // The frames in a sender's memory, one buffer each, as a TX burst holds them.
+        static SENDER: OnceLock<Ram> = OnceLock::new();
+        let sender = SENDER.get_or_init(|| {
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 8 * 0x1_0000)])
+                .expect("sender memory");
+            Ram::new(Arc::new(mem))
+        });
+        let mut segs = Vec::new();
+        let mut tx = Vec::new();
+        for (k, (hdr, frame)) in frames.iter().enumerate() {
+            let at = k as u64 * 0x1_0000;
+            sender
+                .memory()
+                .write_slice(frame, GuestAddress(at))
+                .expect("fits");
+            segs.push(Segment {
+                addr: GuestAddress(at),
+                len: frame.len() as u32,
+            });
+            let mut peeked = [0u8; 12 + MAX_HEAD];
+            let head_len = frame.len().min(MAX_HEAD);
+            peeked[..head_len].copy_from_slice(&frame[..head_len]);
+            tx.push(TxFrame {
+                hdr: *hdr,
+                first: k,
+                end: k + 1,
+                start: Cursor::default(),
+                len: frame.len(),
+                peeked,
+                hdr_len: 0,
+                head_len,
+                hash: 7,
+            });
+        }
+        let mut done = 0;
+        while done < tx.len() {
+            let n = scratch.deliver_run(dst, sender, &segs, &tx[done..], None, 0);
+            if n == 0 {
+                // Not for the run path (software offload): delivered alone.
+                let (hdr, frame) = &frames[done];
+                scratch.next_frame();
+                scratch.deliver(&from, dst, &local(hdr, frame));
+                done += 1;
+            }
+            done += n;
+        }
+    } else {
+        for (hdr, frame) in frames {
+            scratch.next_frame();
+            scratch.deliver(&from, dst, &local(hdr, frame));
+        }
+    }
+    scratch.flush(|id| (id == 0).then_some(dst));
+}
+
+/// Guest memory's bytes now, region by region.
+fn guest_bytes(mem: &GuestMemory) -> Vec<u8> {
+    let mut out = vec![0u8; RX_MEM as usize];
+    mem.read_slice(&mut out, GuestAddress(0)).expect("fits");
+    out
+}
+
+/// The RX target's oracle: `before` is the receiver's memory before the deliveries.
+fn check_rx_writes(before: &[u8], mem: &GuestMemory, size: u16, indirect_ok: bool) {
+    let avail_idx =
+        u16::from_le_bytes([before[RX_AVAIL as usize + 2], before[RX_AVAIL as usize + 3]]);
+    let posted = avail_idx.min(size);
+    let heads: Vec<u16> = (0..posted)
+        .map(|slot| {
+            let at = (RX_AVAIL + 4 + 2 * u64::from(slot)) as usize;
+            u16::from_le_bytes([before[at], before[at + 1]])
+        })
+        .collect();
+    // What the device may write: the used ring (with avail_event), and posted chains.
+    let used_end = RX_USED + 6 + 8 * u64::from(size);
+    let mut allowed: Vec<(u64, u64)> = Vec::new();
+    let mut chains = std::collections::HashMap::new();
+    for &head in &heads {
+        let walked = reference_walk(before, RX_DESC, size, head, true, indirect_ok);
+        if let Ok(bufs) = &walked {
+            for (addr, len) in bufs {
+                allowed.push((*addr, addr + u64::from(*len)));
+            }
+        }
+        chains.insert(
+            head,
+            walked.map(|b| b.iter().map(|x| u64::from(x.1)).sum::<u64>()),
+        );
+    }
+    // A guest may post buffers over its own rings or indirect tables: the device then
+    // reads what it wrote before (later chains, used entries), which the walks above, of
+    // the memory before, cannot foresee. Memory safety is all that holds then (every
+    // access is bounds-checked, and ASan watches the rest).
+    let mut tables: Vec<(u64, u64)> = vec![(0, used_end)];
+    for &head in &heads {
+        let mut index = u64::from(head);
+        for _ in 0..size {
+            if index >= u64::from(size) {
+                break;
+            }
+            let d = (RX_DESC + 16 * index) as usize;
+            let addr = u64::from_le_bytes(before[d..d + 8].try_into().expect("8 bytes"));
+            let len = u64::from(u32::from_le_bytes(
+                before[d + 8..d + 12].try_into().expect("4"),
+            ));
+            let flags = u16::from_le_bytes([before[d + 12], before[d + 13]]);
+            if flags & F_INDIRECT != 0 {
+                tables.push((addr, addr.saturating_add(len)));
+            }
+            if flags & F_NEXT == 0 {
+                break;
+            }
+            index = u64::from(u16::from_le_bytes([before[d + 14], before[d + 15]]));
+        }
+    }
+    if allowed
+        .iter()
+        .any(|(s, e)| tables.iter().any(|(ts, te)| s < te && ts < e))
+    {
+        return;
+    }
+    allowed.push((RX_USED, used_end));
+    let after = guest_bytes(mem);
+    for (k, (old, new)) in before.chunks(256).zip(after.chunks(256)).enumerate() {
+        if old == new {
+            continue;
+        }
+        for (i, (o, n)) in old.iter().zip(new).enumerate() {
+            let addr = (k * 256 + i) as u64;
+            assert!(
+                o == n || allowed.iter().any(|(s, e)| *s <= addr && addr < *e),
+                "byte {addr:#x} written outside the used ring and the posted buffers"
+            );
+        }
+    }
+    let used_idx = u16::from_le_bytes([after[RX_USED as usize + 2], after[RX_USED as usize + 3]]);
+    assert!(
+        used_idx <= posted,
+        "{used_idx} used entries for {posted} posted"
+    );
+    for i in 0..used_idx {
+        let at = (RX_USED + 4 + 8 * u64::from(i % size)) as usize;
+        let id = u32::from_le_bytes(after[at..at + 4].try_into().expect("4 bytes"));
+        let len = u32::from_le_bytes(after[at + 4..at + 8].try_into().expect("4 bytes"));
+        let Ok(head) = u16::try_from(id) else {
+            panic!("used entry {i}: id {id} is no posted head");
+        };
+        match chains.get(&head) {
+            Some(Ok(cap)) => assert!(u64::from(len) <= *cap, "used entry {i}: {len} > {cap}"),
+            Some(Err(_)) => assert_eq!(len, 0, "used entry {i}: a refused chain written"),
+            None => panic!("used entry {i}: head {head} was never posted"),
+        }
+    }
+}
+
+/// A frame from a local buffer (as from the tap), as the pipeline hands it over.
+fn local<'a>(hdr: &NetHdr, frame: &'a [u8]) -> vhost_net_backend::endpoint::frame::Frame<'a> {
+    vhost_net_backend::endpoint::frame::Frame {
+        hdr: *hdr,
+        src: vhost_net_backend::virtio::copy::FrameSource::Local(frame),
+        head: &frame[..frame
+            .len()
+            .min(vhost_net_backend::endpoint::frame::MAX_HEAD)],
+        hash: 7,
+        segment: 0,
+    }
+}

@@ -32,13 +32,14 @@ type Target = (&'static str, fn(&[u8]));
 
 #[test]
 fn every_committed_fuzz_input_passes_its_checks() {
-    let targets: [Target; 6] = [
+    let targets: [Target; 7] = [
         ("chain_walk", checks::chain_walk),
         ("offload", checks::offload),
         ("relay", checks::relay),
         ("frame_parsers", checks::frame_parsers),
         ("config", checks::config),
         ("switching", checks::switching),
+        ("rx_write", checks::rx_write),
     ];
     for (name, check) in targets {
         let n = replay(name, check);

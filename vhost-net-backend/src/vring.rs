@@ -107,6 +107,23 @@ impl Vring {
         }
     }
 
+    /// A ring of `size` entries at `desc`, `avail` and `used`, started and enabled, as a
+    /// frontend would have set it up (for tests and fuzzing, which have no frontend).
+    pub fn started(
+        mem: Mem,
+        size: u16,
+        (desc, avail, used): (u64, u64, u64),
+        event_idx: bool,
+    ) -> Result<Vring, VirtQueError> {
+        let v = Vring::new(mem, size.max(1))?;
+        v.set_queue_size(size);
+        v.set_queue_info(desc, avail, used)?;
+        v.set_queue_event_idx(event_idx);
+        v.set_queue_ready(true);
+        v.set_enabled(true);
+        Ok(v)
+    }
+
     /// Whether the guest has started and enabled the ring (a hint: a write still checks
     /// under the ring's lock).
     #[inline]

@@ -435,17 +435,7 @@ impl Backend {
             cmd.arg("--config").arg(path);
         }
         cmd.args(extra).stderr(Stdio::null());
-        // Both ports on VLAN 10: the switch's segment checks are part of what is measured.
-        // Like testpmd's forwarding core: the backend gets CPU 1, the frontend CPU 0.
-        // SAFETY: only sched_setaffinity between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(1, &mut set);
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-                Ok(())
-            });
-        }
+        on_cpu1(&mut cmd);
         let child = cmd.spawn().expect("backend starts");
         let b = Backend {
             child,
@@ -614,6 +604,19 @@ impl Target for Dpdk {
     }
     fn cpu_ns(&self) -> u64 {
         process_cpu_ns(self.child.id())
+    }
+}
+
+/// Like testpmd's forwarding core: the backend gets CPU 1, the frontend CPU 0.
+fn on_cpu1(cmd: &mut Command) {
+    // SAFETY: only sched_setaffinity between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(1, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            Ok(())
+        });
     }
 }
 

@@ -2,7 +2,6 @@
 //! queue pair against one pool worker (`--workers 1`), started in turn (interleaved
 //! rounds, so a drift of the machine reaches both), the backend on CPU 1 as elsewhere.
 
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,15 +36,7 @@ fn run(extra: &[&str], seconds: f64, queue_size: u16) -> Result<f64, String> {
             .arg(format!("name=p{i},socket={}", sock(i).display()));
     }
     cmd.args(extra).stderr(Stdio::null());
-    // SAFETY: only sched_setaffinity between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(1, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            Ok(())
-        });
-    }
+    super::on_cpu1(&mut cmd);
     let mut child = cmd.spawn().map_err(|e| format!("backend: {e}"))?;
     let result = (|| {
         let rx_opts = DeviceOptions {
