@@ -17,7 +17,10 @@ use std::time::{Duration, Instant};
 use crate::config::SwitchConfig;
 use crate::counters::DropReason;
 use crate::packet::build::{self, IcmpError};
-use crate::packet::l3::{IcmpKind, Ip, IpPacket, Prefix, ETHERTYPE_ARP, L3, PROTO_UDP};
+use crate::packet::l3::{
+    IcmpKind, Ip, IpPacket, Prefix, ETHERTYPE_ARP, L3, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+    PROTO_UDP,
+};
 use crate::packet::meta::FrameMeta;
 use crate::packet::rewrite::hop_limit;
 use crate::types::{MacAddr, PortId, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETH_HLEN};
@@ -452,6 +455,60 @@ impl Router {
         }
     }
 
+    /// `flow_origin` read straight from the frame's first bytes, for the frames it is
+    /// sure of (TCP, UDP and other non-ICMP IP packets whose headers the head holds), so
+    /// that a flow decided before skips the full parse (5 % of a routed 64 B frame in
+    /// `perf`); None sends the frame the long way. Where both give one, it is the same.
+    #[inline]
+    pub fn quick_origin(
+        &self,
+        from: PortId,
+        segment: u16,
+        meta: &FrameMeta,
+        head: &[u8],
+    ) -> Option<FlowOrigin> {
+        if meta.dst != self.mac || head.len() < 54 {
+            return None;
+        }
+        let ip = &head[ETH_HLEN..];
+        let (src, dst, proto, hops, l4) = match (meta.ethertype, ip[0] >> 4) {
+            (ETHERTYPE_IPV4, 4) => {
+                let ihl = usize::from(ip[0] & 0x0f) * 4;
+                let addrs: [u8; 8] = ip[12..20].try_into().ok()?;
+                let (s, d) = addrs.split_at(4);
+                (
+                    Ip::v4(s.try_into().ok()?),
+                    Ip::v4(d.try_into().ok()?),
+                    ip[9],
+                    ip[8],
+                    (ihl >= 20).then_some(ihl)?,
+                )
+            }
+            (ETHERTYPE_IPV6, 6) => (
+                Ip::from_octets(ip[8..24].try_into().ok()?),
+                Ip::from_octets(ip[24..40].try_into().ok()?),
+                ip[6],
+                ip[7],
+                40,
+            ),
+            _ => return None,
+        };
+        // ICMP (neighbour discovery among it) the long way; TCP and UDP with their ports
+        // and flags in the head, as the parse wants them.
+        let whole = match proto {
+            PROTO_ICMP | PROTO_ICMPV6 => false,
+            PROTO_TCP | PROTO_UDP => ip.len() >= l4 + 14,
+            _ => true,
+        };
+        (whole && hops > 1).then_some(FlowOrigin {
+            from,
+            segment,
+            mac: meta.src,
+            src,
+            dst,
+        })
+    }
+
     /// Where `origin`'s frames go, if `cache` holds a decision still in force.
     #[inline]
     pub fn cached(&self, origin: &FlowOrigin, cache: &RouteCache) -> Option<(Neighbour, RouteId)> {
@@ -779,6 +836,70 @@ via = "10.0.2.254"
             .write(&mut f, &[0; 20])
             .unwrap();
         f
+    }
+
+    #[test]
+    fn the_quick_origin_is_the_parsed_one_or_none() {
+        let r = router();
+        let mut frames = Vec::new();
+        for ttl in [0u8, 1, 2, 64] {
+            frames.push(udp(WEB_MAC, [10, 0, 1, 5], [10, 0, 2, 7], ttl));
+        }
+        let v6 = |next: u8, l4: &[u8], hops: u8| {
+            let mut f = GW_MAC.0.to_vec();
+            f.extend_from_slice(&WEB_MAC);
+            f.extend_from_slice(&[0x86, 0xdd, 0x60, 0, 0, 0]);
+            f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            f.extend_from_slice(&[next, hops]);
+            f.extend_from_slice(&[0xfd, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5]);
+            f.extend_from_slice(&[0xfd, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+            f.extend_from_slice(l4);
+            f
+        };
+        for (next, kind) in [(17u8, 0u8), (6, 0), (58, 135), (58, 136), (58, 128), (0, 0)] {
+            let mut l4 = vec![0u8; 24];
+            l4[0] = kind;
+            for hops in [1u8, 64] {
+                frames.push(v6(next, &l4, hops));
+            }
+        }
+        let mut tcp = Vec::new();
+        etherparse::PacketBuilder::ethernet2(WEB_MAC, GW_MAC.0)
+            .ipv4([10, 0, 1, 5], [192, 168, 3, 4], 9)
+            .tcp(1, 2, 3, 4)
+            .write(&mut tcp, &[0; 10])
+            .unwrap();
+        frames.push(tcp.clone());
+        let mut icmp = tcp.clone();
+        icmp[14 + 9] = 1;
+        frames.push(icmp);
+        let mut options = tcp.clone();
+        options[14] = 0x46;
+        frames.push(options);
+        let mut short_ihl = tcp.clone();
+        short_ihl[14] = 0x44;
+        frames.push(short_ihl);
+        let mut wrong_version = tcp.clone();
+        wrong_version[14] = 0x65;
+        frames.push(wrong_version);
+        let mut fragment = tcp.clone();
+        fragment[14 + 6] = 0x01;
+        frames.push(fragment);
+        let mut quick = 0;
+        for f in &frames {
+            for cut in [f.len(), 60, 54, 40] {
+                let head = &f[..cut.min(f.len())];
+                let meta = FrameMeta::parse(head[..14].try_into().unwrap());
+                let parsed = l3::parse(head, r.zone(10));
+                let slow = r.flow_origin(3, 10, &meta, &parsed, head);
+                if let Some(o) = r.quick_origin(3, 10, &meta, head) {
+                    quick += 1;
+                    assert_eq!(Some(o), slow, "{head:02x?}");
+                }
+            }
+        }
+        // TCP and UDP of both families with a hop to spare, whole: the quick way.
+        assert!(quick >= 6, "{quick}");
     }
 
     #[test]
