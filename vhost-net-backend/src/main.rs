@@ -73,7 +73,8 @@ struct Args {
     #[arg(long = "port", value_name = "SPEC")]
     ports: Vec<String>,
 
-    /// A TOML file with `mtu`, `mac_ageing_secs`, `control_socket`, `[[port]]` tables
+    /// A TOML file with `mtu`, `mac_ageing_secs`, `control_socket`, `poll_us`, `workers`,
+    /// `worker_cpus`, `[[port]]` tables
     /// (name, socket, vlan, mac, queues, max_macs, groups, addresses, socket_owner,
     /// socket_group, socket_mode), `[policy]` (default,
     /// max_flows, max_flows_per_port, flow_log, flow_log_max_bytes, flow_log_interval_secs)
