@@ -348,12 +348,12 @@ fn serve_connection(
     let (daemon, rings) =
         vring::collect(|| VhostUserDaemon::new(shared.name.clone(), port.clone(), mem));
     let mut daemon = daemon.map_err(|e| format!("cannot set up the device: {e}"))?;
-    if rings.len() != usize::from(shared.queue_pairs) * 2 {
+    let ring_count = u32::from(shared.queue_pairs) * 2;
+    if rings.len() != ring_count as usize {
         // vhost-user-backend made its rings elsewhere than `collect` expects.
         return Err(format!(
-            "the protocol handler made {} rings where {} were expected",
-            rings.len(),
-            usize::from(shared.queue_pairs) * 2
+            "the protocol handler made {} rings where {ring_count} were expected",
+            rings.len()
         ));
     }
     port.publish(&rings);
@@ -367,12 +367,16 @@ fn serve_connection(
     daemon
         .start(internal)
         .map_err(|e| format!("cannot start the protocol handler: {e}"))?;
-    let rings = u32::from(shared.queue_pairs) * 2;
-    let relay = match relay::spawn(&shared.name, rings, frontend, handler_side, told.clone()) {
+    let relay = match relay::spawn(
+        &shared.name,
+        ring_count,
+        frontend,
+        handler_side,
+        told.clone(),
+    ) {
         Ok(r) => r,
         Err(e) => {
-            // Its protocol thread is running: end and join it, so the daemon's workers are
-            // gone when it is dropped.
+            // Its protocol thread is running: end and join it before the daemon is dropped.
             daemon.request_shutdown();
             let _ = daemon.wait();
             return Err(format!("relay: {e}"));

@@ -1,13 +1,13 @@
-//! A VM port's ring as vhost-user-backend keeps it, plus where its kicks are watched when a
-//! worker pool serves it (`--workers`).
+//! A VM port's ring as vhost-user-backend keeps it, plus where its kicks are watched: the
+//! epoll of the worker thread its queue pair was given (`vhost_user::worker_pool`).
 //!
-//! vhost-user-backend registers a ring's kick descriptor only with the threads it starts
-//! for one connection. A pool thread serves rings of many connections, so it must hear of
-//! every change of a ring's kick descriptor, enabled state and started state, which only
-//! this type sees (the handler calls it on the protocol thread); it then adds the kick
-//! descriptor to the pool thread's epoll, or removes it, before the old descriptor is
-//! closed (QEMU keeps its copy of the eventfd open, so an entry for a descriptor closed
-//! only on our side would stay in the epoll and fire).
+//! vhost-user-backend registers a ring's kick descriptor only with threads it starts for
+//! one connection, and we start ours. A worker must hear of every change of a ring's kick
+//! descriptor, enabled state and started state, which only this type sees (the handler
+//! calls it on the protocol thread); it then adds the kick descriptor to the worker's
+//! epoll, or removes it, before the old descriptor is closed (QEMU keeps its copy of the
+//! eventfd open, so an entry for a descriptor closed only on our side would stay in the
+//! epoll and fire).
 
 use std::cell::RefCell;
 use std::fs::File;
@@ -52,7 +52,7 @@ impl Watch {
 }
 
 /// A queue of a VM port: the ring, its eventfds and its lock (vhost-user-backend's), and
-/// the pool's watch of its kicks, if a pool serves it.
+/// the watch of its kicks, once a worker is given it.
 #[derive(Clone)]
 pub struct Vring {
     ring: VringRwLock<Mem>,

@@ -1,7 +1,7 @@
 //! The `VhostUserBackend` of one VM port for one frontend connection: features and
 //! protocol features offered, memory and queues taken in, its rings published to the other
-//! ports, and each queue pair's work on a kick (`serve_ring`), done by the thread the
-//! worker pool gives the pair (vhost-user-backend starts none).
+//! ports, and each queue pair's work on a kick (`quiet_rx_kicks`, `serve_tx`), done by the
+//! thread the worker pool gives the pair (vhost-user-backend starts none).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,30 +106,29 @@ impl Port {
         }
     }
 
-    /// What a kick of queue pair `pair`'s RX ring (`tx` false) or TX ring means: for the
-    /// TX ring, the guest's frames taken (all of them, or one burst: `turn`). True when
-    /// the caller should call again (`TxQueue::process`).
-    pub fn serve_ring(&self, pair: usize, tx: bool, rings: (&Vring, &Vring), turn: Turn) -> bool {
+    /// What a kick of an RX ring says: new buffers. Frames are never queued for them, so
+    /// the driver need not kick at all: its kicks are turned off for good. Without
+    /// EVENT_IDX it kicks until the used ring's NO_NOTIFY flag says otherwise (with it,
+    /// after the first kick, only when its index passes an avail_event never moved on),
+    /// each kick a wake-up of a worker.
+    pub fn quiet_rx_kicks(&self, rx_ring: &Vring) {
+        if let Some(mem) = self.inner().vm.rx_read().mem.clone() {
+            use virtio_queue::QueueT;
+            use vm_memory::GuestAddressSpace;
+            let _ = rx_ring
+                .get_mut()
+                .get_queue_mut()
+                .disable_notification(&*mem.memory());
+        }
+    }
+
+    /// Takes what the guest transmitted on queue pair `pair`'s TX ring: all of it, or one
+    /// burst (`turn`). True when the caller should call again (`TxQueue::process`).
+    pub fn serve_tx(&self, pair: usize, tx_ring: &Vring, turn: Turn) -> bool {
         let inner = self.inner();
         let Some(worker) = inner.workers.get(pair) else {
             return false;
         };
-        let (rx_ring, tx_ring) = rings;
-        // A kick of the RX ring says new buffers: frames are never queued for them, so the
-        // driver need not kick at all. Without EVENT_IDX it kicks until the used ring's
-        // NO_NOTIFY flag says otherwise (with it, after the first kick, only when its index
-        // passes an avail_event never moved on), each kick a wake-up of a worker.
-        if !tx {
-            if let Some(mem) = inner.vm.rx_read().mem.clone() {
-                use virtio_queue::QueueT;
-                use vm_memory::GuestAddressSpace;
-                let _ = rx_ring
-                    .get_mut()
-                    .get_queue_mut()
-                    .disable_notification(&*mem.memory());
-            }
-            return false;
-        }
         let mut worker = worker.lock().unwrap_or_else(|e| e.into_inner());
         let worker = worker.get_or_insert_with(Worker::new);
         let queue = TxQueue {
@@ -141,7 +140,7 @@ impl Port {
         };
         // A panic here (a bug) costs this port only: its half-done burst is dropped, its
         // connection reset (its own ring may be poisoned; the guest starts over), and the
-        // thread, which vhost-user-backend or the pool would lose, goes on.
+        // worker thread, which serves other pairs too, goes on.
         let again = fault::contain("in a TX worker", || {
             fault::inject_tx(inner.port.id);
             queue.process(tx_ring, worker, turn)

@@ -45,9 +45,9 @@ struct Pair {
 }
 
 impl Pair {
-    fn serve(&self, tx: bool, turn: Turn) -> bool {
-        self.port
-            .serve_ring(self.index, tx, (&self.rx, &self.tx), turn)
+    /// One turn of its TX ring; true while it has work left (`Port::serve_tx`).
+    fn serve_tx(&self, turn: Turn) -> bool {
+        self.port.alive() && self.port.serve_tx(self.index, &self.tx, turn)
     }
 }
 
@@ -126,39 +126,43 @@ impl Thread {
         let mut rounds = 0u32;
         while !self.stop.load(Ordering::Relaxed) {
             rounds = rounds.wrapping_add(1);
-            if !ready.is_empty() && !rounds.is_multiple_of(LOOK_EVERY) {
-                ready.retain(|pair| pair.port.alive() && pair.serve(true, self.turn));
-                continue;
-            }
-            let timeout = if ready.is_empty() { -1 } else { 0 };
-            let n = match self.epoll.wait(timeout, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    error!("{}: epoll failed, this worker stops: {e}", self.name);
-                    return;
-                }
-            };
-            for event in &events[..n] {
-                let token = event.data();
-                if token == WAKE {
-                    let _ = self.wake.read();
-                    continue;
-                }
-                let Some(pair) = self.pairs().get(&(token >> 1)).cloned() else {
-                    continue;
-                };
-                if token & 1 == 1 {
-                    pair.tx.consume_kick();
-                    if !ready.iter().any(|p| Arc::ptr_eq(p, &pair)) {
-                        ready.push(pair);
+            if ready.is_empty() || rounds.is_multiple_of(LOOK_EVERY) {
+                // Idle, wait for a kick; busy, look without waiting.
+                let timeout = if ready.is_empty() { -1 } else { 0 };
+                let n = match self.epoll.wait(timeout, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        error!("{}: epoll failed, this worker stops: {e}", self.name);
+                        return;
                     }
-                } else {
-                    pair.rx.consume_kick();
-                    pair.serve(false, self.turn);
+                };
+                for event in &events[..n] {
+                    self.kicked(event.data(), &mut ready);
                 }
             }
-            ready.retain(|pair| pair.port.alive() && pair.serve(true, self.turn));
+            ready.retain(|pair| pair.serve_tx(self.turn));
+        }
+    }
+
+    /// A kick reported as `token`: a TX ring's pair joins `ready`, an RX ring's kicks are
+    /// turned off.
+    fn kicked(&self, token: u64, ready: &mut Vec<Arc<Pair>>) {
+        if token == WAKE {
+            let _ = self.wake.read();
+            return;
+        }
+        let Some(pair) = self.pairs().get(&(token >> 1)).cloned() else {
+            return;
+        };
+        if token & 1 == 1 {
+            pair.tx.consume_kick();
+            if !ready.iter().any(|p| Arc::ptr_eq(p, &pair)) {
+                ready.push(pair);
+            }
+        } else {
+            pair.rx.consume_kick();
+            pair.port.quiet_rx_kicks(&pair.rx);
         }
     }
 }
