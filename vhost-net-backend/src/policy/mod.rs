@@ -459,7 +459,11 @@ impl Policy {
             ),
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        if self.full_reported.fetch_or(bit, Ordering::Relaxed) & bit == 0 {
+        // Read first: a full table refuses every new flow's frame, and a locked OR on each
+        // would bounce the line between workers.
+        if self.full_reported.load(Ordering::Relaxed) & bit == 0
+            && self.full_reported.fetch_or(bit, Ordering::Relaxed) & bit == 0
+        {
             let rules = self.rules();
             warn!(
                 "policy: new flows from port {} refused: {what} (max_flows {}, \
