@@ -73,6 +73,15 @@ impl<'a> Burst<'a> {
         }
     }
 
+    /// Frame `i`'s flow hash.
+    #[inline]
+    fn hash(&self, i: usize) -> u32 {
+        match *self {
+            Burst::Guest { frames, .. } => frames[i].hash,
+            Burst::Local(f) => f.hash,
+        }
+    }
+
     /// Frame `i`, from a port in `segment` (a local frame knows its own).
     #[inline]
     fn frame(&self, i: usize, segment: u16) -> Frame<'a> {
@@ -212,6 +221,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             l3: &parsed,
             len,
             group: meta.dst.is_multicast(),
+            hash: burst.hash(i),
         };
         let forward = match forward {
             Forward::To(p) if policy => police(dp, &mut s.policy, from.id, p, f, false),
@@ -274,6 +284,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
                     l3: &parsed,
                     len,
                     group: frame.eth()[0] & 1 != 0,
+                    hash: frame.hash,
                 };
                 for p in dp.switch.flood_targets(from.id, frame.segment) {
                     if policy && police(dp, &mut s.policy, from.id, p, f, true) != Forward::To(p) {

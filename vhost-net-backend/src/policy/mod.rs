@@ -64,6 +64,10 @@ pub struct PolicyFrame<'a> {
     pub len: usize,
     /// It goes to a multicast or broadcast MAC: the rules alone decide, no flow is tracked.
     pub group: bool,
+    /// Its flow hash (`packet::flow`, computed at ingress): picks the worker's cache slot,
+    /// so that a cached flow costs no hash of its own (the table's, seeded and the same
+    /// both ways, was 5 % of a 64 B frame under 10 rules).
+    pub hash: u32,
 }
 
 struct CachedFlow {
@@ -317,7 +321,7 @@ impl Policy {
             }
             return (action == Action::Allow).then_some(rule);
         }
-        self.stateful(cache, src, dst, p, len, quiet)
+        self.stateful(cache, src, dst, p, f, quiet)
     }
 
     #[inline]
@@ -327,12 +331,12 @@ impl Policy {
         src: PortId,
         dst: PortId,
         p: &IpPacket,
-        len: usize,
+        f: PolicyFrame<'_>,
         quiet: bool,
     ) -> Option<Decider> {
         let now = self.now();
-        let hash = self.conntrack.hash(&p.key);
-        let slot = (hash as usize) % CACHE_SLOTS;
+        let len = f.len;
+        let slot = f.hash as usize % CACHE_SLOTS;
         if let Some(f) = &cache.slots[slot] {
             if f.key == p.key
                 && f.conn.alive.load(Ordering::Relaxed)
@@ -353,6 +357,7 @@ impl Policy {
                 self.end(&old, &cache.rules);
             }
         }
+        let hash = self.conntrack.hash(&p.key);
         if let Some((conn, dir)) = self.conntrack.lookup(&p.key, hash) {
             if conn.generation.load(Ordering::Relaxed) != cache.generation {
                 // The rules changed since it was allowed: decide it again.
@@ -689,6 +694,7 @@ mod tests {
             l3,
             len,
             group: false,
+            hash: 0,
         }
     }
 
