@@ -1207,7 +1207,11 @@ fn main() {
     for (label, case, ratio) in &report.vs_plain {
         println!("{label} / plain L2, Mpps, {case}, established flows, 1 queue pair: {ratio:.2}");
     }
-    for t in report.throughput.iter().filter(|t| t.case.ends_with("new flows")) {
+    for t in report
+        .throughput
+        .iter()
+        .filter(|t| t.case.ends_with("new flows"))
+    {
         println!(
             "new connections, {} (a new 5-tuple every frame, 10 rules): {:.2} M/s",
             t.case.trim_end_matches(" new flows"),
