@@ -368,9 +368,10 @@ impl Conntrack {
         Some((conn, dir))
     }
 
-    /// Tracks `conn`. Another worker may have tracked the same flow meanwhile: that one
-    /// is returned instead.
-    pub fn insert(&self, conn: Conn) -> Result<(Arc<Conn>, Dir), Full> {
+    /// Tracks `conn`; `hash` is `Conntrack::hash` of its key, which the caller computed for
+    /// its lookup (not again here: the seeded hash is a part of every new flow's cost).
+    /// Another worker may have tracked the same flow meanwhile: that one is returned instead.
+    pub fn insert(&self, conn: Conn, hash: u64) -> Result<(Arc<Conn>, Dir), Full> {
         let port = usize::from(conn.orig_port);
         let per_port = self.per_port.get(port).ok_or(Full::Port)?;
         if per_port.load(Ordering::Relaxed) >= self.max_per_port {
@@ -384,7 +385,6 @@ impl Conntrack {
         let k = canonical(&key);
         let conn = Arc::new(conn);
         {
-            let hash = self.seeds.hash(&k);
             let seeds = self.seeds;
             let mut s = self.shard(hash);
             match s.entry(
@@ -487,28 +487,33 @@ mod tests {
         Conn::new(key, orig_port, 9, Some(0), 0, 0, now)
     }
 
+    fn track(ct: &Conntrack, c: Conn) -> Result<(Arc<Conn>, Dir), Full> {
+        let hash = ct.hash(&c.key);
+        ct.insert(c, hash)
+    }
+
     #[test]
     fn finds_both_directions_and_bounds_each_port() {
         let ct = Conntrack::new(3, 5, 3);
-        let (c, dir) = ct.insert(conn(0, 1000, 17, 0)).unwrap();
+        let (c, dir) = track(&ct, conn(0, 1000, 17, 0)).unwrap();
         assert_eq!(dir, Dir::Orig);
         let reply = c.key.reversed();
         let (found, dir) = ct.lookup(&reply, ct.hash(&reply)).unwrap();
         assert!(Arc::ptr_eq(&found, &c) && dir == Dir::Reply);
         // The same flow again: the tracked one, not a second entry.
-        let (again, _) = ct.insert(conn(0, 1000, 17, 0)).unwrap();
+        let (again, _) = track(&ct, conn(0, 1000, 17, 0)).unwrap();
         assert!(Arc::ptr_eq(&again, &c));
         assert_eq!(ct.len(), 1);
-        ct.insert(conn(0, 1001, 17, 0)).unwrap();
-        ct.insert(conn(0, 1002, 17, 0)).unwrap();
-        assert_eq!(ct.insert(conn(0, 1003, 17, 0)).unwrap_err(), Full::Port);
-        ct.insert(conn(1, 1004, 17, 0)).unwrap();
-        ct.insert(conn(1, 1005, 17, 0)).unwrap();
-        assert_eq!(ct.insert(conn(2, 1006, 17, 0)).unwrap_err(), Full::Table);
+        track(&ct, conn(0, 1001, 17, 0)).unwrap();
+        track(&ct, conn(0, 1002, 17, 0)).unwrap();
+        assert_eq!(track(&ct, conn(0, 1003, 17, 0)).unwrap_err(), Full::Port);
+        track(&ct, conn(1, 1004, 17, 0)).unwrap();
+        track(&ct, conn(1, 1005, 17, 0)).unwrap();
+        assert_eq!(track(&ct, conn(2, 1006, 17, 0)).unwrap_err(), Full::Table);
         ct.remove(&c);
         assert!(!c.alive.load(Ordering::Relaxed));
         assert!(ct.lookup(&reply, ct.hash(&reply)).is_none());
-        ct.insert(conn(0, 1003, 17, 0)).unwrap();
+        track(&ct, conn(0, 1003, 17, 0)).unwrap();
         assert_eq!(ct.len(), 5);
     }
 
@@ -548,8 +553,8 @@ mod tests {
     #[test]
     fn expires_by_protocol_and_tcp_state() {
         let ct = Conntrack::new(1, 100, 100);
-        let (udp, _) = ct.insert(conn(0, 1, 17, 0)).unwrap();
-        let (tcp_c, _) = ct.insert(conn(0, 2, PROTO_TCP, 0)).unwrap();
+        let (udp, _) = track(&ct, conn(0, 1, 17, 0)).unwrap();
+        let (tcp_c, _) = track(&ct, conn(0, 2, PROTO_TCP, 0)).unwrap();
         // The handshake, then data: established lives for days.
         assert!(tcp_c.count(Dir::Orig, 60, TCP_SYN, 0));
         assert!(tcp_c.count(Dir::Reply, 60, TCP_SYN | TCP_ACK, 0));
@@ -575,7 +580,7 @@ mod tests {
     #[test]
     fn only_a_syn_of_the_opening_side_reopens_a_closed_flow() {
         let ct = Conntrack::new(1, 100, 100);
-        let (c, _) = ct.insert(conn(0, 2, PROTO_TCP, 0)).unwrap();
+        let (c, _) = track(&ct, conn(0, 2, PROTO_TCP, 0)).unwrap();
         assert!(c.count(Dir::Orig, 60, TCP_SYN, 0));
         assert!(
             !c.reopened_by(Dir::Orig, TCP_SYN),
@@ -588,7 +593,7 @@ mod tests {
         assert!(!c.reopened_by(Dir::Reply, TCP_SYN));
         assert!(!c.reopened_by(Dir::Orig, TCP_SYN | TCP_ACK));
         assert!(!c.reopened_by(Dir::Orig, TCP_ACK));
-        let (udp, _) = ct.insert(conn(0, 3, 17, 0)).unwrap();
+        let (udp, _) = track(&ct, conn(0, 3, 17, 0)).unwrap();
         assert!(!udp.reopened_by(Dir::Orig, TCP_SYN));
     }
 }

@@ -404,7 +404,7 @@ impl Policy {
         // Unix time from the switch's second clock: a clock read per new flow was 3 %.
         let started = self.started_unix + u64::from(now);
         let conn = Conn::new(p.key, src, dst, rule, cache.generation, started, now);
-        match self.conntrack.insert(conn) {
+        match self.conntrack.insert(conn, hash) {
             Ok((conn, dir)) => {
                 count_hit(&cache.rules, rule);
                 let ok = (on_path(&conn, dir, src, dst) && conn.count(dir, len, p.tcp_flags, now))

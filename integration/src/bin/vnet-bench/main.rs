@@ -239,7 +239,7 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
     // L2 backend of its own, all five started together and driven in turn, round by
     // round: the machine's speed swings by 25 % within minutes, so a ratio is taken within
     // a round and the median of the rounds' ratios is reported (one plain run before them
-    // all read 0.55 to 1.20 for the same build).
+    // all read 0.55 to 1.41 for the same build).
     let staged: Vec<Case> = cases.iter().filter(|c| !c.both_ways).copied().collect();
     if !staged.is_empty() {
         let stages: [(&'static str, Option<usize>, bool); 5] = [
