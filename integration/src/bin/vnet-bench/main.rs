@@ -13,6 +13,8 @@
 //! L2 cache.
 //! `--case` runs only the throughput cases whose name starts with NAME ("64 B", "1518 B <->")
 //! and no latency test: for comparing builds (VNET_BACKEND=path picks the backend binary).
+//! `--section` runs one section of the report alone (`staged`: the policy and routed
+//! cases against plain L2).
 //!
 //! The policy section runs the same backend with a policy: A's group may send UDP and TCP
 //! to B's after 9 or 999 rules that do not match (so 10 or 1,000 rules), on established
@@ -219,6 +221,9 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
         ("vhost-net-backend", &[][..]),
         ("  --poll-us 50", &["--poll-us", "50"][..]),
     ] {
+        if !setup.runs("switching") {
+            break;
+        }
         let backend = Backend::start(extra);
         for qps in [1u16, 2] {
             for &case in cases {
@@ -241,7 +246,7 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
     // a round and the median of the rounds' ratios is reported (one plain run before them
     // all read 0.55 to 1.41 for the same build).
     let staged: Vec<Case> = cases.iter().filter(|c| !c.both_ways).copied().collect();
-    if !staged.is_empty() {
+    if !staged.is_empty() && setup.runs("staged") {
         let stages: [(&'static str, Option<usize>, bool); 5] = [
             ("  plain L2", None, false),
             ("  policy 10 rules", Some(10), false),
@@ -283,21 +288,21 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
     // up from zero, so a second run on one table would find its flows tracked.
     for case in NEW_FLOWS
         .into_iter()
-        .filter(|c| only.is_none_or(|o| c.name.starts_with(o)))
+        .filter(|c| only.is_none_or(|o| c.name.starts_with(o)) && setup.runs("new"))
     {
         let backend = Backend::start_with(Some(10), false, &[]);
         let (t, huge) = throughput(&backend, case, 1, setup);
         report.record(t, huge, "  policy 10 rules");
     }
 
-    if only.is_none_or(|o| BALANCER_CASE.starts_with(o)) {
+    if only.is_none_or(|o| BALANCER_CASE.starts_with(o)) && setup.runs("balancer") {
         match balancer::new_connections(seconds) {
             Ok(r) => report.balancer = Some(r),
             Err(e) => report.balancer_error = Some(e),
         }
     }
 
-    if only.is_none_or(|o| many_ports::CASE.starts_with(o)) {
+    if only.is_none_or(|o| many_ports::CASE.starts_with(o)) && setup.runs("8 ports") {
         match many_ports::compare(seconds, setup.queue_size) {
             Ok(r) => report.many_ports = Some(r),
             Err(e) => report.many_ports_error = Some(e),
@@ -305,7 +310,7 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
     }
 
     // OVS-DPDK, NORMAL and with a conntrack firewall, on the same cases.
-    if !policy_cases.is_empty() {
+    if !policy_cases.is_empty() && setup.runs("ovs") {
         report.ovs = Some(match ovs::Ovs::start() {
             Some(o) => {
                 let mut mpps = std::collections::HashMap::new();
@@ -358,7 +363,7 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
     }
 
     for poll_us in [0u64, 50] {
-        if only.is_some() {
+        if only.is_some() || !setup.runs("latency") {
             break;
         }
         let backend = Backend::start(&["--poll-us", &poll_us.to_string()]);
@@ -368,10 +373,13 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
             .push(latency(&backend, poll_us, trips.max(200)));
     }
 
-    if only.is_none() {
+    if only.is_none() && setup.runs("latency") {
         report.wakeup_floor = Some(wakeup_floor((seconds * 2000.0).max(200.0) as usize));
     }
 
+    if !setup.runs("dpdk") {
+        return;
+    }
     match Dpdk::start(2) {
         Some(dpdk) => {
             for qps in [1u16, 2] {
@@ -789,12 +797,34 @@ fn to_gateway(frame: &mut [u8]) {
 struct Setup {
     seconds: f64,
     queue_size: u16,
+    /// `--section`: the one section to run, or all.
+    section: Option<&'static str>,
 }
+
+impl Setup {
+    fn runs(&self, section: &str) -> bool {
+        self.section.is_none_or(|s| s == section)
+    }
+}
+
+/// What `--section` takes: the report's sections, in the order they run.
+const SECTIONS: [&str; 9] = [
+    "switching",
+    "staged",
+    "new",
+    "balancer",
+    "8 ports",
+    "ovs",
+    "latency",
+    "dpdk",
+    "foreign",
+];
 
 fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Throughput, bool) {
     let Setup {
         seconds,
         queue_size,
+        ..
     } = setup;
     let Case {
         name,
@@ -1069,7 +1099,7 @@ impl Report {
 
 const USAGE: &str =
     "usage: vnet-bench [--seconds S] [--json] [--case NAME] [--queue-size 256|512|1024] \
-     [--frontend ours|dpdk]";
+     [--frontend ours|dpdk] [--section switching|staged|new|balancer|8 ports|ovs|latency|dpdk|foreign]";
 
 /// Refuses what it does not know (a mistyped option silently ran the whole benchmark).
 fn check_args(args: &[String]) -> Result<(), String> {
@@ -1082,7 +1112,14 @@ fn check_args(args: &[String]) -> Result<(), String> {
             {
                 return Err("--frontend takes ours or dpdk".into());
             }
-            "--seconds" | "--case" | "--queue-size" | "--frontend" => {
+            "--section"
+                if !args
+                    .get(i + 1)
+                    .is_some_and(|v| SECTIONS.contains(&v.as_str())) =>
+            {
+                return Err(format!("--section takes one of {}", SECTIONS.join(", ")));
+            }
+            "--seconds" | "--case" | "--queue-size" | "--frontend" | "--section" => {
                 if args.get(i + 1).is_none() {
                     return Err(format!("{} needs a value", args[i]));
                 }
@@ -1132,9 +1169,15 @@ fn main() {
             }
         },
     };
+    let section = args
+        .iter()
+        .position(|a| a == "--section")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| SECTIONS.iter().find(|s| **s == v.as_str()).copied());
     let setup = Setup {
         seconds,
         queue_size,
+        section,
     };
     let cases: Vec<Case> = CASES
         .into_iter()
@@ -1170,7 +1213,7 @@ fn main() {
     if frontend != Some("dpdk") {
         own_frontend(&mut report, &cases, only, setup);
     }
-    if frontend != Some("ours") {
+    if frontend != Some("ours") && setup.runs("foreign") {
         foreign_frontend(seconds, only, &mut report);
     }
 
