@@ -343,7 +343,8 @@ fn parse_ip(b: &[u8], zone: u16, outer: bool) -> Option<IpPacket> {
                 (false, 0) | (true, 129) => IcmpKind::EchoReply,
                 (false, 3 | 11 | 12) | (true, 1..=4) => IcmpKind::Error,
                 (true, 130..=133 | 135 | 136 | 143) => IcmpKind::Neighbour,
-                (true, 134 | 137) => IcmpKind::Router,
+                // Router advertisements and redirects, both families.
+                (true, 134 | 137) | (false, 5 | 9) => IcmpKind::Router,
                 _ => IcmpKind::Other,
             };
             p.icmp = Some(icmp);
@@ -421,6 +422,17 @@ mod tests {
         let L3::Ip(e) = parse(&echo, 0) else { panic!() };
         assert_eq!(e.icmp, Some(IcmpKind::EchoRequest));
         assert_eq!((e.key.sport, e.key.dport), (9, 0));
+
+        // A redirect (5) and a router advertisement (9): what only the outside may send.
+        for kind in [5u8, 9] {
+            let icmp = [kind, 0, 0, 0, 10, 0, 0, 1];
+            let f = eth(
+                ETHERTYPE_IPV4,
+                &ipv4(PROTO_ICMP, [10, 0, 0, 1], [10, 0, 0, 2], &icmp),
+            );
+            let L3::Ip(r) = parse(&f, 0) else { panic!() };
+            assert_eq!(r.icmp, Some(IcmpKind::Router), "type {kind}");
+        }
 
         // Port unreachable quoting the UDP packet 10.0.0.1:53000 -> 10.0.0.2:53.
         let quoted = ipv4(

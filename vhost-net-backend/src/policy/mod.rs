@@ -204,23 +204,25 @@ impl Policy {
     /// Whether port `port`'s rate lets it send a frame of `len` bytes.
     #[inline]
     pub fn tx_allows(&self, cache: &PolicyCache, port: PortId, len: usize) -> bool {
-        cache
-            .rules
-            .ports
-            .get(usize::from(port))
-            .and_then(|p| p.rate_tx.as_ref())
-            .is_none_or(|r| r.allows(cache.rate_now, len))
+        !cache.rules.port_rates
+            || cache
+                .rules
+                .ports
+                .get(usize::from(port))
+                .and_then(|p| p.rate_tx.as_ref())
+                .is_none_or(|r| r.allows(cache.rate_now, len))
     }
 
     /// Whether port `port`'s rate lets it receive a frame of `len` bytes.
     #[inline]
     pub fn rx_allows(&self, cache: &PolicyCache, port: PortId, len: usize) -> bool {
-        cache
-            .rules
-            .ports
-            .get(usize::from(port))
-            .and_then(|p| p.rate_rx.as_ref())
-            .is_none_or(|r| r.allows(cache.rate_now, len))
+        !cache.rules.port_rates
+            || cache
+                .rules
+                .ports
+                .get(usize::from(port))
+                .and_then(|p| p.rate_rx.as_ref())
+                .is_none_or(|r| r.allows(cache.rate_now, len))
     }
 
     pub fn now(&self) -> u32 {
@@ -345,8 +347,10 @@ impl Policy {
         if p.key.proto == PROTO_UDP && p.key.dport == 67 && p.key.sport == 68 {
             return Some(None);
         }
-        if p.key.proto == PROTO_UDP && p.key.sport == 67 && p.key.dport == 68 && from_outside {
-            return Some(None);
+        // A DHCP server's reply: from the outside only, whatever the rules (a rogue server
+        // in a guest would hand its neighbours another gateway).
+        if p.key.proto == PROTO_UDP && p.key.sport == 67 && p.key.dport == 68 {
+            return from_outside.then_some(None);
         }
         if group || p.later_fragment {
             let (action, rule) = rules.decide(src, dst, &p.key);
@@ -776,6 +780,34 @@ mod tests {
         p.refresh(&mut c);
         assert!(!p.source_allows(&mut c, WEB, mac, &own));
         assert_eq!(p.counters.spoofed.load(Ordering::Relaxed), 4);
+    }
+
+    fn udp(src: PortId, dst: PortId, sport: u16, dport: u16) -> L3 {
+        match tcp(src, dst, sport, dport, 0) {
+            L3::Ip(mut p) => {
+                p.key.proto = PROTO_UDP;
+                L3::Ip(p)
+            }
+            other => other,
+        }
+    }
+
+    #[test]
+    fn a_guest_is_no_dhcp_server_and_no_router_whatever_the_rules() {
+        let (p, mut c) = policy("[policy]\ndefault = \"allow\"\n");
+        let mut pass = |src, dst, l3: L3| p.allows(&mut c, src, dst, fr(&l3, 300), false);
+        assert!(pass(WEB, APP, udp(WEB, APP, 68, 67)), "a client's request");
+        assert!(
+            pass(WEB, APP, udp(WEB, APP, 5353, 53)),
+            "the default allows UDP"
+        );
+        assert!(!pass(WEB, APP, udp(WEB, APP, 67, 68)), "a server's offer");
+        let L3::Ip(mut redirect) = tcp(WEB, APP, 0, 0, 0) else {
+            unreachable!()
+        };
+        redirect.key.proto = PROTO_ICMP;
+        redirect.icmp = Some(IcmpKind::Router);
+        assert!(!pass(WEB, APP, L3::Ip(redirect)), "an ICMP redirect");
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub struct RuleSet {
     pub enabled: bool,
     /// The stage runs: rules filter, or some rate is set.
     pub active: bool,
+    /// Some port has a rate of its own: without, a frame reads no port's entry for it.
+    pub port_rates: bool,
     pub default: Action,
     pub rules: Vec<AclRule>,
     /// By port id; the uplink last.
@@ -241,6 +243,7 @@ impl RuleSet {
         Ok(RuleSet {
             enabled: config.has_policy(),
             active: config.has_policy() || rated,
+            port_rates: rated,
             default: config.policy.as_ref().map_or(Action::Deny, |p| p.default),
             rules,
             ports,
