@@ -122,7 +122,18 @@ fn bad_port_changes_are_refused_with_the_reason_and_change_nothing() {
     }
     let sw = TestSwitch::start_config(config);
     let sock = |n: &str| sw.socket(n).display().to_string();
+    // What is at a path already is not replaced: a file, another program's socket.
+    std::fs::write(sw.socket("file"), "not a socket").unwrap();
+    let foreign = std::os::unix::net::UnixListener::bind(sw.socket("foreign")).unwrap();
     let cases = [
+        (
+            format!("port-add name=x,socket={}", sock("file")),
+            "exists and is not a socket",
+        ),
+        (
+            format!("port-add name=x,socket={}", sock("foreign")),
+            "something listens on it already",
+        ),
         (
             format!("port-add name=a,socket={}", sock("x")),
             "a port named 'a' exists",
@@ -148,6 +159,12 @@ fn bad_port_changes_are_refused_with_the_reason_and_change_nothing() {
         assert!(e.contains(why), "{line}: {reply}");
     }
     assert_eq!(port_names(&sw), vec!["a", "b"]);
+    assert_eq!(
+        std::fs::read_to_string(sw.socket("file")).unwrap(),
+        "not a socket"
+    );
+    assert!(sw.socket("foreign").exists());
+    drop(foreign);
     // One place is left: the first port added takes it, the next is told max_ports.
     add(&sw, &format!("name=x,socket={}", sock("x")));
     let reply = command(&sw, &format!("port-add name=y,socket={}", sock("y")));

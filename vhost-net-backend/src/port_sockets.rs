@@ -37,6 +37,12 @@ pub enum ListenError {
         path: PathBuf,
         source: vhost::vhost_user::Error,
     },
+    #[error("port '{port}': will not listen on {path}: {source}")]
+    PathTaken {
+        port: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("port '{port}': cannot set the owner or mode of {path}: {source} (changing the owner needs root)")]
     SocketAccess {
         port: String,
@@ -92,8 +98,41 @@ pub fn open(p: &PortConfig) -> Result<Socket, ListenError> {
     Ok(Socket::Listening(l, wake))
 }
 
+/// Makes `path` free for a listening socket: a socket nobody listens on any more (left by a
+/// switch that was killed) is removed; anything else there is refused, not replaced (a
+/// live socket, another port's or the control socket, or a file that is no socket).
+pub fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(m) => m,
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            "it exists and is not a socket (remove it, or choose another path)",
+        ));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(Error::new(
+            ErrorKind::AddrInUse,
+            "something listens on it already (another switch, or another of this \
+             switch's sockets): choose another path, or stop what listens there",
+        )),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    }
+}
+
 fn listen(p: &PortConfig) -> Result<(Listener, Wake), ListenError> {
-    let l = Listener::new(&p.socket, true).map_err(|source| ListenError::Listen {
+    clear_stale_socket(&p.socket).map_err(|source| ListenError::PathTaken {
+        port: p.name.clone(),
+        path: p.socket.clone(),
+        source,
+    })?;
+    let l = Listener::new(&p.socket, false).map_err(|source| ListenError::Listen {
         port: p.name.clone(),
         path: p.socket.clone(),
         source,
@@ -404,4 +443,38 @@ fn serve_connection(
         Err(e) => warn!("port {}: connection ended: {e}", shared.name),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::ErrorKind;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn only_a_socket_nobody_listens_on_is_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = |n: &str| dir.path().join(n);
+        // Nothing there: free.
+        clear_stale_socket(&path("none.sock")).unwrap();
+        // Left by a switch that was killed: removed.
+        drop(UnixListener::bind(path("stale.sock")).unwrap());
+        assert!(path("stale.sock").exists());
+        clear_stale_socket(&path("stale.sock")).unwrap();
+        assert!(!path("stale.sock").exists());
+        // Listened on (another switch, the control socket): refused, left alone.
+        let live = UnixListener::bind(path("live.sock")).unwrap();
+        let e = clear_stale_socket(&path("live.sock")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AddrInUse, "{e}");
+        assert!(path("live.sock").exists());
+        drop(live);
+        // A file that is no socket: refused, kept.
+        std::fs::write(path("notes.txt"), "keep me").unwrap();
+        let e = clear_stale_socket(&path("notes.txt")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+        assert_eq!(
+            std::fs::read_to_string(path("notes.txt")).unwrap(),
+            "keep me"
+        );
+    }
 }

@@ -163,7 +163,12 @@ impl Server {
         };
         let control = match &config.control_socket {
             Some(path) => {
-                let _ = std::fs::remove_file(path);
+                crate::port_sockets::clear_stale_socket(path).map_err(|source| {
+                    ServerError::Control {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
                 let l = UnixListener::bind(path).map_err(|source| ServerError::Control {
                     path: path.clone(),
                     source,
