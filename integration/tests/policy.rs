@@ -585,6 +585,33 @@ fn ctl_shows_rules_and_sighup_reloads_the_file() {
         assert!(Instant::now() < end, "the new rules never came: {v}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Options after the command are options: a table before, JSON now.
+    for command in ["rules", "flows", "stats"] {
+        let out = ctl(&control, &[command, "--json"]);
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Result<serde_json::Value, _> = serde_json::from_slice(&out.stdout);
+        assert!(
+            v.is_ok(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The rule has no name: removed by the one `rules` shows for it.
+    let out = ctl(&control, &["rules"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rule1"));
+    let out = ctl(&control, &["rule-remove", "rule1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = ctl(&control, &["--json", "rules"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rules"].as_array().unwrap().len(), 0);
     // Errors exit non-zero, naming the problem.
     let out = ctl(&control, &["rule-remove", "nosuch"]);
     assert!(!out.status.success());

@@ -585,6 +585,10 @@ fn restart_only_changes(old: &SwitchConfig, new: &SwitchConfig) -> Vec<String> {
     if old.max_ports != new.max_ports {
         changed.push("max_ports".into());
     }
+    // Built with their health checks and the host's NAT at start.
+    if old.balancers != new.balancers {
+        changed.push("[[balancer]]".into());
+    }
     if old.metrics_address != new.metrics_address {
         changed.push("metrics_address".into());
     }
@@ -725,13 +729,22 @@ fn rule_add(c: &mut SwitchConfig, args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// A rule by name, or by position from 1.
+/// A rule by name (a rule without one by the name `rules` shows for it, `ruleN`), or by
+/// position from 1.
 fn rule_index(c: &SwitchConfig, which: Option<&str>) -> Result<usize, String> {
     let which = which.ok_or("name the rule (its name or position)")?;
     if let Some(i) = c
         .rules
         .iter()
         .position(|r| r.name.as_deref() == Some(which))
+    {
+        return Ok(i);
+    }
+    if let Some(i) = c
+        .rules
+        .iter()
+        .enumerate()
+        .position(|(i, r)| r.name.is_none() && which == format!("rule{}", i + 1))
     {
         return Ok(i);
     }
@@ -831,4 +844,32 @@ fn set_rate(rate: &mut Option<RateConfig>, key: &str, v: &str) -> Result<(), Str
         *rate = None;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BALANCER: &str = "[[balancer]]\nname = \"web\"\nport = 80\n\
+                            backends = [\"10.10.1.10\", \"10.10.1.11\"]\n";
+
+    fn changes(old: &str, new: &str) -> Vec<String> {
+        let parse = |t: &str| SwitchConfig::from_toml(t).expect("a valid file");
+        restart_only_changes(&parse(old), &parse(new))
+    }
+
+    #[test]
+    fn a_reload_names_what_only_a_restart_applies() {
+        assert!(changes(BALANCER, BALANCER).is_empty());
+        assert_eq!(changes("mtu = 1500\n", "mtu = 9000\n"), ["mtu"]);
+        // A balancer's backends, checks or presence: its checks and the host's NAT were
+        // built at start (a reload said ok and changed nothing).
+        let fewer = BALANCER.replace(", \"10.10.1.11\"", "");
+        assert_eq!(changes(BALANCER, &fewer), ["[[balancer]]"]);
+        assert_eq!(changes(BALANCER, ""), ["[[balancer]]"]);
+        assert_eq!(
+            changes(BALANCER, &format!("{BALANCER}interval_ms = 200\n")),
+            ["[[balancer]]"]
+        );
+    }
 }

@@ -206,7 +206,34 @@ fn install_description(dir: &Path) -> Result<()> {
 }
 
 /// Sends one command to a running switch and prints its reply.
+/// `args` with its options taken out of the command's words too: `ctl rules --json`
+/// reads as `ctl --json rules` (the command takes every word after it, and the switch
+/// refused `--json` as an argument of `flows`, or `rules` ignored it).
+fn ctl_options(args: &CtlArgs) -> Result<CtlArgs> {
+    let mut out = CtlArgs {
+        command: Vec::new(),
+        ..args.clone()
+    };
+    let mut words = args.command.iter();
+    while let Some(w) = words.next() {
+        match w.as_str() {
+            "--json" => out.json = true,
+            "--socket" => match words.next() {
+                Some(path) => out.socket = path.into(),
+                None => bail!("--socket needs a path"),
+            },
+            w if w.starts_with("--socket=") => out.socket = w["--socket=".len()..].into(),
+            w => out.command.push(w.to_string()),
+        }
+    }
+    if out.command.is_empty() {
+        bail!("no command: try `vhost-net-backend ctl --help`");
+    }
+    Ok(out)
+}
+
 fn ctl(args: &CtlArgs) -> Result<()> {
+    let args = &ctl_options(args)?;
     let mut conn = UnixStream::connect(&args.socket).with_context(|| {
         format!(
             "cannot reach the switch at {} (is it running with --control-socket?)",
