@@ -184,12 +184,14 @@ impl DhcpServer {
     }
 
     /// The address for `client` on `port`: its static binding, else its pool lease, else
-    /// a free pool address held for it (`hold`); None when the pool is empty or full.
+    /// a free pool address held for it (`hold`): `wanted` if that one is free, else (unless
+    /// `only`) the first free one; None when the pool is empty or full.
     fn address_for(
         &self,
         port: PortId,
         client: MacAddr,
         hold: Option<Duration>,
+        (wanted, only): (Option<[u8; 4]>, bool),
     ) -> Option<[u8; 4]> {
         if let Some(a) = self.fixed_of(port) {
             return Some(a);
@@ -206,7 +208,16 @@ impl DhcpServer {
             leases.values().any(|l| l.address == a && l.until > now)
                 || fixed.iter().any(|(_, f)| u32::from_be_bytes(*f) == a)
         };
-        let free = (first..=last).find(|a| !taken(*a))?;
+        // The address it asks for, if that one is in the pool and free; with `only`,
+        // no other.
+        let wanted = wanted
+            .map(u32::from_be_bytes)
+            .filter(|a| (first..=last).contains(a) && !taken(*a));
+        let free = match wanted {
+            Some(a) => a,
+            None if only => return None,
+            None => (first..=last).find(|a| !taken(*a))?,
+        };
         drop(fixed);
         leases.retain(|_, l| l.until > now);
         leases.insert(
@@ -241,20 +252,28 @@ impl DhcpServer {
         }
         let lease = Duration::from_secs(u64::from(self.lease_secs));
         let (kind, yiaddr) = match r.kind {
-            DISCOVER => match self.address_for(port, r.chaddr, Some(OFFER_HOLD)) {
-                Some(a) => (OFFER, a),
-                None => {
-                    log::warn!(
-                        "dhcp: no address for {} on port {port}: the pool is full or the \
+            DISCOVER => {
+                match self.address_for(port, r.chaddr, Some(OFFER_HOLD), (r.requested, false)) {
+                    Some(a) => (OFFER, a),
+                    None => {
+                        log::warn!(
+                            "dhcp: no address for {} on port {port}: the pool is full or the \
                          segment has none; give the port an address or widen the pool",
-                        r.chaddr
-                    );
-                    return false;
+                            r.chaddr
+                        );
+                        return false;
+                    }
                 }
-            },
+            }
             REQUEST => {
                 let asked = r.requested.unwrap_or(r.ciaddr);
-                match self.address_for(port, r.chaddr, None) {
+                // A request naming no server (rebooting, renewing, rebinding) from a client
+                // the switch has no record of (leases live in memory: it restarted) takes
+                // the address it had if that is in the pool and free, as an authoritative
+                // server (dnsmasq's) gives it back: a restart does not renumber guests.
+                let reclaim = r.server.is_none() && asked != [0; 4];
+                let hold = reclaim.then_some(lease);
+                match self.address_for(port, r.chaddr, hold, (Some(asked), true)) {
                     Some(a) if a == asked => {
                         self.bind(r.chaddr, lease);
                         (ACK, a)
@@ -581,5 +600,42 @@ mod tests {
         let n = cut.len();
         cut.truncate(n - 3);
         assert!(ask(&s, 4, &cut).is_none());
+    }
+
+    #[test]
+    fn a_client_unknown_since_a_restart_keeps_its_address_if_it_is_free() {
+        let s = server(Some("10.0.1.100-10.0.1.110"));
+        let of = |last: u8, mut f: Vec<u8>| {
+            f[14 + 20 + 8 + 28 + 5] = last;
+            f
+        };
+        let rebooting = |a: [u8; 4]| client(REQUEST, [0; 4], 0, &[(OPT_REQUESTED, &a)]);
+        // Rebooting (no server named, the address it had): given it back, bound.
+        let ack = ask(&s, 4, &rebooting([10, 0, 1, 105])).unwrap();
+        assert_eq!(
+            (ack.opts[&OPT_TYPE].clone(), ack.yiaddr),
+            (vec![ACK], [10, 0, 1, 105])
+        );
+        assert!(s.rows().iter().any(|r| r.mac == Some(GUEST)));
+        // Renewing (its address as ciaddr), another client: the same.
+        let renewing = of(9, client(REQUEST, [10, 0, 1, 106], 0, &[]));
+        let r = ask(&s, 5, &renewing).unwrap();
+        assert_eq!(
+            (r.opts[&OPT_TYPE].clone(), r.yiaddr),
+            (vec![ACK], [10, 0, 1, 106])
+        );
+        // Another client's address, one outside the pool, a static binding: refused, and
+        // nothing held for the client.
+        for a in [[10, 0, 1, 105], [10, 0, 2, 5], [10, 0, 1, 10]] {
+            let nak = ask(&s, 6, &of(8, rebooting(a))).unwrap();
+            assert_eq!(nak.opts[&OPT_TYPE], [NAK], "{a:?}");
+        }
+        assert_eq!(s.rows().iter().filter(|r| r.mac.is_some()).count(), 2);
+        // A discover naming an address it would like: that one, if free.
+        let discover = of(
+            8,
+            client(DISCOVER, [0; 4], 0, &[(OPT_REQUESTED, &[10, 0, 1, 109])]),
+        );
+        assert_eq!(ask(&s, 6, &discover).unwrap().yiaddr, [10, 0, 1, 109]);
     }
 }
