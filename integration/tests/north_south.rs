@@ -477,6 +477,31 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
     }
     assert!(log().contains("reset at their next packet"), "{}", log());
 
+    // web3 answers again: back after `rise` checks in a row (2 x 300 ms), with slots of
+    // its own, and new connections reach it again.
+    webs[2].answering.store(true, Ordering::Relaxed);
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        let b = ctl(dir.path(), "balancers");
+        let rows = b["balancers"].as_array().unwrap().clone();
+        let web3 = rows.iter().find(|r| r["backend"] == "10.10.1.12:80");
+        if web3.is_some_and(|r| r["state"] == "up") {
+            assert!(rows.iter().all(|r| r["slots"].as_u64() > Some(0)), "{b}");
+            break;
+        }
+        assert!(Instant::now() < end, "web3 never came back: {b}\n{}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(log().contains("backend 10.10.1.12 is up"), "{}", log());
+    let before = webs[2].syns_from(outside_ip);
+    let done = connections(&outside, "192.0.2.1:8080", 150);
+    assert!(done >= 145, "only {done} of 150 connections completed");
+    assert!(
+        webs[2].syns_from(outside_ip) - before >= 20,
+        "web3 is up but got {} of 150 new connections",
+        webs[2].syns_from(outside_ip) - before
+    );
+
     // Stopped, the switch leaves the host as it was.
     for w in webs {
         w.finish();
