@@ -94,6 +94,9 @@ pub fn drop_to_caller() -> Result<(), PrivilegeError> {
             reason: "setuid(0) still succeeds".into(),
         });
     }
+    // Again: changing the effective ids set it back to fs.suid_dumpable (prctl(2)), which
+    // is 1 or 2 on many hosts.
+    prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")?;
     Ok(())
 }
 
@@ -135,6 +138,47 @@ pub fn require_root_owned_path(path: &Path) -> Result<(), PrivilegeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The test below, in the process it starts: a setuid-root helper's credentials
+    /// (real uid nobody, effective root), then the drop.
+    const AS_SETUID_CHILD: &str = "BRIDGE_PLUGIN_TEST_AS_SETUID";
+
+    #[test]
+    fn no_core_dumps_after_the_drop_whatever_suid_dumpable_says() {
+        if std::env::var_os(AS_SETUID_CHILD).is_some() {
+            // SAFETY: plain id-changing syscall with integer arguments.
+            assert_eq!(unsafe { libc::setresuid(65534, 0, 0) }, 0);
+            drop_to_caller().unwrap();
+            // SAFETY: prctl with integer arguments only.
+            let dumpable = unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) };
+            println!("dumpable={dumpable}");
+            return;
+        }
+        // SAFETY: geteuid only reads credentials.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(euid, 0, "this test runs as root (CI does)");
+        let sysctl = "/proc/sys/fs/suid_dumpable";
+        let before = std::fs::read_to_string(sysctl).unwrap();
+        std::fs::write(sysctl, "1").unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "privilege::tests::no_core_dumps_after_the_drop_whatever_suid_dumpable_says",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(AS_SETUID_CHILD, "1")
+            .output()
+            .unwrap();
+        std::fs::write(sysctl, before.trim()).unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("dumpable=0"), "{stdout}");
+    }
 
     #[test]
     fn files_others_own_or_can_write_are_refused() {
