@@ -151,3 +151,30 @@ fn tap_settings_are_checked_by_port_settings() {
         );
     }
 }
+
+/// QEMU shows a helper's stderr as the reason the netdev failed: one line, as the README
+/// promises; `--help` (exit 0) is where the usage is.
+#[test]
+fn the_helpers_usage_mistakes_are_one_line_and_help_exits_0() {
+    let helper = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_qemu-bridge-plugin"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (args, why) in [
+        (&["--bogus"][..], "unexpected argument '--bogus'"),
+        (&["--use-vnet", "--fd=3"], "missing --br=BRIDGE"),
+        (&["--use-vnet", "--br=br0"], "missing --fd=UNIXFD"),
+    ] {
+        let out = helper(args);
+        let (_, stderr) = text(&out);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+    let out = helper(&["--help"]);
+    let (stdout, _) = text(&out);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout.contains("--br=BRIDGE"), "{stdout}");
+}

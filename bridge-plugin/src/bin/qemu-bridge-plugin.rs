@@ -56,7 +56,7 @@ fn run() -> Result<(), String> {
             std::process::exit(0);
         }
         let Some((key, value)) = arg.strip_prefix("--").and_then(|a| a.split_once('=')) else {
-            return Err(format!("unexpected argument '{arg}'\n{USAGE}"));
+            return Err(format!("unexpected argument '{arg}' (see --help)"));
         };
         match key {
             "br" => bridge = Some(value.to_string()),
@@ -88,8 +88,8 @@ fn run() -> Result<(), String> {
             ));
         }
     }
-    let bridge = bridge.ok_or(format!("missing --br=BRIDGE\n{USAGE}"))?;
-    let fd = fd.ok_or(format!("missing --fd=UNIXFD\n{USAGE}"))?;
+    let bridge = bridge.ok_or("missing --br=BRIDGE (see --help)")?;
+    let fd = fd.ok_or("missing --fd=UNIXFD (see --help)")?;
     if !valid_ifname(&bridge) {
         return Err(format!(
             "bridge name '{bridge}' must have 1 to 15 characters, none of them '/', ':' or blank"
