@@ -199,6 +199,8 @@ impl NetFile {
         }
         let mut names = HashSet::new();
         let mut bridges = HashSet::new();
+        // Each network with an address: its subnet, for the overlap check.
+        let mut subnets: Vec<(Ipv4Addr, u8, &str)> = Vec::new();
         for n in &self.networks {
             let bad = |message: String| NetError::Invalid {
                 network: n.name.clone(),
@@ -223,11 +225,40 @@ impl NetFile {
             if !bridges.insert(&n.bridge) {
                 return Err(bad(format!("bridge {} is used by two networks", n.bridge)));
             }
-            if let Some(a) = &n.address {
-                if parse_cidr(a).is_none() {
+            let cidr = match &n.address {
+                Some(a) => match parse_cidr(a) {
+                    Some(c) => Some(c),
+                    None => {
+                        return Err(bad(format!(
+                            "address '{a}' is not an IPv4 CIDR like 10.0.0.1/24"
+                        )))
+                    }
+                },
+                None => None,
+            };
+            if let Some((a, len)) = cidr {
+                // Two networks on one subnet: the host routes it to one bridge only, and
+                // the other's VMs are silently unreachable.
+                if let Some((_, _, other)) = subnets
+                    .iter()
+                    .find(|(b, l, _)| subnet(a, (*l).min(len)) == subnet(*b, (*l).min(len)))
+                {
                     return Err(bad(format!(
-                        "address '{a}' is not an IPv4 CIDR like 10.0.0.1/24"
+                        "subnet {} overlaps network '{other}'; give each network its own",
+                        n.address.as_deref().unwrap_or_default()
                     )));
+                }
+                subnets.push((a, len, &n.name));
+                for f in &n.forward {
+                    if subnet(f.guest, len) != subnet(a, len) {
+                        return Err(bad(format!(
+                            "forward of host port {} goes to {}, outside the network's \
+                             subnet {}/{len}",
+                            f.host_port,
+                            f.guest,
+                            subnet(a, len)
+                        )));
+                    }
                 }
             }
             let needs = |what: &str, present: bool| {
@@ -710,6 +741,18 @@ port = 8080
             (FILE.replace("to = \"app\"", "to = \"db\""), "not defined"),
             (FILE.replace("br-app", "br-web"), "used by two networks"),
             (FILE.replace("10.2.0.1/24", "10.2.0.1"), "not an IPv4 CIDR"),
+            (
+                FILE.replace("10.2.0.1/24", "10.1.0.200/24"),
+                "subnet 10.1.0.200/24 overlaps network 'web'",
+            ),
+            (
+                FILE.replace("10.2.0.1/24", "10.0.0.1/8"),
+                "overlaps network 'web'",
+            ),
+            (
+                FILE.replace("guest = \"10.1.0.10\"", "guest = \"10.2.0.10\""),
+                "goes to 10.2.0.10, outside the network's subnet 10.1.0.0/24",
+            ),
         ];
         for (text, needle) in cases {
             let f: NetFile = toml::from_str(&text).unwrap();

@@ -516,6 +516,26 @@ impl Topology {
             self.validate_switch()?;
         } else {
             self.net_file().validate()?;
+            // A forward to an address no VM has sends the host's port nowhere.
+            for n in &self.networks {
+                for f in &n.forward {
+                    let owned = self.nics_on(&n.name).any(|(_, nic)| {
+                        bridge_plugin::net::parse_cidr(&nic.address).map(|(a, _)| a)
+                            == Some(f.guest)
+                    });
+                    if !owned {
+                        return Err(bridge_plugin::net::NetError::Invalid {
+                            network: n.name.clone(),
+                            message: format!(
+                                "forward of host port {} goes to {}, which no VM on the \
+                                 network has (give a VM that address, or forward to one)",
+                                f.host_port, f.guest
+                            ),
+                        }
+                        .into());
+                    }
+                }
+            }
         }
         let g = &self.guest;
         if g.initrd.is_some() && g.kernel.is_none() {
@@ -943,6 +963,14 @@ address = "10.10.2.10/24"
         assert!(e.contains("needs uplink"), "{e}");
         let e = err(&THREE_TIER.replace("br-app", "br$(reboot)"));
         assert!(e.contains("letters, digits"), "{e}");
+        let e = err(&THREE_TIER.replace("10.10.2.1/24", "10.10.1.2/24"));
+        assert!(e.contains("overlaps network 'web'"), "{e}");
+        let e = err(&THREE_TIER.replace("guest = \"10.10.1.10\"", "guest = \"10.10.1.99\""));
+        assert!(
+            e.contains("network 'web'")
+                && e.contains("goes to 10.10.1.99, which no VM on the network has"),
+            "{e}"
+        );
         let e = err(&THREE_TIER.replace("name = \"shop\"", "name = \"../etc\""));
         assert!(e.contains("name '../etc'"), "{e}");
         // Disks: one per VM.
