@@ -115,14 +115,66 @@ pub fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
             "it exists and is not a socket (remove it, or choose another path)",
         ));
     }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(Error::new(
+    if listened_on(path)? {
+        return Err(Error::new(
             ErrorKind::AddrInUse,
             "something listens on it already (another switch, or another of this \
              switch's sockets): choose another path, or stop what listens there",
-        )),
-        Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path),
-        Err(e) => Err(e),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
+/// Whether something listens on the socket at `path`, asked without waiting: a blocking
+/// connect to a listener that never accepts, its backlog full, waits for ever (and with
+/// it the switch's start, or the control thread adding a port).
+fn listened_on(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Error, ErrorKind};
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data, for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "the path is too long for a socket (107 bytes at most)",
+        ));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (to, from) in addr.sun_path.iter_mut().zip(bytes) {
+        *to = *from as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned just below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(Error::last_os_error());
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a valid sockaddr_un of the length given, alive for the call.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => Ok(false),
+        // Its backlog is full: listened on, by something slow or hostile.
+        Some(libc::EAGAIN | libc::EINPROGRESS) => Ok(true),
+        _ => Err(e),
     }
 }
 
@@ -468,6 +520,22 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::AddrInUse, "{e}");
         assert!(path("live.sock").exists());
         drop(live);
+        // One that never accepts, its backlog full: refused at once, not waited on.
+        let full = path("full.sock");
+        let never = UnixListener::bind(&full).unwrap();
+        // SAFETY: listen(2) on the listener's own descriptor: a backlog of one.
+        assert_eq!(unsafe { libc::listen(never.as_raw_fd(), 0) }, 0);
+        let (done, wait) = std::sync::mpsc::channel();
+        // In a thread of its own, so that a wait fails the test, not hangs it.
+        std::thread::spawn(move || {
+            let _queued = UnixStream::connect(&full).unwrap();
+            done.send(clear_stale_socket(&full)).unwrap()
+        });
+        let e = wait
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the check waits on a listener that never accepts")
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::AddrInUse, "{e}");
         // A file that is no socket: refused, kept.
         std::fs::write(path("notes.txt"), "keep me").unwrap();
         let e = clear_stale_socket(&path("notes.txt")).unwrap_err();
