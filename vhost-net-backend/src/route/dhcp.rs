@@ -251,27 +251,30 @@ impl DhcpServer {
             return false;
         }
         let lease = Duration::from_secs(u64::from(self.lease_secs));
+        // An address asked for by name is given only to a client asking for itself (its
+        // frame from the MAC the message names): a guest asking in another's name takes
+        // any free one, never a chosen one.
+        let for_itself = frame.get(6..12) == Some(&r.chaddr.0[..]);
+        let wanted = r.requested.filter(|_| for_itself);
         let (kind, yiaddr) = match r.kind {
-            DISCOVER => {
-                match self.address_for(port, r.chaddr, Some(OFFER_HOLD), (r.requested, false)) {
-                    Some(a) => (OFFER, a),
-                    None => {
-                        log::warn!(
-                            "dhcp: no address for {} on port {port}: the pool is full or the \
+            DISCOVER => match self.address_for(port, r.chaddr, Some(OFFER_HOLD), (wanted, false)) {
+                Some(a) => (OFFER, a),
+                None => {
+                    log::warn!(
+                        "dhcp: no address for {} on port {port}: the pool is full or the \
                          segment has none; give the port an address or widen the pool",
-                            r.chaddr
-                        );
-                        return false;
-                    }
+                        r.chaddr
+                    );
+                    return false;
                 }
-            }
+            },
             REQUEST => {
                 let asked = r.requested.unwrap_or(r.ciaddr);
                 // A request naming no server (rebooting, renewing, rebinding) from a client
                 // the switch has no record of (leases live in memory: it restarted) takes
                 // the address it had if that is in the pool and free, as an authoritative
                 // server (dnsmasq's) gives it back: a restart does not renumber guests.
-                let reclaim = r.server.is_none() && asked != [0; 4];
+                let reclaim = r.server.is_none() && asked != [0; 4] && for_itself;
                 let hold = reclaim.then_some(lease);
                 match self.address_for(port, r.chaddr, hold, (Some(asked), true)) {
                     Some(a) if a == asked => {
@@ -605,7 +608,9 @@ mod tests {
     #[test]
     fn a_client_unknown_since_a_restart_keeps_its_address_if_it_is_free() {
         let s = server(Some("10.0.1.100-10.0.1.110"));
+        // From another client: its MAC as the frame's source and in the message.
         let of = |last: u8, mut f: Vec<u8>| {
+            f[6 + 5] = last;
             f[14 + 20 + 8 + 28 + 5] = last;
             f
         };
@@ -624,9 +629,15 @@ mod tests {
             (r.opts[&OPT_TYPE].clone(), r.yiaddr),
             (vec![ACK], [10, 0, 1, 106])
         );
-        // Another client's address, one outside the pool, a static binding: refused, and
-        // nothing held for the client.
-        for a in [[10, 0, 1, 105], [10, 0, 2, 5], [10, 0, 1, 10]] {
+        // Another client's address, one outside the pool, a static binding (outside the
+        // pool, and inside it): refused, and nothing held for the client.
+        s.set_fixed(vec![(3, [10, 0, 1, 10]), (9, [10, 0, 1, 107])]);
+        for a in [
+            [10, 0, 1, 105],
+            [10, 0, 2, 5],
+            [10, 0, 1, 10],
+            [10, 0, 1, 107],
+        ] {
             let nak = ask(&s, 6, &of(8, rebooting(a))).unwrap();
             assert_eq!(nak.opts[&OPT_TYPE], [NAK], "{a:?}");
         }
@@ -637,5 +648,9 @@ mod tests {
             client(DISCOVER, [0; 4], 0, &[(OPT_REQUESTED, &[10, 0, 1, 109])]),
         );
         assert_eq!(ask(&s, 6, &discover).unwrap().yiaddr, [10, 0, 1, 109]);
+        // In another client's name (its frame from another MAC): no address of its choice.
+        let mut in_its_name = of(0x20, rebooting([10, 0, 1, 110]));
+        in_its_name[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0x21]);
+        assert_eq!(ask(&s, 6, &in_its_name).unwrap().opts[&OPT_TYPE], [NAK]);
     }
 }
