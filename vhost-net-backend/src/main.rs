@@ -205,7 +205,6 @@ fn install_description(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Sends one command to a running switch and prints its reply.
 /// `args` with its options taken out of the command's words too: `ctl rules --json`
 /// reads as `ctl --json rules` (the command takes every word after it, and the switch
 /// refused `--json` as an argument of `flows`, or `rules` ignored it).
@@ -232,6 +231,7 @@ fn ctl_options(args: &CtlArgs) -> Result<CtlArgs> {
     Ok(out)
 }
 
+/// Sends one command to a running switch and prints its reply.
 fn ctl(args: &CtlArgs) -> Result<()> {
     let args = &ctl_options(args)?;
     let mut conn = UnixStream::connect(&args.socket).with_context(|| {

@@ -31,7 +31,8 @@ use crate::packet::l3::{
 use crate::types::{MacAddr, PortId};
 use conntrack::{Conn, Conntrack, Dir, Full};
 use flow_log::{proto_name, tcp_flags_text, DeniedLog, FlowLog, FlowRecord};
-use rules::{count_hit, Decider, RuleSet};
+use rate::RateLimiter;
+use rules::{count_hit, Decider, PortPolicy, RuleSet};
 
 /// The connection table is swept for expired flows in this many parts, one a second.
 const SWEEP_PARTS: usize = 4;
@@ -204,25 +205,13 @@ impl Policy {
     /// Whether port `port`'s rate lets it send a frame of `len` bytes.
     #[inline]
     pub fn tx_allows(&self, cache: &PolicyCache, port: PortId, len: usize) -> bool {
-        !cache.rules.port_rates
-            || cache
-                .rules
-                .ports
-                .get(usize::from(port))
-                .and_then(|p| p.rate_tx.as_ref())
-                .is_none_or(|r| r.allows(cache.rate_now, len))
+        port_rate_allows(cache, port, len, |p| p.rate_tx.as_ref())
     }
 
     /// Whether port `port`'s rate lets it receive a frame of `len` bytes.
     #[inline]
     pub fn rx_allows(&self, cache: &PolicyCache, port: PortId, len: usize) -> bool {
-        !cache.rules.port_rates
-            || cache
-                .rules
-                .ports
-                .get(usize::from(port))
-                .and_then(|p| p.rate_rx.as_ref())
-                .is_none_or(|r| r.allows(cache.rate_now, len))
+        port_rate_allows(cache, port, len, |p| p.rate_rx.as_ref())
     }
 
     pub fn now(&self) -> u32 {
@@ -330,7 +319,10 @@ impl Policy {
         let from_outside = rules.ports.get(usize::from(src)).is_some_and(|p| p.uplink);
         match p.icmp {
             Some(IcmpKind::Neighbour) => return Some(None),
-            Some(IcmpKind::Router) => return from_outside.then_some(None),
+            // Never from a guest. From the outside: IPv6's, which hosts need to find their
+            // router; IPv4's redirects and advertisements are for the rules to allow.
+            Some(IcmpKind::Router) if !from_outside => return None,
+            Some(IcmpKind::Router) if !p.key.src.is_v4() => return Some(None),
             Some(IcmpKind::Error) => {
                 if let Some(k) = p.related {
                     let h = self.conntrack.hash(&k);
@@ -679,6 +671,23 @@ impl Policy {
                 + self.counters.port_full.load(Ordering::Relaxed)
         );
     }
+}
+
+/// Whether port `port`'s rate in one direction (`rate`) lets a frame of `len` bytes pass.
+#[inline]
+fn port_rate_allows(
+    cache: &PolicyCache,
+    port: PortId,
+    len: usize,
+    rate: impl Fn(&PortPolicy) -> Option<&RateLimiter>,
+) -> bool {
+    !cache.rules.port_rates
+        || cache
+            .rules
+            .ports
+            .get(usize::from(port))
+            .and_then(rate)
+            .is_none_or(|r| r.allows(cache.rate_now, len))
 }
 
 /// Whether a packet going `dir` from `src` to `dst` travels between the flow's ports.
