@@ -78,6 +78,9 @@ pub fn drop_to_caller() -> Result<(), PrivilegeError> {
         check(unsafe { libc::setresgid(gid, gid, gid) }, "setresgid")?;
         // SAFETY: as above.
         check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")?;
+        // The id change set dumpable back to fs.suid_dumpable (prctl(2)), 1 or 2 on many
+        // hosts: off again at once, while CAP_NET_ADMIN is still held.
+        prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")?;
         prctl(libc::PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS")?;
     } else if uid == 0 {
         return Ok(());
@@ -94,8 +97,7 @@ pub fn drop_to_caller() -> Result<(), PrivilegeError> {
             reason: "setuid(0) still succeeds".into(),
         });
     }
-    // Again: changing the effective ids set it back to fs.suid_dumpable (prctl(2)), which
-    // is 1 or 2 on many hosts.
+    // And after the capability changes, should a kernel reset it there too.
     prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")?;
     Ok(())
 }
@@ -157,9 +159,16 @@ mod tests {
         // SAFETY: geteuid only reads credentials.
         let euid = unsafe { libc::geteuid() };
         assert_eq!(euid, 0, "this test runs as root (CI does)");
-        let sysctl = "/proc/sys/fs/suid_dumpable";
-        let before = std::fs::read_to_string(sysctl).unwrap();
-        std::fs::write(sysctl, "1").unwrap();
+        const SYSCTL: &str = "/proc/sys/fs/suid_dumpable";
+        /// Puts the host's setting back whatever happens to the test.
+        struct Restore(String);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let _ = std::fs::write(SYSCTL, self.0.trim());
+            }
+        }
+        let _restore = Restore(std::fs::read_to_string(SYSCTL).unwrap());
+        std::fs::write(SYSCTL, "1").unwrap();
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .args([
                 "--exact",
@@ -170,7 +179,6 @@ mod tests {
             .env(AS_SETUID_CHILD, "1")
             .output()
             .unwrap();
-        std::fs::write(sysctl, before.trim()).unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
