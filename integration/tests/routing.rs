@@ -302,6 +302,16 @@ ports = 2000
     nothing(&mut web, "app -> web new flow");
     assert_eq!(sw.counters("web1").drop_count(DropReason::PolicyDenied), 1);
     assert_eq!(sw.counters("app1").drop_count(DropReason::PolicyDenied), 1);
+    // The routes counted what they forwarded: the two frames allowed, not the two denied.
+    let routes = sw.server().command("routes");
+    let v: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    let forwarded: u64 = v["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(forwarded, 2, "{routes}");
     // A spoofed source is never routed.
     send(&mut web, &udp4(WEB, [10, 0, 1, 99], APP4, 64, 2000, 30));
     nothing(&mut app, "spoofed web -> app");

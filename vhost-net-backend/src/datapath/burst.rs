@@ -112,6 +112,8 @@ pub struct Scratch {
     last_route: Option<(FlowOrigin, Neighbour, RouteId)>,
     /// What the burst routed, by route, until `flush` adds it up.
     routes: RouteTally,
+    /// The route of the frame being decided, counted once the policy lets it go.
+    pending_route: Option<RouteId>,
     /// The heads of a run of routed frames, as rewritten for their next hop.
     routed_heads: Vec<[u8; MAX_HEAD]>,
     /// The MACs of the burst's next hops, by `Forward::Routed`'s `hop`.
@@ -240,6 +242,12 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             }
             f => f,
         };
+        // A route counts what it forwarded: not what the policy refused.
+        if let Some(route) = s.pending_route.take() {
+            if matches!(forward, Forward::Routed { .. }) {
+                s.routes.add(route, len);
+            }
+        }
         s.forwards.push(forward);
     }
     if from.capture.active() {
@@ -376,7 +384,7 @@ fn quick_route(
     meta: &FrameMeta,
     s: &mut Scratch,
 ) -> Option<Forward> {
-    let (head, len) = burst.head(i);
+    let (head, _) = burst.head(i);
     let (_, segment) = burst.eth(i, from.segment);
     let origin = dp.router.quick_origin(from.id, segment, meta, head)?;
     let (n, route) = match s.last_route {
@@ -387,7 +395,7 @@ fn quick_route(
             (n, route)
         }
     };
-    s.routes.add(route, len);
+    s.pending_route = Some(route);
     Some(Forward::Routed {
         to: n.port,
         segment: n.segment,
@@ -413,7 +421,7 @@ fn route(
         // Decided here from the cache's fields: through a `Routing` on the stack, their
         // loads waited on the stores that had just written it (6 % of a routed frame).
         if let Some((n, route)) = dp.router.cached(o, &s.route_decisions) {
-            s.routes.add(route, burst.head(i).1);
+            s.pending_route = Some(route);
             return Some(Forward::Routed {
                 to: n.port,
                 segment: n.segment,
@@ -475,7 +483,7 @@ fn route(
             segment,
             route,
         } => {
-            s.routes.add(route, burst.head(i).1);
+            s.pending_route = Some(route);
             Forward::Routed {
                 to,
                 segment,
