@@ -519,10 +519,9 @@ impl Topology {
             // A forward to an address no VM has sends the host's port nowhere.
             for n in &self.networks {
                 for f in &n.forward {
-                    let owned = self.nics_on(&n.name).any(|(_, nic)| {
-                        bridge_plugin::net::parse_cidr(&nic.address).map(|(a, _)| a)
-                            == Some(f.guest)
-                    });
+                    let owned = self
+                        .nics_on(&n.name)
+                        .any(|(_, nic)| nic.ip() == Some(f.guest));
                     if !owned {
                         return Err(bridge_plugin::net::NetError::Invalid {
                             network: n.name.clone(),
