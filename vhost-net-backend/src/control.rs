@@ -744,7 +744,7 @@ fn rule_index(c: &SwitchConfig, which: Option<&str>) -> Result<usize, String> {
         .rules
         .iter()
         .enumerate()
-        .position(|(i, r)| r.name.is_none() && which == format!("rule{}", i + 1))
+        .position(|(i, r)| r.name.is_none() && which == r.shown_name(i))
     {
         return Ok(i);
     }

@@ -165,3 +165,13 @@ pub struct RuleConfig {
     #[serde(default)]
     pub rate: Option<RateConfig>,
 }
+
+impl RuleConfig {
+    /// The name tables, logs and commands know the rule by: its own, or `ruleN` for the
+    /// `index`th (from 0) rule without one.
+    pub fn shown_name(&self, index: usize) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| format!("rule{}", index + 1))
+    }
+}

@@ -226,7 +226,7 @@ impl RuleSet {
             let from = peers("from", &r.from)?;
             let to = peers("to", &r.to)?;
             rules.push(AclRule {
-                name: r.name.clone().unwrap_or_else(|| format!("rule{}", i + 1)),
+                name: r.shown_name(i),
                 action: r.action,
                 text: describe(r),
                 from,
