@@ -225,17 +225,17 @@ impl NetFile {
             if !bridges.insert(&n.bridge) {
                 return Err(bad(format!("bridge {} is used by two networks", n.bridge)));
             }
-            let cidr = match &n.address {
-                Some(a) => match parse_cidr(a) {
-                    Some(c) => Some(c),
-                    None => {
-                        return Err(bad(format!(
+            let cidr = n
+                .address
+                .as_deref()
+                .map(|a| {
+                    parse_cidr(a).ok_or_else(|| {
+                        bad(format!(
                             "address '{a}' is not an IPv4 CIDR like 10.0.0.1/24"
-                        )))
-                    }
-                },
-                None => None,
-            };
+                        ))
+                    })
+                })
+                .transpose()?;
             if let Some((a, len)) = cidr {
                 // Two networks on one subnet: the host routes it to one bridge only, and
                 // the other's VMs are silently unreachable.
