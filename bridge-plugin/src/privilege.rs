@@ -79,7 +79,8 @@ pub fn drop_to_caller() -> Result<(), PrivilegeError> {
         // SAFETY: as above.
         check(unsafe { libc::setresuid(uid, uid, uid) }, "setresuid")?;
         // The id change set dumpable back to fs.suid_dumpable (prctl(2)), 1 or 2 on many
-        // hosts: off again at once, while CAP_NET_ADMIN is still held.
+        // hosts: off again at once, while CAP_NET_ADMIN is still held. (The capability
+        // changes below only shrink the permitted set, which leaves it as it is.)
         prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")?;
         prctl(libc::PR_SET_KEEPCAPS, 0, "PR_SET_KEEPCAPS")?;
     } else if uid == 0 {
@@ -97,8 +98,6 @@ pub fn drop_to_caller() -> Result<(), PrivilegeError> {
             reason: "setuid(0) still succeeds".into(),
         });
     }
-    // And after the capability changes, should a kernel reset it there too.
-    prctl(libc::PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")?;
     Ok(())
 }
 
