@@ -519,6 +519,35 @@ impl VirtioNetDevice {
         self.send_pieces(qp, &[&h[..self.hdr_len], frame], false)
     }
 
+    /// Sends `frames` on queue pair `qp`, each as one descriptor with a default header,
+    /// made available together (one index update, at most one kick): the backend takes
+    /// them in one burst, as a guest's driver publishes a batch of its queue.
+    pub fn send_burst(&mut self, qp: u16, frames: &[&[u8]]) -> Result<()> {
+        let q = usize::from(qp) * 2 + 1;
+        self.queue(q)?;
+        let h = NetHdr::default().to_bytes();
+        let descs = self.take_descs(q, frames.len())?;
+        let (avail, size, old) = {
+            let dq = &self.queues[q];
+            (dq.avail, dq.size, dq.avail_idx)
+        };
+        for (k, (frame, &d)) in frames.iter().zip(&descs).enumerate() {
+            let mut bytes = h[..self.hdr_len].to_vec();
+            bytes.extend_from_slice(frame);
+            if bytes.len() as u64 > TX_BUF_SIZE {
+                return Err(FrontendError::TooBig(bytes.len()));
+            }
+            let addr = self.queues[q].buf(d);
+            self.mem.write_slice(&bytes, addr).unwrap();
+            self.write_desc(q, d, addr.0, bytes.len() as u32, 0, 0);
+            self.queues[q].chains[usize::from(d)] = vec![d];
+            let slot = GuestAddress(avail.0 + 4 + u64::from(old.wrapping_add(k as u16) % size) * 2);
+            self.mem.write_obj(d.to_le(), slot).unwrap();
+        }
+        self.publish_idx(q, old.wrapping_add(frames.len() as u16));
+        Ok(())
+    }
+
     /// Sends a frame split over several descriptors (`pieces` concatenated), directly or
     /// through an indirect table.
     pub fn send_pieces(&mut self, qp: u16, pieces: &[&[u8]], indirect: bool) -> Result<()> {

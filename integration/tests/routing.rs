@@ -318,6 +318,101 @@ ports = 2000
     assert_eq!(sw.counters("web1").drop_count(DropReason::SpoofedIp), 1);
 }
 
+/// A guest's driver publishes frames in batches, and the switch decides a batch's run of
+/// one flow once: each frame that differs in what a decision reads (hop limit, source,
+/// ports) is still decided for itself, and every frame is counted.
+#[test]
+fn frames_of_one_flow_in_one_burst_are_each_checked_and_counted() {
+    let sw = switch(
+        r#"
+[[rule]]
+action = "allow"
+from = "web"
+to = "app"
+proto = "udp"
+ports = 2000
+
+[[rule]]
+action = "allow"
+from = "web"
+to = "app"
+proto = "tcp"
+ports = 80
+"#,
+    );
+    let (mut web, mut app) = (sw.attach("web1"), sw.attach("app1"));
+    let f = udp4(WEB, WEB4, APP4, 64, 2000, 30);
+    let other_payload = udp4(WEB, WEB4, APP4, 64, 2000, 31);
+    let ttl1 = udp4(WEB, WEB4, APP4, 1, 2000, 30);
+    let spoofed = udp4(WEB, [10, 0, 1, 99], APP4, 64, 2000, 30);
+    let denied = udp4(WEB, WEB4, APP4, 64, 2001, 30);
+    let burst: [&[u8]; 8] = [&f, &f, &ttl1, &f, &spoofed, &f, &denied, &other_payload];
+    web.send_burst(0, &burst).unwrap();
+    for (n, sent) in [&f, &f, &f, &f, &other_payload].into_iter().enumerate() {
+        assert_routed(sent, &receive(&mut app, &format!("allowed frame {n}")), APP);
+    }
+    nothing(&mut app, "the TTL 1, spoofed and denied frames");
+    let e = receive(&mut web, "time exceeded");
+    assert_eq!((e[14 + 9], e[14 + 20]), (1, 11), "ICMP time exceeded");
+    assert_eq!(sw.counters("web1").drop_count(DropReason::SpoofedIp), 1);
+    assert_eq!(sw.counters("web1").drop_count(DropReason::PolicyDenied), 1);
+    let routes: serde_json::Value = serde_json::from_str(&sw.server().command("routes")).unwrap();
+    let forwarded: u64 = routes["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["packets"].as_u64().unwrap())
+        .sum();
+    assert_eq!(forwarded, 5, "{routes}");
+    let flows: serde_json::Value = serde_json::from_str(&sw.server().command("flows")).unwrap();
+    let packets: Vec<u64> = flows["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["packets"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        packets,
+        [5],
+        "one flow, every allowed frame counted: {flows}"
+    );
+
+    // TCP: a burst of data that ends with a FIN takes the connection's state along.
+    let tcp = |from: [u8; 6], src: [u8; 4], dst: [u8; 4], ports: (u16, u16), flags: &str| {
+        let b = PacketBuilder::ethernet2(from, GW).ipv4(src, dst, 64);
+        let mut t = b.tcp(ports.0, ports.1, 1, 1000);
+        for c in flags.chars() {
+            t = match c {
+                'S' => t.syn(),
+                'A' => t.ack(1),
+                'F' => t.fin(),
+                'P' => t.psh(),
+                _ => unreachable!(),
+            };
+        }
+        let mut f = Vec::new();
+        t.write(&mut f, &[7; 20]).unwrap();
+        f
+    };
+    let out = |flags| tcp(WEB, WEB4, APP4, (40001, 80), flags);
+    send(&mut web, &out("S"));
+    receive(&mut app, "SYN");
+    send(&mut app, &tcp(APP, APP4, WEB4, (80, 40001), "SA"));
+    receive(&mut web, "SYN ACK");
+    let (ack, data, fin) = (out("A"), out("AP"), out("AF"));
+    web.send_burst(0, &[&ack, &data, &data, &data, &fin, &ack])
+        .unwrap();
+    for n in 0..6 {
+        receive(&mut app, &format!("TCP frame {n} of the burst"));
+    }
+    let flows: serde_json::Value =
+        serde_json::from_str(&sw.server().command("flows proto=tcp")).unwrap();
+    let flow = &flows["flows"][0];
+    assert_eq!(flow["packets"], 7, "{flows}");
+    assert_eq!(flow["packets_back"], 1, "{flows}");
+    assert_eq!(flow["state"], "fin_wait", "{flows}");
+}
+
 /// The options of a neighbour discovery message after its fixed part: type and body.
 fn nd_options(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
     let mut out = Vec::new();

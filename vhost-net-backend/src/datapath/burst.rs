@@ -16,7 +16,8 @@ use crate::packet::build;
 use crate::packet::l3::{self, L3};
 use crate::packet::meta::FrameMeta;
 use crate::packet::rewrite;
-use crate::policy::{PolicyCache, PolicyFrame, Verdict};
+use crate::packet::signature::Signature;
+use crate::policy::{PolicyCache, PolicyFrame, Repeatable, Verdict};
 use crate::route::counters::{RouteId, RouteTally};
 use crate::route::flow_cache::{FlowOrigin, RouteCache};
 use crate::route::neighbour::{Neighbour, NeighbourCache};
@@ -119,6 +120,47 @@ pub struct Scratch {
     next_hops: Vec<MacAddr>,
 }
 
+/// A frame decided the long way whose decision the next frames of its flow in the burst
+/// share: those with its signature, from its segment.
+#[derive(Clone, Copy)]
+struct Decided {
+    signature: Signature,
+    segment: u16,
+    forward: Forward,
+    route: Option<RouteId>,
+    /// The policy's verdict, to repeat (None: no policy).
+    policy: Option<Repeatable>,
+}
+
+impl Decided {
+    /// `forward`'s decision for frame `signature` (from a port in `segment`) if the frames
+    /// of its flow share it: to one port (switched or routed) and, under a policy,
+    /// allowed by a verdict that holds for the flow's next packets.
+    #[inline]
+    fn of(
+        signature: Option<Signature>,
+        segment: u16,
+        forward: Forward,
+        route: Option<RouteId>,
+        policy: Option<&PolicyCache>,
+    ) -> Option<Decided> {
+        if !matches!(forward, Forward::To(_) | Forward::Routed { .. }) {
+            return None;
+        }
+        let policy = match policy {
+            Some(cache) => Some(cache.repeatable()?),
+            None => None,
+        };
+        Some(Decided {
+            signature: signature?,
+            segment,
+            forward,
+            route,
+            policy,
+        })
+    }
+}
+
 /// The number of next hop `mac` in `hops`: the last one again for a frame of the same flow.
 #[inline]
 fn hop_number(hops: &mut Vec<MacAddr>, mac: MacAddr) -> u16 {
@@ -180,14 +222,26 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
     if policy {
         dp.policy.refresh(&mut s.policy);
     }
+    // Without a policy or a router, a frame's decision is the MAC table's cached one and
+    // there is nothing to share.
+    let share = policy || routing;
+    let mut decided: Option<Decided> = None;
     for i in 0..burst.len() {
         let (eth, segment) = burst.eth(i, from.segment);
+        let (head, len) = burst.head(i);
+        let signature = if share { Signature::of(head) } else { None };
+        if let Some(d) = decided.filter(|d| Some(d.signature) == signature && d.segment == segment)
+        {
+            if let Some(forward) = decided_again(dp, &d, len, s) {
+                s.forwards.push(forward);
+                continue;
+            }
+        }
         let meta = FrameMeta::parse(eth);
         let to_router = routing && dp.router.may_want(&meta, segment);
         // Parsed where it is used, not kept per frame: a copy of it measured 5 % of the
         // time at 64 B. A flooded frame is parsed again; without a policy, a frame for the
         // router is parsed only when `quick_route` cannot place it.
-        let (head, len) = burst.head(i);
         let parsed = if policy {
             l3::parse(head, dp.router.zone(segment))
         } else {
@@ -242,10 +296,20 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             f => f,
         };
         // A route counts what it forwarded: not what the policy refused.
-        if let Some(route) = s.pending_route.take() {
+        let route = s.pending_route.take();
+        if let Some(route) = route {
             if matches!(forward, Forward::Routed { .. }) {
                 s.routes.add(route, len);
             }
+        }
+        if share {
+            decided = Decided::of(
+                signature,
+                segment,
+                forward,
+                route,
+                policy.then_some(&s.policy),
+            );
         }
         s.forwards.push(forward);
     }
@@ -370,6 +434,26 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
         }
         i += 1;
     }
+}
+
+/// A frame of `d`'s flow, `len` bytes long, decided as `d` was, its policy verdict
+/// repeated and counted; None if that verdict no longer holds (the frame is decided the
+/// long way).
+#[inline]
+fn decided_again(dp: &Datapath, d: &Decided, len: usize, s: &mut Scratch) -> Option<Forward> {
+    if let Some(r) = d.policy {
+        if dp
+            .policy
+            .repeat(&s.policy, r, len, d.signature.tcp_flags())?
+            == Verdict::Deny
+        {
+            return Some(Forward::Denied);
+        }
+    }
+    if let Some(route) = d.route {
+        s.routes.add(route, len);
+    }
+    Some(d.forward)
 }
 
 /// Frame `i`'s route if its flow was decided before, found from its addresses alone

@@ -8,4 +8,5 @@ pub mod l3;
 pub mod meta;
 pub mod offload;
 pub mod rewrite;
+pub mod signature;
 pub mod vlan;

@@ -90,6 +90,30 @@ pub struct PolicyCache {
     /// `rules`: a burst's frames mostly share them (the check's loads of the port's
     /// entry and its address list were 4 % of a routed 64 B frame under a policy).
     passed_source: Option<(PortId, MacAddr, Ip)>,
+    /// What the last verdict's allowing rested on, if it holds for its flow's next
+    /// packets (`Policy::repeat`).
+    repeatable: Option<Repeatable>,
+}
+
+/// An allowing verdict that the next packets of its flow (between the same ports, with
+/// the same `packet::signature`) share: the pipeline decides a run of them once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Repeatable {
+    /// No rule is in force: every packet passes.
+    NoRules,
+    /// The tracked flow in the worker's cache slot `slot` (the connection at address
+    /// `conn`, compared, never read), going `dir`: each packet is counted on it.
+    Flow { slot: usize, conn: usize, dir: Dir },
+}
+
+impl PolicyCache {
+    /// What the last verdict's allowing rested on, if its flow's next packets may be
+    /// passed by `Policy::repeat`: not under a rate (a port's or the rule's), which
+    /// decides by length and time.
+    #[inline]
+    pub fn repeatable(&self) -> Option<Repeatable> {
+        self.repeatable
+    }
 }
 
 impl Default for PolicyCache {
@@ -100,6 +124,7 @@ impl Default for PolicyCache {
             rules: Arc::new(RuleSet::default()),
             slots: (0..CACHE_SLOTS).map(|_| None).collect(),
             passed_source: None,
+            repeatable: None,
         }
     }
 }
@@ -282,7 +307,11 @@ impl Policy {
         f: PolicyFrame<'_>,
         quiet: bool,
     ) -> Verdict {
+        cache.repeatable = None;
         if !cache.rules.enabled {
+            if !cache.rules.port_rates {
+                cache.repeatable = Some(Repeatable::NoRules);
+            }
             return Verdict::Allow;
         }
         match self.filter(cache, src, dst, f, quiet) {
@@ -290,10 +319,54 @@ impl Policy {
                 .and_then(|i| cache.rules.rules.get(i as usize))
                 .and_then(|r| r.rate.as_ref())
             {
-                Some(rate) if !rate.allows(cache.rate_now, f.len) => Verdict::RateLimited,
-                _ => Verdict::Allow,
+                Some(rate) => {
+                    cache.repeatable = None;
+                    if rate.allows(cache.rate_now, f.len) {
+                        Verdict::Allow
+                    } else {
+                        Verdict::RateLimited
+                    }
+                }
+                None => {
+                    if cache.rules.port_rates {
+                        cache.repeatable = None;
+                    }
+                    Verdict::Allow
+                }
             },
             None => Verdict::Deny,
+        }
+    }
+
+    /// The verdict `r` (from `PolicyCache::repeatable`) again, for the next packet of its
+    /// flow, `len` bytes with TCP `tcp_flags` (none of SYN, FIN, RST): counted on the
+    /// flow as `verdict` would. None if it no longer holds as it was (the flow ended or
+    /// left the cache, the rules changed): `verdict` decides.
+    #[inline]
+    pub fn repeat(
+        &self,
+        cache: &PolicyCache,
+        r: Repeatable,
+        len: usize,
+        tcp_flags: u8,
+    ) -> Option<Verdict> {
+        match r {
+            Repeatable::NoRules => (!cache.rules.enabled).then_some(Verdict::Allow),
+            Repeatable::Flow { slot, conn, dir } => {
+                let f = cache.slots.get(slot)?.as_ref()?;
+                if Arc::as_ptr(&f.conn) as usize != conn
+                    || f.dir != dir
+                    || !f.conn.alive.load(Ordering::Relaxed)
+                    || f.conn.generation.load(Ordering::Relaxed) != cache.generation
+                {
+                    return None;
+                }
+                Some(if f.conn.count(dir, len, tcp_flags, self.now()) {
+                    Verdict::Allow
+                } else {
+                    Verdict::Deny
+                })
+            }
         }
     }
 
@@ -376,10 +449,13 @@ impl Policy {
                     return self.stateless(cache, src, dst, p, len, quiet);
                 }
                 if !f.conn.reopened_by(f.dir, p.tcp_flags) {
-                    return f
-                        .conn
-                        .count(f.dir, len, p.tcp_flags, now)
-                        .then(|| f.conn.rule());
+                    let ok = f.conn.count(f.dir, len, p.tcp_flags, now);
+                    let (conn, dir) = (Arc::as_ptr(&f.conn) as usize, f.dir);
+                    let rule = f.conn.rule();
+                    if ok {
+                        cache.repeatable = Some(Repeatable::Flow { slot, conn, dir });
+                    }
+                    return ok.then_some(rule);
                 }
                 // A new connection on a closed one's key: that one ends, this one is new.
                 let old = f.conn.clone();
@@ -409,6 +485,10 @@ impl Policy {
                 self.end(&conn, &cache.rules);
             } else {
                 let ok = conn.count(dir, len, p.tcp_flags, now).then(|| conn.rule());
+                if ok.is_some() {
+                    let conn = Arc::as_ptr(&conn) as usize;
+                    cache.repeatable = Some(Repeatable::Flow { slot, conn, dir });
+                }
                 cache.slots[slot] = Some(CachedFlow {
                     key: p.key,
                     conn,
@@ -439,6 +519,10 @@ impl Policy {
                 count_hit(&cache.rules, rule);
                 let ok = (on_path(&conn, dir, src, dst) && conn.count(dir, len, p.tcp_flags, now))
                     .then(|| conn.rule());
+                if ok.is_some() {
+                    let conn = Arc::as_ptr(&conn) as usize;
+                    cache.repeatable = Some(Repeatable::Flow { slot, conn, dir });
+                }
                 cache.slots[slot] = Some(CachedFlow {
                     key: p.key,
                     conn,
