@@ -24,8 +24,8 @@
 //!              flow_log}, route::{neighbour} (the gateway of routed segments): a frame's
 //!              parsed headers and port ids only
 //! 2 packet     packet::{ingress (one check for every port), meta, flow, l3, vlan, offload,
-//!              rewrite (a routed frame's head), build (the frames the router writes)}:
-//!              pure functions on bytes
+//!              rewrite (a routed frame's head), build (the frames the router writes),
+//!              signature (what decisions read of a frame)}: pure functions on bytes
 //! 1 guest      mem (the only place guest addresses become host pointers), vring (a
 //!              queue as vhost-user-backend keeps it, and who watches its kicks),
 //!              virtio::{net_hdr, chain, ring (the only file that knows the split ring's
@@ -43,7 +43,9 @@
 //!    (`packet::ingress`).
 //! 2. `datapath/burst.rs`: the burst is decided (`switch`, MAC learning and lookup; `route`
 //!    for frames to a gateway), passed through the policy, and delivered to each
-//!    destination's `Endpoint` (a routed frame with its first bytes rewritten).
+//!    destination's `Endpoint` (a routed frame with its first bytes rewritten). A frame
+//!    that the decisions cannot tell from the one decided before it (`packet::signature`)
+//!    takes that one's decision, its policy verdict repeated on the same tracked flow.
 //! 3. `endpoint/vm.rs`: the frame is copied from A's memory into B's RX buffers (offload
 //!    requests kept where B negotiated them, otherwise finished in software), B's used
 //!    ring written; back in `vm_tx`, A's chains are returned and `burst::flush` interrupts

@@ -6,6 +6,11 @@
 //!
 //! It is the only place where a decision meets a delivery. Frames of a VM's TX burst that
 //! go to one VM's RX queue one after another are written under one lock of it (a run).
+//! A burst's frames mostly belong to one flow: a frame with the signature of the one
+//! decided before it (`packet::signature`: all that the switch, the router and the policy
+//! read of it) takes that decision, its policy verdict repeated and counted
+//! (`Policy::repeat`), without the parse, the lookups and the rule checks (under a policy,
+//! routed: 0.69 of plain L2's rate at 64 B before, 0.90 after, by `perf` shares).
 
 use std::cell::OnceCell;
 
