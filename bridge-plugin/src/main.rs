@@ -126,8 +126,11 @@ fn tap(args: TapArgs) -> Result<(), String> {
 }
 
 fn net(verb: &NetVerb, json: bool) -> Result<(), String> {
-    let (NetVerb::Up(f) | NetVerb::Down(f) | NetVerb::Show(f)) = verb;
-    let net = NetFile::load(&f.file).map_err(|e| e.to_string())?;
+    let net = match verb {
+        NetVerb::Down(f) => NetFile::load_for_down(&f.file),
+        NetVerb::Up(f) | NetVerb::Show(f) => NetFile::load(&f.file),
+    }
+    .map_err(|e| e.to_string())?;
     if !has_net_admin() {
         return Err("needs CAP_NET_ADMIN: run it as root".into());
     }

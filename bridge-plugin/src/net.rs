@@ -174,20 +174,35 @@ pub fn subnet(addr: Ipv4Addr, prefix: u8) -> Ipv4Addr {
 }
 
 impl NetFile {
+    /// The file at `path`, every check passed: what `up` and `show` act on.
     pub fn load(path: &Path) -> Result<NetFile, NetError> {
-        let text = std::fs::read_to_string(path).map_err(|source| NetError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let file: NetFile = toml::from_str(&text).map_err(|e| NetError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim().replace('\n', " "),
-        })?;
+        let file = Self::read(path)?;
         file.validate()?;
         Ok(file)
     }
 
-    pub fn validate(&self) -> Result<(), NetError> {
+    /// The file at `path` as `down` needs it: its table's name checked, nothing else.
+    /// `down` removes what `up` recorded, so a file that a later check (or an edit since
+    /// `up`) refuses still takes its networks down.
+    pub fn load_for_down(path: &Path) -> Result<NetFile, NetError> {
+        let file = Self::read(path)?;
+        file.validate_table()?;
+        Ok(file)
+    }
+
+    fn read(path: &Path) -> Result<NetFile, NetError> {
+        let text = std::fs::read_to_string(path).map_err(|source| NetError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| NetError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim().replace('\n', " "),
+        })
+    }
+
+    /// The table's name goes into nftables commands and the state file's name.
+    fn validate_table(&self) -> Result<(), NetError> {
         if self.table.is_empty()
             || self.table.len() > 64
             || !self
@@ -197,6 +212,11 @@ impl NetFile {
         {
             return Err(NetError::BadTable(self.table.clone()));
         }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), NetError> {
+        self.validate_table()?;
         let mut names = HashSet::new();
         let mut bridges = HashSet::new();
         // Each network with an address: its subnet, for the overlap check.

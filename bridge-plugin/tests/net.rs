@@ -415,3 +415,39 @@ fn a_second_file_never_replaces_another_files_rules() {
     let bad = net("c", "table = \"x; drop\"\n");
     assert!(refused(&format!("net up {bad}")).contains("table name"));
 }
+
+#[test]
+fn down_takes_down_what_up_made_from_a_file_refused_since() {
+    // `down` removes what `up` recorded: an edit since `up` (or a check added since) that
+    // makes the file refused must not leave the networks standing.
+    let host = Netns::new("edited");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("net.toml");
+    let lab = "[[network]]\nname = \"lab\"\nmode = \"internal\"\nbridge = \"bp-lab\"\n";
+    std::fs::write(&file, lab).unwrap();
+    let up = plugin(&host, &format!("net up {}", file.display()));
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert!(host.try_sh("ip link show bp-lab").status.success());
+    std::fs::write(&file, format!("{lab}\n{lab}")).unwrap();
+    let refused = plugin(&host, &format!("net up {}", file.display()));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("two networks have this name"),
+        "{err}"
+    );
+    let down = plugin(&host, &format!("net down {}", file.display()));
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(!host.try_sh("ip link show bp-lab").status.success());
+    // The table's name is still checked: it names nftables objects and the state file.
+    std::fs::write(&file, format!("table = \"bad name\"\n{lab}")).unwrap();
+    let bad = plugin(&host, &format!("net down {}", file.display()));
+    assert!(!bad.status.success());
+}

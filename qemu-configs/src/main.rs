@@ -243,7 +243,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Down { file, where_ } => {
-            let t = Topology::load(&file)?;
+            let t = Topology::load_for_down(&file)?;
             let stopped = down_leftovers(&t, &where_.layout(&t))?;
             println!("{}: down (stopped: {})", t.name, stopped.join(" "));
         }

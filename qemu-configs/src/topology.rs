@@ -316,12 +316,31 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// The topology at `path`, every check passed.
     pub fn load(path: &Path) -> Result<Topology, TopologyError> {
+        Self::load_with(path, Self::parse)
+    }
+
+    /// The topology at `path` as `down` needs it: only the names that name files and
+    /// nftables objects checked. `down` stops what `up` started and removes what it
+    /// recorded, so a file refused since `up` (an edit, a check added) still takes it down.
+    pub fn load_for_down(path: &Path) -> Result<Topology, TopologyError> {
+        Self::load_with(path, |text| {
+            let topo = Self::parse_unchecked(text)?;
+            topo.validate_names()?;
+            Ok(topo)
+        })
+    }
+
+    fn load_with(
+        path: &Path,
+        parse: impl Fn(&str) -> Result<Topology, TopologyError>,
+    ) -> Result<Topology, TopologyError> {
         let text = std::fs::read_to_string(path).map_err(|source| TopologyError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text).map_err(|e| {
+        parse(&text).map_err(|e| {
             // The entry an error is about, where the file has it: "vm NAME: ..." and
             // "network 'NAME': ...".
             let at = match &e {
@@ -355,6 +374,12 @@ impl Topology {
     }
 
     pub fn parse(text: &str) -> Result<Topology, TopologyError> {
+        let topo = Self::parse_unchecked(text)?;
+        topo.validate()?;
+        Ok(topo)
+    }
+
+    fn parse_unchecked(text: &str) -> Result<Topology, TopologyError> {
         let parse_err = |e: toml::de::Error| TopologyError::Parse {
             path: PathBuf::from("topology"),
             message: e.to_string().trim().replace('\n', " "),
@@ -387,7 +412,6 @@ impl Topology {
             allows: file.allows,
             vms: file.vms,
         };
-        topo.validate()?;
         Ok(topo)
     }
 
@@ -495,9 +519,9 @@ impl Topology {
         vm.disk.as_deref().or(self.guest.disk.as_deref())
     }
 
-    fn validate(&self) -> Result<(), TopologyError> {
-        // It names the state folder, the nftables table and goes into the helper's command
-        // line: plain (checked first, so its own message names the problem).
+    /// The topology's and the VMs' names: they name the state folder, the nftables table,
+    /// pid files and sockets, and go into the helper's command line, so they are plain.
+    fn validate_names(&self) -> Result<(), TopologyError> {
         if self.name.is_empty()
             || self.name.len() > 32
             || self.name.starts_with('.')
@@ -511,6 +535,27 @@ impl Topology {
                 self.name
             )));
         }
+        for vm in &self.vms {
+            if vm.name.is_empty()
+                || vm.name.len() > 32
+                || !vm
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(TopologyError::Vm {
+                    vm: vm.name.clone(),
+                    message: "a name has 1 to 32 letters, digits, '-' or '_' (it names files)"
+                        .into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), TopologyError> {
+        // Checked first, so that their own messages name the problem.
+        self.validate_names()?;
         self.validate_allows()?;
         if self.on_switch() {
             self.validate_switch()?;
@@ -560,17 +605,6 @@ impl Topology {
                 vm: vm.name.clone(),
                 message,
             };
-            if vm.name.is_empty()
-                || vm.name.len() > 32
-                || !vm
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(bad(
-                    "a name has 1 to 32 letters, digits, '-' or '_' (it names files)".into(),
-                ));
-            }
             if !names.insert(&vm.name) {
                 return Err(bad("two VMs have this name".into()));
             }
@@ -987,6 +1021,30 @@ address = "10.10.2.10/24"
             "network = \"app\"\ndisk = \"/vm/app1.qcow2\"\n",
         );
         Topology::parse(&own).unwrap();
+    }
+
+    #[test]
+    fn down_reads_a_file_refused_since_up_checking_only_its_names() {
+        let dir = std::env::temp_dir().join(format!("qc-down-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.toml");
+        // An overlap `up` refuses: `down` still reads the file.
+        std::fs::write(&path, THREE_TIER.replace("10.10.2.1/24", "10.10.1.2/24")).unwrap();
+        let e = Topology::load(&path).unwrap_err().to_string();
+        assert!(e.contains("overlaps network 'web'"), "{e}");
+        let t = Topology::load_for_down(&path).unwrap();
+        assert_eq!(t.net_file().table, "qemu_configs_shop");
+        assert_eq!(t.vms.len(), 2);
+        // Names still checked: they name pid files, sockets and the table.
+        for bad in [
+            THREE_TIER.replace("name = \"app1\"", "name = \"../app1\""),
+            THREE_TIER.replace("name = \"shop\"", "name = \"../etc\""),
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = Topology::load_for_down(&path).unwrap_err().to_string();
+            assert!(e.contains("letters, digits"), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -787,7 +787,7 @@ fn on_path(c: &Conn, dir: Dir, src: PortId, dst: PortId) -> bool {
 mod tests {
     use super::*;
     use crate::config::PortConfig;
-    use crate::packet::l3::{Ip, PROTO_ICMP, TCP_FIN, TCP_RST};
+    use crate::packet::l3::{Ip, PROTO_ICMP, PROTO_ICMPV6, TCP_FIN, TCP_RST};
     use crate::policy::conntrack::tcp;
 
     const WEB: PortId = 0;
@@ -901,6 +901,52 @@ mod tests {
         redirect.key.proto = PROTO_ICMP;
         redirect.icmp = Some(IcmpKind::Router);
         assert!(!pass(WEB, APP, L3::Ip(redirect)), "an ICMP redirect");
+    }
+
+    #[test]
+    fn the_outside_sends_dhcp_replies_and_router_messages_as_the_rules_say() {
+        // The uplink is the port after the three VMs'.
+        const UPLINK: PortId = 3;
+        let router = |v6: bool| {
+            let L3::Ip(mut m) = tcp(UPLINK, WEB, 0, 0, 0) else {
+                unreachable!()
+            };
+            m.key.proto = if v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
+            if v6 {
+                m.key.src = Ip::from_octets([0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+                m.key.dst = Ip::from_octets([0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+            }
+            m.icmp = Some(IcmpKind::Router);
+            L3::Ip(m)
+        };
+        for (default, redirect_passes) in [("deny", false), ("allow", true)] {
+            let (p, mut c) = policy(&format!(
+                "[policy]\ndefault = \"{default}\"\n[uplink]\ntap = \"t0\"\n"
+            ));
+            let mut pass = |src, dst, l3: L3| p.allows(&mut c, src, dst, fr(&l3, 300), false);
+            assert!(
+                pass(UPLINK, WEB, udp(UPLINK, WEB, 67, 68)),
+                "{default}: a DHCP reply"
+            );
+            assert!(
+                pass(UPLINK, WEB, router(true)),
+                "{default}: an IPv6 advertisement"
+            );
+            assert_eq!(
+                pass(UPLINK, WEB, router(false)),
+                redirect_passes,
+                "{default}: an IPv4 redirect"
+            );
+            // From a guest, neither, whatever the rules.
+            assert!(
+                !pass(WEB, APP, router(false)),
+                "{default}: a guest's redirect"
+            );
+            assert!(
+                !pass(WEB, APP, udp(WEB, APP, 67, 68)),
+                "{default}: a guest's offer"
+            );
+        }
     }
 
     #[test]
