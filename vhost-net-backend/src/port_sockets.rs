@@ -98,14 +98,62 @@ pub fn open(p: &PortConfig) -> Result<Socket, ListenError> {
     Ok(Socket::Listening(l, wake))
 }
 
+/// The directory of a socket path, locked (`flock`) from the check of the path until the
+/// socket is bound: two switches starting at once with one path would both find a stale
+/// socket there, and the second's unlink would orphan the first's new one, which would run
+/// on unreachable. Dropped once the socket is bound.
+#[derive(Debug)]
+pub struct PathClaim {
+    /// The directory, open and locked (None: not locked); closing it unlocks.
+    _locked: Option<std::fs::File>,
+}
+
+impl PathClaim {
+    /// How long a claim waits for another: a check and a bind take microseconds; a
+    /// directory locked longer (by anyone who can read it) is claimed without the lock, as
+    /// before there was one, so that it cannot hold the switch's start or a port's add.
+    const PATIENCE: Duration = Duration::from_secs(1);
+
+    fn take(path: &Path) -> PathClaim {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        // A directory that cannot be opened has no socket to race for: bind says why.
+        let Ok(file) = std::fs::File::open(dir) else {
+            return PathClaim { _locked: None };
+        };
+        let start = std::time::Instant::now();
+        loop {
+            // SAFETY: flock(2) on a descriptor this function owns.
+            let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if locked == 0 {
+                return PathClaim {
+                    _locked: Some(file),
+                };
+            }
+            if start.elapsed() > Self::PATIENCE {
+                warn!(
+                    "{}: its directory stays locked by another process; claimed without the lock",
+                    path.display()
+                );
+                return PathClaim { _locked: None };
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
 /// Makes `path` free for a listening socket: a socket nobody listens on any more (left by a
 /// switch that was killed) is removed; anything else there is refused, not replaced (a
-/// live socket, another port's or the control socket, or a file that is no socket).
-pub fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
+/// live socket, another port's or the control socket, or a file that is no socket). Bind
+/// the socket before dropping the claim.
+pub fn clear_stale_socket(path: &Path) -> std::io::Result<PathClaim> {
     use std::io::{Error, ErrorKind};
     use std::os::unix::fs::FileTypeExt;
+    let claim = PathClaim::take(path);
     let meta = match std::fs::symlink_metadata(path) {
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(claim),
         Err(e) => return Err(e),
         Ok(m) => m,
     };
@@ -122,7 +170,8 @@ pub fn clear_stale_socket(path: &Path) -> std::io::Result<()> {
              switch's sockets): choose another path, or stop what listens there",
         ));
     }
-    std::fs::remove_file(path)
+    std::fs::remove_file(path)?;
+    Ok(claim)
 }
 
 /// Whether something listens on the socket at `path`, asked without waiting: a blocking
@@ -179,7 +228,7 @@ fn listened_on(path: &Path) -> std::io::Result<bool> {
 }
 
 fn listen(p: &PortConfig) -> Result<(Listener, Wake), ListenError> {
-    clear_stale_socket(&p.socket).map_err(|source| ListenError::PathTaken {
+    let claim = clear_stale_socket(&p.socket).map_err(|source| ListenError::PathTaken {
         port: p.name.clone(),
         path: p.socket.clone(),
         source,
@@ -189,6 +238,7 @@ fn listen(p: &PortConfig) -> Result<(Listener, Wake), ListenError> {
         path: p.socket.clone(),
         source,
     })?;
+    drop(claim);
     // Checked by validate: only the change itself can fail here.
     let access = p.socket_access().unwrap_or_default();
     access
@@ -502,6 +552,42 @@ mod tests {
     use super::*;
     use std::io::ErrorKind;
     use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn of_switches_starting_at_once_on_one_stale_socket_one_binds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("port.sock");
+        let mut doubled = 0;
+        for _ in 0..40 {
+            drop(UnixListener::bind(&path).unwrap());
+            let start = Arc::new(std::sync::Barrier::new(4));
+            let racers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        let claim = clear_stale_socket(&path).ok()?;
+                        let l = UnixListener::bind(&path).ok();
+                        drop(claim);
+                        l
+                    })
+                })
+                .collect();
+            let bound: Vec<UnixListener> = racers
+                .into_iter()
+                .filter_map(|r| r.join().unwrap())
+                .collect();
+            assert!(!bound.is_empty(), "nobody bound the path");
+            if bound.len() > 1 {
+                doubled += 1;
+            }
+            std::fs::remove_file(&path).unwrap();
+        }
+        assert_eq!(
+            doubled, 0,
+            "rounds where a second switch orphaned the first's socket"
+        );
+    }
 
     #[test]
     fn only_a_socket_nobody_listens_on_is_cleared() {

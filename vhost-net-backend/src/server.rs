@@ -163,7 +163,7 @@ impl Server {
         };
         let control = match &config.control_socket {
             Some(path) => {
-                crate::port_sockets::clear_stale_socket(path).map_err(|source| {
+                let claim = crate::port_sockets::clear_stale_socket(path).map_err(|source| {
                     ServerError::Control {
                         path: path.clone(),
                         source,
@@ -173,6 +173,7 @@ impl Server {
                     path: path.clone(),
                     source,
                 })?;
+                drop(claim);
                 // Checked by validate: only the change itself can fail here.
                 let access = config.control_socket_access().unwrap_or_default();
                 access.apply(path).map_err(|source| ServerError::Control {
