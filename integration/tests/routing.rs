@@ -270,18 +270,31 @@ fn the_switch_routes_between_segments_and_answers_for_its_gateways() {
     );
 }
 
-#[test]
-fn the_policy_holds_between_routed_segments_with_replies_back() {
-    let sw = switch(
-        r#"
+/// web may send UDP to app's port 2000.
+const WEB_TO_APP_UDP: &str = r#"
 [[rule]]
 action = "allow"
 from = "web"
 to = "app"
 proto = "udp"
 ports = 2000
-"#,
-    );
+"#;
+
+/// The packets the routes forwarded, summed over the segments (`ctl routes`).
+fn routed_packets(sw: &TestSwitch) -> u64 {
+    let routes = sw.server().command("routes");
+    let v: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    v["segments"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{routes}"))
+        .iter()
+        .map(|s| s["packets"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn the_policy_holds_between_routed_segments_with_replies_back() {
+    let sw = switch(WEB_TO_APP_UDP);
     let (mut web, mut app) = (sw.attach("web1"), sw.attach("app1"));
     let f = udp4(WEB, WEB4, APP4, 64, 2000, 30);
     send(&mut web, &f);
@@ -303,15 +316,7 @@ ports = 2000
     assert_eq!(sw.counters("web1").drop_count(DropReason::PolicyDenied), 1);
     assert_eq!(sw.counters("app1").drop_count(DropReason::PolicyDenied), 1);
     // The routes counted what they forwarded: the two frames allowed, not the two denied.
-    let routes = sw.server().command("routes");
-    let v: serde_json::Value = serde_json::from_str(&routes).unwrap();
-    let forwarded: u64 = v["segments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["packets"].as_u64().unwrap())
-        .sum();
-    assert_eq!(forwarded, 2, "{routes}");
+    assert_eq!(routed_packets(&sw), 2);
     // A spoofed source is never routed.
     send(&mut web, &udp4(WEB, [10, 0, 1, 99], APP4, 64, 2000, 30));
     nothing(&mut app, "spoofed web -> app");
@@ -323,23 +328,16 @@ ports = 2000
 /// ports) is still decided for itself, and every frame is counted.
 #[test]
 fn frames_of_one_flow_in_one_burst_are_each_checked_and_counted() {
-    let sw = switch(
-        r#"
+    let sw = switch(&format!(
+        "{WEB_TO_APP_UDP}
 [[rule]]
-action = "allow"
-from = "web"
-to = "app"
-proto = "udp"
-ports = 2000
-
-[[rule]]
-action = "allow"
-from = "web"
-to = "app"
-proto = "tcp"
+action = \"allow\"
+from = \"web\"
+to = \"app\"
+proto = \"tcp\"
 ports = 80
-"#,
-    );
+"
+    ));
     let (mut web, mut app) = (sw.attach("web1"), sw.attach("app1"));
     let f = udp4(WEB, WEB4, APP4, 64, 2000, 30);
     let other_payload = udp4(WEB, WEB4, APP4, 64, 2000, 31);
@@ -356,14 +354,7 @@ ports = 80
     assert_eq!((e[14 + 9], e[14 + 20]), (1, 11), "ICMP time exceeded");
     assert_eq!(sw.counters("web1").drop_count(DropReason::SpoofedIp), 1);
     assert_eq!(sw.counters("web1").drop_count(DropReason::PolicyDenied), 1);
-    let routes: serde_json::Value = serde_json::from_str(&sw.server().command("routes")).unwrap();
-    let forwarded: u64 = routes["segments"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["packets"].as_u64().unwrap())
-        .sum();
-    assert_eq!(forwarded, 5, "{routes}");
+    assert_eq!(routed_packets(&sw), 5);
     let flows: serde_json::Value = serde_json::from_str(&sw.server().command("flows")).unwrap();
     let packets: Vec<u64> = flows["flows"]
         .as_array()
