@@ -266,6 +266,14 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
         dir.path().join("backend.log"),
     );
     let log = || std::fs::read_to_string(dir.path().join("backend.log")).unwrap_or_default();
+    // A balancer's change is in force (`ctl`, the host's NAT) before it is logged.
+    let logged = |what: &str| {
+        let end = Instant::now() + Duration::from_secs(5);
+        while !log().contains(what) {
+            assert!(Instant::now() < end, "never logged '{what}':\n{}", log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     // The sockets come first; the host side is done once the switch says it is up.
     let end = Instant::now() + Duration::from_secs(10);
     while !log().contains("switch up") {
@@ -440,7 +448,7 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
     let after: Vec<usize> = webs.iter().map(|w| w.syns_from(outside_ip)).collect();
     assert_eq!(after[2], before[2], "web3 got new connections while down");
     assert!(after[0] + after[1] - before[0] - before[1] >= done);
-    assert!(log().contains("backend 10.10.1.12 is down"), "{}", log());
+    logged("backend 10.10.1.12 is down");
 
     // on_down = "reset": the host resets web3's open connections at their next packet,
     // from either end. The client's data is answered with a reset ...
@@ -475,7 +483,7 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(log().contains("reset at their next packet"), "{}", log());
+    logged("reset at their next packet");
 
     // web3 answers again: back after `rise` checks in a row (2 x 300 ms), with slots of
     // its own, and new connections reach it again.
@@ -492,7 +500,7 @@ fn the_outside_reaches_forwards_and_the_balancer_only_and_guests_reach_it_throug
         assert!(Instant::now() < end, "web3 never came back: {b}\n{}", log());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(log().contains("backend 10.10.1.12 is up"), "{}", log());
+    logged("backend 10.10.1.12 is up");
     let before = webs[2].syns_from(outside_ip);
     let done = connections(&outside, "192.0.2.1:8080", 150);
     assert!(done >= 145, "only {done} of 150 connections completed");
