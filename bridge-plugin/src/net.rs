@@ -87,7 +87,7 @@ impl Proto {
 }
 
 /// Exposes one guest port on the host's uplink address (NAT networks).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct PortForward {
     pub proto: Proto,
@@ -96,7 +96,7 @@ pub struct PortForward {
     pub guest_port: u16,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Network {
     pub name: String,
@@ -112,7 +112,7 @@ pub struct Network {
 }
 
 /// A flow allowed from one network to another; everything else between them is dropped.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Allow {
     pub from: String,
@@ -138,7 +138,7 @@ impl std::fmt::Display for Allow {
     }
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetFile {
     #[serde(rename = "network")]

@@ -19,6 +19,11 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// `bridge-plugin` (its `net up|down`), beside the helper.
+    pub fn bridge_plugin(&self) -> PathBuf {
+        self.helper.with_file_name("bridge-plugin")
+    }
+
     /// The helper's ACL: exactly the topology's bridges.
     pub fn acl(&self) -> PathBuf {
         self.state_dir.join("bridge.conf")

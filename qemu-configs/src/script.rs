@@ -35,8 +35,17 @@ pub fn script(topo: &Topology, layout: &Layout) -> String {
             socks.join(" ")
         );
     } else {
-        s += "\n# The networks (bridges, addresses, NAT, rules) come from `qemu-configs up` or\n\
-              # `bridge-plugin net up`; the VMs' taps from qemu-bridge-plugin.\n";
+        // As `up` builds them, with bridge-plugin's command beside the helper; taken down
+        // again (exactly what `net up` made) when the script ends.
+        let net = toml::to_string(&topo.net_file()).unwrap_or_default();
+        let path = shell_word(&layout.state_dir.join("net.toml").display().to_string());
+        let plugin = shell_word(&layout.bridge_plugin().display().to_string());
+        s += &format!(
+            "\n# The networks: bridges, addresses, NAT and the rules between them; the VMs'\n\
+             # taps come from qemu-bridge-plugin.\ncat > {path} <<'NET'\n{net}NET\n\
+             {plugin} net up {path}\nnet_down() {{ {plugin} net down {path}; }}\n\
+             trap 'kill $pids 2>/dev/null; net_down' EXIT INT TERM\n"
+        );
         s += &format!(
             "printf '{}' > {}\n",
             crate::render::Layout::acl_text(topo).replace('\n', "\\n"),

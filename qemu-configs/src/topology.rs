@@ -359,6 +359,9 @@ impl Topology {
                     locate_key(&text, "[[allow]]", *index, key)
                 }
                 TopologyError::SwitchKey { key, .. } => locate_key(&text, "[switch]", 0, key),
+                TopologyError::Network(bridge_plugin::net::NetError::Invalid {
+                    network, ..
+                }) => locate(&text, "network", network),
                 _ => None,
             };
             match at {
@@ -1068,6 +1071,18 @@ address = "10.10.2.10/24"
                 "{}:{line}:8: vm app1: network 'ap'",
                 path.display()
             )),
+            "{e}"
+        );
+        // A kernel network's error (bridge-plugin's check) at the network's name.
+        std::fs::write(&path, THREE_TIER.replace("uplink = \"eth0\"\n", "")).unwrap();
+        let e = Topology::load(&path).unwrap_err().to_string();
+        let line = THREE_TIER
+            .lines()
+            .position(|l| l == "name = \"web\"")
+            .unwrap()
+            + 1;
+        assert!(
+            e.starts_with(&format!("{}:{line}:8: ", path.display())) && e.contains("needs uplink"),
             "{e}"
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -11,15 +11,21 @@ fn qemu_configs() -> Command {
 
 /// The switch example with placeholders filled with paths that need not exist.
 fn example(dir: &Path) -> PathBuf {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../examples/three-tier.toml"
-    ))
+    example_named(dir, "three-tier.toml")
+}
+
+/// `examples/NAME` with a guest filled in, written to `dir`.
+fn example_named(dir: &Path, name: &str) -> PathBuf {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(name),
+    )
     .unwrap()
     .replace("@KERNEL@", "/boot/vmlinuz")
     .replace("@INITRD@", "/boot/initrd.img")
     .replace("@ACCEL@", "kvm:tcg");
-    let file = dir.join("three-tier.toml");
+    let file = dir.join(name);
     std::fs::write(&file, text).unwrap();
     file
 }
@@ -114,6 +120,38 @@ fn the_script_parses_and_starts_the_switch_before_the_vms() {
         script.contains("[[balancer]]") && script.contains("name = \"web-80\""),
         "{script}"
     );
+}
+
+#[test]
+fn the_script_of_kernel_bridges_builds_its_networks_and_takes_them_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = render(
+        &example_named(dir.path(), "three-tier-bridges.toml"),
+        "script",
+    );
+    let path = dir.path().join("up.sh");
+    std::fs::write(&path, &script).unwrap();
+    let out = Command::new("sh").arg("-n").arg(&path).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let net = "/run/qemu-configs/three-tier/net.toml";
+    let up = script.find(&format!("net up {net}\n")).expect("net up");
+    let first_vm = script.find("qemu-system-x86_64 -name web1").unwrap();
+    assert!(up < first_vm, "{script}");
+    assert!(script.contains(&format!("net down {net};")), "{script}");
+    // The networks written are the ones `bridge-plugin net` reads, every check passed.
+    let (_, rest) = script.split_once("<<'NET'\n").unwrap();
+    let (file, _) = rest.split_once("\nNET\n").unwrap();
+    let written = dir.path().join("net.toml");
+    std::fs::write(&written, file).unwrap();
+    let nets = bridge_plugin::net::NetFile::load(&written).unwrap();
+    assert_eq!(nets.table, "qemu_configs_three_tier");
+    let bridges: Vec<&str> = nets.networks.iter().map(|n| n.bridge.as_str()).collect();
+    assert_eq!(bridges, ["tt-web", "tt-app", "tt-db"]);
+    assert!(!nets.allows.is_empty());
 }
 
 #[test]
