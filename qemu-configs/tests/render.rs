@@ -155,6 +155,51 @@ fn the_script_of_kernel_bridges_builds_its_networks_and_takes_them_down() {
 }
 
 #[test]
+fn a_down_while_an_up_holds_the_state_folder_is_refused_and_touches_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = example(dir.path());
+    let state = dir.path().join("state");
+    // What a running `up` holds.
+    let lock = qemu_configs::run::lock_state(&qemu_configs::render::Layout {
+        qemu_version: (10, 0),
+        state_dir: state.clone(),
+        helper: "qemu-bridge-plugin".into(),
+        switch: "vhost-net-backend".into(),
+    })
+    .unwrap();
+    let console = state.join("web1.console");
+    std::fs::write(&console, "").unwrap();
+    let down = || {
+        qemu_configs()
+            .arg("down")
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(&state)
+            .output()
+            .unwrap()
+    };
+    let refused = down();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success()
+            && err.contains("in use by another qemu-configs up or down of this topology"),
+        "{err}"
+    );
+    assert!(
+        console.exists(),
+        "a refused down removed the running up's files"
+    );
+    drop(lock);
+    let done = down();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(!console.exists(), "down left the console socket");
+}
+
+#[test]
 fn the_graph_has_every_network_and_flow() {
     let dir = tempfile::tempdir().unwrap();
     let file = example(dir.path());

@@ -156,6 +156,28 @@ impl VfSource for VfNetlink {
     }
 }
 
+/// The VFs as they will be once planned count changes are made, for a dry run: a PF whose
+/// count changes gets all its VFs anew (the kernel goes through 0), each with no settings;
+/// any other PF's are read from netlink, opened only if one is asked for.
+pub struct AfterCounts {
+    /// The netdevs of the PFs whose count changes.
+    pub recreated: Vec<String>,
+    pub netlink: Option<VfNetlink>,
+}
+
+impl VfSource for AfterCounts {
+    fn vfs(&mut self, pf_netdev: &str) -> Result<Vec<VfNetState>, SriovError> {
+        if self.recreated.iter().any(|n| n == pf_netdev) {
+            return Ok(Vec::new());
+        }
+        let nl = match &mut self.netlink {
+            Some(nl) => nl,
+            None => self.netlink.insert(VfNetlink::open()?),
+        };
+        nl.vfs(pf_netdev)
+    }
+}
+
 pub fn resolve_pf(sysfs: &Sysfs, device: &str) -> Result<PfState, SriovError> {
     let bdf = if device.contains(':') {
         device.to_string()

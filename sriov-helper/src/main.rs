@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sriov_helper::apply::{execute, plan_counts, plan_vfs, qemu_args, resolve_pf, Desired};
+use sriov_helper::apply::{
+    execute, plan_counts, plan_vfs, qemu_args, resolve_pf, AfterCounts, Change, Desired,
+};
 use sriov_helper::sysfs::Sysfs;
 use sriov_helper::vf::VfNetlink;
 use sriov_helper::SriovError;
@@ -141,14 +143,23 @@ fn run(cli: Cli) -> Result<(), String> {
                     execute(&sysfs, nl.as_mut(), c).map_err(e)?;
                 }
             }
-            if dry_run && !counts.is_empty() {
-                println!("# VF settings are planned once the VFs exist");
-                return Ok(());
-            }
             let changes = match nl.as_mut() {
                 Some(nl) => plan_vfs(&sysfs, &desired, nl).map_err(e)?,
                 None => {
-                    plan_vfs(&sysfs, &desired, &mut VfNetlink::open().map_err(e)?).map_err(e)?
+                    // A dry run: against the VFs as the count changes above leave them.
+                    let mut after = AfterCounts {
+                        recreated: counts
+                            .iter()
+                            .filter_map(|c| match c {
+                                Change::NumVfs { pf, .. } => {
+                                    resolve_pf(&sysfs, pf).ok().and_then(|p| p.netdev)
+                                }
+                                _ => None,
+                            })
+                            .collect(),
+                        netlink: None,
+                    };
+                    plan_vfs(&sysfs, &desired, &mut after).map_err(e)?
                 }
             };
             for c in &changes {
@@ -159,6 +170,15 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             if counts.is_empty() && changes.is_empty() {
                 println!("# nothing to change");
+            }
+            if dry_run
+                && !counts.is_empty()
+                && desired
+                    .pfs
+                    .iter()
+                    .any(|p| p.vfs.iter().any(|v| v.driver.is_some()))
+            {
+                println!("# VF drivers are planned once the VFs exist (their PCI addresses come with them)");
             }
             Ok(())
         }

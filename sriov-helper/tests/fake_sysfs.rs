@@ -439,3 +439,48 @@ fn dry_run_prints_commands_and_changes_nothing() {
         "2\n"
     );
 }
+
+#[test]
+fn a_dry_run_that_changes_the_count_plans_the_new_vfs_settings_too() {
+    let fake = Fake::new();
+    two_vfs(&fake);
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("sriov.toml");
+    std::fs::write(
+        &p,
+        "[[pf]]\ndevice = \"eth1\"\nnum_vfs = 3\n\
+         [[pf.vf]]\nindex = 2\nmac = \"52:54:00:aa:00:03\"\nvlan = 10\ntrust = true\n\
+         driver = \"vfio-pci\"\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sriov-helper"))
+        .args([
+            "--sysfs-root",
+            fake.root().to_str().unwrap(),
+            "apply",
+            p.to_str().unwrap(),
+            "--dry-run",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The VFs come anew, with no settings: each one the file gives is a change.
+    for line in [
+        "ip link set dev eth1 vf 2 mac 52:54:00:aa:00:03",
+        "ip link set dev eth1 vf 2 vlan 10 qos 0",
+        "ip link set dev eth1 vf 2 trust on",
+        "# VF drivers are planned once the VFs exist",
+    ] {
+        assert!(text.contains(line), "{line}:\n{text}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(fake.path(&format!("sys/bus/pci/devices/{PF}/sriov_numvfs")))
+            .unwrap(),
+        "2\n"
+    );
+}
