@@ -368,6 +368,22 @@ ports = 80
         "one flow, every allowed frame counted: {flows}"
     );
 
+    // Two flows interleaved, one allowed and one denied, and another family between:
+    // each frame decided as its own flow is, whatever came before it.
+    let ipv6 = udp6(WEB, v6("fd00:1::5"), v6("fd00:2::7"), 64);
+    let interleaved: [&[u8]; 7] = [&f, &denied, &f, &denied, &ipv6, &f, &f];
+    web.send_burst(0, &interleaved).unwrap();
+    for (n, sent) in [&f, &f, &ipv6, &f, &f].into_iter().enumerate() {
+        assert_routed(
+            sent,
+            &receive(&mut app, &format!("interleaved frame {n}")),
+            APP,
+        );
+    }
+    nothing(&mut app, "the denied flow's frames");
+    assert_eq!(sw.counters("web1").drop_count(DropReason::PolicyDenied), 3);
+    assert_eq!(routed_packets(&sw), 10);
+
     // TCP: a burst of data that ends with a FIN takes the connection's state along.
     let tcp = |from: [u8; 6], src: [u8; 4], dst: [u8; 4], ports: (u16, u16), flags: &str| {
         let b = PacketBuilder::ethernet2(from, GW).ipv4(src, dst, 64);
