@@ -106,6 +106,16 @@ pub enum Repeatable {
     Flow { slot: usize, conn: usize, dir: Dir },
 }
 
+impl Repeatable {
+    fn flow(slot: usize, conn: &Arc<Conn>, dir: Dir) -> Repeatable {
+        Repeatable::Flow {
+            slot,
+            conn: Arc::as_ptr(conn) as usize,
+            dir,
+        }
+    }
+}
+
 impl PolicyCache {
     /// What the last verdict's allowing rested on, if its flow's next packets may be
     /// passed by `Policy::repeat`: not under a rate (a port's or the rule's), which
@@ -308,34 +318,28 @@ impl Policy {
         quiet: bool,
     ) -> Verdict {
         cache.repeatable = None;
-        if !cache.rules.enabled {
-            if !cache.rules.port_rates {
-                cache.repeatable = Some(Repeatable::NoRules);
+        let (verdict, rated) = if !cache.rules.enabled {
+            cache.repeatable = Some(Repeatable::NoRules);
+            (Verdict::Allow, false)
+        } else {
+            match self.filter(cache, src, dst, f, quiet) {
+                Some(rule) => match rule
+                    .and_then(|i| cache.rules.rules.get(i as usize))
+                    .and_then(|r| r.rate.as_ref())
+                {
+                    Some(rate) if !rate.allows(cache.rate_now, f.len) => {
+                        (Verdict::RateLimited, true)
+                    }
+                    rate => (Verdict::Allow, rate.is_some()),
+                },
+                None => (Verdict::Deny, false),
             }
-            return Verdict::Allow;
+        };
+        // A rate decides by length and time: a verdict under one is not repeated.
+        if rated || cache.rules.port_rates {
+            cache.repeatable = None;
         }
-        match self.filter(cache, src, dst, f, quiet) {
-            Some(rule) => match rule
-                .and_then(|i| cache.rules.rules.get(i as usize))
-                .and_then(|r| r.rate.as_ref())
-            {
-                Some(rate) => {
-                    cache.repeatable = None;
-                    if rate.allows(cache.rate_now, f.len) {
-                        Verdict::Allow
-                    } else {
-                        Verdict::RateLimited
-                    }
-                }
-                None => {
-                    if cache.rules.port_rates {
-                        cache.repeatable = None;
-                    }
-                    Verdict::Allow
-                }
-            },
-            None => Verdict::Deny,
-        }
+        verdict
     }
 
     /// The verdict `r` (from `PolicyCache::repeatable`) again, for the next packet of its
@@ -352,10 +356,9 @@ impl Policy {
     ) -> Option<Verdict> {
         match r {
             Repeatable::NoRules => (!cache.rules.enabled).then_some(Verdict::Allow),
-            Repeatable::Flow { slot, conn, dir } => {
+            Repeatable::Flow { slot, dir, .. } => {
                 let f = cache.slots.get(slot)?.as_ref()?;
-                if Arc::as_ptr(&f.conn) as usize != conn
-                    || f.dir != dir
+                if Repeatable::flow(slot, &f.conn, f.dir) != r
                     || !f.conn.alive.load(Ordering::Relaxed)
                     || f.conn.generation.load(Ordering::Relaxed) != cache.generation
                 {
@@ -449,13 +452,14 @@ impl Policy {
                     return self.stateless(cache, src, dst, p, len, quiet);
                 }
                 if !f.conn.reopened_by(f.dir, p.tcp_flags) {
-                    let ok = f.conn.count(f.dir, len, p.tcp_flags, now);
-                    let (conn, dir) = (Arc::as_ptr(&f.conn) as usize, f.dir);
-                    let rule = f.conn.rule();
-                    if ok {
-                        cache.repeatable = Some(Repeatable::Flow { slot, conn, dir });
+                    let ok = f
+                        .conn
+                        .count(f.dir, len, p.tcp_flags, now)
+                        .then(|| f.conn.rule());
+                    if ok.is_some() {
+                        cache.repeatable = Some(Repeatable::flow(slot, &f.conn, f.dir));
                     }
-                    return ok.then_some(rule);
+                    return ok;
                 }
                 // A new connection on a closed one's key: that one ends, this one is new.
                 let old = f.conn.clone();
@@ -486,8 +490,7 @@ impl Policy {
             } else {
                 let ok = conn.count(dir, len, p.tcp_flags, now).then(|| conn.rule());
                 if ok.is_some() {
-                    let conn = Arc::as_ptr(&conn) as usize;
-                    cache.repeatable = Some(Repeatable::Flow { slot, conn, dir });
+                    cache.repeatable = Some(Repeatable::flow(slot, &conn, dir));
                 }
                 cache.slots[slot] = Some(CachedFlow {
                     key: p.key,
@@ -520,8 +523,7 @@ impl Policy {
                 let ok = (on_path(&conn, dir, src, dst) && conn.count(dir, len, p.tcp_flags, now))
                     .then(|| conn.rule());
                 if ok.is_some() {
-                    let conn = Arc::as_ptr(&conn) as usize;
-                    cache.repeatable = Some(Repeatable::Flow { slot, conn, dir });
+                    cache.repeatable = Some(Repeatable::flow(slot, &conn, dir));
                 }
                 cache.slots[slot] = Some(CachedFlow {
                     key: p.key,
