@@ -99,18 +99,24 @@ fn libvirt_domains_pass_libvirts_schema() {
     }
 }
 
-#[test]
-fn the_script_parses_and_starts_the_switch_before_the_vms() {
-    let dir = tempfile::tempdir().unwrap();
-    let script = render(&example(dir.path()), "script");
-    let path = dir.path().join("up.sh");
-    std::fs::write(&path, &script).unwrap();
+/// `script`, written to `dir`, passes `sh -n`.
+#[track_caller]
+fn assert_shell_parses(dir: &Path, script: &str) {
+    let path = dir.join("up.sh");
+    std::fs::write(&path, script).unwrap();
     let out = Command::new("sh").arg("-n").arg(&path).output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn the_script_parses_and_starts_the_switch_before_the_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = render(&example(dir.path()), "script");
+    assert_shell_parses(dir.path(), &script);
     let switch = script
         .find("--config /run/qemu-configs/three-tier/switch.toml &")
         .unwrap();
@@ -129,14 +135,7 @@ fn the_script_of_kernel_bridges_builds_its_networks_and_takes_them_down() {
         &example_named(dir.path(), "three-tier-bridges.toml"),
         "script",
     );
-    let path = dir.path().join("up.sh");
-    std::fs::write(&path, &script).unwrap();
-    let out = Command::new("sh").arg("-n").arg(&path).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_shell_parses(dir.path(), &script);
     let net = "/run/qemu-configs/three-tier/net.toml";
     let up = script.find(&format!("net up {net}\n")).expect("net up");
     let first_vm = script.find("qemu-system-x86_64 -name web1").unwrap();

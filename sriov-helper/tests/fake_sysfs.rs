@@ -115,7 +115,7 @@ impl VfSource for Reported {
 fn desired(text: &str) -> Desired {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("sriov.toml");
-    std::fs::write(&p, text).unwrap();
+    std::fs::write(&p, toml).unwrap();
     Desired::load(&p).unwrap()
 }
 
@@ -404,13 +404,11 @@ fn qemu_args_check_the_iommu_group() {
     );
 }
 
-#[test]
-fn dry_run_prints_commands_and_changes_nothing() {
-    let fake = Fake::new();
-    two_vfs(&fake);
+/// `apply --dry-run` of the file `toml` on `fake`: what it prints.
+fn dry_run(fake: &Fake, toml: &str) -> String {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("sriov.toml");
-    std::fs::write(&p, "[[pf]]\ndevice = \"eth1\"\nnum_vfs = 3\n").unwrap();
+    std::fs::write(&p, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sriov-helper"))
         .args([
             "--sysfs-root",
@@ -427,12 +425,11 @@ fn dry_run_prints_commands_and_changes_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains(&format!(
-            "echo 0 > /sys/bus/pci/devices/{PF}/sriov_numvfs; echo 3 >"
-        )),
-        "{text}"
-    );
+    text.into_owned()
+}
+
+/// The fake PF still has the two VFs `two_vfs` gave it.
+fn assert_numvfs_unchanged(fake: &Fake) {
     assert_eq!(
         std::fs::read_to_string(fake.path(&format!("sys/bus/pci/devices/{PF}/sriov_numvfs")))
             .unwrap(),
@@ -441,34 +438,29 @@ fn dry_run_prints_commands_and_changes_nothing() {
 }
 
 #[test]
+fn dry_run_prints_commands_and_changes_nothing() {
+    let fake = Fake::new();
+    two_vfs(&fake);
+    let text = dry_run(&fake, "[[pf]]\ndevice = \"eth1\"\nnum_vfs = 3\n");
+    assert!(
+        text.contains(&format!(
+            "echo 0 > /sys/bus/pci/devices/{PF}/sriov_numvfs; echo 3 >"
+        )),
+        "{text}"
+    );
+    assert_numvfs_unchanged(&fake);
+}
+
+#[test]
 fn a_dry_run_that_changes_the_count_plans_the_new_vfs_settings_too() {
     let fake = Fake::new();
     two_vfs(&fake);
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("sriov.toml");
-    std::fs::write(
-        &p,
+    let text = dry_run(
+        &fake,
         "[[pf]]\ndevice = \"eth1\"\nnum_vfs = 3\n\
          [[pf.vf]]\nindex = 2\nmac = \"52:54:00:aa:00:03\"\nvlan = 10\ntrust = true\n\
          driver = \"vfio-pci\"\n",
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sriov-helper"))
-        .args([
-            "--sysfs-root",
-            fake.root().to_str().unwrap(),
-            "apply",
-            p.to_str().unwrap(),
-            "--dry-run",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
     // The VFs come anew, with no settings: each one the file gives is a change.
     for line in [
         "ip link set dev eth1 vf 2 mac 52:54:00:aa:00:03",
@@ -478,9 +470,5 @@ fn a_dry_run_that_changes_the_count_plans_the_new_vfs_settings_too() {
     ] {
         assert!(text.contains(line), "{line}:\n{text}");
     }
-    assert_eq!(
-        std::fs::read_to_string(fake.path(&format!("sys/bus/pci/devices/{PF}/sriov_numvfs")))
-            .unwrap(),
-        "2\n"
-    );
+    assert_numvfs_unchanged(&fake);
 }
