@@ -115,7 +115,7 @@ impl VfSource for Reported {
 fn desired(text: &str) -> Desired {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("sriov.toml");
-    std::fs::write(&p, toml).unwrap();
+    std::fs::write(&p, text).unwrap();
     Desired::load(&p).unwrap()
 }
 
@@ -404,11 +404,11 @@ fn qemu_args_check_the_iommu_group() {
     );
 }
 
-/// `apply --dry-run` of the file `toml` on `fake`: what it prints.
-fn dry_run(fake: &Fake, toml: &str) -> String {
+/// `apply --dry-run` of a file holding `config` on `fake`: what it prints.
+fn dry_run(fake: &Fake, config: &str) -> String {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("sriov.toml");
-    std::fs::write(&p, text).unwrap();
+    std::fs::write(&p, config).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sriov-helper"))
         .args([
             "--sysfs-root",
@@ -424,8 +424,7 @@ fn dry_run(fake: &Fake, toml: &str) -> String {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.into_owned()
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The fake PF still has the two VFs `two_vfs` gave it.
