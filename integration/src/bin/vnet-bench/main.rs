@@ -116,9 +116,12 @@ struct ForeignRun {
     round: usize,
     /// Both directions summed.
     mpps: f64,
-    /// testpmd's forwarding core: busy time per frame (idle polls excluded). Near
-    /// 1000 / mpps, the frontend was the bottleneck.
+    /// testpmd's forwarding core: busy time per frame (idle polls excluded).
     frontend_ns_per_frame: Option<f64>,
+    /// The share of its time the forwarding core was busy (busy time per frame times the
+    /// rate): near 1, the frontend was the bottleneck; well below, it waited for the
+    /// backend.
+    frontend_busy: Option<f64>,
 }
 
 /// Rounds of the policy and routed section; its backends take turns within each.
@@ -178,6 +181,7 @@ fn foreign_frontend(seconds: f64, only: Option<&str>, report: &mut Report) {
                         round,
                         mpps: r.mpps(),
                         frontend_ns_per_frame: r.frontend_ns_per_frame(),
+                        frontend_busy: r.frontend_busy(),
                     }),
                     Err(e) => {
                         let tail: String = e.lines().rev().take(15).collect::<Vec<_>>().join("\n");
@@ -1311,18 +1315,20 @@ fn main() {
     if !report.foreign.is_empty() {
         println!("DPDK virtio-user frontend (testpmd, both directions summed):");
         println!(
-            "{:<30} {:<7} {:>5} {:>7} {:>17}",
-            "backend", "case", "round", "Mpps", "frontend busy ns/f"
+            "{:<30} {:<7} {:>5} {:>7} {:>18} {:>13}",
+            "backend", "case", "round", "Mpps", "frontend busy ns/f", "frontend busy"
         );
         for r in &report.foreign {
             println!(
-                "{:<30} {:<7} {:>5} {:>7.3} {:>17}",
+                "{:<30} {:<7} {:>5} {:>7.3} {:>18} {:>13}",
                 r.backend,
                 r.case,
                 r.round + 1,
                 r.mpps,
                 r.frontend_ns_per_frame
-                    .map_or("-".into(), |n| format!("{n:.0}"))
+                    .map_or("-".into(), |n| format!("{n:.0}")),
+                r.frontend_busy
+                    .map_or("-".into(), |b| format!("{:.0} %", b * 100.0))
             );
         }
     }
