@@ -343,7 +343,7 @@ impl Running {
             stop_switch(switch.id());
             let _ = switch.wait();
         }
-        clean_state(&self.topo, &self.layout);
+        clean_state(&self.topo, &self.layout, &[]);
     }
 }
 
@@ -446,8 +446,9 @@ fn stop_switch(pid: u32) {
     }
 }
 
-/// Takes the networks down and removes the consoles' sockets and pid files (logs stay).
-fn clean_state(topo: &Topology, layout: &Layout) {
+/// Takes the networks down and removes the consoles' sockets and pid files (logs stay) of
+/// the topology's VMs and of `others` (VMs `up` started that the file no longer names).
+fn clean_state(topo: &Topology, layout: &Layout, others: &[String]) {
     if topo.on_switch() {
         for nic in topo.vms.iter().flat_map(|vm| topo.nics(vm)) {
             let _ = fs::remove_file(layout.vm_socket(&nic.port));
@@ -457,22 +458,42 @@ fn clean_state(topo: &Topology, layout: &Layout) {
     } else if let Err(e) = topo.net_file().down() {
         warn!("{}: taking the networks down: {e}", topo.name);
     }
-    for vm in &topo.vms {
-        let _ = fs::remove_file(layout.console(&vm.name));
-        let _ = fs::remove_file(layout.qmp(&vm.name));
-        let _ = fs::remove_file(layout.state_dir.join(format!("{}.pid", vm.name)));
+    for name in topo.vms.iter().map(|vm| &vm.name).chain(others) {
+        let _ = fs::remove_file(layout.console(name));
+        let _ = fs::remove_file(layout.qmp(name));
+        let _ = fs::remove_file(layout.state_dir.join(format!("{name}.pid")));
     }
     let _ = fs::remove_file(layout.acl());
     info!("{}: down", topo.name);
 }
 
-/// Undoes an `up` that did not end cleanly: stops the QEMUs its pid files name (only if
-/// they are still this topology's VMs), then takes the networks down.
+/// The VMs whose pid files `up` left in the state folder: also those the file no longer
+/// names (renamed or removed since), which `down` must stop all the same.
+fn recorded_vms(layout: &Layout) -> Vec<String> {
+    let Ok(entries) = fs::read_dir(&layout.state_dir) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|f| f.strip_suffix(".pid").map(str::to_string))
+        .filter(|name| !name.is_empty() && name != "switch")
+        .collect();
+    names.sort();
+    names
+}
+
+/// Undoes an `up` that did not end cleanly: stops the QEMUs its pid files name (the VMs of
+/// the file and any other `up` recorded, each only if its process is still that VM's QEMU),
+/// then takes the networks down.
 pub fn down_leftovers(topo: &Topology, layout: &Layout) -> Result<Vec<String>, UpError> {
     let _lock = lock_state(layout)?;
+    let others: Vec<String> = recorded_vms(layout)
+        .into_iter()
+        .filter(|name| !topo.vms.iter().any(|vm| &vm.name == name))
+        .collect();
     let mut stopped = Vec::new();
-    for vm in &topo.vms {
-        let pid_path = layout.state_dir.join(format!("{}.pid", vm.name));
+    for name in topo.vms.iter().map(|vm| &vm.name).chain(&others) {
+        let pid_path = layout.state_dir.join(format!("{name}.pid"));
         let Some(pid) = fs::read_to_string(&pid_path)
             .ok()
             .and_then(|s| s.trim().parse::<libc::pid_t>().ok())
@@ -487,9 +508,9 @@ pub fn down_leftovers(topo: &Topology, layout: &Layout) -> Result<Vec<String>, U
                 .split(|b| *b == 0)
                 .collect::<Vec<_>>()
                 .windows(2)
-                .any(|w| w[0] == b"-name" && w[1] == vm.name.as_bytes());
+                .any(|w| w[0] == b"-name" && w[1] == name.as_bytes());
         if ours {
-            stopped.push((vm.name.clone(), pid as u32));
+            stopped.push((name.clone(), pid as u32));
         }
     }
     stop_vms(layout, &stopped, topo.guest.shutdown_secs);
@@ -507,7 +528,7 @@ pub fn down_leftovers(topo: &Topology, layout: &Layout) -> Result<Vec<String>, U
         stop_switch(pid);
         stopped.push(("switch".into(), pid));
     }
-    clean_state(topo, layout);
+    clean_state(topo, layout, &others);
     Ok(stopped.into_iter().map(|(name, _)| name).collect())
 }
 

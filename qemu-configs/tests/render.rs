@@ -257,3 +257,56 @@ fn check_passes_the_example_and_names_a_qemu_without_vhost_user() {
         "{err}"
     );
 }
+
+#[test]
+fn down_stops_a_vm_renamed_in_the_file_since_up_and_nothing_its_pid_file_does_not_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = example(dir.path());
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    // What `up` left of a VM called `oldweb` then (the file calls it otherwise now): its
+    // QEMU (a stand-in whose command line names it as QEMU's does), pid file and console;
+    // and a pid file naming a process that is not that VM's QEMU.
+    let fake = |name: &str| {
+        Command::new("sh")
+            .args(["-c", "while :; do sleep 0.1; done", "-name", name])
+            .spawn()
+            .unwrap()
+    };
+    let mut renamed = fake("oldweb");
+    let mut bystander = fake("someone-else");
+    std::fs::write(state.join("oldweb.pid"), renamed.id().to_string()).unwrap();
+    std::fs::write(state.join("stranger.pid"), bystander.id().to_string()).unwrap();
+    std::fs::write(state.join("oldweb.console"), "").unwrap();
+    let out = qemu_configs()
+        .arg("down")
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        renamed.try_wait().unwrap().is_some()
+    });
+    let spared = bystander.try_wait().unwrap().is_none();
+    let _ = renamed.kill();
+    let _ = bystander.kill();
+    let _ = (renamed.wait(), bystander.wait());
+    assert!(out.status.success(), "{err}");
+    assert!(gone, "the renamed VM's QEMU still runs after down:\n{err}");
+    assert!(
+        err.contains("oldweb"),
+        "down does not say it stopped oldweb:\n{err}"
+    );
+    assert!(
+        spared,
+        "down killed a process its VM's pid file did not name"
+    );
+    assert!(!state.join("oldweb.pid").exists() && !state.join("oldweb.console").exists());
+}
