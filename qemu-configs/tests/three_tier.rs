@@ -89,7 +89,11 @@ struct Up(Child);
 impl Drop for Up {
     /// A failed test still takes its VMs and networks down: SIGTERM first.
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our child.
+        if matches!(self.0.try_wait(), Ok(Some(_))) {
+            // Ended and waited for: its pid may be another process's by now.
+            return;
+        }
+        // SAFETY: kill(2) on our child, not yet waited for.
         unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
         // The VMs get the topology's shutdown_secs (30) to power off, then SIGTERM.
         let end = Instant::now() + Duration::from_secs(60);
@@ -790,4 +794,110 @@ fn a_failed_up_on_the_switch_leaves_nothing_behind() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("'dbs' is no network of the file"), "{err}");
+}
+
+/// Whether `pid` runs (a zombie, killed and waiting for its new parent, does not).
+fn runs(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| Some(!s.rsplit_once(") ")?.1.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+fn an_up_killed_outright_takes_its_switch_and_vms_with_it() {
+    let host = Netns::new("3wk");
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not a kernel").unwrap();
+    // A stand-in QEMU: answers up's questions as QEMU 10 does, then runs until killed with
+    // its arguments on its command line (down finds a VM's QEMU by its -name).
+    let qemu = dir.path().join("qemu");
+    std::fs::write(
+        &qemu,
+        "#!/bin/sh\ncase \"$1\" in\n--version) echo 'QEMU emulator version 10.0.0'; exit 0;;\n\
+         -netdev) echo vhost-user; exit 0;;\n-object) echo memory-backend-memfd; exit 0;;\nesac\n\
+         while :; do sleep 0.1; done\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let file = dir.path().join("k.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"k\"\n[guest]\nqemu = \"{}\"\nkernel = \"{}\"\naccel = \"tcg\"\n\
+             [[network]]\nname = \"app\"\nmode = \"switch\"\naddress = \"10.30.0.1/24\"\n\
+             [[vm]]\nname = \"app1\"\nnetwork = \"app\"\naddress = \"10.30.0.10/24\"\n\
+             [[vm]]\nname = \"app2\"\nnetwork = \"app\"\naddress = \"10.30.0.11/24\"\n",
+            qemu.display(),
+            kernel.display()
+        ),
+    )
+    .unwrap();
+    let state = dir.path().join("state");
+    let log = dir.path().join("up.log");
+    let mut up = start_up(&host, &file, &state, None, &log);
+    let pid_of = |name: &str| {
+        std::fs::read_to_string(state.join(format!("{name}.pid")))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+    };
+    wait_for("the VMs to start", Duration::from_secs(30), || {
+        assert!(
+            !matches!(up.0.try_wait(), Ok(Some(_))),
+            "qemu-configs up ended: {}",
+            up_and_switch_logs(&log, &state)
+        );
+        ["app1", "app2", "switch"]
+            .iter()
+            .all(|n| pid_of(n).is_some())
+    });
+    // Past its check that no QEMU exited at once: up now only supervises.
+    std::thread::sleep(Duration::from_secs(2));
+    let pids: Vec<u32> = ["app1", "app2", "switch"]
+        .iter()
+        .map(|n| pid_of(n).unwrap())
+        .collect();
+    assert!(pids.iter().all(|&p| runs(p)), "{pids:?} before the kill");
+    // Should the test fail, nothing it started outlives it.
+    struct Reap(Vec<u32>);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for &pid in self.0.iter().filter(|&&p| runs(p)) {
+                // SAFETY: kill(2) on a pid this test's up started, checked to run.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            }
+        }
+    }
+    let _reap = Reap(pids.clone());
+    up.0.kill().unwrap();
+    let _ = up.0.wait();
+    wait_for(
+        "the switch and the QEMUs to end with up",
+        Duration::from_secs(10),
+        || !pids.iter().any(|&p| runs(p)),
+    );
+    // The switch ended on its SIGTERM, as it does when stopped: its tap is gone with it.
+    let switch_log = std::fs::read_to_string(state.join("switch.log")).unwrap();
+    assert!(switch_log.contains("signal 15"), "{switch_log}");
+    assert!(
+        !host.try_sh("ip link show vs-k").status.success(),
+        "tap left"
+    );
+    // What is left for down (pid files, sockets) it takes.
+    let out = Command::new("ip")
+        .args(["netns", "exec", &host.name])
+        .arg(bin("qemu-configs"))
+        .arg("down")
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(pid_of("app1").is_none() && pid_of("switch").is_none());
 }
