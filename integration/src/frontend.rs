@@ -124,9 +124,18 @@ struct DriverQueue {
     free: Vec<u16>,
     /// Descriptor indices of each in-flight chain, by head.
     chains: Vec<Vec<u16>>,
-    /// Benchmark path: `tx_burst` writes a counter (u32, big-endian) at this offset of each
-    /// prepared frame before publishing it: a new flow per frame.
-    stamp: Option<(usize, u32)>,
+    /// Benchmark path: `tx_burst` writes a counter into each prepared frame before
+    /// publishing it.
+    stamp: Option<Stamp>,
+}
+
+/// A counter (u32, big-endian) `tx_burst` writes at `offset` of each prepared frame: a new
+/// flow per frame, or one of `cycle` in turn.
+#[derive(Clone, Copy)]
+struct Stamp {
+    offset: usize,
+    count: u32,
+    cycle: Option<u32>,
 }
 
 impl DriverQueue {
@@ -643,10 +652,15 @@ impl VirtioNetDevice {
 
     /// Benchmark path: from now on `tx_burst` on `qp` writes a counter at byte `offset` of
     /// each frame `tx_fill` prepared (for UDP over IPv4, 34: its two ports), so every frame
-    /// is a flow of its own.
-    pub fn stamp_tx(&mut self, qp: u16, offset: usize) {
+    /// is a flow of its own; or, with `cycle`, the counter modulo it: that many flows, their
+    /// frames in turn.
+    pub fn stamp_tx(&mut self, qp: u16, offset: usize, cycle: Option<u32>) {
         let q = usize::from(qp) * 2 + 1;
-        self.queues[q].stamp = Some((self.hdr_len + offset, 0));
+        self.queues[q].stamp = Some(Stamp {
+            offset: self.hdr_len + offset,
+            count: 0,
+            cycle,
+        });
     }
 
     /// Benchmark path: publishes up to `max` prepared frames on `qp` with one index update
@@ -663,11 +677,13 @@ impl VirtioNetDevice {
         };
         for k in 0..n {
             let head = free.pop().expect("counted");
-            if let Some((offset, count)) = self.queues[q].stamp {
-                // Where `tx_fill` put this slot's frame.
-                let addr = self.queues[q].buf(head).0 + u64::from(head % 64) * 64 + offset as u64;
-                let _ = self.mem.write_obj(count.to_be(), GuestAddress(addr));
-                self.queues[q].stamp = Some((offset, count.wrapping_add(1)));
+            // Where `tx_fill` put this slot's frame.
+            let frame = self.queues[q].buf(head).0 + u64::from(head % 64) * 64;
+            if let Some(stamp) = &mut self.queues[q].stamp {
+                let value = stamp.cycle.map_or(stamp.count, |n| stamp.count % n);
+                stamp.count = stamp.count.wrapping_add(1);
+                let at = GuestAddress(frame + stamp.offset as u64);
+                let _ = self.mem.write_obj(value.to_be(), at);
             }
             let slot = 4 + 2 * usize::from(old.wrapping_add(k as u16) % size);
             // SAFETY: an avail ring entry inside our own mapping, laid out by `connect`.

@@ -700,3 +700,47 @@ fn rate_limits_hold_within_five_percent() {
     within_5_percent(frames as f64 / took, 1500.0, "the rule's rate, packets/s");
     assert!(sw.counters("app1").drop_count(DropReason::RateLimited) > 0);
 }
+
+/// Under a policy the switch decides a flow once per burst and shares the decision with
+/// the flow's next frames there, also across other flows' frames; but not across a frame
+/// that changed what the decision was taken on: here one that moves the destination's MAC
+/// to the sender's own port, after which the flow's frames go nowhere.
+#[test]
+fn a_decision_shared_within_a_burst_ends_where_another_frame_moves_a_mac() {
+    let mut c = SwitchConfig::from_toml(
+        "[[rule]]\naction = \"allow\"\nfrom = \"web\"\nto = \"app\"\nproto = \"udp\"\n",
+    )
+    .unwrap();
+    // No configured MACs or addresses: a MAC may move between these ports.
+    c.ports = [("web1", "web"), ("app1", "app")]
+        .iter()
+        .map(|(name, g)| PortConfig {
+            name: name.to_string(),
+            groups: vec![g.to_string()],
+            ..Default::default()
+        })
+        .collect();
+    let sw = TestSwitch::start_config(c);
+    let (mut web, mut app) = (sw.attach("web1"), sw.attach("app1"));
+    // app's MAC learned on app's port.
+    send(&mut app, &arp(APP, APP.v4()));
+    arrives(&mut web, &arp(APP, APP.v4()), "app's ARP request");
+    // A frame claiming app's MAC from web's port (a VM that took over an address: the MAC
+    // moves).
+    let claim = arp(APP, [10, 0, 0, 42]);
+    let (a, b) = (
+        &udp(WEB, APP, false, 40000, 2000),
+        &udp(WEB, APP, false, 40001, 2000),
+    );
+    // Interleaved: each flow's frames after its first share its decision.
+    web.send_burst(0, &[a, b, a, b, a]).unwrap();
+    for (n, f) in [a, b, a, b, a].into_iter().enumerate() {
+        arrives(&mut app, f, &format!("interleaved frame {n}"));
+    }
+    // The claim between two frames of a flow decided before it: the second is decided
+    // again and goes nowhere (app's MAC is on the port it came from now).
+    web.send_burst(0, &[a, &claim, a]).unwrap();
+    arrives(&mut app, a, "the frame before the move");
+    arrives(&mut app, &claim, "the claim, flooded");
+    nothing(&mut app, "a frame to a MAC that moved to its sender's port");
+}

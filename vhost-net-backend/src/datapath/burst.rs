@@ -6,11 +6,12 @@
 //!
 //! It is the only place where a decision meets a delivery. Frames of a VM's TX burst that
 //! go to one VM's RX queue one after another are written under one lock of it (a run).
-//! A burst's frames mostly belong to one flow: a frame with the signature of the one
-//! decided before it (`packet::signature`: all that the switch, the router and the policy
-//! read of it) takes that decision, its policy verdict repeated and counted
-//! (`Policy::repeat`), without the parse, the lookups and the rule checks (under a policy,
-//! routed: 0.69 of plain L2's rate at 64 B before, 0.90 after, by `perf` shares).
+//! A burst's frames mostly belong to a few flows: a frame with the signature of a frame of
+//! its flow decided before it in the burst (`packet::signature`: all that the switch, the
+//! router and the policy read of it; up to `SHARED_FLOWS` flows kept at once) takes
+//! that decision, its policy verdict repeated and counted (`Policy::repeat`), without the
+//! parse, the lookups and the rule checks (under a policy, routed: 0.69 of plain L2's rate
+//! at 64 B before, 0.90 after, by `perf` shares).
 
 use std::cell::OnceCell;
 
@@ -127,6 +128,29 @@ pub struct Scratch {
     next_hops: Vec<MacAddr>,
 }
 
+/// Flows of a burst whose decisions are kept for their next frames: a guest's burst of
+/// several connections interleaves their frames.
+const SHARED_FLOWS: usize = 4;
+
+/// The switch's and the router's state versions, read before a decision: a decision taken
+/// before another frame of the burst changed either (a MAC learned or moved, a neighbour
+/// learned) is not shared.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Versions {
+    macs: u64,
+    neighbours: u64,
+}
+
+impl Versions {
+    #[inline]
+    fn now(dp: &Datapath) -> Versions {
+        Versions {
+            macs: dp.switch.macs.version(),
+            neighbours: dp.router.neighbours.generation(),
+        }
+    }
+}
+
 /// A frame decided the long way whose decision the next frames of its flow in the burst
 /// share: those with its signature, from its segment.
 struct Decided {
@@ -142,6 +166,8 @@ struct Decided {
     route: Option<RouteId>,
     /// The policy's verdict, to repeat (None: no policy).
     policy: Option<Repeatable>,
+    /// What the decision was taken on.
+    versions: Versions,
 }
 
 impl Decided {
@@ -156,6 +182,7 @@ impl Decided {
         forward: Forward,
         route: Option<RouteId>,
         policy: Option<&PolicyCache>,
+        versions: Versions,
     ) -> Option<Decided> {
         if !matches!(forward, Forward::To(_) | Forward::Routed { .. }) {
             return None;
@@ -172,14 +199,26 @@ impl Decided {
             forward,
             route,
             policy,
+            versions,
         })
     }
 
     /// Whether frame `i` of `burst` (from a port in `segment`) is of this flow, as its
-    /// decisions see it; its signature if so.
+    /// decisions see it; its signature if so. `last` is the burst's last frame decided the
+    /// long way: one after this flow's may have changed what its decision was taken on.
     #[inline]
-    fn shared_by(&self, burst: Burst<'_>, i: usize, segment: u16) -> Option<Signature> {
+    fn shared_by(
+        &self,
+        dp: &Datapath,
+        burst: Burst<'_>,
+        i: usize,
+        segment: u16,
+        last: usize,
+    ) -> Option<Signature> {
         if self.hash != burst.hash(i) || self.segment != segment {
+            return None;
+        }
+        if self.at != last && Versions::now(dp) != self.versions {
             return None;
         }
         let ours = (*self
@@ -253,18 +292,36 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
     // Without a policy or a router, a frame's decision is the MAC table's cached one and
     // there is nothing to share.
     let share = policy || routing;
-    let mut decided: Option<Decided> = None;
+    let mut decided: [Option<Decided>; SHARED_FLOWS] = Default::default();
+    // The slot the next new flow takes (the oldest: flows are taken in turn).
+    let mut next_slot = 0;
+    let mut last_long = 0;
     for i in 0..burst.len() {
         let (eth, segment) = burst.eth(i, from.segment);
         let (head, len) = burst.head(i);
-        if let Some(d) = &decided {
-            if let Some(signature) = d.shared_by(burst, i, segment) {
+        let hash = burst.hash(i);
+        // Any slot, not one chosen by hash: four flows hashed into four slots collided in
+        // most bursts, and colliding flows took each other's place at every frame.
+        let slot = decided
+            .iter()
+            .position(|d| d.as_ref().is_some_and(|d| d.hash == hash));
+        if let Some(d) = slot.and_then(|k| decided[k].as_ref()) {
+            if let Some(signature) = d.shared_by(dp, burst, i, segment, last_long) {
                 if let Some(forward) = decided_again(dp, d, signature, len, s) {
                     s.forwards.push(forward);
                     continue;
                 }
             }
         }
+        last_long = i;
+        let versions = if share {
+            Versions::now(dp)
+        } else {
+            Versions {
+                macs: 0,
+                neighbours: 0,
+            }
+        };
         let meta = FrameMeta::parse(eth);
         let to_router = routing && dp.router.may_want(&meta, segment);
         // Parsed where it is used, not kept per frame: a copy of it measured 5 % of the
@@ -311,7 +368,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             l3: &parsed,
             len,
             group: meta.dst.is_multicast(),
-            hash: burst.hash(i),
+            hash,
         };
         let forward = match forward {
             Forward::To(p) if policy => police(dp, &mut s.policy, from.id, p, f, false),
@@ -331,14 +388,24 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
             }
         }
         if share {
-            decided = Decided::of(
+            let d = Decided::of(
                 i,
-                burst.hash(i),
+                hash,
                 segment,
                 forward,
                 route,
                 policy.then_some(&s.policy),
+                versions,
             );
+            match (slot, d) {
+                // Its flow's slot: the new decision, or none if this one may not be shared.
+                (Some(k), d) => decided[k] = d,
+                (None, Some(d)) => {
+                    decided[next_slot] = Some(d);
+                    next_slot = (next_slot + 1) % SHARED_FLOWS;
+                }
+                (None, None) => {}
+            }
         }
         s.forwards.push(forward);
     }

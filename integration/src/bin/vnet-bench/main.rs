@@ -249,7 +249,16 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
     // round: the machine's speed swings by 25 % within minutes, so a ratio is taken within
     // a round and the median of the rounds' ratios is reported (one plain run before them
     // all read 0.55 to 1.41 for the same build).
-    let staged: Vec<Case> = cases.iter().filter(|c| !c.both_ways).copied().collect();
+    let staged: Vec<Case> = cases
+        .iter()
+        .filter(|c| !c.both_ways)
+        .copied()
+        .chain(
+            [INTERLEAVED]
+                .into_iter()
+                .filter(|c| only.is_none_or(|o| c.name.starts_with(o))),
+        )
+        .collect();
     if !staged.is_empty() && setup.runs("staged") {
         let stages: [(&'static str, Option<usize>, bool); 5] = [
             ("  plain L2", None, false),
@@ -701,9 +710,29 @@ struct Case {
     tso: bool,
     /// B sends to A at the same time as A to B; frames are summed over both directions.
     both_ways: bool,
-    /// Every frame a new flow (its UDP ports counted up).
-    new_flows: bool,
+    flows: Flows,
 }
+
+/// The flows of a case's frames.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flows {
+    /// One per queue pair.
+    One,
+    /// This many per queue pair, their frames in turn (the switch shares decisions among a
+    /// burst's frames of a few flows).
+    Interleaved(u32),
+    /// Every frame a new flow (its UDP ports counted up).
+    New,
+}
+
+/// Four flows a queue pair, frame by frame in turn, for the policy and routed stages.
+const INTERLEAVED: Case = Case {
+    name: "64 B 4 flows",
+    size: 64,
+    tso: false,
+    both_ways: false,
+    flows: Flows::Interleaved(4),
+};
 
 /// New connections a second: every frame of a flow the policy has not seen.
 const NEW_FLOWS: [Case; 2] = [
@@ -712,14 +741,14 @@ const NEW_FLOWS: [Case; 2] = [
         size: 64,
         tso: false,
         both_ways: false,
-        new_flows: true,
+        flows: Flows::New,
     },
     Case {
         name: "1518 B new flows",
         size: 1518,
         tso: false,
         both_ways: false,
-        new_flows: true,
+        flows: Flows::New,
     },
 ];
 
@@ -737,35 +766,35 @@ const CASES: [Case; 5] = [
         size: 64,
         tso: false,
         both_ways: false,
-        new_flows: false,
+        flows: Flows::One,
     },
     Case {
         name: "1518 B",
         size: 1518,
         tso: false,
         both_ways: false,
-        new_flows: false,
+        flows: Flows::One,
     },
     Case {
         name: "64 KiB TSO",
         size: 0,
         tso: true,
         both_ways: false,
-        new_flows: false,
+        flows: Flows::One,
     },
     Case {
         name: "64 B <->",
         size: 64,
         tso: false,
         both_ways: true,
-        new_flows: false,
+        flows: Flows::One,
     },
     Case {
         name: "1518 B <->",
         size: 1518,
         tso: false,
         both_ways: true,
-        new_flows: false,
+        flows: Flows::One,
     },
 ];
 
@@ -835,8 +864,9 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Thro
         size,
         tso,
         both_ways,
-        new_flows,
+        flows,
     } = case;
+    let new_flows = flows == Flows::New;
     let receiver_opts = DeviceOptions {
         features: ALL_FEATURES & !f::MRG_RXBUF,
         queue_pairs: qps,
@@ -912,9 +942,11 @@ fn throughput(backend: &dyn Target, case: Case, qps: u16, setup: Setup) -> (Thro
             frame[40..42].fill(0);
         }
         a.tx_fill(qp, &hdr, &frame).unwrap();
-        if new_flows {
-            // UDP over IPv4: both ports, a new pair for every frame.
-            a.stamp_tx(qp, 34);
+        match flows {
+            // UDP over IPv4: both ports, a new pair for every frame, or one of a few.
+            Flows::New => a.stamp_tx(qp, 34, None),
+            Flows::Interleaved(n) => a.stamp_tx(qp, 34, Some(n)),
+            Flows::One => {}
         }
         if both_ways {
             let mut back = udp_frame(mac(2), mac(1), size);
