@@ -30,6 +30,17 @@ fn example_named(dir: &Path, name: &str) -> PathBuf {
     file
 }
 
+/// `qemu-configs down FILE --state-dir STATE`, run to its end.
+fn down(file: &Path, state: &Path) -> std::process::Output {
+    qemu_configs()
+        .arg("down")
+        .arg(file)
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap()
+}
+
 fn render(file: &Path, format: &str) -> String {
     let out = qemu_configs()
         .args([
@@ -168,15 +179,7 @@ fn a_down_while_an_up_holds_the_state_folder_is_refused_and_touches_nothing() {
     .unwrap();
     let console = state.join("web1.console");
     std::fs::write(&console, "").unwrap();
-    let down = || {
-        qemu_configs()
-            .arg("down")
-            .arg(&file)
-            .arg("--state-dir")
-            .arg(&state)
-            .output()
-            .unwrap()
-    };
+    let down = || down(&file, &state);
     let refused = down();
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
@@ -278,13 +281,7 @@ fn down_stops_a_vm_renamed_in_the_file_since_up_and_nothing_its_pid_file_does_no
     std::fs::write(state.join("oldweb.pid"), renamed.id().to_string()).unwrap();
     std::fs::write(state.join("stranger.pid"), bystander.id().to_string()).unwrap();
     std::fs::write(state.join("oldweb.console"), "").unwrap();
-    let out = qemu_configs()
-        .arg("down")
-        .arg(&file)
-        .arg("--state-dir")
-        .arg(&state)
-        .output()
-        .unwrap();
+    let out = down(&file, &state);
     let err = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
