@@ -135,7 +135,7 @@ const SHARED_FLOWS: usize = 4;
 /// The switch's and the router's state versions, read before a decision: a decision taken
 /// before another frame of the burst changed either (a MAC learned or moved, a neighbour
 /// learned) is not shared.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
 struct Versions {
     macs: u64,
     neighbours: u64,
@@ -317,10 +317,7 @@ pub fn run(dp: &Datapath, from: &SwitchPort, burst: Burst<'_>, s: &mut Scratch) 
         let versions = if share {
             Versions::now(dp)
         } else {
-            Versions {
-                macs: 0,
-                neighbours: 0,
-            }
+            Versions::default()
         };
         let meta = FrameMeta::parse(eth);
         let to_router = routing && dp.router.may_want(&meta, segment);
