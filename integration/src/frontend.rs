@@ -677,13 +677,16 @@ impl VirtioNetDevice {
         };
         for k in 0..n {
             let head = free.pop().expect("counted");
-            // Where `tx_fill` put this slot's frame.
-            let frame = self.queues[q].buf(head).0 + u64::from(head % 64) * 64;
-            if let Some(stamp) = &mut self.queues[q].stamp {
+            if let Some(stamp) = self.queues[q].stamp {
+                // Where `tx_fill` put this slot's frame.
+                let frame = self.queues[q].buf(head).0 + u64::from(head % 64) * 64;
                 let value = stamp.cycle.map_or(stamp.count, |n| stamp.count % n);
-                stamp.count = stamp.count.wrapping_add(1);
                 let at = GuestAddress(frame + stamp.offset as u64);
                 let _ = self.mem.write_obj(value.to_be(), at);
+                self.queues[q].stamp = Some(Stamp {
+                    count: stamp.count.wrapping_add(1),
+                    ..stamp
+                });
             }
             let slot = 4 + 2 * usize::from(old.wrapping_add(k as u16) % size);
             // SAFETY: an avail ring entry inside our own mapping, laid out by `connect`.

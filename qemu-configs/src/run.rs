@@ -533,7 +533,7 @@ pub fn down_leftovers(topo: &Topology, layout: &Layout) -> Result<Vec<String>, U
 }
 
 /// Running, not a zombie waiting for its parent.
-fn running(pid: u32) -> bool {
+pub fn running(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| Some(s.rsplit_once(") ")?.1.starts_with('Z')))

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use integration::guest_image::guest_image;
 use integration::netns::Netns;
 use integration::qemu::{detect_accel, Qemu};
+use qemu_configs::run::running;
 
 fn bin(name: &str) -> PathBuf {
     let own = PathBuf::from(env!("CARGO_BIN_EXE_qemu-configs"));
@@ -796,14 +797,6 @@ fn a_failed_up_on_the_switch_leaves_nothing_behind() {
     assert!(err.contains("'dbs' is no network of the file"), "{err}");
 }
 
-/// Whether `pid` runs (a zombie, killed and waiting for its new parent, does not).
-fn runs(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| Some(!s.rsplit_once(") ")?.1.starts_with('Z')))
-        .unwrap_or(false)
-}
-
 #[test]
 fn an_up_killed_outright_takes_its_switch_and_vms_with_it() {
     let host = Netns::new("3wk");
@@ -858,12 +851,12 @@ fn an_up_killed_outright_takes_its_switch_and_vms_with_it() {
         .iter()
         .map(|n| pid_of(n).unwrap())
         .collect();
-    assert!(pids.iter().all(|&p| runs(p)), "{pids:?} before the kill");
+    assert!(pids.iter().all(|&p| running(p)), "{pids:?} before the kill");
     // Should the test fail, nothing it started outlives it.
     struct Reap(Vec<u32>);
     impl Drop for Reap {
         fn drop(&mut self) {
-            for &pid in self.0.iter().filter(|&&p| runs(p)) {
+            for &pid in self.0.iter().filter(|&&p| running(p)) {
                 // SAFETY: kill(2) on a pid this test's up started, checked to run.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             }
@@ -875,7 +868,7 @@ fn an_up_killed_outright_takes_its_switch_and_vms_with_it() {
     wait_for(
         "the switch and the QEMUs to end with up",
         Duration::from_secs(10),
-        || !pids.iter().any(|&p| runs(p)),
+        || !pids.iter().any(|&p| running(p)),
     );
     // The switch ended on its SIGTERM, as it does when stopped: its tap is gone with it.
     let switch_log = std::fs::read_to_string(state.join("switch.log")).unwrap();

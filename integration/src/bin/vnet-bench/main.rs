@@ -27,11 +27,11 @@
 //! of it, as the reference for a stateful switch (`ovs.rs`). Then A and B are put in two
 //! subnets (VLANs 10 and 20) and A sends to the switch's gateway: routed, alone and under
 //! the 10-rule policy, in the same rounds; these stages also run `64 B 4 flows`, four
-//! flows' frames in turn (the switch shares decisions among a burst's frames of a few). Last, new connections per second through the
-//! uplink's load balancer, from the host's NAT to three backends (`balancer.rs`,
-//! `--case balancer` alone); and eight ports, four senders each to a receiver of its own,
-//! served by a thread per queue pair and by one pool worker (`many_ports.rs`, `--case
-//! "8 ports"` alone).
+//! flows' frames in turn (the switch shares decisions among a burst's frames of a few).
+//! Last, new connections per second through the uplink's load balancer, from the host's NAT
+//! to three backends (`balancer.rs`, `--case balancer` alone); and eight ports, four
+//! senders each to a receiver of its own, served by a thread per queue pair and by one pool
+//! worker (`many_ports.rs`, `--case "8 ports"` alone).
 
 mod balancer;
 mod many_ports;
