@@ -405,8 +405,12 @@ fn own_frontend(report: &mut Report, cases: &[Case], only: Option<&str>, setup: 
                         .filter(|o| o.case == case.name && o.queue_pairs == qps)
                         .map(|o| o.mpps)
                         .fold(0.0, f64::max);
-                    let ratio = if t.mpps > 0.0 { ours / t.mpps } else { 0.0 };
-                    report.vs_dpdk.push((case.name.to_string(), qps, ratio));
+                    // `--section dpdk` alone runs none of ours: no ratio to show then.
+                    if ours > 0.0 && t.mpps > 0.0 {
+                        report
+                            .vs_dpdk
+                            .push((case.name.to_string(), qps, ours / t.mpps));
+                    }
                     report.record(t, huge, "dpdk-testpmd");
                 }
             }
