@@ -285,3 +285,78 @@ fn a_cpu_the_process_may_not_use_is_refused_by_name() {
     assert!(err.contains("worker CPU 1000"), "{err}");
     assert!(err.contains("allowed: 0"), "{err}");
 }
+
+/// How many lines of `log` contain `text`.
+fn said(log: &std::path::Path, text: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(text))
+        .count()
+}
+
+/// Frames both ways between `a` and `b` until each way has carried one: both pairs'
+/// threads run then.
+fn both_ways(a: &mut Guest, b: &mut Guest) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while send_and_count(a, 0, b, 1, SHORT) == 0 {
+        assert!(Instant::now() < end, "no frame arrived from a");
+    }
+    while send_and_count(b, 0, a, 1, SHORT) == 0 {
+        assert!(Instant::now() < end, "no frame arrived from b");
+    }
+}
+
+#[test]
+fn queue_pair_threads_outnumbering_their_cpus_are_told_with_the_flag_that_helps() {
+    const CROWDED: &str = "2 queue pairs have a thread each on 1 CPU(s)";
+    let mut p = start(2, 1, &["--worker-cpus", "0"]);
+    let log = p.backend.log.clone();
+    let mut a = guest(&p.sockets[0], 1, 1);
+    let mut b = guest(&p.sockets[1], 2, 1);
+    both_ways(&mut a, &mut b);
+    let end = Instant::now() + Duration::from_secs(5);
+    while said(&log, CROWDED) == 0 {
+        assert!(
+            Instant::now() < end,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        said(&log, "--workers 1 lets 1 thread(s) serve every pair"),
+        1
+    );
+    // Once while they stay crowded; again after a guest left and came back.
+    drop(b);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut b = guest(&p.sockets[1], 2, 1);
+    both_ways(&mut a, &mut b);
+    let end = Instant::now() + Duration::from_secs(5);
+    while said(&log, CROWDED) != 2 {
+        assert!(
+            Instant::now() < end,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(p.backend.stop());
+    assert_eq!(said(&log, CROWDED), 2);
+
+    // As many threads as CPUs: nothing to say.
+    let mut p = start(1, 1, &["--worker-cpus", "0"]);
+    let log = p.backend.log.clone();
+    let mut a = guest(&p.sockets[0], 1, 1);
+    let f = udp_frame(mac(1), mac(9), 200);
+    a.dev.send(0, &NetHdr::default(), &f).unwrap();
+    let end = Instant::now() + Duration::from_secs(5);
+    while !threads(p.backend.pid()).iter().any(|(n, _)| n == "q0-p0") {
+        assert!(Instant::now() < end, "{:?}", threads(p.backend.pid()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(p.backend.stop());
+    assert_eq!(said(&log, "queue pairs have a thread each"), 0);
+}
