@@ -99,6 +99,9 @@ struct Report {
     foreign: Vec<ForeignRun>,
     /// Ours over testpmd's vhost PMD with that frontend: case, medians' ratio.
     vs_dpdk_foreign: Vec<(String, f64)>,
+    /// The frontend's own limit over testpmd's rate with it: case, the median of its busy
+    /// shares' inverse over testpmd's rounds.
+    foreign_limit: Vec<(String, f64)>,
     foreign_note: Option<String>,
     /// New connections per second through the uplink's load balancer.
     balancer: Option<balancer::BalancerRun>,
@@ -201,6 +204,20 @@ fn foreign_frontend(seconds: f64, only: Option<&str>, report: &mut Report) {
                     .collect(),
             )
         };
+        // A frontend busy a share b of its time beside testpmd could forward 1 / b times
+        // testpmd's rate at the same cost a frame: the most any backend can show over
+        // testpmd with it, unless the backend also makes the frontend's frames cheaper.
+        let limit = median(
+            report
+                .foreign
+                .iter()
+                .filter(|r| r.backend == THEIRS && r.case == case)
+                .filter_map(|r| r.frontend_busy.filter(|b| *b > 0.0).map(|b| 1.0 / b))
+                .collect(),
+        );
+        if let Some(limit) = limit {
+            report.foreign_limit.push((case.to_string(), limit));
+        }
         for mine in [OURS, POOLED] {
             if let (Some(ours), Some(theirs)) = (median_of(mine), median_of(THEIRS)) {
                 if theirs > 0.0 {
@@ -1240,6 +1257,7 @@ fn main() {
         dpdk: None,
         foreign: Vec::new(),
         vs_dpdk_foreign: Vec::new(),
+        foreign_limit: Vec::new(),
         foreign_note: None,
         balancer: None,
         balancer_error: None,
@@ -1372,6 +1390,12 @@ fn main() {
     for (case, ratio) in &report.vs_dpdk_foreign {
         println!(
             "ours / DPDK testpmd vhost PMD, DPDK virtio-user frontend, {case}, medians: {ratio:.2}"
+        );
+    }
+    for (case, limit) in &report.foreign_limit {
+        println!(
+            "the DPDK virtio-user frontend's own limit / DPDK testpmd vhost PMD's rate, {case} \
+             (1 / the frontend's busy share beside testpmd), median: {limit:.2}"
         );
     }
     if let Some(n) = &report.foreign_note {
