@@ -49,9 +49,9 @@ fn dpdk_virtio_user_ports_forward_through_the_switch() {
     let mut backend = BackendProcess::start(
         vec![
             "--port".into(),
-            format!("name=a,socket={}", a.display()),
+            format!("name=a,socket={},queues=2", a.display()),
             "--port".into(),
-            format!("name=b,socket={}", b.display()),
+            format!("name=b,socket={},queues=2", b.display()),
             "--control-socket".into(),
             ctl.display().to_string(),
         ],
@@ -64,9 +64,19 @@ fn dpdk_virtio_user_ports_forward_through_the_switch() {
         in_order: false,
         mrg_rxbuf: true,
         packed_vq: true,
+        queues: 1,
     };
-    // The second frontend connects to the same ports after the first quit.
-    for (dev, size) in [(in_order_split, 64), (mergeable_packed_asked, 1518)] {
+    let two_queue_pairs = VirtioUser {
+        queues: 2,
+        ..VirtioUser::default()
+    };
+    // Each frontend connects to the same ports (of two queue pairs) after the one before
+    // quit.
+    for (dev, size) in [
+        (in_order_split, 64),
+        (mergeable_packed_asked, 1518),
+        (two_queue_pairs.clone(), 64),
+    ] {
         let seen = {
             let ctl = ctl.clone();
             std::thread::spawn(move || {
@@ -98,6 +108,24 @@ fn dpdk_virtio_user_ports_forward_through_the_switch() {
                 p.rx_packets
             );
             assert_eq!(p.rx_errors, 0, "{dev:?}, {size} B: port {i}\n{tail}");
+        }
+        if dev.queues > 1 {
+            // Many flows each way: the switch spreads them over both RX queues of each
+            // port, and what arrives on queue 1 is sent on TX queue 1 and switched too.
+            for port in 0..2 {
+                for queue in 0..2 {
+                    let got = r
+                        .streams
+                        .iter()
+                        .find(|s| (s.rx_port, s.rx_queue) == (port, queue))
+                        .map_or(0, |s| s.rx_packets);
+                    assert!(
+                        got > 1000,
+                        "port {port} RX queue {queue}: {got} frames\n{:?}\n{tail}",
+                        r.streams
+                    );
+                }
+            }
         }
         let features = seen.join().unwrap();
         assert_eq!(features.len(), 2, "both ports connected: {features:?}");
