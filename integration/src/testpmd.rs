@@ -34,6 +34,9 @@ pub struct VirtioUser {
     /// injected are of many flows (`--txonly-multi-flow`), so a backend spreading flows
     /// over the RX queues gives each of them some.
     pub queues: u16,
+    /// The PMD listens on the socket and the backend connects (`server=1`; QEMU's
+    /// `server=on`), rather than the other way round.
+    pub server: bool,
 }
 
 impl Default for VirtioUser {
@@ -45,6 +48,7 @@ impl Default for VirtioUser {
             mrg_rxbuf: false,
             packed_vq: false,
             queues: 1,
+            server: false,
         }
     }
 }
@@ -150,8 +154,9 @@ pub fn forward(
         .arg(format!("{DPDK_PMDS}/librte_net_virtio.so"));
     for (i, sock) in sockets.iter().enumerate() {
         cmd.arg("--vdev").arg(format!(
-            "net_virtio_user{i},path={},queues={},queue_size={},in_order={},mrg_rxbuf={},packed_vq={},mac={}",
+            "net_virtio_user{i},path={},server={},queues={},queue_size={},in_order={},mrg_rxbuf={},packed_vq={},mac={}",
             sock.display(),
+            u8::from(dev.server),
             dev.queues,
             dev.queue_size,
             u8::from(dev.in_order),

@@ -65,6 +65,7 @@ fn dpdk_virtio_user_ports_forward_through_the_switch() {
         mrg_rxbuf: true,
         packed_vq: true,
         queues: 1,
+        server: false,
     };
     let two_queue_pairs = VirtioUser {
         queues: 2,
@@ -140,4 +141,68 @@ fn dpdk_virtio_user_ports_forward_through_the_switch() {
     let log = std::fs::read_to_string(&backend.log).unwrap_or_default();
     assert!(backend.stop(), "backend exits cleanly\n{log}");
     assert!(!log.contains("ERROR"), "{log}");
+}
+
+#[test]
+fn client_ports_reach_dpdk_virtio_user_listening_and_reach_it_again_after_it_restarts() {
+    assert!(
+        testpmd::available(),
+        "dpdk-testpmd with DPDK's virtio PMD is needed: bash ci/install-deps.sh"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    // The frontend makes the sockets: nothing to wait for at the switch's start.
+    let mut backend = BackendProcess::start(
+        vec![
+            "--port".into(),
+            format!("name=a,socket={},mode=client", a.display()),
+            "--port".into(),
+            format!("name=b,socket={},mode=client", b.display()),
+        ],
+        Vec::new(),
+        dir.path().join("backend.log"),
+    );
+    let dev = VirtioUser {
+        queue_size: 256,
+        server: true,
+        ..VirtioUser::default()
+    };
+    // A second testpmd listens on the same paths after the first quit (a VM restarted).
+    for turn in 0..2 {
+        let run = ForwardRun {
+            frame_bytes: 64,
+            warmup: Duration::from_millis(1500),
+            measure: Duration::from_secs(1),
+            forwarding_cpu: 0,
+            file_prefix: format!("vnet-test-server-{}", std::process::id()),
+        };
+        let r = testpmd::forward([&a, &b], &dev, &run).unwrap_or_else(|e| panic!("{e}"));
+        let tail: String = r
+            .output
+            .lines()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n");
+        for (i, p) in r.ports.iter().enumerate() {
+            assert!(
+                p.rx_packets > 20_000,
+                "turn {turn}: port {i} received {} frames\n{tail}",
+                p.rx_packets
+            );
+            assert_eq!(p.rx_errors, 0, "turn {turn}: port {i}\n{tail}");
+        }
+    }
+    let log = std::fs::read_to_string(&backend.log).unwrap_or_default();
+    assert!(backend.stop(), "backend exits cleanly\n{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+    assert!(
+        log.contains("port a: connecting to its frontend at"),
+        "{log}"
+    );
+    // Each port connected once for each testpmd.
+    for port in ["a", "b"] {
+        let connected = format!("port {port}: frontend connected");
+        assert_eq!(log.matches(&connected).count(), 2, "{log}");
+    }
 }

@@ -536,8 +536,12 @@ fn run(args: Args) -> Result<()> {
         build_config(&again).map_err(|e| format!("{e:#}"))
     }));
     for p in &config.ports {
+        let how = match p.mode {
+            vhost_net_backend::PortMode::Server => "listening on",
+            vhost_net_backend::PortMode::Client => "connecting to its frontend at",
+        };
         info!(
-            "port {}: listening on {} (vlan {}, {} queue pair(s))",
+            "port {}: {how} {} (vlan {}, {} queue pair(s))",
             p.name,
             p.socket.display(),
             p.vlan.map_or("none".to_string(), |v| v.to_string()),

@@ -386,7 +386,7 @@ impl Source {
                 Err(e) => {
                     if *tries == 0 {
                         info!(
-                            "port {port}: waiting for QEMU to listen on {} ({e})",
+                            "port {port}: waiting for its frontend (QEMU, a DPDK application) to listen on {} ({e})",
                             path.display()
                         );
                     }
