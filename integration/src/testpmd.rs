@@ -137,6 +137,18 @@ pub fn forward(
     dev: &VirtioUser,
     run: &ForwardRun,
 ) -> Result<ForwardResult, String> {
+    forward_across(sockets, dev, run, None)
+}
+
+/// The same, with `event` (a backend restarted, say) run once the frames circulate; then,
+/// a warm-up later, frames are injected again (those in flight at the event may be lost)
+/// and the rates measured after it.
+pub fn forward_across(
+    sockets: [&Path; 2],
+    dev: &VirtioUser,
+    run: &ForwardRun,
+    event: Option<&mut dyn FnMut()>,
+) -> Result<ForwardResult, String> {
     let other_cpu = if run.forwarding_cpu == 0 { 1 } else { 0 };
     let mut cmd = Command::new("dpdk-testpmd");
     cmd.arg("-l")
@@ -222,6 +234,13 @@ pub fn forward(
     say(&format!("set txpkts {}", tx_segments(run.frame_bytes)));
     say("start tx_first 16");
     std::thread::sleep(run.warmup);
+    if let Some(event) = event {
+        event();
+        std::thread::sleep(run.warmup);
+        say("stop");
+        say("start tx_first 16");
+        std::thread::sleep(run.warmup);
+    }
     say("show port stats all");
     std::thread::sleep(run.measure);
     say("show port stats all");

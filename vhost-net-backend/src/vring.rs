@@ -34,6 +34,8 @@ pub type OnWatched = Arc<dyn Fn() + Send + Sync>;
 struct Watch {
     epoll: Arc<Epoll>,
     token: u64,
+    /// The port and queue, for the log.
+    label: String,
     /// The kick descriptor added to `epoll`, if one is.
     added: Option<RawFd>,
     on_watched: OnWatched,
@@ -85,8 +87,8 @@ impl Vring {
 
     /// Has `epoll` report this ring's kicks as `token` from now on, while the ring is
     /// started and enabled (at once if it is, and a kick is waiting); `on_watched` runs
-    /// each time the kick descriptor is added.
-    pub fn watch_kicks(&self, epoll: Arc<Epoll>, token: u64, on_watched: OnWatched) {
+    /// each time the kick descriptor is added. `label` names the ring in the log.
+    pub fn watch_kicks(&self, epoll: Arc<Epoll>, token: u64, label: String, on_watched: OnWatched) {
         let mut watch = self.watch();
         if let Some(old) = watch.as_mut() {
             old.remove();
@@ -94,6 +96,7 @@ impl Vring {
         *watch = Some(Watch {
             epoll,
             token,
+            label,
             added: None,
             on_watched,
         });
@@ -129,6 +132,27 @@ impl Vring {
     #[inline]
     pub fn usable(&self) -> bool {
         self.usable.load(Ordering::Acquire)
+    }
+
+    /// Starts the ring where its used index stands (read from the ring at SET_VRING_ADDR)
+    /// when the frontend's base (SET_VRING_BASE) says otherwise. DPDK's virtio-user ports
+    /// say 0 when they take a restarted switch back in server mode, with their rings as
+    /// they were: from 0, the switch would see more chains announced than the ring holds
+    /// and drop the connection, for good. A frontend that kept its rings gets from the
+    /// used index on: chains it made available and never got back are taken again (a frame
+    /// sent twice, a buffer filled anew), as DPDK's vhost library does. With QEMU the two
+    /// agree: the switch hands back every chain before it answers GET_VRING_BASE.
+    fn resume_at_used_index(&self, label: &str) {
+        let mut state = self.ring.get_mut();
+        let queue = state.get_queue_mut();
+        let (base, used) = (queue.next_avail(), queue.next_used());
+        if base != used {
+            log::warn!(
+                "{label}: the frontend starts the ring at {base} but its used index is at \
+                 {used}: continuing from {used} (frames in flight may be sent again)"
+            );
+            queue.set_next_avail(used);
+        }
     }
 
     /// Consumes a waiting kick, if there is one (the descriptor is non-blocking).
@@ -263,6 +287,9 @@ impl VringT<Mem> for Vring {
 
     fn set_queue_ready(&self, ready: bool) {
         let mut watch = self.watch();
+        if ready {
+            self.resume_at_used_index(watch.as_ref().map_or("a ring", |w| w.label.as_str()));
+        }
         self.ring.set_queue_ready(ready);
         self.update(&mut watch);
     }
@@ -313,6 +340,23 @@ mod tests {
     }
 
     #[test]
+    fn a_ring_starts_at_its_used_index_when_the_frontends_base_says_otherwise() {
+        let v = ring();
+        // What SET_VRING_ADDR read from the ring, and what DPDK's PMD sends after the
+        // switch restarted under it.
+        v.set_queue_next_used(700);
+        v.set_queue_next_avail(0);
+        v.set_queue_ready(true);
+        assert_eq!(v.queue_next_avail(), 700);
+        // A base that agrees is kept.
+        v.set_queue_ready(false);
+        v.set_queue_next_used(5);
+        v.set_queue_next_avail(5);
+        v.set_queue_ready(true);
+        assert_eq!(v.queue_next_avail(), 5);
+    }
+
+    #[test]
     fn collect_returns_the_rings_made_in_order() {
         let (_, made) = collect(|| (ring(), ring(), ring()));
         assert_eq!(made.len(), 3);
@@ -333,6 +377,7 @@ mod tests {
         v.watch_kicks(
             epoll.clone(),
             7,
+            "port p: TX queue 0".into(),
             Arc::new(move || {
                 count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }),

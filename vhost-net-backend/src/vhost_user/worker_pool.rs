@@ -289,12 +289,19 @@ impl WorkerPool {
                 Ok(false) => {}
                 Err(e) => error!("{}: cannot start its thread: {e}", starter.name),
             });
-            entry
-                .rx
-                .watch_kicks(thread.epoll.clone(), id << 1, on_watched.clone());
-            entry
-                .tx
-                .watch_kicks(thread.epoll.clone(), id << 1 | 1, on_watched);
+            let name = &port.port().name;
+            entry.rx.watch_kicks(
+                thread.epoll.clone(),
+                id << 1,
+                format!("port {name}: RX queue {index}"),
+                on_watched.clone(),
+            );
+            entry.tx.watch_kicks(
+                thread.epoll.clone(),
+                id << 1 | 1,
+                format!("port {name}: TX queue {index}"),
+                on_watched,
+            );
         }
         Ok(held)
     }
