@@ -99,6 +99,13 @@ pub struct ForwardResult {
 }
 
 impl ForwardResult {
+    /// The last `lines` lines of testpmd's output, for a failure message.
+    pub fn tail(&self, lines: usize) -> String {
+        let mut last: Vec<&str> = self.output.lines().rev().take(lines).collect();
+        last.reverse();
+        last.join("\n")
+    }
+
     /// Frames a second, both ports' receive rates summed.
     pub fn mpps(&self) -> f64 {
         self.ports.iter().map(|p| p.rx_pps as f64).sum::<f64>() / 1e6

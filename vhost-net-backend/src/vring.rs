@@ -291,6 +291,19 @@ impl VringT<Mem> for Vring {
             self.resume_at_used_index(watch.as_ref().map_or("a ring", |w| w.label.as_str()));
         }
         self.ring.set_queue_ready(ready);
+        if ready {
+            // Looked at once when started, as if kicked: a frontend that kept its rings
+            // across a switch restart may have filled one already, with the used ring's
+            // NO_NOTIFY flag as the switch before left it, and then never kicks (DPDK's
+            // PMD: its TX ring full, both ways stalled for good).
+            if let Some(kick) = self.ring.get_ref().get_kick() {
+                let one = 1u64.to_ne_bytes();
+                // SAFETY: an 8-byte write from a live buffer to the ring's kick descriptor,
+                // which the ring owns while its state is borrowed; an eventfd (all that
+                // vhost-user sends) adds the value, anything else fails harmlessly.
+                unsafe { libc::write(kick.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+            }
+        }
         self.update(&mut watch);
     }
 
@@ -340,14 +353,18 @@ mod tests {
     }
 
     #[test]
-    fn a_ring_starts_at_its_used_index_when_the_frontends_base_says_otherwise() {
+    fn a_ring_starts_at_its_used_index_when_the_frontends_base_says_otherwise_and_is_looked_at() {
         let v = ring();
         // What SET_VRING_ADDR read from the ring, and what DPDK's PMD sends after the
         // switch restarted under it.
         v.set_queue_next_used(700);
         v.set_queue_next_avail(0);
+        let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+        v.set_kick(Some(kick_file(&kick)));
         v.set_queue_ready(true);
         assert_eq!(v.queue_next_avail(), 700);
+        // Looked at once, as if kicked: the frontend may not kick a full ring.
+        assert_eq!(kick.read().unwrap(), 1);
         // A base that agrees is kept.
         v.set_queue_ready(false);
         v.set_queue_next_used(5);
