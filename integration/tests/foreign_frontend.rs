@@ -34,6 +34,18 @@ fn negotiated(ctl: &Path) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// Frames of `bytes` circulating for `warmup_ms`, then a second measured; testpmd's
+/// forwarding core on CPU 0, its runtime files under `prefix` and this process's id.
+fn forward_run(bytes: usize, warmup_ms: u64, prefix: &str) -> ForwardRun {
+    ForwardRun {
+        frame_bytes: bytes,
+        warmup: Duration::from_millis(warmup_ms),
+        measure: Duration::from_secs(1),
+        forwarding_cpu: 0,
+        file_prefix: format!("{prefix}-{}", std::process::id()),
+    }
+}
+
 #[test]
 fn dpdk_virtio_user_ports_forward_through_the_switch() {
     assert!(
@@ -87,21 +99,9 @@ fn dpdk_virtio_user_ports_forward_through_the_switch() {
                 negotiated(&ctl)
             })
         };
-        let run = ForwardRun {
-            frame_bytes: size,
-            warmup: Duration::from_millis(500),
-            measure: Duration::from_secs(1),
-            forwarding_cpu: 0,
-            file_prefix: format!("vnet-test-{}", std::process::id()),
-        };
+        let run = forward_run(size, 500, "vnet-test");
         let r = testpmd::forward([&a, &b], &dev, &run).unwrap_or_else(|e| panic!("{e}"));
-        let tail: String = r
-            .output
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .join("\n");
+        let tail = r.tail(40);
         for (i, p) in r.ports.iter().enumerate() {
             // Frames circulate both ways for a second and a half: far more than the 512
             // injected on each port, or the ring stalled (jumbo frames, through the
@@ -179,21 +179,9 @@ fn client_ports_reach_dpdk_virtio_user_listening_again_after_it_or_the_switch_re
     };
     // A second testpmd listens on the same paths after the first quit (a VM restarted).
     for turn in 0..2 {
-        let run = ForwardRun {
-            frame_bytes: 64,
-            warmup: Duration::from_millis(1500),
-            measure: Duration::from_secs(1),
-            forwarding_cpu: 0,
-            file_prefix: format!("vnet-test-server-{}", std::process::id()),
-        };
+        let run = forward_run(64, 1500, "vnet-test-server");
         let r = testpmd::forward([&a, &b], &dev, &run).unwrap_or_else(|e| panic!("{e}"));
-        let tail: String = r
-            .output
-            .lines()
-            .rev()
-            .take(40)
-            .collect::<Vec<_>>()
-            .join("\n");
+        let tail = r.tail(40);
         for (i, p) in r.ports.iter().enumerate() {
             assert!(
                 p.rx_packets > 20_000,
@@ -206,23 +194,11 @@ fn client_ports_reach_dpdk_virtio_user_listening_again_after_it_or_the_switch_re
     // The switch killed outright and started again while a testpmd forwards: its ports
     // connect again, and the PMD, which keeps its rings as they were, starts them at 0;
     // frames injected afterwards circulate both ways.
-    let run = ForwardRun {
-        frame_bytes: 64,
-        warmup: Duration::from_millis(1500),
-        measure: Duration::from_secs(1),
-        forwarding_cpu: 0,
-        file_prefix: format!("vnet-test-server-{}", std::process::id()),
-    };
+    let run = forward_run(64, 1500, "vnet-test-server");
     let mut crash = || backend.crash_and_restart();
     let r = testpmd::forward_across([&a, &b], &dev, &run, Some(&mut crash))
         .unwrap_or_else(|e| panic!("{e}"));
-    let tail: String = r
-        .output
-        .lines()
-        .rev()
-        .take(40)
-        .collect::<Vec<_>>()
-        .join("\n");
+    let tail = r.tail(40);
     let log = std::fs::read_to_string(&backend.log).unwrap_or_default();
     for (i, p) in r.ports.iter().enumerate() {
         assert!(
