@@ -62,6 +62,9 @@ pub struct Vring {
     /// Started and enabled, as last changed: read for every destination of every burst
     /// (`RxEndpoint::open`), where the ring's lock would cost one lock a queue offered.
     usable: Arc<AtomicBool>,
+    /// Whether a start at the used index was logged: once a connection, however often a
+    /// frontend restarts the ring.
+    resume_said: Arc<AtomicBool>,
 }
 
 thread_local! {
@@ -146,12 +149,15 @@ impl Vring {
         let mut state = self.ring.get_mut();
         let queue = state.get_queue_mut();
         let (base, used) = (queue.next_avail(), queue.next_used());
-        if base != used {
+        if base == used {
+            return;
+        }
+        queue.set_next_avail(used);
+        if !self.resume_said.swap(true, Ordering::Relaxed) {
             log::warn!(
                 "{label}: the frontend starts the ring at {base} but its used index is at \
                  {used}: continuing from {used} (frames in flight may be sent again)"
             );
-            queue.set_next_avail(used);
         }
     }
 
@@ -209,6 +215,7 @@ impl VringT<Mem> for Vring {
             ring: VringRwLock::new(mem, max_queue_size)?,
             watch: Arc::new(Mutex::new(None)),
             usable: Arc::new(AtomicBool::new(false)),
+            resume_said: Arc::new(AtomicBool::new(false)),
         };
         MADE.with(|m| {
             if let Some(made) = m.borrow_mut().as_mut() {
