@@ -341,15 +341,15 @@ fn port_stats(output: &str) -> Vec<PortStats> {
 /// "Forward Stats for RX Port= 0/Queue= 1 -> TX Port= 1/Queue= 1" blocks: the last one of
 /// each RX queue.
 fn stream_stats(output: &str) -> Vec<StreamStats> {
+    let number = |s: &str| -> Option<usize> {
+        s.trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
     let mut streams: Vec<StreamStats> = Vec::new();
     for block in output.split("Forward Stats for RX Port=").skip(1) {
-        let number = |s: &str| -> Option<usize> {
-            s.trim_start()
-                .split(|c: char| !c.is_ascii_digit())
-                .next()?
-                .parse()
-                .ok()
-        };
         let Some((port, rest)) = block.split_once("/Queue=") else {
             continue;
         };

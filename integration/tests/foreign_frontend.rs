@@ -46,6 +46,20 @@ fn forward_run(bytes: usize, warmup_ms: u64, prefix: &str) -> ForwardRun {
     }
 }
 
+/// Frames circulated both ways for the run: more than `least` on each port, far more than
+/// the 512 injected on each, or a ring stalled; and no receive errors. `what` names the run.
+fn circulated(r: &testpmd::ForwardResult, least: u64, what: &str) {
+    let tail = r.tail(40);
+    for (i, p) in r.ports.iter().enumerate() {
+        assert!(
+            p.rx_packets > least,
+            "{what}: port {i} received {} frames\n{tail}",
+            p.rx_packets
+        );
+        assert_eq!(p.rx_errors, 0, "{what}: port {i}\n{tail}");
+    }
+}
+
 #[test]
 fn dpdk_virtio_user_ports_forward_through_the_switch() {
     assert!(
@@ -102,17 +116,10 @@ fn dpdk_virtio_user_ports_forward_through_the_switch() {
         let run = forward_run(size, 500, "vnet-test");
         let r = testpmd::forward([&a, &b], &dev, &run).unwrap_or_else(|e| panic!("{e}"));
         let tail = r.tail(40);
+        // Jumbo frames through the debug build: 60,000-80,000 here.
+        let least = if size > 2048 { 5_000 } else { 20_000 };
+        circulated(&r, least, &format!("{dev:?}, {size} B"));
         for (i, p) in r.ports.iter().enumerate() {
-            // Frames circulate both ways for a second and a half: far more than the 512
-            // injected on each port, or the ring stalled (jumbo frames, through the
-            // debug build: 60,000-80,000 here).
-            let least = if size > 2048 { 5_000 } else { 20_000 };
-            assert!(
-                p.rx_packets > least,
-                "{dev:?}, {size} B: port {i} received {} frames\n{tail}",
-                p.rx_packets
-            );
-            assert_eq!(p.rx_errors, 0, "{dev:?}, {size} B: port {i}\n{tail}");
             // Every frame whole: testpmd sends `size` bytes each.
             assert_eq!(
                 p.rx_bytes,
@@ -181,15 +188,7 @@ fn client_ports_reach_dpdk_virtio_user_listening_again_after_it_or_the_switch_re
     for turn in 0..2 {
         let run = forward_run(64, 1500, "vnet-test-server");
         let r = testpmd::forward([&a, &b], &dev, &run).unwrap_or_else(|e| panic!("{e}"));
-        let tail = r.tail(40);
-        for (i, p) in r.ports.iter().enumerate() {
-            assert!(
-                p.rx_packets > 20_000,
-                "turn {turn}: port {i} received {} frames\n{tail}",
-                p.rx_packets
-            );
-            assert_eq!(p.rx_errors, 0, "turn {turn}: port {i}\n{tail}");
-        }
+        circulated(&r, 20_000, &format!("turn {turn}"));
     }
     // The switch killed outright and started again while a testpmd forwards: its ports
     // connect again, and the PMD, which keeps its rings as they were, starts them at 0;

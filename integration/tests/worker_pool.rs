@@ -295,6 +295,19 @@ fn said(log: &std::path::Path, text: &str) -> usize {
         .count()
 }
 
+/// Waits up to 5 s for `times` lines of `log` to contain `text`.
+fn wait_until_said(log: &std::path::Path, text: &str, times: usize) {
+    let end = Instant::now() + Duration::from_secs(5);
+    while said(log, text) < times {
+        assert!(
+            Instant::now() < end,
+            "{}",
+            std::fs::read_to_string(log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Frames both ways between `a` and `b` until each way has carried one: both pairs'
 /// threads run then.
 fn both_ways(a: &mut Guest, b: &mut Guest) {
@@ -315,15 +328,7 @@ fn queue_pair_threads_outnumbering_their_cpus_are_told_with_the_flag_that_helps(
     let mut a = guest(&p.sockets[0], 1, 1);
     let mut b = guest(&p.sockets[1], 2, 1);
     both_ways(&mut a, &mut b);
-    let end = Instant::now() + Duration::from_secs(5);
-    while said(&log, CROWDED) == 0 {
-        assert!(
-            Instant::now() < end,
-            "{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_said(&log, CROWDED, 1);
     assert_eq!(
         said(&log, "--workers 1 lets 1 thread(s) serve every pair"),
         1
@@ -333,15 +338,7 @@ fn queue_pair_threads_outnumbering_their_cpus_are_told_with_the_flag_that_helps(
     std::thread::sleep(Duration::from_millis(300));
     let mut b = guest(&p.sockets[1], 2, 1);
     both_ways(&mut a, &mut b);
-    let end = Instant::now() + Duration::from_secs(5);
-    while said(&log, CROWDED) != 2 {
-        assert!(
-            Instant::now() < end,
-            "{}",
-            std::fs::read_to_string(&log).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_said(&log, CROWDED, 2);
     assert!(p.backend.stop());
     assert_eq!(said(&log, CROWDED), 2);
 
